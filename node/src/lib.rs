@@ -1,1 +1,27 @@
+//! civex-node: a city's node in a civex federation.
+//!
+//! Layout:
+//! - [`core`]: feed signing and verification, ingest and the threshold rule,
+//!   index derivation, periods. No IO.
+//! - [`store`]: the only module that names sled. Entries, heads, query
+//!   indexes and idempotency records behind the [`store::Store`] trait.
+//! - [`writer`]: the single writer thread, group commit and durable acks.
+//! - [`publish`]: sequencing and signing this node's own feed.
+//! - [`replicate`]: subscribing to peers, verifying and storing their feeds.
+//! - [`service`]: the gRPC layer; the only module that names tonic servers.
+//! - [`transport`]: every listener and client connection (TLS goes here).
+//! - [`config`], [`keys`]: `node.toml` and the feed key file.
+//! - [`node`]: wiring it all together: [`node::run`].
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod config;
+pub mod core;
+pub mod keys;
+pub mod node;
+pub mod publish;
+pub mod query;
+pub mod replicate;
+pub mod service;
+pub mod store;
+pub mod transport;
+pub mod writer;

@@ -1,1 +1,44 @@
-fn main() {}
+//! `civex-node --config node.toml`: the node daemon. Parses flags, loads and
+//! validates the config before binding anything, sets up logs, and runs
+//! [`civex_node::node::run`] until SIGTERM or ctrl-c.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// A civex node: publishes this city's signed feed and replicates its peers'.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Path of node.toml.
+    #[arg(long, short, default_value = "node.toml")]
+    config: PathBuf,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = civex_node::config::Config::load(&args.config, std::env::vars())?;
+    civex_node::node::init_logging(&config.log.format, &config.log.level);
+    let listener = civex_node::transport::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (listen in {})", config.listen, args.config.display()))?;
+    civex_node::node::run(config, listener, shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,476 @@
+//! `node.toml`: the node's one config file, with `CIVEX_*` environment
+//! overrides, validated before anything binds.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::core::ids::{check_origin_id, check_slug};
+
+/// A config problem, naming the file and the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    /// The config file (or the environment variable).
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The node's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's origin id, `[a-z0-9][a-z0-9-]{0,63}` (for example
+    /// `br-ibge-3550308`). Env: `CIVEX_ORIGIN`.
+    pub origin: String,
+    /// Display name of the city, any script.
+    #[serde(default)]
+    pub name: String,
+    /// Address the gRPC server listens on. Plain gRPC is refused off
+    /// loopback until mutual TLS exists. Env: `CIVEX_LISTEN`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Store directory, relative to this file. Env: `CIVEX_DATA_DIR`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Ed25519 feed key file (mode 0600), relative to this file.
+    /// Env: `CIVEX_KEY_FILE`.
+    #[serde(default = "default_key_file")]
+    pub key_file: PathBuf,
+    /// District names: reference areas are the origin or `<origin>/<district>`.
+    #[serde(default)]
+    pub districts: Vec<String>,
+    /// Disclosure control.
+    #[serde(default)]
+    pub disclosure: DisclosureConfig,
+    /// Publishing.
+    #[serde(default)]
+    pub publish: PublishConfig,
+    /// Replication timing.
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+    /// Peers this node subscribes to.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// Pinned feed keys of other origins: origin id = hex Ed25519 public key.
+    /// Only these origins are replicated; keys are never learned from peers.
+    #[serde(default)]
+    pub trusted_origins: BTreeMap<String, String>,
+    /// Store tuning.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Message limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Disclosure-control settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisclosureConfig {
+    /// Threshold rule: a cell with fewer contributors is published as
+    /// confidential, without value. At least 1; default 3.
+    #[serde(default = "default_min_contributors")]
+    pub min_contributors: u32,
+}
+
+/// Publishing settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishConfig {
+    /// With peers configured, the node publishes only after it has fetched
+    /// its own feed's newest entries from a peer (so a node restored from an
+    /// old backup never forks its own feed). `true` skips that wait when no
+    /// peer is reachable: only for a node you know is current.
+    /// Env: `CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS`.
+    #[serde(default)]
+    pub allow_without_peers: bool,
+}
+
+/// Replication timing. Every period comes from here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// First wait before reconnecting to a failed peer, in milliseconds.
+    #[serde(default = "default_backoff_initial_ms")]
+    pub backoff_initial_ms: u64,
+    /// Longest wait between reconnects, in milliseconds.
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// Connect timeout, in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+/// A peer to subscribe to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Name for logs and status.
+    pub name: String,
+    /// `host:port` of its gRPC server.
+    pub address: String,
+}
+
+/// Store tuning.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// sled page cache, in MiB.
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
+}
+
+/// Message limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest gRPC message accepted or sent, in bytes (at least 256 KiB).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` or `json`. Env: `CIVEX_LOG_FORMAT`.
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    /// `error`, `warn`, `info`, `debug` or `trace`. Env: `CIVEX_LOG_LEVEL`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7400".into()
+}
+fn default_data_dir() -> PathBuf {
+    "data".into()
+}
+fn default_key_file() -> PathBuf {
+    "feed.key".into()
+}
+fn default_min_contributors() -> u32 {
+    crate::core::ingest::DEFAULT_MIN_CONTRIBUTORS
+}
+fn default_backoff_initial_ms() -> u64 {
+    200
+}
+fn default_backoff_max_ms() -> u64 {
+    30_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_cache_mb() -> u64 {
+    64
+}
+fn default_max_message_bytes() -> usize {
+    4 << 20
+}
+fn default_log_format() -> String {
+    "human".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for DisclosureConfig {
+    fn default() -> Self {
+        Self {
+            min_contributors: default_min_contributors(),
+        }
+    }
+}
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            backoff_initial_ms: default_backoff_initial_ms(),
+            backoff_max_ms: default_backoff_max_ms(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+        }
+    }
+}
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            cache_mb: default_cache_mb(),
+        }
+    }
+}
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: default_max_message_bytes(),
+        }
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `CIVEX_*` overrides from `env`, resolves
+    /// relative paths against the file's directory, and validates.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let error = |message: String| ConfigError {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|err| error(format!("cannot read: {err}")))?;
+        let mut config = Self::parse(&text).map_err(error)?;
+        for (name, value) in env {
+            config.apply_env(&name, &value).map_err(|message| ConfigError {
+                path: format!("environment variable {name}"),
+                message,
+            })?;
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.data_dir = base.join(&config.data_dir);
+        config.key_file = base.join(&config.key_file);
+        config.validate().map_err(error)?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no overrides, no validation).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|err| err.to_string().trim_end().to_owned())
+    }
+
+    fn apply_env(&mut self, name: &str, value: &str) -> Result<(), String> {
+        let flag = |value: &str| match value {
+            "1" | "true" => Ok(true),
+            "0" | "false" => Ok(false),
+            other => Err(format!("expected true or false, found {other:?}")),
+        };
+        match name {
+            "CIVEX_ORIGIN" => self.origin = value.into(),
+            "CIVEX_LISTEN" => self.listen = value.into(),
+            "CIVEX_DATA_DIR" => self.data_dir = value.into(),
+            "CIVEX_KEY_FILE" => self.key_file = value.into(),
+            "CIVEX_LOG_FORMAT" => self.log.format = value.into(),
+            "CIVEX_LOG_LEVEL" => self.log.level = value.into(),
+            "CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS" => self.publish.allow_without_peers = flag(value)?,
+            other if other.starts_with("CIVEX_") => {
+                return Err(format!(
+                    "unknown setting (known: CIVEX_ORIGIN, CIVEX_LISTEN, CIVEX_DATA_DIR, CIVEX_KEY_FILE, \
+                     CIVEX_LOG_FORMAT, CIVEX_LOG_LEVEL, CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS)"
+                ))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Checks every field; the message names the field and the value.
+    pub fn validate(&self) -> Result<(), String> {
+        check_origin_id(&self.origin).map_err(|m| format!("origin: {m}"))?;
+        let listen: SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|_| format!("listen: {:?} is not an IP address with a port", self.listen))?;
+        if !listen.ip().is_loopback() {
+            return Err(format!(
+                "listen: {listen} is not a loopback address; plain gRPC is served only on loopback \
+                 until mutual TLS is configured"
+            ));
+        }
+        let mut districts = HashSet::new();
+        for district in &self.districts {
+            check_slug(district).map_err(|m| format!("districts: {district:?} {m}"))?;
+            if !districts.insert(district) {
+                return Err(format!("districts: {district:?} appears twice"));
+            }
+        }
+        if self.disclosure.min_contributors == 0 {
+            return Err("disclosure.min_contributors: must be at least 1".into());
+        }
+        let r = &self.replication;
+        if r.backoff_initial_ms == 0 || r.backoff_initial_ms > r.backoff_max_ms {
+            return Err(format!(
+                "replication: backoff_initial_ms ({}) must be above 0 and at most backoff_max_ms ({})",
+                r.backoff_initial_ms, r.backoff_max_ms
+            ));
+        }
+        if r.connect_timeout_ms == 0 {
+            return Err("replication.connect_timeout_ms: must be above 0".into());
+        }
+        let mut names = HashSet::new();
+        for peer in &self.peers {
+            if peer.name.is_empty() || !names.insert(&peer.name) {
+                return Err(format!("peers: name {:?} is empty or appears twice", peer.name));
+            }
+            crate::transport::check_address(&peer.address)
+                .map_err(|m| format!("peers.{}.address: {m}", peer.name))?;
+        }
+        for (origin, key) in &self.trusted_origins {
+            check_origin_id(origin).map_err(|m| format!("trusted_origins: {m}"))?;
+            if origin == &self.origin {
+                return Err(format!(
+                    "trusted_origins: {origin:?} is this node's own origin; its key is the key file"
+                ));
+            }
+            crate::keys::parse_public_key(key).map_err(|m| format!("trusted_origins.{origin}: {m}"))?;
+        }
+        if self.limits.max_message_bytes < 256 * 1024 {
+            return Err(format!(
+                "limits.max_message_bytes: {} is below the 262144-byte minimum",
+                self.limits.max_message_bytes
+            ));
+        }
+        if !["human", "json"].contains(&self.log.format.as_str()) {
+            return Err(format!("log.format: {:?} is not human or json", self.log.format));
+        }
+        if self.log.level.parse::<tracing::Level>().is_err() {
+            return Err(format!(
+                "log.level: {:?} is not error, warn, info, debug or trace",
+                self.log.level
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pinned keys, parsed (call after [`Config::validate`]).
+    pub fn pinned_keys(&self) -> Result<BTreeMap<String, ed25519_dalek::VerifyingKey>, String> {
+        self.trusted_origins
+            .iter()
+            .map(|(origin, key)| {
+                crate::keys::parse_public_key(key)
+                    .map(|key| (origin.clone(), key))
+                    .map_err(|m| format!("trusted_origins.{origin}: {m}"))
+            })
+            .collect()
+    }
+}
+
+/// A documented `node.toml` for a new node.
+pub fn template(origin: &str, name: &str, listen: &str) -> String {
+    format!(
+        r#"# civex node configuration. Every setting has a safe default; see
+# deploy/node.toml in the civex repository for the full list.
+
+# This node's origin id: [a-z0-9][a-z0-9-]{{0,63}}, e.g. an official code
+# such as br-ibge-3550308. Env: CIVEX_ORIGIN
+origin = "{origin}"
+# Display name of the city (any script).
+name = "{name}"
+# gRPC listen address. Plain gRPC is served on loopback only (until mutual
+# TLS). Env: CIVEX_LISTEN
+listen = "{listen}"
+# Store directory and feed key file, relative to this file.
+# The key file must be mode 0600. Env: CIVEX_DATA_DIR, CIVEX_KEY_FILE
+data_dir = "data"
+key_file = "feed.key"
+# Districts: reference areas are the origin or "<origin>/<district>".
+districts = []
+
+[disclosure]
+# Cells with fewer contributors are published as confidential, without value.
+min_contributors = 3
+
+[publish]
+# With peers, publishing waits until this node has fetched its own newest
+# entries from a peer (restore safety). true skips that when no peer is up.
+allow_without_peers = false
+
+[replication]
+backoff_initial_ms = 200
+backoff_max_ms = 30000
+connect_timeout_ms = 5000
+
+# Peers to subscribe to:
+# [[peers]]
+# name = "city-b"
+# address = "127.0.0.1:7401"
+
+# Pinned feed keys of the origins to replicate (printed by `civex init`).
+[trusted_origins]
+# "city-b" = "<64 hex digits>"
+
+[store]
+cache_mb = 64
+
+[limits]
+max_message_bytes = 4194304
+
+[log]
+# human or json. Env: CIVEX_LOG_FORMAT, CIVEX_LOG_LEVEL
+format = "human"
+level = "info"
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(
+            &path,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_template_is_valid_and_paths_are_relative_to_the_file() {
+        let config = load(&template("city-a", "Cidade A", "127.0.0.1:7400"), &[]).unwrap();
+        assert!(config.data_dir.ends_with("data"));
+        assert!(config.data_dir.is_absolute());
+        assert_eq!(config.disclosure.min_contributors, 3);
+    }
+
+    #[test]
+    fn environment_overrides_apply_and_are_checked() {
+        let text = template("city-a", "A", "127.0.0.1:7400");
+        let config = load(&text, &[("CIVEX_LISTEN", "127.0.0.1:9"), ("PATH", "x")]).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:9");
+        let err = load(&text, &[("CIVEX_LISTN", "x")]).unwrap_err();
+        assert!(err.contains("environment variable CIVEX_LISTN: unknown setting"), "{err}");
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let base = template("city-a", "A", "127.0.0.1:7400");
+        let cases = [
+            (base.replace("origin = \"city-a\"", "origin = \"City A\""), "origin: origin id"),
+            (base.replace("127.0.0.1:7400", "0.0.0.0:7400"), "listen: 0.0.0.0:7400 is not a loopback"),
+            (base.replace("min_contributors = 3", "min_contributors = 0"), "disclosure.min_contributors"),
+            (base.replace("format = \"human\"", "format = \"xml\""), "log.format"),
+            (base.replace("[store]", "[store]\ncolour = 1"), "unknown field `colour`"),
+            (
+                base.replace("# \"city-b\" = \"<64 hex digits>\"", "\"city-b\" = \"abc\""),
+                "trusted_origins.city-b: feed key",
+            ),
+            (
+                base.replace("# [[peers]]\n# name = \"city-b\"\n# address = \"127.0.0.1:7401\"", "[[peers]]\nname = \"b\"\naddress = \"nowhere\""),
+                "peers.b.address",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = load(&text, &[]).unwrap_err();
+            assert!(err.contains(expected), "{err:?} lacks {expected:?}");
+        }
+    }
+}

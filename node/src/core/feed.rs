@@ -1,0 +1,443 @@
+//! Signed, hash-chained entries: signing, hashing and verification.
+//!
+//! Signatures cover `ENTRY_SIGNATURE_CONTEXT || body` where `body` is the
+//! exact encoded `EntryBody`; verification always uses the received bytes.
+//! The entry hash covers `ENTRY_HASH_CONTEXT || len(body) as u64 BE || body ||
+//! signature`, so each link commits to the earlier signature as well.
+
+use bytes::Bytes;
+use civex_proto::v1::{EntryBody, SignedEntry};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+/// Context string (with its zero byte) that entry signatures cover first.
+pub const ENTRY_SIGNATURE_CONTEXT: &[u8] = b"civex/v1/entry\0";
+/// Context string (with its zero byte) that entry hashes cover first.
+pub const ENTRY_HASH_CONTEXT: &[u8] = b"civex/v1/entry-hash\0";
+/// Largest signed entry (body plus signature), in bytes.
+pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
+/// Length of an Ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+/// Length of a feed id.
+pub const FEED_ID_LEN: usize = 16;
+
+/// SHA-256 entry hash.
+pub type Hash = [u8; 32];
+/// Random feed id fixed at genesis.
+pub type FeedId = [u8; FEED_ID_LEN];
+/// What seq 1 links to.
+pub const GENESIS_PREV_HASH: Hash = [0; 32];
+
+/// Why an entry was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FeedError {
+    /// The bytes are not a well-formed entry.
+    #[error("malformed entry: {0}")]
+    Malformed(String),
+    /// Larger than [`MAX_ENTRY_BYTES`].
+    #[error("entry of {size} bytes exceeds the {MAX_ENTRY_BYTES}-byte limit")]
+    TooLarge {
+        /// Size seen.
+        size: usize,
+    },
+    /// The body names another origin than the feed being read.
+    #[error("entry names origin {found:?}, expected {expected:?}")]
+    WrongOrigin {
+        /// Origin expected.
+        expected: String,
+        /// Origin in the body.
+        found: String,
+    },
+    /// The body names another feed id than the feed held.
+    #[error("origin {origin}: seq {seq} names feed id {found}, the feed held is {held}")]
+    WrongFeedId {
+        /// Origin.
+        origin: String,
+        /// Seq of the entry.
+        seq: u64,
+        /// Feed id in the body, hex.
+        found: String,
+        /// Feed id held, hex.
+        held: String,
+    },
+    /// The entry does not come right after the head held.
+    #[error("origin {origin}: expected seq {expected}, got {found}")]
+    SeqGap {
+        /// Origin.
+        origin: String,
+        /// Seq expected.
+        expected: u64,
+        /// Seq received.
+        found: u64,
+    },
+    /// `prev_hash` does not name the previous entry.
+    #[error("origin {origin}: seq {seq} does not link to the previous entry (prev hash mismatch)")]
+    BrokenLink {
+        /// Origin.
+        origin: String,
+        /// Seq of the entry.
+        seq: u64,
+    },
+    /// Entry time earlier than the previous entry's.
+    #[error("origin {origin}: seq {seq} claims a time earlier than the previous entry")]
+    TimeWentBack {
+        /// Origin.
+        origin: String,
+        /// Seq of the entry.
+        seq: u64,
+    },
+    /// Signature check failed.
+    #[error("origin {origin}: seq {seq} has an invalid signature")]
+    BadSignature {
+        /// Origin.
+        origin: String,
+        /// Seq of the entry.
+        seq: u64,
+    },
+    /// No key is known for the origin.
+    #[error("origin {0:?} is not a known origin (no pinned feed key)")]
+    UnknownOrigin(String),
+}
+
+/// A signed entry with its decoded envelope and its hash. Decoding checks
+/// shape only: see [`check_link`] and [`verify_signature`] for trust.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The bytes as received or signed.
+    pub signed: SignedEntry,
+    /// Decoded body.
+    pub body: EntryBody,
+    /// Entry hash.
+    pub hash: Hash,
+}
+
+impl Entry {
+    /// Decodes and hashes a signed entry, checking sizes and field shapes.
+    pub fn decode(signed: SignedEntry) -> Result<Self, FeedError> {
+        let size = signed.body.len() + signed.signature.len();
+        if size > MAX_ENTRY_BYTES {
+            return Err(FeedError::TooLarge { size });
+        }
+        if signed.signature.len() != SIGNATURE_LEN {
+            return Err(FeedError::Malformed(format!(
+                "signature is {} bytes, expected {SIGNATURE_LEN}",
+                signed.signature.len()
+            )));
+        }
+        let body = EntryBody::decode(signed.body.as_ref())
+            .map_err(|err| FeedError::Malformed(format!("body does not decode: {err}")))?;
+        if body.feed_id.len() != FEED_ID_LEN {
+            return Err(FeedError::Malformed(format!(
+                "feed id is {} bytes, expected {FEED_ID_LEN}",
+                body.feed_id.len()
+            )));
+        }
+        if body.prev_hash.len() != 32 {
+            return Err(FeedError::Malformed(format!(
+                "prev hash is {} bytes, expected 32",
+                body.prev_hash.len()
+            )));
+        }
+        if body.seq == 0 {
+            return Err(FeedError::Malformed("seq 0 does not exist".into()));
+        }
+        let hash = entry_hash(&signed.body, &signed.signature);
+        Ok(Self { signed, body, hash })
+    }
+
+    /// Encodes and signs a body.
+    pub fn sign(key: &SigningKey, body: EntryBody) -> Result<Self, FeedError> {
+        let body_bytes = Bytes::from(body.encode_to_vec());
+        let mut message = Vec::with_capacity(ENTRY_SIGNATURE_CONTEXT.len() + body_bytes.len());
+        message.extend_from_slice(ENTRY_SIGNATURE_CONTEXT);
+        message.extend_from_slice(&body_bytes);
+        let signature = key.sign(&message);
+        let signed = SignedEntry {
+            body: body_bytes,
+            signature: Bytes::copy_from_slice(&signature.to_bytes()),
+        };
+        let size = signed.body.len() + signed.signature.len();
+        if size > MAX_ENTRY_BYTES {
+            return Err(FeedError::TooLarge { size });
+        }
+        let hash = entry_hash(&signed.body, &signed.signature);
+        Ok(Self { signed, body, hash })
+    }
+
+    /// Feed id of the body.
+    pub fn feed_id(&self) -> FeedId {
+        let mut id = [0; FEED_ID_LEN];
+        id.copy_from_slice(&self.body.feed_id);
+        id
+    }
+
+    /// The chain position this entry makes.
+    pub fn tip(&self) -> Tip {
+        Tip {
+            feed_id: self.feed_id(),
+            seq: self.body.seq,
+            hash: self.hash,
+            time_unix_micros: self.body.time_unix_micros,
+        }
+    }
+}
+
+/// Hash of a signed entry.
+pub fn entry_hash(body: &[u8], signature: &[u8]) -> Hash {
+    let mut hasher = Sha256::new();
+    hasher.update(ENTRY_HASH_CONTEXT);
+    hasher.update((body.len() as u64).to_be_bytes());
+    hasher.update(body);
+    hasher.update(signature);
+    hasher.finalize().into()
+}
+
+/// The last entry of a contiguous verified prefix: what the next entry must
+/// link to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tip {
+    /// Feed id.
+    pub feed_id: FeedId,
+    /// Seq of the last entry.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: Hash,
+    /// Its claimed time.
+    pub time_unix_micros: i64,
+}
+
+/// Checks that `entry` comes right after `tip` (`None`: the feed is empty) in
+/// `origin`'s feed: origin, feed id, seq, prev hash and time. Not the signature.
+pub fn check_link(origin: &str, tip: Option<&Tip>, entry: &Entry) -> Result<(), FeedError> {
+    let body = &entry.body;
+    if body.origin != origin {
+        return Err(FeedError::WrongOrigin {
+            expected: origin.to_owned(),
+            found: body.origin.clone(),
+        });
+    }
+    let (expected_seq, expected_prev) = match tip {
+        Some(tip) => (tip.seq + 1, tip.hash),
+        None => (1, GENESIS_PREV_HASH),
+    };
+    if body.seq != expected_seq {
+        return Err(FeedError::SeqGap {
+            origin: origin.to_owned(),
+            expected: expected_seq,
+            found: body.seq,
+        });
+    }
+    if let Some(tip) = tip {
+        if body.feed_id.as_ref() != tip.feed_id {
+            return Err(FeedError::WrongFeedId {
+                origin: origin.to_owned(),
+                seq: body.seq,
+                found: crate::core::ids::hex(&body.feed_id),
+                held: crate::core::ids::hex(&tip.feed_id),
+            });
+        }
+        if body.time_unix_micros < tip.time_unix_micros {
+            return Err(FeedError::TimeWentBack {
+                origin: origin.to_owned(),
+                seq: body.seq,
+            });
+        }
+    }
+    if body.prev_hash.as_ref() != expected_prev {
+        return Err(FeedError::BrokenLink {
+            origin: origin.to_owned(),
+            seq: body.seq,
+        });
+    }
+    Ok(())
+}
+
+/// Strict Ed25519 check of one entry's signature over its received bytes.
+pub fn verify_signature(key: &VerifyingKey, entry: &Entry) -> Result<(), FeedError> {
+    let bad = || FeedError::BadSignature {
+        origin: entry.body.origin.clone(),
+        seq: entry.body.seq,
+    };
+    let signature = Signature::from_slice(&entry.signed.signature).map_err(|_| bad())?;
+    let mut message = Vec::with_capacity(ENTRY_SIGNATURE_CONTEXT.len() + entry.signed.body.len());
+    message.extend_from_slice(ENTRY_SIGNATURE_CONTEXT);
+    message.extend_from_slice(&entry.signed.body);
+    key.verify_strict(&message, &signature).map_err(|_| bad())
+}
+
+/// Authenticates a contiguous range of `origin`'s feed that must follow `tip`:
+/// every link is checked, and the signature of the range's last entry, which
+/// commits through the links to every earlier entry and signature. Returns
+/// the new tip. Nothing in the range may be trusted if this fails.
+pub fn verify_range(
+    origin: &str,
+    key: &VerifyingKey,
+    tip: Option<&Tip>,
+    entries: &[Entry],
+) -> Result<Option<Tip>, FeedError> {
+    let mut current = tip.copied();
+    for entry in entries {
+        check_link(origin, current.as_ref(), entry)?;
+        current = Some(entry.tip());
+    }
+    if let Some(last) = entries.last() {
+        verify_signature(key, last)?;
+    }
+    Ok(current)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use civex_proto::v1::{entry_body::Payload, OfferWithdrawal};
+
+    pub(crate) fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    pub(crate) fn chain(key: &SigningKey, origin: &str, count: u64) -> Vec<Entry> {
+        let mut entries: Vec<Entry> = Vec::new();
+        for seq in 1..=count {
+            let prev = entries.last().map_or(GENESIS_PREV_HASH, |e| e.hash);
+            let body = EntryBody {
+                origin: origin.into(),
+                feed_id: vec![7; 16].into(),
+                seq,
+                prev_hash: prev.to_vec().into(),
+                time_unix_micros: 1_000 + seq as i64,
+                idempotency_key: vec![seq as u8; 16].into(),
+                payload: Some(Payload::Withdrawal(OfferWithdrawal {
+                    offer_id: format!("offer-{seq}"),
+                    reason: String::new(),
+                })),
+            };
+            entries.push(Entry::sign(key, body).unwrap());
+        }
+        entries
+    }
+
+    fn tampered(entry: &Entry, change: impl FnOnce(&mut SignedEntry)) -> Result<Entry, FeedError> {
+        let mut signed = entry.signed.clone();
+        change(&mut signed);
+        Entry::decode(signed)
+    }
+
+    #[test]
+    fn a_signed_chain_verifies_entry_by_entry_and_as_a_range() {
+        let key = key(1);
+        let entries = chain(&key, "city-a", 5);
+        let mut tip = None;
+        for entry in &entries {
+            check_link("city-a", tip.as_ref(), entry).unwrap();
+            verify_signature(&key.verifying_key(), entry).unwrap();
+            tip = Some(entry.tip());
+        }
+        let tip = verify_range("city-a", &key.verifying_key(), None, &entries).unwrap();
+        assert_eq!(tip.unwrap().seq, 5);
+        let resumed = verify_range(
+            "city-a",
+            &key.verifying_key(),
+            Some(&entries[1].tip()),
+            &entries[2..],
+        )
+        .unwrap();
+        assert_eq!(resumed.unwrap().hash, entries[4].hash);
+    }
+
+    #[test]
+    fn decoding_the_received_bytes_reproduces_the_hash() {
+        let entries = chain(&key(1), "city-a", 2);
+        let decoded = Entry::decode(entries[1].signed.clone()).unwrap();
+        assert_eq!(decoded.hash, entries[1].hash);
+        assert_ne!(entries[0].hash, entries[1].hash);
+    }
+
+    #[test]
+    fn flipped_body_byte_is_refused() {
+        let key = key(1);
+        let entries = chain(&key, "city-a", 3);
+        // Flip the last byte of the body: it lies in the payload, so it still decodes.
+        let forged = tampered(&entries[2], |s| {
+            let mut body = s.body.to_vec();
+            let last = body.len() - 1;
+            body[last] ^= 1;
+            s.body = body.into();
+        })
+        .unwrap();
+        let mut range = entries[..2].to_vec();
+        range.push(forged.clone());
+        assert!(matches!(
+            verify_range("city-a", &key.verifying_key(), None, &range),
+            Err(FeedError::BadSignature { seq: 3, .. })
+        ));
+        assert!(verify_signature(&key.verifying_key(), &forged).is_err());
+    }
+
+    #[test]
+    fn flipped_signature_byte_is_refused_in_the_middle_and_at_the_end() {
+        let key = key(1);
+        let entries = chain(&key, "city-a", 3);
+        for at in [1, 2] {
+            let mut range = entries.clone();
+            range[at] = tampered(&entries[at], |s| {
+                let mut sig = s.signature.to_vec();
+                sig[10] ^= 1;
+                s.signature = sig.into();
+            })
+            .unwrap();
+            let result = verify_range("city-a", &key.verifying_key(), None, &range);
+            assert!(result.is_err(), "flip at index {at} accepted");
+        }
+    }
+
+    #[test]
+    fn wrong_prev_hash_gap_origin_and_key_are_refused() {
+        let key = key(1);
+        let entries = chain(&key, "city-a", 3);
+        // A correctly signed entry with a wrong prev hash.
+        let mut body = entries[1].body.clone();
+        body.prev_hash = vec![9; 32].into();
+        let forged = Entry::sign(&key, body).unwrap();
+        assert!(matches!(
+            verify_range("city-a", &key.verifying_key(), None, &[entries[0].clone(), forged]),
+            Err(FeedError::BrokenLink { seq: 2, .. })
+        ));
+        assert!(matches!(
+            check_link("city-a", Some(&entries[0].tip()), &entries[2]),
+            Err(FeedError::SeqGap { expected: 2, found: 3, .. })
+        ));
+        assert!(matches!(
+            check_link("city-b", None, &entries[0]),
+            Err(FeedError::WrongOrigin { .. })
+        ));
+        let other = self::key(2);
+        assert!(verify_range("city-a", &other.verifying_key(), None, &entries).is_err());
+    }
+
+    #[test]
+    fn shape_errors_and_size_limit() {
+        let entries = chain(&key(1), "city-a", 1);
+        let short_sig = tampered(&entries[0], |s| s.signature = vec![0; 10].into());
+        assert!(matches!(short_sig, Err(FeedError::Malformed(_))));
+        let garbage = tampered(&entries[0], |s| s.body = vec![0xff; 20].into());
+        assert!(matches!(garbage, Err(FeedError::Malformed(_))));
+        let huge = tampered(&entries[0], |s| s.body = vec![0; MAX_ENTRY_BYTES].into());
+        assert!(matches!(huge, Err(FeedError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn time_must_not_go_back() {
+        let key = key(1);
+        let entries = chain(&key, "city-a", 1);
+        let mut body = entries[0].body.clone();
+        body.seq = 2;
+        body.prev_hash = entries[0].hash.to_vec().into();
+        body.time_unix_micros = 0;
+        let back = Entry::sign(&key, body).unwrap();
+        assert!(matches!(
+            check_link("city-a", Some(&entries[0].tip()), &back),
+            Err(FeedError::TimeWentBack { .. })
+        ));
+    }
+}

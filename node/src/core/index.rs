@@ -1,0 +1,172 @@
+//! Query-index records derived from verified entries: what the store keeps
+//! beside the feed so that queries need not decode every entry. Pure: the
+//! store decides how records are laid out.
+
+use civex_proto::v1::{
+    entry_body::Payload, DisclosureRules, Observation, OfferResponse, ServiceOffer,
+};
+
+use super::feed::{Entry, Hash};
+
+/// The key of an observation: one current value per key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObservationKey {
+    /// Origin.
+    pub origin: String,
+    /// Indicator code.
+    pub indicator: String,
+    /// Catalog edition.
+    pub catalog_edition: String,
+    /// Reference area.
+    pub ref_area: String,
+    /// Period.
+    pub period: String,
+    /// Breakdown; empty until breakdowns exist.
+    pub breakdown: String,
+}
+
+impl ObservationKey {
+    /// The parts in key order.
+    pub fn parts(&self) -> [&str; 6] {
+        [
+            &self.origin,
+            &self.indicator,
+            &self.catalog_edition,
+            &self.ref_area,
+            &self.period,
+            &self.breakdown,
+        ]
+    }
+}
+
+/// One index record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IndexRecord {
+    /// An observation held at `seq` of its origin's feed.
+    Observation {
+        /// Key.
+        key: ObservationKey,
+        /// Seq of the entry holding it.
+        seq: u64,
+        /// The cell.
+        observation: Observation,
+        /// Rules applied to the batch.
+        rules: Option<DisclosureRules>,
+    },
+    /// A version of an offer.
+    OfferVersion {
+        /// Origin.
+        origin: String,
+        /// Seq of the entry.
+        seq: u64,
+        /// Entry hash: the version.
+        hash: Hash,
+        /// The offer.
+        offer: ServiceOffer,
+    },
+    /// A final withdrawal.
+    Withdrawal {
+        /// Origin.
+        origin: String,
+        /// Offer id.
+        offer_id: String,
+        /// Seq of the withdrawal entry.
+        seq: u64,
+    },
+    /// A response to an offer (perhaps one not held yet).
+    Response {
+        /// Responding origin.
+        responder: String,
+        /// Seq of the response entry.
+        seq: u64,
+        /// The response.
+        response: OfferResponse,
+    },
+    /// An entry of `origin` retracted by a later one.
+    Retraction {
+        /// Origin.
+        origin: String,
+        /// Retracted seq.
+        retracted_seq: u64,
+        /// Seq of the retracting entry.
+        by_seq: u64,
+    },
+}
+
+fn usable(text: &str) -> bool {
+    !text.contains('\0')
+}
+
+/// Index records of a verified entry. Payload kinds this node does not know,
+/// and cells whose key parts could not be indexed, are left out.
+pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
+    let body = &entry.body;
+    let origin = &body.origin;
+    let seq = body.seq;
+    match &body.payload {
+        Some(Payload::Indicators(batch)) => batch
+            .observations
+            .iter()
+            .filter(|o| {
+                [&o.indicator, &o.catalog_edition, &o.ref_area, &o.period, &o.breakdown]
+                    .iter()
+                    .all(|t| usable(t))
+            })
+            .map(|o| IndexRecord::Observation {
+                key: ObservationKey {
+                    origin: origin.clone(),
+                    indicator: o.indicator.clone(),
+                    catalog_edition: o.catalog_edition.clone(),
+                    ref_area: o.ref_area.clone(),
+                    period: o.period.clone(),
+                    breakdown: o.breakdown.clone(),
+                },
+                seq,
+                observation: o.clone(),
+                rules: batch.rules.clone(),
+            })
+            .collect(),
+        Some(Payload::Offer(offer)) if usable(&offer.offer_id) => vec![IndexRecord::OfferVersion {
+            origin: origin.clone(),
+            seq,
+            hash: entry.hash,
+            offer: offer.clone(),
+        }],
+        Some(Payload::Withdrawal(w)) if usable(&w.offer_id) => vec![IndexRecord::Withdrawal {
+            origin: origin.clone(),
+            offer_id: w.offer_id.clone(),
+            seq,
+        }],
+        Some(Payload::Response(r)) if usable(&r.offer_origin) && usable(&r.offer_id) => {
+            vec![IndexRecord::Response {
+                responder: origin.clone(),
+                seq,
+                response: r.clone(),
+            }]
+        }
+        Some(Payload::Retraction(r))
+            if r.feed_id == body.feed_id && r.seq < seq =>
+        {
+            vec![IndexRecord::Retraction {
+                origin: origin.clone(),
+                retracted_seq: r.seq,
+                by_seq: seq,
+            }]
+        }
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::feed::tests::{chain, key};
+
+    #[test]
+    fn unknown_payloads_are_not_indexed() {
+        let mut entry = chain(&key(1), "city-a", 1).remove(0);
+        assert_eq!(records_of(&entry).len(), 1);
+        entry.body.payload = None;
+        assert!(records_of(&entry).is_empty());
+    }
+}

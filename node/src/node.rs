@@ -1,0 +1,136 @@
+//! Wiring: [`run`] opens the store, starts the writer, the publisher, one
+//! replication task per peer and the gRPC server on a listener it is given,
+//! and shuts all of it down in order.
+
+use std::{future::Future, sync::Arc};
+
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    config::Config,
+    keys::{load_key_file, KeyError, KeyResolver},
+    publish::Publisher,
+    replicate::{Peer, Replicator},
+    service::{router, Services},
+    store::{SharedStore, SledStore, StoreError},
+    transport,
+    writer::Writer,
+};
+
+/// Why the node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The feed key.
+    #[error("{0}")]
+    Key(#[from] KeyError),
+    /// The store.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The config.
+    #[error("config: {0}")]
+    Config(String),
+    /// The server.
+    #[error("gRPC server: {0}")]
+    Server(String),
+}
+
+/// Runs a node on `listener` until `shutdown` completes. Acknowledged work
+/// is durable already; in-flight writes finish; subscribers see their
+/// streams end cleanly.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    config.validate().map_err(NodeError::Config)?;
+    let key = load_key_file(&config.key_file)?;
+    let pinned = config.pinned_keys().map_err(NodeError::Config)?;
+    let cache_bytes = config.store.cache_mb.saturating_mul(1 << 20);
+    let store_dir = config.data_dir.clone();
+    let store: SharedStore = tokio::task::spawn_blocking(move || SledStore::open(&store_dir, cache_bytes))
+        .await
+        .map_err(|err| NodeError::Server(format!("store open task failed: {err}")))?
+        .map(Arc::new)?;
+    let (writer, writer_thread) = Writer::start(store.clone())?;
+
+    let keys = Arc::new(KeyResolver::new(&config.origin, key.verifying_key(), pinned));
+    let ready_at_start = config.peers.is_empty() || config.publish.allow_without_peers;
+    let (own_synced, ready) = watch::channel(ready_at_start);
+    let own_synced = Arc::new(own_synced);
+    let publisher = Arc::new(Publisher::new(
+        config.origin.clone(),
+        key,
+        config.districts.clone(),
+        config.disclosure.min_contributors,
+        store.clone(),
+        writer.clone(),
+        ready,
+    ));
+    let (stop, stopping) = watch::channel(false);
+
+    let peers: Vec<Peer> = config.peers.iter().map(Peer::new).collect();
+    let replicator = Replicator {
+        own_origin: config.origin.clone(),
+        keys,
+        store: store.clone(),
+        writer: writer.clone(),
+        timing: config.replication.clone(),
+        max_message_bytes: config.limits.max_message_bytes,
+        own_synced,
+    };
+    let replication: Vec<_> = peers
+        .iter()
+        .map(|peer| tokio::spawn(replicator.clone().run(peer.clone(), stopping.clone())))
+        .collect();
+    drop(replicator);
+
+    let routes = router(Services {
+        store: store.clone(),
+        writer: writer.clone(),
+        publisher: publisher.clone(),
+        peers,
+        shutdown: stopping.clone(),
+        max_message_bytes: config.limits.max_message_bytes,
+    })
+    .await
+    .map_err(|err| NodeError::Server(err.to_string()))?;
+    let address = transport::local_address(&listener).map_err(|err| NodeError::Server(err.to_string()))?;
+    tracing::info!(origin = %config.origin, %address, peers = config.peers.len(), "civex node serving");
+
+    let stop_on_signal = {
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            stop.send_replace(true);
+        }
+    };
+    let served = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(transport::incoming(listener), stop_on_signal)
+        .await;
+    stop.send_replace(true);
+    for task in replication {
+        let _ = task.await;
+    }
+    drop(publisher);
+    drop(writer);
+    drop(store);
+    // The writer thread ends once every handle is gone, after its queue.
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    tracing::info!("civex node stopped");
+    served.map_err(|err| NodeError::Server(err.to_string()))
+}
+
+/// Sets up tracing logs: human-readable or JSON, at `level`.
+pub fn init_logging(format: &str, level: &str) {
+    use tracing_subscriber::{filter::LevelFilter, fmt, prelude::*};
+    let level: LevelFilter = level.parse().unwrap_or(LevelFilter::INFO);
+    let registry = tracing_subscriber::registry().with(level);
+    let result = if format == "json" {
+        registry.with(fmt::layer().json().with_writer(std::io::stderr)).try_init()
+    } else {
+        registry.with(fmt::layer().with_writer(std::io::stderr)).try_init()
+    };
+    let _ = result;
+}

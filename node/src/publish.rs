@@ -1,0 +1,450 @@
+//! Publishing into this node's own feed: validation, idempotency, chaining
+//! and signing. Signing is serial by nature (each entry names the previous
+//! hash); durability is the writer's group commit, so concurrent publishers
+//! still share syncs.
+
+use std::{collections::HashSet, sync::Mutex as StdMutex};
+
+use civex_proto::v1::{
+    entry_body::Payload, EntryBody, OfferResponse, OfferWithdrawal, ResponseKind, Retraction,
+    ServiceOffer,
+};
+use ed25519_dalek::SigningKey;
+use tokio::sync::{watch, Mutex};
+
+use crate::{
+    core::{
+        feed::{Entry, FeedError, Hash, Tip, GENESIS_PREV_HASH},
+        ids::{check_origin_id, check_slug, hex},
+        ingest::{prepare_batch, IngestContext, InputRow, Level, RowError},
+    },
+    store::{IdempotencyRecord, SharedStore, StoreError},
+    writer::{Job, Prepared, WriteError, Writer},
+};
+
+/// What to publish.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// Indicator rows (with contributor counts).
+    Indicators(Vec<InputRow>),
+    /// An offer, new or replacing.
+    Offer(ServiceOffer),
+    /// Final withdrawal of an own offer.
+    Withdraw {
+        /// Offer id.
+        offer_id: String,
+        /// Why.
+        reason: String,
+    },
+    /// An answer to another origin's offer.
+    Respond {
+        /// Offering origin.
+        offer_origin: String,
+        /// Offer id.
+        offer_id: String,
+        /// Version answered; `None` means the latest held.
+        version: Option<Hash>,
+        /// Kind.
+        kind: ResponseKind,
+        /// Message.
+        message: String,
+    },
+    /// Retraction of an own entry.
+    Retract {
+        /// Seq retracted.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What a publish produced, once durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// Origin.
+    pub origin: String,
+    /// Feed id.
+    pub feed_id: [u8; 16],
+    /// Seq.
+    pub seq: u64,
+    /// Entry hash.
+    pub hash: Hash,
+    /// Cells published with a value.
+    pub published: u32,
+    /// Cells suppressed.
+    pub suppressed: u32,
+}
+
+/// Why a publish failed. Mapped to gRPC status codes in `service`.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The request is wrong; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    /// A row is wrong.
+    #[error("{0}")]
+    Row(#[from] RowError),
+    /// Something named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The idempotency key was used for a different request.
+    #[error("idempotency key {0} was already used for a different request")]
+    KeyReused(String),
+    /// A publish with this key is under way.
+    #[error("a publish with idempotency key {0} is in progress; retry with the same key")]
+    InProgress(String),
+    /// Publishing is not open yet.
+    #[error("{0}")]
+    NotReady(String),
+    /// Storage failed.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The writer refused or failed.
+    #[error("{0}")]
+    Write(#[from] WriteError),
+}
+
+/// Publishing state of the own feed.
+pub struct Publisher {
+    origin: String,
+    key: SigningKey,
+    districts: Vec<String>,
+    min_contributors: u32,
+    store: SharedStore,
+    writer: Writer,
+    ready: watch::Receiver<bool>,
+    /// Tip of the own feed as signed so far; `None` until loaded.
+    tip: Mutex<Option<Option<Tip>>>,
+    in_flight: StdMutex<HashSet<[u8; 16]>>,
+}
+
+/// Removes an idempotency key from the in-flight set when dropped.
+struct InFlight<'a> {
+    set: &'a StdMutex<HashSet<[u8; 16]>>,
+    key: [u8; 16],
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.key);
+        }
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+fn check_text(field: &str, text: &str, max: usize, required: bool, multiline: bool) -> Result<(), PublishError> {
+    if required && text.trim().is_empty() {
+        return Err(PublishError::Invalid(format!("{field}: is empty")));
+    }
+    if text.len() > max {
+        return Err(PublishError::Invalid(format!("{field}: longer than {max} bytes")));
+    }
+    if text.chars().any(|c| c.is_control() && !(multiline && (c == '\n' || c == '\t'))) {
+        return Err(PublishError::Invalid(format!("{field}: holds a control character")));
+    }
+    Ok(())
+}
+
+/// Checks an offer's fields.
+pub fn check_offer(offer: &ServiceOffer) -> Result<(), PublishError> {
+    check_slug(&offer.offer_id).map_err(|m| PublishError::Invalid(format!("offer_id: {:?} {m}", offer.offer_id)))?;
+    check_text("title", &offer.title, 200, true, false)?;
+    check_text("description", &offer.description, 4000, false, true)?;
+    if !(1..=7).contains(&offer.area) {
+        return Err(PublishError::Invalid(format!("area: {} is not a functional area (1-7)", offer.area)));
+    }
+    check_slug(&offer.category).map_err(|m| PublishError::Invalid(format!("category: {:?} {m}", offer.category)))?;
+    check_text("capacity", &offer.capacity, 200, false, false)?;
+    check_text("terms", &offer.terms, 2000, false, true)?;
+    check_text("region", &offer.region, 200, false, false)?;
+    check_text("contact_role", &offer.contact_role, 200, true, false)?;
+    if offer.valid_from_unix >= offer.valid_until_unix {
+        return Err(PublishError::Invalid(format!(
+            "valid_until: {} is not after valid_from {}",
+            offer.valid_until_unix, offer.valid_from_unix
+        )));
+    }
+    Ok(())
+}
+
+impl Publisher {
+    /// A publisher for `origin`'s feed.
+    pub fn new(
+        origin: String,
+        key: SigningKey,
+        districts: Vec<String>,
+        min_contributors: u32,
+        store: SharedStore,
+        writer: Writer,
+        ready: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            origin,
+            key,
+            districts,
+            min_contributors,
+            store,
+            writer,
+            ready,
+            tip: Mutex::new(None),
+            in_flight: StdMutex::new(HashSet::new()),
+        }
+    }
+
+    /// This node's origin.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Whether publishing is open.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow() && !self.writer.is_stopped()
+    }
+
+    fn receipt(&self, feed_id: [u8; 16], record: &IdempotencyRecord) -> Receipt {
+        Receipt {
+            origin: self.origin.clone(),
+            feed_id,
+            seq: record.seq,
+            hash: record.hash,
+            published: record.published,
+            suppressed: record.suppressed,
+        }
+    }
+
+    fn replay(&self, key: &[u8; 16], fingerprint: &[u8; 32]) -> Result<Option<Receipt>, PublishError> {
+        let Some(record) = self.store.idempotency(key)? else {
+            return Ok(None);
+        };
+        if &record.fingerprint != fingerprint {
+            return Err(PublishError::KeyReused(hex(key)));
+        }
+        let feed_id = self.store.head(&self.origin)?.map(|h| h.tip.feed_id).unwrap_or_default();
+        Ok(Some(self.receipt(feed_id, &record)))
+    }
+
+    /// Publishes one request as one entry, durable when this returns.
+    /// `fingerprint` identifies the request (without its key) for retries.
+    pub async fn publish(
+        &self,
+        idempotency_key: [u8; 16],
+        fingerprint: [u8; 32],
+        request: Request,
+    ) -> Result<Receipt, PublishError> {
+        if self.writer.is_stopped() {
+            return Err(PublishError::Write(WriteError::Stopped));
+        }
+        if !*self.ready.borrow() {
+            return Err(PublishError::NotReady(
+                "publishing is closed until this node has fetched its own feed's newest entries \
+                 from a peer (restore safety); check that a peer is reachable, or set \
+                 publish.allow_without_peers if this node is known to be current"
+                    .into(),
+            ));
+        }
+        if let Some(receipt) = self.replay(&idempotency_key, &fingerprint)? {
+            return Ok(receipt);
+        }
+        let _in_flight = {
+            let mut set = self.in_flight.lock().map_err(|_| PublishError::InProgress(hex(&idempotency_key)))?;
+            if !set.insert(idempotency_key) {
+                return Err(PublishError::InProgress(hex(&idempotency_key)));
+            }
+            InFlight {
+                set: &self.in_flight,
+                key: idempotency_key,
+            }
+        };
+        // It may have completed between the first check and the insert.
+        if let Some(receipt) = self.replay(&idempotency_key, &fingerprint)? {
+            return Ok(receipt);
+        }
+
+        let mut tip_guard = self.tip.lock().await;
+        let tip = match *tip_guard {
+            Some(tip) => tip,
+            None => self.store.head(&self.origin)?.map(|h| h.tip),
+        };
+        let (payload, published, suppressed) = self.payload(request)?;
+        let feed_id = match &tip {
+            Some(tip) => tip.feed_id,
+            None => {
+                let mut id = [0u8; 16];
+                getrandom::getrandom(&mut id)
+                    .map_err(|err| PublishError::Invalid(format!("no randomness for a feed id: {err}")))?;
+                id
+            }
+        };
+        let body = EntryBody {
+            origin: self.origin.clone(),
+            feed_id: feed_id.to_vec().into(),
+            seq: tip.map_or(1, |t| t.seq + 1),
+            prev_hash: tip.map_or(GENESIS_PREV_HASH, |t| t.hash).to_vec().into(),
+            time_unix_micros: now_micros().max(tip.map_or(0, |t| t.time_unix_micros)),
+            idempotency_key: idempotency_key.to_vec().into(),
+            payload: Some(payload),
+        };
+        let entry = Entry::sign(&self.key, body).map_err(|err| match err {
+            FeedError::TooLarge { size } => PublishError::Invalid(format!(
+                "the entry would be {size} bytes, above the 65536-byte limit; split the input into smaller files"
+            )),
+            other => PublishError::Invalid(other.to_string()),
+        })?;
+        let record = IdempotencyRecord {
+            fingerprint,
+            seq: entry.body.seq,
+            hash: entry.hash,
+            published,
+            suppressed,
+        };
+        let new_tip = entry.tip();
+        let answer = self
+            .writer
+            .send(Job {
+                entries: vec![Prepared::new(entry)],
+                idempotency: Some((idempotency_key, record)),
+            })
+            .await;
+        let answer = match answer {
+            Ok(answer) => {
+                *tip_guard = Some(Some(new_tip));
+                answer
+            }
+            Err(err) => {
+                *tip_guard = None;
+                return Err(err.into());
+            }
+        };
+        drop(tip_guard);
+        match answer.await.unwrap_or(Err(WriteError::Stopped)) {
+            Ok(_) => Ok(self.receipt(feed_id, &record)),
+            Err(err) => {
+                // Reload the tip from the store before the next publish.
+                *self.tip.lock().await = None;
+                Err(err.into())
+            }
+        }
+    }
+
+    fn payload(&self, request: Request) -> Result<(Payload, u32, u32), PublishError> {
+        Ok(match request {
+            Request::Indicators(rows) => {
+                let context = IngestContext {
+                    origin: &self.origin,
+                    districts: &self.districts,
+                    min_contributors: self.min_contributors,
+                };
+                let store = &self.store;
+                let origin = &self.origin;
+                let mut store_error = None;
+                let prepared = prepare_batch(&context, &rows, |indicator, edition, period| {
+                    match store.ref_areas_of(origin, indicator, edition, period) {
+                        Ok(areas) => areas
+                            .iter()
+                            .map(|a| if a == origin { Level::City } else { Level::District })
+                            .collect(),
+                        Err(err) => {
+                            store_error = Some(err);
+                            HashSet::new()
+                        }
+                    }
+                });
+                if let Some(err) = store_error {
+                    return Err(err.into());
+                }
+                let prepared = prepared?;
+                (Payload::Indicators(prepared.batch), prepared.published, prepared.suppressed)
+            }
+            Request::Offer(offer) => {
+                check_offer(&offer)?;
+                if self.store.withdrawal(&self.origin, &offer.offer_id)?.is_some() {
+                    return Err(PublishError::Invalid(format!(
+                        "offer_id: {:?} was withdrawn; withdrawal is final, publish under a new id",
+                        offer.offer_id
+                    )));
+                }
+                (Payload::Offer(offer), 0, 0)
+            }
+            Request::Withdraw { offer_id, reason } => {
+                check_text("reason", &reason, 2000, false, true)?;
+                let held = self
+                    .store
+                    .offer_versions()?
+                    .into_iter()
+                    .any(|o| o.origin == self.origin && o.offer.offer_id == offer_id);
+                if !held {
+                    return Err(PublishError::NotFound(format!("offer_id: this node has no offer {offer_id:?}")));
+                }
+                if self.store.withdrawal(&self.origin, &offer_id)?.is_some() {
+                    return Err(PublishError::Invalid(format!("offer_id: {offer_id:?} is already withdrawn")));
+                }
+                (Payload::Withdrawal(OfferWithdrawal { offer_id, reason }), 0, 0)
+            }
+            Request::Respond {
+                offer_origin,
+                offer_id,
+                version,
+                kind,
+                message,
+            } => {
+                check_origin_id(&offer_origin).map_err(|m| PublishError::Invalid(format!("offer_origin: {m}")))?;
+                check_slug(&offer_id).map_err(|m| PublishError::Invalid(format!("offer_id: {offer_id:?} {m}")))?;
+                if kind == ResponseKind::Unspecified {
+                    return Err(PublishError::Invalid("kind: must be interest, accept or decline".into()));
+                }
+                check_text("message", &message, 2000, false, true)?;
+                let version = match version {
+                    Some(version) => version,
+                    None => {
+                        let versions = self.store.offer_versions()?;
+                        let latest = versions
+                            .iter()
+                            .filter(|o| o.origin == offer_origin && o.offer.offer_id == offer_id)
+                            .max_by_key(|o| o.seq)
+                            .ok_or_else(|| {
+                                PublishError::NotFound(format!(
+                                    "offer: this node holds no offer {offer_id:?} of {offer_origin:?}; \
+                                     wait for replication or name the version hash"
+                                ))
+                            })?;
+                        latest.hash
+                    }
+                };
+                let response = OfferResponse {
+                    offer_origin,
+                    offer_id,
+                    offer_version_hash: version.to_vec().into(),
+                    kind: kind as i32,
+                    message,
+                };
+                (Payload::Response(response), 0, 0)
+            }
+            Request::Retract { seq, reason } => {
+                check_text("reason", &reason, 2000, false, true)?;
+                let held = self.store.entries(&self.origin, seq, 1, usize::MAX)?;
+                let entry = held
+                    .into_iter()
+                    .next()
+                    .filter(|_| seq > 0)
+                    .ok_or_else(|| PublishError::NotFound(format!("seq: this node's feed has no entry {seq}")))?;
+                let entry = Entry::decode(entry).map_err(|e| PublishError::Invalid(e.to_string()))?;
+                if self.store.is_retracted(&self.origin, seq)? {
+                    return Err(PublishError::Invalid(format!("seq: entry {seq} is already retracted")));
+                }
+                let retraction = Retraction {
+                    feed_id: entry.body.feed_id.clone(),
+                    seq,
+                    entry_hash: entry.hash.to_vec().into(),
+                    reason,
+                };
+                (Payload::Retraction(retraction), 0, 0)
+            }
+        })
+    }
+}

@@ -1,0 +1,244 @@
+//! Replication: one task per configured peer subscribes to every origin
+//! with a pinned key (this node's own included, for restore safety),
+//! verifies each batch against the origin's key and the head held, and
+//! hands it to the writer. Reconnects with exponential backoff and resumes
+//! from the stored heads. A gRPC client edge: the decisions are in
+//! `core::feed`.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use civex_proto::v1::{feed_client::FeedClient, subscribe_response::Event, Cursor, SubscribeRequest};
+use tokio::sync::{oneshot, watch};
+
+use crate::{
+    config::{PeerConfig, ReplicationConfig},
+    core::{
+        feed::{verify_range, Entry, FeedError, Tip},
+        ids::hex,
+    },
+    keys::KeyResolver,
+    store::SharedStore,
+    transport,
+    writer::{Job, Prepared, Stored, WriteError, Writer},
+};
+
+/// Commits awaited at most at once per peer stream.
+const IN_FLIGHT_COMMITS: usize = 8;
+
+/// What is known of one peer, for status.
+#[derive(Debug, Clone, Default)]
+pub struct PeerState {
+    /// A subscription stream is open.
+    pub connected: bool,
+    /// Last error, empty if none.
+    pub last_error: String,
+    /// Entries refused from this peer since start.
+    pub refused: u64,
+    /// The peer's head seq per origin, as last seen.
+    pub peer_heads: BTreeMap<String, u64>,
+}
+
+/// A configured peer and its state.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Name from the config.
+    pub name: String,
+    /// Address dialled.
+    pub address: String,
+    /// Shared state.
+    pub state: Arc<Mutex<PeerState>>,
+}
+
+impl Peer {
+    /// A peer from its config.
+    pub fn new(config: &PeerConfig) -> Self {
+        Self {
+            name: config.name.clone(),
+            address: config.address.clone(),
+            state: Arc::default(),
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut PeerState)) {
+        if let Ok(mut state) = self.state.lock() {
+            change(&mut state);
+        }
+    }
+}
+
+/// Everything a replication task needs.
+#[derive(Clone)]
+pub struct Replicator {
+    /// This node's origin.
+    pub own_origin: String,
+    /// Keys of the origins to replicate.
+    pub keys: Arc<KeyResolver>,
+    /// The store (read heads).
+    pub store: SharedStore,
+    /// The writer.
+    pub writer: Writer,
+    /// Timing.
+    pub timing: ReplicationConfig,
+    /// Largest message accepted.
+    pub max_message_bytes: usize,
+    /// Set once this node has caught up its own feed from a peer.
+    pub own_synced: Arc<watch::Sender<bool>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("stream failed: {}", .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("refused entries: {0}")]
+    Refused(#[from] FeedError),
+    #[error("store: {0}")]
+    Write(#[from] WriteError),
+    #[error("peer sent origin {0:?}, which has no pinned key")]
+    UnknownOrigin(String),
+}
+
+impl Replicator {
+    /// Replicates from `peer` until `shutdown` turns true.
+    pub async fn run(self, peer: Peer, mut shutdown: watch::Receiver<bool>) {
+        let initial = Duration::from_millis(self.timing.backoff_initial_ms);
+        let max = Duration::from_millis(self.timing.backoff_max_ms);
+        let mut backoff = initial;
+        loop {
+            let result = tokio::select! {
+                result = self.session(&peer, &mut backoff, initial) => result,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            peer.update(|s| s.connected = false);
+            match result {
+                Ok(()) => tracing::info!(peer = %peer.name, address = %peer.address, "peer ended the stream"),
+                Err(err) => {
+                    if matches!(err, SessionError::Refused(_) | SessionError::UnknownOrigin(_)) {
+                        peer.update(|s| s.refused += 1);
+                    }
+                    tracing::warn!(peer = %peer.name, address = %peer.address, error = %err, retry_in_ms = backoff.as_millis() as u64, "replication stream failed");
+                    peer.update(|s| s.last_error = err.to_string());
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            backoff = (backoff * 2).min(max);
+        }
+    }
+
+    async fn session(&self, peer: &Peer, backoff: &mut Duration, initial: Duration) -> Result<(), SessionError> {
+        let timeout = Duration::from_millis(self.timing.connect_timeout_ms);
+        let channel = transport::connect(&peer.address, timeout).await?;
+        let mut client = FeedClient::new(channel)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes);
+        let mut tips: HashMap<String, Option<Tip>> = HashMap::new();
+        let mut cursors = Vec::new();
+        for origin in self.keys.origins() {
+            let tip = self
+                .store
+                .head(origin)
+                .map_err(|e| SessionError::Write(e.into()))?
+                .map(|h| h.tip);
+            cursors.push(Cursor {
+                origin: origin.to_owned(),
+                feed_id: tip.map(|t| t.feed_id.to_vec()).unwrap_or_default().into(),
+                seq: tip.map_or(0, |t| t.seq),
+                entry_hash: tip.map(|t| t.hash.to_vec()).unwrap_or_default().into(),
+            });
+            tips.insert(origin.to_owned(), tip);
+        }
+        let mut stream = client
+            .subscribe(SubscribeRequest {
+                cursors,
+                all_origins: false,
+            })
+            .await?
+            .into_inner();
+        peer.update(|s| {
+            s.connected = true;
+            s.last_error.clear();
+        });
+        *backoff = initial;
+        tracing::info!(peer = %peer.name, address = %peer.address, "replicating");
+        let mut pending: VecDeque<oneshot::Receiver<Result<Stored, WriteError>>> = VecDeque::new();
+        while let Some(message) = stream.message().await? {
+            match message.event {
+                Some(Event::Entries(batch)) => {
+                    let origin = batch.origin;
+                    let key = self
+                        .keys
+                        .key_for(&origin, &[], 0)
+                        .ok_or_else(|| SessionError::UnknownOrigin(origin.clone()))?;
+                    let tip = tips
+                        .get(&origin)
+                        .copied()
+                        .ok_or_else(|| SessionError::UnknownOrigin(origin.clone()))?;
+                    let entries = batch
+                        .entries
+                        .into_iter()
+                        .map(Entry::decode)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let new_tip = verify_range(&origin, key, tip.as_ref(), &entries)?;
+                    if let Some(last) = new_tip {
+                        peer.update(|s| {
+                            let seen = s.peer_heads.entry(origin.clone()).or_default();
+                            *seen = (*seen).max(last.seq);
+                        });
+                    }
+                    tips.insert(origin, new_tip);
+                    let job = Job {
+                        entries: entries.into_iter().map(Prepared::new).collect(),
+                        idempotency: None,
+                    };
+                    pending.push_back(self.writer.send(job).await?);
+                    while pending.len() > IN_FLIGHT_COMMITS {
+                        await_commit(pending.pop_front()).await?;
+                    }
+                }
+                Some(Event::Drained(drained)) => {
+                    while let Some(answer) = pending.pop_front() {
+                        await_commit(Some(answer)).await?;
+                    }
+                    peer.update(|s| {
+                        s.peer_heads.insert(drained.origin.clone(), drained.head_seq);
+                    });
+                    if drained.origin == self.own_origin {
+                        self.own_synced.send_replace(true);
+                    }
+                }
+                Some(Event::Mismatch(mismatch)) => {
+                    let message = format!(
+                        "origin {} diverges: the peer holds feed {} and a different entry at our head; \
+                         replication of that origin from this peer stopped",
+                        mismatch.origin,
+                        hex(&mismatch.feed_id)
+                    );
+                    tracing::error!(peer = %peer.name, address = %peer.address, "{message}");
+                    peer.update(|s| s.last_error = message);
+                }
+                None => {}
+            }
+        }
+        while let Some(answer) = pending.pop_front() {
+            await_commit(Some(answer)).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn await_commit(
+    answer: Option<oneshot::Receiver<Result<Stored, WriteError>>>,
+) -> Result<(), SessionError> {
+    if let Some(answer) = answer {
+        answer.await.unwrap_or(Err(WriteError::Stopped))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,594 @@
+//! The gRPC layer: translates between `civex.v1` requests and the core,
+//! maps domain errors to status codes (in one place, [`ToStatus`]), and
+//! serves subscriptions from the store.
+
+use std::{collections::BTreeMap, pin::Pin, sync::Arc};
+
+use civex_proto::v1::{
+    self as pb, feed_server::Feed, publish_server::Publish, query_server::Query,
+    status_server::Status as StatusApi, subscribe_response::Event,
+};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    core::{
+        feed::entry_hash,
+        ids::check_origin_id,
+        ingest::InputRow,
+    },
+    publish::{self, PublishError, Publisher, Receipt},
+    query::{self, ObservationFilter, OfferFilter, QueryError},
+    replicate::Peer,
+    store::{Head, SharedStore, StoreError},
+    writer::{WriteError, Writer},
+};
+
+/// Entries per subscription message at most.
+const ENTRIES_PER_MESSAGE: usize = 1024;
+/// Messages buffered per subscriber: with the message size cap this bounds
+/// a slow subscriber's memory.
+const SUBSCRIBER_BUFFER: usize = 4;
+
+/// Maps a domain error to a gRPC status. The one place where that happens.
+pub trait ToStatus {
+    /// The status for this error.
+    fn to_status(&self) -> Status;
+}
+
+impl ToStatus for StoreError {
+    fn to_status(&self) -> Status {
+        match self {
+            StoreError::Io { .. } => Status::unavailable(self.to_string()),
+            StoreError::Corrupt { .. } => Status::data_loss(self.to_string()),
+        }
+    }
+}
+
+impl ToStatus for WriteError {
+    fn to_status(&self) -> Status {
+        match self {
+            WriteError::Store(err) => err.to_status(),
+            WriteError::Stopped => Status::unavailable(self.to_string()),
+            WriteError::Chain(_) | WriteError::Fork { .. } => Status::aborted(self.to_string()),
+        }
+    }
+}
+
+impl ToStatus for PublishError {
+    fn to_status(&self) -> Status {
+        match self {
+            PublishError::Invalid(_) | PublishError::Row(_) => Status::invalid_argument(self.to_string()),
+            PublishError::NotFound(_) => Status::not_found(self.to_string()),
+            PublishError::KeyReused(_) => Status::already_exists(self.to_string()),
+            PublishError::InProgress(_) => Status::aborted(self.to_string()),
+            PublishError::NotReady(_) => Status::unavailable(self.to_string()),
+            PublishError::Store(err) => err.to_status(),
+            PublishError::Write(err) => err.to_status(),
+        }
+    }
+}
+
+impl ToStatus for QueryError {
+    fn to_status(&self) -> Status {
+        match self {
+            QueryError::Invalid(_) => Status::invalid_argument(self.to_string()),
+            QueryError::Store(err) => err.to_status(),
+        }
+    }
+}
+
+fn invalid(message: String) -> Status {
+    Status::invalid_argument(message)
+}
+
+/// Checks and copies a 16-byte idempotency key.
+fn idempotency_key(bytes: &[u8]) -> Result<[u8; 16], Status> {
+    bytes
+        .try_into()
+        .map_err(|_| invalid(format!("idempotency_key: must be 16 bytes, got {}", bytes.len())))
+}
+
+/// Request fingerprint: SHA-256 of the request encoded without its key.
+fn fingerprint<M: Message + Clone>(kind: &str, request: &M, clear_key: impl FnOnce(&mut M)) -> [u8; 32] {
+    let mut copy = request.clone();
+    clear_key(&mut copy);
+    let mut hasher = Sha256::new();
+    hasher.update(kind.as_bytes());
+    hasher.update([0]);
+    hasher.update(copy.encode_to_vec());
+    hasher.finalize().into()
+}
+
+fn receipt(receipt: Receipt) -> pb::Receipt {
+    pb::Receipt {
+        origin: receipt.origin,
+        feed_id: receipt.feed_id.to_vec(),
+        seq: receipt.seq,
+        entry_hash: receipt.hash.to_vec(),
+        published: receipt.published,
+        suppressed: receipt.suppressed,
+    }
+}
+
+fn area_of(field: &str, value: i32) -> Result<pb::FunctionalArea, Status> {
+    match pb::FunctionalArea::try_from(value) {
+        Ok(area) if area != pb::FunctionalArea::Unspecified => Ok(area),
+        _ => Err(invalid(format!("{field}: {value} is not a functional area (1-7)"))),
+    }
+}
+
+fn input_row(index: usize, row: pb::IndicatorRow) -> Result<InputRow, Status> {
+    let row_no = index + 1;
+    Ok(InputRow {
+        line: 0,
+        area: area_of(&format!("row {row_no}: area"), row.area)?,
+        obs_status: pb::ObservationStatus::try_from(row.obs_status)
+            .map_err(|_| invalid(format!("row {row_no}: obs_status: {} is not a status", row.obs_status)))?,
+        indicator: row.indicator,
+        catalog_edition: row.catalog_edition,
+        ref_area: row.ref_area,
+        period: row.period,
+        value: row.value,
+        unit: row.unit,
+        method_notes: row.method_notes,
+        contributors: row.contributors,
+    })
+}
+
+/// The Publish service.
+pub struct PublishService {
+    publisher: Arc<Publisher>,
+}
+
+impl PublishService {
+    async fn publish(&self, key: &[u8], fingerprint: [u8; 32], request: publish::Request) -> Result<Response<pb::Receipt>, Status> {
+        let key = idempotency_key(key)?;
+        match self.publisher.publish(key, fingerprint, request).await {
+            Ok(done) => Ok(Response::new(receipt(done))),
+            Err(err) => {
+                tracing::info!(error = %err, "publish refused");
+                Err(err.to_status())
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Publish for PublishService {
+    async fn publish_indicators(&self, request: Request<pb::PublishIndicatorsRequest>) -> Result<Response<pb::Receipt>, Status> {
+        let request = request.into_inner();
+        let print = fingerprint("indicators", &request, |r| r.idempotency_key.clear());
+        let key = request.idempotency_key;
+        let rows = request
+            .rows
+            .into_iter()
+            .enumerate()
+            .map(|(index, row)| input_row(index, row))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.publish(&key, print, publish::Request::Indicators(rows)).await
+    }
+
+    async fn publish_offer(&self, request: Request<pb::PublishOfferRequest>) -> Result<Response<pb::Receipt>, Status> {
+        let request = request.into_inner();
+        let print = fingerprint("offer", &request, |r| r.idempotency_key.clear());
+        let offer = request.offer.ok_or_else(|| invalid("offer: missing".into()))?;
+        self.publish(&request.idempotency_key, print, publish::Request::Offer(offer)).await
+    }
+
+    async fn withdraw_offer(&self, request: Request<pb::WithdrawOfferRequest>) -> Result<Response<pb::Receipt>, Status> {
+        let request = request.into_inner();
+        let print = fingerprint("withdraw", &request, |r| r.idempotency_key.clear());
+        let job = publish::Request::Withdraw {
+            offer_id: request.offer_id,
+            reason: request.reason,
+        };
+        self.publish(&request.idempotency_key, print, job).await
+    }
+
+    async fn respond_offer(&self, request: Request<pb::RespondOfferRequest>) -> Result<Response<pb::Receipt>, Status> {
+        let request = request.into_inner();
+        let print = fingerprint("respond", &request, |r| r.idempotency_key.clear());
+        let version = match request.offer_version_hash.len() {
+            0 => None,
+            32 => request.offer_version_hash.as_slice().try_into().ok(),
+            n => return Err(invalid(format!("offer_version_hash: must be 32 bytes, got {n}"))),
+        };
+        let kind = match pb::ResponseKind::try_from(request.kind) {
+            Ok(kind) => kind,
+            Err(_) => return Err(invalid(format!("kind: {} is not a response kind", request.kind))),
+        };
+        let job = publish::Request::Respond {
+            offer_origin: request.offer_origin,
+            offer_id: request.offer_id,
+            version,
+            kind,
+            message: request.message,
+        };
+        self.publish(&request.idempotency_key, print, job).await
+    }
+
+    async fn retract(&self, request: Request<pb::RetractRequest>) -> Result<Response<pb::Receipt>, Status> {
+        let request = request.into_inner();
+        let print = fingerprint("retract", &request, |r| r.idempotency_key.clear());
+        let job = publish::Request::Retract {
+            seq: request.seq,
+            reason: request.reason,
+        };
+        self.publish(&request.idempotency_key, print, job).await
+    }
+}
+
+fn head_message(origin: String, head: &Head) -> pb::Head {
+    pb::Head {
+        origin,
+        feed_id: head.tip.feed_id.to_vec(),
+        seq: head.tip.seq,
+        entry_hash: head.tip.hash.to_vec(),
+        time_unix_micros: head.tip.time_unix_micros,
+        received_unix_micros: head.received_unix_micros,
+    }
+}
+
+/// The Feed service: subscriptions and heads.
+pub struct FeedService {
+    store: SharedStore,
+    writer: Writer,
+    shutdown: watch::Receiver<bool>,
+    max_message_bytes: usize,
+}
+
+struct OriginCursor {
+    next: u64,
+    /// (seq, hash, feed id) the subscriber claims to hold, checked once held here.
+    claim: Option<(u64, Vec<u8>, Vec<u8>)>,
+    drained: bool,
+    stopped: bool,
+}
+
+impl FeedService {
+    /// Sends each origin's backlog, then its live tail, read from the store
+    /// after every "head advanced" notification; never buffers per origin.
+    async fn serve(
+        store: SharedStore,
+        mut committed: watch::Receiver<u64>,
+        mut shutdown: watch::Receiver<bool>,
+        request: pb::SubscribeRequest,
+        max_bytes: usize,
+        tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    ) -> Result<(), StoreError> {
+        let mut origins: BTreeMap<String, OriginCursor> = BTreeMap::new();
+        for cursor in request.cursors {
+            let claim = (cursor.seq > 0).then(|| (cursor.seq, cursor.entry_hash.to_vec(), cursor.feed_id.to_vec()));
+            origins.insert(
+                cursor.origin,
+                OriginCursor {
+                    next: cursor.seq + 1,
+                    claim,
+                    drained: false,
+                    stopped: false,
+                },
+            );
+        }
+        let send = |event: Event| {
+            let tx = tx.clone();
+            async move { tx.send(Ok(pb::SubscribeResponse { event: Some(event) })).await.is_ok() }
+        };
+        loop {
+            committed.borrow_and_update();
+            if request.all_origins {
+                for (origin, _) in store.heads()? {
+                    origins.entry(origin).or_insert(OriginCursor {
+                        next: 1,
+                        claim: None,
+                        drained: false,
+                        stopped: false,
+                    });
+                }
+            }
+            let mut sent_entries = false;
+            for (origin, cursor) in origins.iter_mut().filter(|(_, c)| !c.stopped) {
+                let head = store.head(origin)?;
+                let head_seq = head.map_or(0, |h| h.tip.seq);
+                if let Some((seq, hash, feed_id)) = cursor.claim.clone() {
+                    if head_seq < seq {
+                        // Not held yet here: nothing to send until it is.
+                        continue;
+                    }
+                    let held = store.entries(origin, seq, 1, usize::MAX)?.into_iter().next();
+                    let matches = held.as_ref().is_some_and(|e| entry_hash(&e.body, &e.signature).as_slice() == hash)
+                        && head.is_some_and(|h| h.tip.feed_id.as_slice() == feed_id);
+                    if !matches {
+                        cursor.stopped = true;
+                        let mismatch = pb::CursorMismatch {
+                            origin: origin.clone(),
+                            held,
+                            feed_id: head.map(|h| h.tip.feed_id.to_vec()).unwrap_or_default().into(),
+                        };
+                        if !send(Event::Mismatch(mismatch)).await {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    cursor.claim = None;
+                }
+                if cursor.next <= head_seq {
+                    let entries = store.entries(origin, cursor.next, ENTRIES_PER_MESSAGE, max_bytes)?;
+                    if !entries.is_empty() {
+                        cursor.next += entries.len() as u64;
+                        sent_entries = true;
+                        let batch = pb::EntryBatch {
+                            origin: origin.clone(),
+                            entries,
+                        };
+                        if !send(Event::Entries(batch)).await {
+                            return Ok(());
+                        }
+                    }
+                }
+                if !cursor.drained && cursor.next > head_seq {
+                    cursor.drained = true;
+                    let drained = pb::BacklogDrained {
+                        origin: origin.clone(),
+                        head_seq,
+                    };
+                    if !send(Event::Drained(drained)).await {
+                        return Ok(());
+                    }
+                }
+            }
+            if !sent_entries {
+                tokio::select! {
+                    changed = committed.changed() => if changed.is_err() { return Ok(()) },
+                    _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                    _ = tx.closed() => return Ok(()),
+                }
+            } else if *shutdown.borrow() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Feed for FeedService {
+    type SubscribeStream = SubscribeStream;
+
+    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let peer = request.remote_addr();
+        let request = request.into_inner();
+        for cursor in &request.cursors {
+            check_origin_id(&cursor.origin).map_err(|m| invalid(format!("cursors: {m}")))?;
+            if cursor.seq > 0 && (cursor.entry_hash.len() != 32 || cursor.feed_id.len() != 16) {
+                return Err(invalid(format!(
+                    "cursors.{}: a cursor past seq 0 needs a 16-byte feed_id and a 32-byte entry_hash",
+                    cursor.origin
+                )));
+            }
+        }
+        if request.cursors.is_empty() && !request.all_origins {
+            return Err(invalid("cursors: name at least one origin, or set all_origins".into()));
+        }
+        tracing::info!(peer = ?peer, origins = request.cursors.len(), all = request.all_origins, "subscription opened");
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let store = self.store.clone();
+        let committed = self.writer.committed();
+        let shutdown = self.shutdown.clone();
+        // Leave room for the message framing around the entries.
+        let max_bytes = self.max_message_bytes.saturating_sub(96 * 1024).max(64 * 1024);
+        tokio::spawn(async move {
+            let error_tx = tx.clone();
+            if let Err(err) = Self::serve(store, committed, shutdown, request, max_bytes, tx).await {
+                tracing::error!(error = %err, "subscription ended by a store error");
+                let _ = error_tx.send(Err(err.to_status())).await;
+            }
+            tracing::debug!(peer = ?peer, "subscription closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn heads(&self, _request: Request<pb::HeadsRequest>) -> Result<Response<pb::HeadsResponse>, Status> {
+        let heads = self.store.heads().map_err(|e| e.to_status())?;
+        Ok(Response::new(pb::HeadsResponse {
+            heads: heads.into_iter().map(|(origin, head)| head_message(origin, &head)).collect(),
+        }))
+    }
+}
+
+/// The Query service.
+pub struct QueryService {
+    store: SharedStore,
+}
+
+fn areas_of(values: &[i32]) -> Result<Vec<pb::FunctionalArea>, Status> {
+    values.iter().map(|v| area_of("areas", *v)).collect()
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[tonic::async_trait]
+impl Query for QueryService {
+    async fn observations(&self, request: Request<pb::ObservationsRequest>) -> Result<Response<pb::ObservationsResponse>, Status> {
+        let request = request.into_inner();
+        let filter = ObservationFilter {
+            areas: areas_of(&request.areas)?,
+            indicators: request.indicators,
+            origins: request.origins,
+            period_from: Some(request.period_from),
+            period_to: Some(request.period_to),
+        };
+        let store = self.store.clone();
+        let page = tokio::task::spawn_blocking(move || {
+            query::observations(store.as_ref(), &filter, request.page_size as usize, Some(&request.page_token))
+        })
+        .await
+        .map_err(|err| Status::internal(format!("query task failed: {err}")))?
+        .map_err(|e| e.to_status())?;
+        Ok(Response::new(pb::ObservationsResponse {
+            observations: page
+                .rows
+                .into_iter()
+                .map(|row| pb::ObservationRecord {
+                    origin: row.key.origin,
+                    seq: row.seq,
+                    observation: Some(row.observation),
+                    rules: row.rules,
+                })
+                .collect(),
+            next_page_token: page.next.unwrap_or_default(),
+        }))
+    }
+
+    async fn offers(&self, request: Request<pb::OffersRequest>) -> Result<Response<pb::OffersResponse>, Status> {
+        let request = request.into_inner();
+        let filter = OfferFilter {
+            areas: areas_of(&request.areas)?,
+            categories: request.categories,
+            origins: request.origins,
+            include_inactive: request.include_inactive,
+        };
+        let offers = query::offers(self.store.as_ref(), &filter, now_unix()).map_err(|e| e.to_status())?;
+        Ok(Response::new(pb::OffersResponse {
+            offers: offers
+                .into_iter()
+                .map(|state| pb::OfferRecord {
+                    origin: state.version.origin,
+                    seq: state.version.seq,
+                    version_hash: state.version.hash.to_vec(),
+                    offer: Some(state.version.offer),
+                    active: state.active,
+                    responses: state
+                        .responses
+                        .into_iter()
+                        .map(|r| pb::ResponseRecord {
+                            origin: r.responder,
+                            seq: r.seq,
+                            response: Some(r.response),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// The Status service.
+pub struct StatusService {
+    store: SharedStore,
+    publisher: Arc<Publisher>,
+    peers: Vec<Peer>,
+}
+
+#[tonic::async_trait]
+impl StatusApi for StatusService {
+    async fn node_status(&self, _request: Request<pb::NodeStatusRequest>) -> Result<Response<pb::NodeStatusResponse>, Status> {
+        let heads = self.store.heads().map_err(|e| e.to_status())?;
+        let held: BTreeMap<&str, u64> = heads.iter().map(|(o, h)| (o.as_str(), h.tip.seq)).collect();
+        let peers = self
+            .peers
+            .iter()
+            .map(|peer| {
+                let state = peer.state.lock().map(|s| s.clone()).unwrap_or_default();
+                pb::PeerStatus {
+                    name: peer.name.clone(),
+                    address: peer.address.clone(),
+                    connected: state.connected,
+                    last_error: state.last_error,
+                    refused: state.refused,
+                    origins: state
+                        .peer_heads
+                        .iter()
+                        .map(|(origin, seq)| pb::PeerOriginLag {
+                            origin: origin.clone(),
+                            held_seq: held.get(origin.as_str()).copied().unwrap_or(0),
+                            peer_seq: *seq,
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::NodeStatusResponse {
+            origin: self.publisher.origin().to_owned(),
+            heads: heads.into_iter().map(|(origin, head)| head_message(origin, &head)).collect(),
+            peers,
+            publish_ready: self.publisher.is_ready(),
+        }))
+    }
+}
+
+/// Everything the services share.
+pub struct Services {
+    /// The store.
+    pub store: SharedStore,
+    /// The writer.
+    pub writer: Writer,
+    /// The publisher.
+    pub publisher: Arc<Publisher>,
+    /// Configured peers.
+    pub peers: Vec<Peer>,
+    /// Turns true at shutdown.
+    pub shutdown: watch::Receiver<bool>,
+    /// Message size limit.
+    pub max_message_bytes: usize,
+}
+
+/// Builds the router: civex services, health (`grpc.health.v1`) and
+/// reflection (v1 and v1alpha), with explicit message size limits.
+pub async fn router(services: Services) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+    use pb::{feed_server::FeedServer, publish_server::PublishServer, query_server::QueryServer, status_server::StatusServer};
+    let max = services.max_message_bytes;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<PublishServer<PublishService>>().await;
+    health_reporter.set_serving::<FeedServer<FeedService>>().await;
+    health_reporter.set_serving::<QueryServer<QueryService>>().await;
+    health_reporter.set_serving::<StatusServer<StatusService>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(civex_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(civex_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let publish = PublishServer::new(PublishService {
+        publisher: services.publisher.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let feed = FeedServer::new(FeedService {
+        store: services.store.clone(),
+        writer: services.writer.clone(),
+        shutdown: services.shutdown.clone(),
+        max_message_bytes: max,
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let query = QueryServer::new(QueryService {
+        store: services.store.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let status = StatusServer::new(StatusService {
+        store: services.store,
+        publisher: services.publisher,
+        peers: services.peers,
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    Ok(tonic::service::Routes::new(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(publish)
+        .add_service(feed)
+        .add_service(query)
+        .add_service(status))
+}

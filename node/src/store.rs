@@ -1,0 +1,762 @@
+//! The store: the only module that names sled.
+//!
+//! Everything lives in one sled tree under one-byte prefixes, so that one
+//! commit (entries, heads, indexes, idempotency records) is one atomic
+//! `Batch`. A commit is durable when [`Store::commit`] returns: sled's
+//! `flush` only issues `sync_file_range` (no device cache flush, no size
+//! metadata; sled issue #1452), so the store then calls `fdatasync` on a
+//! handle of sled's `db` file through a [`SyncHook`]. Values stay below
+//! 96 KiB, so sled never writes blob files (which it never syncs).
+//!
+//! Key layout (`|` is concatenation, strings end with a zero byte, numbers
+//! are big-endian):
+//! - `m|format` store format version
+//! - `e|origin|first_seq` a chunk of consecutive entries written together
+//! - `h|origin` head: feed id, seq, hash, claimed time, receive time
+//! - `i|key` idempotency record of an own publish
+//! - `o|origin|indicator|edition|ref_area|period|breakdown|seq` observation
+//! - `r|origin|seq` retraction marker (value: retracting seq)
+//! - `f|origin|offer_id|seq` offer version (value: hash, offer)
+//! - `w|origin|offer_id` withdrawal (value: seq)
+//! - `p|offer_origin|offer_id|responder|seq` offer response
+
+use std::{
+    fs::File,
+    ops::Bound,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use civex_proto::v1::{DisclosureRules, Observation, OfferResponse, ServiceOffer, SignedEntry};
+use prost::Message;
+
+use crate::core::{
+    feed::{Entry, FeedId, Hash, Tip, FEED_ID_LEN, SIGNATURE_LEN},
+    index::{IndexRecord, ObservationKey},
+};
+
+/// Format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Entries are packed into chunks of at most this many bytes (one entry may
+/// be larger alone, up to the 64 KiB entry limit), so no value nears 96 KiB.
+const CHUNK_BYTES: usize = 48 * 1024;
+
+/// A storage failure.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The disk or the storage engine failed; writes stop.
+    #[error("storage failure in {path}: {message}")]
+    Io {
+        /// Store directory.
+        path: String,
+        /// What failed.
+        message: String,
+    },
+    /// The store holds bytes this build cannot read.
+    #[error("store {path} is corrupt or of another format: {message}")]
+    Corrupt {
+        /// Store directory.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// What a node holds of one origin's feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// Last contiguous verified entry.
+    pub tip: Tip,
+    /// When this node stored it, microseconds since the epoch.
+    pub received_unix_micros: i64,
+}
+
+/// What a node remembers of one of its own publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    /// SHA-256 of the request (never in the signed body).
+    pub fingerprint: [u8; 32],
+    /// Seq of the entry published.
+    pub seq: u64,
+    /// Hash of that entry.
+    pub hash: Hash,
+    /// Cells published with a value.
+    pub published: u32,
+    /// Cells suppressed.
+    pub suppressed: u32,
+}
+
+/// One atomic, durable commit.
+#[derive(Debug, Default)]
+pub struct CommitBatch {
+    /// Runs of consecutive entries, each of one origin, in seq order.
+    pub runs: Vec<Vec<Entry>>,
+    /// New heads.
+    pub heads: Vec<(String, Head)>,
+    /// Index records of the entries.
+    pub index: Vec<IndexRecord>,
+    /// Idempotency records of own publishes.
+    pub idempotency: Vec<([u8; 16], IdempotencyRecord)>,
+}
+
+/// An observation row of the index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObservationRow {
+    /// Key.
+    pub key: ObservationKey,
+    /// Seq of the entry holding it.
+    pub seq: u64,
+    /// The cell.
+    pub observation: Observation,
+    /// Rules applied.
+    pub rules: Option<DisclosureRules>,
+}
+
+/// An offer version of the index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OfferRow {
+    /// Origin.
+    pub origin: String,
+    /// Seq of the entry.
+    pub seq: u64,
+    /// Version hash.
+    pub hash: Hash,
+    /// The offer.
+    pub offer: ServiceOffer,
+}
+
+/// A response of the index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseRow {
+    /// Responding origin.
+    pub responder: String,
+    /// Seq of its entry.
+    pub seq: u64,
+    /// The response.
+    pub response: OfferResponse,
+}
+
+/// What the node needs from storage.
+pub trait Store: Send + Sync + 'static {
+    /// Head of an origin, if any entry is held.
+    fn head(&self, origin: &str) -> Result<Option<Head>, StoreError>;
+    /// Heads of every origin held, by origin.
+    fn heads(&self) -> Result<Vec<(String, Head)>, StoreError>;
+    /// Up to `max_entries` consecutive entries of `origin` from `from_seq`,
+    /// stopping early once `max_bytes` is reached (at least one entry).
+    fn entries(
+        &self,
+        origin: &str,
+        from_seq: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<SignedEntry>, StoreError>;
+    /// Applies a commit atomically and returns once it is durable.
+    fn commit(&self, batch: &CommitBatch) -> Result<(), StoreError>;
+    /// The record of an own publish by idempotency key.
+    fn idempotency(&self, key: &[u8; 16]) -> Result<Option<IdempotencyRecord>, StoreError>;
+    /// Observation rows in key order, then seq order, of one origin or all,
+    /// starting after every row of `after`.
+    fn observation_rows<'a>(
+        &'a self,
+        origin: Option<&str>,
+        after: Option<&ObservationKey>,
+    ) -> Box<dyn Iterator<Item = Result<ObservationRow, StoreError>> + 'a>;
+    /// Reference areas held for (origin, indicator, edition, period).
+    fn ref_areas_of(
+        &self,
+        origin: &str,
+        indicator: &str,
+        edition: &str,
+        period: &str,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Whether an entry of `origin` has been retracted.
+    fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError>;
+    /// Every offer version held, by origin, offer id and seq.
+    fn offer_versions(&self) -> Result<Vec<OfferRow>, StoreError>;
+    /// Seq of the withdrawal of (origin, offer id), if withdrawn.
+    fn withdrawal(&self, origin: &str, offer_id: &str) -> Result<Option<u64>, StoreError>;
+    /// Responses held for (offer origin, offer id).
+    fn responses(&self, offer_origin: &str, offer_id: &str) -> Result<Vec<ResponseRow>, StoreError>;
+}
+
+/// Makes a commit durable once sled has written it. The default calls
+/// `fdatasync` on sled's `db` file; tests inject their own.
+pub type SyncHook = Box<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
+/// The sled-backed store.
+pub struct SledStore {
+    db: sled::Db,
+    path: PathBuf,
+    sync: SyncHook,
+}
+
+fn sled_error(path: &Path) -> impl Fn(sled::Error) -> StoreError + '_ {
+    move |err| StoreError::Io {
+        path: path.display().to_string(),
+        message: err.to_string(),
+    }
+}
+
+fn io_error(path: &Path, what: &str, err: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.display().to_string(),
+        message: format!("{what}: {err}"),
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`, durable through `fdatasync`.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_with_sync(dir, cache_bytes, None)
+    }
+
+    /// Opens the store with a custom sync hook (tests), or the default.
+    pub fn open_with_sync(
+        dir: &Path,
+        cache_bytes: u64,
+        sync: Option<SyncHook>,
+    ) -> Result<Self, StoreError> {
+        let path = dir.to_path_buf();
+        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, "cannot create store directory", e))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(|err| {
+                let message = err.to_string();
+                if message.contains("lock") || message.contains("WouldBlock") {
+                    StoreError::Io {
+                        path: dir.display().to_string(),
+                        message: format!("store is in use by another process (is civex-node running?): {message}"),
+                    }
+                } else {
+                    sled_error(dir)(err)
+                }
+            })?;
+        let sync = match sync {
+            Some(sync) => sync,
+            None => {
+                let db_file = File::open(dir.join("db"))
+                    .map_err(|e| io_error(dir, "cannot open sled's db file for fdatasync", e))?;
+                Box::new(move || db_file.sync_data())
+            }
+        };
+        let store = Self { db, path, sync };
+        store.check_format()?;
+        store.sync_new_files()?;
+        Ok(store)
+    }
+
+    fn check_format(&self) -> Result<(), StoreError> {
+        let key = b"mformat";
+        match self.db.get(key).map_err(sled_error(&self.path))? {
+            Some(value) => {
+                let version = <[u8; 4]>::try_from(value.as_ref()).ok().map(u32::from_be_bytes);
+                if version != Some(FORMAT_VERSION) {
+                    return Err(self.corrupt(format!(
+                        "format version {version:?}, this build reads version {FORMAT_VERSION}"
+                    )));
+                }
+            }
+            None => {
+                if self.db.iter().next().is_some() {
+                    return Err(self.corrupt("no format version recorded".into()));
+                }
+                self.db
+                    .insert(key, &FORMAT_VERSION.to_be_bytes())
+                    .map_err(sled_error(&self.path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// sled never fsyncs its `conf` file or directories: do it once per open.
+    fn sync_new_files(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(sled_error(&self.path))?;
+        (self.sync)().map_err(|e| io_error(&self.path, "fdatasync of the store", e))?;
+        for file in ["conf", "db"] {
+            let path = self.path.join(file);
+            if path.exists() {
+                File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| io_error(&self.path, "fsync of sled's files", e))?;
+            }
+        }
+        for dir in [Some(self.path.as_path()), self.path.parent()].into_iter().flatten() {
+            File::open(dir)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io_error(&self.path, "fsync of the store directory", e))?;
+        }
+        Ok(())
+    }
+
+    fn corrupt(&self, message: String) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.display().to_string(),
+            message,
+        }
+    }
+}
+
+fn key_of(prefix: u8, parts: &[&str], seq: Option<u64>) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 1).sum::<usize>() + 8);
+    key.push(prefix);
+    for part in parts {
+        key.extend_from_slice(part.as_bytes());
+        key.push(0);
+    }
+    if let Some(seq) = seq {
+        key.extend_from_slice(&seq.to_be_bytes());
+    }
+    key
+}
+
+fn split_key(key: &[u8], prefix_len: usize, parts: usize) -> Option<(Vec<String>, Option<u64>)> {
+    let mut rest = key.get(prefix_len..)?;
+    let mut out = Vec::with_capacity(parts);
+    for _ in 0..parts {
+        let end = rest.iter().position(|b| *b == 0)?;
+        out.push(String::from_utf8(rest[..end].to_vec()).ok()?);
+        rest = &rest[end + 1..];
+    }
+    let seq = match rest.len() {
+        0 => None,
+        8 => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => return None,
+    };
+    Some((out, seq))
+}
+
+fn encode_head(head: &Head) -> Vec<u8> {
+    let mut out = Vec::with_capacity(72);
+    out.extend_from_slice(&head.tip.feed_id);
+    out.extend_from_slice(&head.tip.seq.to_be_bytes());
+    out.extend_from_slice(&head.tip.hash);
+    out.extend_from_slice(&head.tip.time_unix_micros.to_be_bytes());
+    out.extend_from_slice(&head.received_unix_micros.to_be_bytes());
+    out
+}
+
+fn decode_head(bytes: &[u8]) -> Option<Head> {
+    if bytes.len() != 72 {
+        return None;
+    }
+    let feed_id: FeedId = bytes[0..16].try_into().ok()?;
+    Some(Head {
+        tip: Tip {
+            feed_id,
+            seq: u64::from_be_bytes(bytes[16..24].try_into().ok()?),
+            hash: bytes[24..56].try_into().ok()?,
+            time_unix_micros: i64::from_be_bytes(bytes[56..64].try_into().ok()?),
+        },
+        received_unix_micros: i64::from_be_bytes(bytes[64..72].try_into().ok()?),
+    })
+}
+
+fn encode_chunk(entries: &[Entry]) -> Vec<u8> {
+    let size: usize = entries.iter().map(|e| 4 + e.signed.body.len() + SIGNATURE_LEN).sum();
+    let mut out = Vec::with_capacity(1 + size);
+    out.push(1);
+    for entry in entries {
+        out.extend_from_slice(&(entry.signed.body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&entry.signed.body);
+        out.extend_from_slice(&entry.signed.signature);
+    }
+    out
+}
+
+fn decode_chunk(value: &sled::IVec) -> Option<Vec<SignedEntry>> {
+    let bytes = Bytes::copy_from_slice(value);
+    if bytes.first() != Some(&1) {
+        return None;
+    }
+    let mut entries = Vec::new();
+    let mut at = 1;
+    while at < bytes.len() {
+        let len = u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+        at += 4;
+        let body_end = at.checked_add(len)?;
+        let sig_end = body_end.checked_add(SIGNATURE_LEN)?;
+        if sig_end > bytes.len() {
+            return None;
+        }
+        entries.push(SignedEntry {
+            body: bytes.slice(at..body_end),
+            signature: bytes.slice(body_end..sig_end),
+        });
+        at = sig_end;
+    }
+    Some(entries)
+}
+
+impl Store for SledStore {
+    fn head(&self, origin: &str) -> Result<Option<Head>, StoreError> {
+        let key = key_of(b'h', &[origin], None);
+        match self.db.get(key).map_err(sled_error(&self.path))? {
+            None => Ok(None),
+            Some(value) => decode_head(&value)
+                .map(Some)
+                .ok_or_else(|| self.corrupt(format!("head of {origin:?} does not decode"))),
+        }
+    }
+
+    fn heads(&self) -> Result<Vec<(String, Head)>, StoreError> {
+        let mut heads = Vec::new();
+        for item in self.db.scan_prefix([b'h']) {
+            let (key, value) = item.map_err(sled_error(&self.path))?;
+            let (parts, _) = split_key(&key, 1, 1)
+                .ok_or_else(|| self.corrupt("a head key does not decode".into()))?;
+            let head = decode_head(&value)
+                .ok_or_else(|| self.corrupt(format!("head of {:?} does not decode", parts[0])))?;
+            heads.push((parts[0].clone(), head));
+        }
+        Ok(heads)
+    }
+
+    fn entries(
+        &self,
+        origin: &str,
+        from_seq: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<SignedEntry>, StoreError> {
+        let prefix = key_of(b'e', &[origin], None);
+        let start = key_of(b'e', &[origin], Some(from_seq.max(1)));
+        // The chunk holding `from_seq` starts at or before it.
+        let first_chunk = self
+            .db
+            .range(prefix.clone()..=start)
+            .next_back()
+            .transpose()
+            .map_err(sled_error(&self.path))?;
+        let Some((first_key, _)) = first_chunk else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for item in self.db.range(first_key..) {
+            let (key, value) = item.map_err(sled_error(&self.path))?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let first_seq = split_key(&key, 1, 1)
+                .and_then(|(_, seq)| seq)
+                .ok_or_else(|| self.corrupt(format!("an entry key of {origin:?} does not decode")))?;
+            let chunk = decode_chunk(&value).ok_or_else(|| {
+                self.corrupt(format!("entries of {origin:?} from seq {first_seq} do not decode"))
+            })?;
+            for (offset, entry) in chunk.into_iter().enumerate() {
+                if first_seq + offset as u64 >= from_seq {
+                    bytes += entry.body.len() + entry.signature.len();
+                    out.push(entry);
+                    if out.len() >= max_entries || bytes >= max_bytes {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, commit: &CommitBatch) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for run in &commit.runs {
+            let mut rest = run.as_slice();
+            while let Some(first) = rest.first() {
+                let mut take = 0;
+                let mut size = 0;
+                for entry in rest {
+                    let entry_size = 4 + entry.signed.body.len() + SIGNATURE_LEN;
+                    if take > 0 && size + entry_size > CHUNK_BYTES {
+                        break;
+                    }
+                    take += 1;
+                    size += entry_size;
+                }
+                let key = key_of(b'e', &[&first.body.origin], Some(first.body.seq));
+                batch.insert(key, encode_chunk(&rest[..take]));
+                rest = &rest[take..];
+            }
+        }
+        for (origin, head) in &commit.heads {
+            batch.insert(key_of(b'h', &[origin], None), encode_head(head));
+        }
+        for record in &commit.index {
+            match record {
+                IndexRecord::Observation {
+                    key,
+                    seq,
+                    observation,
+                    rules,
+                } => {
+                    let value = civex_proto::v1::ObservationRecord {
+                        origin: String::new(),
+                        seq: *seq,
+                        observation: Some(observation.clone()),
+                        rules: rules.clone(),
+                    };
+                    batch.insert(key_of(b'o', &key.parts(), Some(*seq)), value.encode_to_vec());
+                }
+                IndexRecord::OfferVersion {
+                    origin,
+                    seq,
+                    hash,
+                    offer,
+                } => {
+                    let mut value = hash.to_vec();
+                    value.extend_from_slice(&offer.encode_to_vec());
+                    batch.insert(key_of(b'f', &[origin, &offer.offer_id], Some(*seq)), value);
+                }
+                IndexRecord::Withdrawal {
+                    origin,
+                    offer_id,
+                    seq,
+                } => {
+                    let key = key_of(b'w', &[origin, offer_id], None);
+                    // Withdrawal is final: the first one stays.
+                    if self.db.get(&key).map_err(sled_error(&self.path))?.is_none() {
+                        batch.insert(key, &seq.to_be_bytes());
+                    }
+                }
+                IndexRecord::Response {
+                    responder,
+                    seq,
+                    response,
+                } => {
+                    let key = key_of(
+                        b'p',
+                        &[&response.offer_origin, &response.offer_id, responder],
+                        Some(*seq),
+                    );
+                    batch.insert(key, response.encode_to_vec());
+                }
+                IndexRecord::Retraction {
+                    origin,
+                    retracted_seq,
+                    by_seq,
+                } => {
+                    batch.insert(key_of(b'r', &[origin], Some(*retracted_seq)), &by_seq.to_be_bytes());
+                }
+            }
+        }
+        for (key, record) in &commit.idempotency {
+            let mut value = Vec::with_capacity(80);
+            value.extend_from_slice(&record.fingerprint);
+            value.extend_from_slice(&record.seq.to_be_bytes());
+            value.extend_from_slice(&record.hash);
+            value.extend_from_slice(&record.published.to_be_bytes());
+            value.extend_from_slice(&record.suppressed.to_be_bytes());
+            let mut full_key = vec![b'i'];
+            full_key.extend_from_slice(key);
+            batch.insert(full_key, value);
+        }
+        self.db.apply_batch(batch).map_err(sled_error(&self.path))?;
+        self.db.flush().map_err(sled_error(&self.path))?;
+        (self.sync)().map_err(|e| io_error(&self.path, "fdatasync of the store", e))
+    }
+
+    fn idempotency(&self, key: &[u8; 16]) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let mut full_key = vec![b'i'];
+        full_key.extend_from_slice(key);
+        let Some(value) = self.db.get(full_key).map_err(sled_error(&self.path))? else {
+            return Ok(None);
+        };
+        let decode = || -> Option<IdempotencyRecord> {
+            Some(IdempotencyRecord {
+                fingerprint: value.get(0..32)?.try_into().ok()?,
+                seq: u64::from_be_bytes(value.get(32..40)?.try_into().ok()?),
+                hash: value.get(40..72)?.try_into().ok()?,
+                published: u32::from_be_bytes(value.get(72..76)?.try_into().ok()?),
+                suppressed: u32::from_be_bytes(value.get(76..80)?.try_into().ok()?),
+            })
+        };
+        decode()
+            .map(Some)
+            .ok_or_else(|| self.corrupt("an idempotency record does not decode".into()))
+    }
+
+    fn observation_rows<'a>(
+        &'a self,
+        origin: Option<&str>,
+        after: Option<&ObservationKey>,
+    ) -> Box<dyn Iterator<Item = Result<ObservationRow, StoreError>> + 'a> {
+        let prefix = match origin {
+            Some(origin) => key_of(b'o', &[origin], None),
+            None => vec![b'o'],
+        };
+        let start = match after {
+            Some(after) => Bound::Excluded(key_of(b'o', &after.parts(), Some(u64::MAX))),
+            None => Bound::Included(prefix.clone()),
+        };
+        let rows = self
+            .db
+            .range((start, Bound::Unbounded))
+            .take_while(move |item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
+            .map(move |item| {
+                let (key, value) = item.map_err(sled_error(&self.path))?;
+                let (parts, seq) = split_key(&key, 1, 6)
+                    .ok_or_else(|| self.corrupt("an observation key does not decode".into()))?;
+                let record = civex_proto::v1::ObservationRecord::decode(value.as_ref())
+                    .map_err(|_| self.corrupt("an observation does not decode".into()))?;
+                let mut parts = parts.into_iter();
+                let mut next = || parts.next().unwrap_or_default();
+                Ok(ObservationRow {
+                    key: ObservationKey {
+                        origin: next(),
+                        indicator: next(),
+                        catalog_edition: next(),
+                        ref_area: next(),
+                        period: next(),
+                        breakdown: next(),
+                    },
+                    seq: seq.unwrap_or_default(),
+                    observation: record.observation.unwrap_or_default(),
+                    rules: record.rules,
+                })
+            });
+        Box::new(rows)
+    }
+
+    fn ref_areas_of(
+        &self,
+        origin: &str,
+        indicator: &str,
+        edition: &str,
+        period: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut areas = Vec::new();
+        for item in self.db.scan_prefix(key_of(b'o', &[origin, indicator, edition], None)) {
+            let (key, _) = item.map_err(sled_error(&self.path))?;
+            let (parts, _) = split_key(&key, 1, 6)
+                .ok_or_else(|| self.corrupt("an observation key does not decode".into()))?;
+            if parts[4] == period && !areas.contains(&parts[3]) {
+                areas.push(parts[3].clone());
+            }
+        }
+        Ok(areas)
+    }
+
+    fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError> {
+        self.db
+            .contains_key(key_of(b'r', &[origin], Some(seq)))
+            .map_err(sled_error(&self.path))
+    }
+
+    fn offer_versions(&self) -> Result<Vec<OfferRow>, StoreError> {
+        let mut rows = Vec::new();
+        for item in self.db.scan_prefix([b'f']) {
+            let (key, value) = item.map_err(sled_error(&self.path))?;
+            let decoded = split_key(&key, 1, 2).zip(value.get(..32)).and_then(|((parts, seq), hash)| {
+                let offer = ServiceOffer::decode(&value[32..]).ok()?;
+                Some(OfferRow {
+                    origin: parts[0].clone(),
+                    seq: seq?,
+                    hash: hash.try_into().ok()?,
+                    offer,
+                })
+            });
+            rows.push(decoded.ok_or_else(|| self.corrupt("an offer record does not decode".into()))?);
+        }
+        Ok(rows)
+    }
+
+    fn withdrawal(&self, origin: &str, offer_id: &str) -> Result<Option<u64>, StoreError> {
+        let value = self
+            .db
+            .get(key_of(b'w', &[origin, offer_id], None))
+            .map_err(sled_error(&self.path))?;
+        Ok(value.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    fn responses(&self, offer_origin: &str, offer_id: &str) -> Result<Vec<ResponseRow>, StoreError> {
+        let mut rows = Vec::new();
+        for item in self.db.scan_prefix(key_of(b'p', &[offer_origin, offer_id], None)) {
+            let (key, value) = item.map_err(sled_error(&self.path))?;
+            let decoded = split_key(&key, 1, 3).and_then(|(parts, seq)| {
+                Some(ResponseRow {
+                    responder: parts[2].clone(),
+                    seq: seq?,
+                    response: OfferResponse::decode(value.as_ref()).ok()?,
+                })
+            });
+            rows.push(decoded.ok_or_else(|| self.corrupt("a response record does not decode".into()))?);
+        }
+        Ok(rows)
+    }
+}
+
+/// Shared handle to a store.
+pub type SharedStore = Arc<dyn Store>;
+
+#[allow(dead_code)]
+const _: () = assert!(FEED_ID_LEN == 16);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{feed::tests::{chain, key}, index::records_of};
+
+    fn commit_of(entries: &[Entry]) -> CommitBatch {
+        let last = entries.last().unwrap();
+        CommitBatch {
+            runs: vec![entries.to_vec()],
+            heads: vec![(
+                last.body.origin.clone(),
+                Head {
+                    tip: last.tip(),
+                    received_unix_micros: 5,
+                },
+            )],
+            index: entries.iter().flat_map(records_of).collect(),
+            idempotency: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn entries_read_back_byte_for_byte_across_chunks_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = chain(&key(1), "city-a", 600);
+        {
+            let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+            store.commit(&commit_of(&entries[..1])).unwrap();
+            store.commit(&commit_of(&entries[1..])).unwrap();
+        }
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let head = store.head("city-a").unwrap().unwrap();
+        assert_eq!(head.tip, entries[599].tip());
+        let all = store.entries("city-a", 1, 10_000, usize::MAX).unwrap();
+        assert_eq!(all.len(), 600);
+        for (read, written) in all.iter().zip(&entries) {
+            assert_eq!(read, &written.signed);
+        }
+        let middle = store.entries("city-a", 300, 5, usize::MAX).unwrap();
+        assert_eq!(middle[0], entries[299].signed);
+        assert_eq!(middle.len(), 5);
+        assert!(store.entries("city-a", 601, 5, usize::MAX).unwrap().is_empty());
+        assert!(store.entries("city-b", 1, 5, usize::MAX).unwrap().is_empty());
+        assert_eq!(store.heads().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_failed_sync_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let failing: SyncHook = Box::new(|| Err(std::io::Error::other("disk full")));
+        // The hook also runs at open: the open itself reports it.
+        let err = SledStore::open_with_sync(dir.path(), 1 << 20, Some(failing)).err().unwrap();
+        assert!(err.to_string().contains("disk full"), "{err}");
+    }
+
+    #[test]
+    fn a_store_of_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.insert(b"mformat", &99u32.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let err = SledStore::open(dir.path(), 1 << 20).err().unwrap();
+        assert!(err.to_string().contains("format version"), "{err}");
+    }
+}

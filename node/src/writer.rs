@@ -1,0 +1,427 @@
+//! The single writer: one thread owns every write to the store.
+//!
+//! Publishers and replication tasks send jobs (consecutive entries of one
+//! origin, with their index records); the thread drains whatever is queued,
+//! checks each job against the committed heads (seq continuity, hash links,
+//! duplicates, forks), writes the accepted ones in one atomic batch, makes
+//! it durable with one sync (group commit), and only then replies. After a
+//! storage error writes stop until restart; reads keep serving.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    core::{
+        feed::{check_link, Entry, FeedError, Hash, Tip},
+        index::IndexRecord,
+    },
+    store::{CommitBatch, Head, IdempotencyRecord, SharedStore, StoreError},
+};
+
+/// Most entries merged into one commit.
+const MAX_GROUP_ENTRIES: usize = 16 * 1024;
+/// Jobs queued before senders wait.
+const QUEUE_JOBS: usize = 1024;
+
+/// One entry to store, with its index records.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The verified entry.
+    pub entry: Entry,
+    /// Its index records.
+    pub index: Vec<IndexRecord>,
+}
+
+impl Prepared {
+    /// Derives the index records of a verified entry.
+    pub fn new(entry: Entry) -> Self {
+        let index = crate::core::index::records_of(&entry);
+        Self { entry, index }
+    }
+}
+
+/// A write request.
+#[derive(Debug)]
+pub struct Job {
+    /// Consecutive entries of one origin, verified.
+    pub entries: Vec<Prepared>,
+    /// Idempotency record of an own publish.
+    pub idempotency: Option<([u8; 16], IdempotencyRecord)>,
+}
+
+/// What a job came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Entries newly stored.
+    pub new: usize,
+    /// Entries already held (same hash), skipped.
+    pub duplicates: usize,
+}
+
+/// Why a job was not stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// Storage failed: this job and later writes fail until restart.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// Writes are stopped after an earlier storage failure.
+    #[error("writes are stopped after a storage failure; reads still work; fix the disk and restart the node")]
+    Stopped,
+    /// The entries do not continue the feed held.
+    #[error("{0}")]
+    Chain(#[from] FeedError),
+    /// A validly linked entry differs from the one held at its seq.
+    #[error("fork: origin {origin} seq {seq} differs from the entry held")]
+    Fork {
+        /// Origin.
+        origin: String,
+        /// Seq.
+        seq: u64,
+    },
+}
+
+type Reply = oneshot::Sender<Result<Stored, WriteError>>;
+
+/// Handle to the writer thread. Cloneable; the thread ends when every
+/// handle is dropped, after finishing what was queued.
+#[derive(Clone)]
+pub struct Writer {
+    jobs: mpsc::Sender<(Job, Reply)>,
+    committed: watch::Receiver<u64>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl Writer {
+    /// Starts the writer thread over `store`.
+    pub fn start(store: SharedStore) -> Result<(Self, JoinHandle<()>), StoreError> {
+        let heads: HashMap<String, Head> = store.heads()?.into_iter().collect();
+        let (jobs, receiver) = mpsc::channel(QUEUE_JOBS);
+        let (notify, committed) = watch::channel(0);
+        let stopped = Arc::new(AtomicBool::new(false));
+        let thread_stopped = stopped.clone();
+        let handle = std::thread::Builder::new()
+            .name("civex-writer".into())
+            .spawn(move || {
+                WriterThread {
+                    store,
+                    heads,
+                    notify,
+                    stopped: thread_stopped,
+                }
+                .run(receiver)
+            })
+            .map_err(|err| StoreError::Io {
+                path: String::new(),
+                message: format!("cannot start the writer thread: {err}"),
+            })?;
+        Ok((
+            Self {
+                jobs,
+                committed,
+                stopped,
+            },
+            handle,
+        ))
+    }
+
+    /// Queues a job; the receiver answers once it is durable or refused.
+    pub async fn send(
+        &self,
+        job: Job,
+    ) -> Result<oneshot::Receiver<Result<Stored, WriteError>>, WriteError> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(WriteError::Stopped);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send((job, reply)).await.map_err(|_| WriteError::Stopped)?;
+        Ok(answer)
+    }
+
+    /// Queues a job and waits until it is durable or refused.
+    pub async fn write(&self, job: Job) -> Result<Stored, WriteError> {
+        self.send(job).await?.await.unwrap_or(Err(WriteError::Stopped))
+    }
+
+    /// A receiver that changes after every durable commit ("head advanced").
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+
+    /// Whether writes stopped after a storage failure.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+}
+
+struct WriterThread {
+    store: SharedStore,
+    heads: HashMap<String, Head>,
+    notify: watch::Sender<u64>,
+    stopped: Arc<AtomicBool>,
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+impl WriterThread {
+    fn run(mut self, mut receiver: mpsc::Receiver<(Job, Reply)>) {
+        while let Some(first) = receiver.blocking_recv() {
+            let mut group = vec![first];
+            let mut count = group[0].0.entries.len();
+            while count < MAX_GROUP_ENTRIES {
+                match receiver.try_recv() {
+                    Ok(job) => {
+                        count += job.0.entries.len();
+                        group.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+    }
+
+    fn commit_group(&mut self, group: Vec<(Job, Reply)>) {
+        if self.stopped.load(Ordering::Acquire) {
+            for (_, reply) in group {
+                let _ = reply.send(Err(WriteError::Stopped));
+            }
+            return;
+        }
+        let mut batch = CommitBatch::default();
+        let mut changed: HashMap<String, Tip> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(group.len());
+        for (job, _) in &group {
+            outcomes.push(self.accept(job, &mut batch, &mut changed));
+        }
+        if !changed.is_empty() {
+            let received = now_micros();
+            batch.heads = changed
+                .iter()
+                .map(|(origin, tip)| {
+                    let head = Head {
+                        tip: *tip,
+                        received_unix_micros: received,
+                    };
+                    (origin.clone(), head)
+                })
+                .collect();
+            if let Err(err) = self.store.commit(&batch) {
+                self.stopped.store(true, Ordering::Release);
+                tracing::error!(error = %err, "store write failed; writes are stopped, reads go on");
+                for (_, reply) in group {
+                    let _ = reply.send(Err(WriteError::Store(err.clone())));
+                }
+                return;
+            }
+            for (origin, head) in batch.heads {
+                self.heads.insert(origin, head);
+            }
+            self.notify.send_modify(|n| *n += 1);
+        }
+        for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
+            let _ = reply.send(outcome);
+        }
+    }
+
+    /// Checks a job against the heads (committed, then this group's) and
+    /// adds what is new to the batch. A job is taken whole or not at all.
+    fn accept(
+        &self,
+        job: &Job,
+        batch: &mut CommitBatch,
+        changed: &mut HashMap<String, Tip>,
+    ) -> Result<Stored, WriteError> {
+        let Some(first) = job.entries.first() else {
+            return Ok(Stored { new: 0, duplicates: 0 });
+        };
+        let origin = first.entry.body.origin.as_str();
+        let start_tip = changed
+            .get(origin)
+            .copied()
+            .or_else(|| self.heads.get(origin).map(|h| h.tip));
+        let mut tip = start_tip;
+        let mut new = Vec::new();
+        let mut duplicates = 0;
+        for prepared in &job.entries {
+            let entry = &prepared.entry;
+            match tip {
+                Some(held) if entry.body.seq <= held.seq => {
+                    if self.held_hash(origin, entry.body.seq, batch)? != Some(entry.hash) {
+                        return Err(WriteError::Fork {
+                            origin: origin.to_owned(),
+                            seq: entry.body.seq,
+                        });
+                    }
+                    duplicates += 1;
+                }
+                _ => {
+                    check_link(origin, tip.as_ref(), entry)?;
+                    tip = Some(entry.tip());
+                    new.push(prepared);
+                }
+            }
+        }
+        if new.is_empty() {
+            return Ok(Stored { new: 0, duplicates });
+        }
+        // Extend the batch's last run when it ends right before this job.
+        let extends_last_run = batch.runs.last().and_then(|run| run.last()).is_some_and(|last| {
+            last.body.origin == origin && Some(last.tip()) == start_tip.filter(|_| changed.contains_key(origin))
+        });
+        let entries = new.iter().map(|p| p.entry.clone());
+        match (extends_last_run, batch.runs.last_mut()) {
+            (true, Some(run)) => run.extend(entries),
+            _ => batch.runs.push(entries.collect()),
+        }
+        batch.index.extend(new.iter().flat_map(|p| p.index.iter().cloned()));
+        if let Some(record) = job.idempotency {
+            batch.idempotency.push(record);
+        }
+        if let Some(tip) = tip {
+            changed.insert(origin.to_owned(), tip);
+        }
+        Ok(Stored {
+            new: new.len(),
+            duplicates,
+        })
+    }
+
+    /// Hash of the entry held at (origin, seq), in this batch or the store.
+    fn held_hash(&self, origin: &str, seq: u64, batch: &CommitBatch) -> Result<Option<Hash>, WriteError> {
+        for run in batch.runs.iter().rev() {
+            if let Some(entry) = run
+                .iter()
+                .find(|e| e.body.origin == origin && e.body.seq == seq)
+            {
+                return Ok(Some(entry.hash));
+            }
+        }
+        let held = self.store.entries(origin, seq, 1, usize::MAX)?;
+        Ok(held
+            .into_iter()
+            .next()
+            .map(|signed| crate::core::feed::entry_hash(&signed.body, &signed.signature)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        core::feed::tests::{chain, key},
+        store::{SledStore, SyncHook},
+    };
+    use std::sync::{atomic::AtomicUsize, Mutex};
+
+    fn job(entries: &[Entry]) -> Job {
+        Job {
+            entries: entries.iter().cloned().map(Prepared::new).collect(),
+            idempotency: None,
+        }
+    }
+
+    fn open(dir: &std::path::Path, hook: Option<SyncHook>) -> SharedStore {
+        Arc::new(SledStore::open_with_sync(dir, 1 << 24, hook).unwrap())
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_skipped_gaps_and_forks_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), None);
+        let (writer, _thread) = Writer::start(store.clone()).unwrap();
+        let entries = chain(&key(1), "city-a", 10);
+        assert_eq!(writer.write(job(&entries[..5])).await.unwrap().new, 5);
+        let overlap = writer.write(job(&entries[3..8])).await.unwrap();
+        assert_eq!((overlap.new, overlap.duplicates), (3, 2));
+        assert!(matches!(
+            writer.write(job(&entries[9..])).await,
+            Err(WriteError::Chain(FeedError::SeqGap { .. }))
+        ));
+        let other = chain(&key(2), "city-a", 3);
+        assert!(matches!(
+            writer.write(job(&other)).await,
+            Err(WriteError::Fork { seq: 1, .. })
+        ));
+        assert_eq!(store.head("city-a").unwrap().unwrap().tip.seq, 8);
+    }
+
+    #[tokio::test]
+    async fn acks_wait_for_the_sync_and_concurrent_jobs_share_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncs = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Mutex::new(()));
+        let hook: SyncHook = {
+            let (syncs, gate) = (syncs.clone(), gate.clone());
+            Box::new(move || {
+                syncs.fetch_add(1, Ordering::SeqCst);
+                let _held = gate.lock().unwrap();
+                Ok(())
+            })
+        };
+        let store = open(dir.path(), Some(hook));
+        let after_open = syncs.load(Ordering::SeqCst);
+        let (writer, _thread) = Writer::start(store).unwrap();
+        let origins: Vec<Vec<Entry>> = (0..20u8)
+            .map(|i| chain(&key(i + 1), &format!("city-{i}"), 1))
+            .collect();
+        let closed = gate.lock().unwrap();
+        let mut answers = Vec::new();
+        for entries in &origins {
+            answers.push(writer.send(job(entries)).await.unwrap());
+        }
+        // Once the writer is blocked inside the sync, no ack may have arrived.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while syncs.load(Ordering::SeqCst) == after_open {
+            assert!(std::time::Instant::now() < deadline, "the writer never synced");
+            tokio::task::yield_now().await;
+        }
+        for answer in &mut answers {
+            assert!(answer.try_recv().is_err(), "acked before the sync finished");
+        }
+        drop(closed);
+        for answer in answers {
+            assert_eq!(answer.await.unwrap().unwrap().new, 1);
+        }
+        let syncs = syncs.load(Ordering::SeqCst) - after_open;
+        assert!(syncs < 20, "20 concurrent jobs took {syncs} syncs: no group commit");
+    }
+
+    #[tokio::test]
+    async fn a_storage_error_stops_writes_and_keeps_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(AtomicBool::new(false));
+        let hook: SyncHook = {
+            let fail = fail.clone();
+            Box::new(move || {
+                if fail.load(Ordering::SeqCst) {
+                    Err(std::io::Error::other("no space left on device"))
+                } else {
+                    Ok(())
+                }
+            })
+        };
+        let store = open(dir.path(), Some(hook));
+        let (writer, _thread) = Writer::start(store.clone()).unwrap();
+        let entries = chain(&key(1), "city-a", 3);
+        writer.write(job(&entries[..1])).await.unwrap();
+        fail.store(true, Ordering::SeqCst);
+        let err = writer.write(job(&entries[1..2])).await.unwrap_err();
+        assert!(err.to_string().contains("no space left"), "{err}");
+        fail.store(false, Ordering::SeqCst);
+        assert!(matches!(writer.write(job(&entries[1..2])).await, Err(WriteError::Stopped)));
+        assert!(writer.is_stopped());
+        assert!(!store.entries("city-a", 1, 10, usize::MAX).unwrap().is_empty());
+    }
+}
