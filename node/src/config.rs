@@ -234,13 +234,16 @@ impl Config {
             path: path.display().to_string(),
             message,
         };
-        let text = std::fs::read_to_string(path).map_err(|err| error(format!("cannot read: {err}")))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|err| error(format!("cannot read: {err}")))?;
         let mut config = Self::parse(&text).map_err(error)?;
         for (name, value) in env {
-            config.apply_env(&name, &value).map_err(|message| ConfigError {
-                path: format!("environment variable {name}"),
-                message,
-            })?;
+            config
+                .apply_env(&name, &value)
+                .map_err(|message| ConfigError {
+                    path: format!("environment variable {name}"),
+                    message,
+                })?;
         }
         let base = path.parent().unwrap_or(Path::new("."));
         config.data_dir = base.join(&config.data_dir);
@@ -269,10 +272,8 @@ impl Config {
             "CIVEX_LOG_LEVEL" => self.log.level = value.into(),
             "CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS" => self.publish.allow_without_peers = flag(value)?,
             other if other.starts_with("CIVEX_") => {
-                return Err(format!(
-                    "unknown setting (known: CIVEX_ORIGIN, CIVEX_LISTEN, CIVEX_DATA_DIR, CIVEX_KEY_FILE, \
-                     CIVEX_LOG_FORMAT, CIVEX_LOG_LEVEL, CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS)"
-                ))
+                return Err("unknown setting (known: CIVEX_ORIGIN, CIVEX_LISTEN, CIVEX_DATA_DIR, CIVEX_KEY_FILE, \
+                     CIVEX_LOG_FORMAT, CIVEX_LOG_LEVEL, CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS)".to_string())
             }
             _ => {}
         }
@@ -315,7 +316,10 @@ impl Config {
         let mut names = HashSet::new();
         for peer in &self.peers {
             if peer.name.is_empty() || !names.insert(&peer.name) {
-                return Err(format!("peers: name {:?} is empty or appears twice", peer.name));
+                return Err(format!(
+                    "peers: name {:?} is empty or appears twice",
+                    peer.name
+                ));
             }
             crate::transport::check_address(&peer.address)
                 .map_err(|m| format!("peers.{}.address: {m}", peer.name))?;
@@ -327,7 +331,8 @@ impl Config {
                     "trusted_origins: {origin:?} is this node's own origin; its key is the key file"
                 ));
             }
-            crate::keys::parse_public_key(key).map_err(|m| format!("trusted_origins.{origin}: {m}"))?;
+            crate::keys::parse_public_key(key)
+                .map_err(|m| format!("trusted_origins.{origin}: {m}"))?;
         }
         if self.limits.max_message_bytes < 256 * 1024 {
             return Err(format!(
@@ -336,7 +341,10 @@ impl Config {
             ));
         }
         if !["human", "json"].contains(&self.log.format.as_str()) {
-            return Err(format!("log.format: {:?} is not human or json", self.log.format));
+            return Err(format!(
+                "log.format: {:?} is not human or json",
+                self.log.format
+            ));
         }
         if self.log.level.parse::<tracing::Level>().is_err() {
             return Err(format!(
@@ -447,24 +455,45 @@ mod tests {
         let config = load(&text, &[("CIVEX_LISTEN", "127.0.0.1:9"), ("PATH", "x")]).unwrap();
         assert_eq!(config.listen, "127.0.0.1:9");
         let err = load(&text, &[("CIVEX_LISTN", "x")]).unwrap_err();
-        assert!(err.contains("environment variable CIVEX_LISTN: unknown setting"), "{err}");
+        assert!(
+            err.contains("environment variable CIVEX_LISTN: unknown setting"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_configs_name_the_field() {
         let base = template("city-a", "A", "127.0.0.1:7400");
         let cases = [
-            (base.replace("origin = \"city-a\"", "origin = \"City A\""), "origin: origin id"),
-            (base.replace("127.0.0.1:7400", "0.0.0.0:7400"), "listen: 0.0.0.0:7400 is not a loopback"),
-            (base.replace("min_contributors = 3", "min_contributors = 0"), "disclosure.min_contributors"),
-            (base.replace("format = \"human\"", "format = \"xml\""), "log.format"),
-            (base.replace("[store]", "[store]\ncolour = 1"), "unknown field `colour`"),
+            (
+                base.replace("origin = \"city-a\"", "origin = \"City A\""),
+                "origin: origin id",
+            ),
+            (
+                base.replace("127.0.0.1:7400", "0.0.0.0:7400"),
+                "listen: 0.0.0.0:7400 is not a loopback",
+            ),
+            (
+                base.replace("min_contributors = 3", "min_contributors = 0"),
+                "disclosure.min_contributors",
+            ),
+            (
+                base.replace("format = \"human\"", "format = \"xml\""),
+                "log.format",
+            ),
+            (
+                base.replace("[store]", "[store]\ncolour = 1"),
+                "unknown field `colour`",
+            ),
             (
                 base.replace("# \"city-b\" = \"<64 hex digits>\"", "\"city-b\" = \"abc\""),
                 "trusted_origins.city-b: feed key",
             ),
             (
-                base.replace("# [[peers]]\n# name = \"city-b\"\n# address = \"127.0.0.1:7401\"", "[[peers]]\nname = \"b\"\naddress = \"nowhere\""),
+                base.replace(
+                    "# [[peers]]\n# name = \"city-b\"\n# address = \"127.0.0.1:7401\"",
+                    "[[peers]]\nname = \"b\"\naddress = \"nowhere\"",
+                ),
                 "peers.b.address",
             ),
         ];

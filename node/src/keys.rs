@@ -90,7 +90,9 @@ pub fn parse_public_key(text: &str) -> Result<VerifyingKey, KeyError> {
     let key = VerifyingKey::from_bytes(&bytes)
         .map_err(|_| KeyError::Public(format!("{text:?} is not an Ed25519 public key")))?;
     if key.is_weak() {
-        return Err(KeyError::Public(format!("{text:?} is a weak (small-order) key")));
+        return Err(KeyError::Public(format!(
+            "{text:?} is a weak (small-order) key"
+        )));
     }
     Ok(key)
 }
@@ -110,7 +112,11 @@ pub struct KeyResolver {
 
 impl KeyResolver {
     /// This node's own key plus the pinned keys of other origins.
-    pub fn new(own_origin: &str, own: VerifyingKey, pinned: BTreeMap<String, VerifyingKey>) -> Self {
+    pub fn new(
+        own_origin: &str,
+        own: VerifyingKey,
+        pinned: BTreeMap<String, VerifyingKey>,
+    ) -> Self {
         let mut keys = pinned;
         keys.insert(own_origin.to_owned(), own);
         Self { keys }
@@ -140,11 +146,20 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(load_key_file(&path).unwrap().to_bytes(), key.to_bytes());
-        assert!(create_key_file(&path).is_err(), "an existing key was overwritten");
+        assert!(
+            create_key_file(&path).is_err(),
+            "an existing key was overwritten"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         let err = load_key_file(&path).unwrap_err().to_string();
-        assert!(err.contains("readable by group or others (mode 640)"), "{err}");
-        assert!(!err.contains(&hex(&key.to_bytes())), "the secret leaked into an error");
+        assert!(
+            err.contains("readable by group or others (mode 640)"),
+            "{err}"
+        );
+        assert!(
+            !err.contains(&hex(&key.to_bytes())),
+            "the secret leaked into an error"
+        );
     }
 
     #[test]

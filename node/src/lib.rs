@@ -10,10 +10,12 @@
 //! - [`replicate`]: subscribing to peers, verifying and storing their feeds.
 //! - [`service`]: the gRPC layer; the only module that names tonic servers.
 //! - [`transport`]: every listener and client connection (TLS goes here).
+//! - [`audit`]: re-verification of a whole store (`civex verify`).
 //! - [`config`], [`keys`]: `node.toml` and the feed key file.
 //! - [`node`]: wiring it all together: [`node::run`].
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod audit;
 pub mod config;
 pub mod core;
 pub mod keys;

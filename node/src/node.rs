@@ -47,13 +47,18 @@ pub async fn run(
     let pinned = config.pinned_keys().map_err(NodeError::Config)?;
     let cache_bytes = config.store.cache_mb.saturating_mul(1 << 20);
     let store_dir = config.data_dir.clone();
-    let store: SharedStore = tokio::task::spawn_blocking(move || SledStore::open(&store_dir, cache_bytes))
-        .await
-        .map_err(|err| NodeError::Server(format!("store open task failed: {err}")))?
-        .map(Arc::new)?;
+    let store: SharedStore =
+        tokio::task::spawn_blocking(move || SledStore::open(&store_dir, cache_bytes))
+            .await
+            .map_err(|err| NodeError::Server(format!("store open task failed: {err}")))?
+            .map(Arc::new)?;
     let (writer, writer_thread) = Writer::start(store.clone())?;
 
-    let keys = Arc::new(KeyResolver::new(&config.origin, key.verifying_key(), pinned));
+    let keys = Arc::new(KeyResolver::new(
+        &config.origin,
+        key.verifying_key(),
+        pinned,
+    ));
     let ready_at_start = config.peers.is_empty() || config.publish.allow_without_peers;
     let (own_synced, ready) = watch::channel(ready_at_start);
     let own_synced = Arc::new(own_synced);
@@ -94,7 +99,8 @@ pub async fn run(
     })
     .await
     .map_err(|err| NodeError::Server(err.to_string()))?;
-    let address = transport::local_address(&listener).map_err(|err| NodeError::Server(err.to_string()))?;
+    let address =
+        transport::local_address(&listener).map_err(|err| NodeError::Server(err.to_string()))?;
     tracing::info!(origin = %config.origin, %address, peers = config.peers.len(), "civex node serving");
 
     let stop_on_signal = {
@@ -128,9 +134,13 @@ pub fn init_logging(format: &str, level: &str) {
     let level: LevelFilter = level.parse().unwrap_or(LevelFilter::INFO);
     let registry = tracing_subscriber::registry().with(level);
     let result = if format == "json" {
-        registry.with(fmt::layer().json().with_writer(std::io::stderr)).try_init()
+        registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .try_init()
     } else {
-        registry.with(fmt::layer().with_writer(std::io::stderr)).try_init()
+        registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init()
     };
     let _ = result;
 }

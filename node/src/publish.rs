@@ -138,28 +138,46 @@ fn now_micros() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-fn check_text(field: &str, text: &str, max: usize, required: bool, multiline: bool) -> Result<(), PublishError> {
+fn check_text(
+    field: &str,
+    text: &str,
+    max: usize,
+    required: bool,
+    multiline: bool,
+) -> Result<(), PublishError> {
     if required && text.trim().is_empty() {
         return Err(PublishError::Invalid(format!("{field}: is empty")));
     }
     if text.len() > max {
-        return Err(PublishError::Invalid(format!("{field}: longer than {max} bytes")));
+        return Err(PublishError::Invalid(format!(
+            "{field}: longer than {max} bytes"
+        )));
     }
-    if text.chars().any(|c| c.is_control() && !(multiline && (c == '\n' || c == '\t'))) {
-        return Err(PublishError::Invalid(format!("{field}: holds a control character")));
+    if text
+        .chars()
+        .any(|c| c.is_control() && !(multiline && (c == '\n' || c == '\t')))
+    {
+        return Err(PublishError::Invalid(format!(
+            "{field}: holds a control character"
+        )));
     }
     Ok(())
 }
 
 /// Checks an offer's fields.
 pub fn check_offer(offer: &ServiceOffer) -> Result<(), PublishError> {
-    check_slug(&offer.offer_id).map_err(|m| PublishError::Invalid(format!("offer_id: {:?} {m}", offer.offer_id)))?;
+    check_slug(&offer.offer_id)
+        .map_err(|m| PublishError::Invalid(format!("offer_id: {:?} {m}", offer.offer_id)))?;
     check_text("title", &offer.title, 200, true, false)?;
     check_text("description", &offer.description, 4000, false, true)?;
     if !(1..=7).contains(&offer.area) {
-        return Err(PublishError::Invalid(format!("area: {} is not a functional area (1-7)", offer.area)));
+        return Err(PublishError::Invalid(format!(
+            "area: {} is not a functional area (1-7)",
+            offer.area
+        )));
     }
-    check_slug(&offer.category).map_err(|m| PublishError::Invalid(format!("category: {:?} {m}", offer.category)))?;
+    check_slug(&offer.category)
+        .map_err(|m| PublishError::Invalid(format!("category: {:?} {m}", offer.category)))?;
     check_text("capacity", &offer.capacity, 200, false, false)?;
     check_text("terms", &offer.terms, 2000, false, true)?;
     check_text("region", &offer.region, 200, false, false)?;
@@ -218,14 +236,22 @@ impl Publisher {
         }
     }
 
-    fn replay(&self, key: &[u8; 16], fingerprint: &[u8; 32]) -> Result<Option<Receipt>, PublishError> {
+    fn replay(
+        &self,
+        key: &[u8; 16],
+        fingerprint: &[u8; 32],
+    ) -> Result<Option<Receipt>, PublishError> {
         let Some(record) = self.store.idempotency(key)? else {
             return Ok(None);
         };
         if &record.fingerprint != fingerprint {
             return Err(PublishError::KeyReused(hex(key)));
         }
-        let feed_id = self.store.head(&self.origin)?.map(|h| h.tip.feed_id).unwrap_or_default();
+        let feed_id = self
+            .store
+            .head(&self.origin)?
+            .map(|h| h.tip.feed_id)
+            .unwrap_or_default();
         Ok(Some(self.receipt(feed_id, &record)))
     }
 
@@ -252,7 +278,10 @@ impl Publisher {
             return Ok(receipt);
         }
         let _in_flight = {
-            let mut set = self.in_flight.lock().map_err(|_| PublishError::InProgress(hex(&idempotency_key)))?;
+            let mut set = self
+                .in_flight
+                .lock()
+                .map_err(|_| PublishError::InProgress(hex(&idempotency_key)))?;
             if !set.insert(idempotency_key) {
                 return Err(PublishError::InProgress(hex(&idempotency_key)));
             }
@@ -276,18 +305,19 @@ impl Publisher {
             Some(tip) => tip.feed_id,
             None => {
                 let mut id = [0u8; 16];
-                getrandom::getrandom(&mut id)
-                    .map_err(|err| PublishError::Invalid(format!("no randomness for a feed id: {err}")))?;
+                getrandom::getrandom(&mut id).map_err(|err| {
+                    PublishError::Invalid(format!("no randomness for a feed id: {err}"))
+                })?;
                 id
             }
         };
         let body = EntryBody {
             origin: self.origin.clone(),
-            feed_id: feed_id.to_vec().into(),
+            feed_id: feed_id.to_vec(),
             seq: tip.map_or(1, |t| t.seq + 1),
-            prev_hash: tip.map_or(GENESIS_PREV_HASH, |t| t.hash).to_vec().into(),
+            prev_hash: tip.map_or(GENESIS_PREV_HASH, |t| t.hash).to_vec(),
             time_unix_micros: now_micros().max(tip.map_or(0, |t| t.time_unix_micros)),
-            idempotency_key: idempotency_key.to_vec().into(),
+            idempotency_key: idempotency_key.to_vec(),
             payload: Some(payload),
         };
         let entry = Entry::sign(&self.key, body).map_err(|err| match err {
@@ -347,7 +377,13 @@ impl Publisher {
                     match store.ref_areas_of(origin, indicator, edition, period) {
                         Ok(areas) => areas
                             .iter()
-                            .map(|a| if a == origin { Level::City } else { Level::District })
+                            .map(|a| {
+                                if a == origin {
+                                    Level::City
+                                } else {
+                                    Level::District
+                                }
+                            })
                             .collect(),
                         Err(err) => {
                             store_error = Some(err);
@@ -359,11 +395,19 @@ impl Publisher {
                     return Err(err.into());
                 }
                 let prepared = prepared?;
-                (Payload::Indicators(prepared.batch), prepared.published, prepared.suppressed)
+                (
+                    Payload::Indicators(prepared.batch),
+                    prepared.published,
+                    prepared.suppressed,
+                )
             }
             Request::Offer(offer) => {
                 check_offer(&offer)?;
-                if self.store.withdrawal(&self.origin, &offer.offer_id)?.is_some() {
+                if self
+                    .store
+                    .withdrawal(&self.origin, &offer.offer_id)?
+                    .is_some()
+                {
                     return Err(PublishError::Invalid(format!(
                         "offer_id: {:?} was withdrawn; withdrawal is final, publish under a new id",
                         offer.offer_id
@@ -379,12 +423,20 @@ impl Publisher {
                     .into_iter()
                     .any(|o| o.origin == self.origin && o.offer.offer_id == offer_id);
                 if !held {
-                    return Err(PublishError::NotFound(format!("offer_id: this node has no offer {offer_id:?}")));
+                    return Err(PublishError::NotFound(format!(
+                        "offer_id: this node has no offer {offer_id:?}"
+                    )));
                 }
                 if self.store.withdrawal(&self.origin, &offer_id)?.is_some() {
-                    return Err(PublishError::Invalid(format!("offer_id: {offer_id:?} is already withdrawn")));
+                    return Err(PublishError::Invalid(format!(
+                        "offer_id: {offer_id:?} is already withdrawn"
+                    )));
                 }
-                (Payload::Withdrawal(OfferWithdrawal { offer_id, reason }), 0, 0)
+                (
+                    Payload::Withdrawal(OfferWithdrawal { offer_id, reason }),
+                    0,
+                    0,
+                )
             }
             Request::Respond {
                 offer_origin,
@@ -393,10 +445,14 @@ impl Publisher {
                 kind,
                 message,
             } => {
-                check_origin_id(&offer_origin).map_err(|m| PublishError::Invalid(format!("offer_origin: {m}")))?;
-                check_slug(&offer_id).map_err(|m| PublishError::Invalid(format!("offer_id: {offer_id:?} {m}")))?;
+                check_origin_id(&offer_origin)
+                    .map_err(|m| PublishError::Invalid(format!("offer_origin: {m}")))?;
+                check_slug(&offer_id)
+                    .map_err(|m| PublishError::Invalid(format!("offer_id: {offer_id:?} {m}")))?;
                 if kind == ResponseKind::Unspecified {
-                    return Err(PublishError::Invalid("kind: must be interest, accept or decline".into()));
+                    return Err(PublishError::Invalid(
+                        "kind: must be interest, accept or decline".into(),
+                    ));
                 }
                 check_text("message", &message, 2000, false, true)?;
                 let version = match version {
@@ -419,7 +475,7 @@ impl Publisher {
                 let response = OfferResponse {
                     offer_origin,
                     offer_id,
-                    offer_version_hash: version.to_vec().into(),
+                    offer_version_hash: version.to_vec(),
                     kind: kind as i32,
                     message,
                 };
@@ -428,19 +484,20 @@ impl Publisher {
             Request::Retract { seq, reason } => {
                 check_text("reason", &reason, 2000, false, true)?;
                 let held = self.store.entries(&self.origin, seq, 1, usize::MAX)?;
-                let entry = held
-                    .into_iter()
-                    .next()
-                    .filter(|_| seq > 0)
-                    .ok_or_else(|| PublishError::NotFound(format!("seq: this node's feed has no entry {seq}")))?;
-                let entry = Entry::decode(entry).map_err(|e| PublishError::Invalid(e.to_string()))?;
+                let entry = held.into_iter().next().filter(|_| seq > 0).ok_or_else(|| {
+                    PublishError::NotFound(format!("seq: this node's feed has no entry {seq}"))
+                })?;
+                let entry =
+                    Entry::decode(entry).map_err(|e| PublishError::Invalid(e.to_string()))?;
                 if self.store.is_retracted(&self.origin, seq)? {
-                    return Err(PublishError::Invalid(format!("seq: entry {seq} is already retracted")));
+                    return Err(PublishError::Invalid(format!(
+                        "seq: entry {seq} is already retracted"
+                    )));
                 }
                 let retraction = Retraction {
                     feed_id: entry.body.feed_id.clone(),
                     seq,
-                    entry_hash: entry.hash.to_vec().into(),
+                    entry_hash: entry.hash.to_vec(),
                     reason,
                 };
                 (Payload::Retraction(retraction), 0, 0)

@@ -102,9 +102,16 @@ pub fn observations(
     };
     let from = parse_bound("period_from", &filter.period_from)?;
     let to = parse_bound("period_to", &filter.period_to)?;
-    let after = page_token.filter(|t| !t.is_empty()).map(decode_token).transpose()?;
+    let after = page_token
+        .filter(|t| !t.is_empty())
+        .map(decode_token)
+        .transpose()?;
     let matches = |row: &ObservationRow| {
-        (filter.areas.is_empty() || filter.areas.iter().any(|a| *a as i32 == row.observation.area))
+        (filter.areas.is_empty()
+            || filter
+                .areas
+                .iter()
+                .any(|a| *a as i32 == row.observation.area))
             && (filter.indicators.is_empty() || filter.indicators.contains(&row.key.indicator))
             && Period::parse(&row.key.period).is_ok_and(|p| p.within(from.as_ref(), to.as_ref()))
     };
@@ -178,11 +185,17 @@ pub struct OfferState {
 /// Offers matching `filter`, by origin and offer id. Active means: the
 /// latest version, not withdrawn, not retracted, and `now` inside
 /// `[valid_from, valid_until)`.
-pub fn offers(store: &dyn Store, filter: &OfferFilter, now_unix: i64) -> Result<Vec<OfferState>, QueryError> {
+pub fn offers(
+    store: &dyn Store,
+    filter: &OfferFilter,
+    now_unix: i64,
+) -> Result<Vec<OfferState>, QueryError> {
     let mut latest: Vec<OfferRow> = Vec::new();
     for row in store.offer_versions()? {
         match latest.last_mut() {
-            Some(last) if last.origin == row.origin && last.offer.offer_id == row.offer.offer_id => {
+            Some(last)
+                if last.origin == row.origin && last.offer.offer_id == row.offer.offer_id =>
+            {
                 if row.seq > last.seq {
                     *last = row;
                 }
@@ -193,13 +206,16 @@ pub fn offers(store: &dyn Store, filter: &OfferFilter, now_unix: i64) -> Result<
     let mut out = Vec::new();
     for version in latest {
         let offer = &version.offer;
-        let wanted = (filter.areas.is_empty() || filter.areas.iter().any(|a| *a as i32 == offer.area))
+        let wanted = (filter.areas.is_empty()
+            || filter.areas.iter().any(|a| *a as i32 == offer.area))
             && (filter.categories.is_empty() || filter.categories.contains(&offer.category))
             && (filter.origins.is_empty() || filter.origins.contains(&version.origin));
         if !wanted {
             continue;
         }
-        let active = store.withdrawal(&version.origin, &offer.offer_id)?.is_none()
+        let active = store
+            .withdrawal(&version.origin, &offer.offer_id)?
+            .is_none()
             && !store.is_retracted(&version.origin, version.seq)?
             && (offer.valid_from_unix..offer.valid_until_unix).contains(&now_unix);
         if !active && !filter.include_inactive {

@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use civex_proto::v1::{feed_client::FeedClient, subscribe_response::Event, Cursor, SubscribeRequest};
+use civex_proto::v1::{
+    feed_client::FeedClient, subscribe_response::Event, Cursor, SubscribeRequest,
+};
 use tokio::sync::{oneshot, watch};
 
 use crate::{
@@ -116,9 +118,14 @@ impl Replicator {
             };
             peer.update(|s| s.connected = false);
             match result {
-                Ok(()) => tracing::info!(peer = %peer.name, address = %peer.address, "peer ended the stream"),
+                Ok(()) => {
+                    tracing::info!(peer = %peer.name, address = %peer.address, "peer ended the stream")
+                }
                 Err(err) => {
-                    if matches!(err, SessionError::Refused(_) | SessionError::UnknownOrigin(_)) {
+                    if matches!(
+                        err,
+                        SessionError::Refused(_) | SessionError::UnknownOrigin(_)
+                    ) {
                         peer.update(|s| s.refused += 1);
                     }
                     tracing::warn!(peer = %peer.name, address = %peer.address, error = %err, retry_in_ms = backoff.as_millis() as u64, "replication stream failed");
@@ -133,7 +140,12 @@ impl Replicator {
         }
     }
 
-    async fn session(&self, peer: &Peer, backoff: &mut Duration, initial: Duration) -> Result<(), SessionError> {
+    async fn session(
+        &self,
+        peer: &Peer,
+        backoff: &mut Duration,
+        initial: Duration,
+    ) -> Result<(), SessionError> {
         let timeout = Duration::from_millis(self.timing.connect_timeout_ms);
         let channel = transport::connect(&peer.address, timeout).await?;
         let mut client = FeedClient::new(channel)
@@ -149,9 +161,9 @@ impl Replicator {
                 .map(|h| h.tip);
             cursors.push(Cursor {
                 origin: origin.to_owned(),
-                feed_id: tip.map(|t| t.feed_id.to_vec()).unwrap_or_default().into(),
+                feed_id: tip.map(|t| t.feed_id.to_vec()).unwrap_or_default(),
                 seq: tip.map_or(0, |t| t.seq),
-                entry_hash: tip.map(|t| t.hash.to_vec()).unwrap_or_default().into(),
+                entry_hash: tip.map(|t| t.hash.to_vec()).unwrap_or_default(),
             });
             tips.insert(origin.to_owned(), tip);
         }
@@ -208,7 +220,8 @@ impl Replicator {
                         await_commit(Some(answer)).await?;
                     }
                     peer.update(|s| {
-                        s.peer_heads.insert(drained.origin.clone(), drained.head_seq);
+                        s.peer_heads
+                            .insert(drained.origin.clone(), drained.head_seq);
                     });
                     if drained.origin == self.own_origin {
                         self.own_synced.send_replace(true);

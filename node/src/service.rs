@@ -15,11 +15,7 @@ use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    core::{
-        feed::entry_hash,
-        ids::check_origin_id,
-        ingest::InputRow,
-    },
+    core::{feed::entry_hash, ids::check_origin_id, ingest::InputRow},
     publish::{self, PublishError, Publisher, Receipt},
     query::{self, ObservationFilter, OfferFilter, QueryError},
     replicate::Peer,
@@ -61,7 +57,9 @@ impl ToStatus for WriteError {
 impl ToStatus for PublishError {
     fn to_status(&self) -> Status {
         match self {
-            PublishError::Invalid(_) | PublishError::Row(_) => Status::invalid_argument(self.to_string()),
+            PublishError::Invalid(_) | PublishError::Row(_) => {
+                Status::invalid_argument(self.to_string())
+            }
             PublishError::NotFound(_) => Status::not_found(self.to_string()),
             PublishError::KeyReused(_) => Status::already_exists(self.to_string()),
             PublishError::InProgress(_) => Status::aborted(self.to_string()),
@@ -87,13 +85,20 @@ fn invalid(message: String) -> Status {
 
 /// Checks and copies a 16-byte idempotency key.
 fn idempotency_key(bytes: &[u8]) -> Result<[u8; 16], Status> {
-    bytes
-        .try_into()
-        .map_err(|_| invalid(format!("idempotency_key: must be 16 bytes, got {}", bytes.len())))
+    bytes.try_into().map_err(|_| {
+        invalid(format!(
+            "idempotency_key: must be 16 bytes, got {}",
+            bytes.len()
+        ))
+    })
 }
 
 /// Request fingerprint: SHA-256 of the request encoded without its key.
-fn fingerprint<M: Message + Clone>(kind: &str, request: &M, clear_key: impl FnOnce(&mut M)) -> [u8; 32] {
+fn fingerprint<M: Message + Clone>(
+    kind: &str,
+    request: &M,
+    clear_key: impl FnOnce(&mut M),
+) -> [u8; 32] {
     let mut copy = request.clone();
     clear_key(&mut copy);
     let mut hasher = Sha256::new();
@@ -117,7 +122,9 @@ fn receipt(receipt: Receipt) -> pb::Receipt {
 fn area_of(field: &str, value: i32) -> Result<pb::FunctionalArea, Status> {
     match pb::FunctionalArea::try_from(value) {
         Ok(area) if area != pb::FunctionalArea::Unspecified => Ok(area),
-        _ => Err(invalid(format!("{field}: {value} is not a functional area (1-7)"))),
+        _ => Err(invalid(format!(
+            "{field}: {value} is not a functional area (1-7)"
+        ))),
     }
 }
 
@@ -126,8 +133,12 @@ fn input_row(index: usize, row: pb::IndicatorRow) -> Result<InputRow, Status> {
     Ok(InputRow {
         line: 0,
         area: area_of(&format!("row {row_no}: area"), row.area)?,
-        obs_status: pb::ObservationStatus::try_from(row.obs_status)
-            .map_err(|_| invalid(format!("row {row_no}: obs_status: {} is not a status", row.obs_status)))?,
+        obs_status: pb::ObservationStatus::try_from(row.obs_status).map_err(|_| {
+            invalid(format!(
+                "row {row_no}: obs_status: {} is not a status",
+                row.obs_status
+            ))
+        })?,
         indicator: row.indicator,
         catalog_edition: row.catalog_edition,
         ref_area: row.ref_area,
@@ -145,7 +156,12 @@ pub struct PublishService {
 }
 
 impl PublishService {
-    async fn publish(&self, key: &[u8], fingerprint: [u8; 32], request: publish::Request) -> Result<Response<pb::Receipt>, Status> {
+    async fn publish(
+        &self,
+        key: &[u8],
+        fingerprint: [u8; 32],
+        request: publish::Request,
+    ) -> Result<Response<pb::Receipt>, Status> {
         let key = idempotency_key(key)?;
         match self.publisher.publish(key, fingerprint, request).await {
             Ok(done) => Ok(Response::new(receipt(done))),
@@ -159,7 +175,10 @@ impl PublishService {
 
 #[tonic::async_trait]
 impl Publish for PublishService {
-    async fn publish_indicators(&self, request: Request<pb::PublishIndicatorsRequest>) -> Result<Response<pb::Receipt>, Status> {
+    async fn publish_indicators(
+        &self,
+        request: Request<pb::PublishIndicatorsRequest>,
+    ) -> Result<Response<pb::Receipt>, Status> {
         let request = request.into_inner();
         let print = fingerprint("indicators", &request, |r| r.idempotency_key.clear());
         let key = request.idempotency_key;
@@ -169,17 +188,31 @@ impl Publish for PublishService {
             .enumerate()
             .map(|(index, row)| input_row(index, row))
             .collect::<Result<Vec<_>, _>>()?;
-        self.publish(&key, print, publish::Request::Indicators(rows)).await
+        self.publish(&key, print, publish::Request::Indicators(rows))
+            .await
     }
 
-    async fn publish_offer(&self, request: Request<pb::PublishOfferRequest>) -> Result<Response<pb::Receipt>, Status> {
+    async fn publish_offer(
+        &self,
+        request: Request<pb::PublishOfferRequest>,
+    ) -> Result<Response<pb::Receipt>, Status> {
         let request = request.into_inner();
         let print = fingerprint("offer", &request, |r| r.idempotency_key.clear());
-        let offer = request.offer.ok_or_else(|| invalid("offer: missing".into()))?;
-        self.publish(&request.idempotency_key, print, publish::Request::Offer(offer)).await
+        let offer = request
+            .offer
+            .ok_or_else(|| invalid("offer: missing".into()))?;
+        self.publish(
+            &request.idempotency_key,
+            print,
+            publish::Request::Offer(offer),
+        )
+        .await
     }
 
-    async fn withdraw_offer(&self, request: Request<pb::WithdrawOfferRequest>) -> Result<Response<pb::Receipt>, Status> {
+    async fn withdraw_offer(
+        &self,
+        request: Request<pb::WithdrawOfferRequest>,
+    ) -> Result<Response<pb::Receipt>, Status> {
         let request = request.into_inner();
         let print = fingerprint("withdraw", &request, |r| r.idempotency_key.clear());
         let job = publish::Request::Withdraw {
@@ -189,17 +222,29 @@ impl Publish for PublishService {
         self.publish(&request.idempotency_key, print, job).await
     }
 
-    async fn respond_offer(&self, request: Request<pb::RespondOfferRequest>) -> Result<Response<pb::Receipt>, Status> {
+    async fn respond_offer(
+        &self,
+        request: Request<pb::RespondOfferRequest>,
+    ) -> Result<Response<pb::Receipt>, Status> {
         let request = request.into_inner();
         let print = fingerprint("respond", &request, |r| r.idempotency_key.clear());
         let version = match request.offer_version_hash.len() {
             0 => None,
             32 => request.offer_version_hash.as_slice().try_into().ok(),
-            n => return Err(invalid(format!("offer_version_hash: must be 32 bytes, got {n}"))),
+            n => {
+                return Err(invalid(format!(
+                    "offer_version_hash: must be 32 bytes, got {n}"
+                )))
+            }
         };
         let kind = match pb::ResponseKind::try_from(request.kind) {
             Ok(kind) => kind,
-            Err(_) => return Err(invalid(format!("kind: {} is not a response kind", request.kind))),
+            Err(_) => {
+                return Err(invalid(format!(
+                    "kind: {} is not a response kind",
+                    request.kind
+                )))
+            }
         };
         let job = publish::Request::Respond {
             offer_origin: request.offer_origin,
@@ -211,7 +256,10 @@ impl Publish for PublishService {
         self.publish(&request.idempotency_key, print, job).await
     }
 
-    async fn retract(&self, request: Request<pb::RetractRequest>) -> Result<Response<pb::Receipt>, Status> {
+    async fn retract(
+        &self,
+        request: Request<pb::RetractRequest>,
+    ) -> Result<Response<pb::Receipt>, Status> {
         let request = request.into_inner();
         let print = fingerprint("retract", &request, |r| r.idempotency_key.clear());
         let job = publish::Request::Retract {
@@ -262,7 +310,13 @@ impl FeedService {
     ) -> Result<(), StoreError> {
         let mut origins: BTreeMap<String, OriginCursor> = BTreeMap::new();
         for cursor in request.cursors {
-            let claim = (cursor.seq > 0).then(|| (cursor.seq, cursor.entry_hash.to_vec(), cursor.feed_id.to_vec()));
+            let claim = (cursor.seq > 0).then(|| {
+                (
+                    cursor.seq,
+                    cursor.entry_hash.to_vec(),
+                    cursor.feed_id.to_vec(),
+                )
+            });
             origins.insert(
                 cursor.origin,
                 OriginCursor {
@@ -275,7 +329,11 @@ impl FeedService {
         }
         let send = |event: Event| {
             let tx = tx.clone();
-            async move { tx.send(Ok(pb::SubscribeResponse { event: Some(event) })).await.is_ok() }
+            async move {
+                tx.send(Ok(pb::SubscribeResponse { event: Some(event) }))
+                    .await
+                    .is_ok()
+            }
         };
         loop {
             committed.borrow_and_update();
@@ -298,15 +356,20 @@ impl FeedService {
                         // Not held yet here: nothing to send until it is.
                         continue;
                     }
-                    let held = store.entries(origin, seq, 1, usize::MAX)?.into_iter().next();
-                    let matches = held.as_ref().is_some_and(|e| entry_hash(&e.body, &e.signature).as_slice() == hash)
+                    let held = store
+                        .entries(origin, seq, 1, usize::MAX)?
+                        .into_iter()
+                        .next();
+                    let matches = held
+                        .as_ref()
+                        .is_some_and(|e| entry_hash(&e.body, &e.signature).as_slice() == hash)
                         && head.is_some_and(|h| h.tip.feed_id.as_slice() == feed_id);
                     if !matches {
                         cursor.stopped = true;
                         let mismatch = pb::CursorMismatch {
                             origin: origin.clone(),
                             held,
-                            feed_id: head.map(|h| h.tip.feed_id.to_vec()).unwrap_or_default().into(),
+                            feed_id: head.map(|h| h.tip.feed_id.to_vec()).unwrap_or_default(),
                         };
                         if !send(Event::Mismatch(mismatch)).await {
                             return Ok(());
@@ -316,7 +379,8 @@ impl FeedService {
                     cursor.claim = None;
                 }
                 if cursor.next <= head_seq {
-                    let entries = store.entries(origin, cursor.next, ENTRIES_PER_MESSAGE, max_bytes)?;
+                    let entries =
+                        store.entries(origin, cursor.next, ENTRIES_PER_MESSAGE, max_bytes)?;
                     if !entries.is_empty() {
                         cursor.next += entries.len() as u64;
                         sent_entries = true;
@@ -359,7 +423,10 @@ type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, S
 impl Feed for FeedService {
     type SubscribeStream = SubscribeStream;
 
-    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         let peer = request.remote_addr();
         let request = request.into_inner();
         for cursor in &request.cursors {
@@ -372,7 +439,9 @@ impl Feed for FeedService {
             }
         }
         if request.cursors.is_empty() && !request.all_origins {
-            return Err(invalid("cursors: name at least one origin, or set all_origins".into()));
+            return Err(invalid(
+                "cursors: name at least one origin, or set all_origins".into(),
+            ));
         }
         tracing::info!(peer = ?peer, origins = request.cursors.len(), all = request.all_origins, "subscription opened");
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
@@ -380,10 +449,14 @@ impl Feed for FeedService {
         let committed = self.writer.committed();
         let shutdown = self.shutdown.clone();
         // Leave room for the message framing around the entries.
-        let max_bytes = self.max_message_bytes.saturating_sub(96 * 1024).max(64 * 1024);
+        let max_bytes = self
+            .max_message_bytes
+            .saturating_sub(96 * 1024)
+            .max(64 * 1024);
         tokio::spawn(async move {
             let error_tx = tx.clone();
-            if let Err(err) = Self::serve(store, committed, shutdown, request, max_bytes, tx).await {
+            if let Err(err) = Self::serve(store, committed, shutdown, request, max_bytes, tx).await
+            {
                 tracing::error!(error = %err, "subscription ended by a store error");
                 let _ = error_tx.send(Err(err.to_status())).await;
             }
@@ -392,10 +465,16 @@ impl Feed for FeedService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn heads(&self, _request: Request<pb::HeadsRequest>) -> Result<Response<pb::HeadsResponse>, Status> {
+    async fn heads(
+        &self,
+        _request: Request<pb::HeadsRequest>,
+    ) -> Result<Response<pb::HeadsResponse>, Status> {
         let heads = self.store.heads().map_err(|e| e.to_status())?;
         Ok(Response::new(pb::HeadsResponse {
-            heads: heads.into_iter().map(|(origin, head)| head_message(origin, &head)).collect(),
+            heads: heads
+                .into_iter()
+                .map(|(origin, head)| head_message(origin, &head))
+                .collect(),
         }))
     }
 }
@@ -417,7 +496,10 @@ fn now_unix() -> i64 {
 
 #[tonic::async_trait]
 impl Query for QueryService {
-    async fn observations(&self, request: Request<pb::ObservationsRequest>) -> Result<Response<pb::ObservationsResponse>, Status> {
+    async fn observations(
+        &self,
+        request: Request<pb::ObservationsRequest>,
+    ) -> Result<Response<pb::ObservationsResponse>, Status> {
         let request = request.into_inner();
         let filter = ObservationFilter {
             areas: areas_of(&request.areas)?,
@@ -428,7 +510,12 @@ impl Query for QueryService {
         };
         let store = self.store.clone();
         let page = tokio::task::spawn_blocking(move || {
-            query::observations(store.as_ref(), &filter, request.page_size as usize, Some(&request.page_token))
+            query::observations(
+                store.as_ref(),
+                &filter,
+                request.page_size as usize,
+                Some(&request.page_token),
+            )
         })
         .await
         .map_err(|err| Status::internal(format!("query task failed: {err}")))?
@@ -448,7 +535,10 @@ impl Query for QueryService {
         }))
     }
 
-    async fn offers(&self, request: Request<pb::OffersRequest>) -> Result<Response<pb::OffersResponse>, Status> {
+    async fn offers(
+        &self,
+        request: Request<pb::OffersRequest>,
+    ) -> Result<Response<pb::OffersResponse>, Status> {
         let request = request.into_inner();
         let filter = OfferFilter {
             areas: areas_of(&request.areas)?,
@@ -456,7 +546,8 @@ impl Query for QueryService {
             origins: request.origins,
             include_inactive: request.include_inactive,
         };
-        let offers = query::offers(self.store.as_ref(), &filter, now_unix()).map_err(|e| e.to_status())?;
+        let offers =
+            query::offers(self.store.as_ref(), &filter, now_unix()).map_err(|e| e.to_status())?;
         Ok(Response::new(pb::OffersResponse {
             offers: offers
                 .into_iter()
@@ -490,9 +581,13 @@ pub struct StatusService {
 
 #[tonic::async_trait]
 impl StatusApi for StatusService {
-    async fn node_status(&self, _request: Request<pb::NodeStatusRequest>) -> Result<Response<pb::NodeStatusResponse>, Status> {
+    async fn node_status(
+        &self,
+        _request: Request<pb::NodeStatusRequest>,
+    ) -> Result<Response<pb::NodeStatusResponse>, Status> {
         let heads = self.store.heads().map_err(|e| e.to_status())?;
-        let held: BTreeMap<&str, u64> = heads.iter().map(|(o, h)| (o.as_str(), h.tip.seq)).collect();
+        let held: BTreeMap<&str, u64> =
+            heads.iter().map(|(o, h)| (o.as_str(), h.tip.seq)).collect();
         let peers = self
             .peers
             .iter()
@@ -518,7 +613,10 @@ impl StatusApi for StatusService {
             .collect();
         Ok(Response::new(pb::NodeStatusResponse {
             origin: self.publisher.origin().to_owned(),
-            heads: heads.into_iter().map(|(origin, head)| head_message(origin, &head)).collect(),
+            heads: heads
+                .into_iter()
+                .map(|(origin, head)| head_message(origin, &head))
+                .collect(),
             peers,
             publish_ready: self.publisher.is_ready(),
         }))
@@ -543,14 +641,27 @@ pub struct Services {
 
 /// Builds the router: civex services, health (`grpc.health.v1`) and
 /// reflection (v1 and v1alpha), with explicit message size limits.
-pub async fn router(services: Services) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
-    use pb::{feed_server::FeedServer, publish_server::PublishServer, query_server::QueryServer, status_server::StatusServer};
+pub async fn router(
+    services: Services,
+) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+    use pb::{
+        feed_server::FeedServer, publish_server::PublishServer, query_server::QueryServer,
+        status_server::StatusServer,
+    };
     let max = services.max_message_bytes;
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<PublishServer<PublishService>>().await;
-    health_reporter.set_serving::<FeedServer<FeedService>>().await;
-    health_reporter.set_serving::<QueryServer<QueryService>>().await;
-    health_reporter.set_serving::<StatusServer<StatusService>>().await;
+    health_reporter
+        .set_serving::<PublishServer<PublishService>>()
+        .await;
+    health_reporter
+        .set_serving::<FeedServer<FeedService>>()
+        .await;
+    health_reporter
+        .set_serving::<QueryServer<QueryService>>()
+        .await;
+    health_reporter
+        .set_serving::<StatusServer<StatusService>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(civex_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -178,7 +178,8 @@ pub trait Store: Send + Sync + 'static {
     /// Seq of the withdrawal of (origin, offer id), if withdrawn.
     fn withdrawal(&self, origin: &str, offer_id: &str) -> Result<Option<u64>, StoreError>;
     /// Responses held for (offer origin, offer id).
-    fn responses(&self, offer_origin: &str, offer_id: &str) -> Result<Vec<ResponseRow>, StoreError>;
+    fn responses(&self, offer_origin: &str, offer_id: &str)
+        -> Result<Vec<ResponseRow>, StoreError>;
 }
 
 /// Makes a commit durable once sled has written it. The default calls
@@ -219,7 +220,8 @@ impl SledStore {
         sync: Option<SyncHook>,
     ) -> Result<Self, StoreError> {
         let path = dir.to_path_buf();
-        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, "cannot create store directory", e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io_error(dir, "cannot create store directory", e))?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -253,7 +255,9 @@ impl SledStore {
         let key = b"mformat";
         match self.db.get(key).map_err(sled_error(&self.path))? {
             Some(value) => {
-                let version = <[u8; 4]>::try_from(value.as_ref()).ok().map(u32::from_be_bytes);
+                let version = <[u8; 4]>::try_from(value.as_ref())
+                    .ok()
+                    .map(u32::from_be_bytes);
                 if version != Some(FORMAT_VERSION) {
                     return Err(self.corrupt(format!(
                         "format version {version:?}, this build reads version {FORMAT_VERSION}"
@@ -284,7 +288,10 @@ impl SledStore {
                     .map_err(|e| io_error(&self.path, "fsync of sled's files", e))?;
             }
         }
-        for dir in [Some(self.path.as_path()), self.path.parent()].into_iter().flatten() {
+        for dir in [Some(self.path.as_path()), self.path.parent()]
+            .into_iter()
+            .flatten()
+        {
             File::open(dir)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io_error(&self.path, "fsync of the store directory", e))?;
@@ -356,7 +363,10 @@ fn decode_head(bytes: &[u8]) -> Option<Head> {
 }
 
 fn encode_chunk(entries: &[Entry]) -> Vec<u8> {
-    let size: usize = entries.iter().map(|e| 4 + e.signed.body.len() + SIGNATURE_LEN).sum();
+    let size: usize = entries
+        .iter()
+        .map(|e| 4 + e.signed.body.len() + SIGNATURE_LEN)
+        .sum();
     let mut out = Vec::with_capacity(1 + size);
     out.push(1);
     for entry in entries {
@@ -443,9 +453,13 @@ impl Store for SledStore {
             }
             let first_seq = split_key(&key, 1, 1)
                 .and_then(|(_, seq)| seq)
-                .ok_or_else(|| self.corrupt(format!("an entry key of {origin:?} does not decode")))?;
+                .ok_or_else(|| {
+                    self.corrupt(format!("an entry key of {origin:?} does not decode"))
+                })?;
             let chunk = decode_chunk(&value).ok_or_else(|| {
-                self.corrupt(format!("entries of {origin:?} from seq {first_seq} do not decode"))
+                self.corrupt(format!(
+                    "entries of {origin:?} from seq {first_seq} do not decode"
+                ))
             })?;
             for (offset, entry) in chunk.into_iter().enumerate() {
                 if first_seq + offset as u64 >= from_seq {
@@ -497,7 +511,10 @@ impl Store for SledStore {
                         observation: Some(observation.clone()),
                         rules: rules.clone(),
                     };
-                    batch.insert(key_of(b'o', &key.parts(), Some(*seq)), value.encode_to_vec());
+                    batch.insert(
+                        key_of(b'o', &key.parts(), Some(*seq)),
+                        value.encode_to_vec(),
+                    );
                 }
                 IndexRecord::OfferVersion {
                     origin,
@@ -537,7 +554,10 @@ impl Store for SledStore {
                     retracted_seq,
                     by_seq,
                 } => {
-                    batch.insert(key_of(b'r', &[origin], Some(*retracted_seq)), &by_seq.to_be_bytes());
+                    batch.insert(
+                        key_of(b'r', &[origin], Some(*retracted_seq)),
+                        &by_seq.to_be_bytes(),
+                    );
                 }
             }
         }
@@ -627,7 +647,10 @@ impl Store for SledStore {
         period: &str,
     ) -> Result<Vec<String>, StoreError> {
         let mut areas = Vec::new();
-        for item in self.db.scan_prefix(key_of(b'o', &[origin, indicator, edition], None)) {
+        for item in self
+            .db
+            .scan_prefix(key_of(b'o', &[origin, indicator, edition], None))
+        {
             let (key, _) = item.map_err(sled_error(&self.path))?;
             let (parts, _) = split_key(&key, 1, 6)
                 .ok_or_else(|| self.corrupt("an observation key does not decode".into()))?;
@@ -648,16 +671,21 @@ impl Store for SledStore {
         let mut rows = Vec::new();
         for item in self.db.scan_prefix([b'f']) {
             let (key, value) = item.map_err(sled_error(&self.path))?;
-            let decoded = split_key(&key, 1, 2).zip(value.get(..32)).and_then(|((parts, seq), hash)| {
-                let offer = ServiceOffer::decode(&value[32..]).ok()?;
-                Some(OfferRow {
-                    origin: parts[0].clone(),
-                    seq: seq?,
-                    hash: hash.try_into().ok()?,
-                    offer,
-                })
-            });
-            rows.push(decoded.ok_or_else(|| self.corrupt("an offer record does not decode".into()))?);
+            let decoded =
+                split_key(&key, 1, 2)
+                    .zip(value.get(..32))
+                    .and_then(|((parts, seq), hash)| {
+                        let offer = ServiceOffer::decode(&value[32..]).ok()?;
+                        Some(OfferRow {
+                            origin: parts[0].clone(),
+                            seq: seq?,
+                            hash: hash.try_into().ok()?,
+                            offer,
+                        })
+                    });
+            rows.push(
+                decoded.ok_or_else(|| self.corrupt("an offer record does not decode".into()))?,
+            );
         }
         Ok(rows)
     }
@@ -670,9 +698,16 @@ impl Store for SledStore {
         Ok(value.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
     }
 
-    fn responses(&self, offer_origin: &str, offer_id: &str) -> Result<Vec<ResponseRow>, StoreError> {
+    fn responses(
+        &self,
+        offer_origin: &str,
+        offer_id: &str,
+    ) -> Result<Vec<ResponseRow>, StoreError> {
         let mut rows = Vec::new();
-        for item in self.db.scan_prefix(key_of(b'p', &[offer_origin, offer_id], None)) {
+        for item in self
+            .db
+            .scan_prefix(key_of(b'p', &[offer_origin, offer_id], None))
+        {
             let (key, value) = item.map_err(sled_error(&self.path))?;
             let decoded = split_key(&key, 1, 3).and_then(|(parts, seq)| {
                 Some(ResponseRow {
@@ -681,7 +716,9 @@ impl Store for SledStore {
                     response: OfferResponse::decode(value.as_ref()).ok()?,
                 })
             });
-            rows.push(decoded.ok_or_else(|| self.corrupt("a response record does not decode".into()))?);
+            rows.push(
+                decoded.ok_or_else(|| self.corrupt("a response record does not decode".into()))?,
+            );
         }
         Ok(rows)
     }
@@ -696,7 +733,10 @@ const _: () = assert!(FEED_ID_LEN == 16);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{feed::tests::{chain, key}, index::records_of};
+    use crate::core::{
+        feed::tests::{chain, key},
+        index::records_of,
+    };
 
     fn commit_of(entries: &[Entry]) -> CommitBatch {
         let last = entries.last().unwrap();
@@ -734,8 +774,14 @@ mod tests {
         let middle = store.entries("city-a", 300, 5, usize::MAX).unwrap();
         assert_eq!(middle[0], entries[299].signed);
         assert_eq!(middle.len(), 5);
-        assert!(store.entries("city-a", 601, 5, usize::MAX).unwrap().is_empty());
-        assert!(store.entries("city-b", 1, 5, usize::MAX).unwrap().is_empty());
+        assert!(store
+            .entries("city-a", 601, 5, usize::MAX)
+            .unwrap()
+            .is_empty());
+        assert!(store
+            .entries("city-b", 1, 5, usize::MAX)
+            .unwrap()
+            .is_empty());
         assert_eq!(store.heads().unwrap().len(), 1);
     }
 
@@ -744,7 +790,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let failing: SyncHook = Box::new(|| Err(std::io::Error::other("disk full")));
         // The hook also runs at open: the open itself reports it.
-        let err = SledStore::open_with_sync(dir.path(), 1 << 20, Some(failing)).err().unwrap();
+        let err = SledStore::open_with_sync(dir.path(), 1 << 20, Some(failing))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("disk full"), "{err}");
     }
 

@@ -12,7 +12,9 @@ pub fn check_address(address: &str) -> Result<(), String> {
         .rsplit_once(':')
         .ok_or_else(|| format!("{address:?} is not host:port"))?;
     if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-        return Err(format!("{address:?} is not host:port with a port from 1 to 65535"));
+        return Err(format!(
+            "{address:?} is not host:port with a port from 1 to 65535"
+        ));
     }
     Ok(())
 }
@@ -35,6 +37,12 @@ pub fn local_address(listener: &TcpListener) -> std::io::Result<SocketAddr> {
 /// Opens a client channel to `address` (`host:port`).
 pub async fn connect(address: &str, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
     endpoint(address, timeout)?.connect().await
+}
+
+/// A client channel that connects on first use (and reconnects), so that
+/// a call to a node that is not up yet fails as UNAVAILABLE and can be retried.
+pub fn connect_lazy(address: &str, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(address, timeout)?.connect_lazy())
 }
 
 fn endpoint(address: &str, timeout: Duration) -> Result<Endpoint, tonic::transport::Error> {

@@ -141,13 +141,19 @@ impl Writer {
             return Err(WriteError::Stopped);
         }
         let (reply, answer) = oneshot::channel();
-        self.jobs.send((job, reply)).await.map_err(|_| WriteError::Stopped)?;
+        self.jobs
+            .send((job, reply))
+            .await
+            .map_err(|_| WriteError::Stopped)?;
         Ok(answer)
     }
 
     /// Queues a job and waits until it is durable or refused.
     pub async fn write(&self, job: Job) -> Result<Stored, WriteError> {
-        self.send(job).await?.await.unwrap_or(Err(WriteError::Stopped))
+        self.send(job)
+            .await?
+            .await
+            .unwrap_or(Err(WriteError::Stopped))
     }
 
     /// A receiver that changes after every durable commit ("head advanced").
@@ -244,7 +250,10 @@ impl WriterThread {
         changed: &mut HashMap<String, Tip>,
     ) -> Result<Stored, WriteError> {
         let Some(first) = job.entries.first() else {
-            return Ok(Stored { new: 0, duplicates: 0 });
+            return Ok(Stored {
+                new: 0,
+                duplicates: 0,
+            });
         };
         let origin = first.entry.body.origin.as_str();
         let start_tip = changed
@@ -277,15 +286,22 @@ impl WriterThread {
             return Ok(Stored { new: 0, duplicates });
         }
         // Extend the batch's last run when it ends right before this job.
-        let extends_last_run = batch.runs.last().and_then(|run| run.last()).is_some_and(|last| {
-            last.body.origin == origin && Some(last.tip()) == start_tip.filter(|_| changed.contains_key(origin))
-        });
+        let extends_last_run = batch
+            .runs
+            .last()
+            .and_then(|run| run.last())
+            .is_some_and(|last| {
+                last.body.origin == origin
+                    && Some(last.tip()) == start_tip.filter(|_| changed.contains_key(origin))
+            });
         let entries = new.iter().map(|p| p.entry.clone());
         match (extends_last_run, batch.runs.last_mut()) {
             (true, Some(run)) => run.extend(entries),
             _ => batch.runs.push(entries.collect()),
         }
-        batch.index.extend(new.iter().flat_map(|p| p.index.iter().cloned()));
+        batch
+            .index
+            .extend(new.iter().flat_map(|p| p.index.iter().cloned()));
         if let Some(record) = job.idempotency {
             batch.idempotency.push(record);
         }
@@ -299,7 +315,12 @@ impl WriterThread {
     }
 
     /// Hash of the entry held at (origin, seq), in this batch or the store.
-    fn held_hash(&self, origin: &str, seq: u64, batch: &CommitBatch) -> Result<Option<Hash>, WriteError> {
+    fn held_hash(
+        &self,
+        origin: &str,
+        seq: u64,
+        batch: &CommitBatch,
+    ) -> Result<Option<Hash>, WriteError> {
         for run in batch.runs.iter().rev() {
             if let Some(entry) = run
                 .iter()
@@ -357,6 +378,9 @@ mod tests {
         assert_eq!(store.head("city-a").unwrap().unwrap().tip.seq, 8);
     }
 
+    // The std mutex is held across awaits on purpose: it blocks the writer
+    // thread inside its sync while this task checks that no ack arrived.
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test]
     async fn acks_wait_for_the_sync_and_concurrent_jobs_share_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -384,7 +408,10 @@ mod tests {
         // Once the writer is blocked inside the sync, no ack may have arrived.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while syncs.load(Ordering::SeqCst) == after_open {
-            assert!(std::time::Instant::now() < deadline, "the writer never synced");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never synced"
+            );
             tokio::task::yield_now().await;
         }
         for answer in &mut answers {
@@ -395,7 +422,10 @@ mod tests {
             assert_eq!(answer.await.unwrap().unwrap().new, 1);
         }
         let syncs = syncs.load(Ordering::SeqCst) - after_open;
-        assert!(syncs < 20, "20 concurrent jobs took {syncs} syncs: no group commit");
+        assert!(
+            syncs < 20,
+            "20 concurrent jobs took {syncs} syncs: no group commit"
+        );
     }
 
     #[tokio::test]
@@ -420,8 +450,14 @@ mod tests {
         let err = writer.write(job(&entries[1..2])).await.unwrap_err();
         assert!(err.to_string().contains("no space left"), "{err}");
         fail.store(false, Ordering::SeqCst);
-        assert!(matches!(writer.write(job(&entries[1..2])).await, Err(WriteError::Stopped)));
+        assert!(matches!(
+            writer.write(job(&entries[1..2])).await,
+            Err(WriteError::Stopped)
+        ));
         assert!(writer.is_stopped());
-        assert!(!store.entries("city-a", 1, 10, usize::MAX).unwrap().is_empty());
+        assert!(!store
+            .entries("city-a", 1, 10, usize::MAX)
+            .unwrap()
+            .is_empty());
     }
 }

@@ -38,7 +38,13 @@ async fn main() -> anyhow::Result<()> {
     civex_node::node::init_logging(&config.log.format, &config.log.level);
     let listener = civex_node::transport::bind(&config.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (listen in {})", config.listen, args.config.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (listen in {})",
+                config.listen,
+                args.config.display()
+            )
+        })?;
     civex_node::node::run(config, listener, shutdown_signal()).await?;
     Ok(())
 }

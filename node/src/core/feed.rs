@@ -302,11 +302,11 @@ pub(crate) mod tests {
             let prev = entries.last().map_or(GENESIS_PREV_HASH, |e| e.hash);
             let body = EntryBody {
                 origin: origin.into(),
-                feed_id: vec![7; 16].into(),
+                feed_id: vec![7; 16],
                 seq,
-                prev_hash: prev.to_vec().into(),
+                prev_hash: prev.to_vec(),
                 time_unix_micros: 1_000 + seq as i64,
-                idempotency_key: vec![seq as u8; 16].into(),
+                idempotency_key: vec![seq as u8; 16],
                 payload: Some(Payload::Withdrawal(OfferWithdrawal {
                     offer_id: format!("offer-{seq}"),
                     reason: String::new(),
@@ -397,15 +397,24 @@ pub(crate) mod tests {
         let entries = chain(&key, "city-a", 3);
         // A correctly signed entry with a wrong prev hash.
         let mut body = entries[1].body.clone();
-        body.prev_hash = vec![9; 32].into();
+        body.prev_hash = vec![9; 32];
         let forged = Entry::sign(&key, body).unwrap();
         assert!(matches!(
-            verify_range("city-a", &key.verifying_key(), None, &[entries[0].clone(), forged]),
+            verify_range(
+                "city-a",
+                &key.verifying_key(),
+                None,
+                &[entries[0].clone(), forged]
+            ),
             Err(FeedError::BrokenLink { seq: 2, .. })
         ));
         assert!(matches!(
             check_link("city-a", Some(&entries[0].tip()), &entries[2]),
-            Err(FeedError::SeqGap { expected: 2, found: 3, .. })
+            Err(FeedError::SeqGap {
+                expected: 2,
+                found: 3,
+                ..
+            })
         ));
         assert!(matches!(
             check_link("city-b", None, &entries[0]),
@@ -432,7 +441,7 @@ pub(crate) mod tests {
         let entries = chain(&key, "city-a", 1);
         let mut body = entries[0].body.clone();
         body.seq = 2;
-        body.prev_hash = entries[0].hash.to_vec().into();
+        body.prev_hash = entries[0].hash.to_vec();
         body.time_unix_micros = 0;
         let back = Entry::sign(&key, body).unwrap();
         assert!(matches!(

@@ -108,9 +108,15 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
             .observations
             .iter()
             .filter(|o| {
-                [&o.indicator, &o.catalog_edition, &o.ref_area, &o.period, &o.breakdown]
-                    .iter()
-                    .all(|t| usable(t))
+                [
+                    &o.indicator,
+                    &o.catalog_edition,
+                    &o.ref_area,
+                    &o.period,
+                    &o.breakdown,
+                ]
+                .iter()
+                .all(|t| usable(t))
             })
             .map(|o| IndexRecord::Observation {
                 key: ObservationKey {
@@ -144,9 +150,7 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
                 response: r.clone(),
             }]
         }
-        Some(Payload::Retraction(r))
-            if r.feed_id == body.feed_id && r.seq < seq =>
-        {
+        Some(Payload::Retraction(r)) if r.feed_id == body.feed_id && r.seq < seq => {
             vec![IndexRecord::Retraction {
                 origin: origin.clone(),
                 retracted_seq: r.seq,

@@ -182,7 +182,10 @@ fn row_from_fields(
     })
 }
 
-fn check_columns<'a>(columns: impl IntoIterator<Item = &'a str>, line: u64) -> Result<(), RowError> {
+fn check_columns<'a>(
+    columns: impl IntoIterator<Item = &'a str>,
+    line: u64,
+) -> Result<(), RowError> {
     let mut seen = HashSet::new();
     for column in columns {
         if !REQUIRED_COLUMNS.contains(&column) && !OPTIONAL_COLUMNS.contains(&column) {
@@ -202,7 +205,12 @@ fn check_columns<'a>(columns: impl IntoIterator<Item = &'a str>, line: u64) -> R
         }
     }
     if let Some(missing) = REQUIRED_COLUMNS.iter().find(|c| !seen.contains(**c)) {
-        return Err(RowError::new(0, line, missing, "required column is missing"));
+        return Err(RowError::new(
+            0,
+            line,
+            missing,
+            "required column is missing",
+        ));
     }
     Ok(())
 }
@@ -224,7 +232,9 @@ pub fn parse_csv(text: &str) -> Result<Vec<InputRow>, RowError> {
         let record = record.map_err(|err| {
             let line = err.position().map_or(0, |p| p.line());
             let message = match err.kind() {
-                csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+                csv::ErrorKind::UnequalLengths {
+                    expected_len, len, ..
+                } => {
                     format!("row has {len} fields, the header has {expected_len}")
                 }
                 _ => err.to_string(),
@@ -248,17 +258,29 @@ pub fn parse_json(text: &str) -> Result<Vec<InputRow>, RowError> {
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|err| RowError::new(0, err.line() as u64, "json", err.to_string()))?;
     let serde_json::Value::Array(items) = value else {
-        return Err(RowError::new(0, 1, "json", "expected an array of row objects"));
+        return Err(RowError::new(
+            0,
+            1,
+            "json",
+            "expected an array of row objects",
+        ));
     };
     let lines = element_lines(text);
     let mut rows = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
         let line = lines.get(index).copied().unwrap_or(0);
         let serde_json::Value::Object(object) = item else {
-            return Err(RowError::new(index + 1, line, "json", "row is not an object"));
+            return Err(RowError::new(
+                index + 1,
+                line,
+                "json",
+                "row is not an object",
+            ));
         };
-        check_columns(object.keys().map(String::as_str), line)
-            .map_err(|err| RowError { row: index + 1, ..err })?;
+        check_columns(object.keys().map(String::as_str), line).map_err(|err| RowError {
+            row: index + 1,
+            ..err
+        })?;
         let mut fields = HashMap::new();
         for (key, value) in &object {
             let text = match value {
@@ -366,7 +388,9 @@ fn check_code(text: &str, what: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || "._:/-".contains(*c)))
     {
-        return Err(format!("{what} {text:?} may hold only A-Z, a-z, 0-9 and . _ : / -, found {bad:?}"));
+        return Err(format!(
+            "{what} {text:?} may hold only A-Z, a-z, 0-9 and . _ : / -, found {bad:?}"
+        ));
     }
     Ok(())
 }
@@ -396,7 +420,8 @@ pub fn prepare_batch(
     let mut observations = Vec::with_capacity(rows.len());
     let (mut published, mut suppressed) = (0, 0);
     for (index, row) in rows.iter().enumerate() {
-        let err = |column: &str, message: String| RowError::new(index + 1, row.line, column, message);
+        let err =
+            |column: &str, message: String| RowError::new(index + 1, row.line, column, message);
         check_code(&row.indicator, "indicator code").map_err(|m| err("indicator", m))?;
         let edition = if row.catalog_edition.is_empty() {
             LOCAL_EDITION.to_owned()
@@ -419,7 +444,12 @@ pub fn prepare_batch(
                 }
                 _ => {
                     let known = std::iter::once(context.origin.to_owned())
-                        .chain(context.districts.iter().map(|d| format!("{}/{d}", context.origin)))
+                        .chain(
+                            context
+                                .districts
+                                .iter()
+                                .map(|d| format!("{}/{d}", context.origin)),
+                        )
                         .collect::<Vec<_>>()
                         .join(", ");
                     return Err(err(
@@ -438,7 +468,12 @@ pub fn prepare_batch(
         }
         check_text(&row.unit, 64, "unit").map_err(|m| err("unit", m))?;
         check_text(&row.method_notes, 1024, "method notes").map_err(|m| err("method_notes", m))?;
-        let key = (row.indicator.clone(), edition.clone(), row.ref_area.clone(), row.period.clone());
+        let key = (
+            row.indicator.clone(),
+            edition.clone(),
+            row.ref_area.clone(),
+            row.period.clone(),
+        );
         if !seen_keys.insert(key) {
             return Err(err(
                 "indicator",
@@ -539,9 +574,15 @@ mod tests {
         let cells = &prepared.batch.observations;
         assert_eq!(cells[0].value, Some(7.5));
         assert_eq!(cells[1].value, None);
-        assert_eq!(cells[1].conf_status, ConfidentialityStatus::SuppressedPrimary as i32);
+        assert_eq!(
+            cells[1].conf_status,
+            ConfidentialityStatus::SuppressedPrimary as i32
+        );
         let encoded = format!("{:?}", prepared.batch);
-        assert!(!encoded.contains("4321"), "a contributor count leaked: {encoded}");
+        assert!(
+            !encoded.contains("4321"),
+            "a contributor count leaked: {encoded}"
+        );
     }
 
     #[test]
@@ -567,7 +608,10 @@ mod tests {
         ];
         for (input, expected) in cases {
             let err = parse_csv(input).unwrap_err().to_string();
-            assert!(err.starts_with(expected), "{err:?} does not start with {expected:?}");
+            assert!(
+                err.starts_with(expected),
+                "{err:?} does not start with {expected:?}"
+            );
         }
         let err = parse_csv(
             "indicator,area,ref_area,period,value,unit,contributors\nx,1,city-a,2025,1,u,x17\n",
@@ -585,8 +629,10 @@ mod tests {
             change(&mut rows[1]);
             prepare(&rows).unwrap_err().to_string()
         };
-        assert!(with(&|r| r.ref_area = "city-b".into()).starts_with("3: ref_area: unknown reference area \"city-b\""));
-        assert!(with(&|r| r.ref_area = "city-a/east".into()).contains("known: city-a, city-a/north, city-a/south"));
+        assert!(with(&|r| r.ref_area = "city-b".into())
+            .starts_with("3: ref_area: unknown reference area \"city-b\""));
+        assert!(with(&|r| r.ref_area = "city-a/east".into())
+            .contains("known: city-a, city-a/north, city-a/south"));
         assert!(with(&|r| r.period = "2025-Q9".into()).starts_with("3: period:"));
         assert!(with(&|r| r.value = f64::NAN).starts_with("3: value: value NaN is not finite"));
         assert!(with(&|r| r.indicator = "a b".into()).starts_with("3: indicator:"));

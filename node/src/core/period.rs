@@ -12,9 +12,8 @@ pub struct Period {
 impl Period {
     /// Parses a period, or says what is wrong with it.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = || {
-            format!("{text:?} is not an ISO 8601 period (YYYY, YYYY-Sn, YYYY-Qn or YYYY-MM)")
-        };
+        let bad =
+            || format!("{text:?} is not an ISO 8601 period (YYYY, YYYY-Sn, YYYY-Qn or YYYY-MM)");
         let (year, rest) = match text.split_once('-') {
             Some((year, rest)) => (year, Some(rest)),
             None => (text, None),
@@ -78,7 +77,9 @@ mod tests {
         assert_eq!(q3.last_month, 2025 * 12 + 8);
         assert_eq!(Period::parse("2025-07").unwrap().first_month, 2025 * 12 + 6);
         assert_eq!(Period::parse("2025-S2").unwrap().last_month, 2025 * 12 + 11);
-        for bad in ["", "25", "2025-13", "2025-Q5", "2025-Q", "2025-7", "2025-W01", "abcd", "2025-Q12"] {
+        for bad in [
+            "", "25", "2025-13", "2025-Q5", "2025-Q", "2025-7", "2025-W01", "abcd", "2025-Q12",
+        ] {
             assert!(Period::parse(bad).is_err(), "{bad}");
         }
     }

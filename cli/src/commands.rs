@@ -1,0 +1,964 @@
+//! The commands that talk to one node, and `init` / `verify`.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context};
+use civex_node::{
+    config::{template, Config},
+    core::{
+        feed::{verify_range, Entry, Tip},
+        ids::{check_origin_id, hex, unhex},
+        ingest::{area_slug, parse_area, parse_csv, parse_json, InputRow},
+    },
+    keys::{create_key_file, load_key_file, parse_public_key, public_key_hex, KeyResolver},
+};
+use civex_proto::v1::{self as pb, entry_body::Payload, subscribe_response::Event};
+use clap::Subcommand;
+use serde_json::json;
+
+use crate::{
+    client::{self, describe, with_retry},
+    output::{self, Format, Progress},
+};
+
+/// `civex publish ...`
+#[derive(Subcommand)]
+pub(crate) enum PublishCommand {
+    /// Publish a CSV or JSON file of indicator rows as one atomic entry.
+    Indicators {
+        /// The file (.csv or .json; see the README for the columns).
+        file: PathBuf,
+        /// Seconds to keep retrying while the node is unavailable.
+        #[arg(long, default_value_t = 10)]
+        wait_secs: u64,
+    },
+}
+
+/// `civex offer ...`
+#[derive(Subcommand)]
+pub(crate) enum OfferCommand {
+    /// Publish or replace an offer.
+    Publish(OfferArgs),
+    /// Withdraw an offer for good.
+    Withdraw {
+        /// Offer id.
+        id: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Answer another city's offer.
+    Respond {
+        /// Origin of the offering city.
+        #[arg(long)]
+        origin: String,
+        /// Offer id.
+        #[arg(long)]
+        offer: String,
+        /// interest, accept or decline.
+        #[arg(long)]
+        kind: String,
+        /// Message to the offering city.
+        #[arg(long, default_value = "")]
+        message: String,
+        /// Version hash answered (hex); default: the latest held.
+        #[arg(long)]
+        version: Option<String>,
+    },
+}
+
+/// The fields of an offer.
+#[derive(clap::Args)]
+pub(crate) struct OfferArgs {
+    /// Offer id, [a-z0-9][a-z0-9-]{0,63}.
+    #[arg(long)]
+    id: String,
+    /// Title.
+    #[arg(long)]
+    title: String,
+    /// Description.
+    #[arg(long, default_value = "")]
+    description: String,
+    /// Functional area (1-7 or its name, e.g. infrastructure).
+    #[arg(long)]
+    area: String,
+    /// Category slug, e.g. waste-collection.
+    #[arg(long)]
+    category: String,
+    /// Capacity.
+    #[arg(long, default_value = "")]
+    capacity: String,
+    /// Terms.
+    #[arg(long, default_value = "")]
+    terms: String,
+    /// Region where it applies.
+    #[arg(long, default_value = "")]
+    region: String,
+    /// Valid from (YYYY-MM-DD or RFC 3339, UTC).
+    #[arg(long)]
+    valid_from: String,
+    /// Valid until, exclusive (YYYY-MM-DD or RFC 3339, UTC).
+    #[arg(long)]
+    valid_until: String,
+    /// Role contact (an office, never a person's private data).
+    #[arg(long)]
+    contact: String,
+}
+
+/// `civex query ...`
+#[derive(Subcommand)]
+pub(crate) enum QueryCommand {
+    /// Current observations, all pages.
+    Observations {
+        /// Functional area (repeatable).
+        #[arg(long)]
+        area: Vec<String>,
+        /// Indicator code (repeatable).
+        #[arg(long)]
+        indicator: Vec<String>,
+        /// Origin (repeatable).
+        #[arg(long)]
+        origin: Vec<String>,
+        /// Earliest period, e.g. 2024 or 2025-Q1.
+        #[arg(long)]
+        from: Option<String>,
+        /// Latest period.
+        #[arg(long)]
+        to: Option<String>,
+        /// Rows per request.
+        #[arg(long, default_value_t = 500)]
+        page_size: u32,
+    },
+    /// Active offers.
+    Offers {
+        /// Functional area (repeatable).
+        #[arg(long)]
+        area: Vec<String>,
+        /// Category (repeatable).
+        #[arg(long)]
+        category: Vec<String>,
+        /// Origin (repeatable).
+        #[arg(long)]
+        origin: Vec<String>,
+        /// Include withdrawn, retracted and expired offers.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// `civex feed ...`
+#[derive(Subcommand)]
+pub(crate) enum FeedCommand {
+    /// Follow feeds live from the start, verifying every entry.
+    Tail {
+        /// Use the pinned keys of this node.toml (and its own key).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A pinned key, ORIGIN=HEX (repeatable).
+        #[arg(long)]
+        key: Vec<String>,
+        /// Follow only these origins (default: every origin with a key).
+        #[arg(long)]
+        origin: Vec<String>,
+        /// Stop after this many entries.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+pub(crate) fn init(
+    dir: &Path,
+    origin: &str,
+    name: &str,
+    listen: &str,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    check_origin_id(origin).map_err(|m| anyhow!("--origin: {m}"))?;
+    let config_path = dir.join("node.toml");
+    if config_path.exists() {
+        bail!(
+            "{} already exists: not overwriting a node",
+            config_path.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let text = template(origin, name, listen);
+    let parsed =
+        Config::parse(&text).map_err(|m| anyhow!("internal: template does not parse: {m}"))?;
+    parsed
+        .validate()
+        .map_err(|m| anyhow!("--listen or --origin: {m}"))?;
+    let key = create_key_file(&dir.join(&parsed.key_file))?;
+    let public = public_key_hex(&key.verifying_key());
+    std::fs::write(dir.join("feed.pub"), format!("{public}\n"))?;
+    std::fs::write(&config_path, text)
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    match format {
+        Format::Json => output::json(&json!({
+            "config": config_path, "origin": origin, "feed_key": public,
+        })),
+        Format::Table => {
+            println!("created {}", config_path.display());
+            println!("feed key (mode 0600): {}", dir.join("feed.key").display());
+            println!("public feed key, for peers' trusted_origins:");
+            println!("  \"{origin}\" = \"{public}\"");
+            println!("start it: civex-node --config {}", config_path.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_receipt(format: Format, receipt: &pb::Receipt) {
+    match format {
+        Format::Json => output::json(&json!({
+            "origin": receipt.origin, "feed_id": hex(&receipt.feed_id), "seq": receipt.seq,
+            "entry_hash": hex(&receipt.entry_hash), "published": receipt.published,
+            "suppressed": receipt.suppressed,
+        })),
+        Format::Table => output::table(
+            &["origin", "seq", "entry hash", "published", "suppressed"],
+            &[vec![
+                receipt.origin.clone(),
+                receipt.seq.to_string(),
+                hex(&receipt.entry_hash),
+                receipt.published.to_string(),
+                receipt.suppressed.to_string(),
+            ]],
+        ),
+    }
+}
+
+/// Reads a CSV or JSON indicator file; errors read `FILE:LINE: column: what`.
+pub(crate) fn read_rows(file: &Path) -> anyhow::Result<Vec<InputRow>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let is_json = file
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let rows = if is_json {
+        parse_json(&text)
+    } else {
+        parse_csv(&text)
+    };
+    rows.map_err(|err| anyhow!("{}:{err}", file.display()))
+}
+
+pub(crate) fn row_message(row: &InputRow) -> pb::IndicatorRow {
+    pb::IndicatorRow {
+        indicator: row.indicator.clone(),
+        catalog_edition: row.catalog_edition.clone(),
+        area: row.area as i32,
+        ref_area: row.ref_area.clone(),
+        period: row.period.clone(),
+        value: row.value,
+        unit: row.unit.clone(),
+        obs_status: row.obs_status as i32,
+        method_notes: row.method_notes.clone(),
+        contributors: row.contributors,
+    }
+}
+
+/// Rewrites the node's "row N: ..." into "FILE:LINE: ...".
+fn locate(file: &Path, rows: &[InputRow], message: &str) -> String {
+    let located = message
+        .strip_prefix("row ")
+        .and_then(|rest| rest.split_once(": "))
+        .and_then(|(n, rest)| Some((n.parse::<usize>().ok()?, rest)))
+        .and_then(|(n, rest)| Some((rows.get(n.checked_sub(1)?)?.line, rest)));
+    match located {
+        Some((line, rest)) => format!("{}:{line}: {rest}", file.display()),
+        None => format!("{}: {message}", file.display()),
+    }
+}
+
+pub(crate) async fn publish(
+    node: &str,
+    format: Format,
+    command: PublishCommand,
+) -> anyhow::Result<ExitCode> {
+    let PublishCommand::Indicators { file, wait_secs } = command;
+    let rows = read_rows(&file)?;
+    let request = pb::PublishIndicatorsRequest {
+        idempotency_key: client::idempotency_key()?,
+        rows: rows.iter().map(row_message).collect(),
+    };
+    let publisher = client::publish(node)?;
+    let result = with_retry(Duration::from_secs(wait_secs), || {
+        let (mut publisher, request) = (publisher.clone(), request.clone());
+        async move { publisher.publish_indicators(request).await }
+    })
+    .await;
+    match result {
+        Ok(receipt) => {
+            print_receipt(format, receipt.get_ref());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(status) if status.code() == tonic::Code::InvalidArgument => {
+            bail!(
+                "{} (nothing was published)",
+                locate(&file, &rows, status.message())
+            )
+        }
+        Err(status) => bail!(
+            "publish failed, nothing was published: {}",
+            describe(&status)
+        ),
+    }
+}
+
+/// Parses a UTC date (YYYY-MM-DD) or RFC 3339 time into Unix seconds.
+pub(crate) fn parse_time(field: &str, text: &str) -> anyhow::Result<i64> {
+    let full = if text.len() == 10 {
+        format!("{text}T00:00:00Z")
+    } else {
+        text.to_owned()
+    };
+    let time = humantime::parse_rfc3339_weak(full.trim_end_matches('Z'))
+        .map_err(|_| anyhow!("{field}: {text:?} is not a date (YYYY-MM-DD) or RFC 3339 time"))?;
+    let seconds = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| anyhow!("{field}: {text:?} is before 1970"))?
+        .as_secs();
+    Ok(seconds as i64)
+}
+
+fn format_unix(seconds: i64) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+fn format_micros(micros: i64) -> String {
+    if micros <= 0 {
+        return "-".into();
+    }
+    let time = std::time::UNIX_EPOCH + Duration::from_micros(micros as u64);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+fn area_arg(text: &str) -> anyhow::Result<i32> {
+    parse_area(text)
+        .map(|a| a as i32)
+        .map_err(|m| anyhow!("--area: {m}"))
+}
+
+async fn send_publish<F, Fut>(node: &str, format: Format, call: F) -> anyhow::Result<ExitCode>
+where
+    F: Fn(civex_proto::v1::publish_client::PublishClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<pb::Receipt>, tonic::Status>>,
+{
+    let publisher = client::publish(node)?;
+    match with_retry(Duration::from_secs(10), || call(publisher.clone())).await {
+        Ok(receipt) => {
+            print_receipt(format, receipt.get_ref());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(status) => bail!("refused, nothing was published: {}", describe(&status)),
+    }
+}
+
+pub(crate) async fn offer(
+    node: &str,
+    format: Format,
+    command: OfferCommand,
+) -> anyhow::Result<ExitCode> {
+    let idempotency_key = client::idempotency_key()?;
+    match command {
+        OfferCommand::Publish(args) => {
+            let request = pb::PublishOfferRequest {
+                idempotency_key,
+                offer: Some(pb::ServiceOffer {
+                    offer_id: args.id,
+                    title: args.title,
+                    description: args.description,
+                    area: area_arg(&args.area)?,
+                    category: args.category,
+                    capacity: args.capacity,
+                    terms: args.terms,
+                    region: args.region,
+                    valid_from_unix: parse_time("--valid-from", &args.valid_from)?,
+                    valid_until_unix: parse_time("--valid-until", &args.valid_until)?,
+                    contact_role: args.contact,
+                }),
+            };
+            send_publish(node, format, |mut c| {
+                let request = request.clone();
+                async move { c.publish_offer(request).await }
+            })
+            .await
+        }
+        OfferCommand::Withdraw { id, reason } => {
+            let request = pb::WithdrawOfferRequest {
+                idempotency_key,
+                offer_id: id,
+                reason,
+            };
+            send_publish(node, format, |mut c| {
+                let request = request.clone();
+                async move { c.withdraw_offer(request).await }
+            })
+            .await
+        }
+        OfferCommand::Respond {
+            origin,
+            offer,
+            kind,
+            message,
+            version,
+        } => {
+            let kind = match kind.as_str() {
+                "interest" => pb::ResponseKind::Interest,
+                "accept" => pb::ResponseKind::Accept,
+                "decline" => pb::ResponseKind::Decline,
+                other => bail!("--kind: {other:?} is not interest, accept or decline"),
+            };
+            let version = match version {
+                Some(text) => unhex(&text).map_err(|m| anyhow!("--version: {m}"))?,
+                None => Vec::new(),
+            };
+            let request = pb::RespondOfferRequest {
+                idempotency_key,
+                offer_origin: origin,
+                offer_id: offer,
+                offer_version_hash: version,
+                kind: kind as i32,
+                message,
+            };
+            send_publish(node, format, |mut c| {
+                let request = request.clone();
+                async move { c.respond_offer(request).await }
+            })
+            .await
+        }
+    }
+}
+
+pub(crate) async fn retract(
+    node: &str,
+    format: Format,
+    seq: u64,
+    reason: String,
+) -> anyhow::Result<ExitCode> {
+    let request = pb::RetractRequest {
+        idempotency_key: client::idempotency_key()?,
+        seq,
+        reason,
+    };
+    send_publish(node, format, |mut c| {
+        let request = request.clone();
+        async move { c.retract(request).await }
+    })
+    .await
+}
+
+fn obs_status(value: i32) -> &'static str {
+    match pb::ObservationStatus::try_from(value) {
+        Ok(pb::ObservationStatus::Normal) => "normal",
+        Ok(pb::ObservationStatus::Estimated) => "estimated",
+        Ok(pb::ObservationStatus::Provisional) => "provisional",
+        Ok(pb::ObservationStatus::Break) => "break",
+        Err(_) => "unknown",
+    }
+}
+
+fn conf_status(value: i32) -> &'static str {
+    match pb::ConfidentialityStatus::try_from(value) {
+        Ok(pb::ConfidentialityStatus::Free) => "free",
+        Ok(pb::ConfidentialityStatus::SuppressedPrimary) => "suppressed-primary",
+        Ok(pb::ConfidentialityStatus::SuppressedSecondary) => "suppressed-secondary",
+        Err(_) => "unknown",
+    }
+}
+
+/// Fetches every page of observations.
+pub(crate) async fn all_observations(
+    node: &str,
+    mut request: pb::ObservationsRequest,
+) -> anyhow::Result<Vec<pb::ObservationRecord>> {
+    let mut query = client::query(node).await?;
+    let mut records = Vec::new();
+    loop {
+        let page = query
+            .observations(request.clone())
+            .await
+            .map_err(|s| anyhow!("query refused: {}", describe(&s)))?
+            .into_inner();
+        records.extend(page.observations);
+        if page.next_page_token.is_empty() {
+            return Ok(records);
+        }
+        request.page_token = page.next_page_token;
+    }
+}
+
+fn value_text(observation: &pb::Observation) -> String {
+    observation
+        .value
+        .map_or_else(|| "confidential".to_owned(), |v| v.to_string())
+}
+
+pub(crate) async fn query(
+    node: &str,
+    format: Format,
+    command: QueryCommand,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        QueryCommand::Observations {
+            area,
+            indicator,
+            origin,
+            from,
+            to,
+            page_size,
+        } => {
+            let request = pb::ObservationsRequest {
+                areas: area.iter().map(|a| area_arg(a)).collect::<Result<_, _>>()?,
+                indicators: indicator,
+                origins: origin,
+                period_from: from.unwrap_or_default(),
+                period_to: to.unwrap_or_default(),
+                page_size,
+                page_token: String::new(),
+            };
+            let records = all_observations(node, request).await?;
+            match format {
+                Format::Json => output::json(&serde_json::Value::Array(
+                    records
+                        .iter()
+                        .map(|r| {
+                            let o = r.observation.clone().unwrap_or_default();
+                            let rules = r.rules.clone().unwrap_or_default();
+                            json!({
+                                "origin": r.origin, "seq": r.seq, "indicator": o.indicator,
+                                "catalog_edition": o.catalog_edition, "area": area_slug(o.area),
+                                "ref_area": o.ref_area, "period": o.period, "value": o.value,
+                                "unit": o.unit, "obs_status": obs_status(o.obs_status),
+                                "conf_status": conf_status(o.conf_status),
+                                "rules": format!("{} v{}", rules.name, rules.version),
+                            })
+                        })
+                        .collect(),
+                )),
+                Format::Table => output::table(
+                    &[
+                        "origin",
+                        "indicator",
+                        "ref area",
+                        "period",
+                        "value",
+                        "unit",
+                        "area",
+                        "status",
+                    ],
+                    &records
+                        .iter()
+                        .map(|r| {
+                            let o = r.observation.clone().unwrap_or_default();
+                            vec![
+                                r.origin.clone(),
+                                o.indicator.clone(),
+                                o.ref_area.clone(),
+                                o.period.clone(),
+                                value_text(&o),
+                                o.unit.clone(),
+                                area_slug(o.area).to_owned(),
+                                obs_status(o.obs_status).to_owned(),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+            }
+        }
+        QueryCommand::Offers {
+            area,
+            category,
+            origin,
+            all,
+        } => {
+            let request = pb::OffersRequest {
+                areas: area.iter().map(|a| area_arg(a)).collect::<Result<_, _>>()?,
+                categories: category,
+                origins: origin,
+                include_inactive: all,
+            };
+            let offers = client::query(node)
+                .await?
+                .offers(request)
+                .await
+                .map_err(|s| anyhow!("query refused: {}", describe(&s)))?
+                .into_inner()
+                .offers;
+            print_offers(format, &offers);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn response_kind(value: i32) -> &'static str {
+    match pb::ResponseKind::try_from(value) {
+        Ok(pb::ResponseKind::Interest) => "interest",
+        Ok(pb::ResponseKind::Accept) => "accept",
+        Ok(pb::ResponseKind::Decline) => "decline",
+        _ => "unknown",
+    }
+}
+
+pub(crate) fn print_offers(format: Format, offers: &[pb::OfferRecord]) {
+    match format {
+        Format::Json => output::json(&serde_json::Value::Array(
+            offers
+                .iter()
+                .map(|r| {
+                    let o = r.offer.clone().unwrap_or_default();
+                    json!({
+                        "origin": r.origin, "offer_id": o.offer_id, "version": hex(&r.version_hash),
+                        "seq": r.seq, "title": o.title, "area": area_slug(o.area),
+                        "category": o.category, "capacity": o.capacity, "region": o.region,
+                        "valid_from": format_unix(o.valid_from_unix),
+                        "valid_until": format_unix(o.valid_until_unix),
+                        "contact": o.contact_role, "active": r.active,
+                        "responses": r.responses.iter().map(|p| {
+                            let resp = p.response.clone().unwrap_or_default();
+                            json!({"origin": p.origin, "seq": p.seq, "kind": response_kind(resp.kind), "message": resp.message})
+                        }).collect::<Vec<_>>(),
+                    })
+                })
+                .collect(),
+        )),
+        Format::Table => output::table(
+            &["origin", "offer", "title", "area", "category", "valid until", "active", "responses"],
+            &offers
+                .iter()
+                .map(|r| {
+                    let o = r.offer.clone().unwrap_or_default();
+                    let responses = r
+                        .responses
+                        .iter()
+                        .map(|p| {
+                            let kind = p.response.as_ref().map_or(0, |x| x.kind);
+                            format!("{}:{}", p.origin, response_kind(kind))
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    vec![
+                        r.origin.clone(),
+                        o.offer_id.clone(),
+                        o.title.clone(),
+                        area_slug(o.area).to_owned(),
+                        o.category.clone(),
+                        format_unix(o.valid_until_unix),
+                        if r.active { "yes" } else { "no" }.to_owned(),
+                        responses,
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
+fn describe_payload(body: &pb::EntryBody) -> String {
+    match &body.payload {
+        Some(Payload::Indicators(batch)) => {
+            let suppressed = batch
+                .observations
+                .iter()
+                .filter(|o| o.value.is_none())
+                .count();
+            format!(
+                "indicators: {} cells, {suppressed} suppressed",
+                batch.observations.len()
+            )
+        }
+        Some(Payload::Offer(offer)) => format!("offer {}: {}", offer.offer_id, offer.title),
+        Some(Payload::Withdrawal(w)) => format!("withdrawal of offer {}", w.offer_id),
+        Some(Payload::Response(r)) => {
+            format!(
+                "{} for offer {}/{}",
+                response_kind(r.kind),
+                r.offer_origin,
+                r.offer_id
+            )
+        }
+        Some(Payload::Retraction(r)) => format!("retraction of seq {}", r.seq),
+        None => "unknown payload kind".into(),
+    }
+}
+
+fn resolver_for(
+    config: Option<&Path>,
+    keys: &[String],
+) -> anyhow::Result<BTreeMap<String, ed25519_dalek::VerifyingKey>> {
+    let mut resolved = BTreeMap::new();
+    if let Some(path) = config {
+        let config = Config::load(path, std::env::vars())?;
+        resolved.extend(
+            config
+                .pinned_keys()
+                .map_err(|m| anyhow!("{}: {m}", path.display()))?,
+        );
+        let own = load_key_file(&config.key_file)?;
+        resolved.insert(config.origin.clone(), own.verifying_key());
+    }
+    for pair in keys {
+        let (origin, key) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--key: {pair:?} is not ORIGIN=HEX"))?;
+        check_origin_id(origin).map_err(|m| anyhow!("--key: {m}"))?;
+        resolved.insert(
+            origin.to_owned(),
+            parse_public_key(key).map_err(|m| anyhow!("--key {origin}: {m}"))?,
+        );
+    }
+    if resolved.is_empty() {
+        bail!("no keys to verify with: give --config node.toml or --key ORIGIN=HEX");
+    }
+    Ok(resolved)
+}
+
+pub(crate) async fn feed(
+    node: &str,
+    format: Format,
+    command: FeedCommand,
+) -> anyhow::Result<ExitCode> {
+    let FeedCommand::Tail {
+        config,
+        key,
+        origin,
+        count,
+    } = command;
+    let keys = resolver_for(config.as_deref(), &key)?;
+    let origins: Vec<String> = if origin.is_empty() {
+        keys.keys().cloned().collect()
+    } else {
+        for o in &origin {
+            if !keys.contains_key(o) {
+                bail!("--origin {o}: no key to verify it with");
+            }
+        }
+        origin
+    };
+    let mut stream = client::feed(node)
+        .await?
+        .subscribe(pb::SubscribeRequest {
+            cursors: origins
+                .iter()
+                .map(|o| pb::Cursor {
+                    origin: o.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            all_origins: false,
+        })
+        .await
+        .map_err(|s| anyhow!("subscribe refused: {}", describe(&s)))?
+        .into_inner();
+    let mut tips: BTreeMap<String, Option<Tip>> =
+        origins.iter().map(|o| (o.clone(), None)).collect();
+    let mut seen = 0u64;
+    if count == Some(0) {
+        return Ok(ExitCode::SUCCESS);
+    }
+    while let Some(message) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow!("stream failed: {}", describe(&s)))?
+    {
+        let Some(Event::Entries(batch)) = message.event else {
+            continue;
+        };
+        let key = keys.get(&batch.origin).ok_or_else(|| {
+            anyhow!(
+                "the node sent origin {:?}, which was not asked for",
+                batch.origin
+            )
+        })?;
+        let entries = batch
+            .entries
+            .into_iter()
+            .map(Entry::decode)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow!("refused entry from {node}: {e}"))?;
+        let tip = tips.get(&batch.origin).copied().flatten();
+        let new_tip = verify_range(&batch.origin, key, tip.as_ref(), &entries)
+            .map_err(|e| anyhow!("refused entry from {node}: {e}"))?;
+        tips.insert(batch.origin.clone(), new_tip);
+        for entry in entries {
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    json!({
+                        "origin": entry.body.origin, "seq": entry.body.seq,
+                        "time": format_micros(entry.body.time_unix_micros),
+                        "hash": hex(&entry.hash), "what": describe_payload(&entry.body),
+                    })
+                ),
+                Format::Table => println!(
+                    "{}  {:>6}  {}  {}  {}",
+                    entry.body.origin,
+                    entry.body.seq,
+                    format_micros(entry.body.time_unix_micros),
+                    &hex(&entry.hash)[..16],
+                    describe_payload(&entry.body)
+                ),
+            }
+            seen += 1;
+            if count.is_some_and(|c| seen >= c) {
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn status(node: &str, format: Format) -> anyhow::Result<ExitCode> {
+    let status = client::status(node)
+        .await?
+        .node_status(pb::NodeStatusRequest {})
+        .await
+        .map_err(|s| anyhow!("status refused: {}", describe(&s)))?
+        .into_inner();
+    match format {
+        Format::Json => output::json(&json!({
+            "origin": status.origin,
+            "publish_ready": status.publish_ready,
+            "heads": status.heads.iter().map(|h| json!({
+                "origin": h.origin, "feed_id": hex(&h.feed_id), "seq": h.seq,
+                "entry_hash": hex(&h.entry_hash), "time": format_micros(h.time_unix_micros),
+                "received": format_micros(h.received_unix_micros),
+            })).collect::<Vec<_>>(),
+            "peers": status.peers.iter().map(|p| json!({
+                "name": p.name, "address": p.address, "connected": p.connected,
+                "last_error": p.last_error, "refused": p.refused,
+                "origins": p.origins.iter().map(|o| json!({
+                    "origin": o.origin, "held_seq": o.held_seq, "peer_seq": o.peer_seq,
+                    "lag": o.peer_seq.saturating_sub(o.held_seq),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })),
+        Format::Table => {
+            println!(
+                "node {}: publishing {}",
+                status.origin,
+                if status.publish_ready {
+                    "open"
+                } else {
+                    "closed (waiting for a peer or the disk)"
+                }
+            );
+            println!();
+            output::table(
+                &["origin", "seq", "last entry time", "received"],
+                &status
+                    .heads
+                    .iter()
+                    .map(|h| {
+                        vec![
+                            h.origin.clone(),
+                            h.seq.to_string(),
+                            format_micros(h.time_unix_micros),
+                            format_micros(h.received_unix_micros),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            if !status.peers.is_empty() {
+                println!();
+                let mut rows = Vec::new();
+                for peer in &status.peers {
+                    let lag = peer
+                        .origins
+                        .iter()
+                        .map(|o| format!("{}:{}", o.origin, o.peer_seq.saturating_sub(o.held_seq)))
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    rows.push(vec![
+                        peer.name.clone(),
+                        peer.address.clone(),
+                        if peer.connected { "yes" } else { "no" }.to_owned(),
+                        lag,
+                        peer.refused.to_string(),
+                        peer.last_error.clone(),
+                    ]);
+                }
+                output::table(
+                    &[
+                        "peer",
+                        "address",
+                        "connected",
+                        "lag",
+                        "refused",
+                        "last error",
+                    ],
+                    &rows,
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn verify(config_path: &Path, format: Format) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path, std::env::vars())?;
+    let own = load_key_file(&config.key_file)?;
+    let pinned = config
+        .pinned_keys()
+        .map_err(|m| anyhow!("{}: {m}", config_path.display()))?;
+    let keys = KeyResolver::new(&config.origin, own.verifying_key(), pinned);
+    let store = civex_node::store::SledStore::open(&config.data_dir, config.store.cache_mb << 20)?;
+    let total: u64 = civex_node::store::Store::heads(&store)?
+        .iter()
+        .map(|(_, h)| h.tip.seq)
+        .sum();
+    let progress = Progress::new("verifying", total);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let started = std::time::Instant::now();
+    let report = civex_node::audit::audit(&store, &keys, threads, &|done| progress.set(done))?;
+    progress.finish();
+    let seconds = started.elapsed().as_secs_f64();
+    match format {
+        Format::Json => output::json(&json!({
+            "clean": report.is_clean(),
+            "verified": report.verified(),
+            "seconds": seconds,
+            "origins": report.origins.iter().map(|o| json!({
+                "origin": o.origin, "verified": o.verified, "head_seq": o.head_seq, "problem": o.problem,
+            })).collect::<Vec<_>>(),
+        })),
+        Format::Table => {
+            output::table(
+                &["origin", "verified", "head", "result"],
+                &report
+                    .origins
+                    .iter()
+                    .map(|o| {
+                        vec![
+                            o.origin.clone(),
+                            o.verified.to_string(),
+                            o.head_seq.to_string(),
+                            o.problem.clone().unwrap_or_else(|| "ok".into()),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            println!(
+                "{} entries verified in {seconds:.1} s ({:.0}/s): {}",
+                report.verified(),
+                report.verified() as f64 / seconds.max(1e-9),
+                if report.is_clean() {
+                    "all good"
+                } else {
+                    "BAD ENTRIES FOUND"
+                }
+            );
+        }
+    }
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
