@@ -70,32 +70,40 @@ pub fn audit(
         };
         let mut tip: Option<Tip> = None;
         let mut next = 1;
-        'pages: while next <= head.tip.seq {
+        while next <= head.tip.seq {
             let page = store.entries(&origin, next, PAGE, usize::MAX)?;
             if page.is_empty() {
                 break;
             }
+            // Links first (cheap, in order), then the signatures of every
+            // entry that linked; a bad signature is reported before a broken
+            // link after it, since it is the earlier fault.
             let mut entries = Vec::with_capacity(page.len());
+            let mut link_problem = None;
             for signed in page {
-                let entry = match Entry::decode(signed) {
-                    Ok(entry) => entry,
-                    Err(err) => {
-                        origin_report.problem = Some(format!("seq {next}: {err}"));
-                        break 'pages;
+                let seq = next;
+                let linked = Entry::decode(signed)
+                    .map_err(|err| format!("seq {seq}: {err}"))
+                    .and_then(|entry| {
+                        check_link(&origin, tip.as_ref(), &entry).map_err(|e| e.to_string())?;
+                        Ok(entry)
+                    });
+                match linked {
+                    Ok(entry) => {
+                        tip = Some(entry.tip());
+                        next += 1;
+                        entries.push(entry);
                     }
-                };
-                if let Err(err) = check_link(&origin, tip.as_ref(), &entry) {
-                    origin_report.problem = Some(err.to_string());
-                    break 'pages;
+                    Err(problem) => {
+                        link_problem = Some(problem);
+                        break;
+                    }
                 }
-                tip = Some(entry.tip());
-                next += 1;
-                entries.push(entry);
             }
-            let chunk = entries.len().div_ceil(threads.max(1));
+            let chunk = entries.len().div_ceil(threads.max(1)).max(1);
             let first_bad = std::thread::scope(|scope| {
                 let workers: Vec<_> = entries
-                    .chunks(chunk.max(1))
+                    .chunks(chunk)
                     .map(|part| {
                         let checked = &checked;
                         scope.spawn(move || {
@@ -117,13 +125,15 @@ pub fn audit(
                     .filter_map(|w| w.join().ok().flatten())
                     .min_by_key(|(seq, _)| *seq)
             });
-            match first_bad {
-                Some((seq, err)) => {
-                    origin_report.verified = seq - 1;
-                    origin_report.problem = Some(err.to_string());
-                    break 'pages;
-                }
-                None => origin_report.verified = next - 1,
+            if let Some((seq, err)) = first_bad {
+                origin_report.verified = seq - 1;
+                origin_report.problem = Some(err.to_string());
+                break;
+            }
+            origin_report.verified = next - 1;
+            if link_problem.is_some() {
+                origin_report.problem = link_problem;
+                break;
             }
         }
         if origin_report.problem.is_none()

@@ -104,6 +104,35 @@ pub enum PublishError {
     Write(#[from] WriteError),
 }
 
+/// Fingerprint of an idempotency record rebuilt from the feed (the request
+/// itself is not in the feed): a repeat of its key gets the original receipt.
+pub const RECOVERED: [u8; 32] = [0; 32];
+
+/// The idempotency record of an own entry learned back from a peer, so a
+/// restored node answers retries of publishes it no longer remembers.
+pub fn recovered_record(entry: &Entry) -> Option<([u8; 16], IdempotencyRecord)> {
+    let key: [u8; 16] = entry.body.idempotency_key.as_slice().try_into().ok()?;
+    let (published, suppressed) = match &entry.body.payload {
+        Some(Payload::Indicators(batch)) => {
+            let published = batch
+                .observations
+                .iter()
+                .filter(|o| o.value.is_some())
+                .count() as u32;
+            (published, batch.observations.len() as u32 - published)
+        }
+        _ => (0, 0),
+    };
+    let record = IdempotencyRecord {
+        fingerprint: RECOVERED,
+        seq: entry.body.seq,
+        hash: entry.hash,
+        published,
+        suppressed,
+    };
+    Some((key, record))
+}
+
 /// Publishing state of the own feed.
 pub struct Publisher {
     origin: String,
@@ -244,7 +273,7 @@ impl Publisher {
         let Some(record) = self.store.idempotency(key)? else {
             return Ok(None);
         };
-        if &record.fingerprint != fingerprint {
+        if record.fingerprint != RECOVERED && &record.fingerprint != fingerprint {
             return Err(PublishError::KeyReused(hex(key)));
         }
         let feed_id = self
@@ -338,7 +367,7 @@ impl Publisher {
             .writer
             .send(Job {
                 entries: vec![Prepared::new(entry)],
-                idempotency: Some((idempotency_key, record)),
+                idempotency: vec![(idempotency_key, record)],
             })
             .await;
         let answer = match answer {

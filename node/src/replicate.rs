@@ -19,10 +19,11 @@ use tokio::sync::{oneshot, watch};
 use crate::{
     config::{PeerConfig, ReplicationConfig},
     core::{
-        feed::{verify_range, Entry, FeedError, Tip},
+        feed::{check_link, verify_range, verify_signature, Entry, FeedError, Tip},
         ids::hex,
     },
     keys::KeyResolver,
+    publish::recovered_record,
     store::SharedStore,
     transport,
     writer::{Job, Prepared, Stored, WriteError, Writer},
@@ -122,12 +123,6 @@ impl Replicator {
                     tracing::info!(peer = %peer.name, address = %peer.address, "peer ended the stream")
                 }
                 Err(err) => {
-                    if matches!(
-                        err,
-                        SessionError::Refused(_) | SessionError::UnknownOrigin(_)
-                    ) {
-                        peer.update(|s| s.refused += 1);
-                    }
                     tracing::warn!(peer = %peer.name, address = %peer.address, error = %err, retry_in_ms = backoff.as_millis() as u64, "replication stream failed");
                     peer.update(|s| s.last_error = err.to_string());
                 }
@@ -185,34 +180,59 @@ impl Replicator {
             match message.event {
                 Some(Event::Entries(batch)) => {
                     let origin = batch.origin;
-                    let key = self
-                        .keys
-                        .key_for(&origin, &[], 0)
-                        .ok_or_else(|| SessionError::UnknownOrigin(origin.clone()))?;
+                    let key = self.keys.key_for(&origin, &[], 0).ok_or_else(|| {
+                        peer.update(|s| s.refused += batch.entries.len() as u64);
+                        SessionError::UnknownOrigin(origin.clone())
+                    })?;
                     let tip = tips
                         .get(&origin)
                         .copied()
                         .ok_or_else(|| SessionError::UnknownOrigin(origin.clone()))?;
+                    let received = batch.entries.len() as u64;
                     let entries = batch
                         .entries
                         .into_iter()
                         .map(Entry::decode)
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let new_tip = verify_range(&origin, key, tip.as_ref(), &entries)?;
+                        .collect::<Result<Vec<_>, _>>()
+                        .inspect_err(|_| peer.update(|s| s.refused += received))?;
+                    let (entries, new_tip, refused) =
+                        match verify_range(&origin, key, tip.as_ref(), &entries) {
+                            Ok(new_tip) => (entries, new_tip, None),
+                            Err(err) => {
+                                let received = entries.len();
+                                let (good, good_tip, first_fault) =
+                                    valid_prefix(&origin, key, tip, entries);
+                                let bad = (received - good.len()) as u64;
+                                peer.update(|s| s.refused += bad);
+                                (good, good_tip, Some(first_fault.unwrap_or(err)))
+                            }
+                        };
                     if let Some(last) = new_tip {
                         peer.update(|s| {
                             let seen = s.peer_heads.entry(origin.clone()).or_default();
                             *seen = (*seen).max(last.seq);
                         });
                     }
-                    tips.insert(origin, new_tip);
+                    tips.insert(origin.clone(), new_tip);
+                    let idempotency = if origin == self.own_origin {
+                        entries.iter().filter_map(recovered_record).collect()
+                    } else {
+                        Vec::new()
+                    };
                     let job = Job {
                         entries: entries.into_iter().map(Prepared::new).collect(),
-                        idempotency: None,
+                        idempotency,
                     };
                     pending.push_back(self.writer.send(job).await?);
                     while pending.len() > IN_FLIGHT_COMMITS {
                         await_commit(pending.pop_front()).await?;
+                    }
+                    if let Some(err) = refused {
+                        // Keep what verified before the bad entry, then drop the stream.
+                        while let Some(answer) = pending.pop_front() {
+                            await_commit(Some(answer)).await?;
+                        }
+                        return Err(err.into());
                     }
                 }
                 Some(Event::Drained(drained)) => {
@@ -245,6 +265,29 @@ impl Replicator {
         }
         Ok(())
     }
+}
+
+/// The longest prefix of `entries` that verifies entry by entry (link and
+/// strict signature), used once a range has failed as a whole, with the
+/// fault of the first entry refused.
+fn valid_prefix(
+    origin: &str,
+    key: &ed25519_dalek::VerifyingKey,
+    tip: Option<Tip>,
+    entries: Vec<Entry>,
+) -> (Vec<Entry>, Option<Tip>, Option<FeedError>) {
+    let mut current = tip;
+    let mut good = Vec::new();
+    for entry in entries {
+        let checked = check_link(origin, current.as_ref(), &entry)
+            .and_then(|()| verify_signature(key, &entry));
+        if let Err(fault) = checked {
+            return (good, current, Some(fault));
+        }
+        current = Some(entry.tip());
+        good.push(entry);
+    }
+    (good, current, None)
 }
 
 async fn await_commit(

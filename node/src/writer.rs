@@ -53,8 +53,9 @@ impl Prepared {
 pub struct Job {
     /// Consecutive entries of one origin, verified.
     pub entries: Vec<Prepared>,
-    /// Idempotency record of an own publish.
-    pub idempotency: Option<([u8; 16], IdempotencyRecord)>,
+    /// Idempotency records of own-feed entries in this job; each is kept
+    /// only if its entry is newly stored.
+    pub idempotency: Vec<([u8; 16], IdempotencyRecord)>,
 }
 
 /// What a job came to.
@@ -302,9 +303,13 @@ impl WriterThread {
         batch
             .index
             .extend(new.iter().flat_map(|p| p.index.iter().cloned()));
-        if let Some(record) = job.idempotency {
-            batch.idempotency.push(record);
-        }
+        let start_seq = start_tip.map_or(0, |t| t.seq);
+        batch.idempotency.extend(
+            job.idempotency
+                .iter()
+                .filter(|(_, r)| r.seq > start_seq)
+                .copied(),
+        );
         if let Some(tip) = tip {
             changed.insert(origin.to_owned(), tip);
         }
@@ -349,7 +354,7 @@ mod tests {
     fn job(entries: &[Entry]) -> Job {
         Job {
             entries: entries.iter().cloned().map(Prepared::new).collect(),
-            idempotency: None,
+            idempotency: Vec::new(),
         }
     }
 

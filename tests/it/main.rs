@@ -1,1 +1,13 @@
+//! End-to-end tests: real nodes on 127.0.0.1 port 0 with a temp dir each,
+//! driven through gRPC clients and the built `civex` / `civex-node` binaries.
 
+#![allow(unreachable_pub)]
+
+mod cli;
+mod daemon;
+mod feed;
+mod interop;
+mod publish_query;
+mod replication;
+mod support;
+mod tamper;

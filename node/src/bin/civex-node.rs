@@ -14,6 +14,10 @@ struct Args {
     /// Path of node.toml.
     #[arg(long, short, default_value = "node.toml")]
     config: PathBuf,
+    /// Write the address actually bound (useful with port 0) to this file
+    /// once the node listens.
+    #[arg(long)]
+    address_file: Option<PathBuf>,
 }
 
 async fn shutdown_signal() {
@@ -45,6 +49,13 @@ async fn main() -> anyhow::Result<()> {
                 args.config.display()
             )
         })?;
+    if let Some(path) = &args.address_file {
+        let address = listener.local_addr()?.to_string();
+        let temporary = path.with_extension("tmp");
+        std::fs::write(&temporary, format!("{address}\n"))
+            .and_then(|()| std::fs::rename(&temporary, path))
+            .with_context(|| format!("--address-file {}: cannot write", path.display()))?;
+    }
     civex_node::node::run(config, listener, shutdown_signal()).await?;
     Ok(())
 }

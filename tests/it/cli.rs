@@ -1,0 +1,388 @@
+//! Every `civex` subcommand, run as the built binary against real nodes.
+
+use std::os::unix::fs::PermissionsExt;
+
+use crate::support::{
+    civex_async, eventually, make_key, publish_row, stderr, stdout, Proxy, Spec, TestNode, NOWHERE,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_makes_a_private_key_and_a_valid_config_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    let path = node_dir.to_str().unwrap();
+    let out = civex_async(&[
+        "init",
+        path,
+        "--origin",
+        "br-ibge-3550308",
+        "--name",
+        "São Paulo",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("\"br-ibge-3550308\" = \""));
+    let mode = std::fs::metadata(node_dir.join("feed.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let config =
+        civex_node::config::Config::load(&node_dir.join("node.toml"), std::iter::empty()).unwrap();
+    assert_eq!(config.name, "São Paulo");
+    let again = civex_async(&["init", path, "--origin", "br-ibge-3550308"]).await;
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
+    let bad = civex_async(&[
+        "init",
+        dir.path().join("x").to_str().unwrap(),
+        "--origin",
+        "São Paulo",
+    ])
+    .await;
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("--origin: origin id \"São Paulo\""),
+        "{}",
+        stderr(&bad)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_indicators_from_csv_and_json_is_atomic() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(
+        &dir.path().join("node"),
+        Spec::new("city-a").districts(&["north"]),
+    )
+    .await;
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let header = "indicator,area,ref_area,period,value,unit,contributors\n";
+    let bad_value = file(
+        "bad-value.csv",
+        &format!("{header}jobs,economy,city-a,2025,7.5,percent,100\nfirms,economy,city-a,2025,2,firms,40\nco2,4,city-a,2025,\"1,2.3\",t,9\n"),
+    );
+    let out = civex_async(&["--node", &node.address, "publish", "indicators", &bad_value]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("{bad_value}:4: value: not a number: \"1,2.3\"")),
+        "{}",
+        stderr(&out)
+    );
+    let bad_area = file(
+        "bad-area.csv",
+        &format!("{header}jobs,economy,city-a,2025,7.5,percent,100\nfirms,economy,city-a/east,2025,2,firms,40\n"),
+    );
+    let out = civex_async(&["--node", &node.address, "publish", "indicators", &bad_area]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!(
+            "{bad_area}:3: ref_area: unknown reference area \"city-a/east\""
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("nothing was published"));
+    assert_eq!(
+        node.head("city-a").await.0,
+        0,
+        "a failed file published something"
+    );
+
+    let good = file(
+        "good.csv",
+        &format!("{header}jobs,economy,city-a,2025,7.5,percent,100\nfirms,economy,city-a/north,2025,2,firms,2\n"),
+    );
+    let out = civex_async(&[
+        "--node",
+        &node.address,
+        "--output",
+        "json",
+        "publish",
+        "indicators",
+        &good,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let receipt: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            receipt["seq"].as_u64(),
+            receipt["published"].as_u64(),
+            receipt["suppressed"].as_u64()
+        ),
+        (Some(1), Some(1), Some(1))
+    );
+    let json = file(
+        "rows.json",
+        r#"[{"indicator": "co2", "area": "environment", "ref_area": "city-a", "period": "2025", "value": 2.4, "unit": "t", "contributors": 50}]"#,
+    );
+    let out = civex_async(&["--node", &node.address, "publish", "indicators", &json]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("published"), "{}", stdout(&out));
+
+    let out = civex_async(&["--node", &node.address, "query", "observations"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    assert!(
+        table.contains("confidential") && table.contains("co2") && table.contains("7.5"),
+        "{table}"
+    );
+    let out = civex_async(&[
+        "--node",
+        &node.address,
+        "--output",
+        "json",
+        "query",
+        "observations",
+        "--area",
+        "environment",
+    ])
+    .await;
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1);
+    assert_eq!(rows[0]["indicator"], "co2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_responses_status_and_feed_tail_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    let (a_key, b_key) = (make_key(&a_dir), make_key(&b_dir));
+    let (proxy_a, proxy_b) = (Proxy::start(NOWHERE).await, Proxy::start(NOWHERE).await);
+    let a = TestNode::start(
+        &a_dir,
+        Spec::new("city-a")
+            .peer("city-b", &proxy_b.address)
+            .trust("city-b", &b_key),
+    )
+    .await;
+    proxy_a.set_target(&a.address);
+    let b = TestNode::start(
+        &b_dir,
+        Spec::new("city-b")
+            .peer("city-a", &proxy_a.address)
+            .trust("city-a", &a_key),
+    )
+    .await;
+    proxy_b.set_target(&b.address);
+
+    let offer = [
+        "--node",
+        &a.address,
+        "offer",
+        "publish",
+        "--id",
+        "waste",
+        "--title",
+        "Waste collection",
+        "--area",
+        "environment",
+        "--category",
+        "waste-collection",
+        "--valid-from",
+        "2020-01-01",
+        "--valid-until",
+        "2099-01-01",
+        "--contact",
+        "public works office",
+    ];
+    let out = civex_async(&offer).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    eventually("B to hold A's offer", || async {
+        b.head("city-a").await.0 >= 1
+    })
+    .await;
+    let out = civex_async(&[
+        "--node",
+        &b.address,
+        "offer",
+        "respond",
+        "--origin",
+        "city-a",
+        "--offer",
+        "waste",
+        "--kind",
+        "interest",
+        "--message",
+        "from 2026",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = civex_async(&[
+        "--node", &b.address, "offer", "respond", "--origin", "city-a", "--offer", "waste",
+        "--kind", "maybe",
+    ])
+    .await;
+    assert!(
+        stderr(&out).contains("--kind: \"maybe\""),
+        "{}",
+        stderr(&out)
+    );
+    eventually("A to hold B's response", || async {
+        a.head("city-b").await.0 >= 1
+    })
+    .await;
+    let out = civex_async(&["--node", &a.address, "query", "offers"]).await;
+    assert!(stdout(&out).contains("city-b:interest"), "{}", stdout(&out));
+
+    let out = civex_async(&["--node", &a.address, "--output", "json", "status"]).await;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["origin"], "city-a");
+    assert_eq!(status["peers"][0]["name"], "city-b");
+    assert_eq!(status["peers"][0]["connected"], true);
+    let out = civex_async(&["--node", &a.address, "status"]).await;
+    assert!(stdout(&out).contains("publishing open"), "{}", stdout(&out));
+
+    let out = civex_async(&[
+        "--node",
+        &a.address,
+        "offer",
+        "withdraw",
+        "waste",
+        "--reason",
+        "contract signed",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = civex_async(&["--node", &a.address, "--output", "json", "query", "offers"]).await;
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+        serde_json::json!([])
+    );
+
+    let out = civex_async(&[
+        "--node",
+        &a.address,
+        "retract",
+        "1",
+        "--reason",
+        "wrong terms",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let config = a_dir.join("node.toml");
+    let out = civex_async(&[
+        "--node",
+        &a.address,
+        "feed",
+        "tail",
+        "--config",
+        config.to_str().unwrap(),
+        "--count",
+        "4",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = stdout(&out);
+    assert_eq!(lines.lines().count(), 4, "{lines}");
+    for expected in [
+        "offer waste",
+        "withdrawal of offer waste",
+        "retraction of seq 1",
+        "interest for offer city-a/waste",
+    ] {
+        assert!(lines.contains(expected), "{expected:?} missing: {lines}");
+    }
+    let wrong_key = format!("city-a={}", b_key);
+    let out = civex_async(&[
+        "--node", &a.address, "feed", "tail", "--key", &wrong_key, "--count", "1",
+    ])
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid signature"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_is_down_is_named() {
+    let out = civex_async(&["--node", crate::support::NOWHERE, "status"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot reach the node at 127.0.0.1:9"),
+        "{}",
+        stderr(&out)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
+    publish_row(&node, "x", 1.0).await;
+    let out = civex_async(&[
+        "--node",
+        &node.address,
+        "query",
+        "observations",
+        "--from",
+        "2025-Q9",
+    ])
+    .await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("period_from"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_prints_a_regional_table_from_replicas() {
+    let out = civex_async(&["demo"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for expected in civex_node::core::ingest::AREA_SLUGS.iter().copied().chain([
+        "vale-do-sol",
+        "sao-bento",
+        "rio-claro",
+        "sao-bento:interest",
+        "1 +1",
+    ]) {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from the demo output:\n{text}"
+        );
+    }
+    let out = civex_async(&["demo", "--output", "json"]).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["region"].as_array().unwrap().len(), 3);
+    assert_eq!(json["region"][0]["areas"]["economy"]["suppressed"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_every_measurement() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = civex_async(&[
+        "bench",
+        "--entries",
+        "4000",
+        "--publishes",
+        "400",
+        "--publishers",
+        "8",
+        "--rate",
+        "200",
+        "--latency-secs",
+        "1",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for expected in [
+        "ed25519 strict verify",
+        "verify: 4000 entries",
+        "catch-up: 4000 entries",
+        "durable publish: 400 entries",
+        "ack latency at 200/s",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing:\n{text}");
+    }
+}

@@ -1,0 +1,165 @@
+//! Subscriptions: backlog, live tail, exact resume, cursor mismatch.
+
+use civex_node::{
+    core::feed::{verify_range, Entry, Tip},
+    keys::parse_public_key,
+};
+use civex_proto::v1::{self as pb, subscribe_response::Event};
+use tonic::Streaming;
+
+use crate::support::{publish_row, Spec, TestNode};
+
+/// Reads the next event, failing after the deadline.
+async fn next_event(stream: &mut Streaming<pb::SubscribeResponse>) -> Event {
+    let message = tokio::time::timeout(crate::support::DEADLINE, stream.message())
+        .await
+        .expect("no message before the deadline")
+        .unwrap()
+        .expect("the stream ended");
+    message.event.unwrap()
+}
+
+/// Reads entries until `count` have arrived, verifying them from `tip`.
+async fn read_entries(
+    stream: &mut Streaming<pb::SubscribeResponse>,
+    key: &ed25519_dalek::VerifyingKey,
+    tip: &mut Option<Tip>,
+    count: usize,
+) -> Vec<Entry> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        match next_event(stream).await {
+            Event::Entries(batch) => {
+                let entries: Vec<Entry> = batch
+                    .entries
+                    .into_iter()
+                    .map(|e| Entry::decode(e).unwrap())
+                    .collect();
+                *tip = verify_range("city-a", key, tip.as_ref(), &entries).unwrap();
+                out.extend(entries);
+            }
+            Event::Drained(_) => {}
+            Event::Mismatch(m) => panic!("unexpected mismatch {m:?}"),
+        }
+    }
+    out
+}
+
+fn cursor(tip: Option<&Tip>) -> pb::Cursor {
+    pb::Cursor {
+        origin: "city-a".into(),
+        feed_id: tip.map(|t| t.feed_id.to_vec()).unwrap_or_default(),
+        seq: tip.map_or(0, |t| t.seq),
+        entry_hash: tip.map(|t| t.hash.to_vec()).unwrap_or_default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_then_live_tail_then_exact_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
+    let key = parse_public_key(&node.public_key).unwrap();
+    for i in 0..5 {
+        publish_row(&node, &format!("i{i}"), 1.0).await;
+    }
+    let mut stream = node
+        .feed()
+        .await
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![cursor(None)],
+            all_origins: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tip = None;
+    let backlog = read_entries(&mut stream, &key, &mut tip, 5).await;
+    assert_eq!(
+        backlog.iter().map(|e| e.body.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    match next_event(&mut stream).await {
+        Event::Drained(d) => assert_eq!((d.origin.as_str(), d.head_seq), ("city-a", 5)),
+        other => panic!("expected the backlog marker, got {other:?}"),
+    }
+    for i in 5..8 {
+        publish_row(&node, &format!("i{i}"), 1.0).await;
+    }
+    let live = read_entries(&mut stream, &key, &mut tip, 3).await;
+    assert_eq!(
+        live.iter().map(|e| e.body.seq).collect::<Vec<_>>(),
+        [6, 7, 8]
+    );
+    drop(stream);
+
+    // Resume exactly after seq 8, while seq 9 is published.
+    publish_row(&node, "i8", 1.0).await;
+    let mut resumed = node
+        .feed()
+        .await
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![cursor(tip.as_ref())],
+            all_origins: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let next = read_entries(&mut resumed, &key, &mut tip, 1).await;
+    assert_eq!(
+        next[0].body.seq, 9,
+        "resume did not start at the exact next entry"
+    );
+    assert_eq!(node.head("city-a").await, (9, tip.unwrap().hash.to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_naming_another_entry_gets_the_evidence_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
+    let receipts = [
+        publish_row(&node, "a", 1.0).await,
+        publish_row(&node, "b", 1.0).await,
+    ];
+    publish_row(&node, "c", 1.0).await;
+    let mut stream = node
+        .feed()
+        .await
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![pb::Cursor {
+                origin: "city-a".into(),
+                feed_id: receipts[1].feed_id.clone(),
+                seq: 2,
+                entry_hash: vec![0xee; 32],
+            }],
+            all_origins: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match next_event(&mut stream).await {
+        Event::Mismatch(m) => {
+            let held = Entry::decode(m.held.unwrap()).unwrap();
+            assert_eq!(held.body.seq, 2);
+            assert_eq!(held.hash.to_vec(), receipts[1].entry_hash);
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+    let bad = node
+        .feed()
+        .await
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![pb::Cursor {
+                origin: "City A".into(),
+                ..Default::default()
+            }],
+            all_origins: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(
+        bad.message().contains("cursors: origin id \"City A\""),
+        "{}",
+        bad.message()
+    );
+}

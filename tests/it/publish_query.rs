@@ -1,0 +1,467 @@
+//! Publishing and querying through a real gRPC client.
+
+use civex_proto::v1::{self as pb, ConfidentialityStatus, FunctionalArea};
+use prost::Message;
+use tonic::Code;
+
+use crate::support::{key, row, Spec, TestNode};
+
+async fn all_observations(
+    node: &TestNode,
+    mut request: pb::ObservationsRequest,
+) -> (Vec<pb::ObservationRecord>, usize) {
+    let mut query = node.query().await;
+    let mut records = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = query
+            .observations(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        records.extend(page.observations);
+        if page.next_page_token.is_empty() {
+            return (records, pages);
+        }
+        request.page_token = page.next_page_token;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_then_query_current_values_with_filters_and_paging() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a").districts(&["north"])).await;
+    let mut rows = vec![
+        row("jobs", "city-a", "2025", 7.5, 100),
+        row("jobs", "city-a", "2024", 8.0, 100),
+        row("firms", "city-a", "2025-Q3", 2.0, 2),
+        row("outages", "city-a/north", "2025-07", 3.0, 50),
+        row("co2", "city-a", "2025", 2.4, 1000),
+    ];
+    rows[4].area = FunctionalArea::Environment as i32;
+    let receipt = node
+        .publisher()
+        .await
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (receipt.seq, receipt.published, receipt.suppressed),
+        (1, 4, 1)
+    );
+    assert_eq!(node.head("city-a").await, (1, receipt.entry_hash.clone()));
+
+    let (all, _) = all_observations(&node, pb::ObservationsRequest::default()).await;
+    assert_eq!(all.len(), 5);
+    let firms = all
+        .iter()
+        .find(|r| r.observation.as_ref().unwrap().indicator == "firms")
+        .unwrap();
+    let firms = firms.observation.as_ref().unwrap();
+    assert_eq!(firms.value, None);
+    assert_eq!(
+        firms.conf_status,
+        ConfidentialityStatus::SuppressedPrimary as i32
+    );
+
+    let only = |request: pb::ObservationsRequest| async {
+        let (records, _) = all_observations(&node, request).await;
+        let mut names: Vec<String> = records
+            .into_iter()
+            .map(|r| {
+                let o = r.observation.unwrap();
+                format!("{}@{}", o.indicator, o.period)
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        only(pb::ObservationsRequest {
+            areas: vec![FunctionalArea::Environment as i32],
+            ..Default::default()
+        })
+        .await,
+        ["co2@2025"]
+    );
+    assert_eq!(
+        only(pb::ObservationsRequest {
+            period_from: "2025-Q3".into(),
+            period_to: "2025".into(),
+            ..Default::default()
+        })
+        .await,
+        ["firms@2025-Q3", "outages@2025-07"]
+    );
+    assert_eq!(
+        only(pb::ObservationsRequest {
+            indicators: vec!["jobs".into()],
+            origins: vec!["city-a".into()],
+            ..Default::default()
+        })
+        .await,
+        ["jobs@2024", "jobs@2025"]
+    );
+    assert!(only(pb::ObservationsRequest {
+        origins: vec!["city-z".into()],
+        ..Default::default()
+    })
+    .await
+    .is_empty());
+    let (paged, pages) = all_observations(
+        &node,
+        pb::ObservationsRequest {
+            page_size: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(pages, 3);
+    assert_eq!(paged, all);
+
+    // A newer value replaces the old one; retracting it brings the old one back.
+    let update = node
+        .publisher()
+        .await
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows: vec![row("jobs", "city-a", "2025", 6.9, 100)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let jobs_2025 = || async {
+        let (records, _) = all_observations(
+            &node,
+            pb::ObservationsRequest {
+                indicators: vec!["jobs".into()],
+                period_from: "2025".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(records.len(), 1, "one current value per key");
+        records[0].observation.as_ref().unwrap().value
+    };
+    assert_eq!(jobs_2025().await, Some(6.9));
+    node.publisher()
+        .await
+        .retract(pb::RetractRequest {
+            idempotency_key: key(),
+            seq: update.seq,
+            reason: "typo".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(jobs_2025().await, Some(7.5));
+
+    let bad_token = node
+        .query()
+        .await
+        .observations(pb::ObservationsRequest {
+            page_token: "zz".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_token.code(), Code::InvalidArgument);
+    assert!(bad_token.message().contains("page_token"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_is_idempotent_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
+    let request = pb::PublishIndicatorsRequest {
+        idempotency_key: key(),
+        rows: vec![row("jobs", "city-a", "2025", 7.5, 100)],
+    };
+    let mut publisher = node.publisher().await;
+    let first = publisher
+        .publish_indicators(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let again = publisher
+        .publish_indicators(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first, again);
+    assert_eq!(node.head("city-a").await.0, 1, "a retry published twice");
+    let mut different = request.clone();
+    different.rows[0].value = 9.0;
+    let err = publisher.publish_indicators(different).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(node.head("city-a").await.0, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_name_the_field_and_publish_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a").districts(&["north"])).await;
+    let mut publisher = node.publisher().await;
+    let good = || row("jobs", "city-a", "2025", 1.0, 100);
+    let cases: Vec<(Vec<pb::IndicatorRow>, Vec<u8>, &str)> = vec![
+        (
+            vec![
+                good(),
+                row("firms", "city-a", "2025", 1.0, 9),
+                row("x", "city-a/east", "2025", 1.0, 9),
+            ],
+            key(),
+            "row 3: ref_area: unknown reference area \"city-a/east\"",
+        ),
+        (
+            vec![row("x", "city-a", "2025", f64::NAN, 9)],
+            key(),
+            "row 1: value: value NaN is not finite",
+        ),
+        (
+            vec![row("x", "city-a", "2025-13", 1.0, 9)],
+            key(),
+            "row 1: period",
+        ),
+        (vec![good(), good()], key(), "appears twice"),
+        (
+            vec![
+                row("x", "city-a", "2025", 1.0, 9),
+                row("x", "city-a/north", "2025", 1.0, 9),
+            ],
+            key(),
+            "a total with its components is refused",
+        ),
+        (vec![], key(), "no rows"),
+        (
+            vec![good()],
+            vec![1, 2, 3],
+            "idempotency_key: must be 16 bytes, got 3",
+        ),
+    ];
+    for (rows, idempotency_key, expected) in cases {
+        let err = publisher
+            .publish_indicators(pb::PublishIndicatorsRequest {
+                idempotency_key,
+                rows,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(
+            err.message().contains(expected),
+            "{:?} lacks {expected:?}",
+            err.message()
+        );
+    }
+    let mut bad_area = good();
+    bad_area.area = 42;
+    let err = publisher
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows: vec![bad_area],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .contains("row 1: area: 42 is not a functional area"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        node.head("city-a").await.0,
+        0,
+        "a refused request changed the feed"
+    );
+    assert!(node.status().await.heads.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_message_is_refused_and_the_node_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
+    let mut big = row("jobs", "city-a", "2025", 1.0, 100);
+    big.method_notes = "x".repeat(5 << 20);
+    let mut publisher = node.publisher().await.max_encoding_message_size(64 << 20);
+    let err = publisher
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows: vec![big],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{err:?}"
+    );
+    // Too large for one entry, though the message fits: refused by name.
+    let rows: Vec<_> = (0..2000)
+        .map(|i| row(&format!("indicator-{i}"), "city-a", "2025", 1.0, 100))
+        .collect();
+    let err = publisher
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("65536-byte limit"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(node.head("city-a").await.0, 0);
+    crate::support::publish_row(&node, "jobs", 1.0).await;
+    assert_eq!(node.head("city-a").await.0, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_threshold_suppresses_small_cells_and_counts_never_leave_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
+    let rows = vec![
+        row("a", "city-a", "2025", 11.0, 0),
+        row("b", "city-a", "2025", 12.0, 2),
+        row("c", "city-a", "2025", 13.0, 3),
+        row("d", "city-a", "2025", 14.0, 987_654_321),
+    ];
+    let receipt = node
+        .publisher()
+        .await
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((receipt.published, receipt.suppressed), (2, 2));
+    // The signed entry, as any subscriber receives it.
+    let mut stream = node
+        .feed()
+        .await
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![pb::Cursor {
+                origin: "city-a".into(),
+                ..Default::default()
+            }],
+            all_origins: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::subscribe_response::Event::Entries(batch)) =
+        stream.message().await.unwrap().unwrap().event
+    else {
+        panic!("expected entries first");
+    };
+    let body_bytes = batch.entries[0].body.clone();
+    let body = pb::EntryBody::decode(body_bytes.as_ref()).unwrap();
+    let Some(pb::entry_body::Payload::Indicators(published)) = body.payload else {
+        panic!("not an indicator batch");
+    };
+    let values: Vec<Option<f64>> = published.observations.iter().map(|o| o.value).collect();
+    assert_eq!(values, [None, None, Some(13.0), Some(14.0)]);
+    let rules = published.rules.clone().unwrap();
+    assert_eq!(
+        (rules.name.as_str(), rules.min_contributors),
+        ("civex-threshold", 3)
+    );
+    let text = format!("{published:?}");
+    assert!(!text.contains("987654321"));
+    let mut varint = Vec::new();
+    prost::encoding::encode_varint(987_654_321, &mut varint);
+    assert!(
+        !body_bytes.windows(varint.len()).any(|w| w == varint),
+        "the count is in the signed bytes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_can_be_withdrawn_for_good_and_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let offer = |id: &str, from: i64, until: i64| pb::PublishOfferRequest {
+        idempotency_key: key(),
+        offer: Some(pb::ServiceOffer {
+            offer_id: id.into(),
+            title: "Shared data centre".into(),
+            area: FunctionalArea::Infrastructure as i32,
+            category: "data-centre".into(),
+            valid_from_unix: from,
+            valid_until_unix: until,
+            contact_role: "IT office".into(),
+            ..Default::default()
+        }),
+    };
+    let mut publisher = node.publisher().await;
+    publisher
+        .publish_offer(offer("dc", now - 10, now + 1000))
+        .await
+        .unwrap();
+    publisher
+        .publish_offer(offer("old", now - 1000, now - 10))
+        .await
+        .unwrap();
+    let node = &node;
+    let offers = |all: bool| async move {
+        node.query()
+            .await
+            .offers(pb::OffersRequest {
+                include_inactive: all,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .offers
+            .into_iter()
+            .map(|o| (o.offer.unwrap().offer_id, o.active))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(offers(false).await, [("dc".to_string(), true)]);
+    publisher
+        .withdraw_offer(pb::WithdrawOfferRequest {
+            idempotency_key: key(),
+            offer_id: "dc".into(),
+            reason: "full".into(),
+        })
+        .await
+        .unwrap();
+    assert!(offers(false).await.is_empty());
+    assert_eq!(offers(true).await.len(), 2);
+    let err = publisher
+        .publish_offer(offer("dc", now, now + 10))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("withdrawal is final"),
+        "{}",
+        err.message()
+    );
+    let err = publisher
+        .publish_offer(offer("Bad Id", now, now + 10))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("offer_id:"), "{}", err.message());
+    let err = publisher
+        .publish_offer(offer("later", now + 10, now))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().starts_with("valid_until:"),
+        "{}",
+        err.message()
+    );
+}

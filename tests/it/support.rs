@@ -1,0 +1,457 @@
+//! Test support: real nodes on 127.0.0.1 port 0, a temp dir per node,
+//! gRPC clients, a TCP proxy that keeps a restarted node's address, the
+//! built binaries, and waiting on conditions with a deadline.
+
+#![allow(dead_code)]
+
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use civex_node::{
+    config::{template, Config},
+    keys::{create_key_file, load_key_file, public_key_hex},
+    node::NodeError,
+};
+use civex_proto::v1::{
+    self as pb, feed_client::FeedClient, publish_client::PublishClient, query_client::QueryClient,
+    status_client::StatusClient,
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// How long any condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Waits until `check` returns true, or panics naming `what`.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Blocking version of [`eventually`] for non-async tests.
+pub fn eventually_blocking(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What a test node is.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub origin: String,
+    pub districts: Vec<String>,
+    /// (name, address) of peers.
+    pub peers: Vec<(String, String)>,
+    /// (origin, hex key) pinned.
+    pub trusted: Vec<(String, String)>,
+    pub allow_without_peers: bool,
+    pub min_contributors: u32,
+}
+
+impl Spec {
+    pub fn new(origin: &str) -> Self {
+        Self {
+            origin: origin.into(),
+            districts: Vec::new(),
+            peers: Vec::new(),
+            trusted: Vec::new(),
+            allow_without_peers: false,
+            min_contributors: 3,
+        }
+    }
+
+    pub fn peer(mut self, name: &str, address: &str) -> Self {
+        self.peers.push((name.into(), address.into()));
+        self
+    }
+
+    pub fn trust(mut self, origin: &str, key: &str) -> Self {
+        self.trusted.push((origin.into(), key.into()));
+        self
+    }
+
+    pub fn districts(mut self, districts: &[&str]) -> Self {
+        self.districts = districts.iter().map(|d| d.to_string()).collect();
+        self
+    }
+
+    pub fn allow_without_peers(mut self) -> Self {
+        self.allow_without_peers = true;
+        self
+    }
+}
+
+/// Creates the node directory (key on first use) and writes its node.toml
+/// for `listen`; returns the config path and the public key.
+pub fn write_node_dir(dir: &Path, spec: &Spec, listen: &str) -> (PathBuf, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let key_path = dir.join("feed.key");
+    let key = if key_path.exists() {
+        load_key_file(&key_path).unwrap()
+    } else {
+        create_key_file(&key_path).unwrap()
+    };
+    let mut text = template(&spec.origin, &spec.origin, listen)
+        .replace("backoff_initial_ms = 200", "backoff_initial_ms = 20")
+        .replace("backoff_max_ms = 30000", "backoff_max_ms = 300")
+        .replace("connect_timeout_ms = 5000", "connect_timeout_ms = 2000")
+        .replace(
+            "min_contributors = 3",
+            &format!("min_contributors = {}", spec.min_contributors),
+        )
+        .replace("level = \"info\"", "level = \"warn\"");
+    let districts: Vec<String> = spec.districts.iter().map(|d| format!("{d:?}")).collect();
+    text = text.replace(
+        "districts = []",
+        &format!("districts = [{}]", districts.join(", ")),
+    );
+    if spec.allow_without_peers {
+        text = text.replace("allow_without_peers = false", "allow_without_peers = true");
+    }
+    let trusted: String = spec
+        .trusted
+        .iter()
+        .map(|(o, k)| format!("{o:?} = {k:?}\n"))
+        .collect();
+    text = text.replace(
+        "[trusted_origins]\n",
+        &format!("[trusted_origins]\n{trusted}"),
+    );
+    for (name, address) in &spec.peers {
+        text.push_str(&format!(
+            "\n[[peers]]\nname = {name:?}\naddress = {address:?}\n"
+        ));
+    }
+    let path = dir.join("node.toml");
+    std::fs::write(&path, text).unwrap();
+    (path, public_key_hex(&key.verifying_key()))
+}
+
+/// Creates a node directory with a new feed key; returns the public key.
+pub fn make_key(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    public_key_hex(
+        &create_key_file(&dir.join("feed.key"))
+            .unwrap()
+            .verifying_key(),
+    )
+}
+
+/// An address where nothing listens (the discard port), for proxies whose
+/// node is not up yet.
+pub const NOWHERE: &str = "127.0.0.1:9";
+
+/// A node running in this process.
+pub struct TestNode {
+    pub spec: Spec,
+    pub dir: PathBuf,
+    pub address: String,
+    pub public_key: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), NodeError>>>,
+}
+
+impl TestNode {
+    /// Starts a node in `dir` on a fresh 127.0.0.1 port.
+    pub async fn start(dir: &Path, spec: Spec) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (path, public_key) = write_node_dir(dir, &spec, &address);
+        let config = Config::load(&path, std::iter::empty()).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(civex_node::node::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            spec,
+            dir: dir.to_path_buf(),
+            address,
+            public_key,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the node gracefully and waits for it.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// Stops and starts again on a new port with the same dir and spec.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        *self = Self::start(&self.dir.clone(), self.spec.clone()).await;
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("node.toml")
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.address))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn publisher(&self) -> PublishClient<Channel> {
+        PublishClient::new(self.channel().await)
+    }
+
+    pub async fn query(&self) -> QueryClient<Channel> {
+        QueryClient::new(self.channel().await)
+    }
+
+    pub async fn feed(&self) -> FeedClient<Channel> {
+        FeedClient::new(self.channel().await)
+    }
+
+    pub async fn status(&self) -> pb::NodeStatusResponse {
+        StatusClient::new(self.channel().await)
+            .node_status(pb::NodeStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// (seq, hash) held for `origin`.
+    pub async fn head(&self, origin: &str) -> (u64, Vec<u8>) {
+        self.status()
+            .await
+            .heads
+            .into_iter()
+            .find(|h| h.origin == origin)
+            .map_or((0, Vec::new()), |h| (h.seq, h.entry_hash))
+    }
+
+    pub async fn wait_ready(&self) {
+        eventually(
+            &format!("{} to open publishing", self.spec.origin),
+            || async { self.status().await.publish_ready },
+        )
+        .await;
+    }
+}
+
+/// A fresh 16-byte idempotency key.
+pub fn key() -> Vec<u8> {
+    let mut key = vec![0u8; 16];
+    getrandom_fill(&mut key);
+    key
+}
+
+fn getrandom_fill(bytes: &mut [u8]) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(1);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    bytes[..8].copy_from_slice(&n.to_be_bytes());
+    bytes[8..].copy_from_slice(&(time ^ u64::from(std::process::id())).to_be_bytes());
+}
+
+/// An indicator row.
+pub fn row(
+    indicator: &str,
+    ref_area: &str,
+    period: &str,
+    value: f64,
+    contributors: u64,
+) -> pb::IndicatorRow {
+    pb::IndicatorRow {
+        indicator: indicator.into(),
+        catalog_edition: "test".into(),
+        area: pb::FunctionalArea::Economy as i32,
+        ref_area: ref_area.into(),
+        period: period.into(),
+        value,
+        unit: "percent".into(),
+        obs_status: 0,
+        method_notes: String::new(),
+        contributors,
+    }
+}
+
+/// Publishes one row as one entry; returns the receipt.
+pub async fn publish_row(node: &TestNode, indicator: &str, value: f64) -> pb::Receipt {
+    node.publisher()
+        .await
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows: vec![row(indicator, &node.spec.origin, "2025", value, 10)],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A TCP proxy whose target can change, so a restarted node keeps the
+/// address its peers dial.
+pub struct Proxy {
+    pub address: String,
+    target: Arc<Mutex<String>>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let target = Arc::new(Mutex::new(target.to_owned()));
+        let shared = target.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let to = shared.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self {
+            address,
+            target,
+            task,
+        }
+    }
+
+    pub fn set_target(&self, target: &str) {
+        *self.target.lock().unwrap() = target.to_owned();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Path of a workspace binary built beside this test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: the test command builds the workspace binaries (cargo nextest run --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `civex` with arguments.
+pub fn civex(args: &[&str]) -> Output {
+    Command::new(bin("civex"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Runs `civex` in a blocking task (from async tests).
+pub async fn civex_async(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        civex(&refs)
+    })
+    .await
+    .unwrap()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A `civex-node` child process writing its bound address to a file.
+pub struct ChildNode {
+    pub child: Child,
+    pub address: String,
+}
+
+impl ChildNode {
+    /// Starts `civex-node --config` for a node dir prepared with
+    /// [`write_node_dir`] (listen 127.0.0.1:0).
+    pub fn start(dir: &Path) -> Self {
+        let address_file = dir.join("address");
+        let _ = std::fs::remove_file(&address_file);
+        let child = Command::new(bin("civex-node"))
+            .arg("--config")
+            .arg(dir.join("node.toml"))
+            .arg("--address-file")
+            .arg(&address_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut address = String::new();
+        eventually_blocking("civex-node to write its address", || {
+            address = std::fs::read_to_string(&address_file)
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            !address.is_empty()
+        });
+        Self { child, address }
+    }
+
+    pub fn sigkill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "civex-node did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
