@@ -58,6 +58,27 @@ pub(crate) struct BenchArgs {
     /// Where the stores go (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Which measurements to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ceiling,verify,catch-up,publish"
+    )]
+    parts: Vec<Part>,
+}
+
+/// One measurement of the bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Part {
+    /// Ed25519 verification ceiling.
+    Ceiling,
+    /// `civex verify` over the stored entries.
+    Verify,
+    /// Catch-up replication of the stored entries to a fresh node.
+    CatchUp,
+    /// Durable publish throughput and ack latency.
+    Publish,
 }
 
 const ORIGINS: usize = 4;
@@ -225,17 +246,38 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         root.display()
     );
 
+    let wants = |part| args.parts.contains(&part);
+
     // 1. Ceiling.
-    let ceiling = tokio::task::spawn_blocking(ceiling).await?;
-    println!(
+    let ceiling = if wants(Part::Ceiling) || wants(Part::Verify) {
+        let ceiling = tokio::task::spawn_blocking(ceiling).await?;
+        println!(
         "ed25519 strict verify: {:.0}/s on one core, {:.0}/s on {} cores; batch of 64: {:.0}/s on {} cores",
         ceiling.single_one_core,
         ceiling.single_all_cores,
         cores(),
         ceiling.batch_all_cores,
         cores()
-    );
+        );
+        Some(ceiling)
+    } else {
+        None
+    };
+    if wants(Part::Verify) || wants(Part::CatchUp) {
+        source_runs(&args, root, ceiling.as_ref()).await?;
+    }
+    if wants(Part::Publish) {
+        publish_runs(root, &args).await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
+/// Fills a source store, then measures verify and catch-up over it.
+async fn source_runs(
+    args: &BenchArgs,
+    root: &Path,
+    ceiling: Option<&Ceiling>,
+) -> anyhow::Result<()> {
     // 2. A source store with `entries` entries over ORIGINS origins.
     let source_dir = root.join("source");
     std::fs::create_dir_all(&source_dir)?;
@@ -278,7 +320,24 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             started.elapsed().as_secs_f64()
         );
 
-        // `civex verify`'s audit over the same store.
+        if let (true, Some(ceiling)) = (args.parts.contains(&Part::Verify), ceiling) {
+            verify_part(store, &origin_keys, total, ceiling).await?;
+        }
+    }
+    if args.parts.contains(&Part::CatchUp) {
+        catch_up_part(root, &source_dir, &origin_keys, total).await?;
+    }
+    Ok(())
+}
+
+/// `civex verify`'s audit over the source store.
+async fn verify_part(
+    store: Arc<SledStore>,
+    origin_keys: &[(String, SigningKey)],
+    total: u64,
+    ceiling: &Ceiling,
+) -> anyhow::Result<()> {
+    {
         let own = SigningKey::from_bytes(&[99; 32]);
         let pinned = origin_keys
             .iter()
@@ -309,20 +368,24 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             100.0 * verify_rate / ceiling.batch_all_cores
         );
     }
+    Ok(())
+}
 
-    // 3. Catch-up: the source store behind a node, a fresh node replicating it.
-    let source_key_file = source_dir.join("feed.key");
-    create_key_file(&source_key_file)?;
-    let catch_up = catch_up(root, &source_dir, &origin_keys, total).await?;
+/// 3. Catch-up: the source store behind a node, a fresh node replicating it.
+async fn catch_up_part(
+    root: &Path,
+    source_dir: &Path,
+    origin_keys: &[(String, SigningKey)],
+    total: u64,
+) -> anyhow::Result<()> {
+    create_key_file(&source_dir.join("feed.key"))?;
+    let elapsed = catch_up(root, source_dir, origin_keys, total).await?;
     println!(
         "catch-up: {total} entries verified and durable on a fresh node in {:.1} s: {:.0}/s",
-        catch_up.as_secs_f64(),
-        rate(total, catch_up)
+        elapsed.as_secs_f64(),
+        rate(total, elapsed)
     );
-
-    // 4. Durable publish.
-    publish_runs(root, &args).await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 async fn catch_up(
@@ -348,7 +411,7 @@ async fn catch_up(
                 &format!("[trusted_origins]\n{trusted}"),
             )
             .replace("level = \"info\"", "level = \"warn\"")
-            .replace("cache_mb = 64", "cache_mb = 256")
+            .replace("cache_mb = 64", "cache_mb = 1024")
             .replace("allow_without_peers = false", "allow_without_peers = true")
             + peers;
         let path = dir.join("node.toml");

@@ -1,8 +1,17 @@
 //! Re-verification of everything a store holds (`civex verify`): every hash
-//! link and every signature (strict Ed25519, spread over threads), and that
-//! each head names the last entry held.
+//! link and every signature (strict Ed25519), and that each head names the
+//! last entry held. The reading thread decodes and checks links while
+//! worker threads check signatures of the chunks already read.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc, Arc, Mutex,
+    },
+};
+
+use ed25519_dalek::VerifyingKey;
 
 use crate::{
     core::feed::{check_link, verify_signature, Entry, Tip},
@@ -12,17 +21,19 @@ use crate::{
 
 /// Entries read per step.
 const PAGE: usize = 8192;
+/// Entries per signature work item.
+const CHUNK: usize = 512;
 
 /// What the audit found for one origin.
 #[derive(Debug, Clone)]
 pub struct OriginReport {
     /// Origin.
     pub origin: String,
-    /// Entries verified good.
+    /// Entries verified good (the prefix before the first fault).
     pub verified: u64,
     /// Seq the head names.
     pub head_seq: u64,
-    /// The first problem found, if any; verification of the origin stops there.
+    /// The first fault, if any.
     pub problem: Option<String>,
 }
 
@@ -45,8 +56,22 @@ impl Report {
     }
 }
 
+/// First fault per origin: (seq, message); the lowest seq wins.
+type Faults = Arc<Mutex<BTreeMap<String, (u64, String)>>>;
+
+fn record_fault(faults: &Faults, origin: &str, seq: u64, message: String) {
+    if let Ok(mut faults) = faults.lock() {
+        let slot = faults
+            .entry(origin.to_owned())
+            .or_insert((seq, message.clone()));
+        if seq < slot.0 {
+            *slot = (seq, message);
+        }
+    }
+}
+
 /// Verifies every origin in `store` with `threads` signature threads,
-/// calling `progress` with the running count of entries checked.
+/// calling `progress` with the running count of signatures checked.
 pub fn audit(
     store: &dyn Store,
     keys: &KeyResolver,
@@ -54,99 +79,117 @@ pub fn audit(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Report, StoreError> {
     let checked = AtomicU64::new(0);
-    let mut report = Report::default();
-    for (origin, head) in store.heads()? {
-        let mut origin_report = OriginReport {
-            origin: origin.clone(),
-            verified: 0,
-            head_seq: head.tip.seq,
-            problem: None,
-        };
-        let Some(key) = keys.key_for(&origin, &head.tip.feed_id, head.tip.seq) else {
-            origin_report.problem =
-                Some("no pinned feed key for this origin: cannot verify".into());
-            report.origins.push(origin_report);
-            continue;
-        };
-        let mut tip: Option<Tip> = None;
-        let mut next = 1;
-        while next <= head.tip.seq {
-            let page = store.entries(&origin, next, PAGE, usize::MAX)?;
-            if page.is_empty() {
-                break;
-            }
-            // Links first (cheap, in order), then the signatures of every
-            // entry that linked; a bad signature is reported before a broken
-            // link after it, since it is the earlier fault.
-            let mut entries = Vec::with_capacity(page.len());
-            let mut link_problem = None;
-            for signed in page {
-                let seq = next;
-                let linked = Entry::decode(signed)
-                    .map_err(|err| format!("seq {seq}: {err}"))
-                    .and_then(|entry| {
-                        check_link(&origin, tip.as_ref(), &entry).map_err(|e| e.to_string())?;
-                        Ok(entry)
-                    });
-                match linked {
-                    Ok(entry) => {
-                        tip = Some(entry.tip());
-                        next += 1;
-                        entries.push(entry);
-                    }
-                    Err(problem) => {
-                        link_problem = Some(problem);
+    let faults: Faults = Arc::default();
+    let heads = store.heads()?;
+    let (work, queue) = mpsc::sync_channel::<(VerifyingKey, Vec<Entry>)>(threads * 2);
+    let queue = Mutex::new(queue);
+    let mut ends: BTreeMap<String, Option<Tip>> = BTreeMap::new();
+    std::thread::scope(|scope| -> Result<(), StoreError> {
+        for _ in 0..threads.max(1) {
+            let (queue, faults, checked) = (&queue, &faults, &checked);
+            scope.spawn(move || loop {
+                let item = queue.lock().ok().and_then(|q| q.recv().ok());
+                let Some((key, entries)) = item else { return };
+                for entry in &entries {
+                    if let Err(err) = verify_signature(&key, entry) {
+                        record_fault(faults, &entry.body.origin, entry.body.seq, err.to_string());
                         break;
                     }
                 }
-            }
-            let chunk = entries.len().div_ceil(threads.max(1)).max(1);
-            let first_bad = std::thread::scope(|scope| {
-                let workers: Vec<_> = entries
-                    .chunks(chunk)
-                    .map(|part| {
-                        let checked = &checked;
-                        scope.spawn(move || {
-                            for entry in part {
-                                if let Err(err) = verify_signature(key, entry) {
-                                    return Some((entry.body.seq, err));
-                                }
-                                let done = checked.fetch_add(1, Ordering::Relaxed) + 1;
-                                if done.is_multiple_of(16_384) {
-                                    progress(done);
+                let done = checked.fetch_add(entries.len() as u64, Ordering::Relaxed)
+                    + entries.len() as u64;
+                if done % (16 * CHUNK as u64) < CHUNK as u64 {
+                    progress(done);
+                }
+            });
+        }
+        let result = (|| {
+            for (origin, head) in &heads {
+                let Some(key) = keys
+                    .key_for(origin, &head.tip.feed_id, head.tip.seq)
+                    .copied()
+                else {
+                    record_fault(
+                        &faults,
+                        origin,
+                        1,
+                        "no pinned feed key for this origin: cannot verify".into(),
+                    );
+                    continue;
+                };
+                let mut tip: Option<Tip> = None;
+                let mut next = 1;
+                'pages: while next <= head.tip.seq {
+                    let page = store.entries(origin, next, PAGE, usize::MAX)?;
+                    if page.is_empty() {
+                        break;
+                    }
+                    let mut chunk = Vec::with_capacity(CHUNK);
+                    for signed in page {
+                        let linked = Entry::decode(signed)
+                            .map_err(|err| format!("seq {next}: {err}"))
+                            .and_then(|entry| {
+                                check_link(origin, tip.as_ref(), &entry)
+                                    .map_err(|e| e.to_string())?;
+                                Ok(entry)
+                            });
+                        match linked {
+                            Ok(entry) => {
+                                tip = Some(entry.tip());
+                                next += 1;
+                                chunk.push(entry);
+                                if chunk.len() == CHUNK {
+                                    let full =
+                                        std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                                    let _ = work.send((key, full));
                                 }
                             }
-                            None
-                        })
-                    })
-                    .collect();
-                workers
-                    .into_iter()
-                    .filter_map(|w| w.join().ok().flatten())
-                    .min_by_key(|(seq, _)| *seq)
-            });
-            if let Some((seq, err)) = first_bad {
-                origin_report.verified = seq - 1;
-                origin_report.problem = Some(err.to_string());
-                break;
+                            Err(problem) => {
+                                record_fault(&faults, origin, next, problem);
+                                if !chunk.is_empty() {
+                                    let _ = work.send((key, chunk));
+                                }
+                                break 'pages;
+                            }
+                        }
+                    }
+                    if !chunk.is_empty() {
+                        let _ = work.send((key, chunk));
+                    }
+                }
+                ends.insert(origin.clone(), tip);
             }
-            origin_report.verified = next - 1;
-            if link_problem.is_some() {
-                origin_report.problem = link_problem;
-                break;
-            }
-        }
-        if origin_report.problem.is_none()
-            && tip.map(|t| (t.seq, t.hash)) != Some((head.tip.seq, head.tip.hash))
-        {
-            origin_report.problem = Some(format!(
-                "the head names seq {} but the entries held end at seq {}",
-                head.tip.seq,
-                tip.map_or(0, |t| t.seq)
-            ));
-        }
-        report.origins.push(origin_report);
-    }
+            Ok(())
+        })();
+        drop(work);
+        result
+    })?;
     progress(checked.load(Ordering::Relaxed));
-    Ok(report)
+
+    let faults = faults.lock().map(|f| f.clone()).unwrap_or_default();
+    let origins = heads
+        .iter()
+        .map(|(origin, head)| {
+            let end = ends.get(origin).copied().flatten();
+            let (verified, problem) = match faults.get(origin) {
+                Some((seq, message)) => (seq - 1, Some(message.clone())),
+                None if end.map(|t| (t.seq, t.hash)) != Some((head.tip.seq, head.tip.hash)) => (
+                    end.map_or(0, |t| t.seq),
+                    Some(format!(
+                        "the head names seq {} but the entries held end at seq {}",
+                        head.tip.seq,
+                        end.map_or(0, |t| t.seq)
+                    )),
+                ),
+                None => (head.tip.seq, None),
+            };
+            OriginReport {
+                origin: origin.clone(),
+                verified,
+                head_seq: head.tip.seq,
+                problem,
+            }
+        })
+        .collect();
+    Ok(Report { origins })
 }

@@ -403,22 +403,22 @@ impl Publisher {
                 let origin = &self.origin;
                 let mut store_error = None;
                 let prepared = prepare_batch(&context, &rows, |indicator, edition, period| {
-                    match store.ref_areas_of(origin, indicator, edition, period) {
-                        Ok(areas) => areas
+                    let areas = std::iter::once((origin.clone(), Level::City)).chain(
+                        self.districts
                             .iter()
-                            .map(|a| {
-                                if a == origin {
-                                    Level::City
-                                } else {
-                                    Level::District
-                                }
-                            })
-                            .collect(),
-                        Err(err) => {
-                            store_error = Some(err);
-                            HashSet::new()
+                            .map(|d| (format!("{origin}/{d}"), Level::District)),
+                    );
+                    let mut levels = HashSet::new();
+                    for (ref_area, level) in areas {
+                        match store.holds_cell(origin, indicator, edition, &ref_area, period) {
+                            Ok(true) => {
+                                levels.insert(level);
+                            }
+                            Ok(false) => {}
+                            Err(err) => store_error = Some(err),
                         }
                     }
+                    levels
                 });
                 if let Some(err) = store_error {
                     return Err(err.into());

@@ -1,7 +1,10 @@
 //! Queries over the store: current observations (filtered, keyset-paged)
 //! and offers with their state. Free of gRPC types.
 
-use civex_proto::v1::FunctionalArea;
+use civex_proto::v1::{
+    entry_body::Payload, DisclosureRules, EntryBody, FunctionalArea, IndicatorBatch, Observation,
+};
+use prost::Message;
 
 use crate::{
     core::{
@@ -43,13 +46,73 @@ pub struct ObservationFilter {
     pub period_to: Option<String>,
 }
 
+/// A current observation, read from the signed entry that holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CurrentObservation {
+    /// Key.
+    pub key: ObservationKey,
+    /// Seq of the entry holding it.
+    pub seq: u64,
+    /// The cell as signed.
+    pub observation: Observation,
+    /// Rules applied to its batch.
+    pub rules: Option<DisclosureRules>,
+}
+
 /// A page of current observations.
 #[derive(Debug, Clone)]
 pub struct ObservationPage {
     /// Rows, in key order.
-    pub rows: Vec<ObservationRow>,
+    pub rows: Vec<CurrentObservation>,
     /// Token for the next page.
     pub next: Option<String>,
+}
+
+/// Reads the cell an index row points at from its entry (the last entry
+/// read is kept, as a batch's cells sit next to each other in the index).
+struct Resolver<'a> {
+    store: &'a dyn Store,
+    last: Option<(String, u64, IndicatorBatch)>,
+}
+
+impl Resolver<'_> {
+    fn resolve(&mut self, row: ObservationRow) -> Result<CurrentObservation, QueryError> {
+        let held = self
+            .last
+            .as_ref()
+            .is_some_and(|(origin, seq, _)| *origin == row.key.origin && *seq == row.seq);
+        if !held {
+            let corrupt = |message: &str| {
+                QueryError::Store(StoreError::Corrupt {
+                    path: String::new(),
+                    message: format!("{} seq {}: {message}", row.key.origin, row.seq),
+                })
+            };
+            let signed = self
+                .store
+                .entries(&row.key.origin, row.seq, 1, usize::MAX)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| corrupt("indexed entry is missing"))?;
+            let body = EntryBody::decode(signed.body.as_ref())
+                .map_err(|_| corrupt("indexed entry does not decode"))?;
+            let Some(Payload::Indicators(batch)) = body.payload else {
+                return Err(corrupt("indexed entry is not an indicator batch"));
+            };
+            self.last = Some((row.key.origin.clone(), row.seq, batch));
+        }
+        let batch = self.last.as_ref().map(|(_, _, batch)| batch);
+        let observation = batch
+            .and_then(|b| b.observations.get(row.position as usize))
+            .cloned()
+            .unwrap_or_default();
+        Ok(CurrentObservation {
+            rules: batch.and_then(|b| b.rules.clone()),
+            key: row.key,
+            seq: row.seq,
+            observation,
+        })
+    }
 }
 
 fn encode_token(key: &ObservationKey) -> String {
@@ -81,7 +144,7 @@ fn parse_bound(field: &str, text: &Option<String>) -> Result<Option<Period>, Que
         .transpose()
 }
 
-fn full_page(rows: Vec<ObservationRow>) -> ObservationPage {
+fn full_page(rows: Vec<CurrentObservation>) -> ObservationPage {
     ObservationPage {
         next: rows.last().map(|r| encode_token(&r.key)),
         rows,
@@ -107,11 +170,7 @@ pub fn observations(
         .map(decode_token)
         .transpose()?;
     let matches = |row: &ObservationRow| {
-        (filter.areas.is_empty()
-            || filter
-                .areas
-                .iter()
-                .any(|a| *a as i32 == row.observation.area))
+        (filter.areas.is_empty() || filter.areas.iter().any(|a| *a as i32 == row.area))
             && (filter.indicators.is_empty() || filter.indicators.contains(&row.key.indicator))
             && Period::parse(&row.key.period).is_ok_and(|p| p.within(from.as_ref(), to.as_ref()))
     };
@@ -124,6 +183,7 @@ pub fn observations(
     origins.dedup();
 
     let mut rows = Vec::new();
+    let mut resolver = Resolver { store, last: None };
     for origin in origins {
         let after_here = match (&after, origin) {
             (Some(after), Some(origin)) if after.origin.as_str() > origin => continue,
@@ -133,16 +193,18 @@ pub fn observations(
         let mut current: Option<ObservationRow> = None;
         let mut group_key: Option<ObservationKey> = None;
         // Moves a finished group's current row into the page; true when full.
-        let take = |current: &mut Option<ObservationRow>, rows: &mut Vec<ObservationRow>| {
+        let mut take = |current: &mut Option<ObservationRow>,
+                        rows: &mut Vec<CurrentObservation>|
+         -> Result<bool, QueryError> {
             if let Some(row) = current.take().filter(|row| matches(row)) {
-                rows.push(row);
+                rows.push(resolver.resolve(row)?);
             }
-            rows.len() >= limit
+            Ok(rows.len() >= limit)
         };
         for row in store.observation_rows(origin, after_here) {
             let row = row?;
             if group_key.as_ref() != Some(&row.key) {
-                if take(&mut current, &mut rows) {
+                if take(&mut current, &mut rows)? {
                     return Ok(full_page(rows));
                 }
                 group_key = Some(row.key.clone());
@@ -151,7 +213,7 @@ pub fn observations(
                 current = Some(row);
             }
         }
-        if take(&mut current, &mut rows) {
+        if take(&mut current, &mut rows)? {
             return Ok(full_page(rows));
         }
     }

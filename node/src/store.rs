@@ -5,8 +5,14 @@
 //! `Batch`. A commit is durable when [`Store::commit`] returns: sled's
 //! `flush` only issues `sync_file_range` (no device cache flush, no size
 //! metadata; sled issue #1452), so the store then calls `fdatasync` on a
-//! handle of sled's `db` file through a [`SyncHook`]. Values stay below
-//! 96 KiB, so sled never writes blob files (which it never syncs).
+//! handle of sled's `db` file through a [`SyncHook`].
+//!
+//! sled writes any log item larger than a quarter of its segment (128 KiB)
+//! to a blob file it never syncs, and a leaf page holds up to 17 values.
+//! Entry chunks are 4 KiB and index values a few bytes, so pages stay well
+//! below that; a page of several large single entries (up to 64 KiB each)
+//! can still cross it, so every commit fsyncs new blob files (and the blob
+//! directory) before it counts as durable.
 //!
 //! Key layout (`|` is concatenation, strings end with a zero byte, numbers
 //! are big-endian):
@@ -28,7 +34,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use civex_proto::v1::{DisclosureRules, Observation, OfferResponse, ServiceOffer, SignedEntry};
+use civex_proto::v1::{OfferResponse, ServiceOffer, SignedEntry};
 use prost::Message;
 
 use crate::core::{
@@ -40,7 +46,9 @@ use crate::core::{
 pub const FORMAT_VERSION: u32 = 1;
 /// Entries are packed into chunks of at most this many bytes (one entry may
 /// be larger alone, up to the 64 KiB entry limit), so no value nears 96 KiB.
-const CHUNK_BYTES: usize = 48 * 1024;
+const CHUNK_BYTES: usize = 4 * 1024;
+/// sled segment size (sled's default): a quarter of it is the blob threshold.
+const SEGMENT_BYTES: usize = 512 * 1024;
 
 /// A storage failure.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -100,17 +108,18 @@ pub struct CommitBatch {
     pub idempotency: Vec<([u8; 16], IdempotencyRecord)>,
 }
 
-/// An observation row of the index.
+/// An observation row of the index: where the cell is, not the cell (the
+/// signed entry holds it; small index values keep ingest fast).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ObservationRow {
     /// Key.
     pub key: ObservationKey,
     /// Seq of the entry holding it.
     pub seq: u64,
-    /// The cell.
-    pub observation: Observation,
-    /// Rules applied.
-    pub rules: Option<DisclosureRules>,
+    /// Functional area of the cell.
+    pub area: i32,
+    /// Position of the cell in the entry's batch.
+    pub position: u32,
 }
 
 /// An offer version of the index.
@@ -163,14 +172,16 @@ pub trait Store: Send + Sync + 'static {
         origin: Option<&str>,
         after: Option<&ObservationKey>,
     ) -> Box<dyn Iterator<Item = Result<ObservationRow, StoreError>> + 'a>;
-    /// Reference areas held for (origin, indicator, edition, period).
-    fn ref_areas_of(
+    /// Whether any cell (current or not) is held for (origin, indicator,
+    /// edition, reference area, period), with an empty breakdown.
+    fn holds_cell(
         &self,
         origin: &str,
         indicator: &str,
         edition: &str,
+        ref_area: &str,
         period: &str,
-    ) -> Result<Vec<String>, StoreError>;
+    ) -> Result<bool, StoreError>;
     /// Whether an entry of `origin` has been retracted.
     fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError>;
     /// Every offer version held, by origin, offer id and seq.
@@ -191,6 +202,8 @@ pub struct SledStore {
     db: sled::Db,
     path: PathBuf,
     sync: SyncHook,
+    /// Blob files already fsynced.
+    synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
 }
 
 fn sled_error(path: &Path) -> impl Fn(sled::Error) -> StoreError + '_ {
@@ -225,6 +238,8 @@ impl SledStore {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
+            .segment_size(SEGMENT_BYTES)
+            .flush_every_ms(None)
             .open()
             .map_err(|err| {
                 let message = err.to_string();
@@ -245,7 +260,12 @@ impl SledStore {
                 Box::new(move || db_file.sync_data())
             }
         };
-        let store = Self { db, path, sync };
+        let store = Self {
+            db,
+            path,
+            sync,
+            synced_blobs: Default::default(),
+        };
         store.check_format()?;
         store.sync_new_files()?;
         Ok(store)
@@ -296,6 +316,43 @@ impl SledStore {
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io_error(&self.path, "fsync of the store directory", e))?;
         }
+        Ok(())
+    }
+
+    /// fsyncs blob files sled wrote since the last commit, and their directory.
+    fn sync_blobs(&self) -> Result<(), StoreError> {
+        let dir = self.path.join("blobs");
+        let Ok(listing) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let mut synced = self.synced_blobs.lock().map_err(|_| {
+            io_error(
+                &self.path,
+                "blob sync",
+                std::io::Error::other("poisoned lock"),
+            )
+        })?;
+        let mut present = std::collections::HashSet::new();
+        let mut new = false;
+        for item in listing {
+            let item = item.map_err(|e| io_error(&self.path, "listing blobs", e))?;
+            let name = item.file_name();
+            if !synced.contains(&name) {
+                match File::open(item.path()).and_then(|f| f.sync_all()) {
+                    Ok(()) => new = true,
+                    // Garbage-collected by sled meanwhile: nothing to keep.
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(err) => return Err(io_error(&self.path, "fsync of a blob file", err)),
+                }
+            }
+            present.insert(name);
+        }
+        if new {
+            File::open(&dir)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io_error(&self.path, "fsync of the blob directory", e))?;
+        }
+        *synced = present;
         Ok(())
     }
 
@@ -502,19 +559,13 @@ impl Store for SledStore {
                 IndexRecord::Observation {
                     key,
                     seq,
-                    observation,
-                    rules,
+                    area,
+                    position,
                 } => {
-                    let value = civex_proto::v1::ObservationRecord {
-                        origin: String::new(),
-                        seq: *seq,
-                        observation: Some(observation.clone()),
-                        rules: rules.clone(),
-                    };
-                    batch.insert(
-                        key_of(b'o', &key.parts(), Some(*seq)),
-                        value.encode_to_vec(),
-                    );
+                    let mut value = [0u8; 5];
+                    value[0] = u8::try_from(*area).unwrap_or(0);
+                    value[1..].copy_from_slice(&position.to_be_bytes());
+                    batch.insert(key_of(b'o', &key.parts(), Some(*seq)), &value[..]);
                 }
                 IndexRecord::OfferVersion {
                     origin,
@@ -574,6 +625,7 @@ impl Store for SledStore {
         }
         self.db.apply_batch(batch).map_err(sled_error(&self.path))?;
         self.db.flush().map_err(sled_error(&self.path))?;
+        self.sync_blobs()?;
         (self.sync)().map_err(|e| io_error(&self.path, "fdatasync of the store", e))
     }
 
@@ -618,8 +670,16 @@ impl Store for SledStore {
                 let (key, value) = item.map_err(sled_error(&self.path))?;
                 let (parts, seq) = split_key(&key, 1, 6)
                     .ok_or_else(|| self.corrupt("an observation key does not decode".into()))?;
-                let record = civex_proto::v1::ObservationRecord::decode(value.as_ref())
-                    .map_err(|_| self.corrupt("an observation does not decode".into()))?;
+                let location = (value.len() == 5)
+                    .then(|| {
+                        (
+                            i32::from(value[0]),
+                            u32::from_be_bytes([value[1], value[2], value[3], value[4]]),
+                        )
+                    })
+                    .ok_or_else(|| {
+                        self.corrupt("an observation index value does not decode".into())
+                    })?;
                 let mut parts = parts.into_iter();
                 let mut next = || parts.next().unwrap_or_default();
                 Ok(ObservationRow {
@@ -632,33 +692,30 @@ impl Store for SledStore {
                         breakdown: next(),
                     },
                     seq: seq.unwrap_or_default(),
-                    observation: record.observation.unwrap_or_default(),
-                    rules: record.rules,
+                    area: location.0,
+                    position: location.1,
                 })
             });
         Box::new(rows)
     }
 
-    fn ref_areas_of(
+    fn holds_cell(
         &self,
         origin: &str,
         indicator: &str,
         edition: &str,
+        ref_area: &str,
         period: &str,
-    ) -> Result<Vec<String>, StoreError> {
-        let mut areas = Vec::new();
-        for item in self
-            .db
-            .scan_prefix(key_of(b'o', &[origin, indicator, edition], None))
-        {
-            let (key, _) = item.map_err(sled_error(&self.path))?;
-            let (parts, _) = split_key(&key, 1, 6)
-                .ok_or_else(|| self.corrupt("an observation key does not decode".into()))?;
-            if parts[4] == period && !areas.contains(&parts[3]) {
-                areas.push(parts[3].clone());
-            }
+    ) -> Result<bool, StoreError> {
+        let prefix = key_of(
+            b'o',
+            &[origin, indicator, edition, ref_area, period, ""],
+            None,
+        );
+        match self.db.scan_prefix(prefix).next() {
+            Some(item) => item.map(|_| true).map_err(sled_error(&self.path)),
+            None => Ok(false),
         }
-        Ok(areas)
     }
 
     fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError> {

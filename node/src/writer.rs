@@ -208,9 +208,9 @@ impl WriterThread {
         }
         let mut batch = CommitBatch::default();
         let mut changed: HashMap<String, Tip> = HashMap::new();
-        let mut outcomes = Vec::with_capacity(group.len());
-        for (job, _) in &group {
-            outcomes.push(self.accept(job, &mut batch, &mut changed));
+        let mut replies = Vec::with_capacity(group.len());
+        for (job, reply) in group {
+            replies.push((reply, self.accept(job, &mut batch, &mut changed)));
         }
         if !changed.is_empty() {
             let received = now_micros();
@@ -227,7 +227,7 @@ impl WriterThread {
             if let Err(err) = self.store.commit(&batch) {
                 self.stopped.store(true, Ordering::Release);
                 tracing::error!(error = %err, "store write failed; writes are stopped, reads go on");
-                for (_, reply) in group {
+                for (reply, _) in replies {
                     let _ = reply.send(Err(WriteError::Store(err.clone())));
                 }
                 return;
@@ -237,7 +237,7 @@ impl WriterThread {
             }
             self.notify.send_modify(|n| *n += 1);
         }
-        for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
+        for (reply, outcome) in replies {
             let _ = reply.send(outcome);
         }
     }
@@ -246,7 +246,7 @@ impl WriterThread {
     /// adds what is new to the batch. A job is taken whole or not at all.
     fn accept(
         &self,
-        job: &Job,
+        job: Job,
         batch: &mut CommitBatch,
         changed: &mut HashMap<String, Tip>,
     ) -> Result<Stored, WriteError> {
@@ -256,65 +256,64 @@ impl WriterThread {
                 duplicates: 0,
             });
         };
-        let origin = first.entry.body.origin.as_str();
+        let origin = first.entry.body.origin.clone();
         let start_tip = changed
-            .get(origin)
+            .get(&origin)
             .copied()
-            .or_else(|| self.heads.get(origin).map(|h| h.tip));
+            .or_else(|| self.heads.get(&origin).map(|h| h.tip));
         let mut tip = start_tip;
-        let mut new = Vec::new();
+        let mut new = Vec::with_capacity(job.entries.len());
         let mut duplicates = 0;
-        for prepared in &job.entries {
+        for prepared in job.entries {
             let entry = &prepared.entry;
             match tip {
                 Some(held) if entry.body.seq <= held.seq => {
-                    if self.held_hash(origin, entry.body.seq, batch)? != Some(entry.hash) {
+                    if self.held_hash(&origin, entry.body.seq, batch)? != Some(entry.hash) {
                         return Err(WriteError::Fork {
-                            origin: origin.to_owned(),
+                            origin,
                             seq: entry.body.seq,
                         });
                     }
                     duplicates += 1;
                 }
                 _ => {
-                    check_link(origin, tip.as_ref(), entry)?;
+                    check_link(&origin, tip.as_ref(), entry)?;
                     tip = Some(entry.tip());
                     new.push(prepared);
                 }
             }
         }
-        if new.is_empty() {
+        let count = new.len();
+        if count == 0 {
             return Ok(Stored { new: 0, duplicates });
         }
         // Extend the batch's last run when it ends right before this job.
-        let extends_last_run = batch
-            .runs
-            .last()
-            .and_then(|run| run.last())
-            .is_some_and(|last| {
-                last.body.origin == origin
-                    && Some(last.tip()) == start_tip.filter(|_| changed.contains_key(origin))
-            });
-        let entries = new.iter().map(|p| p.entry.clone());
+        let extends_last_run = changed.contains_key(&origin)
+            && batch
+                .runs
+                .last()
+                .and_then(|run| run.last())
+                .is_some_and(|last| last.body.origin == origin && Some(last.tip()) == start_tip);
+        let mut entries = Vec::with_capacity(count);
+        for prepared in new {
+            batch.index.extend(prepared.index);
+            entries.push(prepared.entry);
+        }
         match (extends_last_run, batch.runs.last_mut()) {
             (true, Some(run)) => run.extend(entries),
-            _ => batch.runs.push(entries.collect()),
+            _ => batch.runs.push(entries),
         }
-        batch
-            .index
-            .extend(new.iter().flat_map(|p| p.index.iter().cloned()));
         let start_seq = start_tip.map_or(0, |t| t.seq);
         batch.idempotency.extend(
             job.idempotency
-                .iter()
-                .filter(|(_, r)| r.seq > start_seq)
-                .copied(),
+                .into_iter()
+                .filter(|(_, r)| r.seq > start_seq),
         );
         if let Some(tip) = tip {
-            changed.insert(origin.to_owned(), tip);
+            changed.insert(origin, tip);
         }
         Ok(Stored {
-            new: new.len(),
+            new: count,
             duplicates,
         })
     }

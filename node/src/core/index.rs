@@ -2,9 +2,7 @@
 //! beside the feed so that queries need not decode every entry. Pure: the
 //! store decides how records are laid out.
 
-use civex_proto::v1::{
-    entry_body::Payload, DisclosureRules, Observation, OfferResponse, ServiceOffer,
-};
+use civex_proto::v1::{entry_body::Payload, OfferResponse, ServiceOffer};
 
 use super::feed::{Entry, Hash};
 
@@ -48,10 +46,10 @@ pub enum IndexRecord {
         key: ObservationKey,
         /// Seq of the entry holding it.
         seq: u64,
-        /// The cell.
-        observation: Observation,
-        /// Rules applied to the batch.
-        rules: Option<DisclosureRules>,
+        /// Functional area of the cell (for filtering without the entry).
+        area: i32,
+        /// Position of the cell in the entry's batch.
+        position: u32,
     },
     /// A version of an offer.
     OfferVersion {
@@ -107,7 +105,8 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
         Some(Payload::Indicators(batch)) => batch
             .observations
             .iter()
-            .filter(|o| {
+            .zip(0u32..)
+            .filter(|(o, _)| {
                 [
                     &o.indicator,
                     &o.catalog_edition,
@@ -118,7 +117,7 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
                 .iter()
                 .all(|t| usable(t))
             })
-            .map(|o| IndexRecord::Observation {
+            .map(|(o, position)| IndexRecord::Observation {
                 key: ObservationKey {
                     origin: origin.clone(),
                     indicator: o.indicator.clone(),
@@ -128,8 +127,8 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
                     breakdown: o.breakdown.clone(),
                 },
                 seq,
-                observation: o.clone(),
-                rules: batch.rules.clone(),
+                area: o.area,
+                position,
             })
             .collect(),
         Some(Payload::Offer(offer)) if usable(&offer.offer_id) => vec![IndexRecord::OfferVersion {
