@@ -450,6 +450,14 @@ mod tests {
     }
 
     #[test]
+    fn the_deploy_example_is_valid() {
+        let config = Config::parse(include_str!("../../deploy/node.toml")).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.peers.len(), 2);
+        assert_eq!(config.pinned_keys().unwrap().len(), 2);
+    }
+
+    #[test]
     fn environment_overrides_apply_and_are_checked() {
         let text = template("city-a", "A", "127.0.0.1:7400");
         let config = load(&text, &[("CIVEX_LISTEN", "127.0.0.1:9"), ("PATH", "x")]).unwrap();
