@@ -48,7 +48,8 @@ pub(crate) fn json(value: &serde_json::Value) {
     );
 }
 
-/// A progress line on stderr, shown only when stderr is a terminal.
+/// A progress line on stderr, shown only when a person is watching (stdout
+/// and stderr are terminals), never in scripts or logs.
 pub(crate) struct Progress {
     label: String,
     total: u64,
@@ -61,7 +62,7 @@ impl Progress {
         Self {
             label: label.to_owned(),
             total,
-            shown: std::io::stderr().is_terminal(),
+            shown: std::io::stdout().is_terminal() && std::io::stderr().is_terminal(),
         }
     }
 

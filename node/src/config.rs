@@ -11,6 +11,10 @@ use serde::Deserialize;
 
 use crate::core::ids::{check_origin_id, check_slug};
 
+/// Smallest `limits.max_message_bytes`: subscription messages carry up to
+/// 1 MiB of entries plus framing.
+pub const MIN_MESSAGE_BYTES: usize = 2 << 20;
+
 /// A config problem, naming the file and the field.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {message}")]
@@ -86,10 +90,11 @@ pub struct DisclosureConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublishConfig {
-    /// With peers configured, the node publishes only after it has fetched
-    /// its own feed's newest entries from a peer (so a node restored from an
-    /// old backup never forks its own feed). `true` skips that wait when no
-    /// peer is reachable: only for a node you know is current.
+    /// With peers configured, the node publishes only after every peer has
+    /// served its own feed's newest entries or proved unreachable, and at
+    /// least one served them (so a node restored from an old backup never
+    /// forks its own feed). `true` opens publishing also when no peer is
+    /// reachable, once each has been tried: only for a node known current.
     /// Env: `CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS`.
     #[serde(default)]
     pub allow_without_peers: bool,
@@ -129,13 +134,17 @@ pub struct StoreConfig {
     pub cache_mb: u64,
 }
 
-/// Message limits.
+/// Message and stream limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Largest gRPC message accepted or sent, in bytes (at least 256 KiB).
+    /// Largest gRPC message accepted or sent, in bytes (at least 2 MiB, so
+    /// every subscription message of up to 1 MiB of entries fits).
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Open subscriptions per remote address at most.
+    #[serde(default = "default_max_streams_per_peer")]
+    pub max_streams_per_peer: usize,
 }
 
 /// Log output.
@@ -177,6 +186,9 @@ fn default_cache_mb() -> u64 {
 fn default_max_message_bytes() -> usize {
     4 << 20
 }
+fn default_max_streams_per_peer() -> usize {
+    64
+}
 fn default_log_format() -> String {
     "human".into()
 }
@@ -211,6 +223,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_message_bytes: default_max_message_bytes(),
+            max_streams_per_peer: default_max_streams_per_peer(),
         }
     }
 }
@@ -334,11 +347,14 @@ impl Config {
             crate::keys::parse_public_key(key)
                 .map_err(|m| format!("trusted_origins.{origin}: {m}"))?;
         }
-        if self.limits.max_message_bytes < 256 * 1024 {
+        if self.limits.max_message_bytes < MIN_MESSAGE_BYTES {
             return Err(format!(
-                "limits.max_message_bytes: {} is below the 262144-byte minimum",
+                "limits.max_message_bytes: {} is below the {MIN_MESSAGE_BYTES}-byte minimum",
                 self.limits.max_message_bytes
             ));
+        }
+        if self.limits.max_streams_per_peer == 0 {
+            return Err("limits.max_streams_per_peer: must be at least 1".into());
         }
         if !["human", "json"].contains(&self.log.format.as_str()) {
             return Err(format!(
@@ -417,6 +433,7 @@ cache_mb = 64
 
 [limits]
 max_message_bytes = 4194304
+max_streams_per_peer = 64
 
 [log]
 # human or json. Env: CIVEX_LOG_FORMAT, CIVEX_LOG_LEVEL

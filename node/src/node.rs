@@ -10,7 +10,7 @@ use crate::{
     config::Config,
     keys::{load_key_file, KeyError, KeyResolver},
     publish::Publisher,
-    replicate::{Peer, Replicator},
+    replicate::{Peer, PublishGate, Replicator},
     service::{router, Services},
     store::{SharedStore, SledStore, StoreError},
     transport,
@@ -59,9 +59,7 @@ pub async fn run(
         key.verifying_key(),
         pinned,
     ));
-    let ready_at_start = config.peers.is_empty() || config.publish.allow_without_peers;
-    let (own_synced, ready) = watch::channel(ready_at_start);
-    let own_synced = Arc::new(own_synced);
+    let (gate, ready) = PublishGate::new(config.peers.len(), config.publish.allow_without_peers);
     let publisher = Arc::new(Publisher::new(
         config.origin.clone(),
         key,
@@ -81,11 +79,18 @@ pub async fn run(
         writer: writer.clone(),
         timing: config.replication.clone(),
         max_message_bytes: config.limits.max_message_bytes,
-        own_synced,
+        gate,
     };
     let replication: Vec<_> = peers
         .iter()
-        .map(|peer| tokio::spawn(replicator.clone().run(peer.clone(), stopping.clone())))
+        .enumerate()
+        .map(|(index, peer)| {
+            tokio::spawn(
+                replicator
+                    .clone()
+                    .run(peer.clone(), index, stopping.clone()),
+            )
+        })
         .collect();
     drop(replicator);
 
@@ -96,6 +101,7 @@ pub async fn run(
         peers,
         shutdown: stopping.clone(),
         max_message_bytes: config.limits.max_message_bytes,
+        max_streams_per_peer: config.limits.max_streams_per_peer,
     })
     .await
     .map_err(|err| NodeError::Server(err.to_string()))?;

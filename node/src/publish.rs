@@ -6,8 +6,8 @@
 use std::{collections::HashSet, sync::Mutex as StdMutex};
 
 use civex_proto::v1::{
-    entry_body::Payload, EntryBody, OfferResponse, OfferWithdrawal, ResponseKind, Retraction,
-    ServiceOffer,
+    entry_body::Payload, EntryBody, Observation, OfferResponse, OfferWithdrawal, ResponseKind,
+    Retraction, ServiceOffer,
 };
 use ed25519_dalek::SigningKey;
 use tokio::sync::{watch, Mutex};
@@ -96,6 +96,9 @@ pub enum PublishError {
     /// Publishing is not open yet.
     #[error("{0}")]
     NotReady(String),
+    /// Something failed inside the node (not the request's fault).
+    #[error("{0}")]
+    Internal(String),
     /// Storage failed.
     #[error("{0}")]
     Store(#[from] StoreError),
@@ -142,9 +145,26 @@ pub struct Publisher {
     store: SharedStore,
     writer: Writer,
     ready: watch::Receiver<bool>,
-    /// Tip of the own feed as signed so far; `None` until loaded.
-    tip: Mutex<Option<Option<Tip>>>,
+    /// The own feed as signed so far, beyond what is durable.
+    own: Mutex<OwnFeed>,
     in_flight: StdMutex<HashSet<[u8; 16]>>,
+}
+
+/// Own-feed state under the publish lock.
+#[derive(Default)]
+struct OwnFeed {
+    /// Tip as signed so far; `None` until loaded from the store.
+    tip: Option<Option<Tip>>,
+    /// Payloads signed and queued but not yet durable, by seq: checks that
+    /// look at the feed (totals and components, withdrawals, retractions)
+    /// must see them, or two concurrent publishes could both pass.
+    pending: Vec<(u64, Payload)>,
+}
+
+impl OwnFeed {
+    fn pending_payloads(&self) -> impl Iterator<Item = &Payload> {
+        self.pending.iter().map(|(_, p)| p)
+    }
 }
 
 /// Removes an idempotency key from the in-flight set when dropped.
@@ -239,7 +259,7 @@ impl Publisher {
             store,
             writer,
             ready,
-            tip: Mutex::new(None),
+            own: Mutex::new(OwnFeed::default()),
             in_flight: StdMutex::new(HashSet::new()),
         }
     }
@@ -292,6 +312,10 @@ impl Publisher {
         fingerprint: [u8; 32],
         request: Request,
     ) -> Result<Receipt, PublishError> {
+        // A repeat is answered from the store even while writes are stopped.
+        if let Some(receipt) = self.replay(&idempotency_key, &fingerprint)? {
+            return Ok(receipt);
+        }
         if self.writer.is_stopped() {
             return Err(PublishError::Write(WriteError::Stopped));
         }
@@ -302,9 +326,6 @@ impl Publisher {
                  publish.allow_without_peers if this node is known to be current"
                     .into(),
             ));
-        }
-        if let Some(receipt) = self.replay(&idempotency_key, &fingerprint)? {
-            return Ok(receipt);
         }
         let _in_flight = {
             let mut set = self
@@ -324,18 +345,18 @@ impl Publisher {
             return Ok(receipt);
         }
 
-        let mut tip_guard = self.tip.lock().await;
-        let tip = match *tip_guard {
+        let mut own = self.own.lock().await;
+        let tip = match own.tip {
             Some(tip) => tip,
             None => self.store.head(&self.origin)?.map(|h| h.tip),
         };
-        let (payload, published, suppressed) = self.payload(request)?;
+        let (payload, published, suppressed) = self.payload(request, &own)?;
         let feed_id = match &tip {
             Some(tip) => tip.feed_id,
             None => {
                 let mut id = [0u8; 16];
                 getrandom::getrandom(&mut id).map_err(|err| {
-                    PublishError::Invalid(format!("no randomness for a feed id: {err}"))
+                    PublishError::Internal(format!("no randomness for a feed id: {err}"))
                 })?;
                 id
             }
@@ -347,13 +368,13 @@ impl Publisher {
             prev_hash: tip.map_or(GENESIS_PREV_HASH, |t| t.hash).to_vec(),
             time_unix_micros: now_micros().max(tip.map_or(0, |t| t.time_unix_micros)),
             idempotency_key: idempotency_key.to_vec(),
-            payload: Some(payload),
+            payload: Some(payload.clone()),
         };
         let entry = Entry::sign(&self.key, body).map_err(|err| match err {
             FeedError::TooLarge { size } => PublishError::Invalid(format!(
                 "the entry would be {size} bytes, above the 65536-byte limit; split the input into smaller files"
             )),
-            other => PublishError::Invalid(other.to_string()),
+            other => PublishError::Internal(other.to_string()),
         })?;
         let record = IdempotencyRecord {
             fingerprint,
@@ -372,26 +393,44 @@ impl Publisher {
             .await;
         let answer = match answer {
             Ok(answer) => {
-                *tip_guard = Some(Some(new_tip));
+                own.tip = Some(Some(new_tip));
+                own.pending.push((new_tip.seq, payload));
                 answer
             }
             Err(err) => {
-                *tip_guard = None;
+                own.tip = None;
                 return Err(err.into());
             }
         };
-        drop(tip_guard);
-        match answer.await.unwrap_or(Err(WriteError::Stopped)) {
+        drop(own);
+        let outcome = answer.await.unwrap_or(Err(WriteError::Stopped));
+        let mut own = self.own.lock().await;
+        own.pending.retain(|(seq, _)| *seq != new_tip.seq);
+        match outcome {
             Ok(_) => Ok(self.receipt(feed_id, &record)),
             Err(err) => {
-                // Reload the tip from the store before the next publish.
-                *self.tip.lock().await = None;
+                // Reload the tip from the store before the next publish;
+                // whatever was queued after this entry fails its link check.
+                own.tip = None;
+                own.pending.clear();
                 Err(err.into())
             }
         }
     }
 
-    fn payload(&self, request: Request) -> Result<(Payload, u32, u32), PublishError> {
+    /// Whether an own offer is withdrawn, durably or by a queued entry.
+    fn is_withdrawn(&self, offer_id: &str, own: &OwnFeed) -> Result<bool, PublishError> {
+        let pending = own
+            .pending_payloads()
+            .any(|p| matches!(p, Payload::Withdrawal(w) if w.offer_id == offer_id));
+        Ok(pending || self.store.withdrawal(&self.origin, offer_id)?.is_some())
+    }
+
+    fn payload(
+        &self,
+        request: Request,
+        own: &OwnFeed,
+    ) -> Result<(Payload, u32, u32), PublishError> {
         Ok(match request {
             Request::Indicators(rows) => {
                 let context = IngestContext {
@@ -418,6 +457,23 @@ impl Publisher {
                             Err(err) => store_error = Some(err),
                         }
                     }
+                    for payload in own.pending_payloads() {
+                        let Payload::Indicators(batch) = payload else {
+                            continue;
+                        };
+                        let same_cell = |o: &&Observation| {
+                            o.indicator == indicator
+                                && o.catalog_edition == edition
+                                && o.period == period
+                        };
+                        for o in batch.observations.iter().filter(same_cell) {
+                            levels.insert(if &o.ref_area == origin {
+                                Level::City
+                            } else {
+                                Level::District
+                            });
+                        }
+                    }
                     levels
                 });
                 if let Some(err) = store_error {
@@ -432,11 +488,7 @@ impl Publisher {
             }
             Request::Offer(offer) => {
                 check_offer(&offer)?;
-                if self
-                    .store
-                    .withdrawal(&self.origin, &offer.offer_id)?
-                    .is_some()
-                {
+                if self.is_withdrawn(&offer.offer_id, own)? {
                     return Err(PublishError::Invalid(format!(
                         "offer_id: {:?} was withdrawn; withdrawal is final, publish under a new id",
                         offer.offer_id
@@ -446,17 +498,21 @@ impl Publisher {
             }
             Request::Withdraw { offer_id, reason } => {
                 check_text("reason", &reason, 2000, false, true)?;
-                let held = self
-                    .store
-                    .offer_versions()?
-                    .into_iter()
-                    .any(|o| o.origin == self.origin && o.offer.offer_id == offer_id);
+                let pending = own
+                    .pending_payloads()
+                    .any(|p| matches!(p, Payload::Offer(o) if o.offer_id == offer_id));
+                let held = pending
+                    || self
+                        .store
+                        .offer_versions()?
+                        .into_iter()
+                        .any(|o| o.origin == self.origin && o.offer.offer_id == offer_id);
                 if !held {
                     return Err(PublishError::NotFound(format!(
                         "offer_id: this node has no offer {offer_id:?}"
                     )));
                 }
-                if self.store.withdrawal(&self.origin, &offer_id)?.is_some() {
+                if self.is_withdrawn(&offer_id, own)? {
                     return Err(PublishError::Invalid(format!(
                         "offer_id: {offer_id:?} is already withdrawn"
                     )));
@@ -512,13 +568,19 @@ impl Publisher {
             }
             Request::Retract { seq, reason } => {
                 check_text("reason", &reason, 2000, false, true)?;
+                if seq == 0 {
+                    return Err(PublishError::Invalid("seq: entries start at seq 1".into()));
+                }
                 let held = self.store.entries(&self.origin, seq, 1, usize::MAX)?;
-                let entry = held.into_iter().next().filter(|_| seq > 0).ok_or_else(|| {
+                let entry = held.into_iter().next().ok_or_else(|| {
                     PublishError::NotFound(format!("seq: this node's feed has no entry {seq}"))
                 })?;
                 let entry =
-                    Entry::decode(entry).map_err(|e| PublishError::Invalid(e.to_string()))?;
-                if self.store.is_retracted(&self.origin, seq)? {
+                    Entry::decode(entry).map_err(|e| PublishError::Internal(e.to_string()))?;
+                let pending = own
+                    .pending_payloads()
+                    .any(|p| matches!(p, Payload::Retraction(r) if r.seq == seq));
+                if pending || self.store.is_retracted(&self.origin, seq)? {
                     return Err(PublishError::Invalid(format!(
                         "seq: entry {seq} is already retracted"
                     )));

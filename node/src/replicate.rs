@@ -88,8 +88,8 @@ pub struct Replicator {
     pub timing: ReplicationConfig,
     /// Largest message accepted.
     pub max_message_bytes: usize,
-    /// Set once this node has caught up its own feed from a peer.
-    pub own_synced: Arc<watch::Sender<bool>>,
+    /// Opens publishing once the own feed is caught up from the peers.
+    pub gate: Arc<PublishGate>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,14 +107,15 @@ enum SessionError {
 }
 
 impl Replicator {
-    /// Replicates from `peer` until `shutdown` turns true.
-    pub async fn run(self, peer: Peer, mut shutdown: watch::Receiver<bool>) {
+    /// Replicates from `peer` (number `index` in the config) until
+    /// `shutdown` turns true.
+    pub async fn run(self, peer: Peer, index: usize, mut shutdown: watch::Receiver<bool>) {
         let initial = Duration::from_millis(self.timing.backoff_initial_ms);
         let max = Duration::from_millis(self.timing.backoff_max_ms);
         let mut backoff = initial;
         loop {
             let result = tokio::select! {
-                result = self.session(&peer, &mut backoff, initial) => result,
+                result = self.session(&peer, index, &mut backoff, initial) => result,
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
             peer.update(|s| s.connected = false);
@@ -125,6 +126,7 @@ impl Replicator {
                 Err(err) => {
                     tracing::warn!(peer = %peer.name, address = %peer.address, error = %err, retry_in_ms = backoff.as_millis() as u64, "replication stream failed");
                     peer.update(|s| s.last_error = err.to_string());
+                    self.gate.report(index, PeerSync::Unreachable);
                 }
             }
             tokio::select! {
@@ -138,6 +140,7 @@ impl Replicator {
     async fn session(
         &self,
         peer: &Peer,
+        index: usize,
         backoff: &mut Duration,
         initial: Duration,
     ) -> Result<(), SessionError> {
@@ -236,6 +239,9 @@ impl Replicator {
                     }
                 }
                 Some(Event::Drained(drained)) => {
+                    if self.keys.key_for(&drained.origin, &[], 0).is_none() {
+                        continue;
+                    }
                     while let Some(answer) = pending.pop_front() {
                         await_commit(Some(answer)).await?;
                     }
@@ -244,7 +250,17 @@ impl Replicator {
                             .insert(drained.origin.clone(), drained.head_seq);
                     });
                     if drained.origin == self.own_origin {
-                        self.own_synced.send_replace(true);
+                        let held = self
+                            .writer
+                            .heads()
+                            .get(&self.own_origin)
+                            .map_or(0, |h| h.tip.seq);
+                        if held >= drained.head_seq {
+                            self.gate.report(index, PeerSync::Synced);
+                        } else {
+                            tracing::error!(peer = %peer.name, peer_seq = drained.head_seq, held_seq = held,
+                                "the peer holds more of this node's own feed than this node could take; publishing stays closed");
+                        }
                     }
                 }
                 Some(Event::Mismatch(mismatch)) => {
@@ -288,6 +304,59 @@ fn valid_prefix(
         good.push(entry);
     }
     (good, current, None)
+}
+
+/// What one peer has told this node about its own feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerSync {
+    /// Not heard from yet.
+    Unknown,
+    /// Served the own feed, and this node holds all of it.
+    Synced,
+    /// Could not be reached (or its stream failed) before it served it.
+    Unreachable,
+}
+
+/// Opens publishing (restore safety): with peers, only once every peer has
+/// either served this node's own feed up to its head or could not be
+/// reached, and at least one served it; with `publish.allow_without_peers`,
+/// once every peer has been tried even if none answered. Once open, it
+/// stays open.
+pub struct PublishGate {
+    peers: Mutex<Vec<PeerSync>>,
+    allow_without_peers: bool,
+    open: watch::Sender<bool>,
+}
+
+impl PublishGate {
+    /// A gate for `peers` peers; the receiver says whether publishing is open.
+    pub fn new(peers: usize, allow_without_peers: bool) -> (Arc<Self>, watch::Receiver<bool>) {
+        let (open, ready) = watch::channel(peers == 0);
+        let gate = Self {
+            peers: Mutex::new(vec![PeerSync::Unknown; peers]),
+            allow_without_peers,
+            open,
+        };
+        (Arc::new(gate), ready)
+    }
+
+    /// Records what peer `index` came to, and opens the gate when it may.
+    pub fn report(&self, index: usize, state: PeerSync) {
+        let Ok(mut peers) = self.peers.lock() else {
+            return;
+        };
+        if let Some(slot) = peers.get_mut(index) {
+            if !(*slot == PeerSync::Synced && state == PeerSync::Unreachable) {
+                *slot = state;
+            }
+        }
+        let all_heard = peers.iter().all(|p| *p != PeerSync::Unknown);
+        let any_synced = peers.contains(&PeerSync::Synced);
+        if all_heard && (any_synced || self.allow_without_peers) && !*self.open.borrow() {
+            tracing::info!(synced_from_a_peer = any_synced, "publishing opens");
+            self.open.send_replace(true);
+        }
+    }
 }
 
 async fn await_commit(

@@ -2,7 +2,12 @@
 //! maps domain errors to status codes (in one place, [`ToStatus`]), and
 //! serves subscriptions from the store.
 
-use std::{collections::BTreeMap, pin::Pin, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    pin::Pin,
+    sync::Arc,
+};
 
 use civex_proto::v1::{
     self as pb, feed_server::Feed, publish_server::Publish, query_server::Query,
@@ -19,15 +24,22 @@ use crate::{
     publish::{self, PublishError, Publisher, Receipt},
     query::{self, ObservationFilter, OfferFilter, QueryError},
     replicate::Peer,
-    store::{Head, SharedStore, StoreError},
-    writer::{WriteError, Writer},
+    store::{Head, SharedStore, Store, StoreError},
+    writer::{DurableHeads, WriteError, Writer},
 };
 
 /// Entries per subscription message at most.
 const ENTRIES_PER_MESSAGE: usize = 1024;
+/// Entry bytes per subscription message at most (one entry may exceed it
+/// alone, up to 64 KiB). Fixed by the protocol, not by this node's limits,
+/// so every peer whose `max_message_bytes` is at the minimum (2 MiB) can
+/// take every message.
+const MESSAGE_ENTRY_BYTES: usize = 1 << 20;
 /// Messages buffered per subscriber: with the message size cap this bounds
 /// a slow subscriber's memory.
 const SUBSCRIBER_BUFFER: usize = 4;
+/// Cursors per subscription at most.
+const MAX_CURSORS: usize = 4096;
 
 /// Maps a domain error to a gRPC status. The one place where that happens.
 pub trait ToStatus {
@@ -49,7 +61,11 @@ impl ToStatus for WriteError {
         match self {
             WriteError::Store(err) => err.to_status(),
             WriteError::Stopped => Status::unavailable(self.to_string()),
-            WriteError::Chain(_) | WriteError::Fork { .. } => Status::aborted(self.to_string()),
+            // The own-feed tip moved under a publish: safe to retry.
+            WriteError::Chain(_) => {
+                Status::unavailable(format!("{self}; retry with the same idempotency key"))
+            }
+            WriteError::Fork { .. } => Status::aborted(self.to_string()),
         }
     }
 }
@@ -62,7 +78,8 @@ impl ToStatus for PublishError {
             }
             PublishError::NotFound(_) => Status::not_found(self.to_string()),
             PublishError::KeyReused(_) => Status::already_exists(self.to_string()),
-            PublishError::InProgress(_) => Status::aborted(self.to_string()),
+            PublishError::InProgress(_) => Status::unavailable(self.to_string()),
+            PublishError::Internal(_) => Status::internal(self.to_string()),
             PublishError::NotReady(_) => Status::unavailable(self.to_string()),
             PublishError::Store(err) => err.to_status(),
             PublishError::Write(err) => err.to_status(),
@@ -163,12 +180,18 @@ impl PublishService {
         request: publish::Request,
     ) -> Result<Response<pb::Receipt>, Status> {
         let key = idempotency_key(key)?;
-        match self.publisher.publish(key, fingerprint, request).await {
-            Ok(done) => Ok(Response::new(receipt(done))),
-            Err(err) => {
+        // Run to completion even if the caller goes away: a publish that
+        // was queued keeps its idempotency key busy until it is durable or
+        // failed, so a retry never signs a second entry for it.
+        let publisher = self.publisher.clone();
+        let task = tokio::spawn(async move { publisher.publish(key, fingerprint, request).await });
+        match task.await {
+            Ok(Ok(done)) => Ok(Response::new(receipt(done))),
+            Ok(Err(err)) => {
                 tracing::info!(error = %err, "publish refused");
                 Err(err.to_status())
             }
+            Err(err) => Err(Status::internal(format!("publish task failed: {err}"))),
         }
     }
 }
@@ -286,101 +309,196 @@ pub struct FeedService {
     store: SharedStore,
     writer: Writer,
     shutdown: watch::Receiver<bool>,
-    max_message_bytes: usize,
+    streams: StreamSlots,
+}
+
+/// Open subscriptions per remote address, capped (until peers have TLS
+/// identities, the address is the peer).
+#[derive(Clone)]
+struct StreamSlots {
+    open: Arc<std::sync::Mutex<HashMap<Option<IpAddr>, usize>>>,
+    cap: usize,
+}
+
+/// One open subscription; frees its slot when dropped.
+struct StreamSlot {
+    slots: StreamSlots,
+    peer: Option<IpAddr>,
+}
+
+impl StreamSlots {
+    fn acquire(&self, peer: Option<IpAddr>) -> Result<StreamSlot, Status> {
+        let mut open = self
+            .open
+            .lock()
+            .map_err(|_| Status::internal("subscription slots are poisoned"))?;
+        let count = open.entry(peer).or_default();
+        if *count >= self.cap {
+            let who = peer.map_or_else(|| "an unknown address".to_owned(), |ip| ip.to_string());
+            tracing::warn!(peer = %who, cap = self.cap, "subscription refused: too many open streams");
+            return Err(Status::resource_exhausted(format!(
+                "{who} already has {count} open subscriptions, the limit (limits.max_streams_per_peer)"
+            )));
+        }
+        *count += 1;
+        Ok(StreamSlot {
+            slots: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.slots.open.lock() {
+            if let Some(count) = open.get_mut(&self.peer) {
+                *count -= 1;
+                if *count == 0 {
+                    open.remove(&self.peer);
+                }
+            }
+        }
+    }
+}
+
+/// A claimed position of the subscriber, checked once this node holds it.
+#[derive(Clone)]
+struct Claim {
+    seq: u64,
+    hash: Vec<u8>,
+    feed_id: Vec<u8>,
 }
 
 struct OriginCursor {
     next: u64,
-    /// (seq, hash, feed id) the subscriber claims to hold, checked once held here.
-    claim: Option<(u64, Vec<u8>, Vec<u8>)>,
+    claim: Option<Claim>,
     drained: bool,
     stopped: bool,
 }
 
+impl OriginCursor {
+    fn from_seq(seq: u64, claim: Option<Claim>) -> Self {
+        Self {
+            next: seq + 1,
+            claim,
+            drained: false,
+            stopped: false,
+        }
+    }
+}
+
+/// What a claim comes to against the head held.
+enum ClaimCheck {
+    /// Not held yet: wait.
+    Wait,
+    /// Matches: serve from it.
+    Matches,
+    /// Differs: send this evidence and stop the origin.
+    Differs(Option<pb::SignedEntry>),
+}
+
+fn check_claim(
+    store: &dyn Store,
+    origin: &str,
+    head: Option<&Head>,
+    claim: &Claim,
+) -> Result<ClaimCheck, StoreError> {
+    let Some(head) = head else {
+        return Ok(ClaimCheck::Wait);
+    };
+    if head.tip.feed_id.as_slice() != claim.feed_id {
+        // Another feed: evidence is the entry this node holds at that seq, if any.
+        let at = claim.seq.min(head.tip.seq);
+        return Ok(ClaimCheck::Differs(
+            store.entries(origin, at, 1, usize::MAX)?.into_iter().next(),
+        ));
+    }
+    if head.tip.seq < claim.seq {
+        return Ok(ClaimCheck::Wait);
+    }
+    let held = store
+        .entries(origin, claim.seq, 1, usize::MAX)?
+        .into_iter()
+        .next();
+    let matches = held
+        .as_ref()
+        .is_some_and(|e| entry_hash(&e.body, &e.signature).as_slice() == claim.hash);
+    Ok(if matches {
+        ClaimCheck::Matches
+    } else {
+        ClaimCheck::Differs(held)
+    })
+}
+
+/// Sends one event unless the subscriber left or the node is stopping.
+async fn send_event(
+    tx: &mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    shutdown: &mut watch::Receiver<bool>,
+    event: Event,
+) -> bool {
+    let message = Ok(pb::SubscribeResponse { event: Some(event) });
+    tokio::select! {
+        sent = tx.send(message) => sent.is_ok(),
+        _ = shutdown.wait_for(|stop| *stop) => false,
+    }
+}
+
 impl FeedService {
     /// Sends each origin's backlog, then its live tail, read from the store
-    /// after every "head advanced" notification; never buffers per origin.
+    /// up to the durable heads after every "head advanced" notification;
+    /// never buffers per origin.
     async fn serve(
         store: SharedStore,
-        mut committed: watch::Receiver<u64>,
+        mut committed: watch::Receiver<DurableHeads>,
         mut shutdown: watch::Receiver<bool>,
         request: pb::SubscribeRequest,
-        max_bytes: usize,
         tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
     ) -> Result<(), StoreError> {
         let mut origins: BTreeMap<String, OriginCursor> = BTreeMap::new();
         for cursor in request.cursors {
-            let claim = (cursor.seq > 0).then(|| {
-                (
-                    cursor.seq,
-                    cursor.entry_hash.to_vec(),
-                    cursor.feed_id.to_vec(),
-                )
+            let claim = (cursor.seq > 0).then(|| Claim {
+                seq: cursor.seq,
+                hash: cursor.entry_hash.clone(),
+                feed_id: cursor.feed_id.clone(),
             });
-            origins.insert(
-                cursor.origin,
-                OriginCursor {
-                    next: cursor.seq + 1,
-                    claim,
-                    drained: false,
-                    stopped: false,
-                },
-            );
+            origins.insert(cursor.origin, OriginCursor::from_seq(cursor.seq, claim));
         }
-        let send = |event: Event| {
-            let tx = tx.clone();
-            async move {
-                tx.send(Ok(pb::SubscribeResponse { event: Some(event) }))
-                    .await
-                    .is_ok()
-            }
-        };
         loop {
-            committed.borrow_and_update();
+            let heads = committed.borrow_and_update().clone();
             if request.all_origins {
-                for (origin, _) in store.heads()? {
-                    origins.entry(origin).or_insert(OriginCursor {
-                        next: 1,
-                        claim: None,
-                        drained: false,
-                        stopped: false,
-                    });
+                for origin in heads.keys() {
+                    origins
+                        .entry(origin.clone())
+                        .or_insert_with(|| OriginCursor::from_seq(0, None));
                 }
             }
             let mut sent_entries = false;
             for (origin, cursor) in origins.iter_mut().filter(|(_, c)| !c.stopped) {
-                let head = store.head(origin)?;
+                let head = heads.get(origin);
                 let head_seq = head.map_or(0, |h| h.tip.seq);
-                if let Some((seq, hash, feed_id)) = cursor.claim.clone() {
-                    if head_seq < seq {
-                        // Not held yet here: nothing to send until it is.
-                        continue;
-                    }
-                    let held = store
-                        .entries(origin, seq, 1, usize::MAX)?
-                        .into_iter()
-                        .next();
-                    let matches = held
-                        .as_ref()
-                        .is_some_and(|e| entry_hash(&e.body, &e.signature).as_slice() == hash)
-                        && head.is_some_and(|h| h.tip.feed_id.as_slice() == feed_id);
-                    if !matches {
-                        cursor.stopped = true;
-                        let mismatch = pb::CursorMismatch {
-                            origin: origin.clone(),
-                            held,
-                            feed_id: head.map(|h| h.tip.feed_id.to_vec()).unwrap_or_default(),
-                        };
-                        if !send(Event::Mismatch(mismatch)).await {
-                            return Ok(());
+                if let Some(claim) = &cursor.claim {
+                    match check_claim(store.as_ref(), origin, head, claim)? {
+                        ClaimCheck::Wait => continue,
+                        ClaimCheck::Matches => cursor.claim = None,
+                        ClaimCheck::Differs(held) => {
+                            cursor.stopped = true;
+                            let mismatch = pb::CursorMismatch {
+                                origin: origin.clone(),
+                                held,
+                                feed_id: head.map(|h| h.tip.feed_id.to_vec()).unwrap_or_default(),
+                            };
+                            if !send_event(&tx, &mut shutdown, Event::Mismatch(mismatch)).await {
+                                return Ok(());
+                            }
+                            continue;
                         }
-                        continue;
                     }
-                    cursor.claim = None;
                 }
                 if cursor.next <= head_seq {
+                    let wanted =
+                        (head_seq - cursor.next + 1).min(ENTRIES_PER_MESSAGE as u64) as usize;
                     let entries =
-                        store.entries(origin, cursor.next, ENTRIES_PER_MESSAGE, max_bytes)?;
+                        store.entries(origin, cursor.next, wanted, MESSAGE_ENTRY_BYTES)?;
                     if !entries.is_empty() {
                         cursor.next += entries.len() as u64;
                         sent_entries = true;
@@ -388,7 +506,7 @@ impl FeedService {
                             origin: origin.clone(),
                             entries,
                         };
-                        if !send(Event::Entries(batch)).await {
+                        if !send_event(&tx, &mut shutdown, Event::Entries(batch)).await {
                             return Ok(());
                         }
                     }
@@ -399,10 +517,13 @@ impl FeedService {
                         origin: origin.clone(),
                         head_seq,
                     };
-                    if !send(Event::Drained(drained)).await {
+                    if !send_event(&tx, &mut shutdown, Event::Drained(drained)).await {
                         return Ok(());
                     }
                 }
+            }
+            if *shutdown.borrow() {
+                return Ok(());
             }
             if !sent_entries {
                 tokio::select! {
@@ -410,8 +531,6 @@ impl FeedService {
                     _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
                     _ = tx.closed() => return Ok(()),
                 }
-            } else if *shutdown.borrow() {
-                return Ok(());
             }
         }
     }
@@ -429,12 +548,18 @@ impl Feed for FeedService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let peer = request.remote_addr();
         let request = request.into_inner();
-        for cursor in &request.cursors {
-            check_origin_id(&cursor.origin).map_err(|m| invalid(format!("cursors: {m}")))?;
+        if request.cursors.len() > MAX_CURSORS {
+            return Err(invalid(format!(
+                "cursors: {} cursors, at most {MAX_CURSORS} per subscription",
+                request.cursors.len()
+            )));
+        }
+        for (i, cursor) in request.cursors.iter().enumerate() {
+            check_origin_id(&cursor.origin)
+                .map_err(|m| invalid(format!("cursors[{i}].origin: {m}")))?;
             if cursor.seq > 0 && (cursor.entry_hash.len() != 32 || cursor.feed_id.len() != 16) {
                 return Err(invalid(format!(
-                    "cursors.{}: a cursor past seq 0 needs a 16-byte feed_id and a 32-byte entry_hash",
-                    cursor.origin
+                    "cursors[{i}]: a cursor past seq 0 needs a 16-byte feed_id and a 32-byte entry_hash"
                 )));
             }
         }
@@ -443,20 +568,16 @@ impl Feed for FeedService {
                 "cursors: name at least one origin, or set all_origins".into(),
             ));
         }
+        let slot = self.streams.acquire(peer.map(|p| p.ip()))?;
         tracing::info!(peer = ?peer, origins = request.cursors.len(), all = request.all_origins, "subscription opened");
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let store = self.store.clone();
         let committed = self.writer.committed();
         let shutdown = self.shutdown.clone();
-        // Leave room for the message framing around the entries.
-        let max_bytes = self
-            .max_message_bytes
-            .saturating_sub(96 * 1024)
-            .max(64 * 1024);
         tokio::spawn(async move {
+            let _slot = slot;
             let error_tx = tx.clone();
-            if let Err(err) = Self::serve(store, committed, shutdown, request, max_bytes, tx).await
-            {
+            if let Err(err) = Self::serve(store, committed, shutdown, request, tx).await {
                 tracing::error!(error = %err, "subscription ended by a store error");
                 let _ = error_tx.send(Err(err.to_status())).await;
             }
@@ -574,7 +695,7 @@ impl Query for QueryService {
 
 /// The Status service.
 pub struct StatusService {
-    store: SharedStore,
+    writer: Writer,
     publisher: Arc<Publisher>,
     peers: Vec<Peer>,
 }
@@ -585,7 +706,7 @@ impl StatusApi for StatusService {
         &self,
         _request: Request<pb::NodeStatusRequest>,
     ) -> Result<Response<pb::NodeStatusResponse>, Status> {
-        let heads = self.store.heads().map_err(|e| e.to_status())?;
+        let heads = self.writer.heads();
         let held: BTreeMap<&str, u64> =
             heads.iter().map(|(o, h)| (o.as_str(), h.tip.seq)).collect();
         let peers = self
@@ -614,8 +735,8 @@ impl StatusApi for StatusService {
         Ok(Response::new(pb::NodeStatusResponse {
             origin: self.publisher.origin().to_owned(),
             heads: heads
-                .into_iter()
-                .map(|(origin, head)| head_message(origin, &head))
+                .iter()
+                .map(|(origin, head)| head_message(origin.clone(), head))
                 .collect(),
             peers,
             publish_ready: self.publisher.is_ready(),
@@ -637,6 +758,8 @@ pub struct Services {
     pub shutdown: watch::Receiver<bool>,
     /// Message size limit.
     pub max_message_bytes: usize,
+    /// Open subscriptions per remote address at most.
+    pub max_streams_per_peer: usize,
 }
 
 /// Builds the router: civex services, health (`grpc.health.v1`) and
@@ -679,7 +802,10 @@ pub async fn router(
         store: services.store.clone(),
         writer: services.writer.clone(),
         shutdown: services.shutdown.clone(),
-        max_message_bytes: max,
+        streams: StreamSlots {
+            open: Arc::default(),
+            cap: services.max_streams_per_peer,
+        },
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -689,7 +815,7 @@ pub async fn router(
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     let status = StatusServer::new(StatusService {
-        store: services.store,
+        writer: services.writer,
         publisher: services.publisher,
         peers: services.peers,
     })

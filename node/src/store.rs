@@ -235,23 +235,7 @@ impl SledStore {
         let path = dir.to_path_buf();
         std::fs::create_dir_all(dir)
             .map_err(|e| io_error(dir, "cannot create store directory", e))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .segment_size(SEGMENT_BYTES)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|err| {
-                let message = err.to_string();
-                if message.contains("lock") || message.contains("WouldBlock") {
-                    StoreError::Io {
-                        path: dir.display().to_string(),
-                        message: format!("store is in use by another process (is civex-node running?): {message}"),
-                    }
-                } else {
-                    sled_error(dir)(err)
-                }
-            })?;
+        let db = open_sled(dir, cache_bytes)?;
         let sync = match sync {
             Some(sync) => sync,
             None => {
@@ -322,8 +306,10 @@ impl SledStore {
     /// fsyncs blob files sled wrote since the last commit, and their directory.
     fn sync_blobs(&self) -> Result<(), StoreError> {
         let dir = self.path.join("blobs");
-        let Ok(listing) = std::fs::read_dir(&dir) else {
-            return Ok(());
+        let listing = match std::fs::read_dir(&dir) {
+            Ok(listing) => listing,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(err) => return Err(io_error(&self.path, "listing blobs", err)),
         };
         let mut synced = self.synced_blobs.lock().map_err(|_| {
             io_error(
@@ -360,6 +346,39 @@ impl SledStore {
         StoreError::Corrupt {
             path: self.path.display().to_string(),
             message,
+        }
+    }
+}
+
+/// Opens sled. sled's io threads can hold the store's file lock for a
+/// moment after the previous handle in this process was dropped, so a lock
+/// conflict is retried for a short, bounded time before it is reported.
+fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .segment_size(SEGMENT_BYTES)
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            Err(err) => {
+                let message = err.to_string();
+                if !message.contains("could not acquire lock") {
+                    return Err(sled_error(dir)(err));
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::Io {
+                        path: dir.display().to_string(),
+                        message: format!(
+                            "store is in use by another process (is civex-node running?): {message}"
+                        ),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
     }
 }
@@ -604,6 +623,7 @@ impl Store for SledStore {
                     origin,
                     retracted_seq,
                     by_seq,
+                    ..
                 } => {
                     batch.insert(
                         key_of(b'r', &[origin], Some(*retracted_seq)),

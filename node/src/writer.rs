@@ -91,12 +91,15 @@ pub enum WriteError {
 
 type Reply = oneshot::Sender<Result<Stored, WriteError>>;
 
+/// Heads of every origin whose entries are durable, by origin.
+pub type DurableHeads = Arc<std::collections::BTreeMap<String, Head>>;
+
 /// Handle to the writer thread. Cloneable; the thread ends when every
 /// handle is dropped, after finishing what was queued.
 #[derive(Clone)]
 pub struct Writer {
     jobs: mpsc::Sender<(Job, Reply)>,
-    committed: watch::Receiver<u64>,
+    committed: watch::Receiver<DurableHeads>,
     stopped: Arc<AtomicBool>,
 }
 
@@ -105,7 +108,9 @@ impl Writer {
     pub fn start(store: SharedStore) -> Result<(Self, JoinHandle<()>), StoreError> {
         let heads: HashMap<String, Head> = store.heads()?.into_iter().collect();
         let (jobs, receiver) = mpsc::channel(QUEUE_JOBS);
-        let (notify, committed) = watch::channel(0);
+        let (notify, committed) = watch::channel(Arc::new(
+            heads.iter().map(|(o, h)| (o.clone(), *h)).collect(),
+        ));
         let stopped = Arc::new(AtomicBool::new(false));
         let thread_stopped = stopped.clone();
         let handle = std::thread::Builder::new()
@@ -157,9 +162,16 @@ impl Writer {
             .unwrap_or(Err(WriteError::Stopped))
     }
 
-    /// A receiver that changes after every durable commit ("head advanced").
-    pub fn committed(&self) -> watch::Receiver<u64> {
+    /// The durable heads, changing after every durable commit ("head
+    /// advanced"). Readers serve entries only up to these heads: sled makes
+    /// a batch visible before it is synced.
+    pub fn committed(&self) -> watch::Receiver<DurableHeads> {
         self.committed.clone()
+    }
+
+    /// The durable heads now.
+    pub fn heads(&self) -> DurableHeads {
+        self.committed.borrow().clone()
     }
 
     /// Whether writes stopped after a storage failure.
@@ -171,7 +183,7 @@ impl Writer {
 struct WriterThread {
     store: SharedStore,
     heads: HashMap<String, Head>,
-    notify: watch::Sender<u64>,
+    notify: watch::Sender<DurableHeads>,
     stopped: Arc<AtomicBool>,
 }
 
@@ -235,7 +247,8 @@ impl WriterThread {
             for (origin, head) in batch.heads {
                 self.heads.insert(origin, head);
             }
-            self.notify.send_modify(|n| *n += 1);
+            let durable = self.heads.iter().map(|(o, h)| (o.clone(), *h)).collect();
+            self.notify.send_replace(Arc::new(durable));
         }
         for (reply, outcome) in replies {
             let _ = reply.send(outcome);
@@ -294,9 +307,32 @@ impl WriterThread {
                 .last()
                 .and_then(|run| run.last())
                 .is_some_and(|last| last.body.origin == origin && Some(last.tip()) == start_tip);
-        let mut entries = Vec::with_capacity(count);
+        let mut entries: Vec<Entry> = Vec::with_capacity(count);
         for prepared in new {
-            batch.index.extend(prepared.index);
+            for record in prepared.index {
+                if let IndexRecord::Retraction {
+                    origin,
+                    retracted_seq,
+                    entry_hash,
+                    by_seq,
+                } = &record
+                {
+                    let in_job = entries
+                        .iter()
+                        .find(|e| e.body.seq == *retracted_seq)
+                        .map(|e| e.hash);
+                    let held = match in_job {
+                        Some(hash) => Some(hash),
+                        None => self.held_hash(origin, *retracted_seq, batch)?,
+                    };
+                    if held.map(|h| h.to_vec()).as_ref() != Some(entry_hash) {
+                        tracing::warn!(%origin, seq = by_seq, retracted = retracted_seq,
+                            "retraction names a hash that is not the entry held; it has no effect");
+                        continue;
+                    }
+                }
+                batch.index.push(record);
+            }
             entries.push(prepared.entry);
         }
         match (extends_last_run, batch.runs.last_mut()) {

@@ -158,8 +158,42 @@ async fn a_cursor_naming_another_entry_gets_the_evidence_and_nothing_else() {
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
     assert!(
-        bad.message().contains("cursors: origin id \"City A\""),
+        bad.message()
+            .contains("cursors[0].origin: origin id \"City A\""),
         "{}",
         bad.message()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_to_all_picks_up_origins_that_appear_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestNode::start(&dir.path().join("a"), Spec::new("city-a")).await;
+    let b = TestNode::start(
+        &dir.path().join("b"),
+        Spec::new("city-b")
+            .peer("city-a", &a.address)
+            .trust("city-a", &a.public_key),
+    )
+    .await;
+    let mut stream = b
+        .feed()
+        .await
+        .subscribe(pb::SubscribeRequest {
+            cursors: Vec::new(),
+            all_origins: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // B holds nothing of city-a yet; A publishes only now.
+    let receipt = publish_row(&a, "late", 1.0).await;
+    loop {
+        if let Event::Entries(batch) = next_event(&mut stream).await {
+            let entry = Entry::decode(batch.entries[0].clone()).unwrap();
+            assert_eq!((entry.body.origin.as_str(), entry.body.seq), ("city-a", 1));
+            assert_eq!(entry.hash.to_vec(), receipt.entry_hash);
+            break;
+        }
+    }
 }

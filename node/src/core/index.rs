@@ -80,12 +80,16 @@ pub enum IndexRecord {
         /// The response.
         response: OfferResponse,
     },
-    /// An entry of `origin` retracted by a later one.
+    /// An entry of `origin` retracted by a later one. Takes effect only if
+    /// `entry_hash` is the hash of the entry held at `retracted_seq` (the
+    /// writer checks; this module sees one entry at a time).
     Retraction {
         /// Origin.
         origin: String,
         /// Retracted seq.
         retracted_seq: u64,
+        /// Hash the retraction names.
+        entry_hash: Vec<u8>,
         /// Seq of the retracting entry.
         by_seq: u64,
     },
@@ -153,6 +157,7 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
             vec![IndexRecord::Retraction {
                 origin: origin.clone(),
                 retracted_seq: r.seq,
+                entry_hash: r.entry_hash.clone(),
                 by_seq: seq,
             }]
         }
