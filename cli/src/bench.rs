@@ -515,8 +515,9 @@ async fn publish_runs(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.publishers {
+        // Each publisher is its own client with its own connection.
         let (mut publisher, next, progress, request) = (
-            publisher.clone(),
+            client::publish(&address)?,
             next.clone(),
             progress.clone(),
             request.clone(),

@@ -1,7 +1,9 @@
 //! Publishing into this node's own feed: validation, idempotency, chaining
 //! and signing. Signing is serial by nature (each entry names the previous
-//! hash); durability is the writer's group commit, so concurrent publishers
-//! still share syncs.
+//! hash), so one sequencer task owns the own feed's tip: it takes every
+//! queued request at once, validates and signs them back to back, and hands
+//! them to the writer as one job, without waiting for the previous job to be
+//! durable. Durability is the writer's group commit.
 
 use std::{collections::HashSet, sync::Mutex as StdMutex};
 
@@ -10,7 +12,7 @@ use civex_proto::v1::{
     Retraction, ServiceOffer,
 };
 use ed25519_dalek::SigningKey;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     core::{
@@ -136,21 +138,29 @@ pub fn recovered_record(entry: &Entry) -> Option<([u8; 16], IdempotencyRecord)> 
     Some((key, record))
 }
 
-/// Publishing state of the own feed.
+/// Requests signed per batch at most.
+const MAX_SEQUENCED: usize = 512;
+
+/// Publishing into the own feed: the front that checks idempotency and
+/// readiness, and queues requests to the sequencer.
 pub struct Publisher {
     origin: String,
-    key: SigningKey,
-    districts: Vec<String>,
-    min_contributors: u32,
     store: SharedStore,
     writer: Writer,
     ready: watch::Receiver<bool>,
-    /// The own feed as signed so far, beyond what is durable.
-    own: Mutex<OwnFeed>,
+    sequencer: mpsc::Sender<Queued>,
     in_flight: StdMutex<HashSet<[u8; 16]>>,
 }
 
-/// Own-feed state under the publish lock.
+/// A request waiting for the sequencer.
+struct Queued {
+    key: [u8; 16],
+    fingerprint: [u8; 32],
+    request: Request,
+    reply: oneshot::Sender<Result<Receipt, PublishError>>,
+}
+
+/// Own-feed state, owned by the sequencer task.
 #[derive(Default)]
 struct OwnFeed {
     /// Tip as signed so far; `None` until loaded from the store.
@@ -166,6 +176,20 @@ impl OwnFeed {
         self.pending.iter().map(|(_, p)| p)
     }
 }
+
+/// The sequencer: validates, chains and signs own-feed entries.
+struct Sequencer {
+    origin: String,
+    key: SigningKey,
+    districts: Vec<String>,
+    min_contributors: u32,
+    store: SharedStore,
+    writer: Writer,
+    own: OwnFeed,
+}
+
+/// A job's outcome as the sequencer learns it: its seqs, and whether stored.
+type Settled = (Vec<u64>, bool);
 
 /// Removes an idempotency key from the in-flight set when dropped.
 struct InFlight<'a> {
@@ -241,7 +265,7 @@ pub fn check_offer(offer: &ServiceOffer) -> Result<(), PublishError> {
 }
 
 impl Publisher {
-    /// A publisher for `origin`'s feed.
+    /// A publisher for `origin`'s feed; starts its sequencer task.
     pub fn new(
         origin: String,
         key: SigningKey,
@@ -251,15 +275,23 @@ impl Publisher {
         writer: Writer,
         ready: watch::Receiver<bool>,
     ) -> Self {
-        Self {
-            origin,
+        let (sequencer, queue) = mpsc::channel(4 * MAX_SEQUENCED);
+        let task = Sequencer {
+            origin: origin.clone(),
             key,
             districts,
             min_contributors,
+            store: store.clone(),
+            writer: writer.clone(),
+            own: OwnFeed::default(),
+        };
+        tokio::spawn(task.run(queue));
+        Self {
+            origin,
             store,
             writer,
             ready,
-            own: Mutex::new(OwnFeed::default()),
+            sequencer,
             in_flight: StdMutex::new(HashSet::new()),
         }
     }
@@ -344,13 +376,149 @@ impl Publisher {
         if let Some(receipt) = self.replay(&idempotency_key, &fingerprint)? {
             return Ok(receipt);
         }
-
-        let mut own = self.own.lock().await;
-        let tip = match own.tip {
-            Some(tip) => tip,
-            None => self.store.head(&self.origin)?.map(|h| h.tip),
+        let (reply, answer) = oneshot::channel();
+        let queued = Queued {
+            key: idempotency_key,
+            fingerprint,
+            request,
+            reply,
         };
-        let (payload, published, suppressed) = self.payload(request, &own)?;
+        self.sequencer
+            .send(queued)
+            .await
+            .map_err(|_| PublishError::Write(WriteError::Stopped))?;
+        answer
+            .await
+            .unwrap_or(Err(PublishError::Write(WriteError::Stopped)))
+    }
+}
+
+fn receipt_of(origin: &str, feed_id: [u8; 16], record: &IdempotencyRecord) -> Receipt {
+    Receipt {
+        origin: origin.to_owned(),
+        feed_id,
+        seq: record.seq,
+        hash: record.hash,
+        published: record.published,
+        suppressed: record.suppressed,
+    }
+}
+
+impl Sequencer {
+    async fn run(mut self, mut queue: mpsc::Receiver<Queued>) {
+        let (settled_tx, mut settled) = mpsc::unbounded_channel::<Settled>();
+        loop {
+            tokio::select! {
+                biased;
+                Some(done) = settled.recv() => self.settle(done),
+                next = queue.recv() => {
+                    let Some(first) = next else { return };
+                    while let Ok(done) = settled.try_recv() {
+                        self.settle(done);
+                    }
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_SEQUENCED {
+                        match queue.try_recv() {
+                            Ok(queued) => batch.push(queued),
+                            Err(_) => break,
+                        }
+                    }
+                    self.sequence(batch, &settled_tx).await;
+                }
+            }
+        }
+    }
+
+    /// A job became durable or failed: its payloads stop being pending;
+    /// after a failure the tip is reloaded from the store (whatever was
+    /// queued after it fails its link check and settles the same way).
+    fn settle(&mut self, (seqs, stored): Settled) {
+        self.own.pending.retain(|(seq, _)| !seqs.contains(seq));
+        if !stored {
+            self.own.tip = None;
+            self.own.pending.clear();
+        }
+    }
+
+    /// Validates and signs a batch of requests on the current tip, and
+    /// queues the good ones to the writer as one job.
+    async fn sequence(&mut self, batch: Vec<Queued>, settled: &mpsc::UnboundedSender<Settled>) {
+        let start = match self.own.tip {
+            Some(tip) => tip,
+            None => match self.store.head(&self.origin) {
+                Ok(head) => head.map(|h| h.tip),
+                Err(err) => {
+                    for queued in batch {
+                        let _ = queued.reply.send(Err(err.clone().into()));
+                    }
+                    return;
+                }
+            },
+        };
+        let mut tip = start;
+        let mut entries = Vec::new();
+        let mut idempotency = Vec::new();
+        let mut replies = Vec::new();
+        let mut seqs = Vec::new();
+        for queued in batch {
+            match self.sign(queued.key, queued.fingerprint, queued.request, tip) {
+                Ok((entry, record, payload)) => {
+                    tip = Some(entry.tip());
+                    seqs.push(record.seq);
+                    self.own.pending.push((record.seq, payload));
+                    idempotency.push((queued.key, record));
+                    replies.push((
+                        queued.reply,
+                        receipt_of(&self.origin, entry.feed_id(), &record),
+                    ));
+                    entries.push(Prepared::new(entry));
+                }
+                Err(err) => {
+                    let _ = queued.reply.send(Err(err));
+                }
+            }
+        }
+        if entries.is_empty() {
+            return;
+        }
+        match self
+            .writer
+            .send(Job {
+                entries,
+                idempotency,
+            })
+            .await
+        {
+            Ok(answer) => {
+                self.own.tip = Some(tip);
+                let settled = settled.clone();
+                tokio::spawn(async move {
+                    let outcome = answer.await.unwrap_or(Err(WriteError::Stopped));
+                    let _ = settled.send((seqs, outcome.is_ok()));
+                    for (reply, receipt) in replies {
+                        let _ = reply
+                            .send(outcome.clone().map(|_| receipt).map_err(PublishError::from));
+                    }
+                });
+            }
+            Err(err) => {
+                self.settle((seqs, false));
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(err.clone().into()));
+                }
+            }
+        }
+    }
+
+    /// Builds and signs one entry on `tip`.
+    fn sign(
+        &self,
+        idempotency_key: [u8; 16],
+        fingerprint: [u8; 32],
+        request: Request,
+        tip: Option<Tip>,
+    ) -> Result<(Entry, IdempotencyRecord, Payload), PublishError> {
+        let (payload, published, suppressed) = self.payload(request)?;
         let feed_id = match &tip {
             Some(tip) => tip.feed_id,
             None => {
@@ -383,54 +551,19 @@ impl Publisher {
             published,
             suppressed,
         };
-        let new_tip = entry.tip();
-        let answer = self
-            .writer
-            .send(Job {
-                entries: vec![Prepared::new(entry)],
-                idempotency: vec![(idempotency_key, record)],
-            })
-            .await;
-        let answer = match answer {
-            Ok(answer) => {
-                own.tip = Some(Some(new_tip));
-                own.pending.push((new_tip.seq, payload));
-                answer
-            }
-            Err(err) => {
-                own.tip = None;
-                return Err(err.into());
-            }
-        };
-        drop(own);
-        let outcome = answer.await.unwrap_or(Err(WriteError::Stopped));
-        let mut own = self.own.lock().await;
-        own.pending.retain(|(seq, _)| *seq != new_tip.seq);
-        match outcome {
-            Ok(_) => Ok(self.receipt(feed_id, &record)),
-            Err(err) => {
-                // Reload the tip from the store before the next publish;
-                // whatever was queued after this entry fails its link check.
-                own.tip = None;
-                own.pending.clear();
-                Err(err.into())
-            }
-        }
+        Ok((entry, record, payload))
     }
 
     /// Whether an own offer is withdrawn, durably or by a queued entry.
-    fn is_withdrawn(&self, offer_id: &str, own: &OwnFeed) -> Result<bool, PublishError> {
-        let pending = own
+    fn is_withdrawn(&self, offer_id: &str) -> Result<bool, PublishError> {
+        let pending = self
+            .own
             .pending_payloads()
             .any(|p| matches!(p, Payload::Withdrawal(w) if w.offer_id == offer_id));
         Ok(pending || self.store.withdrawal(&self.origin, offer_id)?.is_some())
     }
 
-    fn payload(
-        &self,
-        request: Request,
-        own: &OwnFeed,
-    ) -> Result<(Payload, u32, u32), PublishError> {
+    fn payload(&self, request: Request) -> Result<(Payload, u32, u32), PublishError> {
         Ok(match request {
             Request::Indicators(rows) => {
                 let context = IngestContext {
@@ -457,7 +590,7 @@ impl Publisher {
                             Err(err) => store_error = Some(err),
                         }
                     }
-                    for payload in own.pending_payloads() {
+                    for payload in self.own.pending_payloads() {
                         let Payload::Indicators(batch) = payload else {
                             continue;
                         };
@@ -488,7 +621,7 @@ impl Publisher {
             }
             Request::Offer(offer) => {
                 check_offer(&offer)?;
-                if self.is_withdrawn(&offer.offer_id, own)? {
+                if self.is_withdrawn(&offer.offer_id)? {
                     return Err(PublishError::Invalid(format!(
                         "offer_id: {:?} was withdrawn; withdrawal is final, publish under a new id",
                         offer.offer_id
@@ -498,7 +631,8 @@ impl Publisher {
             }
             Request::Withdraw { offer_id, reason } => {
                 check_text("reason", &reason, 2000, false, true)?;
-                let pending = own
+                let pending = self
+                    .own
                     .pending_payloads()
                     .any(|p| matches!(p, Payload::Offer(o) if o.offer_id == offer_id));
                 let held = pending
@@ -512,7 +646,7 @@ impl Publisher {
                         "offer_id: this node has no offer {offer_id:?}"
                     )));
                 }
-                if self.is_withdrawn(&offer_id, own)? {
+                if self.is_withdrawn(&offer_id)? {
                     return Err(PublishError::Invalid(format!(
                         "offer_id: {offer_id:?} is already withdrawn"
                     )));
@@ -577,7 +711,8 @@ impl Publisher {
                 })?;
                 let entry =
                     Entry::decode(entry).map_err(|e| PublishError::Internal(e.to_string()))?;
-                let pending = own
+                let pending = self
+                    .own
                     .pending_payloads()
                     .any(|p| matches!(p, Payload::Retraction(r) if r.seq == seq));
                 if pending || self.store.is_retracted(&self.origin, seq)? {
