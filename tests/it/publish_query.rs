@@ -465,3 +465,39 @@ async fn offers_can_be_withdrawn_for_good_and_expire() {
         err.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_total_and_its_components_never_both_publish_even_concurrently() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a").districts(&["north"])).await;
+    for i in 0..20 {
+        let indicator = format!("cell-{i}");
+        let publish = |ref_area: &'static str| {
+            let (address, indicator) = (node.address.clone(), indicator.clone());
+            tokio::spawn(async move {
+                let mut client =
+                    pb::publish_client::PublishClient::connect(format!("http://{address}"))
+                        .await
+                        .unwrap();
+                client
+                    .publish_indicators(pb::PublishIndicatorsRequest {
+                        idempotency_key: key(),
+                        rows: vec![row(&indicator, ref_area, "2025", 1.0, 10)],
+                    })
+                    .await
+            })
+        };
+        let (city, district) = (publish("city-a"), publish("city-a/north"));
+        let outcomes = [city.await.unwrap(), district.await.unwrap()];
+        let published = outcomes.iter().filter(|o| o.is_ok()).count();
+        assert_eq!(published, 1, "{indicator}: {outcomes:?}");
+        let refused = outcomes.iter().find_map(|o| o.as_ref().err()).unwrap();
+        assert!(
+            refused
+                .message()
+                .contains("a total with its components is refused"),
+            "{}",
+            refused.message()
+        );
+    }
+}
