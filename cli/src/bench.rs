@@ -191,6 +191,7 @@ fn fill_origin(
                         version: "1".into(),
                         min_contributors: 3,
                     }),
+                    group: None,
                 })),
             };
             let entry = Entry::sign(key, body)?;

@@ -216,7 +216,8 @@ pub(crate) fn init(
 fn print_receipt(format: Format, receipt: &pb::Receipt) {
     match format {
         Format::Json => output::json(&json!({
-            "origin": receipt.origin, "feed_id": hex(&receipt.feed_id), "seq": receipt.seq,
+            "origin": receipt.origin, "feed_id": hex(&receipt.feed_id),
+            "first_seq": receipt.first_seq, "seq": receipt.seq,
             "entry_hash": hex(&receipt.entry_hash), "published": receipt.published,
             "suppressed": receipt.suppressed,
         })),
@@ -224,7 +225,11 @@ fn print_receipt(format: Format, receipt: &pb::Receipt) {
             &["origin", "seq", "entry hash", "published", "suppressed"],
             &[vec![
                 receipt.origin.clone(),
-                receipt.seq.to_string(),
+                if receipt.first_seq > 0 && receipt.first_seq < receipt.seq {
+                    format!("{}..{}", receipt.first_seq, receipt.seq)
+                } else {
+                    receipt.seq.to_string()
+                },
                 hex(&receipt.entry_hash),
                 receipt.published.to_string(),
                 receipt.suppressed.to_string(),

@@ -18,7 +18,7 @@ use crate::{
     core::{
         feed::{Entry, FeedError, Hash, Tip, GENESIS_PREV_HASH},
         ids::{check_origin_id, check_slug, hex},
-        ingest::{prepare_batch, IngestContext, InputRow, Level, RowError},
+        ingest::{prepare_batch, split_batch, IngestContext, InputRow, Level, RowError},
     },
     store::{IdempotencyRecord, SharedStore, StoreError},
     writer::{Job, Prepared, WriteError, Writer},
@@ -67,7 +67,9 @@ pub struct Receipt {
     pub origin: String,
     /// Feed id.
     pub feed_id: [u8; 16],
-    /// Seq.
+    /// First seq of the publish (below `seq` for a publish group).
+    pub first_seq: u64,
+    /// Seq of the (last) entry.
     pub seq: u64,
     /// Entry hash.
     pub hash: Hash,
@@ -117,19 +119,23 @@ pub const RECOVERED: [u8; 32] = [0; 32];
 /// restored node answers retries of publishes it no longer remembers.
 pub fn recovered_record(entry: &Entry) -> Option<([u8; 16], IdempotencyRecord)> {
     let key: [u8; 16] = entry.body.idempotency_key.as_slice().try_into().ok()?;
-    let (published, suppressed) = match &entry.body.payload {
+    // For a publish group the counts are those of this part only: the
+    // request itself is not in the feed.
+    let (published, suppressed, part) = match &entry.body.payload {
         Some(Payload::Indicators(batch)) => {
             let published = batch
                 .observations
                 .iter()
                 .filter(|o| o.value.is_some())
                 .count() as u32;
-            (published, batch.observations.len() as u32 - published)
+            let part = batch.group.as_ref().map_or(0, |g| u64::from(g.part));
+            (published, batch.observations.len() as u32 - published, part)
         }
-        _ => (0, 0),
+        _ => (0, 0, 0),
     };
     let record = IdempotencyRecord {
         fingerprint: RECOVERED,
+        first_seq: entry.body.seq.saturating_sub(part).max(1),
         seq: entry.body.seq,
         hash: entry.hash,
         published,
@@ -140,6 +146,9 @@ pub fn recovered_record(entry: &Entry) -> Option<([u8; 16], IdempotencyRecord)> 
 
 /// Requests signed per batch at most.
 const MAX_SEQUENCED: usize = 512;
+/// Largest indicator batch in one entry; larger ones become publish groups
+/// (the envelope and signature fit in the rest of the 64 KiB entry).
+const MAX_PART_BYTES: usize = 60_000;
 
 /// Publishing into the own feed: the front that checks idempotency and
 /// readiness, and queues requests to the sequencer.
@@ -307,14 +316,7 @@ impl Publisher {
     }
 
     fn receipt(&self, feed_id: [u8; 16], record: &IdempotencyRecord) -> Receipt {
-        Receipt {
-            origin: self.origin.clone(),
-            feed_id,
-            seq: record.seq,
-            hash: record.hash,
-            published: record.published,
-            suppressed: record.suppressed,
-        }
+        receipt_of(&self.origin, feed_id, record)
     }
 
     fn replay(
@@ -397,6 +399,7 @@ fn receipt_of(origin: &str, feed_id: [u8; 16], record: &IdempotencyRecord) -> Re
     Receipt {
         origin: origin.to_owned(),
         feed_id,
+        first_seq: record.first_seq,
         seq: record.seq,
         hash: record.hash,
         published: record.published,
@@ -462,16 +465,16 @@ impl Sequencer {
         let mut seqs = Vec::new();
         for queued in batch {
             match self.sign(queued.key, queued.fingerprint, queued.request, tip) {
-                Ok((entry, record, payload)) => {
-                    tip = Some(entry.tip());
-                    seqs.push(record.seq);
-                    self.own.pending.push((record.seq, payload));
+                Ok((signed, record)) => {
+                    let feed_id = signed.first().map(|(e, _)| e.feed_id()).unwrap_or_default();
+                    for (entry, payload) in signed {
+                        tip = Some(entry.tip());
+                        seqs.push(entry.body.seq);
+                        self.own.pending.push((entry.body.seq, payload));
+                        entries.push(Prepared::new(entry));
+                    }
                     idempotency.push((queued.key, record));
-                    replies.push((
-                        queued.reply,
-                        receipt_of(&self.origin, entry.feed_id(), &record),
-                    ));
-                    entries.push(Prepared::new(entry));
+                    replies.push((queued.reply, receipt_of(&self.origin, feed_id, &record)));
                 }
                 Err(err) => {
                     let _ = queued.reply.send(Err(err));
@@ -510,15 +513,17 @@ impl Sequencer {
         }
     }
 
-    /// Builds and signs one entry on `tip`.
+    /// Builds and signs the entries of one request on `tip`: one entry, or
+    /// the consecutive parts of a publish group.
+    #[allow(clippy::type_complexity)]
     fn sign(
         &self,
         idempotency_key: [u8; 16],
         fingerprint: [u8; 32],
         request: Request,
         tip: Option<Tip>,
-    ) -> Result<(Entry, IdempotencyRecord, Payload), PublishError> {
-        let (payload, published, suppressed) = self.payload(request)?;
+    ) -> Result<(Vec<(Entry, Payload)>, IdempotencyRecord), PublishError> {
+        let (payloads, published, suppressed) = self.payload(request, idempotency_key)?;
         let feed_id = match &tip {
             Some(tip) => tip.feed_id,
             None => {
@@ -529,29 +534,40 @@ impl Sequencer {
                 id
             }
         };
-        let body = EntryBody {
-            origin: self.origin.clone(),
-            feed_id: feed_id.to_vec(),
-            seq: tip.map_or(1, |t| t.seq + 1),
-            prev_hash: tip.map_or(GENESIS_PREV_HASH, |t| t.hash).to_vec(),
-            time_unix_micros: now_micros().max(tip.map_or(0, |t| t.time_unix_micros)),
-            idempotency_key: idempotency_key.to_vec(),
-            payload: Some(payload.clone()),
+        let mut tip = tip;
+        let mut signed = Vec::with_capacity(payloads.len());
+        for payload in payloads {
+            let body = EntryBody {
+                origin: self.origin.clone(),
+                feed_id: feed_id.to_vec(),
+                seq: tip.map_or(1, |t| t.seq + 1),
+                prev_hash: tip.map_or(GENESIS_PREV_HASH, |t| t.hash).to_vec(),
+                time_unix_micros: now_micros().max(tip.map_or(0, |t| t.time_unix_micros)),
+                idempotency_key: idempotency_key.to_vec(),
+                payload: Some(payload.clone()),
+            };
+            let entry = Entry::sign(&self.key, body).map_err(|err| match err {
+                FeedError::TooLarge { size } => PublishError::Invalid(format!(
+                    "the entry would be {size} bytes, above the 65536-byte limit; shorten the text fields"
+                )),
+                other => PublishError::Internal(other.to_string()),
+            })?;
+            tip = Some(entry.tip());
+            signed.push((entry, payload));
+        }
+        let (first, last) = match (signed.first(), signed.last()) {
+            (Some((first, _)), Some((last, _))) => (first.body.seq, last),
+            _ => return Err(PublishError::Internal("a publish produced no entry".into())),
         };
-        let entry = Entry::sign(&self.key, body).map_err(|err| match err {
-            FeedError::TooLarge { size } => PublishError::Invalid(format!(
-                "the entry would be {size} bytes, above the 65536-byte limit; split the input into smaller files"
-            )),
-            other => PublishError::Internal(other.to_string()),
-        })?;
         let record = IdempotencyRecord {
             fingerprint,
-            seq: entry.body.seq,
-            hash: entry.hash,
+            first_seq: first,
+            seq: last.body.seq,
+            hash: last.hash,
             published,
             suppressed,
         };
-        Ok((entry, record, payload))
+        Ok((signed, record))
     }
 
     /// Whether an own offer is withdrawn, durably or by a queued entry.
@@ -563,7 +579,25 @@ impl Sequencer {
         Ok(pending || self.store.withdrawal(&self.origin, offer_id)?.is_some())
     }
 
-    fn payload(&self, request: Request) -> Result<(Payload, u32, u32), PublishError> {
+    /// The payloads of a request: one, or the parts of a publish group when
+    /// an indicator batch is too large for one entry.
+    fn payload(
+        &self,
+        request: Request,
+        idempotency_key: [u8; 16],
+    ) -> Result<(Vec<Payload>, u32, u32), PublishError> {
+        let (payload, published, suppressed) = self.payload_one(request)?;
+        let payloads = match payload {
+            Payload::Indicators(batch) => split_batch(batch, idempotency_key, MAX_PART_BYTES)
+                .into_iter()
+                .map(Payload::Indicators)
+                .collect(),
+            other => vec![other],
+        };
+        Ok((payloads, published, suppressed))
+    }
+
+    fn payload_one(&self, request: Request) -> Result<(Payload, u32, u32), PublishError> {
         Ok(match request {
             Request::Indicators(rows) => {
                 let context = IngestContext {

@@ -152,7 +152,8 @@ fn full_page(rows: Vec<CurrentObservation>) -> ObservationPage {
 }
 
 /// Current observations matching `filter`, one page after `page_token`.
-/// The current value of a key is its latest entry that is not retracted.
+/// The current value of a key is its latest entry that is not retracted
+/// (and, for a publish group, whose every part is held).
 pub fn observations(
     store: &dyn Store,
     filter: &ObservationFilter,
@@ -184,6 +185,7 @@ pub fn observations(
 
     let mut rows = Vec::new();
     let mut resolver = Resolver { store, last: None };
+    let mut held_seq: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     for origin in origins {
         let after_here = match (&after, origin) {
             (Some(after), Some(origin)) if after.origin.as_str() > origin => continue,
@@ -209,7 +211,16 @@ pub fn observations(
                 }
                 group_key = Some(row.key.clone());
             }
-            if !store.is_retracted(&row.key.origin, row.seq)? {
+            // A cell of a publish group counts only once every part is held.
+            let held = match held_seq.get(&row.key.origin) {
+                Some(seq) => *seq,
+                None => {
+                    let seq = store.head(&row.key.origin)?.map_or(0, |h| h.tip.seq);
+                    held_seq.insert(row.key.origin.clone(), seq);
+                    seq
+                }
+            };
+            if row.group_end <= held && !store.is_retracted(&row.key.origin, row.seq)? {
                 current = Some(row);
             }
         }
@@ -296,6 +307,85 @@ pub fn offers(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        core::{
+            feed::{Entry, GENESIS_PREV_HASH},
+            index::records_of,
+        },
+        store::{CommitBatch, Head, SledStore},
+    };
+    use civex_proto::v1::PublishGroup;
+
+    fn part(
+        key: &ed25519_dalek::SigningKey,
+        prev: Option<&Entry>,
+        part: u32,
+        indicator: &str,
+    ) -> Entry {
+        let body = EntryBody {
+            origin: "city-a".into(),
+            feed_id: vec![1; 16],
+            seq: prev.map_or(1, |e| e.body.seq + 1),
+            prev_hash: prev.map_or(GENESIS_PREV_HASH, |e| e.hash).to_vec(),
+            time_unix_micros: 1,
+            idempotency_key: vec![9; 16],
+            payload: Some(Payload::Indicators(IndicatorBatch {
+                observations: vec![Observation {
+                    indicator: indicator.into(),
+                    catalog_edition: "local".into(),
+                    area: 2,
+                    ref_area: "city-a".into(),
+                    period: "2025".into(),
+                    value: Some(1.0),
+                    ..Default::default()
+                }],
+                rules: None,
+                group: Some(PublishGroup {
+                    id: vec![9; 16],
+                    part,
+                    count: 2,
+                }),
+            })),
+        };
+        Entry::sign(key, body).unwrap()
+    }
+
+    fn commit(store: &SledStore, entry: &Entry) {
+        store
+            .commit(&CommitBatch {
+                runs: vec![vec![entry.clone()]],
+                heads: vec![(
+                    "city-a".into(),
+                    Head {
+                        tip: entry.tip(),
+                        received_unix_micros: 0,
+                    },
+                )],
+                index: records_of(entry),
+                idempotency: Vec::new(),
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_publish_group_is_queryable_only_once_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let first = part(&key, None, 0, "a");
+        let second = part(&key, Some(&first), 1, "b");
+        commit(&store, &first);
+        let page = observations(&store, &ObservationFilter::default(), 0, None).unwrap();
+        assert!(page.rows.is_empty(), "half a publish group was queryable");
+        commit(&store, &second);
+        let page = observations(&store, &ObservationFilter::default(), 0, None).unwrap();
+        let names: Vec<&str> = page
+            .rows
+            .iter()
+            .map(|r| r.observation.indicator.as_str())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+    }
 
     #[test]
     fn tokens_round_trip_and_garbage_is_refused() {

@@ -129,6 +129,7 @@ fn receipt(receipt: Receipt) -> pb::Receipt {
     pb::Receipt {
         origin: receipt.origin,
         feed_id: receipt.feed_id.to_vec(),
+        first_seq: receipt.first_seq,
         seq: receipt.seq,
         entry_hash: receipt.hash.to_vec(),
         published: receipt.published,

@@ -85,7 +85,9 @@ pub struct Head {
 pub struct IdempotencyRecord {
     /// SHA-256 of the request (never in the signed body).
     pub fingerprint: [u8; 32],
-    /// Seq of the entry published.
+    /// First seq of the publish (below `seq` for a publish group).
+    pub first_seq: u64,
+    /// Seq of the (last) entry published.
     pub seq: u64,
     /// Hash of that entry.
     pub hash: Hash,
@@ -120,6 +122,8 @@ pub struct ObservationRow {
     pub area: i32,
     /// Position of the cell in the entry's batch.
     pub position: u32,
+    /// Last seq of the cell's publish group (0: no group).
+    pub group_end: u64,
 }
 
 /// An offer version of the index.
@@ -580,10 +584,12 @@ impl Store for SledStore {
                     seq,
                     area,
                     position,
+                    group_end,
                 } => {
-                    let mut value = [0u8; 5];
+                    let mut value = [0u8; 13];
                     value[0] = u8::try_from(*area).unwrap_or(0);
-                    value[1..].copy_from_slice(&position.to_be_bytes());
+                    value[1..5].copy_from_slice(&position.to_be_bytes());
+                    value[5..].copy_from_slice(&group_end.to_be_bytes());
                     batch.insert(key_of(b'o', &key.parts(), Some(*seq)), &value[..]);
                 }
                 IndexRecord::OfferVersion {
@@ -633,12 +639,13 @@ impl Store for SledStore {
             }
         }
         for (key, record) in &commit.idempotency {
-            let mut value = Vec::with_capacity(80);
+            let mut value = Vec::with_capacity(88);
             value.extend_from_slice(&record.fingerprint);
             value.extend_from_slice(&record.seq.to_be_bytes());
             value.extend_from_slice(&record.hash);
             value.extend_from_slice(&record.published.to_be_bytes());
             value.extend_from_slice(&record.suppressed.to_be_bytes());
+            value.extend_from_slice(&record.first_seq.to_be_bytes());
             let mut full_key = vec![b'i'];
             full_key.extend_from_slice(key);
             batch.insert(full_key, value);
@@ -662,6 +669,7 @@ impl Store for SledStore {
                 hash: value.get(40..72)?.try_into().ok()?,
                 published: u32::from_be_bytes(value.get(72..76)?.try_into().ok()?),
                 suppressed: u32::from_be_bytes(value.get(76..80)?.try_into().ok()?),
+                first_seq: u64::from_be_bytes(value.get(80..88)?.try_into().ok()?),
             })
         };
         decode()
@@ -690,11 +698,14 @@ impl Store for SledStore {
                 let (key, value) = item.map_err(sled_error(&self.path))?;
                 let (parts, seq) = split_key(&key, 1, 6)
                     .ok_or_else(|| self.corrupt("an observation key does not decode".into()))?;
-                let location = (value.len() == 5)
+                let location = (value.len() == 13)
                     .then(|| {
+                        let mut group_end = [0u8; 8];
+                        group_end.copy_from_slice(&value[5..13]);
                         (
                             i32::from(value[0]),
                             u32::from_be_bytes([value[1], value[2], value[3], value[4]]),
+                            u64::from_be_bytes(group_end),
                         )
                     })
                     .ok_or_else(|| {
@@ -714,6 +725,7 @@ impl Store for SledStore {
                     seq: seq.unwrap_or_default(),
                     area: location.0,
                     position: location.1,
+                    group_end: location.2,
                 })
             });
         Box::new(rows)

@@ -282,7 +282,7 @@ async fn bad_requests_name_the_field_and_publish_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oversize_message_is_refused_and_the_node_goes_on() {
+async fn oversize_messages_are_refused_and_large_files_become_publish_groups() {
     let dir = tempfile::tempdir().unwrap();
     let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
     let mut big = row("jobs", "city-a", "2025", 1.0, 100);
@@ -299,26 +299,42 @@ async fn an_oversize_message_is_refused_and_the_node_goes_on() {
         matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
         "{err:?}"
     );
-    // Too large for one entry, though the message fits: refused by name.
-    let rows: Vec<_> = (0..2000)
+    // Too large for one entry, though the message fits: one atomic publish
+    // group of consecutive entries, all queryable.
+    let rows: Vec<_> = (0..3000)
         .map(|i| row(&format!("indicator-{i}"), "city-a", "2025", 1.0, 100))
         .collect();
-    let err = publisher
+    let receipt = publisher
         .publish_indicators(pb::PublishIndicatorsRequest {
             idempotency_key: key(),
             rows,
         })
         .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(receipt.first_seq, 1);
+    assert!(receipt.seq >= 2, "3000 rows fit one entry?");
+    assert_eq!(receipt.published, 3000);
+    assert_eq!(
+        node.head("city-a").await,
+        (receipt.seq, receipt.entry_hash.clone())
+    );
+    let (all, _) = all_observations(&node, pb::ObservationsRequest::default()).await;
+    assert_eq!(all.len(), 3000);
+    let mut big_text = row("jobs", "city-a", "2025", 1.0, 100);
+    big_text.method_notes = "x".repeat(70_000);
+    let err = publisher
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows: vec![big_text],
+        })
+        .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("65536-byte limit"),
-        "{}",
-        err.message()
-    );
-    assert_eq!(node.head("city-a").await.0, 0);
+    assert!(err.message().contains("method_notes"), "{}", err.message());
+    let before = node.head("city-a").await.0;
     crate::support::publish_row(&node, "jobs", 1.0).await;
-    assert_eq!(node.head("city-a").await.0, 1);
+    assert_eq!(node.head("city-a").await.0, before + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

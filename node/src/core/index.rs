@@ -50,6 +50,9 @@ pub enum IndexRecord {
         area: i32,
         /// Position of the cell in the entry's batch.
         position: u32,
+        /// Seq of the last part of the cell's publish group (0: no group);
+        /// the cell is queryable only once the feed is held up to it.
+        group_end: u64,
     },
     /// A version of an offer.
     OfferVersion {
@@ -106,35 +109,42 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
     let origin = &body.origin;
     let seq = body.seq;
     match &body.payload {
-        Some(Payload::Indicators(batch)) => batch
-            .observations
-            .iter()
-            .zip(0u32..)
-            .filter(|(o, _)| {
-                [
-                    &o.indicator,
-                    &o.catalog_edition,
-                    &o.ref_area,
-                    &o.period,
-                    &o.breakdown,
-                ]
+        Some(Payload::Indicators(batch)) => {
+            let group_end = batch.group.as_ref().map_or(0, |g| {
+                (seq - u64::from(g.part.min(g.count)))
+                    .saturating_add(u64::from(g.count).saturating_sub(1))
+            });
+            batch
+                .observations
                 .iter()
-                .all(|t| usable(t))
-            })
-            .map(|(o, position)| IndexRecord::Observation {
-                key: ObservationKey {
-                    origin: origin.clone(),
-                    indicator: o.indicator.clone(),
-                    catalog_edition: o.catalog_edition.clone(),
-                    ref_area: o.ref_area.clone(),
-                    period: o.period.clone(),
-                    breakdown: o.breakdown.clone(),
-                },
-                seq,
-                area: o.area,
-                position,
-            })
-            .collect(),
+                .zip(0u32..)
+                .filter(|(o, _)| {
+                    [
+                        &o.indicator,
+                        &o.catalog_edition,
+                        &o.ref_area,
+                        &o.period,
+                        &o.breakdown,
+                    ]
+                    .iter()
+                    .all(|t| usable(t))
+                })
+                .map(|(o, position)| IndexRecord::Observation {
+                    key: ObservationKey {
+                        origin: origin.clone(),
+                        indicator: o.indicator.clone(),
+                        catalog_edition: o.catalog_edition.clone(),
+                        ref_area: o.ref_area.clone(),
+                        period: o.period.clone(),
+                        breakdown: o.breakdown.clone(),
+                    },
+                    seq,
+                    area: o.area,
+                    position,
+                    group_end,
+                })
+                .collect()
+        }
         Some(Payload::Offer(offer)) if usable(&offer.offer_id) => vec![IndexRecord::OfferVersion {
             origin: origin.clone(),
             seq,

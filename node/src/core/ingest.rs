@@ -8,8 +8,9 @@ use std::collections::{HashMap, HashSet};
 
 use civex_proto::v1::{
     ConfidentialityStatus, DisclosureRules, FunctionalArea, IndicatorBatch, Observation,
-    ObservationStatus,
+    ObservationStatus, PublishGroup,
 };
+use prost::Message;
 
 use super::period::Period;
 
@@ -530,15 +531,107 @@ pub fn prepare_batch(
                 version: RULE_SET_VERSION.into(),
                 min_contributors: context.min_contributors,
             }),
+            group: None,
         },
         published,
         suppressed,
     })
 }
 
+/// Splits a batch whose encoding exceeds `max_bytes` into consecutive
+/// parts of a publish group (each at most `max_bytes` unless a single cell
+/// is larger), named by `group_id`. A batch that fits stays whole, ungrouped.
+pub fn split_batch(
+    batch: IndicatorBatch,
+    group_id: [u8; 16],
+    max_bytes: usize,
+) -> Vec<IndicatorBatch> {
+    if batch.encoded_len() <= max_bytes {
+        return vec![batch];
+    }
+    // Room for the rules and the group of every part.
+    let overhead = batch.rules.as_ref().map_or(0, |r| r.encoded_len() + 3) + 40;
+    let mut parts: Vec<Vec<Observation>> = vec![Vec::new()];
+    let mut size = overhead;
+    for observation in batch.observations {
+        let cell = observation.encoded_len() + 4;
+        let current = parts.last().map_or(0, Vec::len);
+        if current > 0 && size + cell > max_bytes {
+            parts.push(Vec::new());
+            size = overhead;
+        }
+        size += cell;
+        if let Some(part) = parts.last_mut() {
+            part.push(observation);
+        }
+    }
+    let count = parts.len() as u32;
+    parts
+        .into_iter()
+        .zip(0u32..)
+        .map(|(observations, part)| IndicatorBatch {
+            observations,
+            rules: batch.rules.clone(),
+            group: Some(PublishGroup {
+                id: group_id.to_vec(),
+                part,
+                count,
+            }),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_batches_split_into_a_group_and_small_ones_stay_whole() {
+        let rows: Vec<InputRow> = (0..3000)
+            .map(|i| InputRow {
+                line: 0,
+                indicator: format!("indicator-{i}"),
+                catalog_edition: String::new(),
+                area: FunctionalArea::Economy,
+                ref_area: "city-a".into(),
+                period: "2025".into(),
+                value: i as f64,
+                unit: "count".into(),
+                obs_status: ObservationStatus::Normal,
+                method_notes: String::new(),
+                contributors: 10,
+            })
+            .collect();
+        let ctx = IngestContext {
+            origin: "city-a",
+            districts: &[],
+            min_contributors: 3,
+        };
+        let batch = prepare_batch(&ctx, &rows, |_, _, _| HashSet::new())
+            .unwrap()
+            .batch;
+        let small = prepare_batch(&ctx, &rows[..10], |_, _, _| HashSet::new())
+            .unwrap()
+            .batch;
+        assert_eq!(split_batch(small.clone(), [1; 16], 60_000), vec![small]);
+        let parts = split_batch(batch.clone(), [1; 16], 60_000);
+        assert!(parts.len() >= 2);
+        let mut joined = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            assert!(
+                part.encoded_len() <= 60_000,
+                "part {i} is {} bytes",
+                part.encoded_len()
+            );
+            let group = part.group.as_ref().unwrap();
+            assert_eq!(
+                (group.part as usize, group.count as usize),
+                (i, parts.len())
+            );
+            joined.extend(part.observations.clone());
+        }
+        assert_eq!(joined, batch.observations);
+    }
 
     const CSV: &str = "indicator,area,ref_area,period,value,unit,contributors\n\
         37120:2018/5.1,economy,city-a,2025,7.5,percent,4321\n\
