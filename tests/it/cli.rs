@@ -2,9 +2,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use crate::support::{
-    civex_async, eventually, make_key, publish_row, stderr, stdout, Proxy, Spec, TestNode, NOWHERE,
-};
+use crate::support::{civex_async, eventually, publish_row, stderr, stdout, Pair, Spec, TestNode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_makes_a_private_key_and_a_valid_config_and_never_overwrites() {
@@ -156,25 +154,14 @@ async fn publish_indicators_from_csv_and_json_is_atomic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offers_responses_status_and_feed_tail_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
-    let (a_key, b_key) = (make_key(&a_dir), make_key(&b_dir));
-    let (proxy_a, proxy_b) = (Proxy::start(NOWHERE).await, Proxy::start(NOWHERE).await);
-    let a = TestNode::start(
-        &a_dir,
-        Spec::new("city-a")
-            .peer("city-b", &proxy_b.address)
-            .trust("city-b", &b_key),
-    )
-    .await;
-    proxy_a.set_target(&a.address);
-    let b = TestNode::start(
-        &b_dir,
-        Spec::new("city-b")
-            .peer("city-a", &proxy_a.address)
-            .trust("city-a", &a_key),
-    )
-    .await;
-    proxy_b.set_target(&b.address);
+    let Pair {
+        a,
+        b,
+        proxy_a: _pa,
+        proxy_b: _pb,
+    } = Pair::start(dir.path()).await;
+    let a_dir = dir.path().join("a");
+    let b_key = b.public_key.clone();
 
     let offer = [
         "--node",

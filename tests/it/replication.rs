@@ -9,7 +9,9 @@ use std::sync::{
 use civex_proto::v1::{self as pb, subscribe_response::Event};
 use tonic::Code;
 
-use crate::support::{eventually, key, make_key, publish_row, Proxy, Spec, TestNode, NOWHERE};
+use crate::support::{
+    eventually, key, make_key, publish_row, Pair, Proxy, Spec, TestNode, NOWHERE,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_converge_through_a_relay_restarted_mid_stream() {
@@ -113,25 +115,12 @@ async fn three_nodes_converge_through_a_relay_restarted_mid_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_city_answers_another_citys_offer() {
     let dir = tempfile::tempdir().unwrap();
-    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
-    let (a_key, b_key) = (make_key(&a_dir), make_key(&b_dir));
-    let (proxy_a, proxy_b) = (Proxy::start(NOWHERE).await, Proxy::start(NOWHERE).await);
-    let a = TestNode::start(
-        &a_dir,
-        Spec::new("city-a")
-            .peer("city-b", &proxy_b.address)
-            .trust("city-b", &b_key),
-    )
-    .await;
-    proxy_a.set_target(&a.address);
-    let b = TestNode::start(
-        &b_dir,
-        Spec::new("city-b")
-            .peer("city-a", &proxy_a.address)
-            .trust("city-a", &a_key),
-    )
-    .await;
-    proxy_b.set_target(&b.address);
+    let Pair {
+        a,
+        b,
+        proxy_a: _pa,
+        proxy_b: _pb,
+    } = Pair::start(dir.path()).await;
     a.wait_ready().await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -151,6 +151,39 @@ pub fn make_key(dir: &Path) -> String {
     )
 }
 
+/// Two nodes, city-a and city-b, each subscribed to the other through a
+/// proxy (so either can restart), each pinning the other's key.
+pub struct Pair {
+    pub a: TestNode,
+    pub b: TestNode,
+    pub proxy_a: Proxy,
+    pub proxy_b: Proxy,
+}
+
+impl Pair {
+    pub async fn start(dir: &Path) -> Self {
+        let (a_dir, b_dir) = (dir.join("a"), dir.join("b"));
+        let (a_key, b_key) = (make_key(&a_dir), make_key(&b_dir));
+        let (proxy_a, proxy_b) = (Proxy::start(NOWHERE).await, Proxy::start(NOWHERE).await);
+        let a_spec = Spec::new("city-a")
+            .peer("city-b", &proxy_b.address)
+            .trust("city-b", &b_key);
+        let a = TestNode::start(&a_dir, a_spec).await;
+        proxy_a.set_target(&a.address);
+        let b_spec = Spec::new("city-b")
+            .peer("city-a", &proxy_a.address)
+            .trust("city-a", &a_key);
+        let b = TestNode::start(&b_dir, b_spec).await;
+        proxy_b.set_target(&b.address);
+        Self {
+            a,
+            b,
+            proxy_a,
+            proxy_b,
+        }
+    }
+}
+
 /// An address where nothing listens (the discard port), for proxies whose
 /// node is not up yet.
 pub const NOWHERE: &str = "127.0.0.1:9";

@@ -20,19 +20,18 @@ struct Args {
     address_file: Option<PathBuf>,
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, before anything binds, so a signal during start-up is not lost.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
         }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
+    })
 }
 
 #[tokio::main]
@@ -40,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = civex_node::config::Config::load(&args.config, std::env::vars())?;
     civex_node::node::init_logging(&config.log.format, &config.log.level);
+    let shutdown = shutdown_signal()?;
     let listener = civex_node::transport::bind(&config.listen)
         .await
         .with_context(|| {
@@ -56,6 +56,6 @@ async fn main() -> anyhow::Result<()> {
             .and_then(|()| std::fs::rename(&temporary, path))
             .with_context(|| format!("--address-file {}: cannot write", path.display()))?;
     }
-    civex_node::node::run(config, listener, shutdown_signal()).await?;
+    civex_node::node::run(config, listener, shutdown).await?;
     Ok(())
 }
