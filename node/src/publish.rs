@@ -60,6 +60,16 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Rows it carries (1 for anything but indicators), to bound batches.
+    fn rows(&self) -> usize {
+        match self {
+            Request::Indicators(rows) => rows.len().max(1),
+            _ => 1,
+        }
+    }
+}
+
 /// What a publish produced, once durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
@@ -115,37 +125,57 @@ pub enum PublishError {
 /// itself is not in the feed): a repeat of its key gets the original receipt.
 pub const RECOVERED: [u8; 32] = [0; 32];
 
-/// The idempotency record of an own entry learned back from a peer, so a
-/// restored node answers retries of publishes it no longer remembers.
-pub fn recovered_record(entry: &Entry) -> Option<([u8; 16], IdempotencyRecord)> {
-    let key: [u8; 16] = entry.body.idempotency_key.as_slice().try_into().ok()?;
-    // For a publish group the counts are those of this part only: the
-    // request itself is not in the feed.
-    let (published, suppressed, part) = match &entry.body.payload {
-        Some(Payload::Indicators(batch)) => {
-            let published = batch
-                .observations
-                .iter()
-                .filter(|o| o.value.is_some())
-                .count() as u32;
-            let part = batch.group.as_ref().map_or(0, |g| u64::from(g.part));
-            (published, batch.observations.len() as u32 - published, part)
+/// The idempotency records of own entries learned back from a peer, so a
+/// restored node answers retries of publishes it no longer remembers. A
+/// publish group gets one record, at its last part, counting the cells of
+/// the parts in `entries` (a group usually arrives whole).
+pub fn recovered_records(entries: &[Entry]) -> Vec<([u8; 16], IdempotencyRecord)> {
+    let mut records = Vec::new();
+    for entry in entries {
+        let Ok(key) = <[u8; 16]>::try_from(entry.body.idempotency_key.as_slice()) else {
+            continue;
+        };
+        let group = match &entry.body.payload {
+            Some(Payload::Indicators(batch)) => batch.group.clone(),
+            _ => None,
+        };
+        if group.as_ref().is_some_and(|g| g.part + 1 != g.count) {
+            continue;
         }
-        _ => (0, 0, 0),
-    };
-    let record = IdempotencyRecord {
-        fingerprint: RECOVERED,
-        first_seq: entry.body.seq.saturating_sub(part).max(1),
-        seq: entry.body.seq,
-        hash: entry.hash,
-        published,
-        suppressed,
-    };
-    Some((key, record))
+        let part = group.as_ref().map_or(0, |g| u64::from(g.part));
+        let first_seq = entry.body.seq.saturating_sub(part).max(1);
+        let (mut published, mut suppressed) = (0, 0);
+        for member in entries
+            .iter()
+            .filter(|e| e.body.seq >= first_seq && e.body.seq <= entry.body.seq)
+        {
+            if let Some(Payload::Indicators(batch)) = &member.body.payload {
+                let with_value = batch
+                    .observations
+                    .iter()
+                    .filter(|o| o.value.is_some())
+                    .count() as u32;
+                published += with_value;
+                suppressed += batch.observations.len() as u32 - with_value;
+            }
+        }
+        let record = IdempotencyRecord {
+            fingerprint: RECOVERED,
+            first_seq,
+            seq: entry.body.seq,
+            hash: entry.hash,
+            published,
+            suppressed,
+        };
+        records.push((key, record));
+    }
+    records
 }
 
 /// Requests signed per batch at most.
 const MAX_SEQUENCED: usize = 512;
+/// Indicator rows signed per batch at most (bounds one commit's size).
+const MAX_SEQUENCED_ROWS: usize = 50_000;
 /// Largest indicator batch in one entry; larger ones become publish groups
 /// (the envelope and signature fit in the rest of the 64 KiB entry).
 const MAX_PART_BYTES: usize = 60_000;
@@ -178,6 +208,9 @@ struct OwnFeed {
     /// look at the feed (totals and components, withdrawals, retractions)
     /// must see them, or two concurrent publishes could both pass.
     pending: Vec<(u64, Payload)>,
+    /// Bumped at every reset of the tip: a failure of a job signed in an
+    /// earlier epoch (chained on one that already failed) resets nothing.
+    epoch: u64,
 }
 
 impl OwnFeed {
@@ -197,8 +230,9 @@ struct Sequencer {
     own: OwnFeed,
 }
 
-/// A job's outcome as the sequencer learns it: its seqs, and whether stored.
-type Settled = (Vec<u64>, bool);
+/// A job's outcome as the sequencer learns it: its seqs, whether stored, and
+/// the epoch it was signed in.
+type Settled = (Vec<u64>, bool, u64);
 
 /// Removes an idempotency key from the in-flight set when dropped.
 struct InFlight<'a> {
@@ -330,12 +364,15 @@ impl Publisher {
         if record.fingerprint != RECOVERED && &record.fingerprint != fingerprint {
             return Err(PublishError::KeyReused(hex(key)));
         }
-        let feed_id = self
-            .store
-            .head(&self.origin)?
-            .map(|h| h.tip.feed_id)
-            .unwrap_or_default();
-        Ok(Some(self.receipt(feed_id, &record)))
+        // sled shows a batch before it is synced: answer only from durable state.
+        let heads = self.writer.heads();
+        let Some(head) = heads.get(&self.origin).filter(|h| h.tip.seq >= record.seq) else {
+            if self.writer.is_stopped() {
+                return Err(PublishError::Write(WriteError::Stopped));
+            }
+            return Err(PublishError::InProgress(hex(key)));
+        };
+        Ok(Some(self.receipt(head.tip.feed_id, &record)))
     }
 
     /// Publishes one request as one entry, durable when this returns.
@@ -419,10 +456,14 @@ impl Sequencer {
                     while let Ok(done) = settled.try_recv() {
                         self.settle(done);
                     }
+                    let mut rows = first.request.rows();
                     let mut batch = vec![first];
-                    while batch.len() < MAX_SEQUENCED {
+                    while batch.len() < MAX_SEQUENCED && rows < MAX_SEQUENCED_ROWS {
                         match queue.try_recv() {
-                            Ok(queued) => batch.push(queued),
+                            Ok(queued) => {
+                                rows += queued.request.rows();
+                                batch.push(queued);
+                            }
                             Err(_) => break,
                         }
                     }
@@ -435,11 +476,15 @@ impl Sequencer {
     /// A job became durable or failed: its payloads stop being pending;
     /// after a failure the tip is reloaded from the store (whatever was
     /// queued after it fails its link check and settles the same way).
-    fn settle(&mut self, (seqs, stored): Settled) {
+    fn settle(&mut self, (seqs, stored, epoch): Settled) {
+        if epoch != self.own.epoch {
+            return;
+        }
         self.own.pending.retain(|(seq, _)| !seqs.contains(seq));
         if !stored {
             self.own.tip = None;
             self.own.pending.clear();
+            self.own.epoch += 1;
         }
     }
 
@@ -484,6 +529,7 @@ impl Sequencer {
         if entries.is_empty() {
             return;
         }
+        let epoch = self.own.epoch;
         match self
             .writer
             .send(Job {
@@ -497,7 +543,7 @@ impl Sequencer {
                 let settled = settled.clone();
                 tokio::spawn(async move {
                     let outcome = answer.await.unwrap_or(Err(WriteError::Stopped));
-                    let _ = settled.send((seqs, outcome.is_ok()));
+                    let _ = settled.send((seqs, outcome.is_ok(), epoch));
                     for (reply, receipt) in replies {
                         let _ = reply
                             .send(outcome.clone().map(|_| receipt).map_err(PublishError::from));
@@ -505,7 +551,7 @@ impl Sequencer {
                 });
             }
             Err(err) => {
-                self.settle((seqs, false));
+                self.settle((seqs, false, epoch));
                 for (reply, _) in replies {
                     let _ = reply.send(Err(err.clone().into()));
                 }
@@ -570,6 +616,64 @@ impl Sequencer {
         Ok((signed, record))
     }
 
+    /// The retraction of entry `seq`; for a part of a publish group, of
+    /// every part not retracted yet (a group is published, and withdrawn,
+    /// as a whole).
+    fn retractions(&self, seq: u64, reason: String) -> Result<Vec<Payload>, PublishError> {
+        check_text("reason", &reason, 2000, false, true)?;
+        if seq == 0 {
+            return Err(PublishError::Invalid("seq: entries start at seq 1".into()));
+        }
+        let load = |seq: u64| -> Result<Entry, PublishError> {
+            let held = self.store.entries(&self.origin, seq, 1, usize::MAX)?;
+            let entry = held.into_iter().next().ok_or_else(|| {
+                PublishError::NotFound(format!("seq: this node's feed has no entry {seq}"))
+            })?;
+            Entry::decode(entry).map_err(|e| PublishError::Internal(e.to_string()))
+        };
+        let retracted = |seq: u64| -> Result<bool, PublishError> {
+            let pending = self
+                .own
+                .pending_payloads()
+                .any(|p| matches!(p, Payload::Retraction(r) if r.seq == seq));
+            Ok(pending || self.store.is_retracted(&self.origin, seq)?)
+        };
+        let named = load(seq)?;
+        if retracted(seq)? {
+            return Err(PublishError::Invalid(format!(
+                "seq: entry {seq} is already retracted"
+            )));
+        }
+        let (first, count) = match &named.body.payload {
+            Some(Payload::Indicators(batch)) => match &batch.group {
+                Some(g) if g.part < g.count => (
+                    seq.saturating_sub(u64::from(g.part)).max(1),
+                    u64::from(g.count),
+                ),
+                _ => (seq, 1),
+            },
+            _ => (seq, 1),
+        };
+        let mut payloads = Vec::new();
+        for part in first..first + count {
+            if part != seq && retracted(part)? {
+                continue;
+            }
+            let entry = if part == seq {
+                named.clone()
+            } else {
+                load(part)?
+            };
+            payloads.push(Payload::Retraction(Retraction {
+                feed_id: entry.body.feed_id.clone(),
+                seq: part,
+                entry_hash: entry.hash.to_vec(),
+                reason: reason.clone(),
+            }));
+        }
+        Ok(payloads)
+    }
+
     /// Whether an own offer is withdrawn, durably or by a queued entry.
     fn is_withdrawn(&self, offer_id: &str) -> Result<bool, PublishError> {
         let pending = self
@@ -586,6 +690,9 @@ impl Sequencer {
         request: Request,
         idempotency_key: [u8; 16],
     ) -> Result<(Vec<Payload>, u32, u32), PublishError> {
+        if let Request::Retract { seq, reason } = request {
+            return Ok((self.retractions(seq, reason)?, 0, 0));
+        }
         let (payload, published, suppressed) = self.payload_one(request)?;
         let payloads = match payload {
             Payload::Indicators(batch) => split_batch(batch, idempotency_key, MAX_PART_BYTES)
@@ -734,33 +841,10 @@ impl Sequencer {
                 };
                 (Payload::Response(response), 0, 0)
             }
-            Request::Retract { seq, reason } => {
-                check_text("reason", &reason, 2000, false, true)?;
-                if seq == 0 {
-                    return Err(PublishError::Invalid("seq: entries start at seq 1".into()));
-                }
-                let held = self.store.entries(&self.origin, seq, 1, usize::MAX)?;
-                let entry = held.into_iter().next().ok_or_else(|| {
-                    PublishError::NotFound(format!("seq: this node's feed has no entry {seq}"))
-                })?;
-                let entry =
-                    Entry::decode(entry).map_err(|e| PublishError::Internal(e.to_string()))?;
-                let pending = self
-                    .own
-                    .pending_payloads()
-                    .any(|p| matches!(p, Payload::Retraction(r) if r.seq == seq));
-                if pending || self.store.is_retracted(&self.origin, seq)? {
-                    return Err(PublishError::Invalid(format!(
-                        "seq: entry {seq} is already retracted"
-                    )));
-                }
-                let retraction = Retraction {
-                    feed_id: entry.body.feed_id.clone(),
-                    seq,
-                    entry_hash: entry.hash.to_vec(),
-                    reason,
-                };
-                (Payload::Retraction(retraction), 0, 0)
+            Request::Retract { .. } => {
+                return Err(PublishError::Internal(
+                    "retractions are built by retractions()".into(),
+                ))
             }
         })
     }

@@ -23,12 +23,14 @@ use crate::{
         ids::hex,
     },
     keys::KeyResolver,
-    publish::recovered_record,
+    publish::recovered_records,
     store::SharedStore,
     transport,
     writer::{Job, Prepared, Stored, WriteError, Writer},
 };
 
+/// Failed attempts in a row after which a peer counts as unreachable.
+const UNREACHABLE_AFTER: u32 = 3;
 /// Commits awaited at most at once per peer stream.
 const IN_FLIGHT_COMMITS: usize = 8;
 
@@ -113,11 +115,13 @@ impl Replicator {
         let initial = Duration::from_millis(self.timing.backoff_initial_ms);
         let max = Duration::from_millis(self.timing.backoff_max_ms);
         let mut backoff = initial;
+        let mut failures = 0u32;
         loop {
             let result = tokio::select! {
                 result = self.session(&peer, index, &mut backoff, initial) => result,
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
+            let was_connected = peer.state.lock().map(|s| s.connected).unwrap_or(false);
             peer.update(|s| s.connected = false);
             match result {
                 Ok(()) => {
@@ -126,7 +130,13 @@ impl Replicator {
                 Err(err) => {
                     tracing::warn!(peer = %peer.name, address = %peer.address, error = %err, retry_in_ms = backoff.as_millis() as u64, "replication stream failed");
                     peer.update(|s| s.last_error = err.to_string());
-                    self.gate.report(index, PeerSync::Unreachable);
+                    // A peer counts as unreachable for the publish gate only
+                    // after several failed attempts in a row (it may be
+                    // restarting too, and hold this node's newest entries).
+                    failures = if was_connected { 1 } else { failures + 1 };
+                    if failures >= UNREACHABLE_AFTER {
+                        self.gate.report(index, PeerSync::Unreachable);
+                    }
                 }
             }
             tokio::select! {
@@ -218,7 +228,7 @@ impl Replicator {
                     }
                     tips.insert(origin.clone(), new_tip);
                     let idempotency = if origin == self.own_origin {
-                        entries.iter().filter_map(recovered_record).collect()
+                        recovered_records(&entries)
                     } else {
                         Vec::new()
                     };
@@ -366,4 +376,37 @@ async fn await_commit(
         answer.await.unwrap_or(Err(WriteError::Stopped))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_waits_for_every_peer_and_one_sync() {
+        let (gate, open) = PublishGate::new(2, false);
+        gate.report(0, PeerSync::Unreachable);
+        assert!(!*open.borrow(), "opened with a peer not heard from");
+        gate.report(1, PeerSync::Unreachable);
+        assert!(
+            !*open.borrow(),
+            "opened with no peer synced and no override"
+        );
+        gate.report(1, PeerSync::Synced);
+        assert!(*open.borrow());
+        // Once open, it stays open.
+        gate.report(1, PeerSync::Unreachable);
+        assert!(*open.borrow());
+    }
+
+    #[test]
+    fn the_override_opens_once_every_peer_was_tried() {
+        let (gate, open) = PublishGate::new(2, true);
+        gate.report(0, PeerSync::Unreachable);
+        assert!(!*open.borrow());
+        gate.report(1, PeerSync::Unreachable);
+        assert!(*open.borrow());
+        let (_gate, open) = PublishGate::new(0, false);
+        assert!(*open.borrow(), "a node without peers publishes at once");
+    }
 }

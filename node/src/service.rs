@@ -479,7 +479,22 @@ impl FeedService {
                 let head_seq = head.map_or(0, |h| h.tip.seq);
                 if let Some(claim) = &cursor.claim {
                     match check_claim(store.as_ref(), origin, head, claim)? {
-                        ClaimCheck::Wait => continue,
+                        ClaimCheck::Wait => {
+                            // This node holds less than the subscriber: say
+                            // so once (its own-feed check needs it), keep the
+                            // claim to check once this node catches up.
+                            if !cursor.drained {
+                                cursor.drained = true;
+                                let drained = pb::BacklogDrained {
+                                    origin: origin.clone(),
+                                    head_seq,
+                                };
+                                if !send_event(&tx, &mut shutdown, Event::Drained(drained)).await {
+                                    return Ok(());
+                                }
+                            }
+                            continue;
+                        }
                         ClaimCheck::Matches => cursor.claim = None,
                         ClaimCheck::Differs(held) => {
                             cursor.stopped = true;

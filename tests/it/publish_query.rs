@@ -321,6 +321,26 @@ async fn oversize_messages_are_refused_and_large_files_become_publish_groups() {
     );
     let (all, _) = all_observations(&node, pb::ObservationsRequest::default()).await;
     assert_eq!(all.len(), 3000);
+    // Retracting one part retracts the whole group.
+    let retraction = publisher
+        .retract(pb::RetractRequest {
+            idempotency_key: key(),
+            seq: receipt.first_seq,
+            reason: "wrong file".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        retraction.seq - retraction.first_seq + 1,
+        receipt.seq - receipt.first_seq + 1
+    );
+    let (all, _) = all_observations(&node, pb::ObservationsRequest::default()).await;
+    assert!(
+        all.is_empty(),
+        "{} cells of a retracted group remain",
+        all.len()
+    );
     let mut big_text = row("jobs", "city-a", "2025", 1.0, 100);
     big_text.method_notes = "x".repeat(70_000);
     let err = publisher

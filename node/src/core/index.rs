@@ -110,9 +110,12 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
     let seq = body.seq;
     match &body.payload {
         Some(Payload::Indicators(batch)) => {
+            // Seq of the group's last part; a malformed group (a part
+            // outside its count or before seq 1) is never queryable.
             let group_end = batch.group.as_ref().map_or(0, |g| {
-                (seq - u64::from(g.part.min(g.count)))
-                    .saturating_add(u64::from(g.count).saturating_sub(1))
+                seq.checked_sub(u64::from(g.part))
+                    .filter(|first| *first >= 1 && g.part < g.count)
+                    .map_or(u64::MAX, |first| first + u64::from(g.count) - 1)
             });
             batch
                 .observations
@@ -179,6 +182,33 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
 mod tests {
     use super::*;
     use crate::core::feed::tests::{chain, key};
+
+    #[test]
+    fn a_malformed_publish_group_is_never_queryable() {
+        use civex_proto::v1::{IndicatorBatch, Observation, PublishGroup};
+        let mut entry = chain(&key(1), "city-a", 1).remove(0);
+        let with_group = |part, count| {
+            Some(Payload::Indicators(IndicatorBatch {
+                observations: vec![Observation::default()],
+                rules: None,
+                group: Some(PublishGroup {
+                    id: vec![],
+                    part,
+                    count,
+                }),
+            }))
+        };
+        let end_of = |entry: &Entry| match records_of(entry).as_slice() {
+            [IndexRecord::Observation { group_end, .. }] => *group_end,
+            other => panic!("{other:?}"),
+        };
+        entry.body.payload = with_group(0, 3);
+        assert_eq!(end_of(&entry), 3);
+        entry.body.payload = with_group(5, 9);
+        assert_eq!(end_of(&entry), u64::MAX, "a part before seq 1");
+        entry.body.payload = with_group(0, 0);
+        assert_eq!(end_of(&entry), u64::MAX, "a part outside its count");
+    }
 
     #[test]
     fn unknown_payloads_are_not_indexed() {
