@@ -145,6 +145,10 @@ pub struct LimitsConfig {
     /// Open subscriptions per remote address at most.
     #[serde(default = "default_max_streams_per_peer")]
     pub max_streams_per_peer: usize,
+    /// At shutdown, how long open streams get to finish (a subscriber that
+    /// stopped reading never does) before connections are closed, in ms.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
 }
 
 /// Log output.
@@ -189,6 +193,9 @@ fn default_max_message_bytes() -> usize {
 fn default_max_streams_per_peer() -> usize {
     64
 }
+fn default_shutdown_grace_ms() -> u64 {
+    5_000
+}
 fn default_log_format() -> String {
     "human".into()
 }
@@ -224,6 +231,7 @@ impl Default for LimitsConfig {
         Self {
             max_message_bytes: default_max_message_bytes(),
             max_streams_per_peer: default_max_streams_per_peer(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
         }
     }
 }
@@ -434,6 +442,7 @@ cache_mb = 64
 [limits]
 max_message_bytes = 4194304
 max_streams_per_peer = 64
+shutdown_grace_ms = 5000
 
 [log]
 # human or json. Env: CIVEX_LOG_FORMAT, CIVEX_LOG_LEVEL

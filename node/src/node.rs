@@ -117,18 +117,33 @@ pub async fn run(
             stop.send_replace(true);
         }
     };
-    let served = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_routes(routes)
-        .serve_with_incoming_shutdown(transport::incoming(listener), stop_on_signal)
-        .await;
+        .serve_with_incoming_shutdown(transport::incoming(listener), stop_on_signal);
+    // A stream whose reader stopped never finishes: after the grace period
+    // the server is dropped and its connections close.
+    let grace = std::time::Duration::from_millis(config.limits.shutdown_grace_ms);
+    let mut stopping_now = stopping.clone();
+    let served = tokio::select! {
+        served = server => served,
+        _ = async move {
+            let _ = stopping_now.wait_for(|stop| *stop).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "streams still open after the shutdown grace period; closing them");
+            Ok(())
+        }
+    };
     stop.send_replace(true);
     for task in replication {
         let _ = task.await;
     }
     drop(publisher);
-    drop(writer);
     drop(store);
-    // The writer thread ends once every handle is gone, after its queue.
+    // The writer finishes what is queued and ends, even if a connection
+    // that is still closing holds a handle.
+    writer.close().await;
+    drop(writer);
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     tracing::info!("civex node stopped");
     served.map_err(|err| NodeError::Server(err.to_string()))

@@ -98,7 +98,8 @@ pub type DurableHeads = Arc<std::collections::BTreeMap<String, Head>>;
 /// handle is dropped, after finishing what was queued.
 #[derive(Clone)]
 pub struct Writer {
-    jobs: mpsc::Sender<(Job, Reply)>,
+    /// Jobs; `None` asks the thread to finish what is queued and end.
+    jobs: mpsc::Sender<Option<(Job, Reply)>>,
     committed: watch::Receiver<DurableHeads>,
     stopped: Arc<AtomicBool>,
 }
@@ -148,10 +149,17 @@ impl Writer {
         }
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send((job, reply))
+            .send(Some((job, reply)))
             .await
             .map_err(|_| WriteError::Stopped)?;
         Ok(answer)
+    }
+
+    /// Asks the writer thread to finish every job queued before this call
+    /// and end, even while other handles remain (a connection that is still
+    /// closing may hold one). Later sends fail with [`WriteError::Stopped`].
+    pub async fn close(&self) {
+        let _ = self.jobs.send(None).await;
     }
 
     /// Queues a job and waits until it is durable or refused.
@@ -194,20 +202,28 @@ fn now_micros() -> i64 {
 }
 
 impl WriterThread {
-    fn run(mut self, mut receiver: mpsc::Receiver<(Job, Reply)>) {
-        while let Some(first) = receiver.blocking_recv() {
+    fn run(mut self, mut receiver: mpsc::Receiver<Option<(Job, Reply)>>) {
+        let mut closing = false;
+        while let Some(Some(first)) = receiver.blocking_recv() {
             let mut group = vec![first];
             let mut count = group[0].0.entries.len();
             while count < MAX_GROUP_ENTRIES {
                 match receiver.try_recv() {
-                    Ok(job) => {
+                    Ok(Some(job)) => {
                         count += job.0.entries.len();
                         group.push(job);
+                    }
+                    Ok(None) => {
+                        closing = true;
+                        break;
                     }
                     Err(_) => break,
                 }
             }
             self.commit_group(group);
+            if closing {
+                break;
+            }
         }
     }
 

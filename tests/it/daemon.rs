@@ -212,3 +212,48 @@ async fn a_key_file_others_can_read_is_refused_at_start() {
         "the secret leaked"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_reading_blocks_neither_publishing_nor_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    write_node_dir(dir.path(), &Spec::new("city-a"), "127.0.0.1:0");
+    let mut node = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || ChildNode::start(&dir)
+    })
+    .await
+    .unwrap();
+    let address = node.address.clone();
+    // Subscribe, read nothing.
+    let mut client = pb::feed_client::FeedClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    let _stream = client
+        .subscribe(pb::SubscribeRequest {
+            cursors: Vec::new(),
+            all_origins: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Far more than the transport and the subscription buffer can hold.
+    let mut publisher = PublishClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    let rows: Vec<_> = (0..500)
+        .map(|i| row(&format!("cell-{i}"), "city-a", "2025", i as f64, 10))
+        .collect();
+    for _ in 0..200 {
+        publisher
+            .publish_indicators(pb::PublishIndicatorsRequest {
+                idempotency_key: key(),
+                rows: rows.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let status = tokio::task::spawn_blocking(move || node.sigterm())
+        .await
+        .unwrap();
+    assert!(status.success(), "civex-node exited with {status}");
+}

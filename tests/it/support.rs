@@ -113,7 +113,8 @@ pub fn write_node_dir(dir: &Path, spec: &Spec, listen: &str) -> (PathBuf, String
             "min_contributors = 3",
             &format!("min_contributors = {}", spec.min_contributors),
         )
-        .replace("level = \"info\"", "level = \"warn\"");
+        .replace("level = \"info\"", "level = \"warn\"")
+        .replace("shutdown_grace_ms = 5000", "shutdown_grace_ms = 500");
     let districts: Vec<String> = spec.districts.iter().map(|d| format!("{d:?}")).collect();
     text = text.replace(
         "districts = []",

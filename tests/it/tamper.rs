@@ -145,3 +145,76 @@ async fn verify_passes_a_clean_store() {
     let store = SledStore::open(&dir.path().join("data"), 1 << 20).unwrap();
     assert_eq!(store.head("city-a").unwrap().unwrap().tip.seq, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_payload_kind_is_verified_stored_and_relayed_but_not_queried() {
+    let dir = tempfile::tempdir().unwrap();
+    let a_dir = dir.path().join("a");
+    let mut a = TestNode::start(&a_dir, Spec::new("city-a")).await;
+    let first = publish_row(&a, "known", 1.0).await;
+    a.stop().await;
+    // A newer node's entry: a payload field this build does not know (99).
+    {
+        let store = SledStore::open(&a_dir.join("data"), 1 << 24).unwrap();
+        let head = store.head("city-a").unwrap().unwrap();
+        let mut body = civex_proto::v1::EntryBody {
+            origin: "city-a".into(),
+            feed_id: head.tip.feed_id.to_vec(),
+            seq: 2,
+            prev_hash: head.tip.hash.to_vec(),
+            time_unix_micros: head.tip.time_unix_micros + 1,
+            idempotency_key: vec![3; 16],
+            payload: None,
+        }
+        .encode_to_vec();
+        prost::encoding::bytes::encode(99, &b"from the future".to_vec(), &mut body);
+        let key = load_key_file(&a_dir.join("feed.key")).unwrap();
+        let signature = {
+            use ed25519_dalek::Signer;
+            let mut message = b"civex/v1/entry\0".to_vec();
+            message.extend_from_slice(&body);
+            key.sign(&message).to_bytes().to_vec()
+        };
+        let entry = Entry::decode(SignedEntry {
+            body: body.into(),
+            signature: signature.into(),
+        })
+        .unwrap();
+        let batch = CommitBatch {
+            heads: vec![(
+                "city-a".into(),
+                civex_node::store::Head {
+                    tip: entry.tip(),
+                    received_unix_micros: 0,
+                },
+            )],
+            runs: vec![vec![entry]],
+            ..Default::default()
+        };
+        store.commit(&batch).unwrap();
+    }
+    let a = TestNode::start(&a_dir, Spec::new("city-a")).await;
+    let b = TestNode::start(
+        &dir.path().join("b"),
+        Spec::new("city-b")
+            .peer("city-a", &a.address)
+            .trust("city-a", &a.public_key),
+    )
+    .await;
+    let a_head = a.head("city-a").await;
+    assert_eq!(a_head.0, 2);
+    eventually("B to take the unknown kind", || async {
+        b.head("city-a").await == a_head
+    })
+    .await;
+    let records = b
+        .query()
+        .await
+        .observations(civex_proto::v1::ObservationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .observations;
+    assert_eq!(records.len(), 1, "only the known entry is queryable");
+    assert_eq!(records[0].seq, first.seq);
+}
