@@ -470,6 +470,23 @@ async fn catch_up(
     }
     let elapsed = started.elapsed();
     progress.finish();
+    // The feed is caught up; the query index of bulk commits folds next.
+    let folding = Instant::now();
+    wait_until(
+        "the query index to fold",
+        Duration::from_secs(1800),
+        || async {
+            node_status(&dest_address)
+                .await
+                .is_some_and(|s| s.index_pieces_pending == 0)
+        },
+    )
+    .await?;
+    println!(
+        "query index folded {:.1} s after catch-up ({:.0} entries/s with the index)",
+        folding.elapsed().as_secs_f64(),
+        rate(total, started.elapsed())
+    );
     let _ = stop_dest.send(());
     let _ = stop_source.send(());
     dest.await??;

@@ -830,6 +830,7 @@ pub(crate) async fn status(node: &str, format: Format) -> anyhow::Result<ExitCod
         Format::Json => output::json(&json!({
             "origin": status.origin,
             "publish_ready": status.publish_ready,
+            "index_pieces_pending": status.index_pieces_pending,
             "heads": status.heads.iter().map(|h| json!({
                 "origin": h.origin, "feed_id": hex(&h.feed_id), "seq": h.seq,
                 "entry_hash": hex(&h.entry_hash), "time": format_micros(h.time_unix_micros),

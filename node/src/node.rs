@@ -70,6 +70,11 @@ pub async fn run(
         ready,
     ));
     let (stop, stopping) = watch::channel(false);
+    let indexer = tokio::spawn(fold_index_pieces(
+        store.clone(),
+        writer.committed(),
+        stopping.clone(),
+    ));
 
     let peers: Vec<Peer> = config.peers.iter().map(Peer::new).collect();
     let replicator = Replicator {
@@ -138,6 +143,7 @@ pub async fn run(
     for task in replication {
         let _ = task.await;
     }
+    let _ = indexer.await;
     drop(publisher);
     drop(store);
     // The writer finishes what is queued and ends, even if a connection
@@ -147,6 +153,45 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     tracing::info!("civex node stopped");
     served.map_err(|err| NodeError::Server(err.to_string()))
+}
+
+/// Folds packed index pieces (written by bulk commits) into the ordered
+/// index in the background: once commits pause, or at least every second
+/// while they keep coming, so queries never merge more than a second's worth.
+async fn fold_index_pieces(
+    store: SharedStore,
+    mut committed: watch::Receiver<crate::writer::DurableHeads>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    use std::time::{Duration, Instant};
+    const IDLE: Duration = Duration::from_millis(250);
+    const MAX_DEFER: Duration = Duration::from_secs(10);
+    loop {
+        tokio::select! {
+            changed = committed.changed() => if changed.is_err() { return },
+            _ = stopping.wait_for(|stop| *stop) => return,
+        }
+        let deferred = Instant::now();
+        while deferred.elapsed() < MAX_DEFER {
+            match tokio::time::timeout(IDLE, committed.changed()).await {
+                Err(_) => break,
+                Ok(Err(_)) => return,
+                Ok(Ok(())) => {}
+            }
+        }
+        let store = store.clone();
+        let folded = tokio::task::spawn_blocking(move || loop {
+            match store.merge_index_pieces(16) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(err) => return Err(err),
+            }
+        })
+        .await;
+        if let Ok(Err(err)) = folded {
+            tracing::warn!(error = %err, "folding index pieces failed; queries read them unfolded");
+        }
+    }
 }
 
 /// Sets up tracing logs: human-readable or JSON, at `level`.

@@ -711,6 +711,7 @@ impl Query for QueryService {
 
 /// The Status service.
 pub struct StatusService {
+    store: SharedStore,
     writer: Writer,
     publisher: Arc<Publisher>,
     peers: Vec<Peer>,
@@ -756,6 +757,10 @@ impl StatusApi for StatusService {
                 .collect(),
             peers,
             publish_ready: self.publisher.is_ready(),
+            index_pieces_pending: self
+                .store
+                .index_pieces_pending()
+                .map_err(|e| e.to_status())?,
         }))
     }
 }
@@ -831,6 +836,7 @@ pub async fn router(
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     let status = StatusServer::new(StatusService {
+        store: services.store,
         writer: services.writer,
         publisher: services.publisher,
         peers: services.peers,

@@ -21,6 +21,9 @@
 //! - `h|origin` head: feed id, seq, hash, claimed time, receive time
 //! - `i|key` idempotency record of an own publish
 //! - `o|origin|indicator|edition|ref_area|period|breakdown|seq` observation
+//! - `x|origin|seq|position` a packed piece of observation rows written by a
+//!   bulk commit (catch-up), folded into `o|` rows later, one atomic batch
+//!   per fold; readers merge unfolded pieces, so they see the same rows
 //! - `r|origin|seq` retraction marker (value: retracting seq)
 //! - `f|origin|offer_id|seq` offer version (value: hash, offer)
 //! - `w|origin|offer_id` withdrawal (value: seq)
@@ -188,6 +191,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     /// Whether an entry of `origin` has been retracted.
     fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError>;
+    /// Folds up to `limit` packed index pieces into the ordered observation
+    /// index, each fold one atomic batch; returns how many were folded.
+    /// Readers see the same rows before and after.
+    fn merge_index_pieces(&self, limit: usize) -> Result<usize, StoreError>;
+    /// Packed index pieces not folded yet.
+    fn index_pieces_pending(&self) -> Result<u64, StoreError>;
     /// Every offer version held, by origin, offer id and seq.
     fn offer_versions(&self) -> Result<Vec<OfferRow>, StoreError>;
     /// Seq of the withdrawal of (origin, offer id), if withdrawn.
@@ -346,12 +355,91 @@ impl SledStore {
         Ok(())
     }
 
+    /// Index rows still in packed pieces, of one origin or all.
+    fn piece_rows(&self, origin: Option<&str>) -> Result<Vec<IndexRow>, StoreError> {
+        let prefix = match origin {
+            Some(origin) => key_of(b'x', &[origin], None),
+            None => vec![b'x'],
+        };
+        let mut rows = Vec::new();
+        for item in self.db.scan_prefix(prefix) {
+            let (_, value) = item.map_err(sled_error(&self.path))?;
+            rows.extend(
+                decode_piece(&value)
+                    .ok_or_else(|| self.corrupt("an index piece does not decode".into()))?,
+            );
+        }
+        Ok(rows)
+    }
+
+    /// Decodes an `o|` index row.
+    fn observation_row(&self, key: &[u8], value: &[u8]) -> Result<ObservationRow, StoreError> {
+        let (parts, seq) = split_key(key, 1, 6)
+            .ok_or_else(|| self.corrupt("an observation key does not decode".into()))?;
+        if value.len() != OBSERVATION_VALUE_LEN {
+            return Err(self.corrupt("an observation index value does not decode".into()));
+        }
+        let mut group_end = [0u8; 8];
+        group_end.copy_from_slice(&value[5..13]);
+        let mut parts = parts.into_iter();
+        let mut next = || parts.next().unwrap_or_default();
+        Ok(ObservationRow {
+            key: ObservationKey {
+                origin: next(),
+                indicator: next(),
+                catalog_edition: next(),
+                ref_area: next(),
+                period: next(),
+                breakdown: next(),
+            },
+            seq: seq.unwrap_or_default(),
+            area: i32::from(value[0]),
+            position: u32::from_be_bytes([value[1], value[2], value[3], value[4]]),
+            group_end: u64::from_be_bytes(group_end),
+        })
+    }
+
     fn corrupt(&self, message: String) -> StoreError {
         StoreError::Corrupt {
             path: self.path.display().to_string(),
             message,
         }
     }
+}
+
+/// Bytes of an observation index value: area, position, group end.
+const OBSERVATION_VALUE_LEN: usize = 13;
+/// Observation index rows per packed piece at most (about 40 KiB).
+const PIECE_ROWS: usize = 600;
+/// Commits with fewer observation rows write them straight to the index.
+const PIECE_MIN_ROWS: usize = 1024;
+
+/// An observation index row: its full `o|` key and its value.
+type IndexRow = (Vec<u8>, [u8; OBSERVATION_VALUE_LEN]);
+
+fn encode_piece(rows: &[IndexRow]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows.iter().map(|(k, _)| k.len() + 15).sum());
+    for (key, value) in rows {
+        out.extend_from_slice(&(key.len() as u16).to_be_bytes());
+        out.extend_from_slice(key);
+        out.extend_from_slice(value);
+    }
+    out
+}
+
+fn decode_piece(bytes: &[u8]) -> Option<Vec<IndexRow>> {
+    let mut rows = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let len = u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?) as usize;
+        at += 2;
+        let key = bytes.get(at..at + len)?.to_vec();
+        at += len;
+        let value = bytes.get(at..at + OBSERVATION_VALUE_LEN)?.try_into().ok()?;
+        at += OBSERVATION_VALUE_LEN;
+        rows.push((key, value));
+    }
+    Some(rows)
 }
 
 /// Opens sled. sled's io threads can hold the store's file lock for a
@@ -577,6 +665,16 @@ impl Store for SledStore {
         for (origin, head) in &commit.heads {
             batch.insert(key_of(b'h', &[origin], None), encode_head(head));
         }
+        // A bulk commit (catch-up) writes its observation rows in packed
+        // pieces, folded into the ordered index later (`merge_index_pieces`);
+        // small commits write them directly.
+        let observation_rows = commit
+            .index
+            .iter()
+            .filter(|r| matches!(r, IndexRecord::Observation { .. }))
+            .count();
+        let bulk = observation_rows >= PIECE_MIN_ROWS;
+        let mut pieces: Vec<(String, (u64, u32), Vec<IndexRow>)> = Vec::new();
         for record in &commit.index {
             match record {
                 IndexRecord::Observation {
@@ -586,11 +684,23 @@ impl Store for SledStore {
                     position,
                     group_end,
                 } => {
-                    let mut value = [0u8; 13];
+                    let mut value = [0u8; OBSERVATION_VALUE_LEN];
                     value[0] = u8::try_from(*area).unwrap_or(0);
                     value[1..5].copy_from_slice(&position.to_be_bytes());
                     value[5..].copy_from_slice(&group_end.to_be_bytes());
-                    batch.insert(key_of(b'o', &key.parts(), Some(*seq)), &value[..]);
+                    let row = (key_of(b'o', &key.parts(), Some(*seq)), value);
+                    if bulk {
+                        match pieces.last_mut() {
+                            Some((origin, _, rows))
+                                if *origin == key.origin && rows.len() < PIECE_ROWS =>
+                            {
+                                rows.push(row)
+                            }
+                            _ => pieces.push((key.origin.clone(), (*seq, *position), vec![row])),
+                        }
+                    } else {
+                        batch.insert(row.0, &row.1[..]);
+                    }
                 }
                 IndexRecord::OfferVersion {
                     origin,
@@ -637,6 +747,11 @@ impl Store for SledStore {
                     );
                 }
             }
+        }
+        for (origin, (seq, position), rows) in pieces {
+            let mut key = key_of(b'x', &[&origin], Some(seq));
+            key.extend_from_slice(&position.to_be_bytes());
+            batch.insert(key, encode_piece(&rows));
         }
         for (key, record) in &commit.idempotency {
             let mut value = Vec::with_capacity(88);
@@ -690,44 +805,51 @@ impl Store for SledStore {
             Some(after) => Bound::Excluded(key_of(b'o', &after.parts(), Some(u64::MAX))),
             None => Bound::Included(prefix.clone()),
         };
-        let rows = self
+        // Rows still in packed pieces, merged in key order with the index.
+        let mut pending = match self.piece_rows(origin) {
+            Ok(rows) => rows,
+            Err(err) => return Box::new(std::iter::once(Err(err))),
+        };
+        pending.retain(|(key, _)| {
+            key.starts_with(&prefix)
+                && match &start {
+                    Bound::Excluded(bound) => key > bound,
+                    _ => true,
+                }
+        });
+        pending.sort_by(|a, b| a.0.cmp(&b.0));
+        pending.dedup_by(|a, b| a.0 == b.0);
+        let mut pending = pending.into_iter().peekable();
+        let mut indexed = self
             .db
             .range((start, Bound::Unbounded))
             .take_while(move |item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
-            .map(move |item| {
-                let (key, value) = item.map_err(sled_error(&self.path))?;
-                let (parts, seq) = split_key(&key, 1, 6)
-                    .ok_or_else(|| self.corrupt("an observation key does not decode".into()))?;
-                let location = (value.len() == 13)
-                    .then(|| {
-                        let mut group_end = [0u8; 8];
-                        group_end.copy_from_slice(&value[5..13]);
-                        (
-                            i32::from(value[0]),
-                            u32::from_be_bytes([value[1], value[2], value[3], value[4]]),
-                            u64::from_be_bytes(group_end),
-                        )
-                    })
-                    .ok_or_else(|| {
-                        self.corrupt("an observation index value does not decode".into())
-                    })?;
-                let mut parts = parts.into_iter();
-                let mut next = || parts.next().unwrap_or_default();
-                Ok(ObservationRow {
-                    key: ObservationKey {
-                        origin: next(),
-                        indicator: next(),
-                        catalog_edition: next(),
-                        ref_area: next(),
-                        period: next(),
-                        breakdown: next(),
-                    },
-                    seq: seq.unwrap_or_default(),
-                    area: location.0,
-                    position: location.1,
-                    group_end: location.2,
-                })
-            });
+            .peekable();
+        let rows = std::iter::from_fn(move || {
+            let from_index = match indexed.peek() {
+                Some(Ok((key, _))) => match pending.peek() {
+                    Some((pending_key, _)) => key.as_ref() <= pending_key.as_slice(),
+                    None => true,
+                },
+                Some(Err(_)) => true,
+                None => false,
+            };
+            if from_index {
+                let item = indexed.next()?;
+                if let (Ok((key, _)), Some((pending_key, _))) = (&item, pending.peek()) {
+                    if key.as_ref() == pending_key.as_slice() {
+                        pending.next();
+                    }
+                }
+                Some(
+                    item.map_err(sled_error(&self.path))
+                        .and_then(|(k, v)| self.observation_row(&k, &v)),
+                )
+            } else {
+                let (key, value) = pending.next()?;
+                Some(self.observation_row(&key, &value))
+            }
+        });
         Box::new(rows)
     }
 
@@ -744,10 +866,41 @@ impl Store for SledStore {
             &[origin, indicator, edition, ref_area, period, ""],
             None,
         );
-        match self.db.scan_prefix(prefix).next() {
-            Some(item) => item.map(|_| true).map_err(sled_error(&self.path)),
-            None => Ok(false),
+        if let Some(item) = self.db.scan_prefix(&prefix).next() {
+            return item.map(|_| true).map_err(sled_error(&self.path));
         }
+        Ok(self
+            .piece_rows(Some(origin))?
+            .iter()
+            .any(|(key, _)| key.starts_with(&prefix)))
+    }
+
+    fn index_pieces_pending(&self) -> Result<u64, StoreError> {
+        let mut count = 0;
+        for item in self.db.scan_prefix([b'x']).keys() {
+            item.map_err(sled_error(&self.path))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    fn merge_index_pieces(&self, limit: usize) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut merged = 0;
+        for item in self.db.scan_prefix([b'x']).take(limit) {
+            let (key, value) = item.map_err(sled_error(&self.path))?;
+            let rows = decode_piece(&value)
+                .ok_or_else(|| self.corrupt("an index piece does not decode".into()))?;
+            for (row_key, row_value) in rows {
+                batch.insert(row_key, &row_value[..]);
+            }
+            batch.remove(key);
+            merged += 1;
+        }
+        if merged > 0 {
+            self.db.apply_batch(batch).map_err(sled_error(&self.path))?;
+        }
+        Ok(merged)
     }
 
     fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError> {
@@ -872,6 +1025,71 @@ mod tests {
             .unwrap()
             .is_empty());
         assert_eq!(store.heads().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn bulk_index_pieces_read_the_same_before_and_after_folding() {
+        use civex_proto::v1::{entry_body::Payload, IndicatorBatch, Observation};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let key = key(3);
+        // Small commit first (direct rows), then a bulk one (pieces).
+        let mut entries: Vec<Entry> = Vec::new();
+        for seq in 1..=1500u64 {
+            let body = civex_proto::v1::EntryBody {
+                origin: "city-a".into(),
+                feed_id: vec![1; 16],
+                seq,
+                prev_hash: entries.last().map_or([0; 32], |e| e.hash).to_vec(),
+                time_unix_micros: 1,
+                idempotency_key: vec![0; 16],
+                payload: Some(Payload::Indicators(IndicatorBatch {
+                    observations: vec![Observation {
+                        indicator: format!("i{}", seq % 37),
+                        catalog_edition: "local".into(),
+                        ref_area: "city-a".into(),
+                        period: format!("{}", 1900 + seq % 101),
+                        area: 1,
+                        ..Default::default()
+                    }],
+                    rules: None,
+                    group: None,
+                })),
+            };
+            entries.push(Entry::sign(&key, body).unwrap());
+        }
+        store.commit(&commit_of(&entries[..10])).unwrap();
+        store.commit(&commit_of(&entries[10..])).unwrap();
+        assert!(
+            store.index_pieces_pending().unwrap() > 0,
+            "a bulk commit wrote no pieces"
+        );
+        let read = |after: Option<&ObservationKey>| -> Vec<(ObservationKey, u64)> {
+            store
+                .observation_rows(Some("city-a"), after)
+                .map(|r| r.map(|r| (r.key, r.seq)).unwrap())
+                .collect()
+        };
+        let before = read(None);
+        assert_eq!(before.len(), 1500);
+        assert!(
+            before
+                .windows(2)
+                .all(|w| (&w[0].0.parts(), w[0].1) < (&w[1].0.parts(), w[1].1)),
+            "not in key order"
+        );
+        let middle = before[700].0.clone();
+        let after_middle = read(Some(&middle));
+        assert!(store
+            .holds_cell("city-a", "i1", "local", "city-a", "1991")
+            .unwrap());
+        while store.merge_index_pieces(3).unwrap() > 0 {}
+        assert_eq!(store.index_pieces_pending().unwrap(), 0);
+        assert_eq!(read(None), before);
+        assert_eq!(read(Some(&middle)), after_middle);
+        assert!(store
+            .holds_cell("city-a", "i1", "local", "city-a", "1991")
+            .unwrap());
     }
 
     #[test]
