@@ -166,21 +166,35 @@ async fn fold_index_pieces(
     use std::time::{Duration, Instant};
     const IDLE: Duration = Duration::from_millis(250);
     const MAX_DEFER: Duration = Duration::from_secs(10);
+    // The first pass folds what an earlier run left, once start-up is quiet.
+    let mut first = true;
     loop {
-        tokio::select! {
-            changed = committed.changed() => if changed.is_err() { return },
-            _ = stopping.wait_for(|stop| *stop) => return,
+        if !first {
+            tokio::select! {
+                changed = committed.changed() => if changed.is_err() { return },
+                _ = stopping.wait_for(|stop| *stop) => return,
+            }
         }
+        first = false;
         let deferred = Instant::now();
         while deferred.elapsed() < MAX_DEFER {
-            match tokio::time::timeout(IDLE, committed.changed()).await {
-                Err(_) => break,
-                Ok(Err(_)) => return,
-                Ok(Ok(())) => {}
+            tokio::select! {
+                changed = tokio::time::timeout(IDLE, committed.changed()) => match changed {
+                    Err(_) => break,
+                    Ok(Err(_)) => return,
+                    Ok(Ok(())) => {}
+                },
+                _ = stopping.wait_for(|stop| *stop) => return,
             }
         }
         let store = store.clone();
+        let stop = stopping.clone();
+        // Folds in small steps and stops between them at shutdown (pieces
+        // left are folded after the next start).
         let folded = tokio::task::spawn_blocking(move || loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
             match store.merge_index_pieces(16) {
                 Ok(0) => return Ok(()),
                 Ok(_) => {}
