@@ -9,10 +9,10 @@
 //!
 //! sled writes any log item larger than a quarter of its segment (128 KiB)
 //! to a blob file it never syncs, and a leaf page holds up to 17 values.
-//! Entry chunks are 4 KiB and index values a few bytes, so pages stay well
-//! below that; a page of several large single entries (up to 64 KiB each)
-//! can still cross it, so every commit fsyncs new blob files (and the blob
-//! directory) before it counts as durable.
+//! Entry chunks are 4 KiB and index rows 13 bytes, so their pages stay well
+//! below that; leaves of packed index pieces (about 40 KiB each) and of
+//! large single entries (up to 64 KiB) cross it, so every commit fsyncs new
+//! blob files (and the blob directory) before it counts as durable.
 //!
 //! Key layout (`|` is concatenation, strings end with a zero byte, numbers
 //! are big-endian):
