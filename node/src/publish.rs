@@ -349,10 +349,6 @@ impl Publisher {
         *self.ready.borrow() && !self.writer.is_stopped()
     }
 
-    fn receipt(&self, feed_id: [u8; 16], record: &IdempotencyRecord) -> Receipt {
-        receipt_of(&self.origin, feed_id, record)
-    }
-
     fn replay(
         &self,
         key: &[u8; 16],
@@ -372,7 +368,7 @@ impl Publisher {
             }
             return Err(PublishError::InProgress(hex(key)));
         };
-        Ok(Some(self.receipt(head.tip.feed_id, &record)))
+        Ok(Some(receipt_of(&self.origin, head.tip.feed_id, &record)))
     }
 
     /// Publishes one request as one entry, durable when this returns.

@@ -12,7 +12,8 @@ use civex_node::core::feed::Entry;
 use civex_proto::v1::{self as pb, publish_client::PublishClient, subscribe_response::Event};
 
 use crate::support::{
-    civex_async, eventually, key, row, stderr, stdout, write_node_dir, ChildNode, Spec,
+    civex_async, eventually, key, row, stderr, stdout, subscribe_all, write_node_dir, ChildNode,
+    Spec,
 };
 
 async fn hashes_held(address: &str, origin: &str) -> BTreeMap<u64, Vec<u8>> {
@@ -52,12 +53,7 @@ async fn hashes_held(address: &str, origin: &str) -> BTreeMap<u64, Vec<u8>> {
 async fn sigkill_mid_publish_loses_no_acknowledged_entry() {
     let dir = tempfile::tempdir().unwrap();
     write_node_dir(dir.path(), &Spec::new("city-a"), "127.0.0.1:0");
-    let mut node = tokio::task::spawn_blocking({
-        let dir = dir.path().to_path_buf();
-        move || ChildNode::start(&dir)
-    })
-    .await
-    .unwrap();
+    let mut node = ChildNode::start_async(dir.path()).await;
     let acked: Arc<Mutex<Vec<(pb::PublishIndicatorsRequest, pb::Receipt)>>> = Arc::default();
     let mut publishers = Vec::new();
     for p in 0..8 {
@@ -94,12 +90,7 @@ async fn sigkill_mid_publish_loses_no_acknowledged_entry() {
     }
     let acked = acked.lock().unwrap().clone();
 
-    let mut node = tokio::task::spawn_blocking({
-        let dir = dir.path().to_path_buf();
-        move || ChildNode::start(&dir)
-    })
-    .await
-    .unwrap();
+    let mut node = ChildNode::start_async(dir.path()).await;
     let held = hashes_held(&node.address, "city-a").await;
     let top = *held.keys().last().unwrap();
     assert_eq!(
@@ -147,23 +138,8 @@ async fn sigkill_mid_publish_loses_no_acknowledged_entry() {
 async fn sigterm_ends_subscriptions_cleanly_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     write_node_dir(dir.path(), &Spec::new("city-a"), "127.0.0.1:0");
-    let mut node = tokio::task::spawn_blocking({
-        let dir = dir.path().to_path_buf();
-        move || ChildNode::start(&dir)
-    })
-    .await
-    .unwrap();
-    let mut client = pb::feed_client::FeedClient::connect(format!("http://{}", node.address))
-        .await
-        .unwrap();
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            cursors: Vec::new(),
-            all_origins: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut node = ChildNode::start_async(dir.path()).await;
+    let mut stream = subscribe_all(&node.address).await;
     let status = tokio::task::spawn_blocking(move || node.sigterm())
         .await
         .unwrap();
@@ -217,25 +193,10 @@ async fn a_key_file_others_can_read_is_refused_at_start() {
 async fn a_subscriber_that_stops_reading_blocks_neither_publishing_nor_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     write_node_dir(dir.path(), &Spec::new("city-a"), "127.0.0.1:0");
-    let mut node = tokio::task::spawn_blocking({
-        let dir = dir.path().to_path_buf();
-        move || ChildNode::start(&dir)
-    })
-    .await
-    .unwrap();
+    let mut node = ChildNode::start_async(dir.path()).await;
     let address = node.address.clone();
     // Subscribe, read nothing.
-    let mut client = pb::feed_client::FeedClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
-    let _stream = client
-        .subscribe(pb::SubscribeRequest {
-            cursors: Vec::new(),
-            all_origins: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let _stream = subscribe_all(&address).await;
     // Far more than the transport and the subscription buffer can hold.
     let mut publisher = PublishClient::connect(format!("http://{address}"))
         .await

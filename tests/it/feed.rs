@@ -176,16 +176,7 @@ async fn subscribe_to_all_picks_up_origins_that_appear_later() {
             .trust("city-a", &a.public_key),
     )
     .await;
-    let mut stream = b
-        .feed()
-        .await
-        .subscribe(pb::SubscribeRequest {
-            cursors: Vec::new(),
-            all_origins: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = b.subscribe_all().await;
     // B holds nothing of city-a yet; A publishes only now.
     let receipt = publish_row(&a, "late", 1.0).await;
     loop {

@@ -82,16 +82,7 @@ async fn three_nodes_converge_through_a_relay_restarted_mid_stream() {
     .await;
 
     // Subscribe-to-all on C sees both origins, every entry exactly once.
-    let mut stream = c
-        .feed()
-        .await
-        .subscribe(pb::SubscribeRequest {
-            cursors: Vec::new(),
-            all_origins: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = c.subscribe_all().await;
     let mut seqs: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     let mut drained = 0;
     while drained < 2 {

@@ -278,6 +278,11 @@ impl TestNode {
             .map_or((0, Vec::new()), |h| (h.seq, h.entry_hash))
     }
 
+    /// A subscription to every origin this node holds or comes to hold.
+    pub async fn subscribe_all(&self) -> tonic::Streaming<pb::SubscribeResponse> {
+        subscribe_all(&self.address).await
+    }
+
     pub async fn wait_ready(&self) {
         eventually(
             &format!("{} to open publishing", self.spec.origin),
@@ -285,6 +290,20 @@ impl TestNode {
         )
         .await;
     }
+}
+
+/// A subscription to every origin the node at `address` holds or comes to hold.
+pub async fn subscribe_all(address: &str) -> tonic::Streaming<pb::SubscribeResponse> {
+    FeedClient::connect(format!("http://{address}"))
+        .await
+        .unwrap()
+        .subscribe(pb::SubscribeRequest {
+            cursors: Vec::new(),
+            all_origins: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// A fresh 16-byte idempotency key.
@@ -455,6 +474,14 @@ impl ChildNode {
             !address.is_empty()
         });
         Self { child, address }
+    }
+
+    /// [`ChildNode::start`] from an async test.
+    pub async fn start_async(dir: &Path) -> Self {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || Self::start(&dir))
+            .await
+            .unwrap()
     }
 
     pub fn sigkill(&mut self) {
