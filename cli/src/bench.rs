@@ -34,7 +34,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use crate::{
     client,
     output::Progress,
-    region::{held_seq, node_status, start_region, wait_until, CitySpec},
+    region::{held_seq, node_status, start_region, wait_until, CitySpec, Federation},
 };
 
 /// Flags of `civex bench`.
@@ -399,8 +399,10 @@ async fn catch_up(
         .iter()
         .map(|(o, k)| format!("\"{o}\" = \"{}\"\n", public_key_hex(&k.verifying_key())))
         .collect();
+    let federation = Federation::create(root)?;
     let source_listener = civex_node::transport::bind("127.0.0.1:0").await?;
     let source_address = source_listener.local_addr()?.to_string();
+    let source = federation.client(&source_address);
     let write = |dir: &Path,
                  origin: &str,
                  address: &str,
@@ -417,11 +419,12 @@ async fn catch_up(
             + peers;
         let path = dir.join("node.toml");
         std::fs::write(&path, text)?;
+        federation.equip(dir, origin)?;
         Ok(civex_node::config::Config::load(&path, std::iter::empty())?)
     };
     let source_config = write(source_dir, "bench-source", &source_address, "")?;
     let (stop_source, source_stopped) = tokio::sync::oneshot::channel::<()>();
-    let source = tokio::spawn(civex_node::node::run(
+    let source_task = tokio::spawn(civex_node::node::run(
         source_config,
         source_listener,
         async move {
@@ -429,7 +432,7 @@ async fn catch_up(
         },
     ));
     wait_until("the source node", Duration::from_secs(30), || async {
-        node_status(&source_address).await.is_some()
+        node_status(&source).await.is_some()
     })
     .await?;
 
@@ -438,16 +441,19 @@ async fn catch_up(
     create_key_file(&dest_dir.join("feed.key"))?;
     let dest_listener = civex_node::transport::bind("127.0.0.1:0").await?;
     let dest_address = dest_listener.local_addr()?.to_string();
+    let dest = federation.client(&dest_address);
     let dest_config = write(
         &dest_dir,
         "bench-dest",
         &dest_address,
-        &format!("\n[[peers]]\nname = \"source\"\naddress = \"{source_address}\"\n"),
+        &format!(
+            "\n[[peers]]\nname = \"source\"\naddress = \"{source_address}\"\norigin = \"bench-source\"\n"
+        ),
     )?;
     let progress = Progress::new("catch-up", total);
     let (stop_dest, dest_stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
-    let dest = tokio::spawn(civex_node::node::run(
+    let dest_task = tokio::spawn(civex_node::node::run(
         dest_config,
         dest_listener,
         async move {
@@ -458,7 +464,7 @@ async fn catch_up(
     while held < total {
         held = 0;
         for (origin, _) in origin_keys {
-            held += held_seq(&dest_address, origin).await;
+            held += held_seq(&dest, origin).await;
         }
         progress.set(held);
         if started.elapsed() > Duration::from_secs(1800) {
@@ -476,7 +482,7 @@ async fn catch_up(
         "the query index to fold",
         Duration::from_secs(1800),
         || async {
-            node_status(&dest_address)
+            node_status(&dest)
                 .await
                 .is_some_and(|s| s.index_pieces_pending == 0)
         },
@@ -489,8 +495,8 @@ async fn catch_up(
     );
     let _ = stop_dest.send(());
     let _ = stop_source.send(());
-    dest.await??;
-    source.await??;
+    dest_task.await??;
+    source_task.await??;
     Ok(elapsed)
 }
 
@@ -502,12 +508,12 @@ async fn publish_runs(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         peers: Vec::new(),
     }];
     let mut nodes = start_region(&root.join("publish"), &specs, true).await?;
-    let address = nodes[0].address.clone();
+    let node = nodes[0].client.clone();
     wait_until("the publishing node", Duration::from_secs(30), || async {
-        node_status(&address).await.is_some_and(|s| s.publish_ready)
+        node_status(&node).await.is_some_and(|s| s.publish_ready)
     })
     .await?;
-    let publisher = client::publish(&address)?;
+    let publisher = client::publish(&node)?;
     // One random prefix per run; each publish gets its own key.
     let key_prefix = client::idempotency_key()?;
     let request = move |n: u64| pb::PublishIndicatorsRequest {
@@ -535,7 +541,7 @@ async fn publish_runs(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     for _ in 0..args.publishers {
         // Each publisher is its own client with its own connection.
         let (mut publisher, next, progress, request) = (
-            client::publish(&address)?,
+            client::publish(&node)?,
             next.clone(),
             progress.clone(),
             request.clone(),

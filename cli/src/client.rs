@@ -2,7 +2,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
+use civex_node::{
+    tls::{Tls, TlsFiles},
+    transport::{error_chain, Security},
+};
 use civex_proto::v1::{
     feed_client::FeedClient, publish_client::PublishClient, query_client::QueryClient,
     status_client::StatusClient,
@@ -12,38 +16,83 @@ use tonic::{transport::Channel, Code};
 /// Largest message the CLI sends or accepts.
 pub(crate) const MAX_MESSAGE: usize = 16 << 20;
 
+/// A node to talk to, and how.
+#[derive(Clone, Debug)]
+pub(crate) struct Node {
+    /// `host:port`.
+    pub(crate) address: String,
+    /// Mutual TLS with an operator identity, or plain (insecure mode).
+    pub(crate) security: Security,
+}
+
+impl Node {
+    /// From the global flags: `--identity DIR` (mutual TLS) or `--insecure`.
+    pub(crate) fn from_flags(
+        address: &str,
+        identity: Option<&std::path::Path>,
+        insecure: bool,
+    ) -> anyhow::Result<Self> {
+        let security = match (identity, insecure) {
+            (Some(_), true) => bail!("--identity and --insecure exclude each other"),
+            (None, true) => Security::Insecure,
+            (Some(dir), false) => Security::Mutual(
+                Tls::load(TlsFiles::in_dir(dir), None)
+                    .with_context(|| format!("--identity {}", dir.display()))?,
+            ),
+            (None, false) => bail!(
+                "no TLS identity to talk to the node with: pass --identity DIR (or set \
+                 CIVEX_IDENTITY), a directory made by `civex ca issue --operator NAME --out DIR`; \
+                 or --insecure for a node with tls.mode = \"insecure\""
+            ),
+        };
+        Ok(Self {
+            address: address.to_owned(),
+            security,
+        })
+    }
+}
+
 /// Opens a channel to a node.
-pub(crate) async fn connect(address: &str) -> anyhow::Result<Channel> {
-    civex_node::transport::connect(address, Duration::from_secs(5))
+pub(crate) async fn connect(node: &Node) -> anyhow::Result<Channel> {
+    civex_node::transport::connect(&node.address, &node.security, None, Duration::from_secs(5))
         .await
-        .with_context(|| {
-            format!("cannot reach the node at {address} (is civex-node running? see --node)")
+        .map_err(|err| {
+            anyhow!(
+                "cannot reach the node at {} (is civex-node running? see --node): {}",
+                node.address,
+                error_chain(&err)
+            )
         })
 }
 
 /// Publish client; connects on first call, so retries cover a node that
 /// is still starting.
-pub(crate) fn publish(address: &str) -> anyhow::Result<PublishClient<Channel>> {
-    let channel = civex_node::transport::connect_lazy(address, Duration::from_secs(5))
-        .with_context(|| format!("--node {address:?} is not a usable address"))?;
+pub(crate) fn publish(node: &Node) -> anyhow::Result<PublishClient<Channel>> {
+    let channel = civex_node::transport::connect_lazy(
+        &node.address,
+        &node.security,
+        None,
+        Duration::from_secs(5),
+    )
+    .with_context(|| format!("--node {:?} is not a usable address", node.address))?;
     Ok(PublishClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE))
 }
 
 /// Query client.
-pub(crate) async fn query(address: &str) -> anyhow::Result<QueryClient<Channel>> {
-    Ok(QueryClient::new(connect(address).await?).max_decoding_message_size(MAX_MESSAGE))
+pub(crate) async fn query(node: &Node) -> anyhow::Result<QueryClient<Channel>> {
+    Ok(QueryClient::new(connect(node).await?).max_decoding_message_size(MAX_MESSAGE))
 }
 
 /// Feed client.
-pub(crate) async fn feed(address: &str) -> anyhow::Result<FeedClient<Channel>> {
-    Ok(FeedClient::new(connect(address).await?).max_decoding_message_size(MAX_MESSAGE))
+pub(crate) async fn feed(node: &Node) -> anyhow::Result<FeedClient<Channel>> {
+    Ok(FeedClient::new(connect(node).await?).max_decoding_message_size(MAX_MESSAGE))
 }
 
 /// Status client.
-pub(crate) async fn status(address: &str) -> anyhow::Result<StatusClient<Channel>> {
-    Ok(StatusClient::new(connect(address).await?))
+pub(crate) async fn status(node: &Node) -> anyhow::Result<StatusClient<Channel>> {
+    Ok(StatusClient::new(connect(node).await?))
 }
 
 /// A fresh idempotency key: one per invocation, reused on every retry.

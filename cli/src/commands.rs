@@ -15,14 +15,18 @@ use civex_node::{
         ids::{check_origin_id, hex, unhex},
         ingest::{area_slug, parse_area, parse_csv, parse_json, InputRow},
     },
-    keys::{create_key_file, load_key_file, parse_public_key, public_key_hex, KeyResolver},
+    keys::{
+        create_key_file, load_key_file, parse_public_key, public_key_hex, write_secret_file,
+        KeyResolver,
+    },
+    pki::{request, Identity},
 };
 use civex_proto::v1::{self as pb, entry_body::Payload, subscribe_response::Event};
 use clap::Subcommand;
 use serde_json::json;
 
 use crate::{
-    client::{self, describe, with_retry},
+    client::{self, describe, with_retry, Node},
     output::{self, Format, Progress},
 };
 
@@ -171,13 +175,27 @@ pub(crate) enum FeedCommand {
     },
 }
 
-pub(crate) fn init(
-    dir: &Path,
-    origin: &str,
-    name: &str,
-    listen: &str,
-    format: Format,
-) -> anyhow::Result<ExitCode> {
+/// What `civex init` makes.
+pub(crate) struct InitOptions<'a> {
+    pub(crate) dir: &'a Path,
+    pub(crate) origin: &'a str,
+    pub(crate) name: &'a str,
+    pub(crate) listen: &'a str,
+    /// The federation's CA certificate, to install as tls/ca.pem.
+    pub(crate) join: Option<&'a Path>,
+    /// Plain gRPC on loopback instead of mutual TLS.
+    pub(crate) insecure: bool,
+}
+
+pub(crate) fn init(options: &InitOptions<'_>, format: Format) -> anyhow::Result<ExitCode> {
+    let InitOptions {
+        dir,
+        origin,
+        name,
+        listen,
+        join,
+        insecure,
+    } = *options;
     check_origin_id(origin).map_err(|m| anyhow!("--origin: {m}"))?;
     let config_path = dir.join("node.toml");
     if config_path.exists() {
@@ -186,27 +204,78 @@ pub(crate) fn init(
             config_path.display()
         );
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let text = template(origin, name, listen);
+    let mut text = template(origin, name, listen);
+    if insecure {
+        text = text.replace("mode = \"mutual\"", "mode = \"insecure\"");
+    }
     let parsed =
         Config::parse(&text).map_err(|m| anyhow!("internal: template does not parse: {m}"))?;
     parsed
         .validate()
         .map_err(|m| anyhow!("--listen or --origin: {m}"))?;
+    let ca = match join {
+        Some(path) => {
+            let ca = std::fs::read_to_string(path)
+                .with_context(|| format!("--join {}: cannot read", path.display()))?;
+            if !ca.contains("-----BEGIN CERTIFICATE-----") {
+                bail!(
+                    "--join {}: not a PEM certificate (the federation's ca.pem)",
+                    path.display()
+                );
+            }
+            Some(ca)
+        }
+        None => None,
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let key = create_key_file(&dir.join(&parsed.key_file))?;
     let public = public_key_hex(&key.verifying_key());
     std::fs::write(dir.join("feed.pub"), format!("{public}\n"))?;
+    let request = if insecure {
+        None
+    } else {
+        let tls = dir.join("tls");
+        std::fs::create_dir_all(&tls)
+            .with_context(|| format!("cannot create {}", tls.display()))?;
+        let (request, tls_key) = request(&Identity::Origin(origin.to_owned()))?;
+        write_secret_file(&dir.join(&parsed.tls.key_file), tls_key.as_bytes())?;
+        let request_path = tls.join("request.csr");
+        std::fs::write(&request_path, request)
+            .with_context(|| format!("cannot write {}", request_path.display()))?;
+        if let Some(ca) = &ca {
+            std::fs::write(dir.join(&parsed.tls.ca_file), ca).with_context(|| {
+                format!("cannot write the CA certificate into {}", tls.display())
+            })?;
+        }
+        Some(request_path)
+    };
     std::fs::write(&config_path, text)
         .with_context(|| format!("cannot write {}", config_path.display()))?;
     match format {
         Format::Json => output::json(&json!({
             "config": config_path, "origin": origin, "feed_key": public,
+            "certificate_request": request,
         })),
         Format::Table => {
             println!("created {}", config_path.display());
             println!("feed key (mode 0600): {}", dir.join("feed.key").display());
             println!("public feed key, for peers' trusted_origins:");
             println!("  \"{origin}\" = \"{public}\"");
+            if let Some(request) = &request {
+                println!(
+                    "TLS key (mode 0600) and certificate request: {}",
+                    request.display()
+                );
+                println!("send the request to your federation admin, who runs:");
+                println!(
+                    "  civex ca issue --ca CA_DIR --origin {origin} --csr request.csr --out DIR"
+                );
+                println!(
+                    "and put the cert.pem{} it writes into {}",
+                    if ca.is_none() { " and ca.pem" } else { "" },
+                    dir.join("tls").display()
+                );
+            }
             println!("start it: civex-node --config {}", config_path.display());
         }
     }
@@ -282,7 +351,7 @@ fn locate(file: &Path, rows: &[InputRow], message: &str) -> String {
 }
 
 pub(crate) async fn publish(
-    node: &str,
+    node: &Node,
     format: Format,
     command: PublishCommand,
 ) -> anyhow::Result<ExitCode> {
@@ -351,7 +420,7 @@ fn area_arg(text: &str) -> anyhow::Result<i32> {
         .map_err(|m| anyhow!("--area: {m}"))
 }
 
-async fn send_publish<F, Fut>(node: &str, format: Format, call: F) -> anyhow::Result<ExitCode>
+async fn send_publish<F, Fut>(node: &Node, format: Format, call: F) -> anyhow::Result<ExitCode>
 where
     F: Fn(civex_proto::v1::publish_client::PublishClient<tonic::transport::Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<pb::Receipt>, tonic::Status>>,
@@ -367,7 +436,7 @@ where
 }
 
 pub(crate) async fn offer(
-    node: &str,
+    node: &Node,
     format: Format,
     command: OfferCommand,
 ) -> anyhow::Result<ExitCode> {
@@ -443,7 +512,7 @@ pub(crate) async fn offer(
 }
 
 pub(crate) async fn retract(
-    node: &str,
+    node: &Node,
     format: Format,
     seq: u64,
     reason: String,
@@ -481,7 +550,7 @@ fn conf_status(value: i32) -> &'static str {
 
 /// Fetches every page of observations.
 pub(crate) async fn all_observations(
-    node: &str,
+    node: &Node,
     mut request: pb::ObservationsRequest,
 ) -> anyhow::Result<Vec<pb::ObservationRecord>> {
     let mut query = client::query(node).await?;
@@ -507,7 +576,7 @@ fn value_text(observation: &pb::Observation) -> String {
 }
 
 pub(crate) async fn query(
-    node: &str,
+    node: &Node,
     format: Format,
     command: QueryCommand,
 ) -> anyhow::Result<ExitCode> {
@@ -725,7 +794,7 @@ fn resolver_for(
 }
 
 pub(crate) async fn feed(
-    node: &str,
+    node: &Node,
     format: Format,
     command: FeedCommand,
 ) -> anyhow::Result<ExitCode> {
@@ -786,10 +855,10 @@ pub(crate) async fn feed(
             .into_iter()
             .map(Entry::decode)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow!("refused entry from {node}: {e}"))?;
+            .map_err(|e| anyhow!("refused entry from {}: {e}", node.address))?;
         let tip = tips.get(&batch.origin).copied().flatten();
         let new_tip = verify_range(&batch.origin, key, tip.as_ref(), &entries)
-            .map_err(|e| anyhow!("refused entry from {node}: {e}"))?;
+            .map_err(|e| anyhow!("refused entry from {}: {e}", node.address))?;
         tips.insert(batch.origin.clone(), new_tip);
         for entry in entries {
             match format {
@@ -819,7 +888,7 @@ pub(crate) async fn feed(
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) async fn status(node: &str, format: Format) -> anyhow::Result<ExitCode> {
+pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCode> {
     let status = client::status(node)
         .await?
         .node_status(pb::NodeStatusRequest {})

@@ -142,7 +142,7 @@ pub(crate) async fn run(keep_running: bool, format: Format) -> anyhow::Result<Ex
             &format!("{} to open publishing", node.origin),
             WAIT,
             || async {
-                node_status(&node.address)
+                node_status(&node.client)
                     .await
                     .is_some_and(|s| s.publish_ready)
             },
@@ -152,7 +152,7 @@ pub(crate) async fn run(keep_running: bool, format: Format) -> anyhow::Result<Ex
 
     for (i, node) in nodes.iter().enumerate() {
         let rows = sample_rows(&node.origin, cities[i].2, i);
-        let publisher = client::publish(&node.address)?;
+        let publisher = client::publish(&node.client)?;
         let request = pb::PublishIndicatorsRequest {
             idempotency_key: client::idempotency_key()?,
             rows: rows.iter().map(row_message).collect(),
@@ -222,10 +222,10 @@ pub(crate) async fn run(keep_running: bool, format: Format) -> anyhow::Result<Ex
     // São Bento answers Vale do Sol's offer once it holds it.
     let (offering, answering) = (&nodes[0], &nodes[1]);
     wait_until("the offer to replicate", WAIT, || async {
-        held_seq(&answering.address, &offering.origin).await >= 2
+        held_seq(&answering.client, &offering.origin).await >= 2
     })
     .await?;
-    let publisher = client::publish(&answering.address)?;
+    let publisher = client::publish(&answering.client)?;
     let request = pb::RespondOfferRequest {
         idempotency_key: client::idempotency_key()?,
         offer_origin: offering.origin.clone(),
@@ -250,7 +250,7 @@ pub(crate) async fn run(keep_running: bool, format: Format) -> anyhow::Result<Ex
     for node in &nodes {
         heads.insert(
             node.origin.clone(),
-            held_seq(&node.address, &node.origin).await,
+            held_seq(&node.client, &node.origin).await,
         );
     }
     for node in &nodes {
@@ -258,15 +258,15 @@ pub(crate) async fn run(keep_running: bool, format: Format) -> anyhow::Result<Ex
             wait_until(
                 &format!("{} to replicate {origin}", node.origin),
                 WAIT,
-                || async { held_seq(&node.address, origin).await >= *seq },
+                || async { held_seq(&node.client, origin).await >= *seq },
             )
             .await?;
         }
     }
 
     let reader = &nodes[2];
-    let records = all_observations(&reader.address, pb::ObservationsRequest::default()).await?;
-    let offers = client::query(&reader.address)
+    let records = all_observations(&reader.client, pb::ObservationsRequest::default()).await?;
+    let offers = client::query(&reader.client)
         .await?
         .offers(pb::OffersRequest::default())
         .await
@@ -286,7 +286,11 @@ pub(crate) async fn run(keep_running: bool, format: Format) -> anyhow::Result<Ex
                 node.dir.join("node.toml").display()
             );
         }
-        println!("try: civex --node {} status", nodes[0].address);
+        println!(
+            "try: civex --identity {} --node {} status",
+            root.path().join("operator").display(),
+            nodes[0].address
+        );
         tokio::signal::ctrl_c()
             .await
             .context("waiting for ctrl-c")?;

@@ -2,6 +2,7 @@
 //! `init` and `verify` (files) and `demo`/`bench` (which start nodes).
 
 mod bench;
+mod ca;
 mod client;
 mod commands;
 mod demo;
@@ -26,6 +27,13 @@ struct Cli {
         default_value = "127.0.0.1:7400"
     )]
     node: String,
+    /// Operator identity for mutual TLS: a directory with ca.pem, cert.pem
+    /// and key.pem, as made by `civex ca issue --operator NAME --out DIR`.
+    #[arg(long, global = true, env = "CIVEX_IDENTITY")]
+    identity: Option<PathBuf>,
+    /// Talk plain gRPC, to a node with tls.mode = "insecure" (loopback).
+    #[arg(long, global = true, env = "CIVEX_INSECURE")]
+    insecure: bool,
     /// Output: a table for people, or JSON for scripts.
     #[arg(long, global = true, value_enum, default_value = "table")]
     output: Format,
@@ -35,7 +43,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a node directory: node.toml and a feed key (mode 0600).
+    /// Create a node directory: node.toml, a feed key (mode 0600), and a
+    /// TLS key with a certificate request for the federation admin.
     Init {
         /// Directory to create (must not hold a node already).
         dir: PathBuf,
@@ -48,7 +57,18 @@ enum Command {
         /// Listen address written to node.toml.
         #[arg(long, default_value = "127.0.0.1:7400")]
         listen: String,
+        /// Join a federation: install its CA certificate (the file the
+        /// admin gave you) as tls/ca.pem.
+        #[arg(long, value_name = "CA_FILE", conflicts_with = "insecure_node")]
+        join: Option<PathBuf>,
+        /// A node for local experiments: plain gRPC on loopback, no TLS.
+        #[arg(long = "insecure-node")]
+        insecure_node: bool,
     },
+    /// The federation's certificate authority: create it, issue and revoke
+    /// certificates.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// Publish into the node's feed.
     #[command(subcommand)]
     Publish(commands::PublishCommand),
@@ -89,25 +109,40 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
+    let Cli {
+        node,
+        identity,
+        insecure,
+        output,
+        command,
+    } = Cli::parse();
+    let result = match command {
         Command::Init {
             dir,
             origin,
             name,
             listen,
-        } => commands::init(&dir, &origin, &name, &listen, cli.output),
-        Command::Publish(command) => commands::publish(&cli.node, cli.output, command).await,
-        Command::Offer(command) => commands::offer(&cli.node, cli.output, command).await,
-        Command::Retract { seq, reason } => {
-            commands::retract(&cli.node, cli.output, seq, reason).await
-        }
-        Command::Query(command) => commands::query(&cli.node, cli.output, command).await,
-        Command::Feed(command) => commands::feed(&cli.node, cli.output, command).await,
-        Command::Status => commands::status(&cli.node, cli.output).await,
-        Command::Verify { config } => commands::verify(&config, cli.output),
-        Command::Demo { keep_running } => demo::run(keep_running, cli.output).await,
+            join,
+            insecure_node,
+        } => commands::init(
+            &commands::InitOptions {
+                dir: &dir,
+                origin: &origin,
+                name: &name,
+                listen: &listen,
+                join: join.as_deref(),
+                insecure: insecure_node,
+            },
+            output,
+        ),
+        Command::Ca(command) => ca::run(command, output),
+        Command::Verify { config } => commands::verify(&config, output),
+        Command::Demo { keep_running } => demo::run(keep_running, output).await,
         Command::Bench(args) => bench::run(args).await,
+        talk => match client::Node::from_flags(&node, identity.as_deref(), insecure) {
+            Ok(node) => talk_to(&node, output, talk).await,
+            Err(err) => Err(err),
+        },
     };
     match result {
         Ok(code) => code,
@@ -115,5 +150,22 @@ async fn main() -> ExitCode {
             eprintln!("civex: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Runs a command that talks to a node.
+async fn talk_to(
+    node: &client::Node,
+    output: Format,
+    command: Command,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Publish(command) => commands::publish(node, output, command).await,
+        Command::Offer(command) => commands::offer(node, output, command).await,
+        Command::Retract { seq, reason } => commands::retract(node, output, seq, reason).await,
+        Command::Query(command) => commands::query(node, output, command).await,
+        Command::Feed(command) => commands::feed(node, output, command).await,
+        Command::Status => commands::status(node, output).await,
+        _ => unreachable!("commands that talk to no node are run by main"),
     }
 }

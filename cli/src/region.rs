@@ -10,6 +10,9 @@ use civex_node::{
     config::{template, Config},
     keys::{create_key_file, public_key_hex},
     node::NodeError,
+    pki::{write_identity_dir, Authority, Identity},
+    tls::{Tls, TlsFiles},
+    transport::Security,
 };
 use civex_proto::v1 as pb;
 use tokio::{sync::oneshot, task::JoinHandle};
@@ -24,6 +27,8 @@ pub(crate) struct CityNode {
     pub(crate) dir: PathBuf,
     /// Address it serves on.
     pub(crate) address: String,
+    /// The node, as an operator reaches it.
+    pub(crate) client: client::Node,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), NodeError>>>,
 }
@@ -38,6 +43,41 @@ impl CityNode {
             task.await.map_err(|e| anyhow!("node task failed: {e}"))??;
         }
         Ok(())
+    }
+}
+
+/// A federation made on the fly: its CA and an operator identity.
+pub(crate) struct Federation {
+    ca: Authority,
+    operator: Security,
+}
+
+impl Federation {
+    /// A new CA and operator identity under `root`.
+    pub(crate) fn create(root: &Path) -> anyhow::Result<Self> {
+        let (ca, _key) = Authority::create("civex demo federation", 2)?;
+        let operator = root.join("operator");
+        let issued = ca.issue(&Identity::Operator("demo".into()), None, 2)?;
+        write_identity_dir(&operator, ca.cert_pem(), &issued)?;
+        let operator = Security::Mutual(Tls::load(TlsFiles::in_dir(&operator), None)?);
+        Ok(Self { ca, operator })
+    }
+
+    /// Issues a node certificate for `origin` into `dir/tls`.
+    pub(crate) fn equip(&self, dir: &Path, origin: &str) -> anyhow::Result<()> {
+        let issued = self
+            .ca
+            .issue(&Identity::Origin(origin.to_owned()), None, 2)?;
+        write_identity_dir(&dir.join("tls"), self.ca.cert_pem(), &issued)?;
+        Ok(())
+    }
+
+    /// The node at `address`, as this federation's operator reaches it.
+    pub(crate) fn client(&self, address: &str) -> client::Node {
+        client::Node {
+            address: address.to_owned(),
+            security: self.operator.clone(),
+        }
     }
 }
 
@@ -60,11 +100,13 @@ pub(crate) async fn start_region(
     specs: &[CitySpec<'_>],
     allow_without_peers: bool,
 ) -> anyhow::Result<Vec<CityNode>> {
+    let federation = Federation::create(root)?;
     let mut prepared = Vec::new();
     for spec in specs {
         let dir = root.join(spec.origin);
         std::fs::create_dir_all(&dir)?;
         let key = create_key_file(&dir.join("feed.key"))?;
+        federation.equip(&dir, spec.origin)?;
         let listener = civex_node::transport::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?.to_string();
         prepared.push((dir, public_key_hex(&key.verifying_key()), listener, address));
@@ -96,7 +138,7 @@ pub(crate) async fn start_region(
         }
         for &p in &spec.peers {
             text.push_str(&format!(
-                "\n[[peers]]\nname = \"{}\"\naddress = \"{}\"\n",
+                "\n[[peers]]\nname = \"{0}\"\naddress = \"{1}\"\norigin = \"{0}\"\n",
                 specs[p].origin, prepared[p].3
             ));
         }
@@ -118,6 +160,7 @@ pub(crate) async fn start_region(
         running.push(CityNode {
             origin,
             dir,
+            client: federation.client(&address),
             address,
             stop: Some(stop),
             task: Some(task),
@@ -147,8 +190,8 @@ where
 }
 
 /// The node's status, or `None` if it does not answer.
-pub(crate) async fn node_status(address: &str) -> Option<pb::NodeStatusResponse> {
-    let mut status = client::status(address).await.ok()?;
+pub(crate) async fn node_status(node: &client::Node) -> Option<pb::NodeStatusResponse> {
+    let mut status = client::status(node).await.ok()?;
     status
         .node_status(pb::NodeStatusRequest {})
         .await
@@ -157,8 +200,8 @@ pub(crate) async fn node_status(address: &str) -> Option<pb::NodeStatusResponse>
 }
 
 /// Seq held by the node at `address` for `origin`.
-pub(crate) async fn held_seq(address: &str, origin: &str) -> u64 {
-    node_status(address)
+pub(crate) async fn held_seq(node: &client::Node, origin: &str) -> u64 {
+    node_status(node)
         .await
         .and_then(|s| s.heads.into_iter().find(|h| h.origin == origin))
         .map_or(0, |h| h.seq)

@@ -35,8 +35,8 @@ pub struct Config {
     /// Display name of the city, any script.
     #[serde(default)]
     pub name: String,
-    /// Address the gRPC server listens on. Plain gRPC is refused off
-    /// loopback until mutual TLS exists. Env: `CIVEX_LISTEN`.
+    /// Address the gRPC server listens on. With `tls.mode = "insecure"`
+    /// only a loopback address is accepted. Env: `CIVEX_LISTEN`.
     #[serde(default = "default_listen")]
     pub listen: String,
     /// Store directory, relative to this file. Env: `CIVEX_DATA_DIR`.
@@ -65,6 +65,9 @@ pub struct Config {
     /// Only these origins are replicated; keys are never learned from peers.
     #[serde(default)]
     pub trusted_origins: BTreeMap<String, String>,
+    /// Transport security.
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// Store tuning.
     #[serde(default)]
     pub store: StoreConfig,
@@ -123,6 +126,49 @@ pub struct PeerConfig {
     pub name: String,
     /// `host:port` of its gRPC server.
     pub address: String,
+    /// Origin id its certificate must name (required with mutual TLS):
+    /// checked against the certificate, not the address dialled.
+    #[serde(default)]
+    pub origin: Option<String>,
+}
+
+/// How connections are secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Mutual TLS 1.3 with certificates from the federation CA (default).
+    Mutual,
+    /// Plain gRPC, for local experiments: loopback only, every caller may
+    /// do everything.
+    Insecure,
+}
+
+/// Transport security. Paths are relative to this file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// `mutual` (default) or `insecure`. Env: `CIVEX_TLS_MODE`.
+    #[serde(default = "default_tls_mode")]
+    pub mode: TlsMode,
+    /// The federation CA certificate.
+    #[serde(default = "default_ca_file")]
+    pub ca_file: PathBuf,
+    /// This node's certificate, naming `civex:origin:<origin>`.
+    #[serde(default = "default_cert_file")]
+    pub cert_file: PathBuf,
+    /// Its private key (mode 0600).
+    #[serde(default = "default_tls_key_file")]
+    pub key_file: PathBuf,
+    /// The CA's revocation list, if the federation publishes one.
+    #[serde(default)]
+    pub crl_file: Option<PathBuf>,
+    /// How often the files above are re-read, in ms: a new revocation list
+    /// takes effect, on live connections too, within this period.
+    #[serde(default = "default_reload_ms")]
+    pub reload_ms: u64,
+    /// How long a TLS handshake may take, in ms.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
 }
 
 /// Store tuning.
@@ -184,6 +230,24 @@ fn default_backoff_max_ms() -> u64 {
 fn default_connect_timeout_ms() -> u64 {
     5_000
 }
+fn default_tls_mode() -> TlsMode {
+    TlsMode::Mutual
+}
+fn default_ca_file() -> PathBuf {
+    "tls/ca.pem".into()
+}
+fn default_cert_file() -> PathBuf {
+    "tls/cert.pem".into()
+}
+fn default_tls_key_file() -> PathBuf {
+    "tls/key.pem".into()
+}
+fn default_reload_ms() -> u64 {
+    10_000
+}
+fn default_handshake_timeout_ms() -> u64 {
+    5_000
+}
 fn default_cache_mb() -> u64 {
     64
 }
@@ -216,6 +280,19 @@ impl Default for ReplicationConfig {
             backoff_initial_ms: default_backoff_initial_ms(),
             backoff_max_ms: default_backoff_max_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
+        }
+    }
+}
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            mode: default_tls_mode(),
+            ca_file: default_ca_file(),
+            cert_file: default_cert_file(),
+            key_file: default_tls_key_file(),
+            crl_file: None,
+            reload_ms: default_reload_ms(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
         }
     }
 }
@@ -269,6 +346,13 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         config.data_dir = base.join(&config.data_dir);
         config.key_file = base.join(&config.key_file);
+        let tls = &mut config.tls;
+        for file in [&mut tls.ca_file, &mut tls.cert_file, &mut tls.key_file] {
+            *file = base.join(&*file);
+        }
+        if let Some(crl) = &mut tls.crl_file {
+            *crl = base.join(&*crl);
+        }
         config.validate().map_err(error)?;
         Ok(config)
     }
@@ -291,10 +375,17 @@ impl Config {
             "CIVEX_KEY_FILE" => self.key_file = value.into(),
             "CIVEX_LOG_FORMAT" => self.log.format = value.into(),
             "CIVEX_LOG_LEVEL" => self.log.level = value.into(),
+            "CIVEX_TLS_MODE" => {
+                self.tls.mode = match value {
+                    "mutual" => TlsMode::Mutual,
+                    "insecure" => TlsMode::Insecure,
+                    other => return Err(format!("expected mutual or insecure, found {other:?}")),
+                }
+            }
             "CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS" => self.publish.allow_without_peers = flag(value)?,
             other if other.starts_with("CIVEX_") => {
                 return Err("unknown setting (known: CIVEX_ORIGIN, CIVEX_LISTEN, CIVEX_DATA_DIR, CIVEX_KEY_FILE, \
-                     CIVEX_LOG_FORMAT, CIVEX_LOG_LEVEL, CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS)".to_string())
+                     CIVEX_LOG_FORMAT, CIVEX_LOG_LEVEL, CIVEX_TLS_MODE, CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS)".to_string())
             }
             _ => {}
         }
@@ -308,11 +399,15 @@ impl Config {
             .listen
             .parse()
             .map_err(|_| format!("listen: {:?} is not an IP address with a port", self.listen))?;
-        if !listen.ip().is_loopback() {
+        let insecure = self.tls.mode == TlsMode::Insecure;
+        if insecure && !listen.ip().is_loopback() {
             return Err(format!(
-                "listen: {listen} is not a loopback address; plain gRPC is served only on loopback \
-                 until mutual TLS is configured"
+                "listen: {listen} is not a loopback address; with tls.mode = \"insecure\" plain \
+                 gRPC is served only on loopback (use mutual TLS to serve other hosts)"
             ));
+        }
+        if self.tls.reload_ms == 0 || self.tls.handshake_timeout_ms == 0 {
+            return Err("tls: reload_ms and handshake_timeout_ms must be above 0".into());
         }
         let mut districts = HashSet::new();
         for district in &self.districts {
@@ -344,6 +439,25 @@ impl Config {
             }
             crate::transport::check_address(&peer.address)
                 .map_err(|m| format!("peers.{}.address: {m}", peer.name))?;
+            match &peer.origin {
+                Some(origin) => check_origin_id(origin)
+                    .map_err(|m| format!("peers.{}.origin: {m}", peer.name))?,
+                None if !insecure => {
+                    return Err(format!(
+                        "peers.{}.origin: required with mutual TLS: the origin id the peer's \
+                         certificate must name",
+                        peer.name
+                    ))
+                }
+                None => {}
+            }
+            if insecure && !is_loopback_address(&peer.address) {
+                return Err(format!(
+                    "peers.{}.address: {:?} is not a loopback address; with tls.mode = \
+                     \"insecure\" peers are dialled only on loopback",
+                    peer.name, peer.address
+                ));
+            }
         }
         for (origin, key) in &self.trusted_origins {
             check_origin_id(origin).map_err(|m| format!("trusted_origins: {m}"))?;
@@ -392,6 +506,16 @@ impl Config {
     }
 }
 
+/// Whether `host:port` names this machine: a loopback IP or `localhost`.
+fn is_loopback_address(address: &str) -> bool {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A documented `node.toml` for a new node.
 pub fn template(origin: &str, name: &str, listen: &str) -> String {
     format!(
@@ -403,8 +527,7 @@ pub fn template(origin: &str, name: &str, listen: &str) -> String {
 origin = "{origin}"
 # Display name of the city (any script).
 name = "{name}"
-# gRPC listen address. Plain gRPC is served on loopback only (until mutual
-# TLS). Env: CIVEX_LISTEN
+# gRPC listen address (mutual TLS; see [tls]). Env: CIVEX_LISTEN
 listen = "{listen}"
 # Store directory and feed key file, relative to this file.
 # The key file must be mode 0600. Env: CIVEX_DATA_DIR, CIVEX_KEY_FILE
@@ -427,14 +550,32 @@ backoff_initial_ms = 200
 backoff_max_ms = 30000
 connect_timeout_ms = 5000
 
-# Peers to subscribe to:
+# Peers to subscribe to; origin is what the peer's certificate must name:
 # [[peers]]
 # name = "city-b"
-# address = "127.0.0.1:7401"
+# address = "city-b.example.org:7400"
+# origin = "city-b"
 
 # Pinned feed keys of the origins to replicate (printed by `civex init`).
 [trusted_origins]
 # "city-b" = "<64 hex digits>"
+
+[tls]
+# "mutual": TLS 1.3 both ways with certificates from the federation CA.
+# "insecure": plain gRPC on loopback only, for local experiments.
+# Env: CIVEX_TLS_MODE
+mode = "mutual"
+# The CA certificate, this node's certificate (naming civex:origin:<origin>)
+# and its key (mode 0600), relative to this file. `civex init` writes the
+# key and a certificate request (tls/request.csr) for the federation admin.
+ca_file = "tls/ca.pem"
+cert_file = "tls/cert.pem"
+key_file = "tls/key.pem"
+# The CA's revocation list, if the federation publishes one:
+# crl_file = "tls/ca.crl"
+# Files are re-read this often (ms); a revocation closes live connections.
+reload_ms = 10000
+handshake_timeout_ms = 5000
 
 [store]
 cache_mb = 64
@@ -486,8 +627,18 @@ mod tests {
     #[test]
     fn environment_overrides_apply_and_are_checked() {
         let text = template("city-a", "A", "127.0.0.1:7400");
-        let config = load(&text, &[("CIVEX_LISTEN", "127.0.0.1:9"), ("PATH", "x")]).unwrap();
+        let config = load(
+            &text,
+            &[
+                ("CIVEX_LISTEN", "127.0.0.1:9"),
+                ("CIVEX_TLS_MODE", "insecure"),
+                ("PATH", "x"),
+            ],
+        )
+        .unwrap();
         assert_eq!(config.listen, "127.0.0.1:9");
+        assert_eq!(config.tls.mode, TlsMode::Insecure);
+        assert!(config.tls.cert_file.is_absolute());
         let err = load(&text, &[("CIVEX_LISTN", "x")]).unwrap_err();
         assert!(
             err.contains("environment variable CIVEX_LISTN: unknown setting"),
@@ -504,8 +655,28 @@ mod tests {
                 "origin: origin id",
             ),
             (
-                base.replace("127.0.0.1:7400", "0.0.0.0:7400"),
+                base.replace("127.0.0.1:7400", "0.0.0.0:7400")
+                    .replace("mode = \"mutual\"", "mode = \"insecure\""),
                 "listen: 0.0.0.0:7400 is not a loopback",
+            ),
+            (
+                base.replace("mode = \"mutual\"", "mode = \"plain\""),
+                "unknown variant `plain`",
+            ),
+            (
+                base.replace(
+                    "# [[peers]]\n# name = \"city-b\"\n# address = \"city-b.example.org:7400\"",
+                    "[[peers]]\nname = \"b\"\naddress = \"city-b.example.org:7400\"",
+                ),
+                "peers.b.origin: required with mutual TLS",
+            ),
+            (
+                base.replace(
+                    "# [[peers]]\n# name = \"city-b\"\n# address = \"city-b.example.org:7400\"",
+                    "[[peers]]\nname = \"b\"\naddress = \"city-b.example.org:7400\"",
+                )
+                .replace("mode = \"mutual\"", "mode = \"insecure\""),
+                "peers.b.address: \"city-b.example.org:7400\" is not a loopback address",
             ),
             (
                 base.replace("min_contributors = 3", "min_contributors = 0"),
@@ -525,7 +696,7 @@ mod tests {
             ),
             (
                 base.replace(
-                    "# [[peers]]\n# name = \"city-b\"\n# address = \"127.0.0.1:7401\"",
+                    "# [[peers]]\n# name = \"city-b\"\n# address = \"city-b.example.org:7400\"",
                     "[[peers]]\nname = \"b\"\naddress = \"nowhere\"",
                 ),
                 "peers.b.address",

@@ -39,27 +39,21 @@ fn file_error(path: &Path, message: impl Into<String>) -> KeyError {
     }
 }
 
-/// Creates a new random feed key in `path` (mode 0600; never overwrites).
-pub fn create_key_file(path: &Path) -> Result<SigningKey, KeyError> {
-    let mut seed = [0u8; 32];
-    getrandom::getrandom(&mut seed)
-        .map_err(|err| file_error(path, format!("no randomness available: {err}")))?;
-    let key = SigningKey::from_bytes(&seed);
+/// Writes a new secret file with mode 0600; never overwrites.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(|err| file_error(path, format!("cannot create: {err}")))?;
-    file.write_all(format!("{}\n", hex(&seed)).as_bytes())
+    file.write_all(contents)
         .and_then(|()| file.sync_all())
-        .map_err(|err| file_error(path, format!("cannot write: {err}")))?;
-    seed.fill(0);
-    Ok(key)
+        .map_err(|err| file_error(path, format!("cannot write: {err}")))
 }
 
-/// Loads a feed key, refusing a file that group or others may read.
-pub fn load_key_file(path: &Path) -> Result<SigningKey, KeyError> {
+/// Reads a secret file, refusing one that group or others may read.
+pub fn read_secret_file(path: &Path) -> Result<String, KeyError> {
     let metadata =
         std::fs::metadata(path).map_err(|err| file_error(path, format!("cannot read: {err}")))?;
     let mode = metadata.permissions().mode() & 0o777;
@@ -72,8 +66,23 @@ pub fn load_key_file(path: &Path) -> Result<SigningKey, KeyError> {
             ),
         ));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| file_error(path, format!("cannot read: {err}")))?;
+    std::fs::read_to_string(path).map_err(|err| file_error(path, format!("cannot read: {err}")))
+}
+
+/// Creates a new random feed key in `path` (mode 0600; never overwrites).
+pub fn create_key_file(path: &Path) -> Result<SigningKey, KeyError> {
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed)
+        .map_err(|err| file_error(path, format!("no randomness available: {err}")))?;
+    let key = SigningKey::from_bytes(&seed);
+    let written = write_secret_file(path, format!("{}\n", hex(&seed)).as_bytes());
+    seed.fill(0);
+    written.map(|()| key)
+}
+
+/// Loads a feed key, refusing a file that group or others may read.
+pub fn load_key_file(path: &Path) -> Result<SigningKey, KeyError> {
+    let text = read_secret_file(path)?;
     let seed = unhex(text.trim())
         .ok()
         .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())

@@ -9,7 +9,9 @@
 //! - [`publish`]: sequencing and signing this node's own feed.
 //! - [`replicate`]: subscribing to peers, verifying and storing their feeds.
 //! - [`service`]: the gRPC layer; the only module that names tonic servers.
-//! - [`transport`]: every listener and client connection (TLS goes here).
+//! - [`transport`]: every listener and client connection, plain or TLS.
+//! - [`tls`]: mutual TLS: certificates, verification, reload, revocation.
+//! - [`pki`]: identities, the federation CA, requests and revocation lists.
 //! - [`audit`]: re-verification of a whole store (`civex verify`).
 //! - [`config`], [`keys`]: `node.toml` and the feed key file.
 //! - [`node`]: wiring it all together: [`node::run`].
@@ -20,10 +22,12 @@ pub mod config;
 pub mod core;
 pub mod keys;
 pub mod node;
+pub mod pki;
 pub mod publish;
 pub mod query;
 pub mod replicate;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod transport;
 pub mod writer;

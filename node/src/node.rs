@@ -7,13 +7,15 @@ use std::{future::Future, sync::Arc};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    config::Config,
+    config::{Config, TlsMode},
     keys::{load_key_file, KeyError, KeyResolver},
+    pki::Identity,
     publish::Publisher,
     replicate::{Peer, PublishGate, Replicator},
     service::{router, Services},
     store::{SharedStore, SledStore, StoreError},
-    transport,
+    tls::{Tls, TlsError, TlsFiles},
+    transport::{self, Security},
     writer::Writer,
 };
 
@@ -29,9 +31,29 @@ pub enum NodeError {
     /// The config.
     #[error("config: {0}")]
     Config(String),
+    /// The TLS files.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
     /// The server.
     #[error("gRPC server: {0}")]
     Server(String),
+}
+
+/// Loads the node's TLS files (mutual mode): its certificate must name
+/// its origin and chain to the CA.
+pub fn security(config: &Config) -> Result<Security, NodeError> {
+    Ok(match config.tls.mode {
+        TlsMode::Insecure => Security::Insecure,
+        TlsMode::Mutual => Security::Mutual(Tls::load(
+            TlsFiles {
+                ca: config.tls.ca_file.clone(),
+                cert: config.tls.cert_file.clone(),
+                key: config.tls.key_file.clone(),
+                crl: config.tls.crl_file.clone(),
+            },
+            Some(Identity::Origin(config.origin.clone())),
+        )?),
+    })
 }
 
 /// Runs a node on `listener` until `shutdown` completes. Acknowledged work
@@ -43,6 +65,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     config.validate().map_err(NodeError::Config)?;
+    let security = security(&config)?;
+    run_secured(config, security, listener, shutdown).await
+}
+
+/// [`run`] with the TLS files already loaded by [`security`].
+pub async fn run_secured(
+    config: Config,
+    security: Security,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
     let key = load_key_file(&config.key_file)?;
     let pinned = config.pinned_keys().map_err(NodeError::Config)?;
     let cache_bytes = config.store.cache_mb.saturating_mul(1 << 20);
@@ -85,6 +118,7 @@ pub async fn run(
         timing: config.replication.clone(),
         max_message_bytes: config.limits.max_message_bytes,
         gate,
+        security: security.clone(),
     };
     let replication: Vec<_> = peers
         .iter()
@@ -122,9 +156,26 @@ pub async fn run(
             stop.send_replace(true);
         }
     };
+    let reloader = match &security {
+        Security::Mutual(tls) => {
+            let mut stopping = stopping.clone();
+            Some(tokio::spawn(tls.clone().reload_every(
+                std::time::Duration::from_millis(config.tls.reload_ms),
+                async move {
+                    let _ = stopping.wait_for(|stop| *stop).await;
+                },
+            )))
+        }
+        Security::Insecure => None,
+    };
+    let incoming = transport::incoming(
+        listener,
+        security,
+        std::time::Duration::from_millis(config.tls.handshake_timeout_ms),
+    );
     let server = tonic::transport::Server::builder()
         .add_routes(routes)
-        .serve_with_incoming_shutdown(transport::incoming(listener), stop_on_signal);
+        .serve_with_incoming_shutdown(incoming, stop_on_signal);
     // A stream whose reader stopped never finishes: after the grace period
     // the server is dropped and its connections close.
     let grace = std::time::Duration::from_millis(config.limits.shutdown_grace_ms);
@@ -144,6 +195,9 @@ pub async fn run(
         let _ = task.await;
     }
     let _ = indexer.await;
+    if let Some(reloader) = reloader {
+        let _ = reloader.await;
+    }
     drop(publisher);
     drop(store);
     // The writer finishes what is queued and ends, even if a connection

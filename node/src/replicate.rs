@@ -23,9 +23,10 @@ use crate::{
         ids::hex,
     },
     keys::KeyResolver,
+    pki::Identity,
     publish::recovered_records,
     store::SharedStore,
-    transport,
+    transport::{self, Security},
     writer::{Job, Prepared, Stored, WriteError, Writer},
 };
 
@@ -54,6 +55,8 @@ pub struct Peer {
     pub name: String,
     /// Address dialled.
     pub address: String,
+    /// Origin its certificate must name (mutual TLS).
+    pub origin: Option<String>,
     /// Shared state.
     pub state: Arc<Mutex<PeerState>>,
 }
@@ -64,6 +67,7 @@ impl Peer {
         Self {
             name: config.name.clone(),
             address: config.address.clone(),
+            origin: config.origin.clone(),
             state: Arc::default(),
         }
     }
@@ -92,12 +96,14 @@ pub struct Replicator {
     pub max_message_bytes: usize,
     /// Opens publishing once the own feed is caught up from the peers.
     pub gate: Arc<PublishGate>,
+    /// How connections to peers are secured.
+    pub security: Security,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error("cannot connect: {0}")]
-    Connect(#[from] tonic::transport::Error),
+    Connect(String),
     #[error("stream failed: {}", .0.message())]
     Status(#[from] tonic::Status),
     #[error("refused entries: {0}")]
@@ -155,7 +161,10 @@ impl Replicator {
         initial: Duration,
     ) -> Result<(), SessionError> {
         let timeout = Duration::from_millis(self.timing.connect_timeout_ms);
-        let channel = transport::connect(&peer.address, timeout).await?;
+        let expected = peer.origin.clone().map(Identity::Origin);
+        let channel = transport::connect(&peer.address, &self.security, expected, timeout)
+            .await
+            .map_err(|err| SessionError::Connect(transport::error_chain(&err)))?;
         let mut client = FeedClient::new(channel)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);

@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
     pin::Pin,
     sync::Arc,
 };
@@ -21,12 +20,50 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     core::{feed::entry_hash, ids::check_origin_id, ingest::InputRow},
+    pki::Identity,
     publish::{self, PublishError, Publisher, Receipt},
     query::{self, ObservationFilter, OfferFilter, QueryError},
     replicate::Peer,
     store::{Head, SharedStore, Store, StoreError},
+    tls::PeerInfo,
     writer::{DurableHeads, WriteError, Writer},
 };
+
+/// Who may call a service. Roles come only from the certificate's
+/// identity; a plain loopback connection (explicit insecure mode) may do
+/// everything.
+#[derive(Clone, Copy)]
+enum Access {
+    /// Operators only (publish, query, status); the text names the action.
+    Operators(&'static str),
+    /// Operators and member nodes (any origin certified by the federation
+    /// CA): the feed.
+    Members,
+}
+
+impl Access {
+    /// An interceptor admitting the callers this access allows.
+    fn check(self) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+        move |request: Request<()>| {
+            let Some(info) = request.extensions().get::<PeerInfo>() else {
+                return Err(Status::unauthenticated(
+                    "no peer identity on this connection",
+                ));
+            };
+            match (&info.identity, self) {
+                (None | Some(Identity::Operator(_)), _)
+                | (Some(Identity::Origin(_)), Access::Members) => Ok(request),
+                (Some(identity), Access::Operators(what)) => {
+                    tracing::warn!(peer = %info.addr, %identity, what, "call refused: needs an operator");
+                    Err(Status::permission_denied(format!(
+                        "{what} needs an operator certificate (civex:operator:<name>); \
+                         this connection is {identity}"
+                    )))
+                }
+            }
+        }
+    }
+}
 
 /// Entries per subscription message at most.
 const ENTRIES_PER_MESSAGE: usize = 1024;
@@ -317,25 +354,27 @@ pub struct FeedService {
 /// identities, the address is the peer).
 #[derive(Clone)]
 struct StreamSlots {
-    open: Arc<std::sync::Mutex<HashMap<Option<IpAddr>, usize>>>,
+    open: Arc<std::sync::Mutex<HashMap<String, usize>>>,
     cap: usize,
 }
 
 /// One open subscription; frees its slot when dropped.
 struct StreamSlot {
     slots: StreamSlots,
-    peer: Option<IpAddr>,
+    peer: String,
 }
 
 impl StreamSlots {
-    fn acquire(&self, peer: Option<IpAddr>) -> Result<StreamSlot, Status> {
+    /// Takes a slot of `peer`: its identity, or its IP address on a plain
+    /// connection.
+    fn acquire(&self, peer: String) -> Result<StreamSlot, Status> {
         let mut open = self
             .open
             .lock()
             .map_err(|_| Status::internal("subscription slots are poisoned"))?;
-        let count = open.entry(peer).or_default();
+        let count = open.entry(peer.clone()).or_default();
         if *count >= self.cap {
-            let who = peer.map_or_else(|| "an unknown address".to_owned(), |ip| ip.to_string());
+            let who = &peer;
             tracing::warn!(peer = %who, cap = self.cap, "subscription refused: too many open streams");
             return Err(Status::resource_exhausted(format!(
                 "{who} already has {count} open subscriptions, the limit (limits.max_streams_per_peer)"
@@ -562,7 +601,13 @@ impl Feed for FeedService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let peer = request.remote_addr();
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .map_or_else(String::new, |info| match &info.identity {
+                Some(identity) => identity.to_string(),
+                None => info.addr.ip().to_string(),
+            });
         let request = request.into_inner();
         if request.cursors.len() > MAX_CURSORS {
             return Err(invalid(format!(
@@ -584,8 +629,8 @@ impl Feed for FeedService {
                 "cursors: name at least one origin, or set all_origins".into(),
             ));
         }
-        let slot = self.streams.acquire(peer.map(|p| p.ip()))?;
-        tracing::info!(peer = ?peer, origins = request.cursors.len(), all = request.all_origins, "subscription opened");
+        let slot = self.streams.acquire(peer.clone())?;
+        tracing::info!(%peer, origins = request.cursors.len(), all = request.all_origins, "subscription opened");
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let store = self.store.clone();
         let committed = self.writer.committed();
@@ -779,7 +824,7 @@ pub struct Services {
     pub shutdown: watch::Receiver<bool>,
     /// Message size limit.
     pub max_message_bytes: usize,
-    /// Open subscriptions per remote address at most.
+    /// Open subscriptions per peer (identity, or address) at most.
     pub max_streams_per_peer: usize,
 }
 
@@ -814,11 +859,13 @@ pub async fn router(
         .register_encoded_file_descriptor_set(civex_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    use tonic::service::interceptor::InterceptedService;
     let publish = PublishServer::new(PublishService {
         publisher: services.publisher.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
+    let publish = InterceptedService::new(publish, Access::Operators("publishing").check());
     let feed = FeedServer::new(FeedService {
         store: services.store.clone(),
         writer: services.writer.clone(),
@@ -830,11 +877,13 @@ pub async fn router(
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
+    let feed = InterceptedService::new(feed, Access::Members.check());
     let query = QueryServer::new(QueryService {
         store: services.store.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
+    let query = InterceptedService::new(query, Access::Operators("querying").check());
     let status = StatusServer::new(StatusService {
         store: services.store,
         writer: services.writer,
@@ -843,6 +892,7 @@ pub async fn router(
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
+    let status = InterceptedService::new(status, Access::Operators("node status").check());
     Ok(tonic::service::Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

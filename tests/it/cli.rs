@@ -69,7 +69,7 @@ async fn publish_indicators_from_csv_and_json_is_atomic() {
         "bad-value.csv",
         &format!("{header}jobs,economy,city-a,2025,7.5,percent,100\nfirms,economy,city-a,2025,2,firms,40\nco2,4,city-a,2025,\"1,2.3\",t,9\n"),
     );
-    let out = civex_async(&["--node", &node.address, "publish", "indicators", &bad_value]).await;
+    let out = node.cli(&["publish", "indicators", &bad_value]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains(&format!("{bad_value}:4: value: not a number: \"1,2.3\"")),
@@ -80,7 +80,7 @@ async fn publish_indicators_from_csv_and_json_is_atomic() {
         "bad-area.csv",
         &format!("{header}jobs,economy,city-a,2025,7.5,percent,100\nfirms,economy,city-a/east,2025,2,firms,40\n"),
     );
-    let out = civex_async(&["--node", &node.address, "publish", "indicators", &bad_area]).await;
+    let out = node.cli(&["publish", "indicators", &bad_area]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains(&format!(
@@ -100,16 +100,9 @@ async fn publish_indicators_from_csv_and_json_is_atomic() {
         "good.csv",
         &format!("{header}jobs,economy,city-a,2025,7.5,percent,100\nfirms,economy,city-a/north,2025,2,firms,2\n"),
     );
-    let out = civex_async(&[
-        "--node",
-        &node.address,
-        "--output",
-        "json",
-        "publish",
-        "indicators",
-        &good,
-    ])
-    .await;
+    let out = node
+        .cli(&["--output", "json", "publish", "indicators", &good])
+        .await;
     assert!(out.status.success(), "{}", stderr(&out));
     let receipt: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
@@ -124,28 +117,27 @@ async fn publish_indicators_from_csv_and_json_is_atomic() {
         "rows.json",
         r#"[{"indicator": "co2", "area": "environment", "ref_area": "city-a", "period": "2025", "value": 2.4, "unit": "t", "contributors": 50}]"#,
     );
-    let out = civex_async(&["--node", &node.address, "publish", "indicators", &json]).await;
+    let out = node.cli(&["publish", "indicators", &json]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("published"), "{}", stdout(&out));
 
-    let out = civex_async(&["--node", &node.address, "query", "observations"]).await;
+    let out = node.cli(&["query", "observations"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let table = stdout(&out);
     assert!(
         table.contains("confidential") && table.contains("co2") && table.contains("7.5"),
         "{table}"
     );
-    let out = civex_async(&[
-        "--node",
-        &node.address,
-        "--output",
-        "json",
-        "query",
-        "observations",
-        "--area",
-        "environment",
-    ])
-    .await;
+    let out = node
+        .cli(&[
+            "--output",
+            "json",
+            "query",
+            "observations",
+            "--area",
+            "environment",
+        ])
+        .await;
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows.as_array().unwrap().len(), 1);
     assert_eq!(rows[0]["indicator"], "co2");
@@ -164,8 +156,6 @@ async fn offers_responses_status_and_feed_tail_through_the_cli() {
     let b_key = b.public_key.clone();
 
     let offer = [
-        "--node",
-        &a.address,
         "offer",
         "publish",
         "--id",
@@ -183,33 +173,32 @@ async fn offers_responses_status_and_feed_tail_through_the_cli() {
         "--contact",
         "public works office",
     ];
-    let out = civex_async(&offer).await;
+    let out = a.cli(&offer).await;
     assert!(out.status.success(), "{}", stderr(&out));
     eventually("B to hold A's offer", || async {
         b.head("city-a").await.0 >= 1
     })
     .await;
-    let out = civex_async(&[
-        "--node",
-        &b.address,
-        "offer",
-        "respond",
-        "--origin",
-        "city-a",
-        "--offer",
-        "waste",
-        "--kind",
-        "interest",
-        "--message",
-        "from 2026",
-    ])
-    .await;
+    let out = b
+        .cli(&[
+            "offer",
+            "respond",
+            "--origin",
+            "city-a",
+            "--offer",
+            "waste",
+            "--kind",
+            "interest",
+            "--message",
+            "from 2026",
+        ])
+        .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = civex_async(&[
-        "--node", &b.address, "offer", "respond", "--origin", "city-a", "--offer", "waste",
-        "--kind", "maybe",
-    ])
-    .await;
+    let out = b
+        .cli(&[
+            "offer", "respond", "--origin", "city-a", "--offer", "waste", "--kind", "maybe",
+        ])
+        .await;
     assert!(
         stderr(&out).contains("--kind: \"maybe\""),
         "{}",
@@ -219,57 +208,41 @@ async fn offers_responses_status_and_feed_tail_through_the_cli() {
         a.head("city-b").await.0 >= 1
     })
     .await;
-    let out = civex_async(&["--node", &a.address, "query", "offers"]).await;
+    let out = a.cli(&["query", "offers"]).await;
     assert!(stdout(&out).contains("city-b:interest"), "{}", stdout(&out));
 
-    let out = civex_async(&["--node", &a.address, "--output", "json", "status"]).await;
+    let out = a.cli(&["--output", "json", "status"]).await;
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["origin"], "city-a");
     assert_eq!(status["peers"][0]["name"], "city-b");
     assert_eq!(status["peers"][0]["connected"], true);
-    let out = civex_async(&["--node", &a.address, "status"]).await;
+    let out = a.cli(&["status"]).await;
     assert!(stdout(&out).contains("publishing open"), "{}", stdout(&out));
 
-    let out = civex_async(&[
-        "--node",
-        &a.address,
-        "offer",
-        "withdraw",
-        "waste",
-        "--reason",
-        "contract signed",
-    ])
-    .await;
+    let out = a
+        .cli(&["offer", "withdraw", "waste", "--reason", "contract signed"])
+        .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = civex_async(&["--node", &a.address, "--output", "json", "query", "offers"]).await;
+    let out = a.cli(&["--output", "json", "query", "offers"]).await;
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
         serde_json::json!([])
     );
 
-    let out = civex_async(&[
-        "--node",
-        &a.address,
-        "retract",
-        "1",
-        "--reason",
-        "wrong terms",
-    ])
-    .await;
+    let out = a.cli(&["retract", "1", "--reason", "wrong terms"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
 
     let config = a_dir.join("node.toml");
-    let out = civex_async(&[
-        "--node",
-        &a.address,
-        "feed",
-        "tail",
-        "--config",
-        config.to_str().unwrap(),
-        "--count",
-        "4",
-    ])
-    .await;
+    let out = a
+        .cli(&[
+            "feed",
+            "tail",
+            "--config",
+            config.to_str().unwrap(),
+            "--count",
+            "4",
+        ])
+        .await;
     assert!(out.status.success(), "{}", stderr(&out));
     let lines = stdout(&out);
     assert_eq!(lines.lines().count(), 4, "{lines}");
@@ -282,10 +255,9 @@ async fn offers_responses_status_and_feed_tail_through_the_cli() {
         assert!(lines.contains(expected), "{expected:?} missing: {lines}");
     }
     let wrong_key = format!("city-a={}", b_key);
-    let out = civex_async(&[
-        "--node", &a.address, "feed", "tail", "--key", &wrong_key, "--count", "1",
-    ])
-    .await;
+    let out = a
+        .cli(&["feed", "tail", "--key", &wrong_key, "--count", "1"])
+        .await;
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("invalid signature"),
@@ -296,25 +268,27 @@ async fn offers_responses_status_and_feed_tail_through_the_cli() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_is_down_is_named() {
-    let out = civex_async(&["--node", crate::support::NOWHERE, "status"]).await;
+    let out = civex_async(&["--node", crate::support::NOWHERE, "--insecure", "status"]).await;
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("cannot reach the node at 127.0.0.1:9"),
         "{}",
         stderr(&out)
     );
+    // Without an identity (and not --insecure) the CLI says what to pass.
+    let out = civex_async(&["--node", crate::support::NOWHERE, "status"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no TLS identity") && stderr(&out).contains("--identity DIR"),
+        "{}",
+        stderr(&out)
+    );
     let dir = tempfile::tempdir().unwrap();
     let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
     publish_row(&node, "x", 1.0).await;
-    let out = civex_async(&[
-        "--node",
-        &node.address,
-        "query",
-        "observations",
-        "--from",
-        "2025-Q9",
-    ])
-    .await;
+    let out = node
+        .cli(&["query", "observations", "--from", "2025-Q9"])
+        .await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("period_from"), "{}", stderr(&out));
 }

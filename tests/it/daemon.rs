@@ -17,9 +17,7 @@ use crate::support::{
 };
 
 async fn hashes_held(address: &str, origin: &str) -> BTreeMap<u64, Vec<u8>> {
-    let mut client = pb::feed_client::FeedClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
+    let mut client = pb::feed_client::FeedClient::new(crate::support::connect(address).await);
     let mut stream = client
         .subscribe(pb::SubscribeRequest {
             cursors: vec![pb::Cursor {
@@ -59,9 +57,7 @@ async fn sigkill_mid_publish_loses_no_acknowledged_entry() {
     for p in 0..8 {
         let (address, acked) = (node.address.clone(), acked.clone());
         publishers.push(tokio::spawn(async move {
-            let mut client = PublishClient::connect(format!("http://{address}"))
-                .await
-                .unwrap();
+            let mut client = PublishClient::new(crate::support::connect(&address).await);
             for i in 0.. {
                 let request = pb::PublishIndicatorsRequest {
                     idempotency_key: key(),
@@ -108,9 +104,7 @@ async fn sigkill_mid_publish_loses_no_acknowledged_entry() {
     }
     // A retry after the crash gets the original receipt.
     let (request, receipt) = acked.last().unwrap().clone();
-    let mut client = PublishClient::connect(format!("http://{}", node.address))
-        .await
-        .unwrap();
+    let mut client = PublishClient::new(crate::support::connect(&node.address).await);
     assert_eq!(
         client
             .publish_indicators(request)
@@ -198,9 +192,7 @@ async fn a_subscriber_that_stops_reading_blocks_neither_publishing_nor_shutdown(
     // Subscribe, read nothing.
     let _stream = subscribe_all(&address).await;
     // Far more than the transport and the subscription buffer can hold.
-    let mut publisher = PublishClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
+    let mut publisher = PublishClient::new(crate::support::connect(&address).await);
     let rows: Vec<_> = (0..500)
         .map(|i| row(&format!("cell-{i}"), "city-a", "2025", i as f64, 10))
         .collect();

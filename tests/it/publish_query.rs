@@ -512,9 +512,7 @@ async fn a_total_and_its_components_never_both_publish_even_concurrently() {
             let (address, indicator) = (node.address.clone(), indicator.clone());
             tokio::spawn(async move {
                 let mut client =
-                    pb::publish_client::PublishClient::connect(format!("http://{address}"))
-                        .await
-                        .unwrap();
+                    pb::publish_client::PublishClient::new(crate::support::connect(&address).await);
                 client
                     .publish_indicators(pb::PublishIndicatorsRequest {
                         idempotency_key: key(),

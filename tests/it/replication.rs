@@ -35,9 +35,7 @@ async fn three_nodes_converge_through_a_relay_restarted_mid_stream() {
         let (address, publishing) = (a.address.clone(), publishing.clone());
         tokio::spawn(async move {
             let mut client =
-                pb::publish_client::PublishClient::connect(format!("http://{address}"))
-                    .await
-                    .unwrap();
+                pb::publish_client::PublishClient::new(crate::support::connect(&address).await);
             for i in 0..150 {
                 client
                     .publish_indicators(pb::PublishIndicatorsRequest {

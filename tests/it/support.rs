@@ -16,6 +16,9 @@ use civex_node::{
     config::{template, Config},
     keys::{create_key_file, load_key_file, public_key_hex},
     node::NodeError,
+    pki::{write_identity_dir, Authority, Identity},
+    tls::{Tls, TlsFiles},
+    transport::Security,
 };
 use civex_proto::v1::{
     self as pb, feed_client::FeedClient, publish_client::PublishClient, query_client::QueryClient,
@@ -49,12 +52,46 @@ pub fn eventually_blocking(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// This test's federation CA (nextest runs each test in its own process).
+pub fn ca() -> &'static Authority {
+    static CA: std::sync::OnceLock<Authority> = std::sync::OnceLock::new();
+    CA.get_or_init(|| Authority::create("civex test federation", 2).unwrap().0)
+}
+
+/// Writes an identity issued by the test CA into `dir`, unless one is there.
+pub fn issue_identity(dir: &Path, identity: &Identity) {
+    if !dir.join("cert.pem").exists() {
+        let issued = ca().issue(identity, None, 2).unwrap();
+        write_identity_dir(dir, ca().cert_pem(), &issued).unwrap();
+    }
+}
+
+/// An operator of the test federation, as a client holds it.
+pub fn operator() -> Security {
+    static OPERATOR: std::sync::OnceLock<Security> = std::sync::OnceLock::new();
+    OPERATOR
+        .get_or_init(|| {
+            // Loaded once; the files are not needed after that.
+            let dir = tempfile::tempdir().unwrap();
+            issue_identity(dir.path(), &Identity::Operator("test".into()));
+            Security::Mutual(Tls::load(TlsFiles::in_dir(dir.path()), None).unwrap())
+        })
+        .clone()
+}
+
+/// A channel to the node at `address`, as the test operator.
+pub async fn connect(address: &str) -> Channel {
+    civex_node::transport::connect(address, &operator(), None, Duration::from_secs(5))
+        .await
+        .unwrap()
+}
+
 /// What a test node is.
 #[derive(Clone, Debug)]
 pub struct Spec {
     pub origin: String,
     pub districts: Vec<String>,
-    /// (name, address) of peers.
+    /// (origin, address) of peers; the origin also names the peer.
     pub peers: Vec<(String, String)>,
     /// (origin, hex key) pinned.
     pub trusted: Vec<(String, String)>,
@@ -105,6 +142,8 @@ pub fn write_node_dir(dir: &Path, spec: &Spec, listen: &str) -> (PathBuf, String
     } else {
         create_key_file(&key_path).unwrap()
     };
+    issue_identity(&dir.join("tls"), &Identity::Origin(spec.origin.clone()));
+    issue_identity(&dir.join("operator"), &Identity::Operator("test".into()));
     let mut text = template(&spec.origin, &spec.origin, listen)
         .replace("backoff_initial_ms = 200", "backoff_initial_ms = 20")
         .replace("backoff_max_ms = 30000", "backoff_max_ms = 300")
@@ -134,7 +173,7 @@ pub fn write_node_dir(dir: &Path, spec: &Spec, listen: &str) -> (PathBuf, String
     );
     for (name, address) in &spec.peers {
         text.push_str(&format!(
-            "\n[[peers]]\nname = {name:?}\naddress = {address:?}\n"
+            "\n[[peers]]\nname = {name:?}\naddress = {address:?}\norigin = {name:?}\n"
         ));
     }
     let path = dir.join("node.toml");
@@ -241,11 +280,26 @@ impl TestNode {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.address))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        connect(&self.address).await
+    }
+
+    /// The directory of an operator identity for this node's federation,
+    /// for `civex --identity`.
+    pub fn operator_dir(&self) -> PathBuf {
+        self.dir.join("operator")
+    }
+
+    /// Runs `civex --node <this node> --identity <operator> args...`.
+    pub async fn cli(&self, args: &[&str]) -> Output {
+        let identity = self.operator_dir();
+        let mut full = vec![
+            "--node",
+            &self.address,
+            "--identity",
+            identity.to_str().unwrap(),
+        ];
+        full.extend_from_slice(args);
+        civex_async(&full).await
     }
 
     pub async fn publisher(&self) -> PublishClient<Channel> {
@@ -294,9 +348,7 @@ impl TestNode {
 
 /// A subscription to every origin the node at `address` holds or comes to hold.
 pub async fn subscribe_all(address: &str) -> tonic::Streaming<pb::SubscribeResponse> {
-    FeedClient::connect(format!("http://{address}"))
-        .await
-        .unwrap()
+    FeedClient::new(connect(address).await)
         .subscribe(pb::SubscribeRequest {
             cursors: Vec::new(),
             all_origins: true,

@@ -39,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = civex_node::config::Config::load(&args.config, std::env::vars())?;
     civex_node::node::init_logging(&config.log.format, &config.log.level);
+    let security = civex_node::node::security(&config)?;
     let shutdown = shutdown_signal()?;
     let listener = civex_node::transport::bind(&config.listen)
         .await
@@ -56,6 +57,6 @@ async fn main() -> anyhow::Result<()> {
             .and_then(|()| std::fs::rename(&temporary, path))
             .with_context(|| format!("--address-file {}: cannot write", path.display()))?;
     }
-    civex_node::node::run(config, listener, shutdown).await?;
+    civex_node::node::run_secured(config, security, listener, shutdown).await?;
     Ok(())
 }

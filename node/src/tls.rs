@@ -1,0 +1,681 @@
+//! Mutual TLS 1.3 with the federation's certificates (rustls, ring).
+//!
+//! Both ends present a certificate issued by the federation CA. A server
+//! accepts any valid member certificate and authorizes per call by the
+//! identity it names ([`PeerInfo`]); a client checks that the server is the
+//! origin it expects, whatever address it dialled. The CA, the node's
+//! certificate and key, and the revocation list are files, re-read every
+//! reload period: a changed revocation list applies to new handshakes and
+//! closes live connections whose certificate it now revokes.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    task::{Context, Poll},
+};
+
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::CryptoProvider,
+    pki_types::{
+        pem::PemObject, CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName,
+        UnixTime,
+    },
+    server::WebPkiClientVerifier,
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use sha2::{Digest, Sha256};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use webpki::{CertRevocationList, OwnedCertRevocationList, RevocationOptionsBuilder};
+
+use crate::{keys::read_secret_file, pki::Identity};
+
+/// The files of a TLS identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The federation CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This end's certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, mode 0600).
+    pub key: PathBuf,
+    /// The CA's revocation list (PEM), if any.
+    pub crl: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The files of an identity directory made by `civex ca issue`:
+    /// `ca.pem`, `cert.pem`, `key.pem` and, if present, `ca.crl`.
+    pub fn in_dir(dir: &Path) -> Self {
+        let crl = dir.join("ca.crl");
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            crl: crl.exists().then_some(crl),
+        }
+    }
+}
+
+/// A TLS file problem, naming the file.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct TlsError {
+    /// The file at fault.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn file_error(path: &Path, message: impl Into<String>) -> TlsError {
+    TlsError {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// Who is at the other end of a server connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// The identity its certificate names; `None` on a plain loopback
+    /// connection (the explicit `insecure` mode, where every role is open).
+    pub identity: Option<Identity>,
+}
+
+/// The one crypto provider.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// What was loaded from the files.
+struct Loaded {
+    /// Hash of every file's contents, to notice changes.
+    stamp: [u8; 32],
+    own: Identity,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+    crls: Arc<Vec<CertRevocationList<'static>>>,
+    server: Arc<ServerConfig>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|err| file_error(path, format!("cannot read: {err}")))
+}
+
+impl Loaded {
+    fn load(files: &TlsFiles, expect_own: Option<&Identity>) -> Result<Self, TlsError> {
+        let ca_bytes = read(&files.ca)?;
+        let cert_bytes = read(&files.cert)?;
+        let key_text = read_secret_file(&files.key).map_err(|err| TlsError {
+            path: files.key.display().to_string(),
+            message: err.to_string(),
+        })?;
+        let crl_bytes = match &files.crl {
+            Some(path) => Some(read(path)?),
+            None => None,
+        };
+        let mut hasher = Sha256::new();
+        for part in [&ca_bytes[..], &cert_bytes, key_text.as_bytes()] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part);
+        }
+        hasher.update(crl_bytes.as_deref().unwrap_or_default());
+        let stamp = hasher.finalize().into();
+
+        let mut roots = RootCertStore::empty();
+        let cas = CertificateDer::pem_slice_iter(&ca_bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| file_error(&files.ca, format!("not a PEM certificate: {err}")))?;
+        if cas.is_empty() {
+            return Err(file_error(&files.ca, "holds no certificate"));
+        }
+        for ca in cas {
+            roots
+                .add(ca)
+                .map_err(|err| file_error(&files.ca, format!("not a CA certificate: {err}")))?;
+        }
+        let roots = Arc::new(roots);
+        let chain = CertificateDer::pem_slice_iter(&cert_bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| file_error(&files.cert, format!("not a PEM certificate: {err}")))?;
+        let Some(leaf) = chain.first() else {
+            return Err(file_error(&files.cert, "holds no certificate"));
+        };
+        let (own, _) = Identity::of_certificate(leaf).map_err(|m| file_error(&files.cert, m))?;
+        if let Some(expected) = expect_own {
+            if &own != expected {
+                return Err(file_error(
+                    &files.cert,
+                    format!("names {own}, but this is {expected}"),
+                ));
+            }
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_text.as_bytes())
+            .map_err(|_| file_error(&files.key, "holds no PEM private key"))?;
+        let (crl_ders, crls) = match (&files.crl, crl_bytes) {
+            (Some(path), Some(bytes)) => {
+                let ders = CertificateRevocationListDer::pem_slice_iter(&bytes)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|err| file_error(path, format!("not a PEM revocation list: {err}")))?;
+                let parsed = ders
+                    .iter()
+                    .map(|der| {
+                        OwnedCertRevocationList::from_der(der)
+                            .map(CertRevocationList::from)
+                            .map_err(|err| file_error(path, format!("does not parse: {err}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                (ders, parsed)
+            }
+            _ => (Vec::new(), Vec::new()),
+        };
+        let crls = Arc::new(crls);
+        // The own certificate must chain to the CA and not be revoked: a
+        // misconfigured node fails at start, not at its peers.
+        verify_chain(
+            leaf,
+            &chain[1..],
+            &roots,
+            &crls,
+            webpki::KeyUsage::client_auth(),
+        )
+        .map_err(|err| file_error(&files.cert, format!("is not valid for this CA: {err}")))?;
+
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .with_crls(crl_ders)
+                .only_check_end_entity_revocation()
+                .build()
+                .map_err(|err| file_error(&files.ca, format!("cannot verify clients: {err}")))?;
+        let server = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|err| file_error(&files.cert, err.to_string()))?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|err| {
+                file_error(&files.key, format!("does not match the certificate: {err}"))
+            })?;
+        let mut server = server;
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self {
+            stamp,
+            own,
+            chain,
+            key,
+            roots,
+            crls,
+            server: Arc::new(server),
+        })
+    }
+
+    fn client_config(&self, expected: Option<Identity>) -> Result<ClientConfig, io::Error> {
+        let verifier = PeerVerifier {
+            roots: self.roots.clone(),
+            crls: self.crls.clone(),
+            expected,
+            provider: provider(),
+        };
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(io::Error::other)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(io::Error::other)?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+
+    fn revokes(&self, serial: &[u8]) -> bool {
+        self.crls
+            .iter()
+            .any(|crl| matches!(crl.find_serial(serial), Ok(Some(_))))
+    }
+}
+
+/// Checks a certificate chain against the CA and the revocation lists.
+fn verify_chain(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+    crls: &[CertRevocationList<'_>],
+    usage: webpki::KeyUsage,
+) -> Result<(), rustls::Error> {
+    let cert = webpki::EndEntityCert::try_from(leaf).map_err(|err| {
+        rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+            err,
+        ))))
+    })?;
+    let refs: Vec<&CertRevocationList<'_>> = crls.iter().collect();
+    let revocation = RevocationOptionsBuilder::new(&refs).ok().map(|builder| {
+        builder
+            .with_depth(webpki::RevocationCheckDepth::EndEntity)
+            .build()
+    });
+    cert.verify_for_usage(
+        provider().signature_verification_algorithms.all,
+        &roots.roots,
+        intermediates,
+        UnixTime::now(),
+        usage,
+        revocation,
+        None,
+    )
+    .map(|_| ())
+    .map_err(certificate_error)
+}
+
+fn certificate_error(err: webpki::Error) -> rustls::Error {
+    use webpki::Error as E;
+    let kind = match err {
+        E::CertExpired { .. } => CertificateError::Expired,
+        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        E::CertRevoked => CertificateError::Revoked,
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+    };
+    rustls::Error::InvalidCertificate(kind)
+}
+
+/// Verifies a server: chain, revocation, and the identity expected.
+#[derive(Debug)]
+struct PeerVerifier {
+    roots: Arc<RootCertStore>,
+    crls: Arc<Vec<CertRevocationList<'static>>>,
+    expected: Option<Identity>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        verify_chain(
+            end_entity,
+            intermediates,
+            &self.roots,
+            &self.crls,
+            webpki::KeyUsage::server_auth(),
+        )?;
+        let (identity, _) = Identity::of_certificate(end_entity).map_err(rustls::Error::General)?;
+        match &self.expected {
+            Some(expected) if &identity != expected => Err(rustls::Error::General(format!(
+                "the server's certificate names {identity}, expected {expected}"
+            ))),
+            None if !matches!(identity, Identity::Origin(_)) => Err(rustls::Error::General(
+                format!("the server's certificate names {identity}, not a node"),
+            )),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A live connection, closable when its certificate is revoked.
+struct Live {
+    peer: SocketAddr,
+    identity: Identity,
+    serial: Vec<u8>,
+    /// A second handle on the socket: shutting it down ends the
+    /// connection wherever its other handle is.
+    socket: std::net::TcpStream,
+}
+
+/// A TLS identity with its CA and revocation list, reloadable.
+pub struct Tls {
+    files: TlsFiles,
+    expect_own: Option<Identity>,
+    loaded: RwLock<Arc<Loaded>>,
+    live: Mutex<HashMap<u64, Live>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("files", &self.files).finish()
+    }
+}
+
+impl Tls {
+    /// Loads the files; `expect_own` is the identity this end's
+    /// certificate must name (a node's origin), if fixed.
+    pub fn load(files: TlsFiles, expect_own: Option<Identity>) -> Result<Arc<Self>, TlsError> {
+        let loaded = Loaded::load(&files, expect_own.as_ref())?;
+        Ok(Arc::new(Self {
+            files,
+            expect_own,
+            loaded: RwLock::new(Arc::new(loaded)),
+            live: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        }))
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        self.loaded
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The identity this end's certificate names.
+    pub fn own(&self) -> Identity {
+        self.current().own.clone()
+    }
+
+    /// Re-reads the files. When they changed, new handshakes use them and
+    /// live connections whose certificate is now revoked are closed.
+    /// Returns whether anything changed; on error the old files stay.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let fresh = Loaded::load(&self.files, self.expect_own.as_ref())?;
+        if fresh.stamp == self.current().stamp {
+            return Ok(false);
+        }
+        let fresh = Arc::new(fresh);
+        *self
+            .loaded
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh.clone();
+        let live = self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for conn in live.values().filter(|conn| fresh.revokes(&conn.serial)) {
+            tracing::warn!(peer = %conn.peer, identity = %conn.identity,
+                "closing a live connection: its certificate is now revoked");
+            let _ = conn.socket.shutdown(std::net::Shutdown::Both);
+        }
+        Ok(true)
+    }
+
+    /// Reloads every `period` until `stop` resolves, logging failures.
+    pub async fn reload_every(
+        self: Arc<Self>,
+        period: std::time::Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = ticker.tick() => match self.reload() {
+                    Ok(true) => tracing::info!("TLS files reloaded"),
+                    Ok(false) => {}
+                    Err(err) => tracing::warn!(error = %err,
+                        "TLS files could not be reloaded; the previous ones stay in use"),
+                },
+            }
+        }
+    }
+
+    /// Live connections, for status and tests.
+    pub fn live_connections(&self) -> usize {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// Runs the server side of a handshake on an accepted connection.
+    pub async fn accept(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) -> io::Result<Conn> {
+        let (tcp, socket) = second_handle(tcp)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.current().server.clone());
+        let stream = acceptor.accept(tcp).await?;
+        let leaf = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first());
+        let leaf = leaf.ok_or_else(|| io::Error::other("the peer presented no certificate"))?;
+        let (identity, serial) = Identity::of_certificate(leaf).map_err(io::Error::other)?;
+        let registration = self.track(peer, &identity, serial, socket)?;
+        Ok(Conn {
+            io: ConnIo::Tls(Box::new(stream.into())),
+            info: PeerInfo {
+                addr: peer,
+                identity: Some(identity),
+            },
+            _registration: Some(registration),
+        })
+    }
+
+    /// Runs the client side of a handshake, expecting `expected` (or any
+    /// node when `None`) at the other end.
+    pub async fn connect(
+        self: &Arc<Self>,
+        tcp: TcpStream,
+        expected: Option<Identity>,
+    ) -> io::Result<Conn> {
+        let peer = tcp.peer_addr()?;
+        let (tcp, socket) = second_handle(tcp)?;
+        let config = self.current().client_config(expected)?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        // The name is not used: the verifier checks the identity instead.
+        let name = ServerName::IpAddress(peer.ip().into());
+        let stream = connector.connect(name, tcp).await?;
+        let leaf = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first());
+        let leaf = leaf.ok_or_else(|| io::Error::other("the server presented no certificate"))?;
+        let (identity, serial) = Identity::of_certificate(leaf).map_err(io::Error::other)?;
+        let registration = self.track(peer, &identity, serial, socket)?;
+        Ok(Conn {
+            io: ConnIo::Tls(Box::new(stream.into())),
+            info: PeerInfo {
+                addr: peer,
+                identity: Some(identity),
+            },
+            _registration: Some(registration),
+        })
+    }
+
+    fn track(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        identity: &Identity,
+        serial: Vec<u8>,
+        socket: std::net::TcpStream,
+    ) -> io::Result<Registration> {
+        let mut live = self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A reload between the handshake and here must not be missed.
+        if self.current().revokes(&serial) {
+            return Err(io::Error::other("the certificate is revoked"));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        live.insert(
+            id,
+            Live {
+                peer,
+                identity: identity.clone(),
+                serial,
+                socket,
+            },
+        );
+        Ok(Registration {
+            tls: self.clone(),
+            id,
+        })
+    }
+}
+
+/// The stream and a second handle on its socket, taken while it is
+/// still plain TCP.
+fn second_handle(tcp: TcpStream) -> io::Result<(TcpStream, std::net::TcpStream)> {
+    let std = tcp.into_std()?;
+    let socket = std.try_clone()?;
+    Ok((TcpStream::from_std(std)?, socket))
+}
+
+/// Removes a connection from the live set when it ends.
+struct Registration {
+    tls: Arc<Tls>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.tls
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+enum ConnIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+/// One connection, plain (loopback, insecure mode) or TLS, with what is
+/// known of its peer.
+pub struct Conn {
+    io: ConnIo,
+    info: PeerInfo,
+    _registration: Option<Registration>,
+}
+
+impl Conn {
+    /// A plain connection (insecure mode).
+    pub fn plain(tcp: TcpStream, addr: SocketAddr) -> Self {
+        Self {
+            io: ConnIo::Plain(tcp),
+            info: PeerInfo {
+                addr,
+                identity: None,
+            },
+            _registration: None,
+        }
+    }
+
+    /// Who is at the other end.
+    pub fn info(&self) -> &PeerInfo {
+        &self.info
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            ConnIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            ConnIo::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            ConnIo::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            ConnIo::Plain(io) => io.is_write_vectored(),
+            ConnIo::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(io) => Pin::new(io).poll_flush(cx),
+            ConnIo::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            ConnIo::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
