@@ -190,6 +190,27 @@ impl Authority {
         request_pem: Option<&str>,
         days: u32,
     ) -> Result<Issued, PkiError> {
+        if days == 0 {
+            return Err(PkiError("validity must be at least 1 day".into()));
+        }
+        let now = std::time::SystemTime::now();
+        // An hour back tolerates clocks that are slightly behind.
+        let from = now - std::time::Duration::from_secs(3600);
+        let until = now + std::time::Duration::from_secs(u64::from(days) * 86_400);
+        self.issue_between(identity, request_pem, from, until)
+    }
+
+    /// [`Authority::issue`] with an explicit validity period.
+    pub fn issue_between(
+        &self,
+        identity: &Identity,
+        request_pem: Option<&str>,
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Result<Issued, PkiError> {
+        if not_after <= not_before {
+            return Err(PkiError("validity ends before it starts".into()));
+        }
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, identity.uri());
@@ -213,7 +234,8 @@ impl Authority {
         params.key_identifier_method = KeyIdMethod::Sha256;
         let serial = random_serial()?;
         params.serial_number = Some(serial.clone());
-        validity(&mut params, days)?;
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
         let not_after = day(params.not_after);
         let (cert, key_pem) = match request_pem {
             Some(pem) => {

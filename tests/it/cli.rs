@@ -347,3 +347,123 @@ async fn bench_runs_every_measurement() {
         assert!(text.contains(expected), "{expected:?} missing:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_city_joins_a_federation_with_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let (ca, node, ops) = (path("ca"), path("node"), path("ops"));
+
+    let out = civex_async(&["ca", "init", &ca, "--name", "Consórcio Teste"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mode = std::fs::metadata(dir.path().join("ca/ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let again = civex_async(&["ca", "init", &ca, "--name", "x"]).await;
+    assert!(
+        stderr(&again).contains("already holds a CA"),
+        "{}",
+        stderr(&again)
+    );
+
+    // The city prepares its node with the federation's CA certificate.
+    let ca_pem = format!("{ca}/ca.pem");
+    let out = civex_async(&[
+        "init",
+        &node,
+        "--origin",
+        "city-j",
+        "--listen",
+        "127.0.0.1:0",
+        "--join",
+        &ca_pem,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("certificate request"),
+        "{}",
+        stdout(&out)
+    );
+    let request = format!("{node}/tls/request.csr");
+    // The admin issues its certificate from the request, not for another origin.
+    let wrong = civex_async(&[
+        "ca",
+        "issue",
+        "--ca",
+        &ca,
+        "--origin",
+        "city-k",
+        "--csr",
+        &request,
+        "--out",
+        &path("k"),
+    ])
+    .await;
+    assert!(!wrong.status.success());
+    assert!(
+        stderr(&wrong).contains("asks for civex:origin:city-j"),
+        "{}",
+        stderr(&wrong)
+    );
+    let tls_dir = format!("{node}/tls");
+    let out = civex_async(&[
+        "ca", "issue", "--ca", &ca, "--origin", "city-j", "--csr", &request, "--out", &tls_dir,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = civex_async(&[
+        "ca",
+        "issue",
+        "--ca",
+        &ca,
+        "--operator",
+        "ops",
+        "--out",
+        &ops,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The node starts on those files and its operator administers it.
+    let child = crate::support::ChildNode::start_async(dir.path().join("node").as_path()).await;
+    let out = civex_async(&["--node", &child.address, "--identity", &ops, "status"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("city-j"), "{}", stdout(&out));
+
+    // The node's own certificate is no operator's: it may not administer.
+    let out = civex_async(&["--node", &child.address, "--identity", &tls_dir, "status"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("needs an operator certificate"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = civex_async(&["ca", "revoke", "--ca", &ca, "--operator", "ops"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = civex_async(&["--output", "json", "ca", "list", "--ca", &ca]).await;
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let states: Vec<(String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["identity"].as_str().unwrap().to_owned(),
+                r["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("civex:origin:city-j".to_owned(), "valid".to_owned()),
+            ("civex:operator:ops".to_owned(), "revoked".to_owned()),
+        ]
+    );
+    let crl = std::fs::read_to_string(dir.path().join("ca/ca.crl")).unwrap();
+    assert!(crl.contains("BEGIN X509 CRL"));
+}

@@ -11,3 +11,4 @@ mod publish_query;
 mod replication;
 mod support;
 mod tamper;
+mod tls;

@@ -66,6 +66,25 @@ pub fn issue_identity(dir: &Path, identity: &Identity) {
     }
 }
 
+/// Writes the revocation list of the node in `dir` (re-read within 50 ms),
+/// revoking `serials` (hex).
+pub fn revoke(dir: &Path, serials: &[String]) {
+    static NUMBER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let number = NUMBER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let crl = ca().revocation_list(serials, number, 1).unwrap();
+    let path = dir.join("tls/ca.crl");
+    let temporary = dir.join("tls/ca.crl.tmp");
+    std::fs::write(&temporary, crl).unwrap();
+    std::fs::rename(&temporary, &path).unwrap();
+}
+
+/// The serial (hex) of the certificate in an identity directory.
+pub fn serial_of(identity_dir: &Path) -> String {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let der = CertificateDer::from_pem_file(identity_dir.join("cert.pem")).unwrap();
+    civex_node::core::ids::hex(&Identity::of_certificate(&der).unwrap().1)
+}
+
 /// An operator of the test federation, as a client holds it.
 pub fn operator() -> Security {
     static OPERATOR: std::sync::OnceLock<Security> = std::sync::OnceLock::new();
@@ -144,7 +163,12 @@ pub fn write_node_dir(dir: &Path, spec: &Spec, listen: &str) -> (PathBuf, String
     };
     issue_identity(&dir.join("tls"), &Identity::Origin(spec.origin.clone()));
     issue_identity(&dir.join("operator"), &Identity::Operator("test".into()));
+    if !dir.join("tls/ca.crl").exists() {
+        revoke(dir, &[]);
+    }
     let mut text = template(&spec.origin, &spec.origin, listen)
+        .replace("# crl_file = \"tls/ca.crl\"", "crl_file = \"tls/ca.crl\"")
+        .replace("reload_ms = 10000", "reload_ms = 50")
         .replace("backoff_initial_ms = 200", "backoff_initial_ms = 20")
         .replace("backoff_max_ms = 30000", "backoff_max_ms = 300")
         .replace("connect_timeout_ms = 5000", "connect_timeout_ms = 2000")
@@ -495,10 +519,12 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A `civex-node` child process writing its bound address to a file.
+/// A `civex-node` child process writing its bound address to a file and
+/// its log to `node.log` in its directory.
 pub struct ChildNode {
     pub child: Child,
     pub address: String,
+    pub log: PathBuf,
 }
 
 impl ChildNode {
@@ -507,6 +533,12 @@ impl ChildNode {
     pub fn start(dir: &Path) -> Self {
         let address_file = dir.join("address");
         let _ = std::fs::remove_file(&address_file);
+        let log = dir.join("node.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(bin("civex-node"))
             .arg("--config")
             .arg(dir.join("node.toml"))
@@ -514,7 +546,7 @@ impl ChildNode {
             .arg(&address_file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log_file)
             .spawn()
             .unwrap();
         let mut address = String::new();
@@ -525,7 +557,16 @@ impl ChildNode {
                 .to_owned();
             !address.is_empty()
         });
-        Self { child, address }
+        Self {
+            child,
+            address,
+            log,
+        }
+    }
+
+    /// What the node logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// [`ChildNode::start`] from an async test.

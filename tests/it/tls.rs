@@ -1,0 +1,372 @@
+//! Mutual TLS: refused certificates, revocation of a live connection,
+//! roles from the certificate, and the explicit insecure mode.
+
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use civex_node::{
+    pki::{write_identity_dir, Authority, Identity},
+    tls::{Tls, TlsFiles},
+    transport::{self, Security},
+};
+use civex_proto::v1 as pb;
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    DigitallySignedStruct, SignatureScheme,
+};
+use tokio::io::AsyncReadExt;
+
+use crate::support::{
+    ca, civex_async, eventually, publish_row, revoke, serial_of, stderr, write_node_dir, ChildNode,
+    Pair, Spec, TestNode,
+};
+
+/// Accepts any server certificate: these handshakes test what the server
+/// refuses, so the client must not refuse first.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Handshakes with `address` presenting the certificate in `identity_dir`;
+/// returns the local port used and whether the server went on to speak
+/// HTTP/2 (accepted) or ended the connection (refused).
+async fn present(address: &str, identity_dir: &Path) -> (u16, bool) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = CertificateDer::pem_file_iter(identity_dir.join("cert.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(identity_dir.join("key.pem")).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let accepted = match connector
+        .connect(ServerName::try_from("node").unwrap(), tcp)
+        .await
+    {
+        // In TLS 1.3 the server judges the client's certificate after the
+        // client finished: a refusal shows on the first read.
+        Ok(mut tls) => {
+            let mut byte = [0u8; 1];
+            matches!(
+                tokio::time::timeout(Duration::from_secs(10), tls.read(&mut byte)).await,
+                Ok(Ok(1))
+            )
+        }
+        Err(_) => false,
+    };
+    (port, accepted)
+}
+
+/// Whether `node` has an open subscription to its peer named `peer`.
+async fn connected(node: &TestNode, peer: &str) -> bool {
+    node.status()
+        .await
+        .peers
+        .iter()
+        .any(|p| p.name == peer && p.connected)
+}
+
+/// An identity directory trusting this federation's CA but holding a
+/// certificate issued by `issuer` from `not_before` to `not_after`.
+fn identity_from(
+    dir: &Path,
+    issuer: &Authority,
+    identity: &Identity,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) {
+    let issued = issuer
+        .issue_between(identity, None, not_before, not_after)
+        .unwrap();
+    write_identity_dir(dir, ca().cert_pem(), &issued).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_certificates_are_logged_with_the_peer_and_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    write_node_dir(
+        dir.path(),
+        &Spec::new("city-a").allow_without_peers(),
+        "127.0.0.1:0",
+    );
+    let node = ChildNode::start_async(dir.path()).await;
+    let now = SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    let operator = Identity::Operator("ops".into());
+
+    // A valid operator certificate is accepted.
+    let good = dir.path().join("good");
+    identity_from(&good, ca(), &operator, now - day, now + day);
+    assert!(
+        present(&node.address, &good).await.1,
+        "a valid certificate was refused"
+    );
+
+    let (other, _) = Authority::create("another federation", 1).unwrap();
+    let cases = [
+        ("unknown-ca", &other, now - day, now + day, "UnknownIssuer"),
+        (
+            "expired",
+            ca(),
+            now - 3 * day,
+            now - day,
+            "certificate expired",
+        ),
+    ];
+    for (name, issuer, from, until, reason) in cases {
+        let identity_dir = dir.path().join(name);
+        identity_from(&identity_dir, issuer, &operator, from, until);
+        let (port, accepted) = present(&node.address, &identity_dir).await;
+        assert!(!accepted, "{name}: the certificate was accepted");
+        let line = format!("127.0.0.1:{port}");
+        eventually(&format!("the node to log refusing {name}"), || async {
+            node.log_text().lines().any(|l| {
+                l.contains("TLS connection refused") && l.contains(&line) && l.contains(reason)
+            })
+        })
+        .await;
+    }
+
+    // Revoked: the node re-reads its revocation list within 50 ms.
+    let revoked = dir.path().join("revoked");
+    identity_from(&revoked, ca(), &operator, now - day, now + day);
+    revoke(dir.path(), &[serial_of(&revoked)]);
+    eventually(
+        "the revoked certificate to be refused and logged",
+        || async {
+            let (port, accepted) = present(&node.address, &revoked).await;
+            let line = format!("127.0.0.1:{port}");
+            !accepted
+                && node
+                    .log_text()
+                    .lines()
+                    .any(|l| l.contains(&line) && l.contains("Revoked"))
+        },
+    )
+    .await;
+    assert!(
+        present(&node.address, &good).await.1,
+        "revocation hit another certificate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_must_present_the_origin_expected_not_just_any_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestNode::start(dir.path(), Spec::new("city-a").allow_without_peers()).await;
+    let err = transport::connect(
+        &a.address,
+        &crate::support::operator(),
+        Some(Identity::Origin("city-b".into())),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap_err();
+    let text = transport::error_chain(&err);
+    assert!(
+        text.contains("names origin city-a, expected origin city-b"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_come_from_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestNode::start(
+        &dir.path().join("a"),
+        Spec::new("city-a").allow_without_peers(),
+    )
+    .await;
+    a.wait_ready().await;
+    // A member node's certificate may read the feed, and nothing else.
+    let member_dir = dir.path().join("member");
+    crate::support::issue_identity(&member_dir, &Identity::Origin("city-m".into()));
+    let member = Security::Mutual(Tls::load(TlsFiles::in_dir(&member_dir), None).unwrap());
+    let channel = transport::connect(&a.address, &member, None, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let denied = pb::publish_client::PublishClient::new(channel.clone())
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: crate::support::key(),
+            rows: vec![crate::support::row("x", "city-a", "2025", 1.0, 10)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert!(
+        denied
+            .message()
+            .contains("publishing needs an operator certificate"),
+        "{}",
+        denied.message()
+    );
+    for code in [
+        pb::status_client::StatusClient::new(channel.clone())
+            .node_status(pb::NodeStatusRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        pb::query_client::QueryClient::new(channel.clone())
+            .observations(pb::ObservationsRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+    ] {
+        assert_eq!(code, tonic::Code::PermissionDenied);
+    }
+    assert_eq!(a.head("city-a").await.0, 0, "a member published");
+    // The operator publishes; the member then reads it from the feed.
+    publish_row(&a, "x", 1.0).await;
+    let mut stream = pb::feed_client::FeedClient::new(channel)
+        .subscribe(pb::SubscribeRequest {
+            cursors: Vec::new(),
+            all_origins: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = 0;
+    while seen == 0 {
+        let message = stream.message().await.unwrap().unwrap();
+        if let Some(pb::subscribe_response::Event::Entries(batch)) = message.event {
+            seen = batch.entries.len();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_peer_is_cut_off_on_its_live_connection_and_back_once_reinstated() {
+    let dir = tempfile::tempdir().unwrap();
+    let Pair {
+        a,
+        b,
+        proxy_a: _pa,
+        proxy_b: _pb,
+    } = Pair::start(dir.path()).await;
+    eventually("both peers to connect", || async {
+        connected(&a, "city-b").await && connected(&b, "city-a").await
+    })
+    .await;
+    a.wait_ready().await;
+
+    // A revokes B's node certificate: B's subscription to A is cut, and A
+    // refuses B's certificate when dialling B.
+    let b_serial = serial_of(&dir.path().join("b/tls"));
+    revoke(&dir.path().join("a"), &[b_serial]);
+    eventually("A and B to lose each other", || async {
+        let a_peer = a
+            .status()
+            .await
+            .peers
+            .into_iter()
+            .find(|p| p.name == "city-b");
+        !connected(&b, "city-a").await
+            && a_peer.is_some_and(|p| !p.connected && p.last_error.contains("Revoked"))
+    })
+    .await;
+    publish_row(&a, "while-revoked", 1.0).await;
+
+    // Reinstated: B reconnects and catches up on what A published meanwhile.
+    revoke(&dir.path().join("a"), &[]);
+    eventually("B to catch up on A", || async {
+        b.head("city-a").await.0 >= a.head("city-a").await.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_mode_is_plain_grpc_on_loopback_and_tls_nodes_refuse_plain_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("plain");
+    let out = civex_async(&[
+        "init",
+        node_dir.to_str().unwrap(),
+        "--origin",
+        "city-p",
+        "--insecure-node",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !node_dir.join("tls").exists(),
+        "an insecure node got TLS files"
+    );
+    let plain = ChildNode::start_async(&node_dir).await;
+    let out = civex_async(&["--node", &plain.address, "--insecure", "status"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let secure = TestNode::start(&dir.path().join("tls"), Spec::new("city-a")).await;
+    let refused = transport::connect(
+        &secure.address,
+        &Security::Insecure,
+        None,
+        Duration::from_secs(5),
+    )
+    .await;
+    let plain_call = match refused {
+        Err(_) => true,
+        Ok(channel) => pb::status_client::StatusClient::new(channel)
+            .node_status(pb::NodeStatusRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(plain_call, "a TLS node answered plain gRPC");
+}
