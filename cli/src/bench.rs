@@ -210,6 +210,7 @@ fn fill_origin(
                 },
             )],
             idempotency: Vec::new(),
+            conflicts: Vec::new(),
         };
         store.commit(&batch)?;
         done.fetch_add(end - seq + 1, Ordering::Relaxed);

@@ -913,6 +913,10 @@ pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCo
                     "lag": o.peer_seq.saturating_sub(o.held_seq),
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
+            "conflicts": status.conflicts.iter().map(|c| json!({
+                "origin": c.origin, "kind": c.kind, "seq": c.seq, "peer": c.peer,
+                "detected": format_micros(c.detected_unix_micros),
+            })).collect::<Vec<_>>(),
         })),
         Format::Table => {
             println!(
@@ -969,6 +973,26 @@ pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCo
                         "last error",
                     ],
                     &rows,
+                );
+            }
+            if !status.conflicts.is_empty() {
+                println!();
+                println!("conflicts on record (these origins are not replicated):");
+                output::table(
+                    &["origin", "kind", "seq", "from peer", "detected"],
+                    &status
+                        .conflicts
+                        .iter()
+                        .map(|c| {
+                            vec![
+                                c.origin.clone(),
+                                c.kind.clone(),
+                                c.seq.to_string(),
+                                c.peer.clone(),
+                                format_micros(c.detected_unix_micros),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
                 );
             }
         }

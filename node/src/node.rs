@@ -110,6 +110,16 @@ pub async fn run_secured(
     ));
 
     let peers: Vec<Peer> = config.peers.iter().map(Peer::new).collect();
+    let quarantined = store
+        .conflicts()?
+        .into_iter()
+        .map(|record| {
+            tracing::error!(origin = %record.conflict.held.body.origin,
+                kind = record.conflict.kind.name(), peer = %record.peer,
+                "a conflict is on record for this origin: it is not replicated");
+            record.conflict.held.body.origin
+        })
+        .collect();
     let replicator = Replicator {
         own_origin: config.origin.clone(),
         keys,
@@ -119,6 +129,7 @@ pub async fn run_secured(
         max_message_bytes: config.limits.max_message_bytes,
         gate,
         security: security.clone(),
+        quarantined: Arc::new(std::sync::Mutex::new(quarantined)),
     };
     let replication: Vec<_> = peers
         .iter()

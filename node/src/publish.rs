@@ -531,6 +531,7 @@ impl Sequencer {
             .send(Job {
                 entries,
                 idempotency,
+                conflict: None,
             })
             .await
         {

@@ -363,6 +363,7 @@ mod tests {
                 )],
                 index: records_of(entry),
                 idempotency: Vec::new(),
+                conflicts: Vec::new(),
             })
             .unwrap();
     }

@@ -6,7 +6,7 @@
 //! `core::feed`.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -19,13 +19,16 @@ use tokio::sync::{oneshot, watch};
 use crate::{
     config::{PeerConfig, ReplicationConfig},
     core::{
-        feed::{check_link, verify_range, verify_signature, Entry, FeedError, Tip},
+        feed::{
+            check_link, judge_conflict, verify_range, verify_signature, Conflict, Entry, FeedError,
+            Tip,
+        },
         ids::hex,
     },
     keys::KeyResolver,
     pki::Identity,
     publish::recovered_records,
-    store::SharedStore,
+    store::{ConflictRecord, SharedStore},
     transport::{self, Security},
     writer::{Job, Prepared, Stored, WriteError, Writer},
 };
@@ -98,6 +101,9 @@ pub struct Replicator {
     pub gate: Arc<PublishGate>,
     /// How connections to peers are secured.
     pub security: Security,
+    /// Origins whose feed conflicts with the one held (evidence in the
+    /// store): not replicated from any peer while the evidence stands.
+    pub quarantined: Arc<Mutex<HashSet<String>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +118,8 @@ enum SessionError {
     Write(#[from] WriteError),
     #[error("peer sent origin {0:?}, which has no pinned key")]
     UnknownOrigin(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl Replicator {
@@ -171,6 +179,9 @@ impl Replicator {
         let mut tips: HashMap<String, Option<Tip>> = HashMap::new();
         let mut cursors = Vec::new();
         for origin in self.keys.origins() {
+            if self.is_quarantined(origin) {
+                continue;
+            }
             let tip = self
                 .store
                 .head(origin)
@@ -202,6 +213,9 @@ impl Replicator {
             match message.event {
                 Some(Event::Entries(batch)) => {
                     let origin = batch.origin;
+                    if self.is_quarantined(&origin) {
+                        continue;
+                    }
                     let key = self.keys.key_for(&origin, &[], 0).ok_or_else(|| {
                         peer.update(|s| s.refused += batch.entries.len() as u64);
                         SessionError::UnknownOrigin(origin.clone())
@@ -226,7 +240,23 @@ impl Replicator {
                                     valid_prefix(&origin, key, tip, entries);
                                 let bad = (received - good.len()) as u64;
                                 peer.update(|s| s.refused += bad);
-                                (good, good_tip, Some(first_fault.unwrap_or(err)))
+                                // A validly signed entry of another feed id:
+                                // the origin started over; keep the evidence.
+                                if let Some((FeedError::WrongFeedId { .. }, other)) = &first_fault {
+                                    let head = good.last().cloned().map_or_else(
+                                        || self.held_entry(&origin, tip.map_or(0, |t| t.seq)),
+                                        |e| Ok(Some(e)),
+                                    )?;
+                                    if let Some(conflict) =
+                                        head.and_then(|held| judge_conflict(key, &held, other))
+                                    {
+                                        for answer in pending.drain(..) {
+                                            self.settle(peer, Some(answer)).await?;
+                                        }
+                                        return Err(self.quarantine(peer, conflict).await);
+                                    }
+                                }
+                                (good, good_tip, Some(first_fault.map_or(err, |(e, _)| e)))
                             }
                         };
                     if let Some(last) = new_tip {
@@ -244,15 +274,16 @@ impl Replicator {
                     let job = Job {
                         entries: entries.into_iter().map(Prepared::new).collect(),
                         idempotency,
+                        conflict: None,
                     };
                     pending.push_back(self.writer.send(job).await?);
                     while pending.len() > IN_FLIGHT_COMMITS {
-                        await_commit(pending.pop_front()).await?;
+                        self.settle(peer, pending.pop_front()).await?;
                     }
                     if let Some(err) = refused {
                         // Keep what verified before the bad entry, then drop the stream.
                         while let Some(answer) = pending.pop_front() {
-                            await_commit(Some(answer)).await?;
+                            self.settle(peer, Some(answer)).await?;
                         }
                         return Err(err.into());
                     }
@@ -262,7 +293,7 @@ impl Replicator {
                         continue;
                     }
                     while let Some(answer) = pending.pop_front() {
-                        await_commit(Some(answer)).await?;
+                        self.settle(peer, Some(answer)).await?;
                     }
                     peer.update(|s| {
                         s.peer_heads
@@ -283,6 +314,24 @@ impl Replicator {
                     }
                 }
                 Some(Event::Mismatch(mismatch)) => {
+                    // The peer's entry at our head's seq, if it is validly
+                    // signed, is evidence of a fork or a re-created feed.
+                    let theirs = mismatch.held.clone().and_then(|e| Entry::decode(e).ok());
+                    if let (Some(theirs), Some(key)) =
+                        (theirs, self.keys.key_for(&mismatch.origin, &[], 0))
+                    {
+                        if theirs.body.origin == mismatch.origin {
+                            let ours = self.held_entry(&mismatch.origin, theirs.body.seq)?;
+                            if let Some(conflict) =
+                                ours.and_then(|held| judge_conflict(key, &held, &theirs))
+                            {
+                                for answer in pending.drain(..) {
+                                    self.settle(peer, Some(answer)).await?;
+                                }
+                                return Err(self.quarantine(peer, conflict).await);
+                            }
+                        }
+                    }
                     let message = format!(
                         "origin {} diverges: the peer holds feed {} and a different entry at our head; \
                          replication of that origin from this peer stopped",
@@ -296,10 +345,107 @@ impl Replicator {
             }
         }
         while let Some(answer) = pending.pop_front() {
-            await_commit(Some(answer)).await?;
+            self.settle(peer, Some(answer)).await?;
         }
         Ok(())
     }
+
+    fn is_quarantined(&self, origin: &str) -> bool {
+        self.quarantined
+            .lock()
+            .map(|set| set.contains(origin))
+            .unwrap_or(true)
+    }
+
+    /// The entry held at (origin, seq), if any.
+    fn held_entry(&self, origin: &str, seq: u64) -> Result<Option<Entry>, SessionError> {
+        if seq == 0 {
+            return Ok(None);
+        }
+        let held = self
+            .store
+            .entries(origin, seq, 1, usize::MAX)
+            .map_err(|e| SessionError::Write(e.into()))?;
+        Ok(held.into_iter().next().and_then(|e| Entry::decode(e).ok()))
+    }
+
+    /// Waits for a commit. A fork the writer found (a validly linked entry
+    /// differing from the one held) becomes evidence when the origin's key
+    /// signed both; otherwise the entry is refused as forged.
+    async fn settle(
+        &self,
+        peer: &Peer,
+        answer: Option<oneshot::Receiver<Result<Stored, WriteError>>>,
+    ) -> Result<(), SessionError> {
+        let Some(answer) = answer else {
+            return Ok(());
+        };
+        match answer.await.unwrap_or(Err(WriteError::Stopped)) {
+            Ok(_) => Ok(()),
+            Err(WriteError::Fork {
+                origin,
+                seq,
+                received,
+            }) => {
+                let held = self.held_entry(&origin, seq)?;
+                let conflict = self
+                    .keys
+                    .key_for(&origin, &[], 0)
+                    .zip(held)
+                    .and_then(|(key, held)| judge_conflict(key, &held, &received));
+                match conflict {
+                    Some(conflict) => Err(self.quarantine(peer, conflict).await),
+                    None => {
+                        peer.update(|s| s.refused += 1);
+                        Err(SessionError::Refused(FeedError::BadSignature {
+                            origin,
+                            seq,
+                        }))
+                    }
+                }
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Keeps the evidence of a conflict and stops replicating its origin
+    /// from every peer; other origins go on after the reconnect.
+    async fn quarantine(&self, peer: &Peer, conflict: Conflict) -> SessionError {
+        let origin = conflict.held.body.origin.clone();
+        let (kind, seq) = (conflict.kind, conflict.other.body.seq);
+        let record = ConflictRecord {
+            conflict,
+            peer: peer.name.clone(),
+            detected_unix_micros: now_micros(),
+        };
+        let job = Job {
+            entries: Vec::new(),
+            idempotency: Vec::new(),
+            conflict: Some(record),
+        };
+        if let Err(err) = self.writer.write(job).await {
+            return SessionError::Write(err);
+        }
+        if let Ok(mut set) = self.quarantined.lock() {
+            set.insert(origin.clone());
+        }
+        let message = format!(
+            "origin {origin}: {} at seq {seq} (evidence kept, see status); replication of {origin} \
+             stopped, other origins go on",
+            match kind {
+                crate::core::feed::ConflictKind::Fork => "two validly signed entries (fork)",
+                crate::core::feed::ConflictKind::Recreated => "the feed was started over with a new feed id",
+            }
+        );
+        tracing::error!(peer = %peer.name, address = %peer.address, "{message}");
+        SessionError::Conflict(message)
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// The longest prefix of `entries` that verifies entry by entry (link and
@@ -310,14 +456,14 @@ fn valid_prefix(
     key: &ed25519_dalek::VerifyingKey,
     tip: Option<Tip>,
     entries: Vec<Entry>,
-) -> (Vec<Entry>, Option<Tip>, Option<FeedError>) {
+) -> (Vec<Entry>, Option<Tip>, Option<(FeedError, Entry)>) {
     let mut current = tip;
     let mut good = Vec::new();
     for entry in entries {
         let checked = check_link(origin, current.as_ref(), &entry)
             .and_then(|()| verify_signature(key, &entry));
         if let Err(fault) = checked {
-            return (good, current, Some(fault));
+            return (good, current, Some((fault, entry)));
         }
         current = Some(entry.tip());
         good.push(entry);
@@ -376,15 +522,6 @@ impl PublishGate {
             self.open.send_replace(true);
         }
     }
-}
-
-async fn await_commit(
-    answer: Option<oneshot::Receiver<Result<Stored, WriteError>>>,
-) -> Result<(), SessionError> {
-    if let Some(answer) = answer {
-        answer.await.unwrap_or(Err(WriteError::Stopped))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

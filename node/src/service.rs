@@ -806,6 +806,21 @@ impl StatusApi for StatusService {
                 .store
                 .index_pieces_pending()
                 .map_err(|e| e.to_status())?,
+            conflicts: self
+                .store
+                .conflicts()
+                .map_err(|e| e.to_status())?
+                .into_iter()
+                .map(|record| pb::ConflictReport {
+                    origin: record.conflict.held.body.origin.clone(),
+                    kind: record.conflict.kind.name().into(),
+                    seq: record.conflict.other.body.seq,
+                    peer: record.peer,
+                    detected_unix_micros: record.detected_unix_micros,
+                    held: Some(record.conflict.held.signed),
+                    other: Some(record.conflict.other.signed),
+                })
+                .collect(),
         }))
     }
 }

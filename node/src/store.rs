@@ -28,6 +28,8 @@
 //! - `f|origin|offer_id|seq` offer version (value: hash, offer)
 //! - `w|origin|offer_id` withdrawal (value: seq)
 //! - `p|offer_origin|offer_id|responder|seq` offer response
+//! - `k|origin` evidence of a conflict (fork or re-created feed): the first
+//!   one found; replication of the origin stops while it is held
 
 use std::{
     fs::File,
@@ -41,7 +43,7 @@ use civex_proto::v1::{OfferResponse, ServiceOffer, SignedEntry};
 use prost::Message;
 
 use crate::core::{
-    feed::{Entry, FeedId, Hash, Tip, FEED_ID_LEN, SIGNATURE_LEN},
+    feed::{Conflict, ConflictKind, Entry, FeedId, Hash, Tip, FEED_ID_LEN, SIGNATURE_LEN},
     index::{IndexRecord, ObservationKey},
 };
 
@@ -111,6 +113,19 @@ pub struct CommitBatch {
     pub index: Vec<IndexRecord>,
     /// Idempotency records of own publishes.
     pub idempotency: Vec<([u8; 16], IdempotencyRecord)>,
+    /// Conflict evidence found; the first per origin is kept.
+    pub conflicts: Vec<ConflictRecord>,
+}
+
+/// Evidence that an origin's feed conflicts with the one held.
+#[derive(Debug, Clone)]
+pub struct ConflictRecord {
+    /// The two validly signed entries.
+    pub conflict: Conflict,
+    /// Peer it came from.
+    pub peer: String,
+    /// When it was found.
+    pub detected_unix_micros: i64,
 }
 
 /// An observation row of the index: where the cell is, not the cell (the
@@ -204,6 +219,8 @@ pub trait Store: Send + Sync + 'static {
     /// Responses held for (offer origin, offer id).
     fn responses(&self, offer_origin: &str, offer_id: &str)
         -> Result<Vec<ResponseRow>, StoreError>;
+    /// Conflict evidence held, one record per origin.
+    fn conflicts(&self) -> Result<Vec<ConflictRecord>, StoreError>;
 }
 
 /// Makes a commit durable once sled has written it. The default calls
@@ -545,7 +562,7 @@ fn encode_chunk(entries: &[Entry]) -> Vec<u8> {
     out
 }
 
-fn decode_chunk(value: &sled::IVec) -> Option<Vec<SignedEntry>> {
+fn decode_chunk(value: &[u8]) -> Option<Vec<SignedEntry>> {
     let bytes = Bytes::copy_from_slice(value);
     if bytes.first() != Some(&1) {
         return None;
@@ -567,6 +584,42 @@ fn decode_chunk(value: &sled::IVec) -> Option<Vec<SignedEntry>> {
         at = sig_end;
     }
     Some(entries)
+}
+
+fn encode_conflict(record: &ConflictRecord) -> Vec<u8> {
+    let mut out = vec![match record.conflict.kind {
+        ConflictKind::Fork => 1,
+        ConflictKind::Recreated => 2,
+    }];
+    out.extend_from_slice(&record.detected_unix_micros.to_be_bytes());
+    let peer = record.peer.as_bytes();
+    let peer = &peer[..peer.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(peer.len() as u16).to_be_bytes());
+    out.extend_from_slice(peer);
+    out.extend_from_slice(&encode_chunk(&[
+        record.conflict.held.clone(),
+        record.conflict.other.clone(),
+    ]));
+    out
+}
+
+fn decode_conflict(value: &[u8]) -> Option<ConflictRecord> {
+    let kind = match value.first()? {
+        1 => ConflictKind::Fork,
+        2 => ConflictKind::Recreated,
+        _ => return None,
+    };
+    let detected_unix_micros = i64::from_be_bytes(value.get(1..9)?.try_into().ok()?);
+    let peer_len = u16::from_be_bytes(value.get(9..11)?.try_into().ok()?) as usize;
+    let peer = String::from_utf8(value.get(11..11 + peer_len)?.to_vec()).ok()?;
+    let mut entries = decode_chunk(value.get(11 + peer_len..)?)?.into_iter();
+    let held = Entry::decode(entries.next()?).ok()?;
+    let other = Entry::decode(entries.next()?).ok()?;
+    Some(ConflictRecord {
+        conflict: Conflict { kind, held, other },
+        peer,
+        detected_unix_micros,
+    })
 }
 
 impl Store for SledStore {
@@ -764,6 +817,13 @@ impl Store for SledStore {
             let mut full_key = vec![b'i'];
             full_key.extend_from_slice(key);
             batch.insert(full_key, value);
+        }
+        for record in &commit.conflicts {
+            let key = key_of(b'k', &[&record.conflict.held.body.origin], None);
+            // The first evidence of an origin stays.
+            if self.db.get(&key).map_err(sled_error(&self.path))?.is_none() {
+                batch.insert(key, encode_conflict(record));
+            }
         }
         self.db.apply_batch(batch).map_err(sled_error(&self.path))?;
         self.db.flush().map_err(sled_error(&self.path))?;
@@ -964,6 +1024,18 @@ impl Store for SledStore {
         }
         Ok(rows)
     }
+
+    fn conflicts(&self) -> Result<Vec<ConflictRecord>, StoreError> {
+        let mut records = Vec::new();
+        for item in self.db.scan_prefix([b'k']) {
+            let (_, value) = item.map_err(sled_error(&self.path))?;
+            records.push(
+                decode_conflict(&value)
+                    .ok_or_else(|| self.corrupt("a conflict record does not decode".into()))?,
+            );
+        }
+        Ok(records)
+    }
 }
 
 /// Shared handle to a store.
@@ -993,6 +1065,7 @@ mod tests {
             )],
             index: entries.iter().flat_map(records_of).collect(),
             idempotency: Vec::new(),
+            conflicts: Vec::new(),
         }
     }
 

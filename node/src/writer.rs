@@ -23,7 +23,7 @@ use crate::{
         feed::{check_link, Entry, FeedError, Hash, Tip},
         index::IndexRecord,
     },
-    store::{CommitBatch, Head, IdempotencyRecord, SharedStore, StoreError},
+    store::{CommitBatch, ConflictRecord, Head, IdempotencyRecord, SharedStore, StoreError},
 };
 
 /// Most entries merged into one commit.
@@ -56,6 +56,19 @@ pub struct Job {
     /// Idempotency records of own-feed entries in this job; each is kept
     /// only if its entry is newly stored.
     pub idempotency: Vec<([u8; 16], IdempotencyRecord)>,
+    /// Conflict evidence to keep (with no entries: the job only records it).
+    pub conflict: Option<ConflictRecord>,
+}
+
+impl Job {
+    /// A job storing `entries` with no idempotency records or evidence.
+    pub fn entries(entries: Vec<Prepared>) -> Self {
+        Self {
+            entries,
+            idempotency: Vec::new(),
+            conflict: None,
+        }
+    }
 }
 
 /// What a job came to.
@@ -86,6 +99,8 @@ pub enum WriteError {
         origin: String,
         /// Seq.
         seq: u64,
+        /// The entry received at that seq (its signature not yet judged).
+        received: Box<Entry>,
     },
 }
 
@@ -240,7 +255,7 @@ impl WriterThread {
         for (job, reply) in group {
             replies.push((reply, self.accept(job, &mut batch, &mut changed)));
         }
-        if !changed.is_empty() {
+        if !changed.is_empty() || !batch.conflicts.is_empty() {
             let received = now_micros();
             batch.heads = changed
                 .iter()
@@ -279,6 +294,7 @@ impl WriterThread {
         batch: &mut CommitBatch,
         changed: &mut HashMap<String, Tip>,
     ) -> Result<Stored, WriteError> {
+        batch.conflicts.extend(job.conflict);
         let Some(first) = job.entries.first() else {
             return Ok(Stored {
                 new: 0,
@@ -301,6 +317,7 @@ impl WriterThread {
                         return Err(WriteError::Fork {
                             origin,
                             seq: entry.body.seq,
+                            received: Box::new(entry.clone()),
                         });
                     }
                     duplicates += 1;
@@ -403,10 +420,7 @@ mod tests {
     use std::sync::{atomic::AtomicUsize, Mutex};
 
     fn job(entries: &[Entry]) -> Job {
-        Job {
-            entries: entries.iter().cloned().map(Prepared::new).collect(),
-            idempotency: Vec::new(),
-        }
+        Job::entries(entries.iter().cloned().map(Prepared::new).collect())
     }
 
     fn open(dir: &std::path::Path, hook: Option<SyncHook>) -> SharedStore {

@@ -7,6 +7,7 @@ mod cli;
 mod daemon;
 mod feed;
 mod interop;
+mod malicious;
 mod publish_query;
 mod replication;
 mod support;

@@ -287,6 +287,66 @@ pub fn verify_range(
     Ok(current)
 }
 
+/// How an origin's validly signed entries disagree with the feed held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictKind {
+    /// Two different entries at one seq of one feed: the key holder signed
+    /// two histories (or the key leaked).
+    Fork,
+    /// Entries of another feed id: the origin started its feed over.
+    Recreated,
+}
+
+impl ConflictKind {
+    /// Lowercase name, for status and the store.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fork => "fork",
+            Self::Recreated => "recreated",
+        }
+    }
+}
+
+/// Evidence that an origin's feed conflicts with the one held: both
+/// entries, each validly signed by the origin's key.
+#[derive(Debug, Clone)]
+pub struct Conflict {
+    /// What kind of conflict.
+    pub kind: ConflictKind,
+    /// The entry held (at the same seq for a fork; the head for a
+    /// re-created feed).
+    pub held: Entry,
+    /// The conflicting entry received.
+    pub other: Entry,
+}
+
+/// Judges an entry that disagrees with the feed held, given the held entry
+/// at the same seq (or the head, if the received feed id differs). Returns
+/// the evidence when both are validly signed by `key` and really conflict;
+/// `None` when they agree, or when `other` does not verify (that is a bad
+/// peer, not evidence against the origin).
+pub fn judge_conflict(key: &VerifyingKey, held: &Entry, other: &Entry) -> Option<Conflict> {
+    if held.body.origin != other.body.origin
+        || held.hash == other.hash
+        || verify_signature(key, held).is_err()
+        || verify_signature(key, other).is_err()
+    {
+        return None;
+    }
+    let kind = if held.body.feed_id != other.body.feed_id {
+        ConflictKind::Recreated
+    } else if held.body.seq == other.body.seq {
+        ConflictKind::Fork
+    } else {
+        return None;
+    };
+    Some(Conflict {
+        kind,
+        held: held.clone(),
+        other: other.clone(),
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -448,5 +508,29 @@ pub(crate) mod tests {
             check_link("city-a", Some(&entries[0].tip()), &back),
             Err(FeedError::TimeWentBack { .. })
         ));
+    }
+
+    #[test]
+    fn conflicts_need_two_valid_signatures() {
+        let key = key(1);
+        let entries = chain(&key, "city-a", 2);
+        // Another entry at seq 2, linked to the same seq 1: a fork.
+        let mut body = entries[1].body.clone();
+        body.time_unix_micros += 1;
+        let fork = Entry::sign(&key, body).unwrap();
+        let judged = judge_conflict(&key.verifying_key(), &entries[1], &fork).unwrap();
+        assert_eq!(judged.kind, ConflictKind::Fork);
+        // The same entry twice is no conflict.
+        assert!(judge_conflict(&key.verifying_key(), &entries[1], &entries[1]).is_none());
+        // An entry the origin's key did not sign is no evidence.
+        let forged = Entry::sign(&self::key(9), fork.body.clone()).unwrap();
+        assert!(judge_conflict(&key.verifying_key(), &entries[1], &forged).is_none());
+        // A new feed id, validly signed: the feed was started over.
+        let restarted = chain(&key, "city-a", 1);
+        let mut body = restarted[0].body.clone();
+        body.feed_id = vec![8; FEED_ID_LEN];
+        let restarted = Entry::sign(&key, body).unwrap();
+        let judged = judge_conflict(&key.verifying_key(), &entries[1], &restarted).unwrap();
+        assert_eq!(judged.kind, ConflictKind::Recreated);
     }
 }

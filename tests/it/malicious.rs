@@ -1,0 +1,267 @@
+//! A malicious peer: a test server speaking the Feed protocol (over mTLS,
+//! with a valid member certificate) that sends every kind of bad entry and
+//! a fork. Each is refused or kept as evidence; the good origin goes on.
+
+use std::{
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use civex_node::{
+    core::feed::{Entry, GENESIS_PREV_HASH},
+    keys::public_key_hex,
+    pki::Identity,
+    tls::{Tls, TlsFiles},
+    transport::{self, Security},
+};
+use civex_proto::v1::{
+    self as pb,
+    entry_body::Payload,
+    feed_server::{Feed, FeedServer},
+    subscribe_response::Event,
+    EntryBody, OfferWithdrawal, SignedEntry,
+};
+use ed25519_dalek::SigningKey;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::support::{eventually, issue_identity, Spec, TestNode};
+
+/// A feed of `origin` signed with `key`, with entries made on demand.
+struct Forger {
+    key: SigningKey,
+    origin: String,
+    feed_id: Vec<u8>,
+}
+
+impl Forger {
+    fn new(seed: u8, origin: &str) -> Self {
+        Self {
+            key: SigningKey::from_bytes(&[seed; 32]),
+            origin: origin.into(),
+            feed_id: vec![seed; 16],
+        }
+    }
+
+    /// Entry `seq` linked to `prev`, with `note` making it unique.
+    fn entry(&self, seq: u64, prev: &[u8], note: &str) -> Entry {
+        let body = EntryBody {
+            origin: self.origin.clone(),
+            feed_id: self.feed_id.clone(),
+            seq,
+            prev_hash: prev.to_vec(),
+            time_unix_micros: 1_000 + seq as i64,
+            idempotency_key: vec![seq as u8; 16],
+            payload: Some(Payload::Withdrawal(OfferWithdrawal {
+                offer_id: format!("offer-{seq}"),
+                reason: note.into(),
+            })),
+        };
+        Entry::sign(&self.key, body).unwrap()
+    }
+
+    /// A good chain of `count` entries.
+    fn chain(&self, count: u64) -> Vec<Entry> {
+        let mut out: Vec<Entry> = Vec::new();
+        for seq in 1..=count {
+            let prev = out
+                .last()
+                .map_or(GENESIS_PREV_HASH.to_vec(), |e| e.hash.to_vec());
+            out.push(self.entry(seq, &prev, "good"));
+        }
+        out
+    }
+}
+
+fn batch(origin: &str, entries: Vec<SignedEntry>) -> pb::SubscribeResponse {
+    pb::SubscribeResponse {
+        event: Some(Event::Entries(pb::EntryBatch {
+            origin: origin.into(),
+            entries,
+        })),
+    }
+}
+
+/// Serves one script step per subscription (step n on the n-th call),
+/// then ends the stream.
+struct Malicious {
+    steps: Vec<Vec<pb::SubscribeResponse>>,
+    calls: Arc<AtomicUsize>,
+}
+
+type Messages = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Feed for Malicious {
+    type SubscribeStream = Messages;
+
+    async fn subscribe(
+        &self,
+        _request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Messages>, Status> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        let step = self.steps.get(call).cloned().unwrap_or_default();
+        // Send the step and end the stream: the node reconnects for the next.
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            step.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn heads(
+        &self,
+        _request: Request<pb::HeadsRequest>,
+    ) -> Result<Response<pb::HeadsResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Forger::new(1, "city-a");
+    let b = Forger::new(2, "city-b");
+    let a_good = a.chain(2);
+    let b_good = b.chain(5);
+    let signed = |entries: &[Entry]| entries.iter().map(|e| e.signed.clone()).collect::<Vec<_>>();
+
+    // Bad entries for city-b, each after the 3 good ones the node holds.
+    let tip = b_good[2].hash.to_vec();
+    let mut bad_signature = b.entry(4, &tip, "x").signed;
+    let mut signature = bad_signature.signature.to_vec();
+    signature[0] ^= 1;
+    bad_signature.signature = signature.into();
+    let broken_chain = b.entry(4, &[9; 32], "x").signed;
+    let out_of_order = b.entry(6, &tip, "x").signed;
+    let replayed = b_good[1].signed.clone();
+    let malformed = SignedEntry {
+        body: vec![0xff, 0xff, 0xff].into(),
+        signature: vec![0; 64].into(),
+    };
+    let forged_by_another_key = Forger::new(3, "city-b").entry(4, &tip, "x").signed;
+    let unknown_origin = Forger::new(4, "city-x").chain(1);
+    let oversize = SignedEntry {
+        body: vec![0; 5 << 20].into(),
+        signature: vec![0; 64].into(),
+    };
+    // A fork of city-a: another entry at seq 2, validly signed by its key.
+    let fork = a.entry(2, &a_good[0].hash, "the other history");
+
+    let bad_steps: Vec<(&str, pb::SubscribeResponse)> = vec![
+        ("bad signature", batch("city-b", vec![bad_signature])),
+        ("broken chain", batch("city-b", vec![broken_chain])),
+        ("out of order", batch("city-b", vec![out_of_order])),
+        ("replayed", batch("city-b", vec![replayed])),
+        ("malformed", batch("city-b", vec![malformed])),
+        ("another key", batch("city-b", vec![forged_by_another_key])),
+        ("unknown origin", batch("city-x", signed(&unknown_origin))),
+        ("oversize message", batch("city-b", vec![oversize])),
+        (
+            "fork",
+            pb::SubscribeResponse {
+                event: Some(Event::Mismatch(pb::CursorMismatch {
+                    origin: "city-a".into(),
+                    held: Some(fork.signed.clone()),
+                    feed_id: a.feed_id.clone(),
+                })),
+            },
+        ),
+    ];
+    let mut steps = vec![vec![
+        batch("city-a", signed(&a_good)),
+        batch("city-b", signed(&b_good[..3])),
+    ]];
+    steps.extend(bad_steps.iter().map(|(_, message)| vec![message.clone()]));
+    // Last: the rest of city-b, and city-a's forked entry once more (it
+    // must be ignored now that city-a is quarantined).
+    steps.push(vec![
+        batch("city-b", signed(&b_good[3..])),
+        batch("city-a", vec![a.entry(3, &fork.hash, "x").signed]),
+    ]);
+    let calls = Arc::new(AtomicUsize::new(0));
+
+    // The malicious peer holds a valid member certificate.
+    let m_dir = dir.path().join("m");
+    issue_identity(&m_dir, &Identity::Origin("city-m".into()));
+    let tls = Tls::load(
+        TlsFiles::in_dir(&m_dir),
+        Some(Identity::Origin("city-m".into())),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let m_address = listener.local_addr().unwrap().to_string();
+    let incoming = transport::incoming(listener, Security::Mutual(tls), Duration::from_secs(5));
+    let server = FeedServer::new(Malicious {
+        steps,
+        calls: calls.clone(),
+    })
+    .max_encoding_message_size(16 << 20);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(incoming),
+    );
+
+    let node = TestNode::start(
+        &dir.path().join("node"),
+        Spec::new("city-n")
+            .peer("city-m", &m_address)
+            .trust("city-a", &public_key_hex(&a.key.verifying_key()))
+            .trust("city-b", &public_key_hex(&b.key.verifying_key()))
+            .allow_without_peers(),
+    )
+    .await;
+
+    eventually("the good entries and every bad step", || async {
+        calls.load(Ordering::SeqCst) > bad_steps.len() + 1 && node.head("city-b").await.0 == 5
+    })
+    .await;
+    // city-b: exactly the good chain, nothing of the bad steps.
+    let mut feed = node.feed().await;
+    let mut stream = feed
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![pb::Cursor {
+                origin: "city-b".into(),
+                ..Default::default()
+            }],
+            all_origins: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut held = Vec::new();
+    while held.len() < 5 {
+        if let Some(Event::Entries(batch)) = stream.message().await.unwrap().unwrap().event {
+            held.extend(batch.entries);
+        }
+    }
+    assert_eq!(held, signed(&b_good), "city-b differs from its good chain");
+
+    // city-a: the original history stays, the fork is on record, and
+    // nothing after it was taken.
+    assert_eq!(node.head("city-a").await, (2, a_good[1].hash.to_vec()));
+    assert_eq!(
+        node.head("city-x").await.0,
+        0,
+        "an unknown origin was stored"
+    );
+    let status = node.status().await;
+    let conflict = status
+        .conflicts
+        .iter()
+        .find(|c| c.origin == "city-a")
+        .expect("no conflict on record for city-a");
+    assert_eq!((conflict.kind.as_str(), conflict.seq), ("fork", 2));
+    assert_eq!(conflict.peer, "city-m");
+    assert_eq!(conflict.other.as_ref(), Some(&fork.signed));
+    assert_eq!(conflict.held.as_ref(), Some(&a_good[1].signed));
+    let peer = &status.peers[0];
+    assert!(
+        peer.refused >= 7,
+        "only {} entries counted as refused",
+        peer.refused
+    );
+}
