@@ -5,6 +5,7 @@
 
 mod cli;
 mod daemon;
+mod faults;
 mod feed;
 mod interop;
 mod malicious;

@@ -437,11 +437,49 @@ pub async fn publish_row(node: &TestNode, indicator: &str, value: f64) -> pb::Re
 }
 
 /// A TCP proxy whose target can change, so a restarted node keeps the
-/// address its peers dial.
+/// address its peers dial; it can also delay, stall and cut what it carries.
 pub struct Proxy {
     pub address: String,
     target: Arc<Mutex<String>>,
+    faults: tokio::sync::watch::Sender<Faults>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     task: JoinHandle<()>,
+}
+
+/// What the proxy does to the bytes it carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Faults {
+    /// Added before each chunk is forwarded.
+    pub delay: Duration,
+    /// Nothing is forwarded while set; connections stay open.
+    pub stalled: bool,
+}
+
+/// Copies one direction, obeying the faults.
+async fn carry(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut faults: tokio::sync::watch::Receiver<Faults>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        if faults.wait_for(|f| !f.stalled).await.is_err() {
+            break;
+        }
+        let delay = faults.borrow().delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Proxy {
@@ -449,20 +487,32 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let target = Arc::new(Mutex::new(target.to_owned()));
-        let shared = target.clone();
+        let (faults, watching) = tokio::sync::watch::channel(Faults::default());
+        let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (shared, live) = (target.clone(), connections.clone());
         let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 let to = shared.lock().unwrap().clone();
-                tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&to).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                let watching = watching.clone();
+                let connection = tokio::spawn(async move {
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(&to).await {
+                        let _ = outbound.set_nodelay(true);
+                        let (in_read, in_write) = inbound.into_split();
+                        let (out_read, out_write) = outbound.into_split();
+                        tokio::join!(
+                            carry(in_read, out_write, watching.clone()),
+                            carry(out_read, in_write, watching),
+                        );
                     }
                 });
+                live.lock().unwrap().push(connection.abort_handle());
             }
         });
         Self {
             address,
             target,
+            faults,
+            connections,
             task,
         }
     }
@@ -470,11 +520,48 @@ impl Proxy {
     pub fn set_target(&self, target: &str) {
         *self.target.lock().unwrap() = target.to_owned();
     }
+
+    /// Changes what happens to the bytes carried from now on.
+    pub fn set_faults(&self, faults: Faults) {
+        self.faults.send_replace(faults);
+    }
+
+    /// Cuts every connection open now (peers see their streams break).
+    pub fn cut(&self) {
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+        self.cut();
+    }
+}
+
+/// Every entry of `origin` the node at `address` holds, in order, byte for
+/// byte as it serves them.
+pub async fn whole_feed(address: &str, origin: &str) -> Vec<pb::SignedEntry> {
+    let mut stream = FeedClient::new(connect(address).await)
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![pb::Cursor {
+                origin: origin.into(),
+                ..Default::default()
+            }],
+            all_origins: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut entries = Vec::new();
+    loop {
+        match stream.message().await.unwrap().unwrap().event {
+            Some(pb::subscribe_response::Event::Entries(batch)) => entries.extend(batch.entries),
+            Some(pb::subscribe_response::Event::Drained(_)) => return entries,
+            other => panic!("unexpected message in {origin}'s feed: {other:?}"),
+        }
     }
 }
 
