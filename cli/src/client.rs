@@ -8,8 +8,8 @@ use civex_node::{
     transport::{error_chain, Security},
 };
 use civex_proto::v1::{
-    feed_client::FeedClient, publish_client::PublishClient, query_client::QueryClient,
-    status_client::StatusClient,
+    admin_client::AdminClient, feed_client::FeedClient, publish_client::PublishClient,
+    query_client::QueryClient, status_client::StatusClient,
 };
 use tonic::{transport::Channel, Code};
 
@@ -88,6 +88,11 @@ pub(crate) async fn query(node: &Node) -> anyhow::Result<QueryClient<Channel>> {
 /// Feed client.
 pub(crate) async fn feed(node: &Node) -> anyhow::Result<FeedClient<Channel>> {
     Ok(FeedClient::new(connect(node).await?).max_decoding_message_size(MAX_MESSAGE))
+}
+
+/// Admin client.
+pub(crate) async fn admin(node: &Node) -> anyhow::Result<AdminClient<Channel>> {
+    Ok(AdminClient::new(connect(node).await?))
 }
 
 /// Status client.

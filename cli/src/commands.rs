@@ -888,6 +888,149 @@ pub(crate) async fn feed(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `civex peer ...`
+#[derive(Subcommand)]
+pub(crate) enum PeerCommand {
+    /// Add a peer (or replace the one of the same name): the node starts
+    /// replicating from it at once. Persisted and audited.
+    Add {
+        /// Name, [a-z0-9][a-z0-9-]{0,63}.
+        name: String,
+        /// host:port of its node.
+        #[arg(long)]
+        address: String,
+        /// Origin id its certificate must name.
+        #[arg(long)]
+        origin: String,
+        /// An origin it may read from this node (repeatable); default: all.
+        #[arg(long = "read")]
+        may_read: Vec<String>,
+        /// Take only its own origin from it, not other origins it relays.
+        #[arg(long)]
+        no_relay: bool,
+    },
+    /// Remove a peer: replication from it stops; what it sent stays.
+    Remove {
+        /// Name of the peer.
+        name: String,
+    },
+    /// Every peer, from node.toml and from runtime changes.
+    List,
+}
+
+pub(crate) async fn peer(
+    node: &Node,
+    format: Format,
+    command: PeerCommand,
+) -> anyhow::Result<ExitCode> {
+    let mut admin = client::admin(node).await?;
+    let refused = |s: tonic::Status| anyhow!("refused: {}", describe(&s));
+    let peers = match command {
+        PeerCommand::Add {
+            name,
+            address,
+            origin,
+            may_read,
+            no_relay,
+        } => {
+            let request = pb::AddPeerRequest {
+                peer: Some(pb::PeerRecord {
+                    name,
+                    address,
+                    origin,
+                    may_read,
+                    relay: !no_relay,
+                    source: String::new(),
+                }),
+            };
+            vec![admin.add_peer(request).await.map_err(refused)?.into_inner()]
+        }
+        PeerCommand::Remove { name } => {
+            admin
+                .remove_peer(pb::RemovePeerRequest { name: name.clone() })
+                .await
+                .map_err(refused)?;
+            match format {
+                Format::Json => output::json(&json!({ "removed": name })),
+                Format::Table => println!("removed peer {name}"),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        PeerCommand::List => {
+            admin
+                .list_peers(pb::ListPeersRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .peers
+        }
+    };
+    match format {
+        Format::Json => output::json(&json!(peers
+            .iter()
+            .map(|p| json!({
+                "name": p.name, "address": p.address, "origin": p.origin,
+                "may_read": p.may_read, "relay": p.relay, "source": p.source,
+            }))
+            .collect::<Vec<_>>())),
+        Format::Table => output::table(
+            &["peer", "address", "origin", "may read", "relay", "source"],
+            &peers
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.name.clone(),
+                        p.address.clone(),
+                        p.origin.clone(),
+                        if p.may_read.is_empty() {
+                            "all".to_owned()
+                        } else {
+                            p.may_read.join(",")
+                        },
+                        if p.relay { "yes" } else { "no" }.to_owned(),
+                        p.source.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn audit(node: &Node, format: Format) -> anyhow::Result<ExitCode> {
+    let entries = client::admin(node)
+        .await?
+        .audit_log(pb::AuditLogRequest {})
+        .await
+        .map_err(|s| anyhow!("refused: {}", describe(&s)))?
+        .into_inner()
+        .entries;
+    match format {
+        Format::Json => output::json(&json!(entries
+            .iter()
+            .map(|e| json!({
+                "time": format_micros(e.time_unix_micros), "who": e.who,
+                "action": e.action, "detail": e.detail,
+            }))
+            .collect::<Vec<_>>())),
+        Format::Table => output::table(
+            &["time", "who", "action", "detail"],
+            &entries
+                .iter()
+                .map(|e| {
+                    vec![
+                        format_micros(e.time_unix_micros),
+                        e.who.clone(),
+                        e.action.clone(),
+                        e.detail.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCode> {
     let status = client::status(node)
         .await?

@@ -89,8 +89,13 @@ enum Command {
     /// Follow feeds.
     #[command(subcommand)]
     Feed(commands::FeedCommand),
-    /// Heads per origin, peers and their lag.
+    /// Heads per origin, peers and their lag, conflicts on record.
     Status,
+    /// Peers at runtime: add, remove, list (persisted and audited).
+    #[command(subcommand)]
+    Peer(commands::PeerCommand),
+    /// Who changed what on the node, and when.
+    Audit,
     /// Re-verify every entry in a node's store (the node must be stopped).
     Verify {
         /// The node's node.toml (store directory and keys).
@@ -166,6 +171,8 @@ async fn talk_to(
         Command::Query(command) => commands::query(node, output, command).await,
         Command::Feed(command) => commands::feed(node, output, command).await,
         Command::Status => commands::status(node, output).await,
+        Command::Peer(command) => commands::peer(node, output, command).await,
+        Command::Audit => commands::audit(node, output).await,
         _ => unreachable!("commands that talk to no node are run by main"),
     }
 }

@@ -8,6 +8,7 @@
 //! - [`writer`]: the single writer thread, group commit and durable acks.
 //! - [`publish`]: sequencing and signing this node's own feed.
 //! - [`replicate`]: subscribing to peers, verifying and storing their feeds.
+//! - [`peers`]: peers added and removed at runtime, persisted and audited.
 //! - [`service`]: the gRPC layer; the only module that names tonic servers.
 //! - [`transport`]: every listener and client connection, plain or TLS.
 //! - [`tls`]: mutual TLS: certificates, verification, reload, revocation.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod core;
 pub mod keys;
 pub mod node;
+pub mod peers;
 pub mod pki;
 pub mod publish;
 pub mod query;

@@ -9,9 +9,10 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     config::{Config, TlsMode},
     keys::{load_key_file, KeyError, KeyResolver},
+    peers::{PeerRegistry, PeersError},
     pki::Identity,
     publish::Publisher,
-    replicate::{Peer, PublishGate, Replicator},
+    replicate::{PublishGate, Replication, Replicator},
     service::{router, Services},
     store::{SharedStore, SledStore, StoreError},
     tls::{Tls, TlsError, TlsFiles},
@@ -34,6 +35,9 @@ pub enum NodeError {
     /// The TLS files.
     #[error("tls: {0}")]
     Tls(#[from] TlsError),
+    /// The runtime peers file.
+    #[error("peers: {0}")]
+    Peers(#[from] PeersError),
     /// The server.
     #[error("gRPC server: {0}")]
     Server(String),
@@ -92,7 +96,9 @@ pub async fn run_secured(
         key.verifying_key(),
         pinned,
     ));
-    let (gate, ready) = PublishGate::new(config.peers.len(), config.publish.allow_without_peers);
+    let registry = Arc::new(PeerRegistry::open(&config.data_dir, &config.peers)?);
+    let initial_peers = registry.list();
+    let (gate, ready) = PublishGate::new(initial_peers.len(), config.publish.allow_without_peers);
     let publisher = Arc::new(Publisher::new(
         config.origin.clone(),
         key,
@@ -109,7 +115,6 @@ pub async fn run_secured(
         stopping.clone(),
     ));
 
-    let peers: Vec<Peer> = config.peers.iter().map(Peer::new).collect();
     let quarantined = store
         .conflicts()?
         .into_iter()
@@ -131,24 +136,14 @@ pub async fn run_secured(
         security: security.clone(),
         quarantined: Arc::new(std::sync::Mutex::new(quarantined)),
     };
-    let replication: Vec<_> = peers
-        .iter()
-        .enumerate()
-        .map(|(index, peer)| {
-            tokio::spawn(
-                replicator
-                    .clone()
-                    .run(peer.clone(), index, stopping.clone()),
-            )
-        })
-        .collect();
-    drop(replicator);
+    let replication = Replication::start(replicator, &initial_peers, stopping.clone());
 
     let routes = router(Services {
         store: store.clone(),
         writer: writer.clone(),
         publisher: publisher.clone(),
-        peers,
+        replication: replication.clone(),
+        registry,
         shutdown: stopping.clone(),
         max_message_bytes: config.limits.max_message_bytes,
         max_streams_per_peer: config.limits.max_streams_per_peer,
@@ -157,7 +152,7 @@ pub async fn run_secured(
     .map_err(|err| NodeError::Server(err.to_string()))?;
     let address =
         transport::local_address(&listener).map_err(|err| NodeError::Server(err.to_string()))?;
-    tracing::info!(origin = %config.origin, %address, peers = config.peers.len(), "civex node serving");
+    tracing::info!(origin = %config.origin, %address, peers = initial_peers.len(), "civex node serving");
 
     let stop_on_signal = {
         let stop = stop.clone();
@@ -202,9 +197,7 @@ pub async fn run_secured(
         }
     };
     stop.send_replace(true);
-    for task in replication {
-        let _ = task.await;
-    }
+    replication.join().await;
     let _ = indexer.await;
     if let Some(reloader) = reloader {
         let _ = reloader.await;

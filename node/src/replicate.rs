@@ -17,7 +17,7 @@ use civex_proto::v1::{
 use tokio::sync::{oneshot, watch};
 
 use crate::{
-    config::{PeerConfig, ReplicationConfig},
+    config::ReplicationConfig,
     core::{
         feed::{
             check_link, judge_conflict, verify_range, verify_signature, Conflict, Entry, FeedError,
@@ -26,6 +26,7 @@ use crate::{
         ids::hex,
     },
     keys::KeyResolver,
+    peers::PeerPolicy,
     pki::Identity,
     publish::recovered_records,
     store::{ConflictRecord, SharedStore},
@@ -60,17 +61,20 @@ pub struct Peer {
     pub address: String,
     /// Origin its certificate must name (mutual TLS).
     pub origin: Option<String>,
+    /// Whether other origins are taken through it, or only its own.
+    pub relay: bool,
     /// Shared state.
     pub state: Arc<Mutex<PeerState>>,
 }
 
 impl Peer {
-    /// A peer from its config.
-    pub fn new(config: &PeerConfig) -> Self {
+    /// A peer from its policy.
+    pub fn new(policy: &PeerPolicy) -> Self {
         Self {
-            name: config.name.clone(),
-            address: config.address.clone(),
-            origin: config.origin.clone(),
+            name: policy.name.clone(),
+            address: policy.address.clone(),
+            origin: policy.origin.clone(),
+            relay: policy.relay,
             state: Arc::default(),
         }
     }
@@ -123,9 +127,9 @@ enum SessionError {
 }
 
 impl Replicator {
-    /// Replicates from `peer` (number `index` in the config) until
-    /// `shutdown` turns true.
-    pub async fn run(self, peer: Peer, index: usize, mut shutdown: watch::Receiver<bool>) {
+    /// Replicates from `peer` until `shutdown` turns true; `index` is the
+    /// peer's slot in the publish gate (peers present at start have one).
+    pub async fn run(self, peer: Peer, index: Option<usize>, mut shutdown: watch::Receiver<bool>) {
         let initial = Duration::from_millis(self.timing.backoff_initial_ms);
         let max = Duration::from_millis(self.timing.backoff_max_ms);
         let mut backoff = initial;
@@ -148,7 +152,7 @@ impl Replicator {
                     // after several failed attempts in a row (it may be
                     // restarting too, and hold this node's newest entries).
                     failures = if was_connected { 1 } else { failures + 1 };
-                    if failures >= UNREACHABLE_AFTER {
+                    if let Some(index) = index.filter(|_| failures >= UNREACHABLE_AFTER) {
                         self.gate.report(index, PeerSync::Unreachable);
                     }
                 }
@@ -164,7 +168,7 @@ impl Replicator {
     async fn session(
         &self,
         peer: &Peer,
-        index: usize,
+        index: Option<usize>,
         backoff: &mut Duration,
         initial: Duration,
     ) -> Result<(), SessionError> {
@@ -179,7 +183,9 @@ impl Replicator {
         let mut tips: HashMap<String, Option<Tip>> = HashMap::new();
         let mut cursors = Vec::new();
         for origin in self.keys.origins() {
-            if self.is_quarantined(origin) {
+            let taken =
+                peer.relay || origin == self.own_origin || peer.origin.as_deref() == Some(origin);
+            if !taken || self.is_quarantined(origin) {
                 continue;
             }
             let tip = self
@@ -306,7 +312,9 @@ impl Replicator {
                             .get(&self.own_origin)
                             .map_or(0, |h| h.tip.seq);
                         if held >= drained.head_seq {
-                            self.gate.report(index, PeerSync::Synced);
+                            if let Some(index) = index {
+                                self.gate.report(index, PeerSync::Synced);
+                            }
                         } else {
                             tracing::error!(peer = %peer.name, peer_seq = drained.head_seq, held_seq = held,
                                 "the peer holds more of this node's own feed than this node could take; publishing stays closed");
@@ -446,6 +454,92 @@ fn now_micros() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The running replication tasks, one per peer, started and stopped as
+/// peers are added and removed.
+pub struct Replication {
+    replicator: Replicator,
+    shutdown: watch::Receiver<bool>,
+    running: Mutex<BTreeMap<String, (Peer, tokio::task::JoinHandle<()>)>>,
+}
+
+impl Replication {
+    /// Starts a task per peer; these peers hold the publish gate's slots.
+    pub fn start(
+        replicator: Replicator,
+        peers: &[PeerPolicy],
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Self> {
+        let this = Arc::new(Self {
+            replicator,
+            shutdown,
+            running: Mutex::default(),
+        });
+        for (index, policy) in peers.iter().enumerate() {
+            this.spawn(policy, Some(index));
+        }
+        this
+    }
+
+    fn spawn(&self, policy: &PeerPolicy, index: Option<usize>) {
+        let peer = Peer::new(policy);
+        let task = tokio::spawn(self.replicator.clone().run(
+            peer.clone(),
+            index,
+            self.shutdown.clone(),
+        ));
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, old)) = running.insert(policy.name.clone(), (peer, task)) {
+            old.abort();
+        }
+    }
+
+    /// Starts replicating from a peer added at runtime (replacing one of
+    /// the same name).
+    pub fn add(&self, policy: &PeerPolicy) {
+        self.spawn(policy, None);
+    }
+
+    /// Stops replicating from a peer; what it sent and was stored stays.
+    pub fn remove(&self, name: &str) {
+        let removed = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
+        if let Some((_, task)) = removed {
+            task.abort();
+        }
+    }
+
+    /// The peers replicated from now, by name.
+    pub fn peers(&self) -> Vec<Peer> {
+        self.running
+            .lock()
+            .map(|running| running.values().map(|(peer, _)| peer.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Waits for every task to end (after shutdown).
+    pub async fn join(&self) {
+        let tasks: Vec<_> = self
+            .running
+            .lock()
+            .map(|mut running| {
+                std::mem::take(&mut *running)
+                    .into_values()
+                    .map(|(_, task)| task)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
 }
 
 /// The longest prefix of `entries` that verifies entry by entry (link and

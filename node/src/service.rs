@@ -20,10 +20,11 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     core::{feed::entry_hash, ids::check_origin_id, ingest::InputRow},
+    peers::{PeerPolicy, PeerRegistry},
     pki::Identity,
     publish::{self, PublishError, Publisher, Receipt},
     query::{self, ObservationFilter, OfferFilter, QueryError},
-    replicate::Peer,
+    replicate::Replication,
     store::{Head, SharedStore, Store, StoreError},
     tls::PeerInfo,
     writer::{DurableHeads, WriteError, Writer},
@@ -348,10 +349,11 @@ pub struct FeedService {
     writer: Writer,
     shutdown: watch::Receiver<bool>,
     streams: StreamSlots,
+    registry: Arc<PeerRegistry>,
 }
 
-/// Open subscriptions per remote address, capped (until peers have TLS
-/// identities, the address is the peer).
+/// Open subscriptions per peer (its certificate identity, or its address on
+/// a plain connection), capped.
 #[derive(Clone)]
 struct StreamSlots {
     open: Arc<std::sync::Mutex<HashMap<String, usize>>>,
@@ -492,6 +494,7 @@ impl FeedService {
         mut committed: watch::Receiver<DurableHeads>,
         mut shutdown: watch::Receiver<bool>,
         request: pb::SubscribeRequest,
+        readable: Option<PeerPolicy>,
         tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
     ) -> Result<(), StoreError> {
         let mut origins: BTreeMap<String, OriginCursor> = BTreeMap::new();
@@ -506,7 +509,8 @@ impl FeedService {
         loop {
             let heads = committed.borrow_and_update().clone();
             if request.all_origins {
-                for origin in heads.keys() {
+                let readable = |origin: &str| readable.as_ref().is_none_or(|p| p.may_read(origin));
+                for origin in heads.keys().filter(|o| readable(o)) {
                     origins
                         .entry(origin.clone())
                         .or_insert_with(|| OriginCursor::from_seq(0, None));
@@ -601,6 +605,10 @@ impl Feed for FeedService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let identity = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|info| info.identity.clone());
         let peer = request
             .extensions()
             .get::<PeerInfo>()
@@ -608,7 +616,22 @@ impl Feed for FeedService {
                 Some(identity) => identity.to_string(),
                 None => info.addr.ip().to_string(),
             });
+        // A member node with a peer policy reads only what it allows.
+        let readable = match &identity {
+            Some(Identity::Origin(origin)) => self.registry.policy_for(origin),
+            _ => None,
+        };
         let request = request.into_inner();
+        if let Some(policy) = &readable {
+            if let Some(cursor) = request.cursors.iter().find(|c| !policy.may_read(&c.origin)) {
+                return Err(Status::permission_denied(format!(
+                    "{peer} may not read origin {} from this node (peer {} may read: {})",
+                    cursor.origin,
+                    policy.name,
+                    policy.may_read.join(", ")
+                )));
+            }
+        }
         if request.cursors.len() > MAX_CURSORS {
             return Err(invalid(format!(
                 "cursors: {} cursors, at most {MAX_CURSORS} per subscription",
@@ -638,7 +661,7 @@ impl Feed for FeedService {
         tokio::spawn(async move {
             let _slot = slot;
             let error_tx = tx.clone();
-            if let Err(err) = Self::serve(store, committed, shutdown, request, tx).await {
+            if let Err(err) = Self::serve(store, committed, shutdown, request, readable, tx).await {
                 tracing::error!(error = %err, "subscription ended by a store error");
                 let _ = error_tx.send(Err(err.to_status())).await;
             }
@@ -759,7 +782,7 @@ pub struct StatusService {
     store: SharedStore,
     writer: Writer,
     publisher: Arc<Publisher>,
-    peers: Vec<Peer>,
+    replication: Arc<Replication>,
 }
 
 #[tonic::async_trait]
@@ -772,7 +795,8 @@ impl StatusApi for StatusService {
         let held: BTreeMap<&str, u64> =
             heads.iter().map(|(o, h)| (o.as_str(), h.tip.seq)).collect();
         let peers = self
-            .peers
+            .replication
+            .peers()
             .iter()
             .map(|peer| {
                 let state = peer.state.lock().map(|s| s.clone()).unwrap_or_default();
@@ -825,6 +849,115 @@ impl StatusApi for StatusService {
     }
 }
 
+/// The Admin service: peers at runtime, the audit log.
+pub struct AdminService {
+    registry: Arc<PeerRegistry>,
+    replication: Arc<Replication>,
+}
+
+fn who(request: &Request<impl Sized>) -> String {
+    match request.extensions().get::<PeerInfo>() {
+        Some(PeerInfo {
+            identity: Some(identity),
+            ..
+        }) => identity.to_string(),
+        Some(info) => format!("local ({})", info.addr),
+        None => "unknown".into(),
+    }
+}
+
+fn peer_record(policy: PeerPolicy) -> pb::PeerRecord {
+    pb::PeerRecord {
+        name: policy.name,
+        address: policy.address,
+        origin: policy.origin.unwrap_or_default(),
+        may_read: policy.may_read,
+        relay: policy.relay,
+        source: policy.source,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn add_peer(
+        &self,
+        request: Request<pb::AddPeerRequest>,
+    ) -> Result<Response<pb::PeerRecord>, Status> {
+        let who = who(&request);
+        let record = request
+            .into_inner()
+            .peer
+            .ok_or_else(|| invalid("peer: missing".into()))?;
+        let policy = PeerPolicy {
+            name: record.name,
+            address: record.address,
+            origin: (!record.origin.is_empty()).then_some(record.origin),
+            may_read: record.may_read,
+            relay: record.relay,
+            source: String::new(),
+        };
+        policy.check().map_err(|m| invalid(format!("peer.{m}")))?;
+        let registry = self.registry.clone();
+        let stored = tokio::task::spawn_blocking(move || registry.add(&who, policy))
+            .await
+            .map_err(|err| Status::internal(err.to_string()))?
+            .map_err(|err| Status::unavailable(err.to_string()))?;
+        self.replication.add(&stored);
+        tracing::info!(peer = %stored.name, address = %stored.address, "peer added");
+        Ok(Response::new(peer_record(stored)))
+    }
+
+    async fn remove_peer(
+        &self,
+        request: Request<pb::RemovePeerRequest>,
+    ) -> Result<Response<pb::RemovePeerResponse>, Status> {
+        let who = who(&request);
+        let name = request.into_inner().name;
+        let registry = self.registry.clone();
+        let removed = {
+            let name = name.clone();
+            tokio::task::spawn_blocking(move || registry.remove(&who, &name))
+                .await
+                .map_err(|err| Status::internal(err.to_string()))?
+                .map_err(|err| Status::unavailable(err.to_string()))?
+        };
+        if !removed {
+            return Err(Status::not_found(format!("name: no peer named {name:?}")));
+        }
+        self.replication.remove(&name);
+        tracing::info!(peer = %name, "peer removed");
+        Ok(Response::new(pb::RemovePeerResponse {}))
+    }
+
+    async fn list_peers(
+        &self,
+        _request: Request<pb::ListPeersRequest>,
+    ) -> Result<Response<pb::ListPeersResponse>, Status> {
+        Ok(Response::new(pb::ListPeersResponse {
+            peers: self.registry.list().into_iter().map(peer_record).collect(),
+        }))
+    }
+
+    async fn audit_log(
+        &self,
+        _request: Request<pb::AuditLogRequest>,
+    ) -> Result<Response<pb::AuditLogResponse>, Status> {
+        let entries = self
+            .registry
+            .audit_log()
+            .map_err(|err| Status::unavailable(err.to_string()))?
+            .into_iter()
+            .map(|r| pb::AuditEntry {
+                time_unix_micros: r.time_unix_micros,
+                who: r.who,
+                action: r.action,
+                detail: r.detail,
+            })
+            .collect();
+        Ok(Response::new(pb::AuditLogResponse { entries }))
+    }
+}
+
 /// Everything the services share.
 pub struct Services {
     /// The store.
@@ -833,8 +966,10 @@ pub struct Services {
     pub writer: Writer,
     /// The publisher.
     pub publisher: Arc<Publisher>,
-    /// Configured peers.
-    pub peers: Vec<Peer>,
+    /// Replication from peers (for status and runtime changes).
+    pub replication: Arc<Replication>,
+    /// Peers and their policies, persisted and audited.
+    pub registry: Arc<PeerRegistry>,
     /// Turns true at shutdown.
     pub shutdown: watch::Receiver<bool>,
     /// Message size limit.
@@ -866,6 +1001,9 @@ pub async fn router(
     health_reporter
         .set_serving::<StatusServer<StatusService>>()
         .await;
+    health_reporter
+        .set_serving::<pb::admin_server::AdminServer<AdminService>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(civex_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -889,6 +1027,7 @@ pub async fn router(
             open: Arc::default(),
             cap: services.max_streams_per_peer,
         },
+        registry: services.registry.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -903,16 +1042,24 @@ pub async fn router(
         store: services.store,
         writer: services.writer,
         publisher: services.publisher,
-        peers: services.peers,
+        replication: services.replication.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     let status = InterceptedService::new(status, Access::Operators("node status").check());
+    let admin = pb::admin_server::AdminServer::new(AdminService {
+        registry: services.registry,
+        replication: services.replication,
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let admin = InterceptedService::new(admin, Access::Operators("peer administration").check());
     Ok(tonic::service::Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(publish)
         .add_service(feed)
         .add_service(query)
-        .add_service(status))
+        .add_service(status)
+        .add_service(admin))
 }

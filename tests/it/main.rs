@@ -9,6 +9,7 @@ mod faults;
 mod feed;
 mod interop;
 mod malicious;
+mod peers;
 mod publish_query;
 mod replication;
 mod support;

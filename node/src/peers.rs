@@ -1,0 +1,349 @@
+//! Peers managed at runtime: the peers of `node.toml` plus the changes made
+//! with `civex peer add|remove`, kept in `<data_dir>/peers.json`; every
+//! change is appended to `<data_dir>/audit.jsonl` (who, when, what). Both
+//! files are written whole or appended, then fsynced, before a change is
+//! acknowledged.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::PeerConfig,
+    core::ids::{check_origin_id, check_slug},
+};
+
+/// One peer: a node this node subscribes to, and what it may do here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerPolicy {
+    /// Name, for logs, status and `civex peer remove`.
+    pub name: String,
+    /// `host:port` dialled.
+    pub address: String,
+    /// Origin its certificate must name.
+    pub origin: Option<String>,
+    /// Origins it may read from this node; empty means every origin.
+    #[serde(default)]
+    pub may_read: Vec<String>,
+    /// Whether this node takes other origins' feeds relayed through it;
+    /// if not, only the peer's own origin (and this node's own feed, for
+    /// restore safety) is taken from it.
+    #[serde(default = "yes")]
+    pub relay: bool,
+    /// Where the peer comes from: `config` or `runtime`.
+    #[serde(default)]
+    pub source: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl PeerPolicy {
+    /// A peer of `node.toml`: reads everything, relays.
+    pub fn from_config(config: &PeerConfig) -> Self {
+        Self {
+            name: config.name.clone(),
+            address: config.address.clone(),
+            origin: config.origin.clone(),
+            may_read: Vec::new(),
+            relay: true,
+            source: "config".into(),
+        }
+    }
+
+    /// Checks every field; the message names the field.
+    pub fn check(&self) -> Result<(), String> {
+        check_slug(&self.name).map_err(|m| format!("name: {:?} {m}", self.name))?;
+        crate::transport::check_address(&self.address).map_err(|m| format!("address: {m}"))?;
+        if let Some(origin) = &self.origin {
+            check_origin_id(origin).map_err(|m| format!("origin: {m}"))?;
+        }
+        for origin in &self.may_read {
+            check_origin_id(origin).map_err(|m| format!("may_read: {m}"))?;
+        }
+        Ok(())
+    }
+
+    /// Whether this peer may read `origin` from this node.
+    pub fn may_read(&self, origin: &str) -> bool {
+        self.may_read.is_empty() || self.may_read.iter().any(|o| o == origin)
+    }
+}
+
+/// One audited change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// When, microseconds since the Unix epoch.
+    pub time_unix_micros: i64,
+    /// Who: the operator's certificate identity (or "local" in insecure mode).
+    pub who: String,
+    /// What: `peer add`, `peer remove`.
+    pub action: String,
+    /// The change, as JSON.
+    pub detail: String,
+}
+
+/// What `peers.json` holds: changes on top of `node.toml`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Changes {
+    /// Peers added or replaced at runtime.
+    added: Vec<PeerPolicy>,
+    /// Names of config peers removed at runtime.
+    removed: Vec<String>,
+}
+
+/// A peer-registry problem, naming the file.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct PeersError {
+    /// The file.
+    pub path: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// The peers, persisted and audited.
+pub struct PeerRegistry {
+    path: PathBuf,
+    audit_path: PathBuf,
+    config: Vec<PeerPolicy>,
+    changes: Mutex<Changes>,
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+impl PeerRegistry {
+    /// Loads the runtime changes in `data_dir` on top of the config's peers.
+    pub fn open(data_dir: &Path, config: &[PeerConfig]) -> Result<Self, PeersError> {
+        let path = data_dir.join("peers.json");
+        let error = |message: String| PeersError {
+            path: path.display().to_string(),
+            message,
+        };
+        let changes = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|err| error(format!("does not parse: {err}")))?,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Changes::default(),
+            Err(err) => return Err(error(format!("cannot read: {err}"))),
+        };
+        Ok(Self {
+            audit_path: data_dir.join("audit.jsonl"),
+            path,
+            config: config.iter().map(PeerPolicy::from_config).collect(),
+            changes: Mutex::new(changes),
+        })
+    }
+
+    fn error(&self, path: &Path, message: String) -> PeersError {
+        PeersError {
+            path: path.display().to_string(),
+            message,
+        }
+    }
+
+    /// Every peer now: the config's (minus removed ones, unless replaced)
+    /// and the runtime ones, by name.
+    pub fn list(&self) -> Vec<PeerPolicy> {
+        let changes = self
+            .changes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut peers: BTreeMap<String, PeerPolicy> = self
+            .config
+            .iter()
+            .filter(|p| !changes.removed.contains(&p.name))
+            .map(|p| (p.name.clone(), p.clone()))
+            .collect();
+        for peer in &changes.added {
+            peers.insert(peer.name.clone(), peer.clone());
+        }
+        peers.into_values().collect()
+    }
+
+    /// The policy of the peer whose certificate names `origin`, if any.
+    pub fn policy_for(&self, origin: &str) -> Option<PeerPolicy> {
+        self.list()
+            .into_iter()
+            .find(|p| p.origin.as_deref() == Some(origin))
+    }
+
+    /// Adds (or replaces, by name) a peer; persisted and audited before it
+    /// returns. Returns the peer as stored.
+    pub fn add(&self, who: &str, mut peer: PeerPolicy) -> Result<PeerPolicy, PeersError> {
+        peer.source = "runtime".into();
+        peer.check().map_err(|m| self.error(&self.path, m))?;
+        let mut changes = self
+            .changes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = Changes {
+            added: changes
+                .added
+                .iter()
+                .filter(|p| p.name != peer.name)
+                .cloned()
+                .collect(),
+            removed: changes.removed.clone(),
+        };
+        next.added.push(peer.clone());
+        self.persist(&next)?;
+        *changes = next;
+        drop(changes);
+        self.audit(who, "peer add", &peer)?;
+        Ok(peer)
+    }
+
+    /// Removes a peer by name; `false` if there was none.
+    pub fn remove(&self, who: &str, name: &str) -> Result<bool, PeersError> {
+        if !self.list().iter().any(|p| p.name == name) {
+            return Ok(false);
+        }
+        let mut changes = self
+            .changes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = Changes {
+            added: changes
+                .added
+                .iter()
+                .filter(|p| p.name != name)
+                .cloned()
+                .collect(),
+            removed: changes.removed.clone(),
+        };
+        if self.config.iter().any(|p| p.name == name) && !next.removed.iter().any(|n| n == name) {
+            next.removed.push(name.to_owned());
+        }
+        self.persist(&next)?;
+        *changes = next;
+        drop(changes);
+        self.audit(who, "peer remove", &serde_json::json!({ "name": name }))?;
+        Ok(true)
+    }
+
+    /// The audit log, oldest first.
+    pub fn audit_log(&self) -> Result<Vec<AuditRecord>, PeersError> {
+        let text = match std::fs::read_to_string(&self.audit_path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(self.error(&self.audit_path, format!("cannot read: {err}"))),
+        };
+        text.lines()
+            .enumerate()
+            .filter(|(_, line)| !line.is_empty())
+            .map(|(i, line)| {
+                serde_json::from_str(line)
+                    .map_err(|err| self.error(&self.audit_path, format!("line {}: {err}", i + 1)))
+            })
+            .collect()
+    }
+
+    /// Writes `peers.json` whole: a temporary file, fsync, rename, fsync of
+    /// the directory.
+    fn persist(&self, changes: &Changes) -> Result<(), PeersError> {
+        let fail = |err: std::io::Error| self.error(&self.path, format!("cannot write: {err}"));
+        let text = serde_json::to_vec_pretty(changes)
+            .map_err(|err| self.error(&self.path, err.to_string()))?;
+        let temporary = self.path.with_extension("json.tmp");
+        let mut file = std::fs::File::create(&temporary).map_err(fail)?;
+        file.write_all(&text)
+            .and_then(|()| file.sync_all())
+            .map_err(fail)?;
+        std::fs::rename(&temporary, &self.path).map_err(fail)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    fn audit(&self, who: &str, action: &str, detail: &impl Serialize) -> Result<(), PeersError> {
+        let record = AuditRecord {
+            time_unix_micros: now_micros(),
+            who: who.to_owned(),
+            action: action.to_owned(),
+            detail: serde_json::to_string(detail)
+                .map_err(|err| self.error(&self.audit_path, err.to_string()))?,
+        };
+        let mut line = serde_json::to_string(&record)
+            .map_err(|err| self.error(&self.audit_path, err.to_string()))?;
+        line.push('\n');
+        let fail =
+            |err: std::io::Error| self.error(&self.audit_path, format!("cannot append: {err}"));
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.audit_path)
+            .map_err(fail)?;
+        file.write_all(line.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(fail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(name: &str) -> PeerPolicy {
+        PeerPolicy {
+            name: name.into(),
+            address: "127.0.0.1:7401".into(),
+            origin: Some(name.into()),
+            may_read: Vec::new(),
+            relay: true,
+            source: String::new(),
+        }
+    }
+
+    #[test]
+    fn changes_persist_over_the_config_and_are_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = vec![PeerConfig {
+            name: "city-b".into(),
+            address: "127.0.0.1:7402".into(),
+            origin: Some("city-b".into()),
+        }];
+        let registry = PeerRegistry::open(dir.path(), &config).unwrap();
+        assert_eq!(registry.list().len(), 1);
+        registry.add("operator ops", peer("city-c")).unwrap();
+        assert!(registry.remove("operator ops", "city-b").unwrap());
+        assert!(!registry.remove("operator ops", "nobody").unwrap());
+        let mut bad = peer("city-d");
+        bad.address = "nowhere".into();
+        assert!(registry
+            .add("operator ops", bad)
+            .unwrap_err()
+            .to_string()
+            .contains("address"));
+
+        let reopened = PeerRegistry::open(dir.path(), &config).unwrap();
+        let names: Vec<String> = reopened.list().into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["city-c"]);
+        assert_eq!(reopened.list()[0].source, "runtime");
+        let log = reopened.audit_log().unwrap();
+        let actions: Vec<(&str, &str)> = log
+            .iter()
+            .map(|r| (r.who.as_str(), r.action.as_str()))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                ("operator ops", "peer add"),
+                ("operator ops", "peer remove")
+            ]
+        );
+        assert!(log[1].detail.contains("city-b"));
+    }
+}
