@@ -8,3 +8,4 @@ pub mod ids;
 pub mod index;
 pub mod ingest;
 pub mod period;
+pub mod sdc;
