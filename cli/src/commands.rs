@@ -11,13 +11,13 @@ use anyhow::{anyhow, bail, Context};
 use civex_node::{
     config::{template, Config},
     core::{
-        feed::{verify_range, Entry, Tip},
+        feed::{verify_chain, Entry, Tip},
         ids::{check_origin_id, hex, unhex},
         ingest::{area_slug, parse_area, parse_csv, parse_json, InputRow},
     },
     keys::{
-        create_key_file, load_key_file, parse_public_key, public_key_hex, write_secret_file,
-        KeyResolver,
+        create_key_file, genesis_key, load_key_file, parse_public_key, public_key_hex,
+        write_secret_file, KeyResolver,
     },
     pki::{request, Identity},
 };
@@ -529,6 +529,19 @@ pub(crate) async fn retract(
     .await
 }
 
+/// `civex key rotate`: the node makes a new feed key and hands its feed to
+/// it with an entry signed by the current key.
+pub(crate) async fn rotate_key(node: &Node, format: Format) -> anyhow::Result<ExitCode> {
+    let request = pb::RotateKeyRequest {
+        idempotency_key: client::idempotency_key()?,
+    };
+    send_publish(node, format, |mut c| {
+        let request = request.clone();
+        async move { c.rotate_key(request).await }
+    })
+    .await
+}
+
 fn obs_status(value: i32) -> &'static str {
     match pb::ObservationStatus::try_from(value) {
         Ok(pb::ObservationStatus::Normal) => "normal",
@@ -758,6 +771,7 @@ fn describe_payload(body: &pb::EntryBody) -> String {
             )
         }
         Some(Payload::Retraction(r)) => format!("retraction of seq {}", r.seq),
+        Some(Payload::KeyRotation(r)) => format!("key rotation to {}", hex(&r.new_key)),
         None => "unknown payload kind".into(),
     }
 }
@@ -775,7 +789,7 @@ fn resolver_for(
                 .map_err(|m| anyhow!("{}: {m}", path.display()))?,
         );
         let own = load_key_file(&config.key_file)?;
-        resolved.insert(config.origin.clone(), own.verifying_key());
+        resolved.insert(config.origin.clone(), genesis_key(&config.key_file, &own)?);
     }
     for pair in keys {
         let (origin, key) = pair
@@ -804,7 +818,7 @@ pub(crate) async fn feed(
         origin,
         count,
     } = command;
-    let keys = resolver_for(config.as_deref(), &key)?;
+    let mut keys = resolver_for(config.as_deref(), &key)?;
     let origins: Vec<String> = if origin.is_empty() {
         keys.keys().cloned().collect()
     } else {
@@ -844,7 +858,7 @@ pub(crate) async fn feed(
         let Some(Event::Entries(batch)) = message.event else {
             continue;
         };
-        let key = keys.get(&batch.origin).ok_or_else(|| {
+        let key = *keys.get(&batch.origin).ok_or_else(|| {
             anyhow!(
                 "the node sent origin {:?}, which was not asked for",
                 batch.origin
@@ -857,9 +871,10 @@ pub(crate) async fn feed(
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| anyhow!("refused entry from {}: {e}", node.address))?;
         let tip = tips.get(&batch.origin).copied().flatten();
-        let new_tip = verify_range(&batch.origin, key, tip.as_ref(), &entries)
+        let (new_tip, new_key) = verify_chain(&batch.origin, &key, tip.as_ref(), &entries)
             .map_err(|e| anyhow!("refused entry from {}: {e}", node.address))?;
         tips.insert(batch.origin.clone(), new_tip);
+        keys.insert(batch.origin.clone(), new_key);
         for entry in entries {
             match format {
                 Format::Json => println!(
@@ -1149,7 +1164,7 @@ pub(crate) fn verify(config_path: &Path, format: Format) -> anyhow::Result<ExitC
     let pinned = config
         .pinned_keys()
         .map_err(|m| anyhow!("{}: {m}", config_path.display()))?;
-    let keys = KeyResolver::new(&config.origin, own.verifying_key(), pinned);
+    let keys = KeyResolver::new(&config.origin, genesis_key(&config.key_file, &own)?, pinned);
     let store = civex_node::store::SledStore::open(&config.data_dir, config.store.cache_mb << 20)?;
     let total: u64 = civex_node::store::Store::heads(&store)?
         .iter()

@@ -96,6 +96,9 @@ enum Command {
     Peer(commands::PeerCommand),
     /// Who changed what on the node, and when.
     Audit,
+    /// The node's feed key.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Re-verify every entry in a node's store (the node must be stopped).
     Verify {
         /// The node's node.toml (store directory and keys).
@@ -110,6 +113,15 @@ enum Command {
     },
     /// Measure this machine: Ed25519 ceiling, verify, durable publish, catch-up.
     Bench(bench::BenchArgs),
+}
+
+/// `civex key ...`
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Hand the feed to a new key made on the node: an entry signed by the
+    /// current key names the new one. Peers follow it from the feed; their
+    /// trusted_origins stay as they are. Back up the new key file.
+    Rotate,
 }
 
 #[tokio::main]
@@ -173,6 +185,7 @@ async fn talk_to(
         Command::Status => commands::status(node, output).await,
         Command::Peer(command) => commands::peer(node, output, command).await,
         Command::Audit => commands::audit(node, output).await,
+        Command::Key(KeyCommand::Rotate) => commands::rotate_key(node, output).await,
         _ => unreachable!("commands that talk to no node are run by main"),
     }
 }

@@ -14,7 +14,7 @@ use std::{
 use ed25519_dalek::VerifyingKey;
 
 use crate::{
-    core::feed::{check_link, verify_signature, Entry, Tip},
+    core::feed::{check_link, rotation_key, verify_signature, Entry, Tip},
     keys::KeyResolver,
     store::{Store, StoreError},
 };
@@ -105,10 +105,7 @@ pub fn audit(
         }
         let result = (|| {
             for (origin, head) in &heads {
-                let Some(key) = keys
-                    .key_for(origin, &head.tip.feed_id, head.tip.seq)
-                    .copied()
-                else {
+                let Some(mut key) = keys.key_for(origin, &head.tip.feed_id, 1).copied() else {
                     record_fault(
                         &faults,
                         origin,
@@ -133,12 +130,23 @@ pub fn audit(
                                     .map_err(|e| e.to_string())?;
                                 Ok(entry)
                             });
+                        let linked = linked.and_then(|entry| {
+                            let rotation = rotation_key(&entry).map_err(|e| e.to_string())?;
+                            Ok((entry, rotation))
+                        });
                         match linked {
-                            Ok(entry) => {
+                            Ok((entry, rotation)) => {
                                 tip = Some(entry.tip());
                                 next += 1;
                                 chunk.push(entry);
-                                if chunk.len() == CHUNK {
+                                // A rotation entry is checked with the key
+                                // before it, every later entry with its key.
+                                if let Some(new_key) = rotation {
+                                    let full =
+                                        std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                                    let _ = work.send((key, full));
+                                    key = new_key;
+                                } else if chunk.len() == CHUNK {
                                     let full =
                                         std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
                                     let _ = work.send((key, full));

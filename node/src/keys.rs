@@ -90,6 +90,79 @@ pub fn load_key_file(path: &Path) -> Result<SigningKey, KeyError> {
     Ok(SigningKey::from_bytes(&seed))
 }
 
+/// The public key peers pin for this node's feed (the key of seq 1):
+/// `feed.pub` beside the key file, written by `civex init` and kept by key
+/// rotation; without it, the key file's own key (no rotation yet).
+pub fn genesis_key(key_file: &Path, current: &SigningKey) -> Result<VerifyingKey, KeyError> {
+    let path = key_file.with_extension("pub");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => parse_public_key(&text).map_err(|err| file_error(&path, err.to_string())),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(current.verifying_key()),
+        Err(err) => Err(file_error(&path, format!("cannot read: {err}"))),
+    }
+}
+
+/// Where a rotation keeps the new key until the rotation entry is durable.
+pub fn next_key_file(key_file: &Path) -> std::path::PathBuf {
+    let mut name = key_file.as_os_str().to_owned();
+    name.push(".next");
+    name.into()
+}
+
+/// Prepares a key rotation: makes the new key, kept in `<key file>.next`
+/// (mode 0600), and records the current key as the genesis key if no
+/// `feed.pub` names one yet. Returns the new key.
+pub fn prepare_rotation(key_file: &Path, current: &SigningKey) -> Result<SigningKey, KeyError> {
+    let genesis = key_file.with_extension("pub");
+    if !genesis.exists() {
+        let temporary = key_file.with_extension("pub.tmp");
+        std::fs::write(
+            &temporary,
+            format!("{}\n", public_key_hex(&current.verifying_key())),
+        )
+        .and_then(|()| std::fs::rename(&temporary, &genesis))
+        .map_err(|err| file_error(&genesis, format!("cannot write: {err}")))?;
+    }
+    let next = next_key_file(key_file);
+    match std::fs::remove_file(&next) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(file_error(&next, format!("cannot replace: {err}"))),
+    }
+    create_key_file(&next)
+}
+
+/// Makes the rotated key the key file, once the rotation entry is durable
+/// (or found in the feed at start-up).
+pub fn finish_rotation(key_file: &Path) -> Result<(), KeyError> {
+    let next = next_key_file(key_file);
+    std::fs::rename(&next, key_file)
+        .and_then(|()| match key_file.parent() {
+            Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()),
+            None => Ok(()),
+        })
+        .map_err(|err| file_error(key_file, format!("cannot install the rotated key: {err}")))
+}
+
+/// At start-up: completes a rotation the feed holds (whose new key is the
+/// one in `<key file>.next`), or drops the new key of one it never made
+/// durable. `last_rotation` is the newest key the own feed rotated to.
+pub fn recover_rotation(key_file: &Path, last_rotation: Option<[u8; 32]>) -> Result<(), KeyError> {
+    let next = next_key_file(key_file);
+    if !next.exists() {
+        return Ok(());
+    }
+    let pending = load_key_file(&next)?;
+    if last_rotation == Some(pending.verifying_key().to_bytes()) {
+        tracing::warn!(key_file = %key_file.display(), "completing a key rotation the feed holds");
+        finish_rotation(key_file)
+    } else {
+        tracing::warn!(key_file = %key_file.display(), "dropping the new key of a rotation never made durable");
+        std::fs::remove_file(&next)
+            .map_err(|err| file_error(&next, format!("cannot remove: {err}")))
+    }
+}
+
 /// Parses a hex Ed25519 public key.
 pub fn parse_public_key(text: &str) -> Result<VerifyingKey, KeyError> {
     let bytes = unhex(text.trim())
@@ -180,5 +253,28 @@ mod tests {
         let mut identity = [0u8; 32];
         identity[0] = 1;
         assert!(parse_public_key(&hex(&identity)).is_err());
+    }
+
+    #[test]
+    fn a_rotation_cut_short_is_finished_or_dropped_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("feed.key");
+        let old = create_key_file(&file).unwrap();
+        // Prepared but never durable: the new key is dropped.
+        let new = prepare_rotation(&file, &old).unwrap();
+        assert_eq!(
+            genesis_key(&file, &new).unwrap(),
+            old.verifying_key(),
+            "the genesis key was not kept"
+        );
+        recover_rotation(&file, None).unwrap();
+        assert!(!next_key_file(&file).exists());
+        assert_eq!(load_key_file(&file).unwrap().to_bytes(), old.to_bytes());
+        // Durable (the feed names the new key): the rotation is finished.
+        let new = prepare_rotation(&file, &old).unwrap();
+        recover_rotation(&file, Some(new.verifying_key().to_bytes())).unwrap();
+        assert_eq!(load_key_file(&file).unwrap().to_bytes(), new.to_bytes());
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 }

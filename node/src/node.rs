@@ -4,17 +4,18 @@
 
 use std::{future::Future, sync::Arc};
 
+use ed25519_dalek::SigningKey;
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     config::{Config, TlsMode},
-    keys::{load_key_file, KeyError, KeyResolver},
+    keys::{genesis_key, load_key_file, recover_rotation, KeyError, KeyResolver},
     peers::{PeerRegistry, PeersError},
     pki::Identity,
-    publish::Publisher,
+    publish::{FeedKey, Publisher},
     replicate::{PublishGate, Replication, Replicator},
     service::{router, Services},
-    store::{SharedStore, SledStore, StoreError},
+    store::{SharedStore, SledStore, Store, StoreError},
     tls::{Tls, TlsError, TlsFiles},
     transport::{self, Security},
     writer::Writer,
@@ -60,6 +61,26 @@ pub fn security(config: &Config) -> Result<Security, NodeError> {
     })
 }
 
+/// The feed key, after finishing (or dropping) a rotation a crash cut
+/// short. It must be the key in force at the own feed's head: a key file
+/// restored from before a rotation would sign entries every peer refuses.
+fn own_key(config: &Config, store: &dyn Store) -> Result<SigningKey, NodeError> {
+    let rotations = store.rotations(&config.origin)?;
+    recover_rotation(&config.key_file, rotations.last().map(|(_, key)| *key))?;
+    let key = load_key_file(&config.key_file)?;
+    if let Some((seq, in_force)) = rotations.last() {
+        if key.verifying_key().to_bytes() != *in_force {
+            return Err(NodeError::Config(format!(
+                "{}: this is not the key in force for this node's feed: seq {seq} rotated it \
+                 to {}; restore the key file written by that rotation",
+                config.key_file.display(),
+                crate::core::ids::hex(in_force)
+            )));
+        }
+    }
+    Ok(key)
+}
+
 /// Runs a node on `listener` until `shutdown` completes. Acknowledged work
 /// is durable already; in-flight writes finish; subscribers see their
 /// streams end cleanly.
@@ -80,7 +101,6 @@ pub async fn run_secured(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    let key = load_key_file(&config.key_file)?;
     let pinned = config.pinned_keys().map_err(NodeError::Config)?;
     let cache_bytes = config.store.cache_mb.saturating_mul(1 << 20);
     let store_dir = config.data_dir.clone();
@@ -89,11 +109,12 @@ pub async fn run_secured(
             .await
             .map_err(|err| NodeError::Server(format!("store open task failed: {err}")))?
             .map(Arc::new)?;
+    let key = own_key(&config, store.as_ref())?;
     let (writer, writer_thread) = Writer::start(store.clone())?;
 
     let keys = Arc::new(KeyResolver::new(
         &config.origin,
-        key.verifying_key(),
+        genesis_key(&config.key_file, &key)?,
         pinned,
     ));
     let registry = Arc::new(PeerRegistry::open(&config.data_dir, &config.peers)?);
@@ -101,7 +122,10 @@ pub async fn run_secured(
     let (gate, ready) = PublishGate::new(initial_peers.len(), config.publish.allow_without_peers);
     let publisher = Arc::new(Publisher::new(
         config.origin.clone(),
-        key,
+        FeedKey {
+            signing: key,
+            file: config.key_file.clone(),
+        },
         config.districts.clone(),
         config.disclosure.min_contributors,
         store.clone(),

@@ -24,6 +24,14 @@ use crate::{
     writer::{Job, Prepared, WriteError, Writer},
 };
 
+/// The feed key and the file it lives in (a rotation replaces it there).
+pub struct FeedKey {
+    /// The key in force.
+    pub signing: SigningKey,
+    /// Its file.
+    pub file: std::path::PathBuf,
+}
+
 /// What to publish.
 #[derive(Debug, Clone)]
 pub enum Request {
@@ -58,6 +66,9 @@ pub enum Request {
         /// Why.
         reason: String,
     },
+    /// Hand the feed to a new key, made here: the rotation entry is signed
+    /// by the current key, every later entry by the new one.
+    RotateKey,
 }
 
 impl Request {
@@ -223,6 +234,12 @@ impl OwnFeed {
 struct Sequencer {
     origin: String,
     key: SigningKey,
+    /// The key file: a rotation installs the new key there once durable.
+    key_file: std::path::PathBuf,
+    /// The new key of the rotation being signed.
+    next_key: Option<SigningKey>,
+    /// Seq of a rotation signed but not durable yet.
+    rotation_seq: Option<u64>,
     districts: Vec<String>,
     min_contributors: u32,
     store: SharedStore,
@@ -311,7 +328,7 @@ impl Publisher {
     /// A publisher for `origin`'s feed; starts its sequencer task.
     pub fn new(
         origin: String,
-        key: SigningKey,
+        key: FeedKey,
         districts: Vec<String>,
         min_contributors: u32,
         store: SharedStore,
@@ -321,7 +338,10 @@ impl Publisher {
         let (sequencer, queue) = mpsc::channel(4 * MAX_SEQUENCED);
         let task = Sequencer {
             origin: origin.clone(),
-            key,
+            key: key.signing,
+            key_file: key.file,
+            next_key: None,
+            rotation_seq: None,
             districts,
             min_contributors,
             store: store.clone(),
@@ -473,6 +493,25 @@ impl Sequencer {
     /// after a failure the tip is reloaded from the store (whatever was
     /// queued after it fails its link check and settles the same way).
     fn settle(&mut self, (seqs, stored, epoch): Settled) {
+        if let Some(rotation) = self.rotation_seq.filter(|seq| seqs.contains(seq)) {
+            self.rotation_seq = None;
+            let done = if stored {
+                crate::keys::finish_rotation(&self.key_file)
+            } else {
+                // Not durable: the old key (still the key file) stays.
+                let _ = std::fs::remove_file(crate::keys::next_key_file(&self.key_file));
+                crate::keys::load_key_file(&self.key_file).map(|old| self.key = old)
+            };
+            match done {
+                Ok(()) if stored => tracing::info!(seq = rotation, "feed key rotated"),
+                Ok(()) => {
+                    tracing::warn!(seq = rotation, "key rotation not stored; the old key stays")
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "key rotation: the key file could not be updated")
+                }
+            }
+        }
         if epoch != self.own.epoch {
             return;
         }
@@ -484,16 +523,36 @@ impl Sequencer {
         }
     }
 
+    /// The own feed's tip from the store, checking that this node holds the
+    /// key in force there (a rotation learned back from a peer, after a
+    /// restore from an old backup, may have named another).
+    fn load_tip(&self) -> Result<Option<Tip>, PublishError> {
+        let tip = self.store.head(&self.origin)?.map(|h| h.tip);
+        if let Some((seq, in_force)) = self.store.rotations(&self.origin)?.last() {
+            if self.key.verifying_key().to_bytes() != *in_force && self.rotation_seq.is_none() {
+                return Err(PublishError::NotReady(format!(
+                    "this node's feed key was rotated at seq {seq} to a key it does not hold; \
+                     restore the key file that rotation wrote"
+                )));
+            }
+        }
+        Ok(tip)
+    }
+
     /// Validates and signs a batch of requests on the current tip, and
     /// queues the good ones to the writer as one job.
     async fn sequence(&mut self, batch: Vec<Queued>, settled: &mpsc::UnboundedSender<Settled>) {
         let start = match self.own.tip {
             Some(tip) => tip,
-            None => match self.store.head(&self.origin) {
-                Ok(head) => head.map(|h| h.tip),
+            None => match self.load_tip() {
+                Ok(tip) => tip,
                 Err(err) => {
                     for queued in batch {
-                        let _ = queued.reply.send(Err(err.clone().into()));
+                        let _ = queued.reply.send(Err(match &err {
+                            PublishError::NotReady(m) => PublishError::NotReady(m.clone()),
+                            PublishError::Store(e) => PublishError::Store(e.clone()),
+                            other => PublishError::Internal(other.to_string()),
+                        }));
                     }
                     return;
                 }
@@ -505,8 +564,31 @@ impl Sequencer {
         let mut replies = Vec::new();
         let mut seqs = Vec::new();
         for queued in batch {
+            let rotating = matches!(queued.request, Request::RotateKey);
+            if rotating {
+                let prepared = if self.rotation_seq.is_some() {
+                    Err(PublishError::InProgress(
+                        "an earlier key rotation is not durable yet".into(),
+                    ))
+                } else {
+                    crate::keys::prepare_rotation(&self.key_file, &self.key)
+                        .map_err(|err| PublishError::Internal(err.to_string()))
+                };
+                match prepared {
+                    Ok(next) => self.next_key = Some(next),
+                    Err(err) => {
+                        let _ = queued.reply.send(Err(err));
+                        continue;
+                    }
+                }
+            }
             match self.sign(queued.key, queued.fingerprint, queued.request, tip) {
                 Ok((signed, record)) => {
+                    if let Some(next) = self.next_key.take() {
+                        // Every later entry is signed by the new key.
+                        self.key = next;
+                        self.rotation_seq = signed.last().map(|(e, _)| e.body.seq);
+                    }
                     let feed_id = signed.first().map(|(e, _)| e.feed_id()).unwrap_or_default();
                     for (entry, payload) in signed {
                         tip = Some(entry.tip());
@@ -518,6 +600,9 @@ impl Sequencer {
                     replies.push((queued.reply, receipt_of(&self.origin, feed_id, &record)));
                 }
                 Err(err) => {
+                    if self.next_key.take().is_some() {
+                        let _ = std::fs::remove_file(crate::keys::next_key_file(&self.key_file));
+                    }
                     let _ = queued.reply.send(Err(err));
                 }
             }
@@ -842,6 +927,18 @@ impl Sequencer {
                 return Err(PublishError::Internal(
                     "retractions are built by retractions()".into(),
                 ))
+            }
+            Request::RotateKey => {
+                let next = self.next_key.as_ref().ok_or_else(|| {
+                    PublishError::Internal("a key rotation without a new key".into())
+                })?;
+                (
+                    Payload::KeyRotation(civex_proto::v1::KeyRotation {
+                        new_key: next.verifying_key().to_bytes().to_vec(),
+                    }),
+                    0,
+                    0,
+                )
             }
         })
     }

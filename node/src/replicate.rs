@@ -14,14 +14,15 @@ use std::{
 use civex_proto::v1::{
     feed_client::FeedClient, subscribe_response::Event, Cursor, SubscribeRequest,
 };
+use ed25519_dalek::VerifyingKey;
 use tokio::sync::{oneshot, watch};
 
 use crate::{
     config::ReplicationConfig,
     core::{
         feed::{
-            check_link, judge_conflict, verify_range, verify_signature, Conflict, Entry, FeedError,
-            Tip,
+            check_link, judge_conflict, rotation_key, verify_chain, verify_signature, Conflict,
+            Entry, FeedError, Tip,
         },
         ids::hex,
     },
@@ -181,6 +182,8 @@ impl Replicator {
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);
         let mut tips: HashMap<String, Option<Tip>> = HashMap::new();
+        // The key in force after each origin's tip (rotations followed).
+        let mut keys: HashMap<String, VerifyingKey> = HashMap::new();
         let mut cursors = Vec::new();
         for origin in self.keys.origins() {
             let taken =
@@ -199,6 +202,9 @@ impl Replicator {
                 seq: tip.map_or(0, |t| t.seq),
                 entry_hash: tip.map(|t| t.hash.to_vec()).unwrap_or_default(),
             });
+            if let Some(key) = self.key_after(origin, tip.map_or(0, |t| t.seq))? {
+                keys.insert(origin.to_owned(), key);
+            }
             tips.insert(origin.to_owned(), tip);
         }
         let mut stream = client
@@ -208,10 +214,9 @@ impl Replicator {
             })
             .await?
             .into_inner();
-        peer.update(|s| {
-            s.connected = true;
-            s.last_error.clear();
-        });
+        // The last error stays on show after a reconnect: a peer that fails
+        // the same way every time is connected only briefly.
+        peer.update(|s| s.connected = true);
         *backoff = initial;
         tracing::info!(peer = %peer.name, address = %peer.address, "replicating");
         let mut pending: VecDeque<oneshot::Receiver<Result<Stored, WriteError>>> = VecDeque::new();
@@ -222,10 +227,11 @@ impl Replicator {
                     if self.is_quarantined(&origin) {
                         continue;
                     }
-                    let key = self.keys.key_for(&origin, &[], 0).ok_or_else(|| {
+                    let key = *keys.get(&origin).ok_or_else(|| {
                         peer.update(|s| s.refused += batch.entries.len() as u64);
                         SessionError::UnknownOrigin(origin.clone())
                     })?;
+                    let key = &key;
                     let tip = tips
                         .get(&origin)
                         .copied()
@@ -237,12 +243,12 @@ impl Replicator {
                         .map(Entry::decode)
                         .collect::<Result<Vec<_>, _>>()
                         .inspect_err(|_| peer.update(|s| s.refused += received))?;
-                    let (entries, new_tip, refused) =
-                        match verify_range(&origin, key, tip.as_ref(), &entries) {
-                            Ok(new_tip) => (entries, new_tip, None),
+                    let (entries, new_tip, new_key, refused) =
+                        match verify_chain(&origin, key, tip.as_ref(), &entries) {
+                            Ok((new_tip, new_key)) => (entries, new_tip, new_key, None),
                             Err(err) => {
                                 let received = entries.len();
-                                let (good, good_tip, first_fault) =
+                                let (good, good_tip, good_key, first_fault) =
                                     valid_prefix(&origin, key, tip, entries);
                                 let bad = (received - good.len()) as u64;
                                 peer.update(|s| s.refused += bad);
@@ -253,18 +259,26 @@ impl Replicator {
                                         || self.held_entry(&origin, tip.map_or(0, |t| t.seq)),
                                         |e| Ok(Some(e)),
                                     )?;
-                                    if let Some(conflict) =
-                                        head.and_then(|held| judge_conflict(key, &held, other))
-                                    {
+                                    let judged = match head {
+                                        Some(held) => self.judge(&held, other)?,
+                                        None => None,
+                                    };
+                                    if let Some(conflict) = judged {
                                         for answer in pending.drain(..) {
                                             self.settle(peer, Some(answer)).await?;
                                         }
                                         return Err(self.quarantine(peer, conflict).await);
                                     }
                                 }
-                                (good, good_tip, Some(first_fault.map_or(err, |(e, _)| e)))
+                                (
+                                    good,
+                                    good_tip,
+                                    good_key,
+                                    Some(first_fault.map_or(err, |(e, _)| e)),
+                                )
                             }
                         };
+                    keys.insert(origin.clone(), new_key);
                     if let Some(last) = new_tip {
                         peer.update(|s| {
                             let seen = s.peer_heads.entry(origin.clone()).or_default();
@@ -325,14 +339,10 @@ impl Replicator {
                     // The peer's entry at our head's seq, if it is validly
                     // signed, is evidence of a fork or a re-created feed.
                     let theirs = mismatch.held.clone().and_then(|e| Entry::decode(e).ok());
-                    if let (Some(theirs), Some(key)) =
-                        (theirs, self.keys.key_for(&mismatch.origin, &[], 0))
-                    {
-                        if theirs.body.origin == mismatch.origin {
-                            let ours = self.held_entry(&mismatch.origin, theirs.body.seq)?;
-                            if let Some(conflict) =
-                                ours.and_then(|held| judge_conflict(key, &held, &theirs))
-                            {
+                    if let Some(theirs) = theirs.filter(|t| t.body.origin == mismatch.origin) {
+                        let ours = self.held_entry(&mismatch.origin, theirs.body.seq)?;
+                        if let Some(ours) = ours {
+                            if let Some(conflict) = self.judge(&ours, &theirs)? {
                                 for answer in pending.drain(..) {
                                     self.settle(peer, Some(answer)).await?;
                                 }
@@ -365,6 +375,41 @@ impl Replicator {
             .unwrap_or(true)
     }
 
+    /// The key in force for `origin`'s entries after `seq`: the pinned key,
+    /// then each rotation held up to `seq`.
+    fn key_after(&self, origin: &str, seq: u64) -> Result<Option<VerifyingKey>, SessionError> {
+        let Some(mut key) = self.keys.key_for(origin, &[], 0).copied() else {
+            return Ok(None);
+        };
+        let rotations = self
+            .store
+            .rotations(origin)
+            .map_err(|e| SessionError::Write(e.into()))?;
+        for (at, new_key) in rotations.into_iter().filter(|(at, _)| *at <= seq) {
+            key = VerifyingKey::from_bytes(&new_key).map_err(|_| {
+                SessionError::Refused(FeedError::Malformed(format!(
+                    "origin {origin}: the rotation held at seq {at} names no valid key"
+                )))
+            })?;
+        }
+        Ok(Some(key))
+    }
+
+    /// Judges a received entry against the one held, each with the key in
+    /// force for it (the pinned key for another feed id).
+    fn judge(&self, held: &Entry, other: &Entry) -> Result<Option<Conflict>, SessionError> {
+        let origin = &held.body.origin;
+        let Some(held_key) = self.key_after(origin, held.body.seq.saturating_sub(1))? else {
+            return Ok(None);
+        };
+        let other_key = if other.body.feed_id == held.body.feed_id {
+            self.key_after(origin, other.body.seq.saturating_sub(1))?
+        } else {
+            self.keys.key_for(origin, &[], 0).copied()
+        };
+        Ok(other_key.and_then(|key| judge_conflict((&held_key, held), (&key, other))))
+    }
+
     /// The entry held at (origin, seq), if any.
     fn held_entry(&self, origin: &str, seq: u64) -> Result<Option<Entry>, SessionError> {
         if seq == 0 {
@@ -395,12 +440,10 @@ impl Replicator {
                 seq,
                 received,
             }) => {
-                let held = self.held_entry(&origin, seq)?;
-                let conflict = self
-                    .keys
-                    .key_for(&origin, &[], 0)
-                    .zip(held)
-                    .and_then(|(key, held)| judge_conflict(key, &held, &received));
+                let conflict = match self.held_entry(&origin, seq)? {
+                    Some(held) => self.judge(&held, &received)?,
+                    None => None,
+                };
                 match conflict {
                     Some(conflict) => Err(self.quarantine(peer, conflict).await),
                     None => {
@@ -545,24 +588,33 @@ impl Replication {
 /// The longest prefix of `entries` that verifies entry by entry (link and
 /// strict signature), used once a range has failed as a whole, with the
 /// fault of the first entry refused.
+#[allow(clippy::type_complexity)]
 fn valid_prefix(
     origin: &str,
-    key: &ed25519_dalek::VerifyingKey,
+    key: &VerifyingKey,
     tip: Option<Tip>,
     entries: Vec<Entry>,
-) -> (Vec<Entry>, Option<Tip>, Option<(FeedError, Entry)>) {
+) -> (
+    Vec<Entry>,
+    Option<Tip>,
+    VerifyingKey,
+    Option<(FeedError, Entry)>,
+) {
     let mut current = tip;
+    let mut key = *key;
     let mut good = Vec::new();
     for entry in entries {
         let checked = check_link(origin, current.as_ref(), &entry)
-            .and_then(|()| verify_signature(key, &entry));
-        if let Err(fault) = checked {
-            return (good, current, Some((fault, entry)));
+            .and_then(|()| verify_signature(&key, &entry))
+            .and_then(|()| rotation_key(&entry));
+        match checked {
+            Err(fault) => return (good, current, key, Some((fault, entry))),
+            Ok(next) => key = next.unwrap_or(key),
         }
         current = Some(entry.tip());
         good.push(entry);
     }
-    (good, current, None)
+    (good, current, key, None)
 }
 
 /// What one peer has told this node about its own feed.

@@ -318,6 +318,16 @@ impl Publish for PublishService {
         self.publish(&request.idempotency_key, print, job).await
     }
 
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::Receipt>, Status> {
+        let request = request.into_inner();
+        let print = fingerprint("rotate-key", &request, |r| r.idempotency_key.clear());
+        self.publish(&request.idempotency_key, print, publish::Request::RotateKey)
+            .await
+    }
+
     async fn retract(
         &self,
         request: Request<pb::RetractRequest>,

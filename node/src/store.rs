@@ -28,6 +28,7 @@
 //! - `f|origin|offer_id|seq` offer version (value: hash, offer)
 //! - `w|origin|offer_id` withdrawal (value: seq)
 //! - `p|offer_origin|offer_id|responder|seq` offer response
+//! - `K|origin|seq` key rotation at seq (value: the new 32-byte key)
 //! - `k|origin` evidence of a conflict (fork or re-created feed): the first
 //!   one found; replication of the origin stops while it is held
 
@@ -221,6 +222,8 @@ pub trait Store: Send + Sync + 'static {
         -> Result<Vec<ResponseRow>, StoreError>;
     /// Conflict evidence held, one record per origin.
     fn conflicts(&self) -> Result<Vec<ConflictRecord>, StoreError>;
+    /// Key rotations of an origin's feed held: (seq, new key), in seq order.
+    fn rotations(&self, origin: &str) -> Result<Vec<(u64, [u8; 32])>, StoreError>;
 }
 
 /// Makes a commit durable once sled has written it. The default calls
@@ -788,6 +791,13 @@ impl Store for SledStore {
                     );
                     batch.insert(key, response.encode_to_vec());
                 }
+                IndexRecord::KeyRotation {
+                    origin,
+                    seq,
+                    new_key,
+                } => {
+                    batch.insert(key_of(b'K', &[origin], Some(*seq)), &new_key[..]);
+                }
                 IndexRecord::Retraction {
                     origin,
                     retracted_seq,
@@ -1023,6 +1033,20 @@ impl Store for SledStore {
             );
         }
         Ok(rows)
+    }
+
+    fn rotations(&self, origin: &str) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+        let mut rotations = Vec::new();
+        for item in self.db.scan_prefix(key_of(b'K', &[origin], None)) {
+            let (key, value) = item.map_err(sled_error(&self.path))?;
+            let decoded = split_key(&key, 1, 1)
+                .and_then(|(_, seq)| Some((seq?, value.as_ref().try_into().ok()?)));
+            rotations.push(
+                decoded
+                    .ok_or_else(|| self.corrupt("a key rotation record does not decode".into()))?,
+            );
+        }
+        Ok(rotations)
     }
 
     fn conflicts(&self) -> Result<Vec<ConflictRecord>, StoreError> {

@@ -8,6 +8,7 @@ mod daemon;
 mod faults;
 mod feed;
 mod interop;
+mod keys;
 mod malicious;
 mod peers;
 mod publish_query;

@@ -6,7 +6,7 @@
 //! signature`, so each link commits to the earlier signature as well.
 
 use bytes::Bytes;
-use civex_proto::v1::{EntryBody, SignedEntry};
+use civex_proto::v1::{entry_body::Payload, EntryBody, SignedEntry};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -287,6 +287,55 @@ pub fn verify_range(
     Ok(current)
 }
 
+/// The key an entry hands its feed to, if it is a key rotation. A rotation
+/// that names no valid Ed25519 key is malformed.
+pub fn rotation_key(entry: &Entry) -> Result<Option<VerifyingKey>, FeedError> {
+    let Some(Payload::KeyRotation(rotation)) = &entry.body.payload else {
+        return Ok(None);
+    };
+    let bytes: [u8; 32] = rotation.new_key.as_slice().try_into().map_err(|_| {
+        FeedError::Malformed(format!(
+            "seq {}: key rotation names a {}-byte key, not 32",
+            entry.body.seq,
+            rotation.new_key.len()
+        ))
+    })?;
+    let key = VerifyingKey::from_bytes(&bytes)
+        .ok()
+        .filter(|k| !k.is_weak())
+        .ok_or_else(|| {
+            FeedError::Malformed(format!(
+                "seq {}: key rotation names no valid Ed25519 key",
+                entry.body.seq
+            ))
+        })?;
+    Ok(Some(key))
+}
+
+/// [`verify_range`] across key rotations: the range is cut after every
+/// rotation entry, which is checked with the key in force before it; the
+/// piece after it with the key it names. Returns the new tip and the key in
+/// force after the range.
+pub fn verify_chain(
+    origin: &str,
+    key: &VerifyingKey,
+    tip: Option<&Tip>,
+    entries: &[Entry],
+) -> Result<(Option<Tip>, VerifyingKey), FeedError> {
+    let mut key = *key;
+    let mut tip = tip.copied();
+    let mut start = 0;
+    for (i, entry) in entries.iter().enumerate() {
+        if let Some(next) = rotation_key(entry)? {
+            tip = verify_range(origin, &key, tip.as_ref(), &entries[start..=i])?;
+            key = next;
+            start = i + 1;
+        }
+    }
+    tip = verify_range(origin, &key, tip.as_ref(), &entries[start..])?;
+    Ok((tip, key))
+}
+
 /// How an origin's validly signed entries disagree with the feed held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConflictKind {
@@ -321,15 +370,19 @@ pub struct Conflict {
 }
 
 /// Judges an entry that disagrees with the feed held, given the held entry
-/// at the same seq (or the head, if the received feed id differs). Returns
-/// the evidence when both are validly signed by `key` and really conflict;
-/// `None` when they agree, or when `other` does not verify (that is a bad
-/// peer, not evidence against the origin).
-pub fn judge_conflict(key: &VerifyingKey, held: &Entry, other: &Entry) -> Option<Conflict> {
+/// at the same seq (or the head, if the received feed id differs), each with
+/// the origin's key in force for it (for a new feed id, the key pinned for
+/// the origin). Returns the evidence when both are validly signed and
+/// really conflict; `None` when they agree, or when `other` does not verify
+/// (that is a bad peer, not evidence against the origin).
+pub fn judge_conflict(
+    (held_key, held): (&VerifyingKey, &Entry),
+    (other_key, other): (&VerifyingKey, &Entry),
+) -> Option<Conflict> {
     if held.body.origin != other.body.origin
         || held.hash == other.hash
-        || verify_signature(key, held).is_err()
-        || verify_signature(key, other).is_err()
+        || verify_signature(held_key, held).is_err()
+        || verify_signature(other_key, other).is_err()
     {
         return None;
     }
@@ -511,6 +564,50 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn ranges_follow_key_rotations() {
+        let old = key(1);
+        let new = key(2);
+        let mut entries = chain(&old, "city-a", 2);
+        let mut body = entries[1].body.clone();
+        body.seq = 3;
+        body.prev_hash = entries[1].hash.to_vec();
+        body.payload = Some(Payload::KeyRotation(civex_proto::v1::KeyRotation {
+            new_key: new.verifying_key().to_bytes().to_vec(),
+        }));
+        entries.push(Entry::sign(&old, body).unwrap());
+        for seq in 4..=5u64 {
+            let mut body = entries[1].body.clone();
+            body.seq = seq;
+            body.prev_hash = entries.last().unwrap().hash.to_vec();
+            entries.push(Entry::sign(&new, body).unwrap());
+        }
+        let (tip, after) = verify_chain("city-a", &old.verifying_key(), None, &entries).unwrap();
+        assert_eq!(tip.unwrap().seq, 5);
+        assert_eq!(after, new.verifying_key());
+        // Without following the rotation, the range fails.
+        assert!(verify_range("city-a", &old.verifying_key(), None, &entries).is_err());
+        // An entry after the rotation signed by the old key is refused.
+        let mut body = entries[4].body.clone();
+        body.seq = 6;
+        body.prev_hash = entries[4].hash.to_vec();
+        let stale = Entry::sign(&old, body).unwrap();
+        let mut with_stale = entries.clone();
+        with_stale.push(stale);
+        assert!(matches!(
+            verify_chain("city-a", &old.verifying_key(), None, &with_stale),
+            Err(FeedError::BadSignature { seq: 6, .. })
+        ));
+        // A rotation naming no valid key is malformed.
+        let mut body = entries[1].body.clone();
+        body.seq = 3;
+        body.payload = Some(Payload::KeyRotation(civex_proto::v1::KeyRotation {
+            new_key: vec![1; 5],
+        }));
+        let bad = Entry::sign(&old, body).unwrap();
+        assert!(matches!(rotation_key(&bad), Err(FeedError::Malformed(_))));
+    }
+
+    #[test]
     fn conflicts_need_two_valid_signatures() {
         let key = key(1);
         let entries = chain(&key, "city-a", 2);
@@ -518,19 +615,20 @@ pub(crate) mod tests {
         let mut body = entries[1].body.clone();
         body.time_unix_micros += 1;
         let fork = Entry::sign(&key, body).unwrap();
-        let judged = judge_conflict(&key.verifying_key(), &entries[1], &fork).unwrap();
+        let k = key.verifying_key();
+        let judged = judge_conflict((&k, &entries[1]), (&k, &fork)).unwrap();
         assert_eq!(judged.kind, ConflictKind::Fork);
         // The same entry twice is no conflict.
-        assert!(judge_conflict(&key.verifying_key(), &entries[1], &entries[1]).is_none());
+        assert!(judge_conflict((&k, &entries[1]), (&k, &entries[1])).is_none());
         // An entry the origin's key did not sign is no evidence.
         let forged = Entry::sign(&self::key(9), fork.body.clone()).unwrap();
-        assert!(judge_conflict(&key.verifying_key(), &entries[1], &forged).is_none());
+        assert!(judge_conflict((&k, &entries[1]), (&k, &forged)).is_none());
         // A new feed id, validly signed: the feed was started over.
         let restarted = chain(&key, "city-a", 1);
         let mut body = restarted[0].body.clone();
         body.feed_id = vec![8; FEED_ID_LEN];
         let restarted = Entry::sign(&key, body).unwrap();
-        let judged = judge_conflict(&key.verifying_key(), &entries[1], &restarted).unwrap();
+        let judged = judge_conflict((&k, &entries[1]), (&k, &restarted)).unwrap();
         assert_eq!(judged.kind, ConflictKind::Recreated);
     }
 }

@@ -96,6 +96,15 @@ pub enum IndexRecord {
         /// Seq of the retracting entry.
         by_seq: u64,
     },
+    /// A key rotation: from `seq + 1` on, the feed is signed by `new_key`.
+    KeyRotation {
+        /// Origin.
+        origin: String,
+        /// Seq of the rotation entry.
+        seq: u64,
+        /// The new key.
+        new_key: [u8; 32],
+    },
 }
 
 fn usable(text: &str) -> bool {
@@ -174,6 +183,14 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
                 by_seq: seq,
             }]
         }
+        Some(Payload::KeyRotation(rotation)) => match rotation.new_key.as_slice().try_into() {
+            Ok(new_key) => vec![IndexRecord::KeyRotation {
+                origin: origin.clone(),
+                seq,
+                new_key,
+            }],
+            Err(_) => Vec::new(),
+        },
         _ => Vec::new(),
     }
 }
