@@ -529,6 +529,61 @@ pub(crate) async fn retract(
     .await
 }
 
+/// `civex roster ...` (on the federation's roster origin)
+#[derive(Subcommand)]
+pub(crate) enum RosterCommand {
+    /// Add a member, or update it: every node pinning the roster origin
+    /// learns its feed key from this signed entry.
+    Add {
+        /// The member's origin id.
+        origin: String,
+        /// Its feed key (hex; the `feed.pub` its `civex init` wrote).
+        #[arg(long)]
+        key: String,
+        /// Display name.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Remove a member: its feed is no longer replicated (what is held stays).
+    Remove {
+        /// The member's origin id.
+        origin: String,
+    },
+}
+
+pub(crate) async fn roster(
+    node: &Node,
+    format: Format,
+    command: RosterCommand,
+) -> anyhow::Result<ExitCode> {
+    let entry = match command {
+        RosterCommand::Add { origin, key, name } => pb::RosterEntry {
+            feed_key: parse_public_key(&key)
+                .map_err(|m| anyhow!("--key: {m}"))?
+                .to_bytes()
+                .to_vec(),
+            origin,
+            name,
+            tls_identity: String::new(),
+            removed: false,
+        },
+        RosterCommand::Remove { origin } => pb::RosterEntry {
+            origin,
+            removed: true,
+            ..Default::default()
+        },
+    };
+    let request = pb::PublishRosterRequest {
+        idempotency_key: client::idempotency_key()?,
+        entry: Some(entry),
+    };
+    send_publish(node, format, |mut c| {
+        let request = request.clone();
+        async move { c.publish_roster(request).await }
+    })
+    .await
+}
+
 /// `civex key rotate`: the node makes a new feed key and hands its feed to
 /// it with an entry signed by the current key.
 pub(crate) async fn rotate_key(node: &Node, format: Format) -> anyhow::Result<ExitCode> {
@@ -772,6 +827,13 @@ fn describe_payload(body: &pb::EntryBody) -> String {
         }
         Some(Payload::Retraction(r)) => format!("retraction of seq {}", r.seq),
         Some(Payload::KeyRotation(r)) => format!("key rotation to {}", hex(&r.new_key)),
+        Some(Payload::Roster(r)) if r.removed => format!("roster: {} removed", r.origin),
+        Some(Payload::Roster(r)) => format!(
+            "roster: {} ({}) with key {}",
+            r.origin,
+            r.name,
+            hex(&r.feed_key)
+        ),
         None => "unknown payload kind".into(),
     }
 }

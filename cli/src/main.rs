@@ -99,6 +99,10 @@ enum Command {
     /// The node's feed key.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The federation roster (on the roster origin's node): members and
+    /// their feed keys, as signed entries.
+    #[command(subcommand)]
+    Roster(commands::RosterCommand),
     /// Re-verify every entry in a node's store (the node must be stopped).
     Verify {
         /// The node's node.toml (store directory and keys).
@@ -186,6 +190,7 @@ async fn talk_to(
         Command::Peer(command) => commands::peer(node, output, command).await,
         Command::Audit => commands::audit(node, output).await,
         Command::Key(KeyCommand::Rotate) => commands::rotate_key(node, output).await,
+        Command::Roster(command) => commands::roster(node, output, command).await,
         _ => unreachable!("commands that talk to no node are run by main"),
     }
 }

@@ -105,7 +105,7 @@ pub fn audit(
         }
         let result = (|| {
             for (origin, head) in &heads {
-                let Some(mut key) = keys.key_for(origin, &head.tip.feed_id, 1).copied() else {
+                let Some(mut key) = keys.key_for(origin, &head.tip.feed_id, 1) else {
                     record_fault(
                         &faults,
                         origin,

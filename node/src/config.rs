@@ -68,6 +68,9 @@ pub struct Config {
     /// Transport security.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// The federation.
+    #[serde(default)]
+    pub federation: FederationConfig,
     /// Store tuning.
     #[serde(default)]
     pub store: StoreConfig,
@@ -130,6 +133,17 @@ pub struct PeerConfig {
     /// checked against the certificate, not the address dialled.
     #[serde(default)]
     pub origin: Option<String>,
+}
+
+/// The federation.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    /// The origin whose feed is the federation's roster: members' feed keys
+    /// are learned from its roster entries (its own key must be pinned in
+    /// `trusted_origins`, or be this node's). Unset: keys are only pinned.
+    #[serde(default)]
+    pub roster_origin: Option<String>,
 }
 
 /// How connections are secured.
@@ -469,6 +483,15 @@ impl Config {
             crate::keys::parse_public_key(key)
                 .map_err(|m| format!("trusted_origins.{origin}: {m}"))?;
         }
+        if let Some(roster) = &self.federation.roster_origin {
+            check_origin_id(roster).map_err(|m| format!("federation.roster_origin: {m}"))?;
+            if roster != &self.origin && !self.trusted_origins.contains_key(roster) {
+                return Err(format!(
+                    "federation.roster_origin: {roster:?} has no pinned key in trusted_origins; \
+                     the roster is trusted only through its pinned key"
+                ));
+            }
+        }
         if self.limits.max_message_bytes < MIN_MESSAGE_BYTES {
             return Err(format!(
                 "limits.max_message_bytes: {} is below the {MIN_MESSAGE_BYTES}-byte minimum",
@@ -576,6 +599,11 @@ key_file = "tls/key.pem"
 # Files are re-read this often (ms); a revocation closes live connections.
 reload_ms = 10000
 handshake_timeout_ms = 5000
+
+[federation]
+# The origin whose feed is the federation's roster: members' feed keys are
+# learned from its signed roster entries (pin its key in trusted_origins).
+# roster_origin = "consortium-id"
 
 [store]
 cache_mb = 64

@@ -184,12 +184,14 @@ pub fn public_key_hex(key: &VerifyingKey) -> String {
     hex(key.as_bytes())
 }
 
-/// Answers "which key is valid for (origin, feed id, seq)". Until the
-/// federation roster exists, keys are pinned in `node.toml`, never learned
-/// from a feed or a peer.
-#[derive(Debug, Clone)]
+/// Answers "which key is valid for (origin, feed id, seq)": the key of
+/// seq 1 of an origin's feed (rotations are followed along the feed). Keys
+/// come from `node.toml` (pinned) or from the federation's roster, itself
+/// a feed verified with its pinned key; never from a peer.
+#[derive(Debug)]
 pub struct KeyResolver {
-    keys: BTreeMap<String, VerifyingKey>,
+    pinned: BTreeMap<String, VerifyingKey>,
+    roster: std::sync::RwLock<BTreeMap<String, VerifyingKey>>,
 }
 
 impl KeyResolver {
@@ -201,18 +203,56 @@ impl KeyResolver {
     ) -> Self {
         let mut keys = pinned;
         keys.insert(own_origin.to_owned(), own);
-        Self { keys }
+        Self {
+            pinned: keys,
+            roster: std::sync::RwLock::default(),
+        }
     }
 
-    /// The key valid for an entry of `origin`'s feed. Every feed id and seq
-    /// has the one pinned key until key rotation exists.
-    pub fn key_for(&self, origin: &str, _feed_id: &[u8], _seq: u64) -> Option<&VerifyingKey> {
-        self.keys.get(origin)
+    /// The key of seq 1 of `origin`'s feed: pinned first, then the roster's.
+    pub fn key_for(&self, origin: &str, _feed_id: &[u8], _seq: u64) -> Option<VerifyingKey> {
+        self.pinned.get(origin).copied().or_else(|| {
+            self.roster
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(origin)
+                .copied()
+        })
     }
 
-    /// Every origin with a known key.
-    pub fn origins(&self) -> impl Iterator<Item = &str> {
-        self.keys.keys().map(String::as_str)
+    /// Every origin with a known key, in order.
+    pub fn origins(&self) -> Vec<String> {
+        let roster = self
+            .roster
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut origins: Vec<String> = self.pinned.keys().chain(roster.keys()).cloned().collect();
+        origins.sort();
+        origins.dedup();
+        origins
+    }
+
+    /// Replaces the members learned from the roster (pinned keys win);
+    /// returns whether anything changed.
+    pub fn set_roster(&self, members: BTreeMap<String, VerifyingKey>) -> bool {
+        let members: BTreeMap<String, VerifyingKey> = members
+            .into_iter()
+            .filter(|(origin, key)| match self.pinned.get(origin) {
+                Some(pinned) if pinned != key => {
+                    tracing::warn!(%origin, "the roster names another key than node.toml pins; the pinned key stays");
+                    false
+                }
+                Some(_) => false,
+                None => true,
+            })
+            .collect();
+        let mut roster = self
+            .roster
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = *roster != members;
+        *roster = members;
+        changed
     }
 }
 

@@ -13,7 +13,7 @@ use crate::{
     peers::{PeerRegistry, PeersError},
     pki::Identity,
     publish::{FeedKey, Publisher},
-    replicate::{PublishGate, Replication, Replicator},
+    replicate::{PublishGate, Replication, Replicator, Roster},
     service::{router, Services},
     store::{SharedStore, SledStore, Store, StoreError},
     tls::{Tls, TlsError, TlsFiles},
@@ -117,6 +117,12 @@ pub async fn run_secured(
         genesis_key(&config.key_file, &key)?,
         pinned,
     ));
+    let roster = Roster::new(
+        config.federation.roster_origin.clone(),
+        keys.clone(),
+        store.clone(),
+    );
+    roster.refresh()?;
     let registry = Arc::new(PeerRegistry::open(&config.data_dir, &config.peers)?);
     let initial_peers = registry.list();
     let (gate, ready) = PublishGate::new(initial_peers.len(), config.publish.allow_without_peers);
@@ -159,6 +165,7 @@ pub async fn run_secured(
         gate,
         security: security.clone(),
         quarantined: Arc::new(std::sync::Mutex::new(quarantined)),
+        roster: roster.clone(),
     };
     let replication = Replication::start(replicator, &initial_peers, stopping.clone());
 
@@ -168,6 +175,7 @@ pub async fn run_secured(
         publisher: publisher.clone(),
         replication: replication.clone(),
         registry,
+        roster,
         shutdown: stopping.clone(),
         max_message_bytes: config.limits.max_message_bytes,
         max_streams_per_peer: config.limits.max_streams_per_peer,

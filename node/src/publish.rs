@@ -69,6 +69,9 @@ pub enum Request {
     /// Hand the feed to a new key, made here: the rotation entry is signed
     /// by the current key, every later entry by the new one.
     RotateKey,
+    /// A roster entry (this node being the federation's roster origin),
+    /// checked by the caller.
+    Roster(civex_proto::v1::RosterEntry),
 }
 
 impl Request {
@@ -928,6 +931,7 @@ impl Sequencer {
                     "retractions are built by retractions()".into(),
                 ))
             }
+            Request::Roster(entry) => (Payload::Roster(entry), 0, 0),
             Request::RotateKey => {
                 let next = self.next_key.as_ref().ok_or_else(|| {
                     PublishError::Internal("a key rotation without a new key".into())

@@ -109,6 +109,8 @@ pub struct Replicator {
     /// Origins whose feed conflicts with the one held (evidence in the
     /// store): not replicated from any peer while the evidence stands.
     pub quarantined: Arc<Mutex<HashSet<String>>>,
+    /// The federation roster, refreshed when its origin's entries arrive.
+    pub roster: Arc<Roster>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +175,10 @@ impl Replicator {
         backoff: &mut Duration,
         initial: Duration,
     ) -> Result<(), SessionError> {
+        // Watched from before the cursors are made, so a roster change while
+        // connecting still makes this session start over with new origins.
+        let mut roster_changes = self.roster.changes();
+        roster_changes.borrow_and_update();
         let timeout = Duration::from_millis(self.timing.connect_timeout_ms);
         let expected = peer.origin.clone().map(Identity::Origin);
         let channel = transport::connect(&peer.address, &self.security, expected, timeout)
@@ -186,6 +192,7 @@ impl Replicator {
         let mut keys: HashMap<String, VerifyingKey> = HashMap::new();
         let mut cursors = Vec::new();
         for origin in self.keys.origins() {
+            let origin = origin.as_str();
             let taken =
                 peer.relay || origin == self.own_origin || peer.origin.as_deref() == Some(origin);
             if !taken || self.is_quarantined(origin) {
@@ -220,7 +227,13 @@ impl Replicator {
         *backoff = initial;
         tracing::info!(peer = %peer.name, address = %peer.address, "replicating");
         let mut pending: VecDeque<oneshot::Receiver<Result<Stored, WriteError>>> = VecDeque::new();
-        while let Some(message) = stream.message().await? {
+        loop {
+            let message = tokio::select! {
+                message = stream.message() => message?,
+                // New members: reconnect with their cursors.
+                _ = roster_changes.changed() => break,
+            };
+            let Some(message) = message else { break };
             match message.event {
                 Some(Event::Entries(batch)) => {
                     let origin = batch.origin;
@@ -300,6 +313,14 @@ impl Replicator {
                     while pending.len() > IN_FLIGHT_COMMITS {
                         self.settle(peer, pending.pop_front()).await?;
                     }
+                    if self.roster.origin.as_deref() == Some(origin.as_str()) {
+                        while let Some(answer) = pending.pop_front() {
+                            self.settle(peer, Some(answer)).await?;
+                        }
+                        self.roster
+                            .refresh()
+                            .map_err(|e| SessionError::Write(e.into()))?;
+                    }
                     if let Some(err) = refused {
                         // Keep what verified before the bad entry, then drop the stream.
                         while let Some(answer) = pending.pop_front() {
@@ -378,7 +399,7 @@ impl Replicator {
     /// The key in force for `origin`'s entries after `seq`: the pinned key,
     /// then each rotation held up to `seq`.
     fn key_after(&self, origin: &str, seq: u64) -> Result<Option<VerifyingKey>, SessionError> {
-        let Some(mut key) = self.keys.key_for(origin, &[], 0).copied() else {
+        let Some(mut key) = self.keys.key_for(origin, &[], 0) else {
             return Ok(None);
         };
         let rotations = self
@@ -405,7 +426,7 @@ impl Replicator {
         let other_key = if other.body.feed_id == held.body.feed_id {
             self.key_after(origin, other.body.seq.saturating_sub(1))?
         } else {
-            self.keys.key_for(origin, &[], 0).copied()
+            self.keys.key_for(origin, &[], 0)
         };
         Ok(other_key.and_then(|key| judge_conflict((&held_key, held), (&key, other))))
     }
@@ -497,6 +518,59 @@ fn now_micros() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The federation roster: members' feed keys learned from the roster
+/// origin's verified feed (`federation.roster_origin`).
+pub struct Roster {
+    /// The roster origin, if the federation has one.
+    pub origin: Option<String>,
+    keys: Arc<KeyResolver>,
+    store: SharedStore,
+    version: watch::Sender<u64>,
+}
+
+impl Roster {
+    /// A roster kept in `keys`, read from `store`.
+    pub fn new(origin: Option<String>, keys: Arc<KeyResolver>, store: SharedStore) -> Arc<Self> {
+        Arc::new(Self {
+            origin,
+            keys,
+            store,
+            version: watch::channel(0).0,
+        })
+    }
+
+    /// Re-reads the members from the roster origin's entries held. When
+    /// they changed, replication sessions reconnect with the new origins.
+    pub fn refresh(&self) -> Result<bool, crate::store::StoreError> {
+        let Some(origin) = &self.origin else {
+            return Ok(false);
+        };
+        let members = self
+            .store
+            .roster(origin)?
+            .into_iter()
+            .filter(|entry| !entry.removed)
+            .filter_map(|entry| {
+                let bytes: [u8; 32] = entry.feed_key.as_slice().try_into().ok()?;
+                let key = VerifyingKey::from_bytes(&bytes)
+                    .ok()
+                    .filter(|k| !k.is_weak())?;
+                Some((entry.origin, key))
+            })
+            .collect();
+        let changed = self.keys.set_roster(members);
+        if changed {
+            tracing::info!(roster = %origin, origins = self.keys.origins().len(), "federation roster changed");
+            self.version.send_modify(|v| *v += 1);
+        }
+        Ok(changed)
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
 }
 
 /// The running replication tasks, one per peer, started and stopped as

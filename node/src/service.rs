@@ -24,7 +24,7 @@ use crate::{
     pki::Identity,
     publish::{self, PublishError, Publisher, Receipt},
     query::{self, ObservationFilter, OfferFilter, QueryError},
-    replicate::Replication,
+    replicate::{Replication, Roster},
     store::{Head, SharedStore, Store, StoreError},
     tls::PeerInfo,
     writer::{DurableHeads, WriteError, Writer},
@@ -209,6 +209,7 @@ fn input_row(index: usize, row: pb::IndicatorRow) -> Result<InputRow, Status> {
 /// The Publish service.
 pub struct PublishService {
     publisher: Arc<Publisher>,
+    roster: Arc<Roster>,
 }
 
 impl PublishService {
@@ -316,6 +317,64 @@ impl Publish for PublishService {
             message: request.message,
         };
         self.publish(&request.idempotency_key, print, job).await
+    }
+
+    async fn publish_roster(
+        &self,
+        request: Request<pb::PublishRosterRequest>,
+    ) -> Result<Response<pb::Receipt>, Status> {
+        let request = request.into_inner();
+        let print = fingerprint("roster", &request, |r| r.idempotency_key.clear());
+        if self.roster.origin.as_deref() != Some(self.publisher.origin()) {
+            return Err(Status::failed_precondition(format!(
+                "this node ({}) is not the federation's roster origin (federation.roster_origin: {})",
+                self.publisher.origin(),
+                self.roster.origin.as_deref().unwrap_or("unset")
+            )));
+        }
+        let mut entry = request
+            .entry
+            .ok_or_else(|| invalid("entry: missing".into()))?;
+        check_origin_id(&entry.origin).map_err(|m| invalid(format!("entry.origin: {m}")))?;
+        let uri = Identity::Origin(entry.origin.clone()).uri();
+        if entry.removed {
+            if !entry.feed_key.is_empty()
+                || !entry.name.is_empty()
+                || !entry.tls_identity.is_empty()
+            {
+                return Err(invalid("entry: a removal names only the origin".into()));
+            }
+        } else {
+            let key: [u8; 32] = entry.feed_key.as_slice().try_into().map_err(|_| {
+                invalid(format!(
+                    "entry.feed_key: {} bytes, expected a 32-byte Ed25519 key",
+                    entry.feed_key.len()
+                ))
+            })?;
+            crate::keys::parse_public_key(&crate::core::ids::hex(&key))
+                .map_err(|m| invalid(format!("entry.feed_key: {m}")))?;
+            if entry.name.chars().count() > 200 {
+                return Err(invalid("entry.name: longer than 200 characters".into()));
+            }
+            match entry.tls_identity.as_str() {
+                "" => entry.tls_identity = uri,
+                named if named == uri => {}
+                other => {
+                    return Err(invalid(format!(
+                        "entry.tls_identity: {other:?} is not {uri:?}"
+                    )))
+                }
+            }
+        }
+        let receipt = self
+            .publish(
+                &request.idempotency_key,
+                print,
+                publish::Request::Roster(entry),
+            )
+            .await?;
+        self.roster.refresh().map_err(|e| e.to_status())?;
+        Ok(receipt)
     }
 
     async fn rotate_key(
@@ -980,6 +1039,8 @@ pub struct Services {
     pub replication: Arc<Replication>,
     /// Peers and their policies, persisted and audited.
     pub registry: Arc<PeerRegistry>,
+    /// The federation roster.
+    pub roster: Arc<Roster>,
     /// Turns true at shutdown.
     pub shutdown: watch::Receiver<bool>,
     /// Message size limit.
@@ -1025,6 +1086,7 @@ pub async fn router(
     use tonic::service::interceptor::InterceptedService;
     let publish = PublishServer::new(PublishService {
         publisher: services.publisher.clone(),
+        roster: services.roster.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

@@ -28,6 +28,8 @@
 //! - `f|origin|offer_id|seq` offer version (value: hash, offer)
 //! - `w|origin|offer_id` withdrawal (value: seq)
 //! - `p|offer_origin|offer_id|responder|seq` offer response
+//! - `M|publisher|member` the latest roster entry a publisher made about a
+//!   member (value: seq, then the encoded entry)
 //! - `K|origin|seq` key rotation at seq (value: the new 32-byte key)
 //! - `k|origin` evidence of a conflict (fork or re-created feed): the first
 //!   one found; replication of the origin stops while it is held
@@ -40,7 +42,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use civex_proto::v1::{OfferResponse, ServiceOffer, SignedEntry};
+use civex_proto::v1::{OfferResponse, RosterEntry, ServiceOffer, SignedEntry};
 use prost::Message;
 
 use crate::core::{
@@ -224,6 +226,8 @@ pub trait Store: Send + Sync + 'static {
     fn conflicts(&self) -> Result<Vec<ConflictRecord>, StoreError>;
     /// Key rotations of an origin's feed held: (seq, new key), in seq order.
     fn rotations(&self, origin: &str) -> Result<Vec<(u64, [u8; 32])>, StoreError>;
+    /// The latest roster entry `publisher` made about each member.
+    fn roster(&self, publisher: &str) -> Result<Vec<RosterEntry>, StoreError>;
 }
 
 /// Makes a commit durable once sled has written it. The default calls
@@ -791,6 +795,15 @@ impl Store for SledStore {
                     );
                     batch.insert(key, response.encode_to_vec());
                 }
+                IndexRecord::Roster {
+                    publisher,
+                    seq,
+                    entry,
+                } => {
+                    let mut value = seq.to_be_bytes().to_vec();
+                    value.extend_from_slice(&entry.encode_to_vec());
+                    batch.insert(key_of(b'M', &[publisher, &entry.origin], None), value);
+                }
                 IndexRecord::KeyRotation {
                     origin,
                     seq,
@@ -1033,6 +1046,20 @@ impl Store for SledStore {
             );
         }
         Ok(rows)
+    }
+
+    fn roster(&self, publisher: &str) -> Result<Vec<RosterEntry>, StoreError> {
+        let mut members = Vec::new();
+        for item in self.db.scan_prefix(key_of(b'M', &[publisher], None)) {
+            let (_, value) = item.map_err(sled_error(&self.path))?;
+            let decoded = value
+                .get(8..)
+                .and_then(|bytes| RosterEntry::decode(bytes).ok());
+            members.push(
+                decoded.ok_or_else(|| self.corrupt("a roster record does not decode".into()))?,
+            );
+        }
+        Ok(members)
     }
 
     fn rotations(&self, origin: &str) -> Result<Vec<(u64, [u8; 32])>, StoreError> {

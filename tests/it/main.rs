@@ -13,6 +13,7 @@ mod malicious;
 mod peers;
 mod publish_query;
 mod replication;
+mod roster;
 mod support;
 mod tamper;
 mod tls;

@@ -116,6 +116,8 @@ pub struct Spec {
     pub trusted: Vec<(String, String)>,
     pub allow_without_peers: bool,
     pub min_contributors: u32,
+    /// federation.roster_origin.
+    pub roster: Option<String>,
 }
 
 impl Spec {
@@ -127,7 +129,13 @@ impl Spec {
             trusted: Vec::new(),
             allow_without_peers: false,
             min_contributors: 3,
+            roster: None,
         }
+    }
+
+    pub fn roster(mut self, origin: &str) -> Self {
+        self.roster = Some(origin.into());
+        self
     }
 
     pub fn peer(mut self, name: &str, address: &str) -> Self {
@@ -185,6 +193,12 @@ pub fn write_node_dir(dir: &Path, spec: &Spec, listen: &str) -> (PathBuf, String
     );
     if spec.allow_without_peers {
         text = text.replace("allow_without_peers = false", "allow_without_peers = true");
+    }
+    if let Some(roster) = &spec.roster {
+        text = text.replace(
+            "# roster_origin = \"consortium-id\"",
+            &format!("roster_origin = {roster:?}"),
+        );
     }
     let trusted: String = spec
         .trusted

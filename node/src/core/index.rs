@@ -96,6 +96,15 @@ pub enum IndexRecord {
         /// Seq of the retracting entry.
         by_seq: u64,
     },
+    /// A roster entry published by `publisher` about one member.
+    Roster {
+        /// Origin that published it.
+        publisher: String,
+        /// Seq of the entry.
+        seq: u64,
+        /// The entry.
+        entry: civex_proto::v1::RosterEntry,
+    },
     /// A key rotation: from `seq + 1` on, the feed is signed by `new_key`.
     KeyRotation {
         /// Origin.
@@ -183,6 +192,11 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
                 by_seq: seq,
             }]
         }
+        Some(Payload::Roster(member)) if usable(&member.origin) => vec![IndexRecord::Roster {
+            publisher: origin.clone(),
+            seq,
+            entry: member.clone(),
+        }],
         Some(Payload::KeyRotation(rotation)) => match rotation.new_key.as_slice().try_into() {
             Ok(new_key) => vec![IndexRecord::KeyRotation {
                 origin: origin.clone(),
