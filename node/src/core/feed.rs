@@ -313,8 +313,9 @@ pub fn rotation_key(entry: &Entry) -> Result<Option<VerifyingKey>, FeedError> {
 }
 
 /// [`verify_range`] across key rotations: the range is cut after every
-/// rotation entry, which is checked with the key in force before it; the
-/// piece after it with the key it names. Returns the new tip and the key in
+/// rotation and roster entry, whose own signature is checked (a rotation
+/// with the key in force before it; the piece after it with the key it
+/// names). Returns the new tip and the key in
 /// force after the range.
 pub fn verify_chain(
     origin: &str,
@@ -326,9 +327,14 @@ pub fn verify_chain(
     let mut tip = tip.copied();
     let mut start = 0;
     for (i, entry) in entries.iter().enumerate() {
-        if let Some(next) = rotation_key(entry)? {
+        let rotation = rotation_key(entry)?;
+        // Entries that carry trust (a new key, a roster member) end a piece,
+        // so their own signature is checked, never only covered by a link.
+        let carries_trust =
+            rotation.is_some() || matches!(entry.body.payload, Some(Payload::Roster(_)));
+        if carries_trust {
             tip = verify_range(origin, &key, tip.as_ref(), &entries[start..=i])?;
-            key = next;
+            key = rotation.unwrap_or(key);
             start = i + 1;
         }
     }
