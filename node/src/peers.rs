@@ -90,7 +90,7 @@ pub struct AuditRecord {
 }
 
 /// What `peers.json` holds: changes on top of `node.toml`.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Changes {
     /// Peers added or replaced at runtime.
     added: Vec<PeerPolicy>,
@@ -182,24 +182,10 @@ impl PeerRegistry {
     pub fn add(&self, who: &str, mut peer: PeerPolicy) -> Result<PeerPolicy, PeersError> {
         peer.source = "runtime".into();
         peer.check().map_err(|m| self.error(&self.path, m))?;
-        let mut changes = self
-            .changes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut next = Changes {
-            added: changes
-                .added
-                .iter()
-                .filter(|p| p.name != peer.name)
-                .cloned()
-                .collect(),
-            removed: changes.removed.clone(),
-        };
-        next.added.push(peer.clone());
-        self.persist(&next)?;
-        *changes = next;
-        drop(changes);
-        self.audit(who, "peer add", &peer)?;
+        self.change(who, "peer add", &peer, |changes| {
+            changes.added.retain(|p| p.name != peer.name);
+            changes.added.push(peer.clone());
+        })?;
         Ok(peer)
     }
 
@@ -208,27 +194,36 @@ impl PeerRegistry {
         if !self.list().iter().any(|p| p.name == name) {
             return Ok(false);
         }
+        let in_config = self.config.iter().any(|p| p.name == name);
+        let detail = serde_json::json!({ "name": name });
+        self.change(who, "peer remove", &detail, |changes| {
+            changes.added.retain(|p| p.name != name);
+            if in_config && !changes.removed.iter().any(|n| n == name) {
+                changes.removed.push(name.to_owned());
+            }
+        })?;
+        Ok(true)
+    }
+
+    /// Applies `edit` to a copy of the changes, persists it, then makes it
+    /// current and audits it: a failed write changes nothing.
+    fn change(
+        &self,
+        who: &str,
+        action: &str,
+        detail: &impl Serialize,
+        edit: impl FnOnce(&mut Changes),
+    ) -> Result<(), PeersError> {
         let mut changes = self
             .changes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut next = Changes {
-            added: changes
-                .added
-                .iter()
-                .filter(|p| p.name != name)
-                .cloned()
-                .collect(),
-            removed: changes.removed.clone(),
-        };
-        if self.config.iter().any(|p| p.name == name) && !next.removed.iter().any(|n| n == name) {
-            next.removed.push(name.to_owned());
-        }
+        let mut next = changes.clone();
+        edit(&mut next);
         self.persist(&next)?;
         *changes = next;
         drop(changes);
-        self.audit(who, "peer remove", &serde_json::json!({ "name": name }))?;
-        Ok(true)
+        self.audit(who, action, detail)
     }
 
     /// The audit log, oldest first.

@@ -6,7 +6,7 @@
 //! one; that name alone decides the role. TLS keys are ECDSA P-256, made
 //! here and never the feed key.
 
-use std::fmt;
+use std::{fmt, time::SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams,
@@ -108,15 +108,16 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-fn validity(params: &mut CertificateParams, days: u32) -> Result<(), PkiError> {
+/// From an hour ago (clocks slightly behind are tolerated) to `days` from now.
+fn validity(days: u32) -> Result<(SystemTime, SystemTime), PkiError> {
     if days == 0 {
         return Err(PkiError("validity must be at least 1 day".into()));
     }
-    let now = OffsetDateTime::now_utc();
-    // An hour back tolerates clocks that are slightly behind.
-    params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(i64::from(days));
-    Ok(())
+    let now = SystemTime::now();
+    Ok((
+        now - std::time::Duration::from_secs(3600),
+        now + std::time::Duration::from_secs(u64::from(days) * 86_400),
+    ))
 }
 
 fn day(at: OffsetDateTime) -> String {
@@ -151,7 +152,9 @@ impl Authority {
         ];
         params.key_identifier_method = KeyIdMethod::Sha256;
         params.serial_number = Some(random_serial()?);
-        validity(&mut params, days)?;
+        let (from, until) = validity(days)?;
+        params.not_before = from.into();
+        params.not_after = until.into();
         let cert = params
             .self_signed(&key)
             .map_err(pki_error("cannot sign the CA certificate"))?;
@@ -190,13 +193,7 @@ impl Authority {
         request_pem: Option<&str>,
         days: u32,
     ) -> Result<Issued, PkiError> {
-        if days == 0 {
-            return Err(PkiError("validity must be at least 1 day".into()));
-        }
-        let now = std::time::SystemTime::now();
-        // An hour back tolerates clocks that are slightly behind.
-        let from = now - std::time::Duration::from_secs(3600);
-        let until = now + std::time::Duration::from_secs(u64::from(days) * 86_400);
+        let (from, until) = validity(days)?;
         self.issue_between(identity, request_pem, from, until)
     }
 
@@ -205,22 +202,13 @@ impl Authority {
         &self,
         identity: &Identity,
         request_pem: Option<&str>,
-        not_before: std::time::SystemTime,
-        not_after: std::time::SystemTime,
+        not_before: SystemTime,
+        not_after: SystemTime,
     ) -> Result<Issued, PkiError> {
         if not_after <= not_before {
             return Err(PkiError("validity ends before it starts".into()));
         }
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, identity.uri());
-        params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(
-            identity
-                .uri()
-                .try_into()
-                .map_err(pki_error("identity is not ASCII"))?,
-        )];
+        let mut params = identity_params(identity)?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = match identity {
             // Nodes both serve and dial their peers.
@@ -338,10 +326,9 @@ pub fn write_identity_dir(
     Ok(())
 }
 
-/// A new key and a certificate request for `identity` (both PEM): what a
-/// joining node or operator sends to the federation admin.
-pub fn request(identity: &Identity) -> Result<(String, String), PkiError> {
-    let key = KeyPair::generate().map_err(pki_error("cannot make a key"))?;
+/// Certificate parameters naming `identity`: its URI as the one subject
+/// alternative name, and as the common name.
+fn identity_params(identity: &Identity) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, identity.uri());
@@ -352,7 +339,14 @@ pub fn request(identity: &Identity) -> Result<(String, String), PkiError> {
             .try_into()
             .map_err(pki_error("identity is not ASCII"))?,
     )];
-    let request = params
+    Ok(params)
+}
+
+/// A new key and a certificate request for `identity` (both PEM): what a
+/// joining node or operator sends to the federation admin.
+pub fn request(identity: &Identity) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(pki_error("cannot make a key"))?;
+    let request = identity_params(identity)?
         .serialize_request(&key)
         .and_then(|r| r.pem())
         .map_err(pki_error("cannot make the certificate request"))?;

@@ -476,22 +476,7 @@ impl Tls {
         let (tcp, socket) = second_handle(tcp)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(self.current().server.clone());
         let stream = acceptor.accept(tcp).await?;
-        let leaf = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first());
-        let leaf = leaf.ok_or_else(|| io::Error::other("the peer presented no certificate"))?;
-        let (identity, serial) = Identity::of_certificate(leaf).map_err(io::Error::other)?;
-        let registration = self.track(peer, &identity, serial, socket)?;
-        Ok(Conn {
-            io: ConnIo::Tls(Box::new(stream.into())),
-            info: PeerInfo {
-                addr: peer,
-                identity: Some(identity),
-            },
-            _registration: Some(registration),
-        })
+        self.established(stream.into(), peer, socket)
     }
 
     /// Runs the client side of a handshake, expecting `expected` (or any
@@ -508,16 +493,27 @@ impl Tls {
         // The name is not used: the verifier checks the identity instead.
         let name = ServerName::IpAddress(peer.ip().into());
         let stream = connector.connect(name, tcp).await?;
+        self.established(stream.into(), peer, socket)
+    }
+
+    /// A connection whose handshake succeeded: the identity the other
+    /// end's certificate names, tracked for revocation.
+    fn established(
+        self: &Arc<Self>,
+        stream: tokio_rustls::TlsStream<TcpStream>,
+        peer: SocketAddr,
+        socket: std::net::TcpStream,
+    ) -> io::Result<Conn> {
         let leaf = stream
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|c| c.first());
-        let leaf = leaf.ok_or_else(|| io::Error::other("the server presented no certificate"))?;
+            .and_then(|c| c.first())
+            .ok_or_else(|| io::Error::other("the other end presented no certificate"))?;
         let (identity, serial) = Identity::of_certificate(leaf).map_err(io::Error::other)?;
         let registration = self.track(peer, &identity, serial, socket)?;
         Ok(Conn {
-            io: ConnIo::Tls(Box::new(stream.into())),
+            io: ConnIo::Tls(Box::new(stream)),
             info: PeerInfo {
                 addr: peer,
                 identity: Some(identity),
