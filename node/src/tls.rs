@@ -463,14 +463,6 @@ impl Tls {
         }
     }
 
-    /// Live connections, for status and tests.
-    pub fn live_connections(&self) -> usize {
-        self.live
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
-    }
-
     /// Runs the server side of a handshake on an accepted connection.
     pub async fn accept(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) -> io::Result<Conn> {
         let (tcp, socket) = second_handle(tcp)?;
