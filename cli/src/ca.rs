@@ -239,7 +239,7 @@ pub(crate) fn run(command: CaCommand, format: Format) -> anyhow::Result<ExitCode
                     Some(path) => anyhow!("--csr {}: {err}", path.display()),
                     None => anyhow!("{err}"),
                 })?;
-            write_identity_dir(&out, authority.cert_pem(), &issued)?;
+            // Recorded before it is handed out, so it can always be revoked.
             append_line(
                 &ca.dir.join("issued.tsv"),
                 &format!(
@@ -249,6 +249,7 @@ pub(crate) fn run(command: CaCommand, format: Format) -> anyhow::Result<ExitCode
                     issued.not_after
                 ),
             )?;
+            write_identity_dir(&out, authority.cert_pem(), &issued)?;
             match format {
                 Format::Json => output::json(&json!({
                     "identity": identity.uri(), "serial": issued.serial,

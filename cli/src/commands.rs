@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context};
 use civex_node::{
-    config::{template, Config},
+    config::{template_with_operators, Config},
     core::{
         feed::{verify_chain, Entry, Tip},
         ids::{check_origin_id, hex, unhex},
@@ -185,6 +185,8 @@ pub(crate) struct InitOptions<'a> {
     pub(crate) join: Option<&'a Path>,
     /// Plain gRPC on loopback instead of mutual TLS.
     pub(crate) insecure: bool,
+    /// Operators who may publish and administer it.
+    pub(crate) operators: &'a [String],
 }
 
 pub(crate) fn init(options: &InitOptions<'_>, format: Format) -> anyhow::Result<ExitCode> {
@@ -195,6 +197,7 @@ pub(crate) fn init(options: &InitOptions<'_>, format: Format) -> anyhow::Result<
         listen,
         join,
         insecure,
+        operators,
     } = *options;
     check_origin_id(origin).map_err(|m| anyhow!("--origin: {m}"))?;
     let config_path = dir.join("node.toml");
@@ -204,7 +207,7 @@ pub(crate) fn init(options: &InitOptions<'_>, format: Format) -> anyhow::Result<
             config_path.display()
         );
     }
-    let mut text = template(origin, name, listen);
+    let mut text = template_with_operators(origin, name, listen, operators);
     if insecure {
         text = text.replace("mode = \"mutual\"", "mode = \"insecure\"");
     }
@@ -212,7 +215,7 @@ pub(crate) fn init(options: &InitOptions<'_>, format: Format) -> anyhow::Result<
         Config::parse(&text).map_err(|m| anyhow!("internal: template does not parse: {m}"))?;
     parsed
         .validate()
-        .map_err(|m| anyhow!("--listen or --origin: {m}"))?;
+        .map_err(|m| anyhow!("--listen, --origin or --operator: {m}"))?;
     let ca = match join {
         Some(path) => {
             let ca = std::fs::read_to_string(path)

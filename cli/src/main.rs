@@ -64,6 +64,10 @@ enum Command {
         /// A node for local experiments: plain gRPC on loopback, no TLS.
         #[arg(long = "insecure-node")]
         insecure_node: bool,
+        /// An operator who may publish and administer this node: the name
+        /// in their civex:operator:<name> certificate (repeatable).
+        #[arg(long = "operator")]
+        operators: Vec<String>,
     },
     /// The federation's certificate authority: create it, issue and revoke
     /// certificates.
@@ -145,6 +149,7 @@ async fn main() -> ExitCode {
             listen,
             join,
             insecure_node,
+            operators,
         } => commands::init(
             &commands::InitOptions {
                 dir: &dir,
@@ -153,6 +158,7 @@ async fn main() -> ExitCode {
                 listen: &listen,
                 join: join.as_deref(),
                 insecure: insecure_node,
+                operators: &operators,
             },
             output,
         ),

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context};
 use civex_node::{
-    config::{template, Config},
+    config::{template_with_operators, Config},
     keys::{create_key_file, public_key_hex},
     node::NodeError,
     pki::{write_identity_dir, Authority, Identity},
@@ -46,6 +46,9 @@ impl CityNode {
     }
 }
 
+/// The operator of a federation made on the fly.
+pub(crate) const OPERATOR: &str = "demo";
+
 /// A federation made on the fly: its CA and an operator identity.
 pub(crate) struct Federation {
     ca: Authority,
@@ -57,7 +60,7 @@ impl Federation {
     pub(crate) fn create(root: &Path) -> anyhow::Result<Self> {
         let (ca, _key) = Authority::create("civex demo federation", 2)?;
         let operator = root.join("operator");
-        let issued = ca.issue(&Identity::Operator("demo".into()), None, 2)?;
+        let issued = ca.issue(&Identity::Operator(OPERATOR.into()), None, 2)?;
         write_identity_dir(&operator, ca.cert_pem(), &issued)?;
         let operator = Security::Mutual(Tls::load(TlsFiles::in_dir(&operator), None)?);
         Ok(Self { ca, operator })
@@ -113,7 +116,7 @@ pub(crate) async fn start_region(
     }
     let mut nodes = Vec::new();
     for (spec, (dir, _, _, address)) in specs.iter().zip(prepared.iter()) {
-        let mut text = template(spec.origin, spec.name, address);
+        let mut text = template_with_operators(spec.origin, spec.name, address, &[OPERATOR.into()]);
         let districts = spec
             .districts
             .iter()

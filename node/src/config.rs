@@ -183,6 +183,12 @@ pub struct TlsConfig {
     /// How long a TLS handshake may take, in ms.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// Operators (the names in their `civex:operator:<name>` certificates)
+    /// who may publish, query and administer this node. A certificate from
+    /// the federation CA alone is not enough: an operator of another city
+    /// is refused here.
+    #[serde(default)]
+    pub operators: Vec<String>,
 }
 
 /// Store tuning.
@@ -307,6 +313,7 @@ impl Default for TlsConfig {
             crl_file: None,
             reload_ms: default_reload_ms(),
             handshake_timeout_ms: default_handshake_timeout_ms(),
+            operators: Vec::new(),
         }
     }
 }
@@ -389,6 +396,14 @@ impl Config {
             "CIVEX_KEY_FILE" => self.key_file = value.into(),
             "CIVEX_LOG_FORMAT" => self.log.format = value.into(),
             "CIVEX_LOG_LEVEL" => self.log.level = value.into(),
+            "CIVEX_OPERATORS" => {
+                self.tls.operators = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|o| !o.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+            }
             "CIVEX_TLS_MODE" => {
                 self.tls.mode = match value {
                     "mutual" => TlsMode::Mutual,
@@ -399,7 +414,7 @@ impl Config {
             "CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS" => self.publish.allow_without_peers = flag(value)?,
             other if other.starts_with("CIVEX_") => {
                 return Err("unknown setting (known: CIVEX_ORIGIN, CIVEX_LISTEN, CIVEX_DATA_DIR, CIVEX_KEY_FILE, \
-                     CIVEX_LOG_FORMAT, CIVEX_LOG_LEVEL, CIVEX_TLS_MODE, CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS)".to_string())
+                     CIVEX_LOG_FORMAT, CIVEX_LOG_LEVEL, CIVEX_TLS_MODE, CIVEX_OPERATORS, CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS)".to_string())
             }
             _ => {}
         }
@@ -422,6 +437,9 @@ impl Config {
         }
         if self.tls.reload_ms == 0 || self.tls.handshake_timeout_ms == 0 {
             return Err("tls: reload_ms and handshake_timeout_ms must be above 0".into());
+        }
+        for name in &self.tls.operators {
+            check_slug(name).map_err(|m| format!("tls.operators: {name:?} {m}"))?;
         }
         let mut districts = HashSet::new();
         for district in &self.districts {
@@ -530,7 +548,7 @@ impl Config {
 }
 
 /// Whether `host:port` names this machine: a loopback IP or `localhost`.
-fn is_loopback_address(address: &str) -> bool {
+pub fn is_loopback_address(address: &str) -> bool {
     let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     host == "localhost"
@@ -541,6 +559,21 @@ fn is_loopback_address(address: &str) -> bool {
 
 /// A documented `node.toml` for a new node.
 pub fn template(origin: &str, name: &str, listen: &str) -> String {
+    template_with_operators(origin, name, listen, &[])
+}
+
+/// [`template`] with `tls.operators` set.
+pub fn template_with_operators(
+    origin: &str,
+    name: &str,
+    listen: &str,
+    operators: &[String],
+) -> String {
+    let operators = operators
+        .iter()
+        .map(|o| format!("{o:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         r#"# civex node configuration. Every setting has a safe default; see
 # deploy/node.toml in the civex repository for the full list.
@@ -599,6 +632,9 @@ key_file = "tls/key.pem"
 # Files are re-read this often (ms); a revocation closes live connections.
 reload_ms = 10000
 handshake_timeout_ms = 5000
+# Operators who may publish, query and administer this node: the names of
+# their civex:operator:<name> certificates. Env: CIVEX_OPERATORS (comma-separated)
+operators = [{operators}]
 
 [federation]
 # The origin whose feed is the federation's roster: members' feed keys are

@@ -116,20 +116,34 @@ pub fn prepare_rotation(key_file: &Path, current: &SigningKey) -> Result<Signing
     let genesis = key_file.with_extension("pub");
     if !genesis.exists() {
         let temporary = key_file.with_extension("pub.tmp");
-        std::fs::write(
-            &temporary,
-            format!("{}\n", public_key_hex(&current.verifying_key())),
-        )
-        .and_then(|()| std::fs::rename(&temporary, &genesis))
-        .map_err(|err| file_error(&genesis, format!("cannot write: {err}")))?;
+        let text = format!("{}\n", public_key_hex(&current.verifying_key()));
+        std::fs::File::create(&temporary)
+            .and_then(|mut file| {
+                file.write_all(text.as_bytes())?;
+                file.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&temporary, &genesis))
+            .and_then(|()| sync_parent(&genesis))
+            .map_err(|err| file_error(&genesis, format!("cannot write: {err}")))?;
     }
     let next = next_key_file(key_file);
-    match std::fs::remove_file(&next) {
-        Ok(()) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => return Err(file_error(&next, format!("cannot replace: {err}"))),
+    if next.exists() {
+        return Err(file_error(
+            &next,
+            "an earlier rotation is not settled; restart the node to settle it",
+        ));
     }
-    create_key_file(&next)
+    let key = create_key_file(&next)?;
+    sync_parent(&next).map_err(|err| file_error(&next, format!("cannot sync: {err}")))?;
+    Ok(key)
+}
+
+/// Fsyncs the directory holding `path`, so a new name in it survives.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()),
+        None => Ok(()),
+    }
 }
 
 /// Makes the rotated key the key file, once the rotation entry is durable
@@ -137,10 +151,7 @@ pub fn prepare_rotation(key_file: &Path, current: &SigningKey) -> Result<Signing
 pub fn finish_rotation(key_file: &Path) -> Result<(), KeyError> {
     let next = next_key_file(key_file);
     std::fs::rename(&next, key_file)
-        .and_then(|()| match key_file.parent() {
-            Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()),
-            None => Ok(()),
-        })
+        .and_then(|()| sync_parent(key_file))
         .map_err(|err| file_error(key_file, format!("cannot install the rotated key: {err}")))
 }
 

@@ -4,7 +4,7 @@
 
 use std::{future::Future, sync::Arc};
 
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
@@ -64,10 +64,19 @@ pub fn security(config: &Config) -> Result<Security, NodeError> {
 /// The feed key, after finishing (or dropping) a rotation a crash cut
 /// short. It must be the key in force at the own feed's head: a key file
 /// restored from before a rotation would sign entries every peer refuses.
-fn own_key(config: &Config, store: &dyn Store) -> Result<SigningKey, NodeError> {
+fn own_key(config: &Config, store: &dyn Store) -> Result<(SigningKey, VerifyingKey), NodeError> {
     let rotations = store.rotations(&config.origin)?;
     recover_rotation(&config.key_file, rotations.last().map(|(_, key)| *key))?;
     let key = load_key_file(&config.key_file)?;
+    let genesis_file = config.key_file.with_extension("pub");
+    if !rotations.is_empty() && !genesis_file.exists() {
+        return Err(NodeError::Config(format!(
+            "{}: missing; after a key rotation it names the feed's first key, which \
+             verifying the own feed needs; restore it from the backup",
+            genesis_file.display()
+        )));
+    }
+    let genesis = genesis_key(&config.key_file, &key)?;
     if let Some((seq, in_force)) = rotations.last() {
         if key.verifying_key().to_bytes() != *in_force {
             return Err(NodeError::Config(format!(
@@ -78,7 +87,7 @@ fn own_key(config: &Config, store: &dyn Store) -> Result<SigningKey, NodeError> 
             )));
         }
     }
-    Ok(key)
+    Ok((key, genesis))
 }
 
 /// Runs a node on `listener` until `shutdown` completes. Acknowledged work
@@ -109,14 +118,10 @@ pub async fn run_secured(
             .await
             .map_err(|err| NodeError::Server(format!("store open task failed: {err}")))?
             .map(Arc::new)?;
-    let key = own_key(&config, store.as_ref())?;
+    let (key, genesis) = own_key(&config, store.as_ref())?;
     let (writer, writer_thread) = Writer::start(store.clone())?;
 
-    let keys = Arc::new(KeyResolver::new(
-        &config.origin,
-        genesis_key(&config.key_file, &key)?,
-        pinned,
-    ));
+    let keys = Arc::new(KeyResolver::new(&config.origin, genesis, pinned));
     let roster = Roster::new(
         config.federation.roster_origin.clone(),
         keys.clone(),
@@ -131,6 +136,7 @@ pub async fn run_secured(
         FeedKey {
             signing: key,
             file: config.key_file.clone(),
+            genesis,
         },
         config.districts.clone(),
         config.disclosure.min_contributors,
@@ -176,6 +182,8 @@ pub async fn run_secured(
         replication: replication.clone(),
         registry,
         roster,
+        operators: config.tls.operators.clone(),
+        insecure: config.tls.mode == TlsMode::Insecure,
         shutdown: stopping.clone(),
         max_message_bytes: config.limits.max_message_bytes,
         max_streams_per_peer: config.limits.max_streams_per_peer,

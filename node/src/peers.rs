@@ -57,12 +57,28 @@ impl PeerPolicy {
         }
     }
 
-    /// Checks every field; the message names the field.
-    pub fn check(&self) -> Result<(), String> {
+    /// Checks every field as `node.toml`'s peers are checked (`insecure`:
+    /// `tls.mode = "insecure"`); the message names the field.
+    pub fn check(&self, insecure: bool) -> Result<(), String> {
         check_slug(&self.name).map_err(|m| format!("name: {:?} {m}", self.name))?;
         crate::transport::check_address(&self.address).map_err(|m| format!("address: {m}"))?;
-        if let Some(origin) = &self.origin {
-            check_origin_id(origin).map_err(|m| format!("origin: {m}"))?;
+        match &self.origin {
+            Some(origin) => check_origin_id(origin).map_err(|m| format!("origin: {m}"))?,
+            None if !insecure => {
+                return Err(
+                    "origin: required with mutual TLS: the origin id the peer's \
+                            certificate must name"
+                        .into(),
+                )
+            }
+            None => {}
+        }
+        if insecure && !crate::config::is_loopback_address(&self.address) {
+            return Err(format!(
+                "address: {:?} is not a loopback address; with tls.mode = \"insecure\" peers \
+                 are dialled only on loopback",
+                self.address
+            ));
         }
         for origin in &self.may_read {
             check_origin_id(origin).map_err(|m| format!("may_read: {m}"))?;
@@ -179,9 +195,15 @@ impl PeerRegistry {
 
     /// Adds (or replaces, by name) a peer; persisted and audited before it
     /// returns. Returns the peer as stored.
-    pub fn add(&self, who: &str, mut peer: PeerPolicy) -> Result<PeerPolicy, PeersError> {
+    pub fn add(
+        &self,
+        who: &str,
+        mut peer: PeerPolicy,
+        insecure: bool,
+    ) -> Result<PeerPolicy, PeersError> {
         peer.source = "runtime".into();
-        peer.check().map_err(|m| self.error(&self.path, m))?;
+        peer.check(insecure)
+            .map_err(|m| self.error(&self.path, m))?;
         self.change(who, "peer add", &peer, |changes| {
             changes.added.retain(|p| p.name != peer.name);
             changes.added.push(peer.clone());
@@ -220,10 +242,11 @@ impl PeerRegistry {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut next = changes.clone();
         edit(&mut next);
+        // Audited before it takes effect: no change without its record.
+        self.audit(who, action, detail)?;
         self.persist(&next)?;
         *changes = next;
-        drop(changes);
-        self.audit(who, action, detail)
+        Ok(())
     }
 
     /// The audit log, oldest first.
@@ -233,7 +256,10 @@ impl PeerRegistry {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(err) => return Err(self.error(&self.audit_path, format!("cannot read: {err}"))),
         };
-        text.lines()
+        // A last line without its newline was cut short by a crash: skipped.
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
             .enumerate()
             .filter(|(_, line)| !line.is_empty())
             .map(|(i, line)| {
@@ -312,13 +338,13 @@ mod tests {
         }];
         let registry = PeerRegistry::open(dir.path(), &config).unwrap();
         assert_eq!(registry.list().len(), 1);
-        registry.add("operator ops", peer("city-c")).unwrap();
+        registry.add("operator ops", peer("city-c"), false).unwrap();
         assert!(registry.remove("operator ops", "city-b").unwrap());
         assert!(!registry.remove("operator ops", "nobody").unwrap());
         let mut bad = peer("city-d");
         bad.address = "nowhere".into();
         assert!(registry
-            .add("operator ops", bad)
+            .add("operator ops", bad, false)
             .unwrap_err()
             .to_string()
             .contains("address"));

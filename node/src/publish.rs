@@ -30,6 +30,8 @@ pub struct FeedKey {
     pub signing: SigningKey,
     /// Its file.
     pub file: std::path::PathBuf,
+    /// The key of seq 1 of the feed (peers pin it).
+    pub genesis: ed25519_dalek::VerifyingKey,
 }
 
 /// What to publish.
@@ -239,6 +241,8 @@ struct Sequencer {
     key: SigningKey,
     /// The key file: a rotation installs the new key there once durable.
     key_file: std::path::PathBuf,
+    /// The key of seq 1 (in force until a rotation).
+    genesis: ed25519_dalek::VerifyingKey,
     /// The new key of the rotation being signed.
     next_key: Option<SigningKey>,
     /// Seq of a rotation signed but not durable yet.
@@ -343,6 +347,7 @@ impl Publisher {
             origin: origin.clone(),
             key: key.signing,
             key_file: key.file,
+            genesis: key.genesis,
             next_key: None,
             rotation_seq: None,
             districts,
@@ -496,23 +501,30 @@ impl Sequencer {
     /// after a failure the tip is reloaded from the store (whatever was
     /// queued after it fails its link check and settles the same way).
     fn settle(&mut self, (seqs, stored, epoch): Settled) {
-        if let Some(rotation) = self.rotation_seq.filter(|seq| seqs.contains(seq)) {
-            self.rotation_seq = None;
-            let done = if stored {
-                crate::keys::finish_rotation(&self.key_file)
-            } else {
-                // Not durable: the old key (still the key file) stays.
-                let _ = std::fs::remove_file(crate::keys::next_key_file(&self.key_file));
-                crate::keys::load_key_file(&self.key_file).map(|old| self.key = old)
+        if let Some(rotation) = self.rotation_seq {
+            let settled_now = seqs.contains(&rotation);
+            if settled_now {
+                self.rotation_seq = None;
+            }
+            let done = match (settled_now, stored) {
+                (true, true) => crate::keys::finish_rotation(&self.key_file).map(|()| {
+                    tracing::info!(seq = rotation, "feed key rotated");
+                }),
+                // The rotation (or an entry after it) failed: sign with the
+                // key of the key file again. The new key stays in its file:
+                // a failed commit may still have reached the disk, and the
+                // next start settles it from what the store holds.
+                (_, false) => crate::keys::load_key_file(&self.key_file).map(|old| {
+                    tracing::warn!(
+                        seq = rotation,
+                        "key rotation not stored; the old key signs until a restart settles it"
+                    );
+                    self.key = old;
+                }),
+                (false, true) => Ok(()),
             };
-            match done {
-                Ok(()) if stored => tracing::info!(seq = rotation, "feed key rotated"),
-                Ok(()) => {
-                    tracing::warn!(seq = rotation, "key rotation not stored; the old key stays")
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "key rotation: the key file could not be updated")
-                }
+            if let Err(err) = done {
+                tracing::error!(error = %err, "key rotation: the key file could not be updated");
             }
         }
         if epoch != self.own.epoch {
@@ -531,13 +543,17 @@ impl Sequencer {
     /// restore from an old backup, may have named another).
     fn load_tip(&self) -> Result<Option<Tip>, PublishError> {
         let tip = self.store.head(&self.origin)?.map(|h| h.tip);
-        if let Some((seq, in_force)) = self.store.rotations(&self.origin)?.last() {
-            if self.key.verifying_key().to_bytes() != *in_force && self.rotation_seq.is_none() {
-                return Err(PublishError::NotReady(format!(
-                    "this node's feed key was rotated at seq {seq} to a key it does not hold; \
-                     restore the key file that rotation wrote"
-                )));
-            }
+        let in_force = match self.store.rotations(&self.origin)?.last() {
+            Some((_, key)) => *key,
+            None => self.genesis.to_bytes(),
+        };
+        if tip.is_some() && self.key.verifying_key().to_bytes() != in_force {
+            return Err(PublishError::NotReady(
+                "this node's signing key is not the key in force at its feed's head (a key \
+                 rotation is unsettled, or was learned from a peer after a restore); restart \
+                 the node, or restore the key file that rotation wrote"
+                    .into(),
+            ));
         }
         Ok(tip)
     }
@@ -569,9 +585,13 @@ impl Sequencer {
         for queued in batch {
             let rotating = matches!(queued.request, Request::RotateKey);
             if rotating {
-                let prepared = if self.rotation_seq.is_some() {
-                    Err(PublishError::InProgress(
-                        "an earlier key rotation is not durable yet".into(),
+                let pending = self.rotation_seq.is_some()
+                    || crate::keys::next_key_file(&self.key_file).exists();
+                let prepared = if pending {
+                    Err(PublishError::NotReady(
+                        "an earlier key rotation is not settled yet (feed.key.next exists); \
+                         restart the node to settle it"
+                            .into(),
                     ))
                 } else {
                     crate::keys::prepare_rotation(&self.key_file, &self.key)

@@ -578,8 +578,12 @@ impl Roster {
 pub struct Replication {
     replicator: Replicator,
     shutdown: watch::Receiver<bool>,
-    running: Mutex<BTreeMap<String, (Peer, tokio::task::JoinHandle<()>)>>,
+    /// By name.
+    running: Mutex<BTreeMap<String, Running>>,
 }
+
+/// A peer replicated from: the peer, its publish-gate slot, its task.
+type Running = (Peer, Option<usize>, tokio::task::JoinHandle<()>);
 
 impl Replication {
     /// Starts a task per peer; these peers hold the publish gate's slots.
@@ -610,15 +614,20 @@ impl Replication {
             .running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, old)) = running.insert(policy.name.clone(), (peer, task)) {
+        if let Some((_, _, old)) = running.insert(policy.name.clone(), (peer, index, task)) {
             old.abort();
         }
     }
 
     /// Starts replicating from a peer added at runtime (replacing one of
-    /// the same name).
+    /// the same name, whose publish-gate slot it takes over).
     pub fn add(&self, policy: &PeerPolicy) {
-        self.spawn(policy, None);
+        let slot = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|running| running.get(&policy.name).and_then(|(_, slot, _)| *slot));
+        self.spawn(policy, slot);
     }
 
     /// Stops replicating from a peer; what it sent and was stored stays.
@@ -628,8 +637,12 @@ impl Replication {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(name);
-        if let Some((_, task)) = removed {
+        if let Some((_, slot, task)) = removed {
             task.abort();
+            // A removed peer no longer holds publishing closed.
+            if let Some(slot) = slot {
+                self.replicator.gate.report(slot, PeerSync::Unreachable);
+            }
         }
     }
 
@@ -637,7 +650,7 @@ impl Replication {
     pub fn peers(&self) -> Vec<Peer> {
         self.running
             .lock()
-            .map(|running| running.values().map(|(peer, _)| peer.clone()).collect())
+            .map(|running| running.values().map(|(peer, _, _)| peer.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -649,7 +662,7 @@ impl Replication {
             .map(|mut running| {
                 std::mem::take(&mut *running)
                     .into_values()
-                    .map(|(_, task)| task)
+                    .map(|(_, _, task)| task)
                     .collect()
             })
             .unwrap_or_default();

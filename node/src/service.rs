@@ -3,7 +3,7 @@
 //! serves subscriptions from the store.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     pin::Pin,
     sync::Arc,
 };
@@ -43,8 +43,12 @@ enum Access {
 }
 
 impl Access {
-    /// An interceptor admitting the callers this access allows.
-    fn check(self) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    /// An interceptor admitting the callers this access allows; operators
+    /// only if named in `operators` (`tls.operators`).
+    fn check(
+        self,
+        operators: Arc<HashSet<String>>,
+    ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
         move |request: Request<()>| {
             let Some(info) = request.extensions().get::<PeerInfo>() else {
                 return Err(Status::unauthenticated(
@@ -52,8 +56,14 @@ impl Access {
                 ));
             };
             match (&info.identity, self) {
-                (None | Some(Identity::Operator(_)), _)
-                | (Some(Identity::Origin(_)), Access::Members) => Ok(request),
+                (None, _) | (Some(Identity::Origin(_)), Access::Members) => Ok(request),
+                (Some(Identity::Operator(name)), _) if operators.contains(name) => Ok(request),
+                (Some(identity @ Identity::Operator(_)), _) => {
+                    tracing::warn!(peer = %info.addr, %identity, "call refused: not an operator of this node");
+                    Err(Status::permission_denied(format!(
+                        "{identity} is not an operator of this node (tls.operators in its node.toml)"
+                    )))
+                }
                 (Some(identity), Access::Operators(what)) => {
                     tracing::warn!(peer = %info.addr, %identity, what, "call refused: needs an operator");
                     Err(Status::permission_denied(format!(
@@ -922,6 +932,8 @@ impl StatusApi for StatusService {
 pub struct AdminService {
     registry: Arc<PeerRegistry>,
     replication: Arc<Replication>,
+    /// `tls.mode = "insecure"`: peers must be on loopback.
+    insecure: bool,
 }
 
 fn who(request: &Request<impl Sized>) -> String {
@@ -965,9 +977,11 @@ impl pb::admin_server::Admin for AdminService {
             relay: record.relay,
             source: String::new(),
         };
-        policy.check().map_err(|m| invalid(format!("peer.{m}")))?;
-        let registry = self.registry.clone();
-        let stored = tokio::task::spawn_blocking(move || registry.add(&who, policy))
+        policy
+            .check(self.insecure)
+            .map_err(|m| invalid(format!("peer.{m}")))?;
+        let (registry, insecure) = (self.registry.clone(), self.insecure);
+        let stored = tokio::task::spawn_blocking(move || registry.add(&who, policy, insecure))
             .await
             .map_err(|err| Status::internal(err.to_string()))?
             .map_err(|err| Status::unavailable(err.to_string()))?;
@@ -1041,6 +1055,10 @@ pub struct Services {
     pub registry: Arc<PeerRegistry>,
     /// The federation roster.
     pub roster: Arc<Roster>,
+    /// Operators who may publish, query and administer (`tls.operators`).
+    pub operators: Vec<String>,
+    /// `tls.mode = "insecure"`.
+    pub insecure: bool,
     /// Turns true at shutdown.
     pub shutdown: watch::Receiver<bool>,
     /// Message size limit.
@@ -1059,6 +1077,7 @@ pub async fn router(
         status_server::StatusServer,
     };
     let max = services.max_message_bytes;
+    let operators = Arc::new(services.operators.iter().cloned().collect::<HashSet<_>>());
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<PublishServer<PublishService>>()
@@ -1090,7 +1109,10 @@ pub async fn router(
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let publish = InterceptedService::new(publish, Access::Operators("publishing").check());
+    let publish = InterceptedService::new(
+        publish,
+        Access::Operators("publishing").check(operators.clone()),
+    );
     let feed = FeedServer::new(FeedService {
         store: services.store.clone(),
         writer: services.writer.clone(),
@@ -1103,13 +1125,16 @@ pub async fn router(
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let feed = InterceptedService::new(feed, Access::Members.check());
+    let feed = InterceptedService::new(feed, Access::Members.check(operators.clone()));
     let query = QueryServer::new(QueryService {
         store: services.store.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let query = InterceptedService::new(query, Access::Operators("querying").check());
+    let query = InterceptedService::new(
+        query,
+        Access::Operators("querying").check(operators.clone()),
+    );
     let status = StatusServer::new(StatusService {
         store: services.store,
         writer: services.writer,
@@ -1118,14 +1143,21 @@ pub async fn router(
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let status = InterceptedService::new(status, Access::Operators("node status").check());
+    let status = InterceptedService::new(
+        status,
+        Access::Operators("node status").check(operators.clone()),
+    );
     let admin = pb::admin_server::AdminServer::new(AdminService {
         registry: services.registry,
         replication: services.replication,
+        insecure: services.insecure,
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let admin = InterceptedService::new(admin, Access::Operators("peer administration").check());
+    let admin = InterceptedService::new(
+        admin,
+        Access::Operators("peer administration").check(operators.clone()),
+    );
     Ok(tonic::service::Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

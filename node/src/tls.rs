@@ -105,6 +105,8 @@ struct Loaded {
     /// Hash of every file's contents, to notice changes.
     stamp: [u8; 32],
     own: Identity,
+    /// Why this end's own certificate is not valid, if it is not.
+    own_problem: Option<TlsError>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
@@ -185,15 +187,18 @@ impl Loaded {
         };
         let crls = Arc::new(crls);
         // The own certificate must chain to the CA and not be revoked: a
-        // misconfigured node fails at start, not at its peers.
-        verify_chain(
+        // misconfigured node fails at start, not at its peers. On a reload
+        // the new files apply anyway (a revocation list that revokes this
+        // node's own certificate still revokes the others).
+        let own_problem = verify_chain(
             leaf,
             &chain[1..],
             &roots,
             &crls,
             webpki::KeyUsage::client_auth(),
         )
-        .map_err(|err| file_error(&files.cert, format!("is not valid for this CA: {err}")))?;
+        .err()
+        .map(|err| file_error(&files.cert, format!("is not valid for this CA: {err}")));
 
         let client_verifier =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
@@ -214,6 +219,7 @@ impl Loaded {
         Ok(Self {
             stamp,
             own,
+            own_problem,
             chain,
             key,
             roots,
@@ -394,6 +400,9 @@ impl Tls {
     /// certificate must name (a node's origin), if fixed.
     pub fn load(files: TlsFiles, expect_own: Option<Identity>) -> Result<Arc<Self>, TlsError> {
         let loaded = Loaded::load(&files, expect_own.as_ref())?;
+        if let Some(problem) = loaded.own_problem.clone() {
+            return Err(problem);
+        }
         Ok(Arc::new(Self {
             files,
             expect_own,
@@ -422,6 +431,10 @@ impl Tls {
         let fresh = Loaded::load(&self.files, self.expect_own.as_ref())?;
         if fresh.stamp == self.current().stamp {
             return Ok(false);
+        }
+        if let Some(problem) = &fresh.own_problem {
+            tracing::error!(error = %problem, "this node's own certificate is no longer valid; \
+                peers will refuse it (the new files apply all the same)");
         }
         let fresh = Arc::new(fresh);
         *self

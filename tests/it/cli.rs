@@ -379,6 +379,8 @@ async fn a_city_joins_a_federation_with_the_cli() {
         "127.0.0.1:0",
         "--join",
         &ca_pem,
+        "--operator",
+        "ops",
     ])
     .await;
     assert!(out.status.success(), "{}", stderr(&out));

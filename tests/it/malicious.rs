@@ -175,11 +175,13 @@ async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
         batch("city-b", signed(&b_good[..3])),
     ]];
     steps.extend(bad_steps.iter().map(|(_, message)| vec![message.clone()]));
-    // Last: the rest of city-b, and city-a's forked entry once more (it
-    // must be ignored now that city-a is quarantined).
+    // Last: the rest of city-b, and a valid next entry of city-a (linked
+    // to the seq 2 held): quarantined, city-a takes nothing more.
+    let a_next = a.chain(3).remove(2);
+    assert_eq!(a_next.body.prev_hash, a_good[1].hash.to_vec());
     steps.push(vec![
         batch("city-b", signed(&b_good[3..])),
-        batch("city-a", vec![a.entry(3, &fork.hash, "x").signed]),
+        batch("city-a", vec![a_next.signed]),
     ]);
     let calls = Arc::new(AtomicUsize::new(0));
 

@@ -13,7 +13,7 @@ use std::{
 };
 
 use civex_node::{
-    config::{template, Config},
+    config::{template_with_operators, Config},
     keys::{create_key_file, load_key_file, public_key_hex},
     node::NodeError,
     pki::{write_identity_dir, Authority, Identity},
@@ -174,7 +174,7 @@ pub fn write_node_dir(dir: &Path, spec: &Spec, listen: &str) -> (PathBuf, String
     if !dir.join("tls/ca.crl").exists() {
         revoke(dir, &[]);
     }
-    let mut text = template(&spec.origin, &spec.origin, listen)
+    let mut text = template_with_operators(&spec.origin, &spec.origin, listen, &["test".into()])
         .replace("# crl_file = \"tls/ca.crl\"", "crl_file = \"tls/ca.crl\"")
         .replace("reload_ms = 10000", "reload_ms = 50")
         .replace("backoff_initial_ms = 200", "backoff_initial_ms = 20")

@@ -271,6 +271,32 @@ async fn roles_come_from_the_certificate() {
         assert_eq!(code, tonic::Code::PermissionDenied);
     }
     assert_eq!(a.head("city-a").await.0, 0, "a member published");
+    // An operator certificate from the same CA, for another city's
+    // operator (not in this node's tls.operators), is refused too.
+    let stranger_dir = dir.path().join("stranger");
+    crate::support::issue_identity(&stranger_dir, &Identity::Operator("stranger".into()));
+    let stranger = Security::Mutual(Tls::load(TlsFiles::in_dir(&stranger_dir), None).unwrap());
+    let channel_s = transport::connect(&a.address, &stranger, None, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let denied = pb::publish_client::PublishClient::new(channel_s)
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: crate::support::key(),
+            rows: vec![crate::support::row("x", "city-a", "2025", 1.0, 10)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert!(
+        denied.message().contains("not an operator of this node"),
+        "{}",
+        denied.message()
+    );
+    assert_eq!(
+        a.head("city-a").await.0,
+        0,
+        "another city's operator published"
+    );
     // The operator publishes; the member then reads it from the feed.
     publish_row(&a, "x", 1.0).await;
     let mut stream = pb::feed_client::FeedClient::new(channel)
