@@ -6,7 +6,12 @@
 //!    of about 300 bytes.
 //! 3. Catch-up: a fresh node replicates those entries from a node holding
 //!    them, fully verified and durable, end to end over gRPC.
-//! 4. Durable publish: `--publishers` concurrent publishers, then p50/p99
+//! 4. Live replication of `--live-entries` entries from node A to node B
+//!    (subscribed to A, over mTLS), in two variants: (a) published through
+//!    A's gRPC Publish API by `--publishers` concurrent publishers; (b)
+//!    replication alone: entries signed before the run stream into A's
+//!    replication path at full speed from a stand-in source, A relays them.
+//! 5. Durable publish: `--publishers` concurrent publishers, then p50/p99
 //!    ack latency at a fixed `--rate`.
 
 use std::{
@@ -26,10 +31,18 @@ use civex_node::{
         index::records_of,
     },
     keys::{create_key_file, public_key_hex, KeyResolver},
+    pki::Identity,
     store::{CommitBatch, Head, SledStore, Store},
+    tls::{Tls, TlsFiles},
+    transport::Security,
 };
-use civex_proto::v1::{self as pb, entry_body::Payload, EntryBody};
+use civex_proto::v1::{self as pb, entry_body::Payload, status_client::StatusClient, EntryBody};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+use tonic::{transport::Channel, Request, Response, Status};
 
 use crate::{
     client,
@@ -43,7 +56,10 @@ pub(crate) struct BenchArgs {
     /// Entries for the verify and catch-up runs.
     #[arg(long, default_value_t = 1_000_000)]
     entries: u64,
-    /// Concurrent publishers in the throughput run.
+    /// Entries of each live replication run.
+    #[arg(long, default_value_t = 100_000)]
+    live_entries: u64,
+    /// Concurrent publishers in the throughput and live runs.
     #[arg(long, default_value_t = 64)]
     publishers: usize,
     /// Publishes in the throughput run.
@@ -63,7 +79,7 @@ pub(crate) struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "ceiling,verify,catch-up,publish"
+        default_value = "ceiling,verify,catch-up,live,publish"
     )]
     parts: Vec<Part>,
 }
@@ -77,6 +93,9 @@ pub(crate) enum Part {
     Verify,
     /// Catch-up replication of the stored entries to a fresh node.
     CatchUp,
+    /// Live replication: entries produced on node A, held verified and
+    /// durable on node B, which is subscribed to A.
+    Live,
     /// Durable publish throughput and ack latency.
     Publish,
 }
@@ -149,6 +168,49 @@ fn ceiling() -> Ceiling {
     }
 }
 
+/// The synthetic entry `seq` of `origin`'s benchmark feed (about 300
+/// bytes signed), linked to `tip`.
+fn bench_entry(
+    key: &SigningKey,
+    origin: &str,
+    seq: u64,
+    tip: Option<Tip>,
+) -> anyhow::Result<Entry> {
+    let s = seq;
+    let body = EntryBody {
+        origin: origin.into(),
+        feed_id: vec![0x42; 16],
+        seq: s,
+        prev_hash: tip.map_or(GENESIS_PREV_HASH, |t| t.hash).to_vec(),
+        time_unix_micros: 1_764_000_000_000_000 + s as i64,
+        idempotency_key: (s as u128).to_be_bytes().to_vec(),
+        payload: Some(Payload::Indicators(pb::IndicatorBatch {
+            observations: vec![pb::Observation {
+                indicator: format!("bench.indicator-{}", s % 97),
+                catalog_edition: "bench".into(),
+                area: (s % 7 + 1) as i32,
+                ref_area: origin.into(),
+                period: format!("{}-{:02}", 2000 + (s / 12) % 25, s % 12 + 1),
+                value: Some(s as f64 / 7.0),
+                unit: "count".into(),
+                obs_status: 0,
+                conf_status: 0,
+                method_notes:
+                    "synthetic benchmark entry, about three hundred bytes in all with its signature"
+                        .into(),
+                breakdown: String::new(),
+            }],
+            rules: Some(pb::DisclosureRules {
+                name: "civex-threshold".into(),
+                version: "1".into(),
+                min_contributors: 3,
+            }),
+            group: None,
+        })),
+    };
+    Ok(Entry::sign(key, body)?)
+}
+
 /// Signs `count` chained entries of about 300 bytes for `origin`, storing
 /// them in `store` in commits of 4096, as replicated entries would be.
 fn fill_origin(
@@ -164,37 +226,7 @@ fn fill_origin(
         let end = (seq + 4095).min(count);
         let mut run = Vec::with_capacity((end - seq + 1) as usize);
         for s in seq..=end {
-            let body = EntryBody {
-                origin: origin.into(),
-                feed_id: vec![0x42; 16],
-                seq: s,
-                prev_hash: tip.map_or(GENESIS_PREV_HASH, |t| t.hash).to_vec(),
-                time_unix_micros: 1_764_000_000_000_000 + s as i64,
-                idempotency_key: (s as u128).to_be_bytes().to_vec(),
-                payload: Some(Payload::Indicators(pb::IndicatorBatch {
-                    observations: vec![pb::Observation {
-                        indicator: format!("bench.indicator-{}", s % 97),
-                        catalog_edition: "bench".into(),
-                        area: (s % 7 + 1) as i32,
-                        ref_area: origin.into(),
-                        period: format!("{}-{:02}", 2000 + (s / 12) % 25, s % 12 + 1),
-                        value: Some(s as f64 / 7.0),
-                        unit: "count".into(),
-                        obs_status: 0,
-                        conf_status: 0,
-                        method_notes: "synthetic benchmark entry, about three hundred bytes in all with its signature"
-                            .into(),
-                        breakdown: String::new(),
-                    }],
-                    rules: Some(pb::DisclosureRules {
-                        name: "civex-threshold".into(),
-                        version: "1".into(),
-                        min_contributors: 3,
-                    }),
-                    group: None,
-                })),
-            };
-            let entry = Entry::sign(key, body)?;
+            let entry = bench_entry(key, origin, s, tip)?;
             tip = Some(entry.tip());
             run.push(entry);
         }
@@ -267,6 +299,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     if wants(Part::Verify) || wants(Part::CatchUp) {
         source_runs(&args, root, ceiling.as_ref()).await?;
+    }
+    if wants(Part::Live) {
+        live_runs(root, &args).await?;
     }
     if wants(Part::Publish) {
         publish_runs(root, &args).await?;
@@ -396,34 +431,18 @@ async fn catch_up(
     origin_keys: &[(String, SigningKey)],
     total: u64,
 ) -> anyhow::Result<Duration> {
-    let trusted: String = origin_keys
-        .iter()
-        .map(|(o, k)| format!("\"{o}\" = \"{}\"\n", public_key_hex(&k.verifying_key())))
-        .collect();
     let federation = Federation::create(root)?;
     let source_listener = civex_node::transport::bind("127.0.0.1:0").await?;
     let source_address = source_listener.local_addr()?.to_string();
     let source = federation.client(&source_address);
-    let write = |dir: &Path,
-                 origin: &str,
-                 address: &str,
-                 peers: &str|
-     -> anyhow::Result<civex_node::config::Config> {
-        let text = civex_node::config::template(origin, origin, address)
-            .replace(
-                "[trusted_origins]\n",
-                &format!("[trusted_origins]\n{trusted}"),
-            )
-            .replace("level = \"info\"", "level = \"warn\"")
-            .replace("cache_mb = 64", "cache_mb = 1024")
-            .replace("allow_without_peers = false", "allow_without_peers = true")
-            + peers;
-        let path = dir.join("node.toml");
-        std::fs::write(&path, text)?;
-        federation.equip(dir, origin)?;
-        Ok(civex_node::config::Config::load(&path, std::iter::empty())?)
+    let trusted: Vec<(String, VerifyingKey)> = origin_keys
+        .iter()
+        .map(|(o, k)| (o.clone(), k.verifying_key()))
+        .collect();
+    let write = |dir: &Path, origin: &str, address: &str, peers: &[BenchPeer<'_>]| {
+        bench_config(&federation, dir, origin, address, &trusted, peers)
     };
-    let source_config = write(source_dir, "bench-source", &source_address, "")?;
+    let source_config = write(source_dir, "bench-source", &source_address, &[])?;
     let (stop_source, source_stopped) = tokio::sync::oneshot::channel::<()>();
     let source_task = tokio::spawn(civex_node::node::run(
         source_config,
@@ -447,9 +466,11 @@ async fn catch_up(
         &dest_dir,
         "bench-dest",
         &dest_address,
-        &format!(
-            "\n[[peers]]\nname = \"source\"\naddress = \"{source_address}\"\norigin = \"bench-source\"\n"
-        ),
+        &[BenchPeer {
+            name: "source",
+            address: &source_address,
+            origin: "bench-source",
+        }],
     )?;
     let progress = Progress::new("catch-up", total);
     let (stop_dest, dest_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -501,6 +522,609 @@ async fn catch_up(
     Ok(elapsed)
 }
 
+/// A peer of a benchmark node: name, address, the origin its certificate names.
+struct BenchPeer<'a> {
+    name: &'a str,
+    address: &'a str,
+    origin: &'a str,
+}
+
+/// Writes `dir/node.toml` for a benchmark node (warn logs, a 1 GiB cache,
+/// `trusted` pinned, `peers` to subscribe to), issues its certificate, and
+/// loads it.
+fn bench_config(
+    federation: &Federation,
+    dir: &Path,
+    origin: &str,
+    address: &str,
+    trusted: &[(String, VerifyingKey)],
+    peers: &[BenchPeer<'_>],
+) -> anyhow::Result<civex_node::config::Config> {
+    let trusted: String = trusted
+        .iter()
+        .map(|(o, k)| format!("\"{o}\" = \"{}\"\n", public_key_hex(k)))
+        .collect();
+    let peers: String = peers
+        .iter()
+        .map(|p| {
+            format!(
+                "\n[[peers]]\nname = \"{}\"\naddress = \"{}\"\norigin = \"{}\"\n",
+                p.name, p.address, p.origin
+            )
+        })
+        .collect();
+    let operators = [crate::region::OPERATOR.to_owned()];
+    let text = civex_node::config::template_with_operators(origin, origin, address, &operators)
+        .replace(
+            "[trusted_origins]\n",
+            &format!("[trusted_origins]\n{trusted}"),
+        )
+        .replace("level = \"info\"", "level = \"warn\"")
+        .replace("cache_mb = 64", "cache_mb = 1024")
+        .replace("allow_without_peers = false", "allow_without_peers = true")
+        + &peers;
+    let path = dir.join("node.toml");
+    std::fs::write(&path, text)?;
+    federation.equip(dir, origin)?;
+    Ok(civex_node::config::Config::load(&path, std::iter::empty())?)
+}
+
+/// The indicator row publish number `n` of a benchmark run: one entry of
+/// about 300 bytes once signed.
+fn indicator_request(key_prefix: &[u8], origin: &str, n: u64) -> pb::PublishIndicatorsRequest {
+    pb::PublishIndicatorsRequest {
+        idempotency_key: [&key_prefix[..8], &n.to_be_bytes()[..]].concat(),
+        rows: vec![pb::IndicatorRow {
+            indicator: format!("bench.publish-{}", n % 50),
+            catalog_edition: "bench".into(),
+            area: (n % 7 + 1) as i32,
+            ref_area: origin.into(),
+            period: "2025".into(),
+            value: n as f64,
+            unit: "count".into(),
+            obs_status: 0,
+            method_notes: "durable publish benchmark row, padded to about three hundred bytes"
+                .into(),
+            contributors: 10,
+        }],
+    }
+}
+
+/// Publishes requests 0..`count` through `publishers` concurrent clients,
+/// each with its own connection, each waiting for its durable receipt.
+fn spawn_publishers<R>(
+    node: &client::Node,
+    publishers: usize,
+    count: u64,
+    request: R,
+    progress: Option<Arc<Progress>>,
+) -> anyhow::Result<Vec<JoinHandle<anyhow::Result<()>>>>
+where
+    R: Fn(u64) -> pb::PublishIndicatorsRequest + Clone + Send + 'static,
+{
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..publishers.max(1) {
+        let (mut publisher, next, progress, request) = (
+            client::publish(node)?,
+            next.clone(),
+            progress.clone(),
+            request.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= count {
+                    return Ok(());
+                }
+                publisher
+                    .publish_indicators(request(n))
+                    .await
+                    .map_err(|s| anyhow!("publish failed: {}", s.message()))?;
+                if let (0, Some(progress)) = (n % 1000, &progress) {
+                    progress.set(n);
+                }
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
+/// A node run in-process by the live runs.
+struct LiveNode {
+    client: client::Node,
+    status: Option<StatusClient<Channel>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), civex_node::node::NodeError>>>,
+}
+
+impl LiveNode {
+    /// Starts `civex_node::node::run` on `listener` and waits until it
+    /// answers status calls.
+    async fn start(
+        federation: &Federation,
+        config: civex_node::config::Config,
+        listener: tokio::net::TcpListener,
+    ) -> anyhow::Result<Self> {
+        let client = federation.client(&listener.local_addr()?.to_string());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(civex_node::node::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let mut node = Self {
+            client,
+            status: None,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        let probe = node.client.clone();
+        wait_until("a live-run node", Duration::from_secs(30), || async {
+            node_status(&probe).await.is_some()
+        })
+        .await?;
+        // One connection for every later poll.
+        node.status = Some(client::status(&node.client).await?);
+        Ok(node)
+    }
+
+    /// The node's status, through its kept connection.
+    async fn status(&mut self) -> anyhow::Result<pb::NodeStatusResponse> {
+        let status = self
+            .status
+            .as_mut()
+            .ok_or_else(|| anyhow!("no status connection"))?;
+        Ok(status
+            .node_status(pb::NodeStatusRequest {})
+            .await
+            .map_err(|s| anyhow!("node status failed: {}", s.message()))?
+            .into_inner())
+    }
+
+    /// Waits until the node's first peer has an open subscription stream.
+    async fn wait_subscribed(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self.status().await?;
+            if status.peers.first().is_some_and(|p| p.connected) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(anyhow!(
+                    "the node did not subscribe to its peer in 30 s: {:?}",
+                    status.peers.first().map(|p| &p.last_error)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Verified and durable seq held for `origin` (the writer's durable heads).
+    async fn held(&mut self, origin: &str) -> anyhow::Result<u64> {
+        Ok(self
+            .status()
+            .await?
+            .heads
+            .into_iter()
+            .find(|h| h.origin == origin)
+            .map_or(0, |h| h.seq))
+    }
+
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.status = None;
+        if let Some(task) = self.task.take() {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+/// When the entries reached each node of a live run.
+struct Arrival {
+    /// All `count` held verified and durable on the relaying node A.
+    on_a: Duration,
+    /// All held verified and durable on the subscriber B: the end to end time.
+    on_b: Duration,
+}
+
+/// Polls A and B every 5 ms (durable heads, through kept connections) until
+/// B holds `count` entries of `origin`, timing from `started`. `producer`
+/// is the task producing the entries; its failure ends the wait.
+async fn follow(
+    a: &mut LiveNode,
+    b: &mut LiveNode,
+    origin: &str,
+    count: u64,
+    started: Instant,
+    mut producer: JoinHandle<anyhow::Result<()>>,
+    progress: &Progress,
+) -> anyhow::Result<Arrival> {
+    let limit = Duration::from_secs(120 + count / 1000);
+    let mut on_a = None;
+    let mut produced = false;
+    loop {
+        if !produced && producer.is_finished() {
+            (&mut producer).await??;
+            produced = true;
+        }
+        if on_a.is_none() && a.held(origin).await? >= count {
+            on_a = Some(started.elapsed());
+        }
+        let held = b.held(origin).await?;
+        progress.set(held);
+        if held >= count {
+            let on_b = started.elapsed();
+            if !produced {
+                producer.await??;
+            }
+            return Ok(Arrival {
+                on_a: on_a.unwrap_or(on_b),
+                on_b,
+            });
+        }
+        if started.elapsed() > limit {
+            let last_error = |status: pb::NodeStatusResponse| {
+                status
+                    .peers
+                    .first()
+                    .map(|p| p.last_error.clone())
+                    .unwrap_or_default()
+            };
+            return Err(anyhow!(
+                "live replication did not finish in {limit:?} ({held} of {count} on B; \
+                 A's peer error: {:?}, B's peer error: {:?})",
+                last_error(a.status().await?),
+                last_error(b.status().await?)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Average size (body and signature) of the first entries of `origin` that
+/// `node` serves, read through a subscription.
+async fn served_entry_size(node: &client::Node, origin: &str) -> anyhow::Result<usize> {
+    let mut feed = client::feed(node).await?;
+    let mut stream = feed
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![pb::Cursor {
+                origin: origin.into(),
+                ..Default::default()
+            }],
+            all_origins: false,
+        })
+        .await
+        .map_err(|s| anyhow!("subscribe failed: {}", s.message()))?
+        .into_inner();
+    while let Some(message) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow!("subscription failed: {}", s.message()))?
+    {
+        if let Some(pb::subscribe_response::Event::Entries(batch)) = message.event {
+            let bytes: usize = batch
+                .entries
+                .iter()
+                .map(|e| e.body.len() + e.signature.len())
+                .sum();
+            return Ok(bytes / batch.entries.len().max(1));
+        }
+    }
+    Err(anyhow!("{origin}: no entries served"))
+}
+
+/// 4. Live replication, both variants.
+async fn live_runs(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    live_publish(
+        &root.join("live-publish"),
+        args.live_entries,
+        args.publishers,
+    )
+    .await?;
+    live_relay(&root.join("live-relay"), args.live_entries).await
+}
+
+/// Live (a): entries published through node A's gRPC Publish API by
+/// concurrent publishers (A validates, signs and commits each durably),
+/// while node B, subscribed to A over mTLS, verifies and stores them.
+async fn live_publish(root: &Path, count: u64, publishers: usize) -> anyhow::Result<()> {
+    const A: &str = "bench-live-a";
+    const B: &str = "bench-live-b";
+    let federation = Federation::create(root)?;
+    let (a_dir, b_dir) = (root.join(A), root.join(B));
+    std::fs::create_dir_all(&a_dir)?;
+    std::fs::create_dir_all(&b_dir)?;
+    let a_key = create_key_file(&a_dir.join("feed.key"))?;
+    create_key_file(&b_dir.join("feed.key"))?;
+    let a_listener = civex_node::transport::bind("127.0.0.1:0").await?;
+    let a_address = a_listener.local_addr()?.to_string();
+    let b_listener = civex_node::transport::bind("127.0.0.1:0").await?;
+    let b_address = b_listener.local_addr()?.to_string();
+    let a_config = bench_config(&federation, &a_dir, A, &a_address, &[], &[])?;
+    let b_config = bench_config(
+        &federation,
+        &b_dir,
+        B,
+        &b_address,
+        &[(A.to_owned(), a_key.verifying_key())],
+        &[BenchPeer {
+            name: A,
+            address: &a_address,
+            origin: A,
+        }],
+    )?;
+    let mut a = LiveNode::start(&federation, a_config, a_listener).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !a.status().await?.publish_ready {
+        if Instant::now() > deadline {
+            return Err(anyhow!("node A did not open publishing in 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut b = LiveNode::start(&federation, b_config, b_listener).await?;
+    // B is subscribed to A, and caught up: A holds nothing yet.
+    b.wait_subscribed().await?;
+
+    let key_prefix = client::idempotency_key()?;
+    let request = move |n: u64| indicator_request(&key_prefix, A, n);
+    let progress = Progress::new("live replication (publish API)", count);
+    let started = Instant::now();
+    let tasks = spawn_publishers(&a.client, publishers, count, request, None)?;
+    let producer = tokio::spawn(async move {
+        for task in tasks {
+            task.await??;
+        }
+        Ok(())
+    });
+    let arrival = follow(&mut a, &mut b, A, count, started, producer, &progress).await?;
+    progress.finish();
+    let size = served_entry_size(&a.client, A).await?;
+    println!(
+        "live replication (a) through the publish API: {count} entries of {size} bytes published on node A by {publishers} concurrent publishers \
+         (gRPC Publish, mTLS; A validates, signs and commits each durably before its receipt), replicated over mTLS to node B, \
+         which verifies and commits them durably: all held on B {:.1} s after the first publish: {:.0}/s end to end \
+         (A held all, durable and acked, at {:.1} s: {:.0}/s)",
+        arrival.on_b.as_secs_f64(),
+        rate(count, arrival.on_b),
+        arrival.on_a.as_secs_f64(),
+        rate(count, arrival.on_a),
+    );
+    b.stop().await?;
+    a.stop().await?;
+    Ok(())
+}
+
+/// A stand-in for an origin's node: serves a feed of entries signed before
+/// the run from memory, as fast as the subscriber reads, once `go` turns
+/// true; every other origin asked for is reported drained at seq 0.
+struct SourceFeed {
+    origin: String,
+    entries: Arc<Vec<pb::SignedEntry>>,
+    head: pb::Head,
+    go: watch::Receiver<bool>,
+}
+
+type SourceStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+
+#[tonic::async_trait]
+impl pb::feed_server::Feed for SourceFeed {
+    type SubscribeStream = SourceStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<SourceStream>, Status> {
+        use pb::subscribe_response::Event;
+        let event = |event| Ok(pb::SubscribeResponse { event: Some(event) });
+        let cursors = request.into_inner().cursors;
+        // As many messages in flight as a node allows a subscriber.
+        let (tx, rx) = mpsc::channel(4);
+        let (origin, entries, mut go) =
+            (self.origin.clone(), self.entries.clone(), self.go.clone());
+        tokio::spawn(async move {
+            let mut from = None;
+            for cursor in cursors {
+                if cursor.origin == origin {
+                    from = Some(cursor.seq as usize);
+                    continue;
+                }
+                let drained = pb::BacklogDrained {
+                    origin: cursor.origin,
+                    head_seq: 0,
+                };
+                if tx.send(event(Event::Drained(drained))).await.is_err() {
+                    return;
+                }
+            }
+            if let Some(mut next) = from {
+                if go.wait_for(|go| *go).await.is_err() {
+                    return;
+                }
+                // At most 1,024 entries per message, as a node sends them.
+                while next < entries.len() {
+                    let end = (next + 1024).min(entries.len());
+                    let batch = pb::EntryBatch {
+                        origin: origin.clone(),
+                        entries: entries[next..end].to_vec(),
+                    };
+                    if tx.send(event(Event::Entries(batch))).await.is_err() {
+                        return;
+                    }
+                    next = end;
+                }
+                let drained = pb::BacklogDrained {
+                    origin,
+                    head_seq: entries.len() as u64,
+                };
+                if tx.send(event(Event::Drained(drained))).await.is_err() {
+                    return;
+                }
+            }
+            tx.closed().await;
+        });
+        Ok(Response::new(SourceStream::new(rx)))
+    }
+
+    async fn heads(
+        &self,
+        _request: Request<pb::HeadsRequest>,
+    ) -> Result<Response<pb::HeadsResponse>, Status> {
+        Ok(Response::new(pb::HeadsResponse {
+            heads: vec![self.head.clone()],
+        }))
+    }
+}
+
+/// Live (b): replication alone. Node A cannot be handed entries of its own
+/// feed from outside `node::run` (its writer is private to it), so A relays
+/// an origin it replicates: a source serves pre-signed entries of origin C
+/// from memory at full speed, A verifies and commits them durably and serves
+/// them to B, which verifies and commits them durably.
+async fn live_relay(root: &Path, count: u64) -> anyhow::Result<()> {
+    const C: &str = "bench-relay-c";
+    const A: &str = "bench-relay-a";
+    const B: &str = "bench-relay-b";
+    let federation = Federation::create(root)?;
+    let c_key = SigningKey::from_bytes(&[77; 32]);
+
+    // Signed before the clock starts: one origin signs serially, each entry
+    // naming the previous hash.
+    let signing = Instant::now();
+    let entries = {
+        let key = c_key.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Entry>> {
+            let mut tip = None;
+            let mut entries = Vec::with_capacity(count as usize);
+            for seq in 1..=count {
+                let entry = bench_entry(&key, C, seq, tip)?;
+                tip = Some(entry.tip());
+                entries.push(entry);
+            }
+            Ok(entries)
+        })
+        .await??
+    };
+    let signed_in = signing.elapsed();
+    let last = entries
+        .last()
+        .map(Entry::tip)
+        .ok_or_else(|| anyhow!("--live-entries must be at least 1"))?;
+    let size = entries
+        .iter()
+        .map(|e| e.signed.body.len() + e.signed.signature.len())
+        .sum::<usize>()
+        / entries.len();
+    let (go, go_rx) = watch::channel(false);
+    let source = SourceFeed {
+        origin: C.into(),
+        entries: Arc::new(entries.into_iter().map(|e| e.signed).collect()),
+        head: pb::Head {
+            origin: C.into(),
+            feed_id: last.feed_id.to_vec(),
+            seq: last.seq,
+            entry_hash: last.hash.to_vec(),
+            time_unix_micros: last.time_unix_micros,
+            received_unix_micros: 0,
+        },
+        go: go_rx,
+    };
+
+    // The source serves over mTLS with a certificate naming origin C.
+    let c_dir = root.join(C);
+    std::fs::create_dir_all(&c_dir)?;
+    federation.equip(&c_dir, C)?;
+    let c_tls = Tls::load(
+        TlsFiles::in_dir(&c_dir.join("tls")),
+        Some(Identity::Origin(C.into())),
+    )?;
+    let c_listener = civex_node::transport::bind("127.0.0.1:0").await?;
+    let c_address = c_listener.local_addr()?.to_string();
+    let (stop_source, source_stopped) = oneshot::channel::<()>();
+    let source_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                pb::feed_server::FeedServer::new(source)
+                    .max_encoding_message_size(client::MAX_MESSAGE),
+            )
+            .serve_with_incoming_shutdown(
+                civex_node::transport::incoming(
+                    c_listener,
+                    Security::Mutual(c_tls),
+                    Duration::from_secs(5),
+                ),
+                async move {
+                    let _ = source_stopped.await;
+                },
+            ),
+    );
+
+    let (a_dir, b_dir) = (root.join(A), root.join(B));
+    std::fs::create_dir_all(&a_dir)?;
+    std::fs::create_dir_all(&b_dir)?;
+    create_key_file(&a_dir.join("feed.key"))?;
+    create_key_file(&b_dir.join("feed.key"))?;
+    let a_listener = civex_node::transport::bind("127.0.0.1:0").await?;
+    let a_address = a_listener.local_addr()?.to_string();
+    let b_listener = civex_node::transport::bind("127.0.0.1:0").await?;
+    let b_address = b_listener.local_addr()?.to_string();
+    let trusted = [(C.to_owned(), c_key.verifying_key())];
+    let a_config = bench_config(
+        &federation,
+        &a_dir,
+        A,
+        &a_address,
+        &trusted,
+        &[BenchPeer {
+            name: C,
+            address: &c_address,
+            origin: C,
+        }],
+    )?;
+    let b_config = bench_config(
+        &federation,
+        &b_dir,
+        B,
+        &b_address,
+        &trusted,
+        &[BenchPeer {
+            name: A,
+            address: &a_address,
+            origin: A,
+        }],
+    )?;
+    let mut a = LiveNode::start(&federation, a_config, a_listener).await?;
+    a.wait_subscribed().await?;
+    let mut b = LiveNode::start(&federation, b_config, b_listener).await?;
+    b.wait_subscribed().await?;
+
+    let progress = Progress::new("live replication (relay)", count);
+    let started = Instant::now();
+    go.send_replace(true);
+    let producer = tokio::spawn(async { Ok(()) });
+    let arrival = follow(&mut a, &mut b, C, count, started, producer, &progress).await?;
+    progress.finish();
+    println!(
+        "live replication (b) replication only: {count} entries of {size} bytes of origin C, signed before the run, \
+         streamed at full speed from memory over mTLS into node A's replication path (A verifies and commits them durably, \
+         as if appended to its feed) and relayed over mTLS to node B, which verifies and commits them durably: \
+         all held on B {:.1} s after the first was sent: {:.0}/s end to end (A held all at {:.1} s: {:.0}/s); \
+         signing them took {:.1} s ({:.0}/s on one core: one origin's own producing ceiling)",
+        arrival.on_b.as_secs_f64(),
+        rate(count, arrival.on_b),
+        arrival.on_a.as_secs_f64(),
+        rate(count, arrival.on_a),
+        signed_in.as_secs_f64(),
+        rate(count, signed_in),
+    );
+    b.stop().await?;
+    a.stop().await?;
+    let _ = stop_source.send(());
+    source_task.await??;
+    Ok(())
+}
+
 async fn publish_runs(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let specs = [CitySpec {
         origin: "bench-publisher",
@@ -517,53 +1141,18 @@ async fn publish_runs(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let publisher = client::publish(&node)?;
     // One random prefix per run; each publish gets its own key.
     let key_prefix = client::idempotency_key()?;
-    let request = move |n: u64| pb::PublishIndicatorsRequest {
-        idempotency_key: [&key_prefix[..8], &n.to_be_bytes()[..]].concat(),
-        rows: vec![pb::IndicatorRow {
-            indicator: format!("bench.publish-{}", n % 50),
-            catalog_edition: "bench".into(),
-            area: (n % 7 + 1) as i32,
-            ref_area: "bench-publisher".into(),
-            period: "2025".into(),
-            value: n as f64,
-            unit: "count".into(),
-            obs_status: 0,
-            method_notes: "durable publish benchmark row, padded to about three hundred bytes"
-                .into(),
-            contributors: 10,
-        }],
-    };
+    let request = move |n: u64| indicator_request(&key_prefix, "bench-publisher", n);
 
     // Throughput with many concurrent publishers.
-    let next = Arc::new(AtomicU64::new(0));
     let progress = Arc::new(Progress::new("durable publish", args.publishes));
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.publishers {
-        // Each publisher is its own client with its own connection.
-        let (mut publisher, next, progress, request) = (
-            client::publish(&node)?,
-            next.clone(),
-            progress.clone(),
-            request.clone(),
-        );
-        let limit = args.publishes;
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= limit {
-                    return Ok::<(), anyhow::Error>(());
-                }
-                publisher
-                    .publish_indicators(request(n))
-                    .await
-                    .map_err(|s| anyhow!("publish failed: {}", s.message()))?;
-                if n % 1000 == 0 {
-                    progress.set(n);
-                }
-            }
-        }));
-    }
+    let tasks = spawn_publishers(
+        &node,
+        args.publishers,
+        args.publishes,
+        request.clone(),
+        Some(progress.clone()),
+    )?;
     for task in tasks {
         task.await??;
     }

@@ -331,6 +331,8 @@ async fn bench_runs_every_measurement() {
         "200",
         "--latency-secs",
         "1",
+        "--live-entries",
+        "2000",
         "--dir",
         dir.path().to_str().unwrap(),
     ])
@@ -343,6 +345,8 @@ async fn bench_runs_every_measurement() {
         "catch-up: 4000 entries",
         "durable publish: 400 entries",
         "ack latency at 200/s",
+        "live replication (a)",
+        "live replication (b)",
     ] {
         assert!(text.contains(expected), "{expected:?} missing:\n{text}");
     }
