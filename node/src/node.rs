@@ -263,7 +263,7 @@ async fn fold_index_pieces(
 ) {
     use std::time::{Duration, Instant};
     const IDLE: Duration = Duration::from_millis(250);
-    const MAX_DEFER: Duration = Duration::from_secs(10);
+    const MAX_DEFER: Duration = Duration::from_secs(60);
     // The first pass folds what an earlier run left, once start-up is quiet.
     let mut first = true;
     loop {
