@@ -254,7 +254,7 @@ pub async fn run_secured(
 }
 
 /// Folds packed index pieces (written by bulk commits) into the ordered
-/// index in the background: once commits pause, or at least every second
+/// index in the background: once commits pause for 250 ms, or after a minute of steady commits
 /// while they keep coming, so queries never merge more than a second's worth.
 async fn fold_index_pieces(
     store: SharedStore,
