@@ -254,8 +254,9 @@ pub async fn run_secured(
 }
 
 /// Folds packed index pieces (written by bulk commits) into the ordered
-/// index in the background: once commits pause for 250 ms, or after a minute of steady commits
-/// while they keep coming, so queries never merge more than a second's worth.
+/// index in the background: once commits pause for 250 ms, or after a
+/// minute of steady commits (so folding does not slow a long catch-up;
+/// queries meanwhile merge the pieces not folded yet).
 async fn fold_index_pieces(
     store: SharedStore,
     mut committed: watch::Receiver<crate::writer::DurableHeads>,
