@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use civex_node::{
+    pki::Identity,
     tls::{Tls, TlsFiles},
     transport::{error_chain, Security},
 };
@@ -23,6 +24,8 @@ pub(crate) struct Node {
     pub(crate) address: String,
     /// Mutual TLS with an operator identity, or plain (insecure mode).
     pub(crate) security: Security,
+    /// The origin the node's certificate must name; any member node if unset.
+    pub(crate) expected: Option<Identity>,
 }
 
 impl Node {
@@ -31,7 +34,15 @@ impl Node {
         address: &str,
         identity: Option<&std::path::Path>,
         insecure: bool,
+        expect_origin: Option<&str>,
     ) -> anyhow::Result<Self> {
+        let expected = match expect_origin {
+            Some(origin) => Some(
+                Identity::parse_uri(&format!("civex:origin:{origin}"))
+                    .map_err(|m| anyhow!("--expect-origin: {m}"))?,
+            ),
+            None => None,
+        };
         let security = match (identity, insecure) {
             (Some(_), true) => bail!("--identity and --insecure exclude each other"),
             (None, true) => Security::Insecure,
@@ -48,21 +59,27 @@ impl Node {
         Ok(Self {
             address: address.to_owned(),
             security,
+            expected,
         })
     }
 }
 
 /// Opens a channel to a node.
 pub(crate) async fn connect(node: &Node) -> anyhow::Result<Channel> {
-    civex_node::transport::connect(&node.address, &node.security, None, Duration::from_secs(5))
-        .await
-        .map_err(|err| {
-            anyhow!(
-                "cannot reach the node at {} (is civex-node running? see --node): {}",
-                node.address,
-                error_chain(&err)
-            )
-        })
+    civex_node::transport::connect(
+        &node.address,
+        &node.security,
+        node.expected.clone(),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|err| {
+        anyhow!(
+            "cannot reach the node at {} (is civex-node running? see --node): {}",
+            node.address,
+            error_chain(&err)
+        )
+    })
 }
 
 /// Publish client; connects on first call, so retries cover a node that
@@ -71,7 +88,7 @@ pub(crate) fn publish(node: &Node) -> anyhow::Result<PublishClient<Channel>> {
     let channel = civex_node::transport::connect_lazy(
         &node.address,
         &node.security,
-        None,
+        node.expected.clone(),
         Duration::from_secs(5),
     )
     .with_context(|| format!("--node {:?} is not a usable address", node.address))?;

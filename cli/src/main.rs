@@ -34,6 +34,10 @@ struct Cli {
     /// Talk plain gRPC, to a node with tls.mode = "insecure" (loopback).
     #[arg(long, global = true, env = "CIVEX_INSECURE")]
     insecure: bool,
+    /// The origin the node's certificate must name (recommended: otherwise
+    /// any member node of the federation is accepted at --node).
+    #[arg(long, global = true, env = "CIVEX_EXPECT_ORIGIN")]
+    expect_origin: Option<String>,
     /// Output: a table for people, or JSON for scripts.
     #[arg(long, global = true, value_enum, default_value = "table")]
     output: Format,
@@ -138,6 +142,7 @@ async fn main() -> ExitCode {
         node,
         identity,
         insecure,
+        expect_origin,
         output,
         command,
     } = Cli::parse();
@@ -166,7 +171,12 @@ async fn main() -> ExitCode {
         Command::Verify { config } => commands::verify(&config, output),
         Command::Demo { keep_running } => demo::run(keep_running, output).await,
         Command::Bench(args) => bench::run(args).await,
-        talk => match client::Node::from_flags(&node, identity.as_deref(), insecure) {
+        talk => match client::Node::from_flags(
+            &node,
+            identity.as_deref(),
+            insecure,
+            expect_origin.as_deref(),
+        ) {
             Ok(node) => talk_to(&node, output, talk).await,
             Err(err) => Err(err),
         },

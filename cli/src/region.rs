@@ -80,6 +80,7 @@ impl Federation {
         client::Node {
             address: address.to_owned(),
             security: self.operator.clone(),
+            expected: None,
         }
     }
 }

@@ -223,6 +223,16 @@ async fn a_peer_must_present_the_origin_expected_not_just_any_member() {
         text.contains("names origin city-a, expected origin city-b"),
         "{text}"
     );
+    // The CLI checks the node it talks to the same way.
+    let out = a.cli(&["--expect-origin", "city-b", "status"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("expected origin city-b"),
+        "{}",
+        stderr(&out)
+    );
+    let out = a.cli(&["--expect-origin", "city-a", "status"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

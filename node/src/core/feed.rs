@@ -393,6 +393,12 @@ pub fn judge_conflict(
         return None;
     }
     let kind = if held.body.feed_id != other.body.feed_id {
+        // Only the genesis of a new feed (signed by the pinned key) is
+        // evidence: a later entry would be judged with a key that a
+        // rotation may have retired.
+        if other.body.seq != 1 {
+            return None;
+        }
         ConflictKind::Recreated
     } else if held.body.seq == other.body.seq {
         ConflictKind::Fork
@@ -636,5 +642,10 @@ pub(crate) mod tests {
         let restarted = Entry::sign(&key, body).unwrap();
         let judged = judge_conflict((&k, &entries[1]), (&k, &restarted)).unwrap();
         assert_eq!(judged.kind, ConflictKind::Recreated);
+        // Only a new feed's seq 1 is evidence of a re-created feed.
+        let mut later = restarted.body.clone();
+        later.seq = 2;
+        let later = Entry::sign(&key, later).unwrap();
+        assert!(judge_conflict((&k, &entries[1]), (&k, &later)).is_none());
     }
 }
