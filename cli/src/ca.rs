@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context};
 use civex_node::{
-    keys::{read_secret_file, write_secret_file},
+    keys::{read_secret_file, replace_file, write_secret_file},
     pki::{write_identity_dir, Authority, Identity},
 };
 use clap::{Args, Subcommand};
@@ -184,9 +184,7 @@ fn write_crl(dir: &Path, authority: &Authority) -> anyhow::Result<PathBuf> {
     // Revocations are only ever added, so their count numbers the lists.
     let crl = authority.revocation_list(&serials, serials.len() as u64 + 1, 3650)?;
     let path = dir.join("ca.crl");
-    let temporary = dir.join("ca.crl.tmp");
-    std::fs::write(&temporary, crl)
-        .and_then(|()| std::fs::rename(&temporary, &path))
+    replace_file(&path, crl.as_bytes())
         .with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(path)
 }

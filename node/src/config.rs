@@ -469,27 +469,8 @@ impl Config {
                     peer.name
                 ));
             }
-            crate::transport::check_address(&peer.address)
-                .map_err(|m| format!("peers.{}.address: {m}", peer.name))?;
-            match &peer.origin {
-                Some(origin) => check_origin_id(origin)
-                    .map_err(|m| format!("peers.{}.origin: {m}", peer.name))?,
-                None if !insecure => {
-                    return Err(format!(
-                        "peers.{}.origin: required with mutual TLS: the origin id the peer's \
-                         certificate must name",
-                        peer.name
-                    ))
-                }
-                None => {}
-            }
-            if insecure && !is_loopback_address(&peer.address) {
-                return Err(format!(
-                    "peers.{}.address: {:?} is not a loopback address; with tls.mode = \
-                     \"insecure\" peers are dialled only on loopback",
-                    peer.name, peer.address
-                ));
-            }
+            check_peer_link(&peer.address, peer.origin.as_deref(), insecure)
+                .map_err(|m| format!("peers.{}.{m}", peer.name))?;
         }
         for (origin, key) in &self.trusted_origins {
             check_origin_id(origin).map_err(|m| format!("trusted_origins: {m}"))?;
@@ -547,8 +528,34 @@ impl Config {
     }
 }
 
+/// Checks how a peer is reached, as `node.toml` and `civex peer add` both
+/// need it: its `host:port`, the origin its certificate must name (required
+/// with mutual TLS), and loopback only in insecure mode. The message starts
+/// with the field at fault (`address:` or `origin:`).
+pub fn check_peer_link(address: &str, origin: Option<&str>, insecure: bool) -> Result<(), String> {
+    crate::transport::check_address(address).map_err(|m| format!("address: {m}"))?;
+    match origin {
+        Some(origin) => check_origin_id(origin).map_err(|m| format!("origin: {m}"))?,
+        None if !insecure => {
+            return Err(
+                "origin: required with mutual TLS: the origin id the peer's \
+                        certificate must name"
+                    .into(),
+            )
+        }
+        None => {}
+    }
+    if insecure && !is_loopback_address(address) {
+        return Err(format!(
+            "address: {address:?} is not a loopback address; with tls.mode = \"insecure\" \
+             peers are dialled only on loopback"
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `host:port` names this machine: a loopback IP or `localhost`.
-pub fn is_loopback_address(address: &str) -> bool {
+fn is_loopback_address(address: &str) -> bool {
     let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     host == "localhost"

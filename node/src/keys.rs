@@ -115,15 +115,8 @@ pub fn next_key_file(key_file: &Path) -> std::path::PathBuf {
 pub fn prepare_rotation(key_file: &Path, current: &SigningKey) -> Result<SigningKey, KeyError> {
     let genesis = key_file.with_extension("pub");
     if !genesis.exists() {
-        let temporary = key_file.with_extension("pub.tmp");
         let text = format!("{}\n", public_key_hex(&current.verifying_key()));
-        std::fs::File::create(&temporary)
-            .and_then(|mut file| {
-                file.write_all(text.as_bytes())?;
-                file.sync_all()
-            })
-            .and_then(|()| std::fs::rename(&temporary, &genesis))
-            .and_then(|()| sync_parent(&genesis))
+        replace_file(&genesis, text.as_bytes())
             .map_err(|err| file_error(&genesis, format!("cannot write: {err}")))?;
     }
     let next = next_key_file(key_file);
@@ -136,6 +129,19 @@ pub fn prepare_rotation(key_file: &Path, current: &SigningKey) -> Result<Signing
     let key = create_key_file(&next)?;
     sync_parent(&next).map_err(|err| file_error(&next, format!("cannot sync: {err}")))?;
     Ok(key)
+}
+
+/// Writes `path` whole or not at all: a temporary file beside it, fsynced,
+/// renamed over it, and the directory fsynced.
+pub fn replace_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = std::path::PathBuf::from(temporary);
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    sync_parent(path)
 }
 
 /// Fsyncs the directory holding `path`, so a new name in it survives.

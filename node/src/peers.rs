@@ -61,25 +61,7 @@ impl PeerPolicy {
     /// `tls.mode = "insecure"`); the message names the field.
     pub fn check(&self, insecure: bool) -> Result<(), String> {
         check_slug(&self.name).map_err(|m| format!("name: {:?} {m}", self.name))?;
-        crate::transport::check_address(&self.address).map_err(|m| format!("address: {m}"))?;
-        match &self.origin {
-            Some(origin) => check_origin_id(origin).map_err(|m| format!("origin: {m}"))?,
-            None if !insecure => {
-                return Err(
-                    "origin: required with mutual TLS: the origin id the peer's \
-                            certificate must name"
-                        .into(),
-                )
-            }
-            None => {}
-        }
-        if insecure && !crate::config::is_loopback_address(&self.address) {
-            return Err(format!(
-                "address: {:?} is not a loopback address; with tls.mode = \"insecure\" peers \
-                 are dialled only on loopback",
-                self.address
-            ));
-        }
+        crate::config::check_peer_link(&self.address, self.origin.as_deref(), insecure)?;
         for origin in &self.may_read {
             check_origin_id(origin).map_err(|m| format!("may_read: {m}"))?;
         }
@@ -272,21 +254,10 @@ impl PeerRegistry {
     /// Writes `peers.json` whole: a temporary file, fsync, rename, fsync of
     /// the directory.
     fn persist(&self, changes: &Changes) -> Result<(), PeersError> {
-        let fail = |err: std::io::Error| self.error(&self.path, format!("cannot write: {err}"));
         let text = serde_json::to_vec_pretty(changes)
             .map_err(|err| self.error(&self.path, err.to_string()))?;
-        let temporary = self.path.with_extension("json.tmp");
-        let mut file = std::fs::File::create(&temporary).map_err(fail)?;
-        file.write_all(&text)
-            .and_then(|()| file.sync_all())
-            .map_err(fail)?;
-        std::fs::rename(&temporary, &self.path).map_err(fail)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(fail)?;
-        }
-        Ok(())
+        crate::keys::replace_file(&self.path, &text)
+            .map_err(|err| self.error(&self.path, format!("cannot write: {err}")))
     }
 
     fn audit(&self, who: &str, action: &str, detail: &impl Serialize) -> Result<(), PeersError> {

@@ -684,17 +684,12 @@ impl Feed for FeedService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let identity = request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|info| info.identity.clone());
-        let peer = request
-            .extensions()
-            .get::<PeerInfo>()
-            .map_or_else(String::new, |info| match &info.identity {
-                Some(identity) => identity.to_string(),
-                None => info.addr.ip().to_string(),
-            });
+        let info = request.extensions().get::<PeerInfo>().cloned();
+        let identity = info.as_ref().and_then(|info| info.identity.clone());
+        let peer = info.map_or_else(String::new, |info| match &info.identity {
+            Some(identity) => identity.to_string(),
+            None => info.addr.ip().to_string(),
+        });
         // A member node with a peer policy reads only what it allows.
         let readable = match &identity {
             Some(Identity::Origin(origin)) => self.registry.policy_for(origin),
