@@ -199,13 +199,16 @@ fn bench_entry(
                     "synthetic benchmark entry, about three hundred bytes in all with its signature"
                         .into(),
                 breakdown: String::new(),
+                rules: 0,
             }],
-            rules: Some(pb::DisclosureRules {
-                name: "civex-threshold".into(),
-                version: "1".into(),
-                min_contributors: 3,
-            }),
+            rules: vec![pb::DisclosureRules {
+                name: "civex-sdc".into(),
+                version: "2".into(),
+                aggregation: "ratio".into(),
+                ..Default::default()
+            }],
             group: None,
+            privacy: Vec::new(),
         })),
     };
     Ok(Entry::sign(key, body)?)
@@ -575,17 +578,19 @@ fn indicator_request(key_prefix: &[u8], origin: &str, n: u64) -> pb::PublishIndi
     pb::PublishIndicatorsRequest {
         idempotency_key: [&key_prefix[..8], &n.to_be_bytes()[..]].concat(),
         rows: vec![pb::IndicatorRow {
-            indicator: format!("bench.publish-{}", n % 50),
-            catalog_edition: "bench".into(),
-            area: (n % 7 + 1) as i32,
+            // Unemployment rate (ISO 37120:2014 5.1) of 50 different years.
+            indicator: "5.1".into(),
+            catalog_edition: "iso37120:2014".into(),
+            area: 0,
             ref_area: origin.into(),
-            period: "2025".into(),
+            period: (1976 + n % 50).to_string(),
             value: n as f64,
-            unit: "count".into(),
+            unit: "percent".into(),
             obs_status: 0,
             method_notes: "durable publish benchmark row, padded to about three hundred bytes"
                 .into(),
-            contributors: 10,
+            contributors: Some(10),
+            ..Default::default()
         }],
     }
 }

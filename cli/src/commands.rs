@@ -14,6 +14,7 @@ use civex_node::{
         feed::{verify_chain, Entry, Tip},
         ids::{check_origin_id, hex, unhex},
         ingest::{area_slug, parse_area, parse_csv, parse_json, InputRow},
+        sdc::LargestContributions,
     },
     keys::{
         create_key_file, genesis_key, load_key_file, parse_public_key, public_key_hex,
@@ -37,6 +38,11 @@ pub(crate) enum PublishCommand {
     Indicators {
         /// The file (.csv or .json; see the README for the columns).
         file: PathBuf,
+        /// Show what would be published and why each cell is suppressed,
+        /// publishing nothing. The reasons may repeat contributor counts:
+        /// keep the output local.
+        #[arg(long)]
+        dry_run: bool,
         /// Seconds to keep retrying while the node is unavailable.
         #[arg(long, default_value_t = 10)]
         wait_secs: u64,
@@ -326,6 +332,11 @@ pub(crate) fn read_rows(file: &Path) -> anyhow::Result<Vec<InputRow>> {
 }
 
 pub(crate) fn row_message(row: &InputRow) -> pb::IndicatorRow {
+    let (largest_values, largest_shares) = match &row.largest {
+        None => (Vec::new(), Vec::new()),
+        Some(LargestContributions::Values(values)) => (values.clone(), Vec::new()),
+        Some(LargestContributions::Shares(shares)) => (Vec::new(), shares.clone()),
+    };
     pb::IndicatorRow {
         indicator: row.indicator.clone(),
         catalog_edition: row.catalog_edition.clone(),
@@ -337,6 +348,9 @@ pub(crate) fn row_message(row: &InputRow) -> pb::IndicatorRow {
         obs_status: row.obs_status as i32,
         method_notes: row.method_notes.clone(),
         contributors: row.contributors,
+        breakdown: row.breakdown.clone(),
+        largest_values,
+        largest_shares,
     }
 }
 
@@ -358,13 +372,34 @@ pub(crate) async fn publish(
     format: Format,
     command: PublishCommand,
 ) -> anyhow::Result<ExitCode> {
-    let PublishCommand::Indicators { file, wait_secs } = command;
+    let PublishCommand::Indicators {
+        file,
+        dry_run,
+        wait_secs,
+    } = command;
     let rows = read_rows(&file)?;
     let request = pb::PublishIndicatorsRequest {
         idempotency_key: client::idempotency_key()?,
         rows: rows.iter().map(row_message).collect(),
     };
     let publisher = client::publish(node)?;
+    if dry_run {
+        let result = with_retry(Duration::from_secs(wait_secs), || {
+            let (mut publisher, request) = (publisher.clone(), request.clone());
+            async move { publisher.preview_indicators(request).await }
+        })
+        .await;
+        return match result {
+            Ok(preview) => Ok(print_preview(format, preview.get_ref())),
+            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                bail!(
+                    "{} (this publish would be refused)",
+                    locate(&file, &rows, status.message())
+                )
+            }
+            Err(status) => bail!("dry run failed: {}", describe(&status)),
+        };
+    }
     let result = with_retry(Duration::from_secs(wait_secs), || {
         let (mut publisher, request) = (publisher.clone(), request.clone());
         async move { publisher.publish_indicators(request).await }
@@ -381,10 +416,101 @@ pub(crate) async fn publish(
                 locate(&file, &rows, status.message())
             )
         }
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            bail!("{}: {}", file.display(), status.message())
+        }
         Err(status) => bail!(
             "publish failed, nothing was published: {}",
             describe(&status)
         ),
+    }
+}
+
+/// Prints what a publish would do; exit code 1 when it would be refused.
+fn print_preview(format: Format, preview: &pb::IndicatorPreview) -> ExitCode {
+    let value = |v: Option<f64>| v.map_or_else(|| "confidential".to_owned(), |v| v.to_string());
+    let rules = |r: &pb::DisclosureRules| {
+        r.parameters
+            .iter()
+            .map(|p| {
+                let secret = r.withheld.contains(&format!("{}.{}", p.rule, p.name));
+                format!(
+                    "{}.{}={}{}",
+                    p.rule,
+                    p.name,
+                    p.value,
+                    if secret { " (secret)" } else { "" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match format {
+        Format::Json => output::json(&json!({
+            "cells": preview.cells.iter().map(|c| json!({
+                "indicator": c.indicator, "catalog_edition": c.catalog_edition,
+                "ref_area": c.ref_area, "period": c.period, "breakdown": c.breakdown,
+                "conf_status": conf_status(c.conf_status), "value": c.value, "reason": c.reason,
+            })).collect::<Vec<_>>(),
+            "rules": preview.rules.iter().map(|r| json!({
+                "aggregation": r.aggregation, "parameters": rules(r), "withheld": r.withheld,
+            })).collect::<Vec<_>>(),
+            "budget": preview.budget.iter().map(|b| json!({
+                "indicator": b.indicator, "catalog_edition": b.catalog_edition, "period": b.period,
+                "needed": b.needed, "spent": b.spent, "limit": b.limit,
+            })).collect::<Vec<_>>(),
+            "refusal": preview.refusal,
+        })),
+        Format::Table => {
+            output::table(
+                &[
+                    "indicator",
+                    "ref area",
+                    "breakdown",
+                    "period",
+                    "value",
+                    "status",
+                    "why",
+                ],
+                &preview
+                    .cells
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.indicator.clone(),
+                            c.ref_area.clone(),
+                            c.breakdown.clone(),
+                            c.period.clone(),
+                            value(c.value),
+                            conf_status(c.conf_status).to_owned(),
+                            c.reason.clone(),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            for r in &preview.rules {
+                println!("rules ({}): {}", r.aggregation, rules(r));
+            }
+            for b in &preview.budget {
+                println!(
+                    "privacy budget {} {}: this publish spends rho {}, {} of {} spent before",
+                    b.indicator, b.period, b.needed, b.spent, b.limit
+                );
+            }
+            if preview.refusal.is_empty() {
+                println!("dry run: nothing was published");
+            } else {
+                println!(
+                    "dry run: this publish would be refused: {}",
+                    preview.refusal
+                );
+            }
+        }
+    }
+    if preview.refusal.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -613,8 +739,9 @@ fn obs_status(value: i32) -> &'static str {
 fn conf_status(value: i32) -> &'static str {
     match pb::ConfidentialityStatus::try_from(value) {
         Ok(pb::ConfidentialityStatus::Free) => "free",
-        Ok(pb::ConfidentialityStatus::SuppressedPrimary) => "suppressed-primary",
-        Ok(pb::ConfidentialityStatus::SuppressedSecondary) => "suppressed-secondary",
+        Ok(pb::ConfidentialityStatus::SuppressedSmallCounts) => "small-counts",
+        Ok(pb::ConfidentialityStatus::SuppressedDominance) => "dominance",
+        Ok(pb::ConfidentialityStatus::SuppressedSecondary) => "secondary",
         Err(_) => "unknown",
     }
 }

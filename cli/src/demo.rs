@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, process::ExitCode, time::Duration};
 
 use anyhow::{anyhow, Context};
 use civex_node::core::ingest::{area_slug, InputRow, AREA_SLUGS};
-use civex_proto::v1::{self as pb, FunctionalArea, ObservationStatus};
+use civex_proto::v1::{self as pb, FunctionalArea};
 
 use crate::{
     client::{self, describe, with_retry},
@@ -17,98 +17,67 @@ use crate::{
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// (indicator code, area, unit, base value)
-const INDICATORS: [(&str, FunctionalArea, &str, f64); 7] = [
-    (
-        "health.physicians-per-100k",
-        FunctionalArea::PublicServices,
-        "per 100000 inhabitants",
-        180.0,
-    ),
-    (
-        "econ.unemployment-rate",
-        FunctionalArea::Economy,
-        "percent",
-        8.5,
-    ),
-    (
-        "gov.voter-participation",
-        FunctionalArea::Governance,
-        "percent",
-        71.0,
-    ),
-    (
-        "env.co2-per-capita",
-        FunctionalArea::Environment,
-        "tonnes CO2e per capita",
-        2.4,
-    ),
-    (
-        "gov.eservices-share",
-        FunctionalArea::GovernmentEffectiveness,
-        "percent",
-        38.0,
-    ),
-    (
-        "infra.broadband-households",
-        FunctionalArea::Infrastructure,
-        "percent",
-        64.0,
-    ),
-    (
-        "dev.school-enrolment",
-        FunctionalArea::DevelopmentGuarantee,
-        "percent",
-        93.0,
-    ),
+/// (ISO 37120:2014 indicator, base value): one per functional area.
+const INDICATORS: [(&str, f64); 7] = [
+    ("12.3", 180.0), // physicians per 100 000 population
+    ("5.1", 8.5),    // unemployment rate
+    ("11.1", 71.0),  // voter turnout
+    ("8.3", 2.4),    // greenhouse gas emissions per capita
+    ("9.1", 7.0),    // debt service share of own-source revenue
+    ("7.2", 96.0),   // population with electricity service
+    ("5.3", 12.0),   // population living in poverty
 ];
 
 fn sample_rows(origin: &str, districts: &[&str], city_index: usize) -> Vec<InputRow> {
     let factor = 1.0 + 0.07 * city_index as f64;
-    let row = |indicator: &str,
-               area,
-               ref_area: String,
-               period: &str,
-               unit: &str,
-               value: f64,
-               contributors| InputRow {
-        line: 0,
-        indicator: indicator.into(),
-        catalog_edition: "demo".into(),
-        area,
-        ref_area,
-        period: period.into(),
-        value: (value * 100.0).round() / 100.0,
-        unit: unit.into(),
-        obs_status: ObservationStatus::Normal,
-        method_notes: String::new(),
-        contributors,
-    };
+    let row =
+        |indicator: &str, ref_area: String, period: &str, value: f64, contributors| InputRow {
+            catalog_edition: if indicator.contains('.') {
+                "iso37120:2014".into()
+            } else {
+                String::new()
+            },
+            contributors: Some(contributors),
+            ..InputRow::new(indicator, &ref_area, period, value)
+        };
     let mut rows: Vec<InputRow> = INDICATORS
         .iter()
-        .map(|(code, area, unit, base)| {
-            row(code, *area, origin.into(), "2025", unit, base * factor, 500)
+        .map(|(code, base)| {
+            let value = (base * factor * 100.0).round() / 100.0;
+            row(code, origin.into(), "2025", value, 500)
         })
         .collect();
     // A quarterly count with too few businesses behind it: suppressed.
-    rows.push(row(
-        "econ.new-large-firms",
-        FunctionalArea::Economy,
-        origin.into(),
-        "2025-Q3",
-        "firms",
-        2.0,
-        2,
-    ));
+    rows.push(row("new-large-firms", origin.into(), "2025-Q3", 2.0, 2));
+    // Households without water, by district and for the city: a small
+    // district is suppressed, and another cell so that it cannot be
+    // recomputed from the total.
+    let mut total = 0.0;
     for (i, district) in districts.iter().enumerate() {
+        let households = if i == 1 { 2.0 } else { 40.0 + 5.0 * i as f64 };
+        total += households;
         rows.push(row(
-            "infra.water-outage-hours",
-            FunctionalArea::Infrastructure,
+            "households-without-water",
             format!("{origin}/{district}"),
             "2025",
-            "hours per household",
+            households,
+            households as u64,
+        ));
+        rows.push(row(
+            "21.6",
+            format!("{origin}/{district}"),
+            "2025",
             3.0 + i as f64,
             120,
+        ));
+    }
+    if !districts.is_empty() {
+        rows.push(row(
+            "households-without-water",
+            origin.into(),
+            "2025",
+            total,
+            total as u64,
         ));
     }
     rows

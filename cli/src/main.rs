@@ -3,6 +3,7 @@
 
 mod bench;
 mod ca;
+mod catalog;
 mod client;
 mod commands;
 mod demo;
@@ -111,6 +112,10 @@ enum Command {
     /// their feed keys, as signed entries.
     #[command(subcommand)]
     Roster(commands::RosterCommand),
+    /// The indicator catalog: list, show an indicator with its disclosure
+    /// control, validate a city's own catalog file (local files only).
+    #[command(subcommand)]
+    Catalog(catalog::CatalogCommand),
     /// Re-verify every entry in a node's store (the node must be stopped).
     Verify {
         /// The node's node.toml (store directory and keys).
@@ -169,6 +174,7 @@ async fn main() -> ExitCode {
         ),
         Command::Ca(command) => ca::run(command, output),
         Command::Verify { config } => commands::verify(&config, output),
+        Command::Catalog(command) => catalog::run(command, output),
         Command::Demo { keep_running } => demo::run(keep_running, output).await,
         Command::Bench(args) => bench::run(args).await,
         talk => match client::Node::from_flags(

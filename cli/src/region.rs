@@ -85,6 +85,29 @@ impl Federation {
     }
 }
 
+/// The cities' own indicators, beside the editions shipped with civex.
+const REGION_CATALOG: &str = r#"edition = "local"
+name = "Demo region's own indicators"
+
+[[indicator]]
+code = "households-without-water"
+label = "Households without piped water"
+unit = "households"
+area = "infrastructure"
+kind = "count"
+frequency = "annual"
+subjects = "persons"
+
+[[indicator]]
+code = "new-large-firms"
+label = "New firms with 250 or more employees"
+unit = "firms"
+area = "economy"
+kind = "count"
+frequency = "quarterly"
+subjects = "businesses"
+"#;
+
 /// What each node of a region is.
 pub(crate) struct CitySpec<'a> {
     /// Origin id.
@@ -146,6 +169,8 @@ pub(crate) async fn start_region(
                 specs[p].origin, prepared[p].3
             ));
         }
+        std::fs::write(dir.join("catalog.toml"), REGION_CATALOG)?;
+        text = text.replace("# file = \"catalog.toml\"", "file = \"catalog.toml\"");
         let path = dir.join("node.toml");
         std::fs::write(&path, text)?;
         let config = Config::load(&path, std::iter::empty())

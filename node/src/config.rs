@@ -9,7 +9,12 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::core::ids::{check_origin_id, check_slug};
+use crate::core::{
+    catalog::Catalog,
+    ids::{check_origin_id, check_slug},
+    policy::{noise_settings, parse_parameter, Override, Policy},
+    sdc::{DominanceRule, PPercentRule, ProtectionLevel, Settings},
+};
 
 /// Smallest `limits.max_message_bytes`: subscription messages carry up to
 /// 1 MiB of entries plus framing.
@@ -52,6 +57,9 @@ pub struct Config {
     /// Disclosure control.
     #[serde(default)]
     pub disclosure: DisclosureConfig,
+    /// The indicator catalog.
+    #[serde(default)]
+    pub catalog: CatalogConfig,
     /// Publishing.
     #[serde(default)]
     pub publish: PublishConfig,
@@ -82,7 +90,9 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// Disclosure-control settings.
+/// Disclosure-control settings. Defaults follow the catalog's `subjects`:
+/// persons get the threshold rule and secondary suppression, businesses
+/// also the dominance and p% rules, public figures none.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DisclosureConfig {
@@ -90,6 +100,73 @@ pub struct DisclosureConfig {
     /// confidential, without value. At least 1; default 3.
     #[serde(default = "default_min_contributors")]
     pub min_contributors: u32,
+    /// Dominance rule (n, k): the n largest contributors holding more than
+    /// k percent of a magnitude make it confidential. Default 2 and 85.
+    #[serde(default = "default_dominance_n")]
+    pub dominance_n: u32,
+    /// See `dominance_n`.
+    #[serde(default = "default_dominance_k")]
+    pub dominance_k: f64,
+    /// p% rule: the second-largest contributor must not estimate the
+    /// largest to within p percent. Default 10.
+    #[serde(default = "default_p_percent")]
+    pub p_percent: f64,
+    /// Protection interval of a small-count cell: this percent of its
+    /// value, and at least `protection_minimum`. Defaults 20 and 3.
+    #[serde(default = "default_protection_percent")]
+    pub protection_percent: f64,
+    /// See `protection_percent`.
+    #[serde(default = "default_protection_minimum")]
+    pub protection_minimum: f64,
+    /// Parameters applied but left out of signed entries, as `rule.name`.
+    #[serde(default = "default_secret")]
+    pub secret: Vec<String>,
+    /// Secret key (mode 0600, relative to this file) from which the noise of
+    /// each publish is derived, so that a retry draws the same noise.
+    /// Created on first start when an indicator has noise.
+    #[serde(default = "default_noise_key_file")]
+    pub noise_key_file: PathBuf,
+    /// Settings per indicator.
+    #[serde(default)]
+    pub indicator: Vec<IndicatorDisclosure>,
+}
+
+/// Disclosure-control settings of one indicator.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndicatorDisclosure {
+    /// Indicator code.
+    pub code: String,
+    /// Catalog edition; needed when several editions have the code.
+    pub edition: Option<String>,
+    /// Threshold rule for this indicator.
+    pub min_contributors: Option<u32>,
+    /// Whether the dominance and p% rules apply (magnitudes only).
+    pub dominance: Option<bool>,
+    /// Whether secondary suppression runs.
+    pub secondary: Option<bool>,
+    /// Published values are rounded to a multiple of this.
+    pub rounding_base: Option<f64>,
+    /// Differential-privacy noise: "laplace" or "gaussian" (counts and sums).
+    pub noise: Option<String>,
+    /// Laplace: epsilon per cell, as a fraction such as "1/2".
+    pub epsilon: Option<String>,
+    /// Gaussian: sigma squared, as a fraction such as "25".
+    pub sigma_squared: Option<String>,
+    /// Most one contributor can add to a cell (1 for counts; for sums, the
+    /// clamp applied to each contribution before summing).
+    pub clamp_bound: Option<u64>,
+    /// Privacy budget per period (zero-concentrated rho); required with noise.
+    pub budget_rho: Option<f64>,
+}
+
+/// The indicator catalog.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    /// The city's own indicators, in the catalog file format (see
+    /// `civex catalog validate`), relative to this file.
+    pub file: Option<PathBuf>,
 }
 
 /// Publishing settings.
@@ -241,6 +318,34 @@ fn default_key_file() -> PathBuf {
 fn default_min_contributors() -> u32 {
     crate::core::ingest::DEFAULT_MIN_CONTRIBUTORS
 }
+fn default_dominance_n() -> u32 {
+    2
+}
+fn default_dominance_k() -> f64 {
+    85.0
+}
+fn default_p_percent() -> f64 {
+    10.0
+}
+fn default_protection_percent() -> f64 {
+    20.0
+}
+fn default_protection_minimum() -> f64 {
+    3.0
+}
+fn default_secret() -> Vec<String> {
+    [
+        "dominance.k",
+        "p-percent.p",
+        "threshold-protection.relative-percent",
+        "threshold-protection.minimum",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+fn default_noise_key_file() -> PathBuf {
+    "noise.key".into()
+}
 fn default_backoff_initial_ms() -> u64 {
     200
 }
@@ -291,6 +396,14 @@ impl Default for DisclosureConfig {
     fn default() -> Self {
         Self {
             min_contributors: default_min_contributors(),
+            dominance_n: default_dominance_n(),
+            dominance_k: default_dominance_k(),
+            p_percent: default_p_percent(),
+            protection_percent: default_protection_percent(),
+            protection_minimum: default_protection_minimum(),
+            secret: default_secret(),
+            noise_key_file: default_noise_key_file(),
+            indicator: Vec::new(),
         }
     }
 }
@@ -367,6 +480,10 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         config.data_dir = base.join(&config.data_dir);
         config.key_file = base.join(&config.key_file);
+        config.disclosure.noise_key_file = base.join(&config.disclosure.noise_key_file);
+        if let Some(file) = &mut config.catalog.file {
+            *file = base.join(&*file);
+        }
         let tls = &mut config.tls;
         for file in [&mut tls.ca_file, &mut tls.cert_file, &mut tls.key_file] {
             *file = base.join(&*file);
@@ -421,6 +538,82 @@ impl Config {
         Ok(())
     }
 
+    /// The catalog (built-in editions and the city's file) and the
+    /// disclosure policy checked against it.
+    pub fn indicator_rules(&self) -> Result<(Catalog, Policy), String> {
+        let catalog = match &self.catalog.file {
+            None => Catalog::builtin(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|err| {
+                    format!("catalog.file: cannot read {}: {err}", path.display())
+                })?;
+                Catalog::with_city_file(&text, &path.display().to_string())
+                    .map_err(|err| format!("catalog.file: {err}"))?
+            }
+        };
+        let d = &self.disclosure;
+        let secret = d
+            .secret
+            .iter()
+            .map(|name| parse_parameter(name).map_err(|m| format!("disclosure.secret: {m}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut overrides = Vec::with_capacity(d.indicator.len());
+        for (index, o) in d.indicator.iter().enumerate() {
+            let at = format!("disclosure.indicator[{index}] ({})", o.code);
+            let noise = match (o.noise.as_deref(), &o.epsilon, &o.sigma_squared) {
+                (None, None, None) => None,
+                (Some("laplace"), Some(epsilon), None) => Some(("laplace", epsilon)),
+                (Some("gaussian"), None, Some(sigma)) => Some(("gaussian", sigma)),
+                _ => {
+                    return Err(format!(
+                        "{at}: noise = \"laplace\" takes epsilon, noise = \"gaussian\" takes sigma_squared"
+                    ))
+                }
+            };
+            let noise = noise
+                .map(|(mechanism, parameter)| {
+                    noise_settings(mechanism, parameter, o.clamp_bound.unwrap_or(1))
+                        .map_err(|m| format!("{at}: {m}"))
+                })
+                .transpose()?;
+            overrides.push(Override {
+                code: o.code.clone(),
+                edition: o.edition.clone(),
+                min_contributors: o.min_contributors.map(u64::from),
+                dominance: o.dominance,
+                secondary: o.secondary,
+                rounding_base: o.rounding_base,
+                noise,
+                budget_rho: o.budget_rho,
+            });
+        }
+        let mut policy = Policy {
+            min_contributors: u64::from(d.min_contributors),
+            dominance: DominanceRule {
+                n: d.dominance_n as usize,
+                k: d.dominance_k,
+            },
+            p_percent: PPercentRule { p: d.p_percent },
+            protection: ProtectionLevel {
+                relative_percent: d.protection_percent,
+                minimum: d.protection_minimum,
+            },
+            secret,
+            overrides,
+        };
+        let defaults = Settings {
+            dominance: Some(policy.dominance),
+            p_percent: Some(policy.p_percent),
+            threshold_protection: policy.protection,
+            ..Settings::default()
+        };
+        defaults
+            .validate()
+            .map_err(|e| format!("disclosure: {e}"))?;
+        policy.check(&catalog)?;
+        Ok((catalog, policy))
+    }
+
     /// Checks every field; the message names the field and the value.
     pub fn validate(&self) -> Result<(), String> {
         check_origin_id(&self.origin).map_err(|m| format!("origin: {m}"))?;
@@ -451,6 +644,7 @@ impl Config {
         if self.disclosure.min_contributors == 0 {
             return Err("disclosure.min_contributors: must be at least 1".into());
         }
+        self.indicator_rules()?;
         let r = &self.replication;
         if r.backoff_initial_ms == 0 || r.backoff_initial_ms > r.backoff_max_ms {
             return Err(format!(
@@ -600,8 +794,28 @@ key_file = "feed.key"
 districts = []
 
 [disclosure]
-# Cells with fewer contributors are published as confidential, without value.
+# Every indicator passes disclosure control before it is signed. Defaults
+# follow whose records it is computed from (see `civex catalog show CODE`).
+# Threshold rule: cells with fewer contributors are suppressed.
 min_contributors = 3
+# Dominance (n, k) and p% rules, for businesses' magnitudes.
+dominance_n = 2
+dominance_k = 85.0
+p_percent = 10.0
+# Parameters applied but left out of signed entries.
+secret = ["dominance.k", "p-percent.p", "threshold-protection.relative-percent", "threshold-protection.minimum"]
+# Per indicator: rounding, noise with a privacy budget, other thresholds:
+# [[disclosure.indicator]]
+# code = "households-without-water"
+# rounding_base = 5
+# noise = "laplace"
+# epsilon = "1/2"
+# budget_rho = 1.0
+
+[catalog]
+# The city's own indicators (check with `civex catalog validate FILE`),
+# beside the editions shipped with civex (`civex catalog list`):
+# file = "catalog.toml"
 
 [publish]
 # With peers, publishing waits until this node has fetched its own newest

@@ -69,6 +69,29 @@ pub fn read_secret_file(path: &Path) -> Result<String, KeyError> {
     std::fs::read_to_string(path).map_err(|err| file_error(path, format!("cannot read: {err}")))
 }
 
+/// The key the noise of publishes is derived from: read from `path`, or
+/// created there (mode 0600) when `create` is set and the file is missing.
+/// Without a file and `create`, `None`.
+pub fn noise_key(path: &Path, create: bool) -> Result<Option<[u8; 32]>, KeyError> {
+    if !path.exists() {
+        if !create {
+            return Ok(None);
+        }
+        let mut key = [0u8; 32];
+        getrandom::getrandom(&mut key)
+            .map_err(|err| file_error(path, format!("no randomness for a key: {err}")))?;
+        write_secret_file(path, crate::core::ids::hex(&key).as_bytes())?;
+        tracing::info!(file = %path.display(), "created the noise key");
+        return Ok(Some(key));
+    }
+    let text = read_secret_file(path)?;
+    crate::core::ids::unhex(text.trim())
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .map(Some)
+        .ok_or_else(|| file_error(path, "is not 64 hex digits (a noise key)"))
+}
+
 /// Creates a new random feed key in `path` (mode 0600; never overwrites).
 pub fn create_key_file(path: &Path) -> Result<SigningKey, KeyError> {
     let mut seed = [0u8; 32];

@@ -9,10 +9,10 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     config::{Config, TlsMode},
-    keys::{genesis_key, load_key_file, recover_rotation, KeyError, KeyResolver},
+    keys::{genesis_key, load_key_file, noise_key, recover_rotation, KeyError, KeyResolver},
     peers::{PeerRegistry, PeersError},
     pki::Identity,
-    publish::{FeedKey, Publisher},
+    publish::{FeedKey, IndicatorRules, Publisher},
     replicate::{PublishGate, Replication, Replicator, Roster},
     service::{router, Services},
     store::{SharedStore, SledStore, Store, StoreError},
@@ -42,6 +42,20 @@ pub enum NodeError {
     /// The server.
     #[error("gRPC server: {0}")]
     Server(String),
+}
+
+/// The catalog and disclosure policy, and the noise key (created when an
+/// indicator has noise and the file is missing).
+fn indicator_rules(config: &Config) -> Result<IndicatorRules, NodeError> {
+    let (catalog, policy) = config.indicator_rules().map_err(NodeError::Config)?;
+    let noised = policy.overrides.iter().any(|o| o.noise.is_some());
+    let noise_key = noise_key(&config.disclosure.noise_key_file, noised)?.unwrap_or_default();
+    Ok(IndicatorRules {
+        districts: config.districts.clone(),
+        catalog,
+        policy,
+        noise_key,
+    })
 }
 
 /// Loads the node's TLS files (mutual mode): its certificate must name
@@ -138,8 +152,7 @@ pub async fn run_secured(
             file: config.key_file.clone(),
             genesis,
         },
-        config.districts.clone(),
-        config.disclosure.min_contributors,
+        Arc::new(indicator_rules(&config)?),
         store.clone(),
         writer.clone(),
         ready,

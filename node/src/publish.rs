@@ -5,20 +5,32 @@
 //! them to the writer as one job, without waiting for the previous job to be
 //! durable. Durability is the writer's group commit.
 
-use std::{collections::HashSet, sync::Mutex as StdMutex};
+use std::{
+    cell::RefCell,
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex as StdMutex},
+};
 
 use civex_proto::v1::{
-    entry_body::Payload, EntryBody, Observation, OfferResponse, OfferWithdrawal, ResponseKind,
-    Retraction, ServiceOffer,
+    entry_body::Payload, EntryBody, IndicatorBatch, Observation, OfferResponse, OfferWithdrawal,
+    ResponseKind, Retraction, ServiceOffer,
 };
 use ed25519_dalek::SigningKey;
+use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     core::{
+        catalog::Catalog,
         feed::{Entry, FeedError, Hash, Tip, GENESIS_PREV_HASH},
         ids::{check_origin_id, check_slug, hex},
-        ingest::{prepare_batch, split_batch, IngestContext, InputRow, Level, RowError},
+        index::ObservationKey,
+        ingest::{
+            prepare_batch, split_batch, EarlierCell, FeedView, IngestContext, IngestError,
+            InputRow, Noise, PreparedBatch, RowError,
+        },
+        policy::Policy,
+        sdc::NoiseSeed,
     },
     store::{IdempotencyRecord, SharedStore, StoreError},
     writer::{Job, Prepared, WriteError, Writer},
@@ -32,6 +44,230 @@ pub struct FeedKey {
     pub file: std::path::PathBuf,
     /// The key of seq 1 of the feed (peers pin it).
     pub genesis: ed25519_dalek::VerifyingKey,
+}
+
+/// How indicator rows are checked and protected.
+pub struct IndicatorRules {
+    /// Configured districts.
+    pub districts: Vec<String>,
+    /// The catalog.
+    pub catalog: Catalog,
+    /// Disclosure-control settings per indicator.
+    pub policy: Policy,
+    /// Secret key the noise of each publish is derived from.
+    pub noise_key: [u8; 32],
+}
+
+impl IndicatorRules {
+    fn context<'a>(&'a self, origin: &'a str) -> IngestContext<'a> {
+        IngestContext {
+            origin,
+            districts: &self.districts,
+            catalog: &self.catalog,
+            policy: &self.policy,
+        }
+    }
+
+    /// The noise seed of one table of one publish: a retry with the same
+    /// idempotency key draws the same noise, and no one without the noise
+    /// key can predict it.
+    fn seed(
+        &self,
+        idempotency_key: &[u8; 16],
+        indicator: &str,
+        edition: &str,
+        period: &str,
+    ) -> NoiseSeed {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.noise_key);
+        let mut context = ring::hmac::Context::with_key(&key);
+        context.update(b"civex/v1/noise-seed\0");
+        context.update(idempotency_key);
+        for part in [indicator, edition, period] {
+            context.update(&(part.len() as u64).to_be_bytes());
+            context.update(part.as_bytes());
+        }
+        let mut seed = [0u8; 32];
+        seed.copy_from_slice(context.sign().as_ref());
+        NoiseSeed(seed)
+    }
+}
+
+/// The table cells the own feed holds, from the store: the latest version
+/// of each cell (suppressions stay across revisions, so a cell suppressed
+/// once is suppressed in its latest version).
+fn stored_cells(
+    store: &SharedStore,
+    origin: &str,
+    indicator: &str,
+    edition: &str,
+    period: &str,
+) -> Result<Vec<EarlierCell>, String> {
+    let start = ObservationKey {
+        origin: origin.to_owned(),
+        indicator: indicator.to_owned(),
+        catalog_edition: edition.to_owned(),
+        ref_area: String::new(),
+        period: String::new(),
+        breakdown: String::new(),
+    };
+    let mut latest: Vec<(ObservationKey, u64, u32)> = Vec::new();
+    for row in store.observation_rows(Some(origin), Some(&start)) {
+        let row = row.map_err(|e| e.to_string())?;
+        if row.key.indicator != indicator || row.key.catalog_edition != edition {
+            break;
+        }
+        if row.key.period != period {
+            continue;
+        }
+        match latest.last_mut() {
+            Some(last) if last.0 == row.key => *last = (row.key, row.seq, row.position),
+            _ => latest.push((row.key, row.seq, row.position)),
+        }
+    }
+    let mut cells = Vec::with_capacity(latest.len());
+    for (key, seq, position) in latest {
+        let signed = store
+            .entries(origin, seq, 1, usize::MAX)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("entry {seq} of the own feed is indexed but missing"))?;
+        let body = EntryBody::decode(signed.body.as_ref())
+            .map_err(|_| format!("entry {seq} of the own feed does not decode"))?;
+        let Some(Payload::Indicators(batch)) = body.payload else {
+            return Err(format!(
+                "entry {seq} of the own feed is not an indicator batch"
+            ));
+        };
+        let observation = batch
+            .observations
+            .get(position as usize)
+            .ok_or_else(|| format!("entry {seq} of the own feed has no cell {position}"))?;
+        debug_assert_eq!(observation.ref_area, key.ref_area);
+        cells.push(earlier_cell(observation, &batch));
+    }
+    Ok(cells)
+}
+
+/// What a published cell tells an attacker.
+fn earlier_cell(observation: &Observation, batch: &IndicatorBatch) -> EarlierCell {
+    let rules = batch.rules.get(observation.rules as usize);
+    let noised = rules.is_some_and(|r| {
+        r.parameters.iter().any(|p| p.rule == "noise")
+            || r.withheld.iter().any(|w| w.starts_with("noise."))
+    });
+    let base = rules
+        .and_then(|r| {
+            r.parameters
+                .iter()
+                .find(|p| p.rule == "rounding" && p.name == "base")
+        })
+        .and_then(|p| p.value.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    EarlierCell {
+        ref_area: observation.ref_area.clone(),
+        breakdown: observation.breakdown.clone(),
+        suppressed: observation.value.is_none(),
+        known: observation
+            .value
+            .filter(|_| !noised)
+            .map(|v| (v - base / 2.0, v + base / 2.0)),
+    }
+}
+
+/// Replaces the cells of `cells` (one table) that `batch` publishes anew.
+fn note_cells(
+    cells: &mut Vec<EarlierCell>,
+    batch: &IndicatorBatch,
+    indicator: &str,
+    edition: &str,
+    period: &str,
+) {
+    let mut at: HashMap<(String, String), usize> = cells
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ((c.ref_area.clone(), c.breakdown.clone()), i))
+        .collect();
+    for o in batch
+        .observations
+        .iter()
+        .filter(|o| o.indicator == indicator && o.catalog_edition == edition && o.period == period)
+    {
+        let cell = earlier_cell(o, batch);
+        match at.get(&(cell.ref_area.clone(), cell.breakdown.clone())) {
+            Some(&i) => cells[i] = cell,
+            None => {
+                at.insert((cell.ref_area.clone(), cell.breakdown.clone()), cells.len());
+                cells.push(cell);
+            }
+        }
+    }
+}
+
+/// Tables whose cells the sequencer keeps between publishes.
+const MAX_CACHED_TABLES: usize = 4096;
+
+/// Table key: indicator, edition, period.
+type TableKey = (String, String, String);
+
+/// The own feed as an ingest sees it: durable entries, and the payloads
+/// signed but not yet durable.
+struct OwnView<'a> {
+    origin: &'a str,
+    store: &'a SharedStore,
+    pending: Vec<&'a Payload>,
+    /// Cells per table, kept by the sequencer between publishes.
+    cache: Option<&'a RefCell<HashMap<TableKey, Vec<EarlierCell>>>>,
+}
+
+impl FeedView for OwnView<'_> {
+    fn earlier_cells(
+        &mut self,
+        indicator: &str,
+        edition: &str,
+        period: &str,
+    ) -> Result<Vec<EarlierCell>, String> {
+        let key = (indicator.to_owned(), edition.to_owned(), period.to_owned());
+        if let Some(cells) = self.cache.and_then(|c| c.borrow().get(&key).cloned()) {
+            return Ok(cells);
+        }
+        let mut cells = stored_cells(self.store, self.origin, indicator, edition, period)?;
+        for payload in &self.pending {
+            if let Payload::Indicators(batch) = payload {
+                note_cells(&mut cells, batch, indicator, edition, period);
+            }
+        }
+        if let Some(cache) = self.cache {
+            let mut cache = cache.borrow_mut();
+            // Bounded: reloading a table from the store is only slower.
+            if cache.len() >= MAX_CACHED_TABLES {
+                cache.clear();
+            }
+            cache.insert(key, cells.clone());
+        }
+        Ok(cells)
+    }
+
+    fn spent_nanos(&mut self, indicator: &str, edition: &str, period: &str) -> Result<u64, String> {
+        let stored = self
+            .store
+            .privacy_spent(self.origin, indicator, edition, period)
+            .map_err(|e| e.to_string())?;
+        let pending: u64 = self
+            .pending
+            .iter()
+            .filter_map(|p| match p {
+                Payload::Indicators(batch) => Some(batch),
+                _ => None,
+            })
+            .flat_map(|b| &b.privacy)
+            .filter(|d| {
+                d.indicator == indicator && d.catalog_edition == edition && d.period == period
+            })
+            .map(|d| d.rho_nanos)
+            .sum();
+        Ok(stored.saturating_add(pending))
+    }
 }
 
 /// What to publish.
@@ -135,6 +371,19 @@ pub enum PublishError {
     /// The writer refused or failed.
     #[error("{0}")]
     Write(#[from] WriteError),
+    /// Disclosure control refuses the publish (privacy budget, a revision
+    /// that earlier versions would reveal).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<IngestError> for PublishError {
+    fn from(err: IngestError) -> Self {
+        match err {
+            IngestError::Row(row) => PublishError::Row(row),
+            IngestError::Feed(message) => PublishError::Internal(message),
+        }
+    }
 }
 
 /// Fingerprint of an idempotency record rebuilt from the feed (the request
@@ -200,6 +449,7 @@ const MAX_PART_BYTES: usize = 60_000;
 /// readiness, and queues requests to the sequencer.
 pub struct Publisher {
     origin: String,
+    rules: Arc<IndicatorRules>,
     store: SharedStore,
     writer: Writer,
     ready: watch::Receiver<bool>,
@@ -247,8 +497,9 @@ struct Sequencer {
     next_key: Option<SigningKey>,
     /// Seq of a rotation signed but not durable yet.
     rotation_seq: Option<u64>,
-    districts: Vec<String>,
-    min_contributors: u32,
+    rules: Arc<IndicatorRules>,
+    /// Cells of the tables published lately (see [`OwnView`]).
+    tables: RefCell<HashMap<TableKey, Vec<EarlierCell>>>,
     store: SharedStore,
     writer: Writer,
     own: OwnFeed,
@@ -336,8 +587,7 @@ impl Publisher {
     pub fn new(
         origin: String,
         key: FeedKey,
-        districts: Vec<String>,
-        min_contributors: u32,
+        rules: Arc<IndicatorRules>,
         store: SharedStore,
         writer: Writer,
         ready: watch::Receiver<bool>,
@@ -350,8 +600,8 @@ impl Publisher {
             genesis: key.genesis,
             next_key: None,
             rotation_seq: None,
-            districts,
-            min_contributors,
+            rules: rules.clone(),
+            tables: RefCell::new(HashMap::new()),
             store: store.clone(),
             writer: writer.clone(),
             own: OwnFeed::default(),
@@ -359,6 +609,7 @@ impl Publisher {
         tokio::spawn(task.run(queue));
         Self {
             origin,
+            rules,
             store,
             writer,
             ready,
@@ -370,6 +621,19 @@ impl Publisher {
     /// This node's origin.
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+
+    /// What a publish of `rows` would do now, publishing nothing. Entries
+    /// being signed at this moment are not seen.
+    pub fn preview(&self, rows: &[InputRow]) -> Result<PreparedBatch, PublishError> {
+        let mut view = OwnView {
+            origin: &self.origin,
+            store: &self.store,
+            pending: Vec::new(),
+            cache: None,
+        };
+        let context = self.rules.context(&self.origin);
+        Ok(prepare_batch(&context, rows, &mut view, Noise::Preview)?)
     }
 
     /// Whether publishing is open.
@@ -534,7 +798,29 @@ impl Sequencer {
         if !stored {
             self.own.tip = None;
             self.own.pending.clear();
+            self.tables.borrow_mut().clear();
             self.own.epoch += 1;
+        }
+    }
+
+    /// Keeps the cached tables a signed batch touches up to date.
+    fn note_published(&self, batch: &IndicatorBatch) {
+        let mut tables = self.tables.borrow_mut();
+        let touched: HashSet<TableKey> = batch
+            .observations
+            .iter()
+            .map(|o| {
+                (
+                    o.indicator.clone(),
+                    o.catalog_edition.clone(),
+                    o.period.clone(),
+                )
+            })
+            .collect();
+        for key in touched {
+            if let Some(cells) = tables.get_mut(&key) {
+                note_cells(cells, batch, &key.0, &key.1, &key.2);
+            }
         }
     }
 
@@ -614,6 +900,9 @@ impl Sequencer {
                     }
                     let feed_id = signed.first().map(|(e, _)| e.feed_id()).unwrap_or_default();
                     for (entry, payload) in signed {
+                        if let Payload::Indicators(batch) = &payload {
+                            self.note_published(batch);
+                        }
                         tip = Some(entry.tip());
                         seqs.push(entry.body.seq);
                         self.own.pending.push((entry.body.seq, payload));
@@ -798,7 +1087,7 @@ impl Sequencer {
         if let Request::Retract { seq, reason } = request {
             return Ok((self.retractions(seq, reason)?, 0, 0));
         }
-        let (payload, published, suppressed) = self.payload_one(request)?;
+        let (payload, published, suppressed) = self.payload_one(request, idempotency_key)?;
         let payloads = match payload {
             Payload::Indicators(batch) => split_batch(batch, idempotency_key, MAX_PART_BYTES)
                 .into_iter()
@@ -809,56 +1098,28 @@ impl Sequencer {
         Ok((payloads, published, suppressed))
     }
 
-    fn payload_one(&self, request: Request) -> Result<(Payload, u32, u32), PublishError> {
+    fn payload_one(
+        &self,
+        request: Request,
+        idempotency_key: [u8; 16],
+    ) -> Result<(Payload, u32, u32), PublishError> {
         Ok(match request {
             Request::Indicators(rows) => {
-                let context = IngestContext {
+                let mut view = OwnView {
                     origin: &self.origin,
-                    districts: &self.districts,
-                    min_contributors: self.min_contributors,
+                    store: &self.store,
+                    pending: self.own.pending_payloads().collect(),
+                    cache: Some(&self.tables),
                 };
-                let store = &self.store;
-                let origin = &self.origin;
-                let mut store_error = None;
-                let prepared = prepare_batch(&context, &rows, |indicator, edition, period| {
-                    let areas = std::iter::once((origin.clone(), Level::City)).chain(
-                        self.districts
-                            .iter()
-                            .map(|d| (format!("{origin}/{d}"), Level::District)),
-                    );
-                    let mut levels = HashSet::new();
-                    for (ref_area, level) in areas {
-                        match store.holds_cell(origin, indicator, edition, &ref_area, period) {
-                            Ok(true) => {
-                                levels.insert(level);
-                            }
-                            Ok(false) => {}
-                            Err(err) => store_error = Some(err),
-                        }
-                    }
-                    for payload in self.own.pending_payloads() {
-                        let Payload::Indicators(batch) = payload else {
-                            continue;
-                        };
-                        let same_cell = |o: &&Observation| {
-                            o.indicator == indicator
-                                && o.catalog_edition == edition
-                                && o.period == period
-                        };
-                        for o in batch.observations.iter().filter(same_cell) {
-                            levels.insert(if &o.ref_area == origin {
-                                Level::City
-                            } else {
-                                Level::District
-                            });
-                        }
-                    }
-                    levels
-                });
-                if let Some(err) = store_error {
-                    return Err(err.into());
+                let seed = |indicator: &str, edition: &str, period: &str| {
+                    self.rules
+                        .seed(&idempotency_key, indicator, edition, period)
+                };
+                let context = self.rules.context(&self.origin);
+                let prepared = prepare_batch(&context, &rows, &mut view, Noise::Seeded(&seed))?;
+                if let Some(refusal) = prepared.refusal {
+                    return Err(PublishError::Refused(refusal));
                 }
-                let prepared = prepared?;
                 (
                     Payload::Indicators(prepared.batch),
                     prepared.published,

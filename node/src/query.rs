@@ -107,7 +107,7 @@ impl Resolver<'_> {
             .cloned()
             .unwrap_or_default();
         Ok(CurrentObservation {
-            rules: batch.and_then(|b| b.rules.clone()),
+            rules: batch.and_then(|b| b.rules.get(observation.rules as usize).cloned()),
             key: row.key,
             seq: row.seq,
             observation,
@@ -339,7 +339,8 @@ mod tests {
                     value: Some(1.0),
                     ..Default::default()
                 }],
-                rules: None,
+                rules: Vec::new(),
+                privacy: Vec::new(),
                 group: Some(PublishGroup {
                     id: vec![9; 16],
                     part,

@@ -19,7 +19,12 @@ use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    core::{feed::entry_hash, ids::check_origin_id, ingest::InputRow},
+    core::{
+        feed::entry_hash,
+        ids::check_origin_id,
+        ingest::{conf_status, InputRow, PreparedBatch},
+        sdc::LargestContributions,
+    },
     peers::{PeerPolicy, PeerRegistry},
     pki::Identity,
     publish::{self, PublishError, Publisher, Receipt},
@@ -129,6 +134,7 @@ impl ToStatus for PublishError {
             PublishError::InProgress(_) => Status::unavailable(self.to_string()),
             PublishError::Internal(_) => Status::internal(self.to_string()),
             PublishError::NotReady(_) => Status::unavailable(self.to_string()),
+            PublishError::Refused(_) => Status::failed_precondition(self.to_string()),
             PublishError::Store(err) => err.to_status(),
             PublishError::Write(err) => err.to_status(),
         }
@@ -196,9 +202,23 @@ fn area_of(field: &str, value: i32) -> Result<pb::FunctionalArea, Status> {
 
 fn input_row(index: usize, row: pb::IndicatorRow) -> Result<InputRow, Status> {
     let row_no = index + 1;
+    let area = match row.area {
+        0 => pb::FunctionalArea::Unspecified,
+        area => area_of(&format!("row {row_no}: area"), area)?,
+    };
+    let largest = match (row.largest_values.is_empty(), row.largest_shares.is_empty()) {
+        (true, true) => None,
+        (false, true) => Some(LargestContributions::Values(row.largest_values)),
+        (true, false) => Some(LargestContributions::Shares(row.largest_shares)),
+        (false, false) => {
+            return Err(invalid(format!(
+                "row {row_no}: largest_shares: give largest_values or largest_shares, not both"
+            )))
+        }
+    };
     Ok(InputRow {
         line: 0,
-        area: area_of(&format!("row {row_no}: area"), row.area)?,
+        area,
         obs_status: pb::ObservationStatus::try_from(row.obs_status).map_err(|_| {
             invalid(format!(
                 "row {row_no}: obs_status: {} is not a status",
@@ -213,7 +233,49 @@ fn input_row(index: usize, row: pb::IndicatorRow) -> Result<InputRow, Status> {
         unit: row.unit,
         method_notes: row.method_notes,
         contributors: row.contributors,
+        breakdown: row.breakdown,
+        largest,
     })
+}
+
+fn input_rows(rows: Vec<pb::IndicatorRow>) -> Result<Vec<InputRow>, Status> {
+    rows.into_iter()
+        .enumerate()
+        .map(|(index, row)| input_row(index, row))
+        .collect()
+}
+
+fn preview(prepared: PreparedBatch) -> pb::IndicatorPreview {
+    pb::IndicatorPreview {
+        cells: prepared
+            .report
+            .into_iter()
+            .map(|cell| pb::PreviewCell {
+                conf_status: conf_status(cell.status) as i32,
+                indicator: cell.indicator,
+                catalog_edition: cell.edition,
+                ref_area: cell.ref_area,
+                period: cell.period,
+                breakdown: cell.breakdown,
+                value: cell.value,
+                reason: cell.reason,
+            })
+            .collect(),
+        rules: prepared.full_rules,
+        budget: prepared
+            .budget
+            .into_iter()
+            .map(|b| pb::PreviewBudget {
+                indicator: b.indicator,
+                catalog_edition: b.edition,
+                period: b.period,
+                needed: b.needed,
+                spent: b.spent,
+                limit: b.limit,
+            })
+            .collect(),
+        refusal: prepared.refusal.unwrap_or_default(),
+    }
 }
 
 /// The Publish service.
@@ -255,14 +317,22 @@ impl Publish for PublishService {
         let request = request.into_inner();
         let print = fingerprint("indicators", &request, |r| r.idempotency_key.clear());
         let key = request.idempotency_key;
-        let rows = request
-            .rows
-            .into_iter()
-            .enumerate()
-            .map(|(index, row)| input_row(index, row))
-            .collect::<Result<Vec<_>, _>>()?;
+        let rows = input_rows(request.rows)?;
         self.publish(&key, print, publish::Request::Indicators(rows))
             .await
+    }
+
+    async fn preview_indicators(
+        &self,
+        request: Request<pb::PublishIndicatorsRequest>,
+    ) -> Result<Response<pb::IndicatorPreview>, Status> {
+        let rows = input_rows(request.into_inner().rows)?;
+        let publisher = self.publisher.clone();
+        let prepared = tokio::task::spawn_blocking(move || publisher.preview(&rows))
+            .await
+            .map_err(|err| Status::internal(format!("preview task failed: {err}")))?
+            .map_err(|err| err.to_status())?;
+        Ok(Response::new(preview(prepared)))
     }
 
     async fn publish_offer(

@@ -31,10 +31,13 @@
 //! - `M|publisher|member` the latest roster entry a publisher made about a
 //!   member (value: seq, then the encoded entry)
 //! - `K|origin|seq` key rotation at seq (value: the new 32-byte key)
+//! - `b|origin|indicator|edition|period` privacy budget spent (rho in 1e-9,
+//!   summed from the debits of the origin's entries)
 //! - `k|origin` evidence of a conflict (fork or re-created feed): the first
 //!   one found; replication of the origin stops while it is held
 
 use std::{
+    collections::HashMap,
     fs::File,
     ops::Bound,
     path::{Path, PathBuf},
@@ -207,6 +210,15 @@ pub trait Store: Send + Sync + 'static {
         ref_area: &str,
         period: &str,
     ) -> Result<bool, StoreError>;
+    /// Privacy budget spent by `origin` on (indicator, edition, period), in
+    /// 1e-9 rho: the sum of the debits its entries carry.
+    fn privacy_spent(
+        &self,
+        origin: &str,
+        indicator: &str,
+        edition: &str,
+        period: &str,
+    ) -> Result<u64, StoreError>;
     /// Whether an entry of `origin` has been retracted.
     fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError>;
     /// Folds up to `limit` packed index pieces into the ordered observation
@@ -258,6 +270,18 @@ fn io_error(path: &Path, what: &str, err: std::io::Error) -> StoreError {
 }
 
 impl SledStore {
+    /// The budget spent recorded under a `b|` key (0 when none).
+    fn spent_at(&self, key: &[u8]) -> Result<u64, StoreError> {
+        match self.db.get(key).map_err(sled_error(&self.path))? {
+            None => Ok(0),
+            Some(value) => value
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| self.corrupt("a privacy budget record does not decode".into())),
+        }
+    }
+
     /// Opens (or creates) the store in `dir`, durable through `fdatasync`.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         Self::open_with_sync(dir, cache_bytes, None)
@@ -735,6 +759,7 @@ impl Store for SledStore {
             .count();
         let bulk = observation_rows >= PIECE_MIN_ROWS;
         let mut pieces: Vec<(String, (u64, u32), Vec<IndexRow>)> = Vec::new();
+        let mut debits: HashMap<Vec<u8>, u64> = HashMap::new();
         for record in &commit.index {
             match record {
                 IndexRecord::Observation {
@@ -811,6 +836,20 @@ impl Store for SledStore {
                 } => {
                     batch.insert(key_of(b'K', &[origin], Some(*seq)), &new_key[..]);
                 }
+                IndexRecord::PrivacyDebit {
+                    origin,
+                    indicator,
+                    edition,
+                    period,
+                    rho_nanos,
+                } => {
+                    let key = key_of(b'b', &[origin, indicator, edition, period], None);
+                    let spent = match debits.get(&key) {
+                        Some(spent) => *spent,
+                        None => self.spent_at(&key)?,
+                    };
+                    debits.insert(key, spent.saturating_add(*rho_nanos));
+                }
                 IndexRecord::Retraction {
                     origin,
                     retracted_seq,
@@ -828,6 +867,9 @@ impl Store for SledStore {
             let mut key = key_of(b'x', &[&origin], Some(seq));
             key.extend_from_slice(&position.to_be_bytes());
             batch.insert(key, encode_piece(&rows));
+        }
+        for (key, spent) in debits {
+            batch.insert(key, &spent.to_be_bytes());
         }
         for (key, record) in &commit.idempotency {
             let mut value = Vec::with_capacity(88);
@@ -984,6 +1026,16 @@ impl Store for SledStore {
             self.db.apply_batch(batch).map_err(sled_error(&self.path))?;
         }
         Ok(merged)
+    }
+
+    fn privacy_spent(
+        &self,
+        origin: &str,
+        indicator: &str,
+        edition: &str,
+        period: &str,
+    ) -> Result<u64, StoreError> {
+        self.spent_at(&key_of(b'b', &[origin, indicator, edition, period], None))
     }
 
     fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError> {
@@ -1176,8 +1228,9 @@ mod tests {
                         area: 1,
                         ..Default::default()
                     }],
-                    rules: None,
+                    rules: Vec::new(),
                     group: None,
+                    privacy: Vec::new(),
                 })),
             };
             entries.push(Entry::sign(&key, body).unwrap());

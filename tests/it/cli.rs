@@ -67,7 +67,7 @@ async fn publish_indicators_from_csv_and_json_is_atomic() {
     let header = "indicator,area,ref_area,period,value,unit,contributors\n";
     let bad_value = file(
         "bad-value.csv",
-        &format!("{header}jobs,economy,city-a,2025,7.5,percent,100\nfirms,economy,city-a,2025,2,firms,40\nco2,4,city-a,2025,\"1,2.3\",t,9\n"),
+        &format!("{header}jobs,economy,city-a,2025,7.5,percent,100\nfirms,economy,city-a,2025-Q3,2,firms,40\nco2,4,city-a,2025,\"1,2.3\",t,9\n"),
     );
     let out = node.cli(&["publish", "indicators", &bad_value]).await;
     assert_eq!(out.status.code(), Some(1));
@@ -78,7 +78,7 @@ async fn publish_indicators_from_csv_and_json_is_atomic() {
     );
     let bad_area = file(
         "bad-area.csv",
-        &format!("{header}jobs,economy,city-a,2025,7.5,percent,100\nfirms,economy,city-a/east,2025,2,firms,40\n"),
+        &format!("{header}jobs,economy,city-a,2025,7.5,percent,100\nfirms,economy,city-a/east,2025-Q3,2,firms,40\n"),
     );
     let out = node.cli(&["publish", "indicators", &bad_area]).await;
     assert_eq!(out.status.code(), Some(1));
@@ -98,7 +98,7 @@ async fn publish_indicators_from_csv_and_json_is_atomic() {
 
     let good = file(
         "good.csv",
-        &format!("{header}jobs,economy,city-a,2025,7.5,percent,100\nfirms,economy,city-a/north,2025,2,firms,2\n"),
+        &format!("{header}jobs,economy,city-a,2025,7.5,percent,100\nfirms,economy,city-a/north,2025-Q3,2,firms,2\n"),
     );
     let out = node
         .cli(&["--output", "json", "publish", "indicators", &good])

@@ -194,7 +194,10 @@ async fn a_subscriber_that_stops_reading_blocks_neither_publishing_nor_shutdown(
     // Far more than the transport and the subscription buffer can hold.
     let mut publisher = PublishClient::new(crate::support::connect(&address).await);
     let rows: Vec<_> = (0..500)
-        .map(|i| row(&format!("cell-{i}"), "city-a", "2025", i as f64, 10))
+        .map(|i| pb::IndicatorRow {
+            breakdown: format!("item=c{i}"),
+            ..row("jobs", "city-a", "2025", i as f64, 10)
+        })
         .collect();
     for _ in 0..200 {
         publisher

@@ -66,7 +66,7 @@ async fn publish_then_query_current_values_with_filters_and_paging() {
     assert_eq!(firms.value, None);
     assert_eq!(
         firms.conf_status,
-        ConfidentialityStatus::SuppressedPrimary as i32
+        ConfidentialityStatus::SuppressedSmallCounts as i32
     );
 
     let only = |request: pb::ObservationsRequest| async {
@@ -211,7 +211,7 @@ async fn bad_requests_name_the_field_and_publish_nothing() {
         (
             vec![
                 good(),
-                row("firms", "city-a", "2025", 1.0, 9),
+                row("firms", "city-a", "2025-Q1", 1.0, 9),
                 row("x", "city-a/east", "2025", 1.0, 9),
             ],
             key(),
@@ -230,11 +230,29 @@ async fn bad_requests_name_the_field_and_publish_nothing() {
         (vec![good(), good()], key(), "appears twice"),
         (
             vec![
-                row("x", "city-a", "2025", 1.0, 9),
-                row("x", "city-a/north", "2025", 1.0, 9),
+                row("households", "city-a", "2025", 10.0, 10),
+                row("households", "city-a/north", "2025", 3.0, 3),
             ],
             key(),
-            "a total with its components is refused",
+            "households (test) for 2025: total cell Total is 10 but its parts sum to 3",
+        ),
+        (
+            vec![row("nope", "city-a", "2025", 1.0, 9)],
+            key(),
+            "row 1: catalog_edition: indicator \"nope\" is not in catalog edition \"test\"",
+        ),
+        (
+            vec![pb::IndicatorRow {
+                unit: "tonnes".into(),
+                ..row("co2", "city-a", "2025", 1.0, 9)
+            }],
+            key(),
+            "row 1: unit: unit \"tonnes\" does not match the catalog's \"t\"",
+        ),
+        (
+            vec![row("firms", "city-a", "2025", 1.0, 9)],
+            key(),
+            "row 1: period: period \"2025\" is not a quarter",
         ),
         (vec![], key(), "no rows"),
         (
@@ -302,7 +320,10 @@ async fn oversize_messages_are_refused_and_large_files_become_publish_groups() {
     // Too large for one entry, though the message fits: one atomic publish
     // group of consecutive entries, all queryable.
     let rows: Vec<_> = (0..3000)
-        .map(|i| row(&format!("indicator-{i}"), "city-a", "2025", 1.0, 100))
+        .map(|i| pb::IndicatorRow {
+            breakdown: format!("item=i{i}"),
+            ..row("jobs", "city-a", "2025", 1.0, 100)
+        })
         .collect();
     let receipt = publisher
         .publish_indicators(pb::PublishIndicatorsRequest {
@@ -353,7 +374,7 @@ async fn oversize_messages_are_refused_and_large_files_become_publish_groups() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("method_notes"), "{}", err.message());
     let before = node.head("city-a").await.0;
-    crate::support::publish_row(&node, "jobs", 1.0).await;
+    crate::support::publish_row(&node, "x", 1.0).await;
     assert_eq!(node.head("city-a").await.0, before + 1);
 }
 
@@ -404,10 +425,13 @@ async fn the_threshold_suppresses_small_cells_and_counts_never_leave_the_node() 
     };
     let values: Vec<Option<f64>> = published.observations.iter().map(|o| o.value).collect();
     assert_eq!(values, [None, None, Some(13.0), Some(14.0)]);
-    let rules = published.rules.clone().unwrap();
-    assert_eq!(
-        (rules.name.as_str(), rules.min_contributors),
-        ("civex-threshold", 3)
+    let rules = &published.rules[published.observations[0].rules as usize];
+    assert_eq!(rules.name, "civex-sdc");
+    assert!(
+        rules.parameters.iter().any(
+            |p| (p.rule.as_str(), p.name.as_str(), p.value.as_str()) == ("threshold", "n", "3")
+        ),
+        "{rules:?}"
     );
     let text = format!("{published:?}");
     assert!(!text.contains("987654321"));
@@ -503,7 +527,9 @@ async fn offers_can_be_withdrawn_for_good_and_expire() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_total_and_its_components_never_both_publish_even_concurrently() {
+async fn a_revision_must_restate_its_table_even_concurrently() {
+    // Two publishes of one table (city, district) race: the second to be
+    // signed sees the first, still pending, and must restate its cell.
     let dir = tempfile::tempdir().unwrap();
     let node = TestNode::start(dir.path(), Spec::new("city-a").districts(&["north"])).await;
     for i in 0..20 {
@@ -529,7 +555,7 @@ async fn a_total_and_its_components_never_both_publish_even_concurrently() {
         assert!(
             refused
                 .message()
-                .contains("a total with its components is refused"),
+                .contains("a revision must restate every cell of it"),
             "{}",
             refused.message()
         );

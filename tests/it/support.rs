@@ -118,6 +118,8 @@ pub struct Spec {
     pub min_contributors: u32,
     /// federation.roster_origin.
     pub roster: Option<String>,
+    /// TOML appended to node.toml (e.g. `[[disclosure.indicator]]` tables).
+    pub extra: String,
 }
 
 impl Spec {
@@ -130,7 +132,14 @@ impl Spec {
             allow_without_peers: false,
             min_contributors: 3,
             roster: None,
+            extra: String::new(),
         }
+    }
+
+    /// Appends TOML to the node's node.toml.
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self
     }
 
     pub fn roster(mut self, origin: &str) -> Self {
@@ -214,9 +223,109 @@ pub fn write_node_dir(dir: &Path, spec: &Spec, listen: &str) -> (PathBuf, String
             "\n[[peers]]\nname = {name:?}\naddress = {address:?}\norigin = {name:?}\n"
         ));
     }
+    std::fs::write(dir.join("catalog.toml"), test_catalog()).unwrap();
+    text = text.replace("# file = \"catalog.toml\"", "file = \"catalog.toml\"");
+    text.push_str(&spec.extra);
     let path = dir.join("node.toml");
     std::fs::write(&path, text).unwrap();
     (path, public_key_hex(&key.verifying_key()))
+}
+
+/// The indicators test nodes publish (edition "test"): (code, unit, area,
+/// kind, frequency, subjects).
+const TEST_INDICATORS: [(&str, &str, &str, &str, &str, &str); 5] = [
+    ("jobs", "percent", "economy", "ratio", "annual", "persons"),
+    (
+        "firms",
+        "firms",
+        "economy",
+        "count",
+        "quarterly",
+        "businesses",
+    ),
+    (
+        "outages",
+        "hours",
+        "infrastructure",
+        "mean",
+        "monthly",
+        "public",
+    ),
+    ("co2", "t", "environment", "ratio", "annual", "public"),
+    (
+        "households",
+        "households",
+        "infrastructure",
+        "count",
+        "annual",
+        "persons",
+    ),
+];
+
+/// Codes of annual ratios the tests publish one row of each.
+const TEST_NAMES: [&str; 22] = [
+    "a",
+    "b",
+    "c",
+    "d",
+    "h",
+    "w",
+    "x",
+    "y",
+    "z",
+    "known",
+    "late",
+    "never-met",
+    "before",
+    "after-restart",
+    "while-revoked",
+    "turnover",
+    "tamper-",
+    "delayed-",
+    "stalled-",
+    "before-cut-",
+    "after-cut-",
+    "cell-",
+];
+
+/// The catalog file of test nodes: the indicators above, each name of
+/// TEST_NAMES also with the suffixes 0 to 49, and i0..i49, b0..b49,
+/// b-0..b-49, k0..k49, before-0.., after-0.., c0-0..c9-49, p0-0..p9-19.
+pub fn test_catalog() -> String {
+    let mut text = String::from("edition = \"test\"\nname = \"Indicators of the tests\"\n");
+    let mut add = |code: &str,
+                   unit: &str,
+                   area: &str,
+                   kind: &str,
+                   frequency: &str,
+                   subjects: &str| {
+        text.push_str(&format!(
+            "\n[[indicator]]\ncode = {code:?}\nlabel = \"test\"\nunit = {unit:?}\narea = {area:?}\nkind = {kind:?}\nfrequency = {frequency:?}\nsubjects = {subjects:?}\n"
+        ));
+    };
+    for (code, unit, area, kind, frequency, subjects) in TEST_INDICATORS {
+        add(code, unit, area, kind, frequency, subjects);
+    }
+    let mut names: Vec<String> = Vec::new();
+    for name in TEST_NAMES {
+        if !name.ends_with('-') {
+            names.push(name.into());
+        }
+        names.extend((0..50).map(|i| format!("{name}{i}")));
+    }
+    for prefix in ["i", "b", "b-", "k", "before-", "after-"] {
+        names.extend((0..50).map(|i| format!("{prefix}{i}")));
+    }
+    for c in 0..10 {
+        names.extend((0..50).map(|i| format!("c{c}-{i}")));
+        names.extend((0..20).map(|i| format!("p{c}-{i}")));
+    }
+    names.sort();
+    names.dedup();
+    for name in names {
+        add(&name, "percent", "economy", "ratio", "annual", "persons");
+    }
+    text
 }
 
 /// Creates a node directory with a new feed key; returns the public key.
@@ -426,14 +535,11 @@ pub fn row(
     pb::IndicatorRow {
         indicator: indicator.into(),
         catalog_edition: "test".into(),
-        area: pb::FunctionalArea::Economy as i32,
         ref_area: ref_area.into(),
         period: period.into(),
         value,
-        unit: "percent".into(),
-        obs_status: 0,
-        method_notes: String::new(),
-        contributors,
+        contributors: Some(contributors),
+        ..Default::default()
     }
 }
 

@@ -105,6 +105,19 @@ pub enum IndexRecord {
         /// The entry.
         entry: civex_proto::v1::RosterEntry,
     },
+    /// Privacy budget spent by a noised table of `origin`.
+    PrivacyDebit {
+        /// Origin.
+        origin: String,
+        /// Indicator code.
+        indicator: String,
+        /// Catalog edition.
+        edition: String,
+        /// Period.
+        period: String,
+        /// rho spent, in 1e-9.
+        rho_nanos: u64,
+    },
     /// A key rotation: from `seq + 1` on, the feed is signed by `new_key`.
     KeyRotation {
         /// Origin.
@@ -135,6 +148,21 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
                     .filter(|first| *first >= 1 && g.part < g.count)
                     .map_or(u64::MAX, |first| first + u64::from(g.count) - 1)
             });
+            let debits = batch
+                .privacy
+                .iter()
+                .filter(|d| {
+                    [&d.indicator, &d.catalog_edition, &d.period]
+                        .iter()
+                        .all(|t| usable(t))
+                })
+                .map(|d| IndexRecord::PrivacyDebit {
+                    origin: origin.clone(),
+                    indicator: d.indicator.clone(),
+                    edition: d.catalog_edition.clone(),
+                    period: d.period.clone(),
+                    rho_nanos: d.rho_nanos,
+                });
             batch
                 .observations
                 .iter()
@@ -164,6 +192,7 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
                     position,
                     group_end,
                 })
+                .chain(debits)
                 .collect()
         }
         Some(Payload::Offer(offer)) if usable(&offer.offer_id) => vec![IndexRecord::OfferVersion {
@@ -221,7 +250,8 @@ mod tests {
         let with_group = |part, count| {
             Some(Payload::Indicators(IndicatorBatch {
                 observations: vec![Observation::default()],
-                rules: None,
+                rules: Vec::new(),
+                privacy: Vec::new(),
                 group: Some(PublishGroup {
                     id: vec![],
                     part,

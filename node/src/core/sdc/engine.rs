@@ -126,6 +126,14 @@ pub fn published_intervals(table: &Table, settings: &Settings) -> Vec<(f64, f64)
         .collect()
 }
 
+/// Dimensions along which the table publishes a total with its parts: a
+/// contributor counts in one cell per level of each.
+pub fn margin_dimensions(table: &Table) -> usize {
+    (0..table.dimensions().len())
+        .filter(|&d| table.has_total(d) && !table.codes(d).is_empty())
+        .count()
+}
+
 fn requirements(table: &Table, findings: &[Option<PrimaryFinding>]) -> Vec<Requirement> {
     findings
         .iter()
@@ -151,6 +159,18 @@ pub fn audit(
     settings: &Settings,
     statuses: &[CellStatus],
 ) -> Result<AuditReport, SdcError> {
+    audit_knowing(table, settings, statuses, &[])
+}
+
+/// [`audit`] for an attacker who also knows, for some suppressed cells, an
+/// interval holding the true value (`known[i]`, from an earlier version of
+/// the table); `known` may be shorter than the table.
+pub fn audit_knowing(
+    table: &Table,
+    settings: &Settings,
+    statuses: &[CellStatus],
+    known: &[Option<(f64, f64)>],
+) -> Result<AuditReport, SdcError> {
     if statuses.len() != table.cells().len() {
         return Err(SdcError::InvalidSettings(format!(
             "audit needs one status per cell ({} given, {} cells)",
@@ -163,12 +183,11 @@ pub fn audit(
     let knowledge: Vec<Knowledge> = statuses
         .iter()
         .zip(&intervals)
-        .map(|(s, &(a, b))| {
-            if s.is_suppressed() {
-                Knowledge::Suppressed
-            } else {
-                Knowledge::Interval(a, b)
-            }
+        .enumerate()
+        .map(|(i, (s, &(a, b)))| match known.get(i).copied().flatten() {
+            _ if !s.is_suppressed() => Knowledge::Interval(a, b),
+            Some((lo, hi)) => Knowledge::Interval(lo, hi),
+            None => Knowledge::Suppressed,
         })
         .collect();
     audit::full_audit(
@@ -208,9 +227,7 @@ fn run(table: &Table, settings: &Settings, seed: Option<&NoiseSeed>) -> Result<O
         vec![None; n]
     };
 
-    let margin_dims = (0..table.dimensions().len())
-        .filter(|&d| table.has_total(d))
-        .count();
+    let margin_dims = margin_dimensions(table);
     let privacy_cost = settings
         .noise
         .as_ref()

@@ -91,7 +91,7 @@ fn evaluate_cell(
     let cell = &table.cells()[i];
     let x = cell.value;
     let c = cell.contributors;
-    if c == 0 {
+    if c == 0 && x == 0.0 {
         // Empty cell: no contributor to protect.
         return Ok(None);
     }
