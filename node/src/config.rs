@@ -972,6 +972,26 @@ mod tests {
                 "log.format",
             ),
             (
+                format!("{base}\n[[disclosure.indicator]]\ncode = \"nope\"\n"),
+                "disclosure.indicator[0] (nope): unknown indicator \"nope\"",
+            ),
+            (
+                format!("{base}\n[[disclosure.indicator]]\ncode = \"5.1\"\nedition = \"iso37120:2014\"\nnoise = \"laplace\"\nepsilon = \"1/2\"\nbudget_rho = 1.0\n"),
+                "disclosure.indicator[0] (5.1): noise applies to counts and sums only",
+            ),
+            (
+                format!("{base}\n[[disclosure.indicator]]\ncode = \"5.1\"\nnoise = \"laplace\"\n"),
+                "noise = \"laplace\" takes epsilon",
+            ),
+            (
+                base.replace("secret = [\"dominance.k\"", "secret = [\"dominance.q\""),
+                "disclosure.secret: unknown parameter \"dominance.q\"",
+            ),
+            (
+                base.replace("# file = \"catalog.toml\"", "file = \"missing.toml\""),
+                "catalog.file: cannot read",
+            ),
+            (
                 base.replace("[store]", "[store]\ncolour = 1"),
                 "unknown field `colour`",
             ),

@@ -215,7 +215,8 @@ type TableKey = (String, String, String);
 struct OwnView<'a> {
     origin: &'a str,
     store: &'a SharedStore,
-    pending: Vec<&'a Payload>,
+    /// Payloads signed but perhaps not durable yet, by seq.
+    pending: Vec<(u64, &'a Payload)>,
     /// Cells per table, kept by the sequencer between publishes.
     cache: Option<&'a RefCell<HashMap<TableKey, Vec<EarlierCell>>>>,
 }
@@ -232,7 +233,7 @@ impl FeedView for OwnView<'_> {
             return Ok(cells);
         }
         let mut cells = stored_cells(self.store, self.origin, indicator, edition, period)?;
-        for payload in &self.pending {
+        for (_, payload) in &self.pending {
             if let Payload::Indicators(batch) = payload {
                 note_cells(&mut cells, batch, indicator, edition, period);
             }
@@ -249,6 +250,13 @@ impl FeedView for OwnView<'_> {
     }
 
     fn spent_nanos(&mut self, indicator: &str, edition: &str, period: &str) -> Result<u64, String> {
+        // A job may become durable between the two reads: the head first,
+        // so such a job is counted twice (refusing too early), never missed.
+        let stored_seq = self
+            .store
+            .head(self.origin)
+            .map_err(|e| e.to_string())?
+            .map_or(0, |h| h.tip.seq);
         let stored = self
             .store
             .privacy_spent(self.origin, indicator, edition, period)
@@ -256,7 +264,8 @@ impl FeedView for OwnView<'_> {
         let pending: u64 = self
             .pending
             .iter()
-            .filter_map(|p| match p {
+            .filter(|(seq, _)| *seq > stored_seq)
+            .filter_map(|(_, p)| match p {
                 Payload::Indicators(batch) => Some(batch),
                 _ => None,
             })
@@ -1108,7 +1117,7 @@ impl Sequencer {
                 let mut view = OwnView {
                     origin: &self.origin,
                     store: &self.store,
-                    pending: self.own.pending_payloads().collect(),
+                    pending: self.own.pending.iter().map(|(seq, p)| (*seq, p)).collect(),
                     cache: Some(&self.tables),
                 };
                 let seed = |indicator: &str, edition: &str, period: &str| {

@@ -5,6 +5,7 @@
 
 mod cli;
 mod daemon;
+mod disclosure;
 mod faults;
 mod feed;
 mod interop;

@@ -378,7 +378,7 @@ impl Catalog {
                     "unknown indicator {code:?}: not in the node's catalog (`civex catalog list` shows the codes; a city adds its own in catalog.file)"
                 )),
                 many => Err(format!(
-                    "indicator {code:?} is in several catalog editions ({}): name one in catalog_edition",
+                    "indicator {code:?} is in several catalog editions ({}): name the edition",
                     many.iter().map(|i| i.edition.as_str()).collect::<Vec<_>>().join(", ")
                 )),
             },
