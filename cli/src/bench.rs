@@ -71,6 +71,9 @@ pub(crate) struct BenchArgs {
     /// Seconds of the latency run.
     #[arg(long, default_value_t = 5)]
     latency_secs: u64,
+    /// Districts and categories of the disclosure-control table.
+    #[arg(long, default_value_t = 100)]
+    sdc_size: usize,
     /// Where the stores go (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -79,7 +82,7 @@ pub(crate) struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "ceiling,verify,catch-up,live,publish"
+        default_value = "ceiling,verify,catch-up,live,publish,sdc"
     )]
     parts: Vec<Part>,
 }
@@ -98,6 +101,8 @@ pub(crate) enum Part {
     Live,
     /// Durable publish throughput and ack latency.
     Publish,
+    /// Disclosure control and its audit on a 100 x 100 table with margins.
+    Sdc,
 }
 
 const ORIGINS: usize = 4;
@@ -284,6 +289,10 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     );
 
     let wants = |part| args.parts.contains(&part);
+    if wants(Part::Sdc) {
+        let size = args.sdc_size;
+        tokio::task::spawn_blocking(move || crate::sdc_bench::run(size)).await??;
+    }
 
     // 1. Ceiling.
     let ceiling = if wants(Part::Ceiling) || wants(Part::Verify) {

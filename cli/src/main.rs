@@ -9,6 +9,7 @@ mod commands;
 mod demo;
 mod output;
 mod region;
+mod sdc_bench;
 
 use std::{path::PathBuf, process::ExitCode};
 

@@ -333,6 +333,8 @@ async fn bench_runs_every_measurement() {
         "1",
         "--live-entries",
         "2000",
+        "--sdc-size",
+        "20",
         "--dir",
         dir.path().to_str().unwrap(),
     ])
@@ -347,6 +349,7 @@ async fn bench_runs_every_measurement() {
         "ack latency at 200/s",
         "live replication (a)",
         "live replication (b)",
+        "disclosure control, 20 x 20 counts with margins (441 cells)",
     ] {
         assert!(text.contains(expected), "{expected:?} missing:\n{text}");
     }
