@@ -903,8 +903,11 @@ mod tests {
 
     #[test]
     fn the_deploy_example_is_valid() {
-        let config = Config::parse(include_str!("../../deploy/node.toml")).unwrap();
-        config.validate().unwrap();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node.toml");
+        let config = Config::load(&path, std::iter::empty()).unwrap();
+        let (catalog, policy) = config.indicator_rules().unwrap();
+        assert!(catalog.find("bus-km", None).is_ok(), "deploy/catalog.toml");
+        assert!(policy.overrides[0].noise.is_some());
         assert_eq!(config.peers.len(), 2);
         assert_eq!(config.pinned_keys().unwrap().len(), 2);
     }
