@@ -234,7 +234,7 @@ async fn bad_requests_name_the_field_and_publish_nothing() {
                 row("households", "city-a/north", "2025", 3.0, 3),
             ],
             key(),
-            "households (test) for 2025: total cell Total is 10 but its parts sum to 3",
+            "households (test) for 2025: total cell Total is not the sum of the cells it covers",
         ),
         (
             vec![row("nope", "city-a", "2025", 1.0, 9)],
