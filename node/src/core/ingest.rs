@@ -1065,8 +1065,10 @@ fn protect_table(
             });
         }
     }
-    // The rule set, shared by tables with the same settings.
-    let parameters = &outcome.parameters;
+    // The rule set, shared by tables with the same settings (a preview
+    // names the noise it did not draw).
+    let rho = cost_settings.map(|ns| publish_cost(&ns, sdc::engine::margin_dimensions(&table)).rho);
+    let parameters = &AppliedParameters::from_settings(&resolved.settings, rho);
     let public = rule_set(parameters, indicator.kind, false);
     let rules_index = match out.batch.rules.iter().position(|r| *r == public) {
         Some(i) => i,
@@ -1078,8 +1080,7 @@ fn protect_table(
         }
     } as u32;
     // Privacy budget.
-    if let (Some(ns), Some(limit)) = (cost_settings, resolved.budget_rho) {
-        let rho = publish_cost(&ns, sdc::engine::margin_dimensions(&table)).rho;
+    if let (Some(rho), Some(limit)) = (rho, resolved.budget_rho) {
         let nanos = (rho * 1e9).ceil() as u64;
         let spent = feed
             .spent_nanos(code, edition, period)
@@ -1649,6 +1650,18 @@ subjects = "public"
         );
         let again = setup.prepare(&rows).unwrap();
         assert_eq!(prepared.batch, again.batch, "same seed, same noise");
+        let context = IngestContext {
+            origin: "city-a",
+            districts: &setup.districts,
+            catalog: &setup.catalog,
+            policy: &setup.policy,
+        };
+        let preview = prepare_batch(&context, &rows, &mut Feed::default(), Noise::Preview).unwrap();
+        assert_eq!(
+            preview.batch.rules, prepared.batch.rules,
+            "a preview names the noise"
+        );
+        assert_eq!(preview.report[0].value, Some(600.0), "before noise");
         let mut feed = Feed {
             spent: 200_000_000,
             ..Feed::default()
