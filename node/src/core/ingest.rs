@@ -1673,6 +1673,53 @@ subjects = "public"
             .contains("privacy budget is exhausted"));
     }
 
+    proptest::proptest! {
+        /// Whatever the budget and the sequence of publishes (a city cell,
+        /// or districts with their total, which costs twice as much), the
+        /// debits accepted never sum above the budget, and a publish is
+        /// refused only when its debit would not fit.
+        #[test]
+        fn the_budget_is_never_exceeded(
+            budget_eighths in 0u32..20,
+            epsilon_den in 1u64..4,
+            publishes in proptest::collection::vec(proptest::bool::ANY, 1..30),
+        ) {
+            let mut setup = Setup::new();
+            let budget = f64::from(budget_eighths) / 8.0;
+            setup.policy.overrides.push(Override {
+                code: "jobs".into(),
+                noise: Some(noise_settings("laplace", &format!("1/{epsilon_den}"), 1).unwrap()),
+                budget_rho: Some(budget.max(0.001)),
+                ..Override::default()
+            });
+            setup.policy.check(&setup.catalog).unwrap();
+            let limit = (budget.max(0.001) * 1e9).round() as u64;
+            let mut feed = Feed::default();
+            for with_districts in publishes {
+                let mut rows = vec![row("jobs", "city-a", "2025", 90.0, 90)];
+                if with_districts {
+                    rows.extend([
+                        row("jobs", "city-a/north", "2025", 30.0, 30),
+                        row("jobs", "city-a/south", "2025", 30.0, 30),
+                        row("jobs", "city-a/east", "2025", 30.0, 30),
+                    ]);
+                }
+                feed.earlier.clear();
+                let prepared = setup.prepare_in(&rows, &mut feed).unwrap();
+                let needed: u64 = prepared.batch.privacy.iter().map(|d| d.rho_nanos).sum();
+                proptest::prop_assert!(needed > 0);
+                match prepared.refusal {
+                    None => {
+                        proptest::prop_assert!(feed.spent + needed <= limit);
+                        feed.spent += needed;
+                    }
+                    Some(_) => proptest::prop_assert!(feed.spent + needed > limit),
+                }
+            }
+            proptest::prop_assert!(feed.spent <= limit);
+        }
+    }
+
     #[test]
     fn file_errors_name_line_and_column() {
         let header = "indicator,area,ref_area,period,value,unit,contributors\n";

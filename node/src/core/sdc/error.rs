@@ -3,7 +3,7 @@
 use thiserror::Error;
 
 /// Everything that can go wrong when building a table, protecting it,
-/// sampling noise or debiting a privacy budget.
+/// or sampling noise.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum SdcError {
     /// A cell has a different number of coordinates than the table has dimensions.
@@ -65,18 +65,6 @@ pub enum SdcError {
     /// Secondary suppression could not reach a table that passes the audit.
     #[error("secondary suppression did not converge: {0}")]
     SecondaryFailed(String),
-    /// A debit would exceed the privacy budget; nothing was changed.
-    #[error("privacy budget exceeded for indicator {indicator}, period {period}: requested {requested}, remaining {remaining}")]
-    BudgetExceeded {
-        /// Indicator of the debit.
-        indicator: String,
-        /// Period of the debit.
-        period: String,
-        /// Requested cost.
-        requested: f64,
-        /// Budget still available.
-        remaining: f64,
-    },
     /// Noise parameters are invalid.
     #[error("invalid noise parameters: {0}")]
     InvalidNoise(String),

@@ -5,7 +5,7 @@
 //! [`engine::protect`] applies the primary rules ([`primary`]: threshold, (n, k)
 //! dominance, p%), secondary suppression for tables with margins ([`secondary`]:
 //! hypercubes verified by the exact LP interval [`audit`]), optional
-//! differential-privacy noise ([`noise`], with the [`ledger`] for the budget) and
+//! differential-privacy noise ([`noise`]; the budget is kept by the store) and
 //! rounding ([`rounding`]). Published data ([`engine::PublishedTable`]) and local
 //! explanations ([`engine::LocalReport`]) are kept in separate types.
 //!
@@ -14,7 +14,6 @@
 pub mod audit;
 pub mod engine;
 pub mod error;
-pub mod ledger;
 pub mod lp;
 pub mod noise;
 pub mod params;
@@ -32,7 +31,6 @@ pub use engine::{
     PublishedCell, PublishedTable,
 };
 pub use error::SdcError;
-pub use ledger::BudgetLedger;
 pub use noise::{NoiseMechanism, NoiseSeed, NoiseSettings, PrivacyCost, Rational};
 pub use params::{AppliedParameter, AppliedParameters};
 pub use primary::CellStatus;
