@@ -1359,16 +1359,29 @@ pub(crate) fn verify(config_path: &Path, format: Format) -> anyhow::Result<ExitC
     let pinned = config
         .pinned_keys()
         .map_err(|m| anyhow!("{}: {m}", config_path.display()))?;
-    let keys = KeyResolver::new(&config.origin, genesis_key(&config.key_file, &own)?, pinned);
-    let store = civex_node::store::SledStore::open(&config.data_dir, config.store.cache_mb << 20)?;
-    let total: u64 = civex_node::store::Store::heads(&store)?
-        .iter()
-        .map(|(_, h)| h.tip.seq)
-        .sum();
+    let keys = std::sync::Arc::new(KeyResolver::new(
+        &config.origin,
+        genesis_key(&config.key_file, &own)?,
+        pinned,
+    ));
+    let store: civex_node::store::SharedStore = std::sync::Arc::new(
+        civex_node::store::SledStore::open(&config.data_dir, config.store.cache_mb << 20)?,
+    );
+    // Members' keys from the roster origin's entries held, as the node
+    // learns them (the roster origin's own feed is verified with its pinned
+    // key like any other: a tampered roster makes the report unclean).
+    civex_node::replicate::Roster::new(
+        config.federation.roster_origin.clone(),
+        keys.clone(),
+        store.clone(),
+    )
+    .refresh()?;
+    let total: u64 = store.heads()?.iter().map(|(_, h)| h.tip.seq).sum();
     let progress = Progress::new("verifying", total);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let started = std::time::Instant::now();
-    let report = civex_node::audit::audit(&store, &keys, threads, &|done| progress.set(done))?;
+    let report =
+        civex_node::audit::audit(store.as_ref(), &keys, threads, &|done| progress.set(done))?;
     progress.finish();
     let seconds = started.elapsed().as_secs_f64();
     match format {

@@ -61,6 +61,29 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
     })
     .await;
     assert_eq!(b.head("city-a").await, a.head("city-a").await);
+    // civex verify, on B's stopped store, checks A's feed with the key the
+    // roster gives.
+    let mut b = b;
+    b.stop().await;
+    let out = crate::support::civex_async(&[
+        "--output",
+        "json",
+        "verify",
+        "--config",
+        b.config_path().to_str().unwrap(),
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["clean"], true, "{report}");
+    assert!(
+        report["origins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["origin"] == "city-a" && o["verified"] == 1),
+        "{report}"
+    );
 
     // A member is removed; bad input names the field and publishes nothing.
     let out = consortium.cli(&["roster", "remove", "city-a"]).await;
