@@ -590,18 +590,30 @@ fn check_text(text: &str, max: usize, what: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Splits a breakdown `dimension=code` (both slugs); empty is the total.
-fn parse_breakdown(text: &str) -> Result<Option<(&str, &str)>, String> {
+/// Splits a breakdown `dimension=code[;dimension=code...]` (slugs, the
+/// dimensions in alphabetical order, so that one cell has one key); a
+/// dimension not named is its total, and empty is the total of all.
+fn parse_breakdown(text: &str) -> Result<Vec<(&str, &str)>, String> {
     if text.is_empty() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    let (dimension, code) = text
-        .split_once('=')
-        .ok_or_else(|| format!("breakdown {text:?} is not dimension=code, e.g. sector=retail"))?;
-    for part in [dimension, code] {
-        super::ids::check_slug(part).map_err(|m| format!("breakdown {text:?}: {part:?} {m}"))?;
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for part in text.split(';') {
+        let (dimension, code) = part.split_once('=').ok_or_else(|| {
+            format!("breakdown {text:?} is not dimension=code[;dimension=code], e.g. sector=retail")
+        })?;
+        for name in [dimension, code] {
+            super::ids::check_slug(name)
+                .map_err(|m| format!("breakdown {text:?}: {name:?} {m}"))?;
+        }
+        if pairs.last().is_some_and(|(last, _)| *last >= dimension) {
+            return Err(format!(
+                "breakdown {text:?}: name each dimension once, in alphabetical order"
+            ));
+        }
+        pairs.push((dimension, code));
     }
-    Ok(Some((dimension, code)))
+    Ok(pairs)
 }
 
 /// A validated row and where it sits in its table.
@@ -609,6 +621,11 @@ struct Cell<'r> {
     row: &'r InputRow,
     area: FunctionalArea,
     unit: String,
+    /// District (`None`: the city as a whole).
+    district: Option<&'r str>,
+    /// Breakdown categories by dimension.
+    breakdown: Vec<(&'r str, &'r str)>,
+    /// Coordinates: reference area, then each breakdown dimension.
     coords: Vec<Coord>,
 }
 
@@ -616,7 +633,8 @@ struct Cell<'r> {
 struct TableRows<'r> {
     indicator: &'r Indicator,
     period: String,
-    breakdown_dimension: Option<String>,
+    /// Breakdown dimensions named by any row, in alphabetical order.
+    dimensions: Vec<&'r str>,
     cells: Vec<Cell<'r>>,
 }
 
@@ -768,40 +786,36 @@ fn validate<'r>(
                 tables.push(TableRows {
                     indicator,
                     period: row.period.clone(),
-                    breakdown_dimension: None,
+                    dimensions: Vec::new(),
                     cells: Vec::new(),
                 });
                 tables.last_mut().expect("just pushed")
             }
         };
-        if let Some((dimension, _)) = breakdown {
-            match &table.breakdown_dimension {
-                Some(known) if known != dimension => {
-                    return Err(err(
-                        "breakdown",
-                        format!(
-                            "{} in {} is broken down by {known:?} in this batch, not {dimension:?}: one breakdown dimension per table",
-                            row.indicator, row.period
-                        ),
-                    ))
-                }
-                _ => table.breakdown_dimension = Some(dimension.to_owned()),
+        for (dimension, _) in &breakdown {
+            if let Err(at) = table.dimensions.binary_search(dimension) {
+                table.dimensions.insert(at, dimension);
             }
         }
-        let mut coords = vec![district.map_or(Coord::Total, Coord::code)];
-        coords.push(breakdown.map_or(Coord::Total, |(_, code)| Coord::code(code)));
         table.cells.push(Cell {
             row,
             area,
             unit,
-            coords,
+            district,
+            breakdown,
+            coords: Vec::new(),
         });
     }
     for table in &mut tables {
-        if table.breakdown_dimension.is_none() {
-            for cell in &mut table.cells {
-                cell.coords.truncate(1);
-            }
+        for cell in &mut table.cells {
+            cell.coords = std::iter::once(cell.district.map_or(Coord::Total, Coord::code))
+                .chain(table.dimensions.iter().map(|dimension| {
+                    cell.breakdown
+                        .iter()
+                        .find(|(d, _)| d == dimension)
+                        .map_or(Coord::Total, |(_, code)| Coord::code(*code))
+                }))
+                .collect();
         }
     }
     Ok(tables)
@@ -982,7 +996,7 @@ fn protect_table(
         )));
     }
     let mut dimensions = vec!["ref_area".to_owned()];
-    dimensions.extend(rows.breakdown_dimension.clone());
+    dimensions.extend(rows.dimensions.iter().map(|d| (*d).to_owned()));
     let cells: Vec<CellInput> = rows
         .cells
         .iter()
@@ -1421,6 +1435,53 @@ subjects = "public"
             .report
             .iter()
             .any(|r| r.reason.contains("suppressed to protect")));
+    }
+
+    #[test]
+    fn several_breakdowns_make_a_table_of_more_dimensions() {
+        // City households by building type and tenure, with every margin:
+        // a dimension a row does not name is its total.
+        let mut rows = Vec::new();
+        let interior = [
+            ("house", "owned", 40.0),
+            ("house", "rented", 2.0),
+            ("flat", "owned", 25.0),
+            ("flat", "rented", 30.0),
+        ];
+        let cell = |breakdown: String, value: f64| InputRow {
+            breakdown,
+            ..row("jobs", "city-a", "2025", value, value as u64)
+        };
+        for (building, tenure, value) in interior {
+            rows.push(cell(format!("building={building};tenure={tenure}"), value));
+        }
+        for building in ["house", "flat"] {
+            let sum = interior
+                .iter()
+                .filter(|c| c.0 == building)
+                .map(|c| c.2)
+                .sum();
+            rows.push(cell(format!("building={building}"), sum));
+        }
+        for tenure in ["owned", "rented"] {
+            let sum = interior.iter().filter(|c| c.1 == tenure).map(|c| c.2).sum();
+            rows.push(cell(format!("tenure={tenure}"), sum));
+        }
+        rows.push(cell(String::new(), 97.0));
+        let prepared = Setup::new().prepare(&rows).unwrap();
+        let s = statuses(&prepared);
+        assert_eq!(
+            s[1].1,
+            ConfidentialityStatus::SuppressedSmallCounts as i32,
+            "{s:?}"
+        );
+        let suppressed = s.iter().filter(|(_, c)| *c != 0).count();
+        assert!(suppressed >= 4, "a 2 x 2 interior needs a rectangle: {s:?}");
+        let err = Setup::new()
+            .prepare(&[cell("tenure=owned;building=house".into(), 1.0)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("in alphabetical order"), "{err}");
     }
 
     #[test]
