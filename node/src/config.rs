@@ -13,7 +13,7 @@ use crate::core::{
     catalog::Catalog,
     ids::{check_origin_id, check_slug},
     policy::{noise_settings, parse_parameter, Override, Policy},
-    sdc::{DominanceRule, PPercentRule, ProtectionLevel, Settings},
+    sdc::{DominanceRule, PPercentRule, ParameterId, ProtectionLevel, Settings},
 };
 
 /// Smallest `limits.max_message_bytes`: subscription messages carry up to
@@ -557,6 +557,9 @@ impl Config {
             .iter()
             .map(|name| parse_parameter(name).map_err(|m| format!("disclosure.secret: {m}")))
             .collect::<Result<Vec<_>, _>>()?;
+        if secret.contains(&ParameterId::RoundingBase) {
+            return Err("disclosure.secret: rounding.base cannot be secret: a revision of a table is audited with what earlier versions published, rounding included".into());
+        }
         let mut overrides = Vec::with_capacity(d.indicator.len());
         for (index, o) in d.indicator.iter().enumerate() {
             let at = format!("disclosure.indicator[{index}] ({})", o.code);
@@ -585,6 +588,7 @@ impl Config {
                 rounding_base: o.rounding_base,
                 noise,
                 budget_rho: o.budget_rho,
+                clamp_given: o.clamp_bound.is_some(),
             });
         }
         let mut policy = Policy {
@@ -993,6 +997,10 @@ mod tests {
             (
                 base.replace("# file = \"catalog.toml\"", "file = \"missing.toml\""),
                 "catalog.file: cannot read",
+            ),
+            (
+                base.replace("secret = [\"dominance.k\"", "secret = [\"rounding.base\", \"dominance.k\""),
+                "disclosure.secret: rounding.base cannot be secret",
             ),
             (
                 base.replace("[store]", "[store]\ncolour = 1"),

@@ -49,7 +49,7 @@ pub enum NodeError {
 fn indicator_rules(config: &Config) -> Result<IndicatorRules, NodeError> {
     let (catalog, policy) = config.indicator_rules().map_err(NodeError::Config)?;
     let noised = policy.overrides.iter().any(|o| o.noise.is_some());
-    let noise_key = noise_key(&config.disclosure.noise_key_file, noised)?.unwrap_or_default();
+    let noise_key = noise_key(&config.disclosure.noise_key_file, noised)?;
     Ok(IndicatorRules {
         districts: config.districts.clone(),
         catalog,

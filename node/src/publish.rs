@@ -54,8 +54,9 @@ pub struct IndicatorRules {
     pub catalog: Catalog,
     /// Disclosure-control settings per indicator.
     pub policy: Policy,
-    /// Secret key the noise of each publish is derived from.
-    pub noise_key: [u8; 32],
+    /// Secret key the noise of each publish is derived from (made at start
+    /// when an indicator has noise).
+    pub noise_key: Option<[u8; 32]>,
 }
 
 impl IndicatorRules {
@@ -77,8 +78,8 @@ impl IndicatorRules {
         indicator: &str,
         edition: &str,
         period: &str,
-    ) -> NoiseSeed {
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.noise_key);
+    ) -> Option<NoiseSeed> {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.noise_key.as_ref()?);
         let mut context = ring::hmac::Context::with_key(&key);
         context.update(b"civex/v1/noise-seed\0");
         context.update(idempotency_key);
@@ -88,7 +89,7 @@ impl IndicatorRules {
         }
         let mut seed = [0u8; 32];
         seed.copy_from_slice(context.sign().as_ref());
-        NoiseSeed(seed)
+        Some(NoiseSeed(seed))
     }
 }
 
@@ -124,27 +125,35 @@ fn stored_cells(
             _ => latest.push((row.key, row.seq, row.position)),
         }
     }
+    // Each entry decoded once, however many of its cells are latest.
+    let mut batches: HashMap<u64, IndicatorBatch> = HashMap::new();
     let mut cells = Vec::with_capacity(latest.len());
     for (key, seq, position) in latest {
-        let signed = store
-            .entries(origin, seq, 1, usize::MAX)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("entry {seq} of the own feed is indexed but missing"))?;
-        let body = EntryBody::decode(signed.body.as_ref())
-            .map_err(|_| format!("entry {seq} of the own feed does not decode"))?;
-        let Some(Payload::Indicators(batch)) = body.payload else {
-            return Err(format!(
-                "entry {seq} of the own feed is not an indicator batch"
-            ));
+        let batch = match batches.entry(seq) {
+            std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let signed = store
+                    .entries(origin, seq, 1, usize::MAX)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| format!("entry {seq} of the own feed is indexed but missing"))?;
+                let body = EntryBody::decode(signed.body.as_ref())
+                    .map_err(|_| format!("entry {seq} of the own feed does not decode"))?;
+                let Some(Payload::Indicators(batch)) = body.payload else {
+                    return Err(format!(
+                        "entry {seq} of the own feed is not an indicator batch"
+                    ));
+                };
+                slot.insert(batch)
+            }
         };
         let observation = batch
             .observations
             .get(position as usize)
             .ok_or_else(|| format!("entry {seq} of the own feed has no cell {position}"))?;
         debug_assert_eq!(observation.ref_area, key.ref_area);
-        cells.push(earlier_cell(observation, &batch));
+        cells.push(earlier_cell(observation, batch));
     }
     Ok(cells)
 }
@@ -250,21 +259,15 @@ impl FeedView for OwnView<'_> {
     }
 
     fn spent_nanos(&mut self, indicator: &str, edition: &str, period: &str) -> Result<u64, String> {
-        // A job may become durable between the two reads: the head first,
-        // so such a job is counted twice (refusing too early), never missed.
-        let stored_seq = self
-            .store
-            .head(self.origin)
-            .map_err(|e| e.to_string())?
-            .map_or(0, |h| h.tip.seq);
-        let stored = self
+        let (stored, as_of) = self
             .store
             .privacy_spent(self.origin, indicator, edition, period)
             .map_err(|e| e.to_string())?;
+        // Debits of entries after the last one the ledger includes.
         let pending: u64 = self
             .pending
             .iter()
-            .filter(|(seq, _)| *seq > stored_seq)
+            .filter(|(seq, _)| *seq > as_of)
             .filter_map(|(_, p)| match p {
                 Payload::Indicators(batch) => Some(batch),
                 _ => None,

@@ -32,7 +32,8 @@
 //!   member (value: seq, then the encoded entry)
 //! - `K|origin|seq` key rotation at seq (value: the new 32-byte key)
 //! - `b|origin|indicator|edition|period` privacy budget spent (rho in 1e-9,
-//!   summed from the debits of the origin's entries)
+//!   summed from the debits of the origin's entries), then the seq of the
+//!   last entry whose debit it includes
 //! - `k|origin` evidence of a conflict (fork or re-created feed): the first
 //!   one found; replication of the origin stops while it is held
 
@@ -200,25 +201,16 @@ pub trait Store: Send + Sync + 'static {
         origin: Option<&str>,
         after: Option<&ObservationKey>,
     ) -> Box<dyn Iterator<Item = Result<ObservationRow, StoreError>> + 'a>;
-    /// Whether any cell (current or not) is held for (origin, indicator,
-    /// edition, reference area, period), with an empty breakdown.
-    fn holds_cell(
-        &self,
-        origin: &str,
-        indicator: &str,
-        edition: &str,
-        ref_area: &str,
-        period: &str,
-    ) -> Result<bool, StoreError>;
     /// Privacy budget spent by `origin` on (indicator, edition, period), in
-    /// 1e-9 rho: the sum of the debits its entries carry.
+    /// 1e-9 rho (the sum of the debits its entries carry), and the seq of the
+    /// last entry included (0: none).
     fn privacy_spent(
         &self,
         origin: &str,
         indicator: &str,
         edition: &str,
         period: &str,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<(u64, u64), StoreError>;
     /// Whether an entry of `origin` has been retracted.
     fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError>;
     /// Folds up to `limit` packed index pieces into the ordered observation
@@ -270,15 +262,21 @@ fn io_error(path: &Path, what: &str, err: std::io::Error) -> StoreError {
 }
 
 impl SledStore {
-    /// The budget spent recorded under a `b|` key (0 when none).
-    fn spent_at(&self, key: &[u8]) -> Result<u64, StoreError> {
-        match self.db.get(key).map_err(sled_error(&self.path))? {
-            None => Ok(0),
-            Some(value) => value
-                .as_ref()
-                .try_into()
+    /// The budget spent recorded under a `b|` key and the seq it is as of
+    /// ((0, 0) when none).
+    fn spent_at(&self, key: &[u8]) -> Result<(u64, u64), StoreError> {
+        let Some(value) = self.db.get(key).map_err(sled_error(&self.path))? else {
+            return Ok((0, 0));
+        };
+        let number = |range: std::ops::Range<usize>| {
+            value
+                .get(range)
+                .and_then(|b| b.try_into().ok())
                 .map(u64::from_be_bytes)
-                .map_err(|_| self.corrupt("a privacy budget record does not decode".into())),
+        };
+        match (value.len(), number(0..8), number(8..16)) {
+            (16, Some(spent), Some(last)) => Ok((spent, last)),
+            _ => Err(self.corrupt("a privacy budget record does not decode".into())),
         }
     }
 
@@ -759,7 +757,7 @@ impl Store for SledStore {
             .count();
         let bulk = observation_rows >= PIECE_MIN_ROWS;
         let mut pieces: Vec<(String, (u64, u32), Vec<IndexRow>)> = Vec::new();
-        let mut debits: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut debits: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
         for record in &commit.index {
             match record {
                 IndexRecord::Observation {
@@ -838,17 +836,18 @@ impl Store for SledStore {
                 }
                 IndexRecord::PrivacyDebit {
                     origin,
+                    seq,
                     indicator,
                     edition,
                     period,
                     rho_nanos,
                 } => {
                     let key = key_of(b'b', &[origin, indicator, edition, period], None);
-                    let spent = match debits.get(&key) {
-                        Some(spent) => *spent,
+                    let (spent, last) = match debits.get(&key) {
+                        Some(known) => *known,
                         None => self.spent_at(&key)?,
                     };
-                    debits.insert(key, spent.saturating_add(*rho_nanos));
+                    debits.insert(key, (spent.saturating_add(*rho_nanos), last.max(*seq)));
                 }
                 IndexRecord::Retraction {
                     origin,
@@ -868,8 +867,10 @@ impl Store for SledStore {
             key.extend_from_slice(&position.to_be_bytes());
             batch.insert(key, encode_piece(&rows));
         }
-        for (key, spent) in debits {
-            batch.insert(key, &spent.to_be_bytes());
+        for (key, (spent, last)) in debits {
+            let mut value = spent.to_be_bytes().to_vec();
+            value.extend_from_slice(&last.to_be_bytes());
+            batch.insert(key, value);
         }
         for (key, record) in &commit.idempotency {
             let mut value = Vec::with_capacity(88);
@@ -978,28 +979,6 @@ impl Store for SledStore {
         Box::new(rows)
     }
 
-    fn holds_cell(
-        &self,
-        origin: &str,
-        indicator: &str,
-        edition: &str,
-        ref_area: &str,
-        period: &str,
-    ) -> Result<bool, StoreError> {
-        let prefix = key_of(
-            b'o',
-            &[origin, indicator, edition, ref_area, period, ""],
-            None,
-        );
-        if let Some(item) = self.db.scan_prefix(&prefix).next() {
-            return item.map(|_| true).map_err(sled_error(&self.path));
-        }
-        Ok(self
-            .piece_rows(Some(origin))?
-            .iter()
-            .any(|(key, _)| key.starts_with(&prefix)))
-    }
-
     fn index_pieces_pending(&self) -> Result<u64, StoreError> {
         let mut count = 0;
         for item in self.db.scan_prefix([b'x']).keys() {
@@ -1034,7 +1013,7 @@ impl Store for SledStore {
         indicator: &str,
         edition: &str,
         period: &str,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(u64, u64), StoreError> {
         self.spent_at(&key_of(b'b', &[origin, indicator, edition, period], None))
     }
 
@@ -1257,16 +1236,10 @@ mod tests {
         );
         let middle = before[700].0.clone();
         let after_middle = read(Some(&middle));
-        assert!(store
-            .holds_cell("city-a", "i1", "local", "city-a", "1991")
-            .unwrap());
         while store.merge_index_pieces(3).unwrap() > 0 {}
         assert_eq!(store.index_pieces_pending().unwrap(), 0);
         assert_eq!(read(None), before);
         assert_eq!(read(Some(&middle)), after_middle);
-        assert!(store
-            .holds_cell("city-a", "i1", "local", "city-a", "1991")
-            .unwrap());
     }
 
     #[test]

@@ -72,7 +72,7 @@ async fn publish_indicators_from_csv_and_json_is_atomic() {
     let out = node.cli(&["publish", "indicators", &bad_value]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains(&format!("{bad_value}:4: value: not a number: \"1,2.3\"")),
+        stderr(&out).contains(&format!("{bad_value}:4: value: not a number")),
         "{}",
         stderr(&out)
     );

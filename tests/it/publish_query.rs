@@ -211,7 +211,7 @@ async fn bad_requests_name_the_field_and_publish_nothing() {
         (
             vec![
                 good(),
-                row("firms", "city-a", "2025-Q1", 1.0, 9),
+                row("firms", "city-a", "2025-Q1", 9.0, 9),
                 row("x", "city-a/east", "2025", 1.0, 9),
             ],
             key(),

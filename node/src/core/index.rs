@@ -109,6 +109,8 @@ pub enum IndexRecord {
     PrivacyDebit {
         /// Origin.
         origin: String,
+        /// Seq of the entry carrying it.
+        seq: u64,
         /// Indicator code.
         indicator: String,
         /// Catalog edition.
@@ -158,6 +160,7 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
                 })
                 .map(|d| IndexRecord::PrivacyDebit {
                     origin: origin.clone(),
+                    seq,
                     indicator: d.indicator.clone(),
                     edition: d.catalog_edition.clone(),
                     period: d.period.clone(),

@@ -211,7 +211,7 @@ fn row_from_fields(
     let value: f64 = value_text
         .trim()
         .parse()
-        .map_err(|_| err("value", format!("not a number: {value_text:?}")))?;
+        .map_err(|_| err("value", "not a number".to_owned()))?;
     let contributors = match text("contributors").trim() {
         "" => None,
         count => Some(count.parse::<u64>().map_err(|_| {
@@ -486,8 +486,9 @@ pub trait FeedView {
 
 /// Where the noise of a publish comes from.
 pub enum Noise<'a> {
-    /// Publish: the seed of each table (indicator, edition, period).
-    Seeded(&'a dyn Fn(&str, &str, &str) -> NoiseSeed),
+    /// Publish: the seed of each table (indicator, edition, period);
+    /// `None` when the node has no noise key.
+    Seeded(&'a dyn Fn(&str, &str, &str) -> Option<NoiseSeed>),
     /// Preview: no noise is drawn; values are shown before noise.
     Preview,
 }
@@ -752,6 +753,48 @@ fn validate<'r>(
                 ),
             ));
         }
+        if indicator.kind == AggregationKind::Count
+            && row.contributors.is_some_and(|c| c as f64 > row.value)
+        {
+            return Err(err(
+                "contributors",
+                format!(
+                    "more contributors than the count itself; for a count such as {} the contributors are what is counted",
+                    row.indicator
+                ),
+            ));
+        }
+        if let (Some(noise), AggregationKind::Sum) = (
+            context.policy.resolve(indicator).settings.noise,
+            indicator.kind,
+        ) {
+            // The noise protects a sum only if no contribution is above the
+            // clamp bound: check it, without repeating any contribution.
+            let largest = match &row.largest {
+                Some(LargestContributions::Values(values)) => values.iter().copied().fold(0.0, f64::max),
+                Some(LargestContributions::Shares(shares)) => {
+                    shares.iter().copied().fold(0.0, f64::max) * row.value
+                }
+                None => {
+                    return Err(err(
+                        "largest_values",
+                        format!(
+                            "missing; {} has noise, which protects it only if no contribution is above its clamp bound: give the largest contributions",
+                            row.indicator
+                        ),
+                    ))
+                }
+            };
+            if largest > noise.clamp_bound as f64 {
+                return Err(err(
+                    "largest_values",
+                    format!(
+                        "a contribution is above the clamp bound of {}'s noise (disclosure.indicator clamp_bound): clamp each contribution before summing",
+                        row.indicator
+                    ),
+                ));
+            }
+        }
         check_text(&row.method_notes, 1024, "method notes").map_err(|m| err("method_notes", m))?;
         let breakdown = parse_breakdown(&row.breakdown).map_err(|m| err("breakdown", m))?;
         let key = (
@@ -828,6 +871,9 @@ fn engine_error(err: sdc::SdcError) -> String {
     match err {
         sdc::SdcError::TotalMismatch { total, .. } => format!(
             "total cell {total} is not the sum of the cells it covers (a table with totals needs every cell, and totals that add up)"
+        ),
+        sdc::SdcError::MissingCell(cell) => format!(
+            "the table has totals, so it needs every cell of its grid: {cell} is missing (a cell with no contributors is 0 with contributors 0; breakdowns not crossed with each other or with the districts cannot be published as one table)"
         ),
         sdc::SdcError::ValueOutOfBounds { cell, .. } => {
             format!("cell {cell} has a value outside the allowed range")
@@ -996,6 +1042,23 @@ fn protect_table(
         )));
     }
     let mut dimensions = vec!["ref_area".to_owned()];
+    let margins = rows
+        .cells
+        .iter()
+        .any(|c| c.coords.iter().any(Coord::is_total))
+        && rows
+            .cells
+            .iter()
+            .any(|c| !c.coords.iter().all(Coord::is_total));
+    if resolved.settings.threshold.is_some()
+        && indicator.kind.is_additive()
+        && !resolved.settings.secondary
+        && margins
+    {
+        return Err(table_error(
+            "secondary suppression is off for this indicator (disclosure.indicator secondary = false), so a total and its components may not be published together: a suppressed cell could be recomputed".into(),
+        ));
+    }
     dimensions.extend(rows.dimensions.iter().map(|d| (*d).to_owned()));
     let cells: Vec<CellInput> = rows
         .cells
@@ -1017,7 +1080,10 @@ fn protect_table(
     .map_err(|e| table_error(engine_error(e)))?;
     let outcome = match (&settings.noise, noise) {
         (Some(_), Noise::Seeded(seed)) => {
-            sdc::protect_with_seed(&table, &settings, &seed(code, edition, period))
+            let seed = seed(code, edition, period).ok_or_else(|| {
+                IngestError::Feed("no noise key is loaded: restart the node to make one".into())
+            })?;
+            sdc::protect_with_seed(&table, &settings, &seed)
         }
         _ => sdc::protect(&table, &settings),
     }
@@ -1083,13 +1149,14 @@ fn protect_table(
     // names the noise it did not draw).
     let rho = cost_settings.map(|ns| publish_cost(&ns, sdc::engine::margin_dimensions(&table)).rho);
     let parameters = &AppliedParameters::from_settings(&resolved.settings, rho);
-    let public = rule_set(parameters, indicator.kind, false);
-    let rules_index = match out.batch.rules.iter().position(|r| *r == public) {
+    let full = rule_set(parameters, indicator.kind, true);
+    let rules_index = match out.full_rules.iter().position(|r| *r == full) {
         Some(i) => i,
         None => {
-            out.batch.rules.push(public);
-            out.full_rules
-                .push(rule_set(parameters, indicator.kind, true));
+            out.batch
+                .rules
+                .push(rule_set(parameters, indicator.kind, false));
+            out.full_rules.push(full);
             out.batch.rules.len() - 1
         }
     } as u32;
@@ -1303,7 +1370,7 @@ subjects = "public"
                 catalog: &self.catalog,
                 policy: &self.policy,
             };
-            let seed = |_: &str, _: &str, _: &str| NoiseSeed([9; 32]);
+            let seed = |_: &str, _: &str, _: &str| Some(NoiseSeed([9; 32]));
             prepare_batch(&context, rows, feed, Noise::Seeded(&seed))
         }
 
@@ -1482,6 +1549,63 @@ subjects = "public"
             .unwrap_err()
             .to_string();
         assert!(err.contains("in alphabetical order"), "{err}");
+    }
+
+    #[test]
+    fn settings_that_would_leak_are_refused() {
+        // Without secondary suppression, a total with its components would
+        // give away the small district.
+        let mut setup = Setup::new();
+        setup.policy.overrides.push(Override {
+            code: "jobs".into(),
+            secondary: Some(false),
+            ..Override::default()
+        });
+        setup.policy.check(&setup.catalog).unwrap();
+        let rows = vec![
+            row("jobs", "city-a", "2025", 60.0, 60),
+            row("jobs", "city-a/north", "2025", 2.0, 2),
+            row("jobs", "city-a/south", "2025", 58.0, 58),
+        ];
+        let err = setup.prepare(&rows).unwrap_err().to_string();
+        assert!(err.contains("secondary suppression is off"), "{err}");
+        assert!(setup.prepare(&rows[1..]).is_ok(), "components alone");
+        // A count has no more contributors than it counts.
+        let err = Setup::new()
+            .prepare(&[row("jobs", "city-a", "2025", 1.0, 40)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("contributors: more contributors than the count"),
+            "{err}"
+        );
+        // Noise on a sum holds only for contributions within the clamp bound.
+        let mut setup = Setup::new();
+        setup.policy.overrides.push(Override {
+            code: "turnover".into(),
+            noise: Some(noise_settings("laplace", "1/2", 1000).unwrap()),
+            budget_rho: Some(1.0),
+            clamp_given: true,
+            ..Override::default()
+        });
+        setup.policy.check(&setup.catalog).unwrap();
+        let sum = |largest: Option<LargestContributions>| InputRow {
+            largest,
+            ..row("turnover", "city-a", "2025-Q1", 5000.0, 12)
+        };
+        let err = setup.prepare(&[sum(None)]).unwrap_err().to_string();
+        assert!(err.contains("largest_values: missing"), "{err}");
+        let err = setup
+            .prepare(&[sum(Some(LargestContributions::Values(vec![1500.0, 900.0])))])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("above the clamp bound") && !err.contains("1500"),
+            "{err}"
+        );
+        assert!(setup
+            .prepare(&[sum(Some(LargestContributions::Values(vec![900.0, 800.0])))])
+            .is_ok());
     }
 
     #[test]
@@ -1795,7 +1919,7 @@ subjects = "public"
             ),
             (
                 format!("{header}x,1,city-a,2025,\"1,2.3\",u,5\n"),
-                "2: value: not a number: \"1,2.3\"",
+                "2: value: not a number",
             ),
             (
                 format!("{header}x,9,city-a,2025,1,u,5\n"),

@@ -50,6 +50,8 @@ pub struct Override {
     pub noise: Option<NoiseSettings>,
     /// Privacy budget (zCDP rho) per period; required with noise.
     pub budget_rho: Option<f64>,
+    /// Whether the noise's clamp bound was given (required for sums).
+    pub clamp_given: bool,
 }
 
 /// The whole policy of a node.
@@ -142,12 +144,44 @@ impl Policy {
     /// Checks the per-indicator settings against the catalog and fills in
     /// their editions. Errors name `disclosure.indicator[N]`.
     pub fn check(&mut self, catalog: &Catalog) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
         for (index, o) in self.overrides.iter_mut().enumerate() {
             let at = format!("disclosure.indicator[{index}] ({})", o.code);
             let indicator = catalog
                 .find(&o.code, o.edition.as_deref())
                 .map_err(|m| format!("{at}: {m}"))?;
             o.edition = Some(indicator.edition.clone());
+            if !seen.insert((indicator.code.clone(), indicator.edition.clone())) {
+                return Err(format!(
+                    "{at}: {} of {} has settings twice; keep one table per indicator",
+                    indicator.code, indicator.edition
+                ));
+            }
+            let public = indicator.subjects == Subjects::Public;
+            let useless = [
+                (public && o.min_contributors.is_some(), "min_contributors"),
+                (public && o.secondary.is_some(), "secondary"),
+                (
+                    o.dominance.is_some() && (public || !indicator.kind.is_magnitude()),
+                    "dominance",
+                ),
+            ];
+            if let Some((_, name)) = useless.iter().find(|(useless, _)| *useless) {
+                return Err(format!(
+                    "{at}: {name} does not apply to {} (a {} of {} records)",
+                    indicator.code,
+                    indicator.kind.name(),
+                    indicator.subjects.name()
+                ));
+            }
+            if o.noise.is_some()
+                && indicator.kind == super::sdc::AggregationKind::Sum
+                && !o.clamp_given
+            {
+                return Err(format!(
+                    "{at}: noise on a sum needs clamp_bound, the most one contributor may add (contributions are clamped to it before summing)"
+                ));
+            }
             if o.min_contributors == Some(0) {
                 return Err(format!("{at}: min_contributors must be at least 1"));
             }
@@ -339,6 +373,50 @@ subjects = "persons"
                 ..Override::default()
             },
             "counts and sums only",
+        );
+        bad(
+            Override {
+                code: "turnover".into(),
+                noise: Some(noise),
+                budget_rho: Some(1.0),
+                ..Override::default()
+            },
+            "noise on a sum needs clamp_bound",
+        );
+        bad(
+            Override {
+                code: "road-km".into(),
+                min_contributors: Some(5),
+                ..Override::default()
+            },
+            "min_contributors does not apply to road-km",
+        );
+        bad(
+            Override {
+                code: "jobs".into(),
+                dominance: Some(true),
+                ..Override::default()
+            },
+            "dominance does not apply to jobs (a count",
+        );
+        let mut twice = Policy {
+            overrides: vec![
+                Override {
+                    code: "jobs".into(),
+                    ..Override::default()
+                },
+                Override {
+                    code: "jobs".into(),
+                    edition: Some("local".into()),
+                    ..Override::default()
+                },
+            ],
+            ..Policy::default()
+        };
+        let err = twice.check(&catalog).unwrap_err();
+        assert!(
+            err.starts_with("disclosure.indicator[1]") && err.contains("twice"),
+            "{err}"
         );
         assert!(noise_settings("laplace", "0/1", 1).is_err());
         assert!(noise_settings("cauchy", "1", 1).is_err());

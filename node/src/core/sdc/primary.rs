@@ -224,10 +224,14 @@ fn contributions(
     top.sort_by(|a, b| b.total_cmp(a));
     let sum: f64 = top.iter().sum();
     if sum > total.abs() * (1.0 + 1e-9) + 1e-9 {
-        return Err(invalid("largest contributions exceed the cell total"));
+        return Err(invalid(
+            "the largest contributions do not fit the cell's value and contributors",
+        ));
     }
     if (top.len() as u64) > cell.contributors {
-        return Err(invalid("more largest contributions than contributors"));
+        return Err(invalid(
+            "the largest contributions do not fit the cell's value and contributors",
+        ));
     }
     let needed = (needed as u64).min(cell.contributors) as usize;
     if top.len() < needed {
