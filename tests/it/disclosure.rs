@@ -420,6 +420,47 @@ async fn the_privacy_budget_holds_under_concurrent_publishes_and_a_crash() {
         pb::publish_client::PublishClient::new(crate::support::connect(&address).await);
     let status = client.publish_indicators(request()).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    // The CLI says so too, and a dry run shows the budget.
+    let file = dir.path().join("households.csv");
+    std::fs::write(
+        &file,
+        "indicator,ref_area,period,value,contributors\nhouseholds,city-a,2025,500,500\n",
+    )
+    .unwrap();
+    let operator = dir.path().join("operator");
+    let cli = |extra: &'static [&'static str]| {
+        let (address, operator, file) = (address.clone(), operator.clone(), file.clone());
+        async move {
+            let mut args = vec![
+                "--node".to_owned(),
+                address,
+                "--identity".to_owned(),
+                operator.to_str().unwrap().to_owned(),
+                "publish".to_owned(),
+                "indicators".to_owned(),
+                file.to_str().unwrap().to_owned(),
+            ];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            civex_async(&args).await
+        }
+    };
+    let out = cli(&["--dry-run"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(
+            "privacy budget households 2025: this publish spends rho 0.125, 1 of 1 spent before"
+        ) && text.contains("would be refused"),
+        "{text}"
+    );
+    let out = cli(&[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("privacy budget is exhausted"),
+        "{}",
+        stderr(&out)
+    );
     // A retry of an acknowledged publish gets its receipt, spending nothing.
     let (first, receipt) = &accepted[0];
     let again = client
