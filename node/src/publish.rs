@@ -903,7 +903,18 @@ impl Sequencer {
                     }
                 }
             }
-            match self.sign(queued.key, queued.fingerprint, queued.request, tip) {
+            // Disclosure control of a large table takes a while: let the
+            // runtime move other tasks off this thread meanwhile.
+            let heavy = matches!(&queued.request, Request::Indicators(rows) if rows.len() > 100)
+                && tokio::runtime::Handle::current().runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::MultiThread;
+            let (key, fingerprint, request) = (queued.key, queued.fingerprint, queued.request);
+            let signed = if heavy {
+                tokio::task::block_in_place(|| self.sign(key, fingerprint, request, tip))
+            } else {
+                self.sign(key, fingerprint, request, tip)
+            };
+            match signed {
                 Ok((signed, record)) => {
                     if let Some(next) = self.next_key.take() {
                         // Every later entry is signed by the new key.
