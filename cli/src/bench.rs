@@ -356,6 +356,22 @@ async fn source_runs(
             entry_size_of_sample(),
             started.elapsed().as_secs_f64()
         );
+        // A node that has served for a while has folded its query index;
+        // this store was just filled by bulk commits. Fold it now, so the
+        // source node does not fold it while it serves the catch-up (it
+        // would compete for the cores and for sled's lock, which the two
+        // in-process nodes share). Not measured.
+        let folding = Instant::now();
+        let folder = store.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            while folder.merge_index_pieces(64)? > 0 {}
+            Ok(())
+        })
+        .await??;
+        println!(
+            "folded the source's query index in {:.1} s",
+            folding.elapsed().as_secs_f64()
+        );
 
         if let (true, Some(ceiling)) = (args.parts.contains(&Part::Verify), ceiling) {
             verify_part(store, &origin_keys, total, ceiling).await?;
