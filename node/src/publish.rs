@@ -683,21 +683,9 @@ impl Publisher {
         fingerprint: [u8; 32],
         request: Request,
     ) -> Result<Receipt, PublishError> {
-        // A repeat is answered from the store even while writes are stopped.
-        if let Some(receipt) = self.replay(&idempotency_key, &fingerprint)? {
-            return Ok(receipt);
-        }
-        if self.writer.is_stopped() {
-            return Err(PublishError::Write(WriteError::Stopped));
-        }
-        if !*self.ready.borrow() {
-            return Err(PublishError::NotReady(
-                "publishing is closed until this node has fetched its own feed's newest entries \
-                 from a peer (restore safety); check that a peer is reachable, or set \
-                 publish.allow_without_peers if this node is known to be current"
-                    .into(),
-            ));
-        }
+        // The key is marked in flight first, so one look at the store
+        // answers a repeat (also while writes are stopped) and no repeat
+        // slips in between.
         let _in_flight = {
             let mut set = self
                 .in_flight
@@ -711,9 +699,19 @@ impl Publisher {
                 key: idempotency_key,
             }
         };
-        // It may have completed between the first check and the insert.
         if let Some(receipt) = self.replay(&idempotency_key, &fingerprint)? {
             return Ok(receipt);
+        }
+        if self.writer.is_stopped() {
+            return Err(PublishError::Write(WriteError::Stopped));
+        }
+        if !*self.ready.borrow() {
+            return Err(PublishError::NotReady(
+                "publishing is closed until this node has fetched its own feed's newest entries \
+                 from a peer (restore safety); check that a peer is reachable, or set \
+                 publish.allow_without_peers if this node is known to be current"
+                    .into(),
+            ));
         }
         let (reply, answer) = oneshot::channel();
         let queued = Queued {
