@@ -208,7 +208,7 @@ struct IndicatorRaw {
 }
 
 /// Edition ids and codes: what a row may name.
-fn check_token(text: &str, what: &str) -> Result<(), String> {
+pub(crate) fn check_token(text: &str, what: &str) -> Result<(), String> {
     if text.is_empty() || text.len() > 64 {
         return Err(format!("{what} must be 1 to 64 bytes"));
     }
@@ -387,8 +387,47 @@ impl Catalog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A city file of the unit tests: a count and a ratio of persons, a
+    /// quarterly sum of businesses, a public sum.
+    pub(crate) const TEST_CATALOG: &str = r#"
+edition = "local"
+name = "test"
+[[indicator]]
+code = "jobs"
+label = "Jobs"
+unit = "count"
+area = "economy"
+kind = "count"
+frequency = "annual"
+subjects = "persons"
+[[indicator]]
+code = "rate"
+label = "Unemployment"
+unit = "percent"
+area = "economy"
+kind = "ratio"
+frequency = "annual"
+subjects = "persons"
+[[indicator]]
+code = "turnover"
+label = "Turnover"
+unit = "currency"
+area = "economy"
+kind = "sum"
+frequency = "quarterly"
+subjects = "businesses"
+[[indicator]]
+code = "roads"
+label = "Roads"
+unit = "km"
+area = "infrastructure"
+kind = "sum"
+frequency = "annual"
+subjects = "public"
+"#;
 
     const CITY: &str = r#"
 edition = "local"

@@ -16,7 +16,7 @@ use civex_proto::v1::{
 };
 use prost::Message;
 
-use super::catalog::{Catalog, Indicator, Subjects};
+use super::catalog::{check_token, Catalog, Indicator, Subjects};
 use super::period::Period;
 use super::policy::Policy;
 use super::sdc::{
@@ -563,24 +563,6 @@ pub enum IngestError {
     Feed(String),
 }
 
-fn check_code(text: &str, what: &str) -> Result<(), String> {
-    if text.is_empty() {
-        return Err(format!("{what} is empty"));
-    }
-    if text.len() > 128 {
-        return Err(format!("{what} is longer than 128 bytes"));
-    }
-    if let Some(bad) = text
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "._:/-".contains(*c)))
-    {
-        return Err(format!(
-            "{what} {text:?} may hold only A-Z, a-z, 0-9 and . _ : / -, found {bad:?}"
-        ));
-    }
-    Ok(())
-}
-
 fn check_text(text: &str, max: usize, what: &str) -> Result<(), String> {
     if text.len() > max {
         return Err(format!("{what} is longer than {max} bytes"));
@@ -651,7 +633,7 @@ fn validate<'r>(
     for (index, row) in rows.iter().enumerate() {
         let err =
             |column: &str, message: String| RowError::new(index + 1, row.line, column, message);
-        check_code(&row.indicator, "indicator code").map_err(|m| err("indicator", m))?;
+        check_token(&row.indicator, "indicator code").map_err(|m| err("indicator", m))?;
         let edition = (!row.catalog_edition.is_empty()).then_some(row.catalog_edition.as_str());
         let indicator = context.catalog.find(&row.indicator, edition).map_err(|m| {
             err(
@@ -1290,42 +1272,7 @@ mod tests {
     use super::*;
     use crate::core::policy::{noise_settings, Override};
 
-    const CATALOG: &str = r#"
-edition = "local"
-name = "test"
-[[indicator]]
-code = "jobs"
-label = "Jobs"
-unit = "count"
-area = "economy"
-kind = "count"
-frequency = "annual"
-subjects = "persons"
-[[indicator]]
-code = "rate"
-label = "Unemployment"
-unit = "percent"
-area = "economy"
-kind = "ratio"
-frequency = "annual"
-subjects = "persons"
-[[indicator]]
-code = "turnover"
-label = "Turnover"
-unit = "currency"
-area = "economy"
-kind = "sum"
-frequency = "quarterly"
-subjects = "businesses"
-[[indicator]]
-code = "roads"
-label = "Roads"
-unit = "km"
-area = "infrastructure"
-kind = "sum"
-frequency = "annual"
-subjects = "public"
-"#;
+    use crate::core::catalog::tests::TEST_CATALOG as CATALOG;
 
     /// An own feed held in memory.
     #[derive(Default)]

@@ -262,46 +262,7 @@ mod tests {
     use crate::core::sdc::AggregationKind;
 
     fn catalog() -> Catalog {
-        Catalog::with_city_file(
-            r#"
-edition = "local"
-name = "test"
-[[indicator]]
-code = "jobs"
-label = "Jobs"
-unit = "count"
-area = "economy"
-kind = "count"
-frequency = "annual"
-subjects = "persons"
-[[indicator]]
-code = "turnover"
-label = "Turnover"
-unit = "currency"
-area = "economy"
-kind = "sum"
-frequency = "annual"
-subjects = "businesses"
-[[indicator]]
-code = "road-km"
-label = "Roads"
-unit = "km"
-area = "infrastructure"
-kind = "sum"
-frequency = "annual"
-subjects = "public"
-[[indicator]]
-code = "rate"
-label = "A rate"
-unit = "percent"
-area = "economy"
-kind = "ratio"
-frequency = "annual"
-subjects = "persons"
-"#,
-            "test.toml",
-        )
-        .unwrap()
+        Catalog::with_city_file(crate::core::catalog::tests::TEST_CATALOG, "test.toml").unwrap()
     }
 
     #[test]
@@ -313,7 +274,7 @@ subjects = "persons"
         assert!(jobs.threshold.is_some() && jobs.dominance.is_none() && jobs.secondary);
         let turnover = get("turnover");
         assert!(turnover.dominance.is_some() && turnover.p_percent.is_some());
-        let roads = get("road-km");
+        let roads = get("roads");
         assert!(roads.threshold.is_none() && roads.dominance.is_none() && !roads.secondary);
         let rate = get("rate");
         assert!(rate.threshold.is_some() && !rate.secondary && rate.lower_bound.is_none());
@@ -385,11 +346,11 @@ subjects = "persons"
         );
         bad(
             Override {
-                code: "road-km".into(),
+                code: "roads".into(),
                 min_contributors: Some(5),
                 ..Override::default()
             },
-            "min_contributors does not apply to road-km",
+            "min_contributors does not apply to roads",
         );
         bad(
             Override {
