@@ -166,7 +166,8 @@ pub(crate) enum QueryCommand {
 pub(crate) enum FeedCommand {
     /// Follow feeds live from the start, verifying every entry.
     Tail {
-        /// Use the pinned keys of this node.toml (and its own key).
+        /// Use the pinned keys of this node.toml (and its own key), and the
+        /// keys of the members its federation roster names.
         #[arg(long)]
         config: Option<PathBuf>,
         /// A pinned key, ORIGIN=HEX (repeatable).
@@ -1002,6 +1003,67 @@ fn resolver_for(
     Ok(resolved)
 }
 
+/// The members' feed keys in the roster origin's feed as the node holds it
+/// now, every entry verified with the roster origin's key (and the keys
+/// its rotations name).
+async fn roster_keys(
+    node: &Node,
+    roster_origin: &str,
+    key: ed25519_dalek::VerifyingKey,
+) -> anyhow::Result<BTreeMap<String, ed25519_dalek::VerifyingKey>> {
+    let mut stream = client::feed(node)
+        .await?
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![pb::Cursor {
+                origin: roster_origin.to_owned(),
+                ..Default::default()
+            }],
+            all_origins: false,
+        })
+        .await
+        .map_err(|s| anyhow!("subscribe to the roster refused: {}", describe(&s)))?
+        .into_inner();
+    let (mut key, mut tip) = (key, None);
+    let mut members = BTreeMap::new();
+    while let Some(message) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow!("roster stream failed: {}", describe(&s)))?
+    {
+        let batch = match message.event {
+            Some(Event::Entries(batch)) => batch,
+            Some(Event::Drained(_)) => break,
+            _ => continue,
+        };
+        let entries = batch
+            .entries
+            .into_iter()
+            .map(Entry::decode)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow!("refused roster entry from {}: {e}", node.address))?;
+        let (new_tip, new_key) = verify_chain(roster_origin, &key, tip.as_ref(), &entries)
+            .map_err(|e| anyhow!("refused roster entry from {}: {e}", node.address))?;
+        (tip, key) = (new_tip, new_key);
+        for entry in entries {
+            let Some(Payload::Roster(member)) = entry.body.payload else {
+                continue;
+            };
+            let member_key = <[u8; 32]>::try_from(member.feed_key.as_slice())
+                .ok()
+                .and_then(|bytes| ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok());
+            match member_key {
+                Some(member_key) if !member.removed => {
+                    members.insert(member.origin, member_key);
+                }
+                _ => {
+                    members.remove(&member.origin);
+                }
+            }
+        }
+    }
+    Ok(members)
+}
+
 pub(crate) async fn feed(
     node: &Node,
     format: Format,
@@ -1014,6 +1076,22 @@ pub(crate) async fn feed(
         count,
     } = command;
     let mut keys = resolver_for(config.as_deref(), &key)?;
+    // Members' keys from the federation roster, read and verified first.
+    let roster_origin = match &config {
+        Some(path) => {
+            Config::load(path, std::env::vars())?
+                .federation
+                .roster_origin
+        }
+        None => None,
+    };
+    if let Some(roster_origin) = roster_origin {
+        if let Some(&roster_key) = keys.get(&roster_origin) {
+            for (member, member_key) in roster_keys(node, &roster_origin, roster_key).await? {
+                keys.entry(member).or_insert(member_key);
+            }
+        }
+    }
     let origins: Vec<String> = if origin.is_empty() {
         keys.keys().cloned().collect()
     } else {

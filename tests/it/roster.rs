@@ -61,6 +61,26 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
     })
     .await;
     assert_eq!(b.head("city-a").await, a.head("city-a").await);
+    // civex feed tail, with the hub's config, verifies A's feed with the
+    // key the roster gives.
+    let out = hub
+        .cli(&[
+            "feed",
+            "tail",
+            "--config",
+            hub.config_path().to_str().unwrap(),
+            "--origin",
+            "city-a",
+            "--count",
+            "1",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        crate::support::stdout(&out).starts_with("city-a       1"),
+        "{}",
+        crate::support::stdout(&out)
+    );
     // civex verify, on B's stopped store, checks A's feed with the key the
     // roster gives.
     let mut b = b;
