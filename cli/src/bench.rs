@@ -833,18 +833,7 @@ async fn follow(
 /// Average size (body and signature) of the first entries of `origin` that
 /// `node` serves, read through a subscription.
 async fn served_entry_size(node: &client::Node, origin: &str) -> anyhow::Result<usize> {
-    let mut feed = client::feed(node).await?;
-    let mut stream = feed
-        .subscribe(pb::SubscribeRequest {
-            cursors: vec![pb::Cursor {
-                origin: origin.into(),
-                ..Default::default()
-            }],
-            all_origins: false,
-        })
-        .await
-        .map_err(|s| anyhow!("subscribe failed: {}", s.message()))?
-        .into_inner();
+    let mut stream = client::subscribe_from_start(node, &[origin.to_owned()]).await?;
     while let Some(message) = stream
         .message()
         .await

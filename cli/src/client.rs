@@ -107,6 +107,29 @@ pub(crate) async fn feed(node: &Node) -> anyhow::Result<FeedClient<Channel>> {
     Ok(FeedClient::new(connect(node).await?).max_decoding_message_size(MAX_MESSAGE))
 }
 
+/// A subscription to `origins`, each from its first entry.
+pub(crate) async fn subscribe_from_start(
+    node: &Node,
+    origins: &[String],
+) -> anyhow::Result<tonic::Streaming<civex_proto::v1::SubscribeResponse>> {
+    let request = civex_proto::v1::SubscribeRequest {
+        cursors: origins
+            .iter()
+            .map(|origin| civex_proto::v1::Cursor {
+                origin: origin.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        all_origins: false,
+    };
+    Ok(feed(node)
+        .await?
+        .subscribe(request)
+        .await
+        .map_err(|s| anyhow::anyhow!("subscribe refused: {}", describe(&s)))?
+        .into_inner())
+}
+
 /// Admin client.
 pub(crate) async fn admin(node: &Node) -> anyhow::Result<AdminClient<Channel>> {
     Ok(AdminClient::new(connect(node).await?))

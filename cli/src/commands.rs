@@ -1003,6 +1003,27 @@ fn resolver_for(
     Ok(resolved)
 }
 
+/// Decodes and verifies consecutive entries of `origin` after `tip` with
+/// `key`, moving both past them (a rotation changes the key).
+fn verified(
+    node: &Node,
+    origin: &str,
+    key: &mut ed25519_dalek::VerifyingKey,
+    tip: &mut Option<Tip>,
+    entries: Vec<pb::SignedEntry>,
+) -> anyhow::Result<Vec<Entry>> {
+    let refused = |e: civex_node::core::feed::FeedError| {
+        anyhow!("refused entry of {origin} from {}: {e}", node.address)
+    };
+    let entries = entries
+        .into_iter()
+        .map(Entry::decode)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(refused)?;
+    (*tip, *key) = verify_chain(origin, key, tip.as_ref(), &entries).map_err(refused)?;
+    Ok(entries)
+}
+
 /// The members' feed keys in the roster origin's feed as the node holds it
 /// now, every entry verified with the roster origin's key (and the keys
 /// its rotations name).
@@ -1011,18 +1032,7 @@ async fn roster_keys(
     roster_origin: &str,
     key: ed25519_dalek::VerifyingKey,
 ) -> anyhow::Result<BTreeMap<String, ed25519_dalek::VerifyingKey>> {
-    let mut stream = client::feed(node)
-        .await?
-        .subscribe(pb::SubscribeRequest {
-            cursors: vec![pb::Cursor {
-                origin: roster_origin.to_owned(),
-                ..Default::default()
-            }],
-            all_origins: false,
-        })
-        .await
-        .map_err(|s| anyhow!("subscribe to the roster refused: {}", describe(&s)))?
-        .into_inner();
+    let mut stream = client::subscribe_from_start(node, &[roster_origin.to_owned()]).await?;
     let (mut key, mut tip) = (key, None);
     let mut members = BTreeMap::new();
     while let Some(message) = stream
@@ -1035,16 +1045,7 @@ async fn roster_keys(
             Some(Event::Drained(_)) => break,
             _ => continue,
         };
-        let entries = batch
-            .entries
-            .into_iter()
-            .map(Entry::decode)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow!("refused roster entry from {}: {e}", node.address))?;
-        let (new_tip, new_key) = verify_chain(roster_origin, &key, tip.as_ref(), &entries)
-            .map_err(|e| anyhow!("refused roster entry from {}: {e}", node.address))?;
-        (tip, key) = (new_tip, new_key);
-        for entry in entries {
+        for entry in verified(node, &batch.origin, &mut key, &mut tip, batch.entries)? {
             let Some(Payload::Roster(member)) = entry.body.payload else {
                 continue;
             };
@@ -1102,21 +1103,7 @@ pub(crate) async fn feed(
         }
         origin
     };
-    let mut stream = client::feed(node)
-        .await?
-        .subscribe(pb::SubscribeRequest {
-            cursors: origins
-                .iter()
-                .map(|o| pb::Cursor {
-                    origin: o.clone(),
-                    ..Default::default()
-                })
-                .collect(),
-            all_origins: false,
-        })
-        .await
-        .map_err(|s| anyhow!("subscribe refused: {}", describe(&s)))?
-        .into_inner();
+    let mut stream = client::subscribe_from_start(node, &origins).await?;
     let mut tips: BTreeMap<String, Option<Tip>> =
         origins.iter().map(|o| (o.clone(), None)).collect();
     let mut seen = 0u64;
@@ -1131,24 +1118,14 @@ pub(crate) async fn feed(
         let Some(Event::Entries(batch)) = message.event else {
             continue;
         };
-        let key = *keys.get(&batch.origin).ok_or_else(|| {
-            anyhow!(
+        let (Some(key), Some(tip)) = (keys.get_mut(&batch.origin), tips.get_mut(&batch.origin))
+        else {
+            bail!(
                 "the node sent origin {:?}, which was not asked for",
                 batch.origin
-            )
-        })?;
-        let entries = batch
-            .entries
-            .into_iter()
-            .map(Entry::decode)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow!("refused entry from {}: {e}", node.address))?;
-        let tip = tips.get(&batch.origin).copied().flatten();
-        let (new_tip, new_key) = verify_chain(&batch.origin, &key, tip.as_ref(), &entries)
-            .map_err(|e| anyhow!("refused entry from {}: {e}", node.address))?;
-        tips.insert(batch.origin.clone(), new_tip);
-        keys.insert(batch.origin.clone(), new_key);
-        for entry in entries {
+            );
+        };
+        for entry in verified(node, &batch.origin, key, tip, batch.entries)? {
             match format {
                 Format::Json => println!(
                     "{}",

@@ -225,7 +225,7 @@ struct OwnView<'a> {
     origin: &'a str,
     store: &'a SharedStore,
     /// Payloads signed but perhaps not durable yet, by seq.
-    pending: Vec<(u64, &'a Payload)>,
+    pending: &'a [(u64, Payload)],
     /// Cells per table, kept by the sequencer between publishes.
     cache: Option<&'a RefCell<HashMap<TableKey, Vec<EarlierCell>>>>,
 }
@@ -242,7 +242,7 @@ impl FeedView for OwnView<'_> {
             return Ok(cells);
         }
         let mut cells = stored_cells(self.store, self.origin, indicator, edition, period)?;
-        for (_, payload) in &self.pending {
+        for (_, payload) in self.pending {
             if let Payload::Indicators(batch) = payload {
                 note_cells(&mut cells, batch, indicator, edition, period);
             }
@@ -641,7 +641,7 @@ impl Publisher {
         let mut view = OwnView {
             origin: &self.origin,
             store: &self.store,
-            pending: Vec::new(),
+            pending: &[],
             cache: None,
         };
         let context = self.rules.context(&self.origin);
@@ -1129,7 +1129,7 @@ impl Sequencer {
                 let mut view = OwnView {
                     origin: &self.origin,
                     store: &self.store,
-                    pending: self.own.pending.iter().map(|(seq, p)| (*seq, p)).collect(),
+                    pending: &self.own.pending,
                     cache: Some(&self.tables),
                 };
                 let seed = |indicator: &str, edition: &str, period: &str| {

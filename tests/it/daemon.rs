@@ -9,42 +9,23 @@ use std::{
 };
 
 use civex_node::core::feed::Entry;
-use civex_proto::v1::{self as pb, publish_client::PublishClient, subscribe_response::Event};
+use civex_proto::v1::{self as pb, publish_client::PublishClient};
 
 use crate::support::{
-    civex_async, eventually, key, row, stderr, stdout, subscribe_all, write_node_dir, ChildNode,
-    Spec,
+    civex_async, eventually, key, row, stderr, stdout, subscribe_all, whole_feed, write_node_dir,
+    ChildNode, Spec,
 };
 
 async fn hashes_held(address: &str, origin: &str) -> BTreeMap<u64, Vec<u8>> {
-    let mut client = pb::feed_client::FeedClient::new(crate::support::connect(address).await);
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            cursors: vec![pb::Cursor {
-                origin: origin.into(),
-                ..Default::default()
-            }],
-            all_origins: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
     let mut held = BTreeMap::new();
-    loop {
-        match stream.message().await.unwrap().unwrap().event.unwrap() {
-            Event::Entries(batch) => {
-                for entry in batch.entries {
-                    let entry = Entry::decode(entry).unwrap();
-                    assert!(
-                        held.insert(entry.body.seq, entry.hash.to_vec()).is_none(),
-                        "duplicate seq"
-                    );
-                }
-            }
-            Event::Drained(_) => return held,
-            Event::Mismatch(m) => panic!("{m:?}"),
-        }
+    for entry in whole_feed(address, origin).await {
+        let entry = Entry::decode(entry).unwrap();
+        assert!(
+            held.insert(entry.body.seq, entry.hash.to_vec()).is_none(),
+            "duplicate seq"
+        );
     }
+    held
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -746,10 +746,10 @@ fn validate<'r>(
                 ),
             ));
         }
-        if let (Some(noise), AggregationKind::Sum) = (
-            context.policy.resolve(indicator).settings.noise,
-            indicator.kind,
-        ) {
+        let noise = (indicator.kind == AggregationKind::Sum)
+            .then(|| context.policy.resolve(indicator).settings.noise)
+            .flatten();
+        if let Some(noise) = noise {
             // The noise protects a sum only if no contribution is above the
             // clamp bound: check it, without repeating any contribution.
             let largest = match &row.largest {
@@ -1024,23 +1024,6 @@ fn protect_table(
         )));
     }
     let mut dimensions = vec!["ref_area".to_owned()];
-    let margins = rows
-        .cells
-        .iter()
-        .any(|c| c.coords.iter().any(Coord::is_total))
-        && rows
-            .cells
-            .iter()
-            .any(|c| !c.coords.iter().all(Coord::is_total));
-    if resolved.settings.threshold.is_some()
-        && indicator.kind.is_additive()
-        && !resolved.settings.secondary
-        && margins
-    {
-        return Err(table_error(
-            "secondary suppression is off for this indicator (disclosure.indicator secondary = false), so a total and its components may not be published together: a suppressed cell could be recomputed".into(),
-        ));
-    }
     dimensions.extend(rows.dimensions.iter().map(|d| (*d).to_owned()));
     let cells: Vec<CellInput> = rows
         .cells
@@ -1060,6 +1043,15 @@ fn protect_table(
         cells,
     )
     .map_err(|e| table_error(engine_error(e)))?;
+    // Totals with their components are additive constraints of the table.
+    if resolved.settings.threshold.is_some()
+        && !resolved.settings.secondary
+        && !table.constraints().is_empty()
+    {
+        return Err(table_error(
+            "secondary suppression is off for this indicator (disclosure.indicator secondary = false), so a total and its components may not be published together: a suppressed cell could be recomputed".into(),
+        ));
+    }
     let outcome = match (&settings.noise, noise) {
         (Some(_), Noise::Seeded(seed)) => {
             let seed = seed(code, edition, period).ok_or_else(|| {
