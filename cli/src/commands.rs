@@ -11,14 +11,14 @@ use anyhow::{anyhow, bail, Context};
 use civex_node::{
     config::{template_with_operators, Config},
     core::{
-        feed::{verify_chain, Entry, Tip},
+        feed::{replacements_of, verify_chain, Entry, Replacement, Tip},
         ids::{check_origin_id, hex, unhex},
         ingest::{area_slug, parse_area, parse_csv, parse_json, InputRow},
         sdc::LargestContributions,
     },
     keys::{
         create_key_file, genesis_key, load_key_file, parse_public_key, public_key_hex,
-        write_secret_file, KeyResolver,
+        write_secret_file, KeyResolver, Member,
     },
     pki::{request, Identity},
 };
@@ -679,6 +679,20 @@ pub(crate) enum RosterCommand {
         /// The member's origin id.
         origin: String,
     },
+    /// Replace a member's lost feed key: its feed ends at the last entry
+    /// kept (by default the newest this node holds) and goes on under the
+    /// new key and a new feed id; later entries under the old key are
+    /// refused everywhere.
+    ReplaceKey {
+        /// The member's origin id.
+        origin: String,
+        /// Its new feed key (hex; printed by `civex key replace`).
+        #[arg(long)]
+        key: String,
+        /// Seq of the member's last entry to keep (this node must hold it).
+        #[arg(long)]
+        last_seq: Option<u64>,
+    },
 }
 
 pub(crate) async fn roster(
@@ -696,12 +710,36 @@ pub(crate) async fn roster(
             name,
             tls_identity: String::new(),
             removed: false,
+            replacements: Vec::new(),
         },
         RosterCommand::Remove { origin } => pb::RosterEntry {
             origin,
             removed: true,
             ..Default::default()
         },
+        RosterCommand::ReplaceKey {
+            origin,
+            key,
+            last_seq,
+        } => {
+            let request = pb::ReplaceFeedKeyRequest {
+                idempotency_key: client::idempotency_key()?,
+                origin,
+                new_feed_key: parse_public_key(&key)
+                    .map_err(|m| anyhow!("--key: {m}"))?
+                    .to_bytes()
+                    .to_vec(),
+                last_seq: last_seq.unwrap_or(0),
+            };
+            if request.last_seq == 0 && last_seq.is_some() {
+                bail!("--last-seq: entries start at seq 1");
+            }
+            return send_publish(node, format, |mut c| {
+                let request = request.clone();
+                async move { c.replace_feed_key(request).await }
+            })
+            .await;
+        }
     };
     let request = pb::PublishRosterRequest {
         idempotency_key: client::idempotency_key()?,
@@ -712,6 +750,65 @@ pub(crate) async fn roster(
         async move { c.publish_roster(request).await }
     })
     .await
+}
+
+/// `civex key replace`: a new feed key for a node whose key was lost,
+/// made offline; the roster origin names it with `civex roster replace-key`.
+pub(crate) fn replace_lost_key(
+    config_path: &Path,
+    first_key: Option<&str>,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path, std::env::vars())?;
+    let key_file = &config.key_file;
+    if key_file.exists() {
+        bail!(
+            "{}: the feed key is there; a key that is not lost is changed with `civex key \
+             rotate`; if it leaked, move it out of the way first",
+            key_file.display()
+        );
+    }
+    let first_file = key_file.with_extension("pub");
+    match (first_file.exists(), first_key) {
+        (true, Some(_)) => bail!(
+            "--first-key: {} names the feed's first key already",
+            first_file.display()
+        ),
+        (true, None) => {
+            let text = std::fs::read_to_string(&first_file)
+                .with_context(|| format!("{}: cannot read", first_file.display()))?;
+            parse_public_key(&text).map_err(|m| anyhow!("{}: {m}", first_file.display()))?;
+        }
+        (false, Some(hex_key)) => {
+            let key = parse_public_key(hex_key).map_err(|m| anyhow!("--first-key: {m}"))?;
+            std::fs::write(&first_file, format!("{}\n", public_key_hex(&key)))
+                .with_context(|| format!("{}: cannot write", first_file.display()))?;
+        }
+        (false, None) => bail!(
+            "{} is missing too: it names the feed's first key, which verifying the feed's \
+             history needs; give --first-key HEX (the key the federation roster names for {})",
+            first_file.display(),
+            config.origin
+        ),
+    }
+    let key = create_key_file(key_file)?;
+    let public = public_key_hex(&key.verifying_key());
+    match format {
+        Format::Json => println!(
+            "{}",
+            json!({"origin": config.origin, "key_file": key_file.display().to_string(), "new_key": public})
+        ),
+        Format::Table => {
+            println!("new feed key {} written (mode 0600)", key_file.display());
+            println!("public key: {public}");
+            println!(
+                "next: the federation's roster operator runs `civex roster replace-key {} --key {public}`; \
+                 this node publishes again once it has that roster entry",
+                config.origin
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `civex key rotate`: the node makes a new feed key and hands its feed to
@@ -1004,11 +1101,13 @@ fn resolver_for(
 }
 
 /// Decodes and verifies consecutive entries of `origin` after `tip` with
-/// `key`, moving both past them (a rotation changes the key).
+/// `key`, moving both past them (a rotation or a lost key's replacement
+/// changes the key).
 fn verified(
     node: &Node,
     origin: &str,
     key: &mut ed25519_dalek::VerifyingKey,
+    replacements: &[Replacement],
     tip: &mut Option<Tip>,
     entries: Vec<pb::SignedEntry>,
 ) -> anyhow::Result<Vec<Entry>> {
@@ -1020,18 +1119,19 @@ fn verified(
         .map(Entry::decode)
         .collect::<Result<Vec<_>, _>>()
         .map_err(refused)?;
-    (*tip, *key) = verify_chain(origin, key, tip.as_ref(), &entries).map_err(refused)?;
+    (*tip, *key) =
+        verify_chain(origin, key, replacements, tip.as_ref(), &entries).map_err(refused)?;
     Ok(entries)
 }
 
-/// The members' feed keys in the roster origin's feed as the node holds it
-/// now, every entry verified with the roster origin's key (and the keys
-/// its rotations name).
-async fn roster_keys(
+/// The members (feed key of seq 1 and lost keys' replacements) in the
+/// roster origin's feed as the node holds it now, every entry verified
+/// with the roster origin's key (and the keys its rotations name).
+async fn roster_members(
     node: &Node,
     roster_origin: &str,
     key: ed25519_dalek::VerifyingKey,
-) -> anyhow::Result<BTreeMap<String, ed25519_dalek::VerifyingKey>> {
+) -> anyhow::Result<BTreeMap<String, Member>> {
     let mut stream = client::subscribe_from_start(node, &[roster_origin.to_owned()]).await?;
     let (mut key, mut tip) = (key, None);
     let mut members = BTreeMap::new();
@@ -1045,7 +1145,7 @@ async fn roster_keys(
             Some(Event::Drained(_)) => break,
             _ => continue,
         };
-        for entry in verified(node, &batch.origin, &mut key, &mut tip, batch.entries)? {
+        for entry in verified(node, &batch.origin, &mut key, &[], &mut tip, batch.entries)? {
             let Some(Payload::Roster(member)) = entry.body.payload else {
                 continue;
             };
@@ -1053,8 +1153,15 @@ async fn roster_keys(
                 .ok()
                 .and_then(|bytes| ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok());
             match member_key {
-                Some(member_key) if !member.removed => {
-                    members.insert(member.origin, member_key);
+                Some(key) if !member.removed => {
+                    let replacements = replacements_of(&member).ok_or_else(|| {
+                        anyhow!(
+                            "the roster's entry for {} at seq {} names malformed key replacements",
+                            member.origin,
+                            entry.body.seq
+                        )
+                    })?;
+                    members.insert(member.origin, Member { key, replacements });
                 }
                 _ => {
                     members.remove(&member.origin);
@@ -1086,10 +1193,15 @@ pub(crate) async fn feed(
         }
         None => None,
     };
+    let mut replacements: BTreeMap<String, Vec<Replacement>> = BTreeMap::new();
     if let Some(roster_origin) = roster_origin {
         if let Some(&roster_key) = keys.get(&roster_origin) {
-            for (member, member_key) in roster_keys(node, &roster_origin, roster_key).await? {
-                keys.entry(member).or_insert(member_key);
+            for (origin, member) in roster_members(node, &roster_origin, roster_key).await? {
+                // A key given by hand wins, as a pinned key does on a node.
+                let key = *keys.entry(origin.clone()).or_insert(member.key);
+                if key == member.key {
+                    replacements.insert(origin, member.replacements);
+                }
             }
         }
     }
@@ -1125,7 +1237,10 @@ pub(crate) async fn feed(
                 batch.origin
             );
         };
-        for entry in verified(node, &batch.origin, key, tip, batch.entries)? {
+        let replaced = replacements
+            .get(&batch.origin)
+            .map_or(&[][..], Vec::as_slice);
+        for entry in verified(node, &batch.origin, key, replaced, tip, batch.entries)? {
             match format {
                 Format::Json => println!(
                     "{}",

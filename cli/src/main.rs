@@ -146,6 +146,20 @@ enum KeyCommand {
     /// current key names the new one. Peers follow it from the feed; their
     /// trusted_origins stay as they are. Back up the new key file.
     Rotate,
+    /// After the feed key was lost (or leaked: move it away first), make a
+    /// new one in the node's directory, offline. The federation's roster
+    /// origin then names it (`civex roster replace-key`), and the feed goes
+    /// on under it, with a new feed id, after the last entry the roster
+    /// keeps; the history stays verifiable with the old keys.
+    Replace {
+        /// The node's config (names the key file).
+        #[arg(long, default_value = "node.toml")]
+        config: std::path::PathBuf,
+        /// The feed's first key (hex), if `feed.pub` is lost too: the key
+        /// the roster names for this origin.
+        #[arg(long)]
+        first_key: Option<String>,
+    },
 }
 
 #[tokio::main]
@@ -181,6 +195,9 @@ async fn main() -> ExitCode {
         ),
         Command::Ca(command) => ca::run(command, output),
         Command::Verify { config } => commands::verify(&config, output),
+        Command::Key(KeyCommand::Replace { config, first_key }) => {
+            commands::replace_lost_key(&config, first_key.as_deref(), output)
+        }
         Command::Catalog(command) => catalog::run(command, output),
         Command::Demo { keep_running } => demo::run(keep_running, output).await,
         Command::Bench(args) => bench::run(args).await,

@@ -114,6 +114,7 @@ pub fn audit(
                     );
                     continue;
                 };
+                let replacements = keys.replacements(origin);
                 let mut tip: Option<Tip> = None;
                 let mut next = 1;
                 'pages: while next <= head.tip.seq {
@@ -126,7 +127,7 @@ pub fn audit(
                         let linked = Entry::decode(signed)
                             .map_err(|err| format!("seq {next}: {err}"))
                             .and_then(|entry| {
-                                check_link(origin, tip.as_ref(), &entry)
+                                check_link(origin, &replacements, tip.as_ref(), &entry)
                                     .map_err(|e| e.to_string())?;
                                 Ok(entry)
                             });
@@ -136,6 +137,22 @@ pub fn audit(
                         });
                         match linked {
                             Ok((entry, rotation)) => {
+                                // The first entry of a replacement's feed and
+                                // those after it are checked with its key.
+                                let new_feed = tip.and_then(|t| {
+                                    replacements.iter().find(|r| {
+                                        r.last_seq == t.seq
+                                            && entry.body.feed_id.as_slice() == r.new_feed_id
+                                    })
+                                });
+                                if let Some(new_feed) = new_feed {
+                                    let full =
+                                        std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                                    if !full.is_empty() {
+                                        let _ = work.send((key, full));
+                                    }
+                                    key = new_feed.new_key;
+                                }
                                 tip = Some(entry.tip());
                                 next += 1;
                                 chunk.push(entry);

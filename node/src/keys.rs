@@ -14,7 +14,10 @@ use std::{
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
-use crate::core::ids::{hex, unhex};
+use crate::core::{
+    feed::Replacement,
+    ids::{hex, unhex},
+};
 
 /// A key file problem, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -225,13 +228,24 @@ pub fn public_key_hex(key: &VerifyingKey) -> String {
 }
 
 /// Answers "which key is valid for (origin, feed id, seq)": the key of
-/// seq 1 of an origin's feed (rotations are followed along the feed). Keys
-/// come from `node.toml` (pinned) or from the federation's roster, itself
-/// a feed verified with its pinned key; never from a peer.
+/// seq 1 of an origin's feed, and the replacements of lost keys after which
+/// the feed goes on under a new feed id and key (rotations are followed
+/// along the feed). Keys come from `node.toml` (pinned) or from the
+/// federation's roster, itself a feed verified with its pinned key; never
+/// from a peer. Replacements come from the roster only.
 #[derive(Debug)]
 pub struct KeyResolver {
     pinned: BTreeMap<String, VerifyingKey>,
-    roster: std::sync::RwLock<BTreeMap<String, VerifyingKey>>,
+    roster: std::sync::RwLock<BTreeMap<String, Member>>,
+}
+
+/// A member as the roster names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The key of seq 1 of its feed.
+    pub key: VerifyingKey,
+    /// Its lost keys' replacements, oldest first.
+    pub replacements: Vec<Replacement>,
 }
 
 impl KeyResolver {
@@ -256,8 +270,19 @@ impl KeyResolver {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .get(origin)
-                .copied()
+                .map(|m| m.key)
         })
+    }
+
+    /// The replacements of `origin`'s lost keys the roster names, oldest
+    /// first (none for an origin pinned with another key than the roster's).
+    pub fn replacements(&self, origin: &str) -> Vec<Replacement> {
+        self.roster
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(origin)
+            .map(|m| m.replacements.clone())
+            .unwrap_or_default()
     }
 
     /// Every origin with a known key, in order.
@@ -272,18 +297,18 @@ impl KeyResolver {
         origins
     }
 
-    /// Replaces the members learned from the roster (pinned keys win);
-    /// returns whether anything changed.
-    pub fn set_roster(&self, members: BTreeMap<String, VerifyingKey>) -> bool {
-        let members: BTreeMap<String, VerifyingKey> = members
+    /// Replaces the members learned from the roster (pinned keys win, and
+    /// the roster's replacements of a pinned origin count only when it
+    /// names the pinned key); returns whether anything changed.
+    pub fn set_roster(&self, members: BTreeMap<String, Member>) -> bool {
+        let members: BTreeMap<String, Member> = members
             .into_iter()
-            .filter(|(origin, key)| match self.pinned.get(origin) {
-                Some(pinned) if pinned != key => {
+            .filter(|(origin, member)| match self.pinned.get(origin) {
+                Some(pinned) if *pinned != member.key => {
                     tracing::warn!(%origin, "the roster names another key than node.toml pins; the pinned key stays");
                     false
                 }
-                Some(_) => false,
-                None => true,
+                _ => true,
             })
             .collect();
         let mut roster = self

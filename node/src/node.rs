@@ -9,6 +9,7 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     config::{Config, TlsMode},
+    core::feed::{key_after, replacements_of},
     keys::{genesis_key, load_key_file, noise_key, recover_rotation, KeyError, KeyResolver},
     peers::{PeerRegistry, PeersError},
     pki::Identity,
@@ -82,24 +83,59 @@ fn own_key(config: &Config, store: &dyn Store) -> Result<(SigningKey, VerifyingK
     let rotations = store.rotations(&config.origin)?;
     recover_rotation(&config.key_file, rotations.last().map(|(_, key)| *key))?;
     let key = load_key_file(&config.key_file)?;
+    // The roster's entry for this node, with the replacements of its lost
+    // keys (the roster origin's feed is verified like any other).
+    let member = match &config.federation.roster_origin {
+        Some(roster) => store
+            .roster(roster)?
+            .into_iter()
+            .find(|entry| entry.origin == config.origin && !entry.removed),
+        None => None,
+    };
+    let replaced = member.as_ref().is_some_and(|m| !m.replacements.is_empty());
     let genesis_file = config.key_file.with_extension("pub");
-    if !rotations.is_empty() && !genesis_file.exists() {
+    if (!rotations.is_empty() || replaced) && !genesis_file.exists() {
         return Err(NodeError::Config(format!(
-            "{}: missing; after a key rotation it names the feed's first key, which \
-             verifying the own feed needs; restore it from the backup",
+            "{}: missing; after a key rotation or replacement it names the feed's first key, \
+             which verifying the own feed needs; restore it from the backup",
             genesis_file.display()
         )));
     }
     let genesis = genesis_key(&config.key_file, &key)?;
-    if let Some((seq, in_force)) = rotations.last() {
-        if key.verifying_key().to_bytes() != *in_force {
+    let replacements = member
+        .filter(|m| m.feed_key == genesis.to_bytes())
+        .and_then(|m| replacements_of(&m))
+        .unwrap_or_default();
+    let Some(head) = store.head(&config.origin)? else {
+        return Ok((key, genesis));
+    };
+    let in_force = key_after(
+        &config.origin,
+        &genesis,
+        &replacements,
+        &rotations,
+        head.tip.seq,
+    )
+    .map_err(|err| NodeError::Config(err.to_string()))?;
+    let own = key.verifying_key();
+    if own != in_force {
+        let retired = own == genesis
+            || rotations.iter().any(|(_, k)| *k == own.to_bytes())
+            || replacements.iter().any(|r| r.new_key == own);
+        if retired || (config.federation.roster_origin.is_none() && !rotations.is_empty()) {
             return Err(NodeError::Config(format!(
-                "{}: this is not the key in force for this node's feed: seq {seq} rotated it \
-                 to {}; restore the key file written by that rotation",
+                "{}: this is not the key in force for this node's feed at seq {}, which is {}; \
+                 restore the key file of the newest rotation or replacement",
                 config.key_file.display(),
-                crate::core::ids::hex(in_force)
+                head.tip.seq,
+                crate::core::ids::hex(&in_force.to_bytes())
             )));
         }
+        tracing::warn!(
+            key_file = %config.key_file.display(),
+            "the feed key is not the key in force at this node's head; publishing stays closed \
+             until the federation roster names it as the replacement of a lost key"
+        );
     }
     Ok((key, genesis))
 }
@@ -153,6 +189,7 @@ pub async fn run_secured(
             genesis,
         },
         Arc::new(indicator_rules(&config)?),
+        keys.clone(),
         store.clone(),
         writer.clone(),
         ready,

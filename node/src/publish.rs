@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::{
     core::{
         catalog::Catalog,
-        feed::{Entry, FeedError, Hash, Tip, GENESIS_PREV_HASH},
+        feed::{key_after, Entry, FeedError, FeedId, Hash, Tip, GENESIS_PREV_HASH},
         ids::{check_origin_id, check_slug, hex},
         index::ObservationKey,
         ingest::{
@@ -32,6 +32,7 @@ use crate::{
         policy::Policy,
         sdc::NoiseSeed,
     },
+    keys::KeyResolver,
     store::{IdempotencyRecord, SharedStore, StoreError},
     writer::{Job, Prepared, WriteError, Writer},
 };
@@ -510,6 +511,8 @@ struct Sequencer {
     /// Seq of a rotation signed but not durable yet.
     rotation_seq: Option<u64>,
     rules: Arc<IndicatorRules>,
+    /// Where the roster replaced this feed's lost keys.
+    keys: Arc<KeyResolver>,
     /// Cells of the tables published lately (see [`OwnView`]).
     tables: RefCell<HashMap<TableKey, Vec<EarlierCell>>>,
     store: SharedStore,
@@ -600,6 +603,7 @@ impl Publisher {
         origin: String,
         key: FeedKey,
         rules: Arc<IndicatorRules>,
+        keys: Arc<KeyResolver>,
         store: SharedStore,
         writer: Writer,
         ready: watch::Receiver<bool>,
@@ -613,6 +617,7 @@ impl Publisher {
             next_key: None,
             rotation_seq: None,
             rules: rules.clone(),
+            keys,
             tables: RefCell::new(HashMap::new()),
             store: store.clone(),
             writer: writer.clone(),
@@ -836,22 +841,55 @@ impl Sequencer {
 
     /// The own feed's tip from the store, checking that this node holds the
     /// key in force there (a rotation learned back from a peer, after a
-    /// restore from an old backup, may have named another).
+    /// restore from an old backup, may have named another; a lost key's
+    /// replacement is in force once the roster names it).
     fn load_tip(&self) -> Result<Option<Tip>, PublishError> {
-        let tip = self.store.head(&self.origin)?.map(|h| h.tip);
-        let in_force = match self.store.rotations(&self.origin)?.last() {
-            Some((_, key)) => *key,
-            None => self.genesis.to_bytes(),
+        let Some(tip) = self.store.head(&self.origin)?.map(|h| h.tip) else {
+            return Ok(None);
         };
-        if tip.is_some() && self.key.verifying_key().to_bytes() != in_force {
+        let replacements = self.keys.replacements(&self.origin);
+        if let Some(ended) = replacements.iter().find(|r| {
+            r.old_feed_id == tip.feed_id
+                && (tip.seq > r.last_seq || (tip.seq == r.last_seq && tip.hash != r.last_hash))
+        }) {
+            return Err(PublishError::NotReady(format!(
+                "the federation roster ended this node's feed {} at seq {}, but this node holds \
+                 another entry there or later ones (up to seq {}); those are refused by every \
+                 peer: ask the consortium to name this node's newest entry in the replacement",
+                hex(&ended.old_feed_id),
+                ended.last_seq,
+                tip.seq
+            )));
+        }
+        let rotations = self.store.rotations(&self.origin)?;
+        let in_force = key_after(
+            &self.origin,
+            &self.genesis,
+            &replacements,
+            &rotations,
+            tip.seq,
+        )
+        .map_err(|err| PublishError::Internal(err.to_string()))?;
+        if self.key.verifying_key() != in_force {
             return Err(PublishError::NotReady(
                 "this node's signing key is not the key in force at its feed's head (a key \
-                 rotation is unsettled, or was learned from a peer after a restore); restart \
-                 the node, or restore the key file that rotation wrote"
+                 rotation is unsettled or was learned from a peer after a restore, or the \
+                 roster does not name this key as the replacement of a lost one yet); restart \
+                 the node, restore the key file that rotation wrote, or wait for the roster"
                     .into(),
             ));
         }
-        Ok(tip)
+        Ok(Some(tip))
+    }
+
+    /// The feed id of the entry after `tip`: the tip's, or the new feed's
+    /// where the roster replaced a lost key at the tip.
+    fn next_feed_id(&self, tip: &Tip) -> FeedId {
+        self.keys
+            .replacements(&self.origin)
+            .iter()
+            .find(|r| r.old_feed_id == tip.feed_id && r.last_seq == tip.seq)
+            .map_or(tip.feed_id, |r| r.new_feed_id)
     }
 
     /// Validates and signs a batch of requests on the current tip, and
@@ -950,6 +988,7 @@ impl Sequencer {
                 entries,
                 idempotency,
                 conflict: None,
+                replacements: self.keys.replacements(&self.origin),
             })
             .await
         {
@@ -986,7 +1025,7 @@ impl Sequencer {
     ) -> Result<(Vec<(Entry, Payload)>, IdempotencyRecord), PublishError> {
         let (payloads, published, suppressed) = self.payload(request, idempotency_key)?;
         let feed_id = match &tip {
-            Some(tip) => tip.feed_id,
+            Some(tip) => self.next_feed_id(tip),
             None => {
                 let mut id = [0u8; 16];
                 getrandom::getrandom(&mut id).map_err(|err| {

@@ -21,12 +21,12 @@ use crate::{
     config::ReplicationConfig,
     core::{
         feed::{
-            check_link, judge_conflict, rotation_key, verify_chain, verify_signature, Conflict,
-            Entry, FeedError, Tip,
+            check_link, judge_conflict, key_after, replacements_of, rotation_key, verify_chain,
+            verify_signature, Conflict, Entry, FeedError, Replacement, Tip,
         },
         ids::hex,
     },
-    keys::KeyResolver,
+    keys::{KeyResolver, Member},
     peers::PeerPolicy,
     pki::Identity,
     publish::recovered_records,
@@ -245,6 +245,7 @@ impl Replicator {
                         SessionError::UnknownOrigin(origin.clone())
                     })?;
                     let key = &key;
+                    let replacements = self.keys.replacements(&origin);
                     let tip = tips
                         .get(&origin)
                         .copied()
@@ -257,12 +258,12 @@ impl Replicator {
                         .collect::<Result<Vec<_>, _>>()
                         .inspect_err(|_| peer.update(|s| s.refused += received))?;
                     let (entries, new_tip, new_key, refused) =
-                        match verify_chain(&origin, key, tip.as_ref(), &entries) {
+                        match verify_chain(&origin, key, &replacements, tip.as_ref(), &entries) {
                             Ok((new_tip, new_key)) => (entries, new_tip, new_key, None),
                             Err(err) => {
                                 let received = entries.len();
                                 let (good, good_tip, good_key, first_fault) =
-                                    valid_prefix(&origin, key, tip, entries);
+                                    valid_prefix(&origin, key, &replacements, tip, entries);
                                 let bad = (received - good.len()) as u64;
                                 peer.update(|s| s.refused += bad);
                                 // A validly signed entry of another feed id:
@@ -308,6 +309,7 @@ impl Replicator {
                         entries: entries.into_iter().map(Prepared::new).collect(),
                         idempotency,
                         conflict: None,
+                        replacements,
                     };
                     pending.push_back(self.writer.send(job).await?);
                     while pending.len() > IN_FLIGHT_COMMITS {
@@ -396,24 +398,20 @@ impl Replicator {
             .unwrap_or(true)
     }
 
-    /// The key in force for `origin`'s entries after `seq`: the pinned key,
-    /// then each rotation held up to `seq`.
+    /// The key in force for `origin`'s entries after `seq` (see
+    /// [`crate::core::feed::key_after`]), from the rotations held.
     fn key_after(&self, origin: &str, seq: u64) -> Result<Option<VerifyingKey>, SessionError> {
-        let Some(mut key) = self.keys.key_for(origin, &[], 0) else {
+        let Some(first) = self.keys.key_for(origin, &[], 0) else {
             return Ok(None);
         };
         let rotations = self
             .store
             .rotations(origin)
             .map_err(|e| SessionError::Write(e.into()))?;
-        for (at, new_key) in rotations.into_iter().filter(|(at, _)| *at <= seq) {
-            key = VerifyingKey::from_bytes(&new_key).map_err(|_| {
-                SessionError::Refused(FeedError::Malformed(format!(
-                    "origin {origin}: the rotation held at seq {at} names no valid key"
-                )))
-            })?;
-        }
-        Ok(Some(key))
+        let replacements = self.keys.replacements(origin);
+        key_after(origin, &first, &replacements, &rotations, seq)
+            .map(Some)
+            .map_err(SessionError::Refused)
     }
 
     /// Judges a received entry against the one held, each with the key in
@@ -494,6 +492,7 @@ impl Replicator {
             entries: Vec::new(),
             idempotency: Vec::new(),
             conflict: Some(record),
+            replacements: Vec::new(),
         };
         if let Err(err) = self.writer.write(job).await {
             return SessionError::Write(err);
@@ -557,7 +556,11 @@ impl Roster {
                 let key = VerifyingKey::from_bytes(&bytes)
                     .ok()
                     .filter(|k| !k.is_weak())?;
-                Some((entry.origin, key))
+                let replacements = replacements_of(&entry).unwrap_or_else(|| {
+                    tracing::warn!(member = %entry.origin, "the roster's key replacements of this member are malformed; ignored");
+                    Vec::new()
+                });
+                Some((entry.origin, Member { key, replacements }))
             })
             .collect();
         let changed = self.keys.set_roster(members);
@@ -679,6 +682,7 @@ impl Replication {
 fn valid_prefix(
     origin: &str,
     key: &VerifyingKey,
+    replacements: &[Replacement],
     tip: Option<Tip>,
     entries: Vec<Entry>,
 ) -> (
@@ -691,7 +695,14 @@ fn valid_prefix(
     let mut key = *key;
     let mut good = Vec::new();
     for entry in entries {
-        let checked = check_link(origin, current.as_ref(), &entry)
+        if let Some(new_feed) = current.and_then(|tip| {
+            replacements
+                .iter()
+                .find(|r| r.last_seq == tip.seq && entry.body.feed_id.as_slice() == r.new_feed_id)
+        }) {
+            key = new_feed.new_key;
+        }
+        let checked = check_link(origin, replacements, current.as_ref(), &entry)
             .and_then(|()| verify_signature(&key, &entry))
             .and_then(|()| rotation_key(&entry));
         match checked {

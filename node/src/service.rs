@@ -20,8 +20,8 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     core::{
-        feed::entry_hash,
-        ids::check_origin_id,
+        feed::{entry_hash, replacements_of, Entry},
+        ids::{check_origin_id, hex},
         ingest::{conf_status, InputRow, PreparedBatch},
         sdc::LargestContributions,
     },
@@ -282,9 +282,32 @@ fn preview(prepared: PreparedBatch) -> pb::IndicatorPreview {
 pub struct PublishService {
     publisher: Arc<Publisher>,
     roster: Arc<Roster>,
+    store: SharedStore,
 }
 
 impl PublishService {
+    /// Refuses roster changes on a node that is not the roster origin.
+    fn check_roster_origin(&self) -> Result<(), Status> {
+        if self.roster.origin.as_deref() == Some(self.publisher.origin()) {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "this node ({}) is not the federation's roster origin (federation.roster_origin: {})",
+            self.publisher.origin(),
+            self.roster.origin.as_deref().unwrap_or("unset")
+        )))
+    }
+
+    /// The roster's current entry for `origin`, if it is a member.
+    fn member(&self, origin: &str) -> Result<Option<pb::RosterEntry>, Status> {
+        Ok(self
+            .store
+            .roster(self.publisher.origin())
+            .map_err(|e| e.to_status())?
+            .into_iter()
+            .find(|entry| entry.origin == origin && !entry.removed))
+    }
+
     async fn publish(
         &self,
         key: &[u8],
@@ -405,17 +428,16 @@ impl Publish for PublishService {
     ) -> Result<Response<pb::Receipt>, Status> {
         let request = request.into_inner();
         let print = fingerprint("roster", &request, |r| r.idempotency_key.clear());
-        if self.roster.origin.as_deref() != Some(self.publisher.origin()) {
-            return Err(Status::failed_precondition(format!(
-                "this node ({}) is not the federation's roster origin (federation.roster_origin: {})",
-                self.publisher.origin(),
-                self.roster.origin.as_deref().unwrap_or("unset")
-            )));
-        }
+        self.check_roster_origin()?;
         let mut entry = request
             .entry
             .ok_or_else(|| invalid("entry: missing".into()))?;
         check_origin_id(&entry.origin).map_err(|m| invalid(format!("entry.origin: {m}")))?;
+        if !entry.replacements.is_empty() {
+            return Err(invalid(
+                "entry.replacements: set only by ReplaceFeedKey (civex roster replace-key)".into(),
+            ));
+        }
         let uri = Identity::Origin(entry.origin.clone()).uri();
         if entry.removed {
             if !entry.feed_key.is_empty()
@@ -445,12 +467,112 @@ impl Publish for PublishService {
                     )))
                 }
             }
+            // An update keeps the member's key replacements while its key of
+            // seq 1 stays: the history they name stays verifiable.
+            if let Some(current) = self.member(&entry.origin)? {
+                if current.feed_key == entry.feed_key {
+                    entry.replacements = current.replacements;
+                }
+            }
         }
         let receipt = self
             .publish(
                 &request.idempotency_key,
                 print,
                 publish::Request::Roster(entry),
+            )
+            .await?;
+        self.roster.refresh().map_err(|e| e.to_status())?;
+        Ok(receipt)
+    }
+
+    async fn replace_feed_key(
+        &self,
+        request: Request<pb::ReplaceFeedKeyRequest>,
+    ) -> Result<Response<pb::Receipt>, Status> {
+        let request = request.into_inner();
+        let print = fingerprint("replace-key", &request, |r| r.idempotency_key.clear());
+        self.check_roster_origin()?;
+        let origin = request.origin;
+        check_origin_id(&origin).map_err(|m| invalid(format!("origin: {m}")))?;
+        let new_key: [u8; 32] = request.new_feed_key.as_slice().try_into().map_err(|_| {
+            invalid(format!(
+                "new_feed_key: {} bytes, expected a 32-byte Ed25519 key",
+                request.new_feed_key.len()
+            ))
+        })?;
+        crate::keys::parse_public_key(&hex(&new_key))
+            .map_err(|m| invalid(format!("new_feed_key: {m}")))?;
+        let mut member = self.member(&origin)?.ok_or_else(|| {
+            Status::failed_precondition(format!("origin: {origin} is not a member of the roster"))
+        })?;
+        let earlier = replacements_of(&member).ok_or_else(|| {
+            Status::internal(format!(
+                "the roster's replacements of {origin} are malformed"
+            ))
+        })?;
+        let used = std::iter::once(member.feed_key.as_slice()).chain(
+            member
+                .replacements
+                .iter()
+                .map(|r| r.new_feed_key.as_slice()),
+        );
+        if used.into_iter().any(|key| key == new_key) {
+            return Err(invalid(format!(
+                "new_feed_key: {origin}'s feed has used this key already; make a new one"
+            )));
+        }
+        let held = self
+            .store
+            .head(&origin)
+            .map_err(|e| e.to_status())?
+            .map_or(0, |h| h.tip.seq);
+        let last_seq = match request.last_seq {
+            0 => held,
+            seq => seq,
+        };
+        if last_seq == 0 || last_seq > held {
+            return Err(Status::failed_precondition(format!(
+                "this node holds {origin}'s feed up to seq {held}, so it cannot name the last \
+                 entry to keep{}; let it replicate the member first",
+                if request.last_seq == 0 {
+                    String::new()
+                } else {
+                    format!(" (last_seq {last_seq})")
+                }
+            )));
+        }
+        if let Some(previous) = earlier.last().filter(|r| last_seq <= r.last_seq) {
+            return Err(invalid(format!(
+                "last_seq: {last_seq} is not after the previous replacement, at seq {}",
+                previous.last_seq
+            )));
+        }
+        let last = self
+            .store
+            .entries(&origin, last_seq, 1, usize::MAX)
+            .map_err(|e| e.to_status())?
+            .into_iter()
+            .next()
+            .and_then(|signed| Entry::decode(signed).ok())
+            .ok_or_else(|| {
+                Status::internal(format!("{origin} seq {last_seq} does not read back"))
+            })?;
+        let mut new_feed_id = [0u8; 16];
+        getrandom::getrandom(&mut new_feed_id)
+            .map_err(|err| Status::internal(format!("no randomness for a feed id: {err}")))?;
+        member.replacements.push(pb::FeedReplacement {
+            old_feed_id: last.body.feed_id.clone(),
+            last_seq,
+            last_hash: last.hash.to_vec(),
+            new_feed_id: new_feed_id.to_vec(),
+            new_feed_key: new_key.to_vec(),
+        });
+        let receipt = self
+            .publish(
+                &request.idempotency_key,
+                print,
+                publish::Request::Roster(member),
             )
             .await?;
         self.roster.refresh().map_err(|e| e.to_status())?;
@@ -1171,6 +1293,7 @@ pub async fn router(
     let publish = PublishServer::new(PublishService {
         publisher: services.publisher.clone(),
         roster: services.roster.clone(),
+        store: services.store.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

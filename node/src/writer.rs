@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     core::{
-        feed::{check_link, Entry, FeedError, Hash, Tip},
+        feed::{check_link, Entry, FeedError, Hash, Replacement, Tip},
         index::IndexRecord,
     },
     store::{CommitBatch, ConflictRecord, Head, IdempotencyRecord, SharedStore, StoreError},
@@ -67,6 +67,8 @@ pub struct Job {
     pub idempotency: Vec<([u8; 16], IdempotencyRecord)>,
     /// Conflict evidence to keep (with no entries: the job only records it).
     pub conflict: Option<ConflictRecord>,
+    /// The origin's lost-key replacements, where its feed id may change.
+    pub replacements: Vec<Replacement>,
 }
 
 impl Job {
@@ -76,6 +78,7 @@ impl Job {
             entries,
             idempotency: Vec::new(),
             conflict: None,
+            replacements: Vec::new(),
         }
     }
 }
@@ -343,7 +346,7 @@ impl WriterThread {
                     duplicates += 1;
                 }
                 _ => {
-                    check_link(&origin, tip.as_ref(), entry)?;
+                    check_link(&origin, &job.replacements, tip.as_ref(), entry)?;
                     tip = Some(entry.tip());
                     new.push(prepared);
                 }

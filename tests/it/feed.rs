@@ -35,7 +35,7 @@ async fn read_entries(
                     .into_iter()
                     .map(|e| Entry::decode(e).unwrap())
                     .collect();
-                *tip = verify_range("city-a", key, tip.as_ref(), &entries).unwrap();
+                *tip = verify_range("city-a", key, &[], tip.as_ref(), &entries).unwrap();
                 out.extend(entries);
             }
             Event::Drained(_) => {}

@@ -124,3 +124,205 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
         stderr(&out)
     );
 }
+
+/// A city loses its feed key: it makes a new one offline, the consortium
+/// names it in the roster with the last entry kept, and the city's feed
+/// goes on under a new feed id. Peers that know the city only through the
+/// roster follow, and the whole history still verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_of = |name: &str| make_key(&dir.path().join(name));
+    let (k_key, a_key, b_key) = (key_of("consortium"), key_of("city-a"), key_of("city-b"));
+    let consortium = TestNode::start(
+        &dir.path().join("consortium"),
+        Spec::new("consortium")
+            .roster("consortium")
+            .allow_without_peers(),
+    )
+    .await;
+    consortium.wait_ready().await;
+    for (origin, key) in [("city-a", &a_key), ("city-b", &b_key)] {
+        let out = consortium
+            .cli(&["roster", "add", origin, "--key", key, "--name", origin])
+            .await;
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let member = |origin: &str| {
+        Spec::new(origin)
+            .trust("consortium", &k_key)
+            .roster("consortium")
+            .peer("consortium", &consortium.address)
+    };
+    let a_dir = dir.path().join("city-a");
+    let mut a = TestNode::start(&a_dir, member("city-a")).await;
+    let b = TestNode::start(&dir.path().join("city-b"), member("city-b")).await;
+    // The consortium replicates A (it names A's last entry) and relays it to B.
+    let out = consortium
+        .cli(&[
+            "peer",
+            "add",
+            "city-a",
+            "--address",
+            &a.address,
+            "--origin",
+            "city-a",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    a.wait_ready().await;
+    publish_row(&a, "k0", 1.0).await;
+    publish_row(&a, "k1", 2.0).await;
+    eventually("B to hold A's two entries", || async {
+        b.head("city-a").await.0 == 2
+    })
+    .await;
+
+    // The key is lost. A new one is made offline; feed.pub is gone too, so
+    // the first key must be given.
+    a.stop().await;
+    std::fs::remove_file(a_dir.join("feed.key")).unwrap();
+    let config = a.config_path();
+    let config = config.to_str().unwrap();
+    let out = crate::support::civex_async(&["key", "replace", "--config", config]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--first-key"), "{}", stderr(&out));
+    let out = crate::support::civex_async(&[
+        "--output",
+        "json",
+        "key",
+        "replace",
+        "--config",
+        config,
+        "--first-key",
+        &a_key,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let new_key = made["new_key"].as_str().unwrap().to_owned();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(a_dir.join("feed.key"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let out = crate::support::civex_async(&["key", "replace", "--config", config]).await;
+    assert!(
+        stderr(&out).contains("civex key rotate"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The consortium names the new key; reusing a key of the feed is refused
+    // and publishes nothing.
+    let before = consortium.head("consortium").await.0;
+    let out = consortium
+        .cli(&["roster", "replace-key", "city-a", "--key", &a_key])
+        .await;
+    assert!(
+        stderr(&out).contains("used this key already"),
+        "{}",
+        stderr(&out)
+    );
+    let out = consortium
+        .cli(&[
+            "roster",
+            "replace-key",
+            "city-a",
+            "--key",
+            &new_key,
+            "--last-seq",
+            "9",
+        ])
+        .await;
+    assert!(stderr(&out).contains("up to seq 2"), "{}", stderr(&out));
+    assert_eq!(consortium.head("consortium").await.0, before);
+    let out = consortium
+        .cli(&["roster", "replace-key", "city-a", "--key", &new_key])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // A starts again with the new key and publishes once it holds that
+    // roster entry; its feed goes on at seq 3 under a new feed id.
+    a = TestNode::start(&a_dir, member("city-a")).await;
+    let out = consortium
+        .cli(&[
+            "peer",
+            "add",
+            "city-a",
+            "--address",
+            &a.address,
+            "--origin",
+            "city-a",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let roster_head = consortium.head("consortium").await;
+    eventually("A to hold the roster entry naming its new key", || async {
+        a.head("consortium").await == roster_head
+    })
+    .await;
+    a.wait_ready().await;
+    let receipt = publish_row(&a, "k2", 3.0).await;
+    assert_eq!(receipt.seq, 3);
+    let feed: Vec<civex_node::core::feed::Entry> = crate::support::whole_feed(&a.address, "city-a")
+        .await
+        .into_iter()
+        .map(|e| civex_node::core::feed::Entry::decode(e).unwrap())
+        .collect();
+    assert_eq!(feed.len(), 3);
+    assert_eq!(feed[0].body.feed_id, feed[1].body.feed_id);
+    assert_ne!(feed[2].body.feed_id, feed[1].body.feed_id);
+    assert_eq!(feed[2].body.prev_hash, feed[1].hash.to_vec());
+
+    // B, which knows A only through the roster, follows; the consortium too.
+    eventually("B to hold A's entry under the new key", || async {
+        b.head("city-a").await == a.head("city-a").await
+    })
+    .await;
+    eventually("the consortium to hold it", || async {
+        consortium.head("city-a").await.0 == 3
+    })
+    .await;
+    // civex feed tail verifies across the replacement with the roster's word.
+    let out = consortium
+        .cli(&[
+            "--output",
+            "json",
+            "feed",
+            "tail",
+            "--config",
+            consortium.config_path().to_str().unwrap(),
+            "--origin",
+            "city-a",
+            "--count",
+            "3",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(crate::support::stdout(&out).lines().count(), 3);
+    // civex verify on B's stopped store checks every signature of A's
+    // feed, old key and new.
+    let mut b = b;
+    b.stop().await;
+    let out = crate::support::civex_async(&[
+        "--output",
+        "json",
+        "verify",
+        "--config",
+        b.config_path().to_str().unwrap(),
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["clean"], true, "{report}");
+    assert!(
+        report["origins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["origin"] == "city-a" && o["verified"] == 3),
+        "{report}"
+    );
+}

@@ -98,6 +98,89 @@ pub enum FeedError {
     /// No key is known for the origin.
     #[error("origin {0:?} is not a known origin (no pinned feed key)")]
     UnknownOrigin(String),
+    /// An entry of a feed the roster ended (its key was lost).
+    #[error("origin {origin}: seq {seq} is of feed {feed_id}, which the roster ended at seq {last_seq} (its key was lost); later entries of it are refused")]
+    Replaced {
+        /// Origin.
+        origin: String,
+        /// Seq of the entry.
+        seq: u64,
+        /// The ended feed's id, hex.
+        feed_id: String,
+        /// Its last accepted seq.
+        last_seq: u64,
+    },
+}
+
+/// A lost feed key replaced through the federation roster: the old feed
+/// ends at a named entry and the next seq starts a new feed (new feed id,
+/// new key) linked to it, so one chain keeps the whole history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replacement {
+    /// The feed that ends.
+    pub old_feed_id: FeedId,
+    /// Its last accepted entry.
+    pub last_seq: u64,
+    /// That entry's hash.
+    pub last_hash: Hash,
+    /// The feed that goes on from `last_seq + 1`.
+    pub new_feed_id: FeedId,
+    /// The key of the new feed's first entry.
+    pub new_key: VerifyingKey,
+}
+
+impl Replacement {
+    /// Reads a roster entry's replacement; `None` if malformed.
+    pub fn from_proto(r: &civex_proto::v1::FeedReplacement) -> Option<Self> {
+        let key: [u8; 32] = r.new_feed_key.as_slice().try_into().ok()?;
+        Some(Self {
+            old_feed_id: r.old_feed_id.as_slice().try_into().ok()?,
+            last_seq: r.last_seq,
+            last_hash: r.last_hash.as_slice().try_into().ok()?,
+            new_feed_id: r.new_feed_id.as_slice().try_into().ok()?,
+            new_key: VerifyingKey::from_bytes(&key)
+                .ok()
+                .filter(|k| !k.is_weak())?,
+        })
+    }
+
+    /// Whether `entry`, coming after `tip`, starts this replacement's feed.
+    fn starts(&self, tip: &Tip, entry: &Entry) -> bool {
+        tip.feed_id == self.old_feed_id
+            && tip.seq == self.last_seq
+            && tip.hash == self.last_hash
+            && entry.body.feed_id.as_slice() == self.new_feed_id
+    }
+}
+
+/// The replacements of a roster entry, oldest first; `None` if one is
+/// malformed or they do not follow each other (each new feed is the next
+/// one's old feed, at increasing seqs).
+pub fn replacements_of(entry: &civex_proto::v1::RosterEntry) -> Option<Vec<Replacement>> {
+    let replacements: Vec<Replacement> = entry
+        .replacements
+        .iter()
+        .map(Replacement::from_proto)
+        .collect::<Option<_>>()?;
+    let ordered = replacements.windows(2).all(|pair| {
+        pair[1].old_feed_id == pair[0].new_feed_id && pair[1].last_seq > pair[0].last_seq
+    });
+    ordered.then_some(replacements)
+}
+
+/// The key of the first entry after `seq` before any rotation, and the seq
+/// its feed starts at: the key of seq 1, or of the newest replacement at or
+/// below `seq`.
+fn feed_start_after(
+    first_key: &VerifyingKey,
+    replacements: &[Replacement],
+    seq: u64,
+) -> (u64, VerifyingKey) {
+    replacements
+        .iter()
+        .rev()
+        .find(|r| r.last_seq <= seq)
+        .map_or((1, *first_key), |r| (r.last_seq + 1, r.new_key))
 }
 
 /// A signed entry with its decoded envelope and its hash. Decoding checks
@@ -207,9 +290,41 @@ pub struct Tip {
     pub time_unix_micros: i64,
 }
 
+/// The key in force for an origin's entries after `seq`: the key its feed
+/// there started with (the key of seq 1, or the one a replacement names),
+/// then each rotation of that feed (`(seq, new key)`, in order) up to
+/// `seq`. Fails on a rotation that names no valid key.
+pub fn key_after(
+    origin: &str,
+    first_key: &VerifyingKey,
+    replacements: &[Replacement],
+    rotations: &[(u64, [u8; 32])],
+    seq: u64,
+) -> Result<VerifyingKey, FeedError> {
+    let (start, mut key) = feed_start_after(first_key, replacements, seq);
+    for (at, new_key) in rotations
+        .iter()
+        .filter(|(at, _)| *at >= start && *at <= seq)
+    {
+        key = VerifyingKey::from_bytes(new_key).map_err(|_| {
+            FeedError::Malformed(format!(
+                "origin {origin}: the rotation at seq {at} names no valid key"
+            ))
+        })?;
+    }
+    Ok(key)
+}
+
 /// Checks that `entry` comes right after `tip` (`None`: the feed is empty) in
-/// `origin`'s feed: origin, feed id, seq, prev hash and time. Not the signature.
-pub fn check_link(origin: &str, tip: Option<&Tip>, entry: &Entry) -> Result<(), FeedError> {
+/// `origin`'s feed: origin, feed id, seq, prev hash and time. Not the
+/// signature. The feed id may change only where one of `replacements`
+/// starts a new feed.
+pub fn check_link(
+    origin: &str,
+    replacements: &[Replacement],
+    tip: Option<&Tip>,
+    entry: &Entry,
+) -> Result<(), FeedError> {
     let body = &entry.body;
     if body.origin != origin {
         return Err(FeedError::WrongOrigin {
@@ -228,8 +343,20 @@ pub fn check_link(origin: &str, tip: Option<&Tip>, entry: &Entry) -> Result<(), 
             found: body.seq,
         });
     }
+    if let Some(ended) = replacements
+        .iter()
+        .find(|r| body.feed_id.as_slice() == r.old_feed_id && body.seq > r.last_seq)
+    {
+        return Err(FeedError::Replaced {
+            origin: origin.to_owned(),
+            seq: body.seq,
+            feed_id: crate::core::ids::hex(&ended.old_feed_id),
+            last_seq: ended.last_seq,
+        });
+    }
     if let Some(tip) = tip {
-        if body.feed_id.as_ref() != tip.feed_id {
+        let replaced = replacements.iter().any(|r| r.starts(tip, entry));
+        if body.feed_id.as_ref() != tip.feed_id && !replaced {
             return Err(FeedError::WrongFeedId {
                 origin: origin.to_owned(),
                 seq: body.seq,
@@ -273,12 +400,13 @@ pub fn verify_signature(key: &VerifyingKey, entry: &Entry) -> Result<(), FeedErr
 pub fn verify_range(
     origin: &str,
     key: &VerifyingKey,
+    replacements: &[Replacement],
     tip: Option<&Tip>,
     entries: &[Entry],
 ) -> Result<Option<Tip>, FeedError> {
     let mut current = tip.copied();
     for entry in entries {
-        check_link(origin, current.as_ref(), entry)?;
+        check_link(origin, replacements, current.as_ref(), entry)?;
         current = Some(entry.tip());
     }
     if let Some(last) = entries.last() {
@@ -312,14 +440,16 @@ pub fn rotation_key(entry: &Entry) -> Result<Option<VerifyingKey>, FeedError> {
     Ok(Some(key))
 }
 
-/// [`verify_range`] across key rotations: the range is cut after every
-/// rotation and roster entry, whose own signature is checked (a rotation
-/// with the key in force before it; the piece after it with the key it
-/// names). Returns the new tip and the key in
-/// force after the range.
+/// [`verify_range`] across key rotations and replacements: the range is
+/// cut after every rotation and roster entry, whose own signature is
+/// checked (a rotation with the key in force before it; the piece after it
+/// with the key it names), and before the first entry of a replacement's
+/// feed, from which on the replacement's key holds. Returns the new tip and
+/// the key in force after the range.
 pub fn verify_chain(
     origin: &str,
     key: &VerifyingKey,
+    replacements: &[Replacement],
     tip: Option<&Tip>,
     entries: &[Entry],
 ) -> Result<(Option<Tip>, VerifyingKey), FeedError> {
@@ -327,18 +457,37 @@ pub fn verify_chain(
     let mut tip = tip.copied();
     let mut start = 0;
     for (i, entry) in entries.iter().enumerate() {
+        // The tip just before this entry, as far as the links go.
+        let before = if i == 0 {
+            tip
+        } else {
+            Some(entries[i - 1].tip())
+        };
+        let new_feed =
+            before.and_then(|before| replacements.iter().find(|r| r.starts(&before, entry)));
+        if let Some(replacement) = new_feed {
+            tip = verify_range(origin, &key, replacements, tip.as_ref(), &entries[start..i])?;
+            key = replacement.new_key;
+            start = i;
+        }
         let rotation = rotation_key(entry)?;
         // Entries that carry trust (a new key, a roster member) end a piece,
         // so their own signature is checked, never only covered by a link.
         let carries_trust =
             rotation.is_some() || matches!(entry.body.payload, Some(Payload::Roster(_)));
         if carries_trust {
-            tip = verify_range(origin, &key, tip.as_ref(), &entries[start..=i])?;
+            tip = verify_range(
+                origin,
+                &key,
+                replacements,
+                tip.as_ref(),
+                &entries[start..=i],
+            )?;
             key = rotation.unwrap_or(key);
             start = i + 1;
         }
     }
-    tip = verify_range(origin, &key, tip.as_ref(), &entries[start..])?;
+    tip = verify_range(origin, &key, replacements, tip.as_ref(), &entries[start..])?;
     Ok((tip, key))
 }
 
@@ -454,15 +603,16 @@ pub(crate) mod tests {
         let entries = chain(&key, "city-a", 5);
         let mut tip = None;
         for entry in &entries {
-            check_link("city-a", tip.as_ref(), entry).unwrap();
+            check_link("city-a", &[], tip.as_ref(), entry).unwrap();
             verify_signature(&key.verifying_key(), entry).unwrap();
             tip = Some(entry.tip());
         }
-        let tip = verify_range("city-a", &key.verifying_key(), None, &entries).unwrap();
+        let tip = verify_range("city-a", &key.verifying_key(), &[], None, &entries).unwrap();
         assert_eq!(tip.unwrap().seq, 5);
         let resumed = verify_range(
             "city-a",
             &key.verifying_key(),
+            &[],
             Some(&entries[1].tip()),
             &entries[2..],
         )
@@ -493,7 +643,7 @@ pub(crate) mod tests {
         let mut range = entries[..2].to_vec();
         range.push(forged.clone());
         assert!(matches!(
-            verify_range("city-a", &key.verifying_key(), None, &range),
+            verify_range("city-a", &key.verifying_key(), &[], None, &range),
             Err(FeedError::BadSignature { seq: 3, .. })
         ));
         assert!(verify_signature(&key.verifying_key(), &forged).is_err());
@@ -511,7 +661,7 @@ pub(crate) mod tests {
                 s.signature = sig.into();
             })
             .unwrap();
-            let result = verify_range("city-a", &key.verifying_key(), None, &range);
+            let result = verify_range("city-a", &key.verifying_key(), &[], None, &range);
             assert!(result.is_err(), "flip at index {at} accepted");
         }
     }
@@ -528,13 +678,14 @@ pub(crate) mod tests {
             verify_range(
                 "city-a",
                 &key.verifying_key(),
+                &[],
                 None,
                 &[entries[0].clone(), forged]
             ),
             Err(FeedError::BrokenLink { seq: 2, .. })
         ));
         assert!(matches!(
-            check_link("city-a", Some(&entries[0].tip()), &entries[2]),
+            check_link("city-a", &[], Some(&entries[0].tip()), &entries[2]),
             Err(FeedError::SeqGap {
                 expected: 2,
                 found: 3,
@@ -542,11 +693,11 @@ pub(crate) mod tests {
             })
         ));
         assert!(matches!(
-            check_link("city-b", None, &entries[0]),
+            check_link("city-b", &[], None, &entries[0]),
             Err(FeedError::WrongOrigin { .. })
         ));
         let other = self::key(2);
-        assert!(verify_range("city-a", &other.verifying_key(), None, &entries).is_err());
+        assert!(verify_range("city-a", &other.verifying_key(), &[], None, &entries).is_err());
     }
 
     #[test]
@@ -570,7 +721,7 @@ pub(crate) mod tests {
         body.time_unix_micros = 0;
         let back = Entry::sign(&key, body).unwrap();
         assert!(matches!(
-            check_link("city-a", Some(&entries[0].tip()), &back),
+            check_link("city-a", &[], Some(&entries[0].tip()), &back),
             Err(FeedError::TimeWentBack { .. })
         ));
     }
@@ -593,11 +744,12 @@ pub(crate) mod tests {
             body.prev_hash = entries.last().unwrap().hash.to_vec();
             entries.push(Entry::sign(&new, body).unwrap());
         }
-        let (tip, after) = verify_chain("city-a", &old.verifying_key(), None, &entries).unwrap();
+        let (tip, after) =
+            verify_chain("city-a", &old.verifying_key(), &[], None, &entries).unwrap();
         assert_eq!(tip.unwrap().seq, 5);
         assert_eq!(after, new.verifying_key());
         // Without following the rotation, the range fails.
-        assert!(verify_range("city-a", &old.verifying_key(), None, &entries).is_err());
+        assert!(verify_range("city-a", &old.verifying_key(), &[], None, &entries).is_err());
         // An entry after the rotation signed by the old key is refused.
         let mut body = entries[4].body.clone();
         body.seq = 6;
@@ -606,7 +758,7 @@ pub(crate) mod tests {
         let mut with_stale = entries.clone();
         with_stale.push(stale);
         assert!(matches!(
-            verify_chain("city-a", &old.verifying_key(), None, &with_stale),
+            verify_chain("city-a", &old.verifying_key(), &[], None, &with_stale),
             Err(FeedError::BadSignature { seq: 6, .. })
         ));
         // A rotation naming no valid key is malformed.
@@ -617,6 +769,127 @@ pub(crate) mod tests {
         }));
         let bad = Entry::sign(&old, body).unwrap();
         assert!(matches!(rotation_key(&bad), Err(FeedError::Malformed(_))));
+    }
+
+    /// Entries `first..=last` of `origin` under `feed_id`, signed by `key`,
+    /// after `before`.
+    fn extend(key: &SigningKey, before: &Entry, feed_id: u8, last: u64) -> Vec<Entry> {
+        let mut entries: Vec<Entry> = Vec::new();
+        for seq in before.body.seq + 1..=last {
+            let mut body = before.body.clone();
+            body.seq = seq;
+            body.feed_id = vec![feed_id; 16];
+            body.prev_hash = entries.last().unwrap_or(before).hash.to_vec();
+            entries.push(Entry::sign(key, body).unwrap());
+        }
+        entries
+    }
+
+    #[test]
+    fn a_lost_key_replaced_by_the_roster_continues_the_chain() {
+        let (lost, new) = (key(1), key(2));
+        let old_feed = chain(&lost, "city-a", 3);
+        let replacement = Replacement {
+            old_feed_id: [7; 16],
+            last_seq: 3,
+            last_hash: old_feed[2].hash,
+            new_feed_id: [9; 16],
+            new_key: new.verifying_key(),
+        };
+        let new_feed = extend(&new, &old_feed[2], 9, 5);
+        let whole: Vec<Entry> = old_feed.iter().chain(&new_feed).cloned().collect();
+        let replaced = [replacement];
+
+        // In one range, from genesis or resumed at the cut, the key changes there.
+        let (tip, after) =
+            verify_chain("city-a", &lost.verifying_key(), &replaced, None, &whole).unwrap();
+        assert_eq!((tip.unwrap().seq, after), (5, new.verifying_key()));
+        let (_, after) = verify_chain(
+            "city-a",
+            &lost.verifying_key(),
+            &replaced,
+            Some(&old_feed[2].tip()),
+            &new_feed,
+        )
+        .unwrap();
+        assert_eq!(after, new.verifying_key());
+        // Without the roster's word, the new feed id is refused.
+        assert!(matches!(
+            verify_chain("city-a", &lost.verifying_key(), &[], None, &whole),
+            Err(FeedError::WrongFeedId { seq: 4, .. })
+        ));
+
+        // The old key signs on after the cut: refused, whatever it claims.
+        let stale = extend(&lost, &old_feed[2], 7, 4);
+        assert!(matches!(
+            check_link("city-a", &replaced, Some(&old_feed[2].tip()), &stale[0]),
+            Err(FeedError::Replaced {
+                seq: 4,
+                last_seq: 3,
+                ..
+            })
+        ));
+        // The old key cannot start the new feed either.
+        let forged = extend(&lost, &old_feed[2], 9, 4);
+        assert!(matches!(
+            verify_chain(
+                "city-a",
+                &lost.verifying_key(),
+                &replaced,
+                None,
+                &[old_feed.clone(), forged].concat()
+            ),
+            Err(FeedError::BadSignature { seq: 4, .. })
+        ));
+        // Nor may the new feed start anywhere but right after the entry named.
+        let early = extend(&new, &old_feed[1], 9, 3);
+        assert!(verify_chain(
+            "city-a",
+            &lost.verifying_key(),
+            &replaced,
+            None,
+            &[old_feed[..2].to_vec(), early].concat()
+        )
+        .is_err());
+
+        // Rotations of the old feed do not carry over to the new one.
+        let rotations = [
+            (2, key(5).verifying_key().to_bytes()),
+            (4, key(6).verifying_key().to_bytes()),
+        ];
+        let at =
+            |seq| key_after("city-a", &lost.verifying_key(), &replaced, &rotations, seq).unwrap();
+        assert_eq!(at(1), lost.verifying_key());
+        assert_eq!(at(2), key(5).verifying_key());
+        assert_eq!(at(3), new.verifying_key());
+        assert_eq!(at(4), key(6).verifying_key());
+    }
+
+    #[test]
+    fn roster_replacements_must_follow_each_other() {
+        let replacement = |old: u8, last_seq: u64, new: u8| civex_proto::v1::FeedReplacement {
+            old_feed_id: vec![old; 16],
+            last_seq,
+            last_hash: vec![1; 32],
+            new_feed_id: vec![new; 16],
+            new_feed_key: key(new).verifying_key().to_bytes().to_vec(),
+        };
+        let entry = |replacements| civex_proto::v1::RosterEntry {
+            origin: "city-a".into(),
+            replacements,
+            ..Default::default()
+        };
+        let chained = entry(vec![replacement(1, 5, 2), replacement(2, 9, 3)]);
+        assert_eq!(replacements_of(&chained).unwrap().len(), 2);
+        assert!(
+            replacements_of(&entry(vec![replacement(1, 5, 2), replacement(4, 9, 3)])).is_none()
+        );
+        assert!(
+            replacements_of(&entry(vec![replacement(1, 5, 2), replacement(2, 5, 3)])).is_none()
+        );
+        let mut short = replacement(1, 5, 2);
+        short.new_feed_key.pop();
+        assert!(replacements_of(&entry(vec![short])).is_none());
     }
 
     #[test]
