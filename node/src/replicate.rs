@@ -190,6 +190,10 @@ impl Replicator {
         let mut tips: HashMap<String, Option<Tip>> = HashMap::new();
         // The key in force after each origin's tip (rotations followed).
         let mut keys: HashMap<String, VerifyingKey> = HashMap::new();
+        // Origins whose entries of a new feed id the roster does not name
+        // (yet): skipped until the session reconnects, which a roster
+        // change makes it do, while the other origins go on.
+        let mut waiting: HashSet<String> = HashSet::new();
         let mut cursors = Vec::new();
         for origin in self.keys.origins() {
             let origin = origin.as_str();
@@ -237,7 +241,7 @@ impl Replicator {
             match message.event {
                 Some(Event::Entries(batch)) => {
                     let origin = batch.origin;
-                    if self.is_quarantined(&origin) {
+                    if self.is_quarantined(&origin) || waiting.contains(&origin) {
                         continue;
                     }
                     let key = *keys.get(&origin).ok_or_else(|| {
@@ -284,12 +288,32 @@ impl Replicator {
                                         return Err(self.quarantine(peer, conflict).await);
                                     }
                                 }
-                                (
-                                    good,
-                                    good_tip,
-                                    good_key,
-                                    Some(first_fault.map_or(err, |(e, _)| e)),
-                                )
+                                // A later entry of a new feed id, validly
+                                // linked: the replacement of a lost key that
+                                // the roster names in entries not read yet
+                                // (another origin's, maybe later in this
+                                // stream), or a peer's forgery. Either way
+                                // it is refused, and the origin waits.
+                                let new_feed = matches!(
+                                    &first_fault,
+                                    Some((FeedError::WrongFeedId { .. }, other))
+                                        if other.body.seq > 1
+                                );
+                                if new_feed && self.roster.origin.is_some() {
+                                    let message = format!(
+                                        "origin {origin}: entries of a new feed id that the roster \
+                                         does not name; refused, and replication of that origin \
+                                         from this peer waits for a roster change"
+                                    );
+                                    tracing::warn!(peer = %peer.name, "{message}");
+                                    peer.update(|s| s.last_error = message);
+                                    waiting.insert(origin.clone());
+                                }
+                                let refused = match waiting.contains(&origin) {
+                                    true => None,
+                                    false => Some(first_fault.map_or(err, |(e, _)| e)),
+                                };
+                                (good, good_tip, good_key, refused)
                             }
                         };
                     keys.insert(origin.clone(), new_key);

@@ -719,16 +719,20 @@ fn check_claim(
     let Some(head) = head else {
         return Ok(ClaimCheck::Wait);
     };
-    if head.tip.feed_id.as_slice() != claim.feed_id {
-        // Another feed: evidence is the entry this node holds at that seq, if any.
-        let at = claim.seq.min(head.tip.seq);
+    if head.tip.seq < claim.seq {
+        if head.tip.feed_id.as_slice() == claim.feed_id {
+            return Ok(ClaimCheck::Wait);
+        }
+        // Another feed ahead of this node: evidence is the head held.
         return Ok(ClaimCheck::Differs(
-            store.entries(origin, at, 1, usize::MAX)?.into_iter().next(),
+            store
+                .entries(origin, head.tip.seq, 1, usize::MAX)?
+                .into_iter()
+                .next(),
         ));
     }
-    if head.tip.seq < claim.seq {
-        return Ok(ClaimCheck::Wait);
-    }
+    // The entry held at the claimed seq decides (its hash covers its feed
+    // id: after a lost key's replacement the head's feed id is a newer one).
     let held = store
         .entries(origin, claim.seq, 1, usize::MAX)?
         .into_iter()

@@ -214,6 +214,11 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
         stderr(&out)
     );
 
+    // B is down while A's feed moves on: it resumes later from a cursor in
+    // the old feed.
+    let mut b = b;
+    b.stop().await;
+
     // The consortium names the new key; reusing a key of the feed is refused
     // and publishes nothing.
     let before = consortium.head("consortium").await.0;
@@ -276,13 +281,33 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     assert_ne!(feed[2].body.feed_id, feed[1].body.feed_id);
     assert_eq!(feed[2].body.prev_hash, feed[1].hash.to_vec());
 
-    // B, which knows A only through the roster, follows; the consortium too.
+    // B, which knows A only through the roster, follows from its cursor in
+    // the old feed once the consortium holds the new entry.
+    eventually("the consortium to hold it", || async {
+        consortium.head("city-a").await.0 == 3
+    })
+    .await;
+    b.restart().await;
     eventually("B to hold A's entry under the new key", || async {
         b.head("city-a").await == a.head("city-a").await
     })
     .await;
-    eventually("the consortium to hold it", || async {
-        consortium.head("city-a").await.0 == 3
+    // Renaming A in the roster keeps its replacement: A's next entry, signed
+    // by the new key, still verifies everywhere.
+    let out = consortium
+        .cli(&[
+            "roster", "add", "city-a", "--key", &a_key, "--name", "City A",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let roster_head = consortium.head("consortium").await;
+    eventually("A to hold the renamed roster entry", || async {
+        a.head("consortium").await == roster_head
+    })
+    .await;
+    assert_eq!(publish_row(&a, "k3", 4.0).await.seq, 4);
+    eventually("B to hold A's entry after the rename", || async {
+        b.head("city-a").await.0 == 4
     })
     .await;
     // civex feed tail verifies across the replacement with the roster's word.
@@ -297,14 +322,13 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
             "--origin",
             "city-a",
             "--count",
-            "3",
+            "4",
         ])
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(crate::support::stdout(&out).lines().count(), 3);
+    assert_eq!(crate::support::stdout(&out).lines().count(), 4);
     // civex verify on B's stopped store checks every signature of A's
     // feed, old key and new.
-    let mut b = b;
     b.stop().await;
     let out = crate::support::civex_async(&[
         "--output",
@@ -322,7 +346,7 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|o| o["origin"] == "city-a" && o["verified"] == 3),
+            .any(|o| o["origin"] == "city-a" && o["verified"] == 4),
         "{report}"
     );
 }
