@@ -62,6 +62,10 @@ pub(crate) struct BenchArgs {
     /// Concurrent publishers in the throughput and live runs.
     #[arg(long, default_value_t = 64)]
     publishers: usize,
+    /// Connections the publishers of the second throughput run share
+    /// (the first gives each publisher its own); 0 skips that run.
+    #[arg(long, default_value_t = 4)]
+    shared_connections: usize,
     /// Publishes in the throughput run.
     #[arg(long, default_value_t = 40_000)]
     publishes: u64,
@@ -642,6 +646,7 @@ fn indicator_request(key_prefix: &[u8], origin: &str, n: u64) -> pb::PublishIndi
 fn spawn_publishers<R>(
     node: &client::Node,
     publishers: usize,
+    connections: usize,
     count: u64,
     request: R,
     progress: Option<Arc<Progress>>,
@@ -651,9 +656,14 @@ where
 {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..publishers.max(1) {
+    // One channel per connection; publishers share them round robin (a
+    // channel multiplexes concurrent calls over its one HTTP/2 connection).
+    let channels = (0..connections.clamp(1, publishers.max(1)))
+        .map(|_| client::publish(node))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for i in 0..publishers.max(1) {
         let (mut publisher, next, progress, request) = (
-            client::publish(node)?,
+            channels[i % channels.len()].clone(),
             next.clone(),
             progress.clone(),
             request.clone(),
@@ -907,7 +917,7 @@ async fn live_publish(root: &Path, count: u64, publishers: usize) -> anyhow::Res
     let request = move |n: u64| indicator_request(&key_prefix, A, n);
     let progress = Progress::new("live replication (publish API)", count);
     let started = Instant::now();
-    let tasks = spawn_publishers(&a.client, publishers, count, request, None)?;
+    let tasks = spawn_publishers(&a.client, publishers, publishers, count, request, None)?;
     let producer = tokio::spawn(async move {
         for task in tasks {
             task.await??;
@@ -1179,28 +1189,41 @@ async fn publish_runs(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let key_prefix = client::idempotency_key()?;
     let request = move |n: u64| indicator_request(&key_prefix, "bench-publisher", n);
 
-    // Throughput with many concurrent publishers.
-    let progress = Arc::new(Progress::new("durable publish", args.publishes));
-    let started = Instant::now();
-    let tasks = spawn_publishers(
-        &node,
-        args.publishers,
-        args.publishes,
-        request.clone(),
-        Some(progress.clone()),
-    )?;
-    for task in tasks {
-        task.await??;
+    // Throughput with many concurrent publishers: each on its own
+    // connection, then sharing a few (as one client process would).
+    let mut runs = vec![(args.publishers, "each on its own connection".to_owned())];
+    if args.shared_connections > 0 {
+        let shared = args.shared_connections.min(args.publishers.max(1));
+        runs.push((shared, format!("sharing {shared} connections")));
     }
-    let elapsed = started.elapsed();
-    progress.finish();
-    println!(
-        "durable publish: {} entries from {} concurrent publishers in {:.1} s: {:.0}/s",
-        args.publishes,
-        args.publishers,
-        elapsed.as_secs_f64(),
-        rate(args.publishes, elapsed)
-    );
+    for (run, (connections, how)) in runs.into_iter().enumerate() {
+        let offset = 100_000_000 * (run as u64 + 1);
+        let progress = Arc::new(Progress::new("durable publish", args.publishes));
+        let started = Instant::now();
+        let tasks = spawn_publishers(
+            &node,
+            args.publishers,
+            connections,
+            args.publishes,
+            {
+                let request = request.clone();
+                move |n| request(offset + n)
+            },
+            Some(progress.clone()),
+        )?;
+        for task in tasks {
+            task.await??;
+        }
+        let elapsed = started.elapsed();
+        progress.finish();
+        println!(
+            "durable publish: {} entries from {} concurrent publishers, {how}, in {:.1} s: {:.0}/s",
+            args.publishes,
+            args.publishers,
+            elapsed.as_secs_f64(),
+            rate(args.publishes, elapsed)
+        );
+    }
 
     // Ack latency at a fixed rate.
     let count = args.rate * args.latency_secs;
