@@ -679,17 +679,18 @@ pub(crate) enum RosterCommand {
         /// The member's origin id.
         origin: String,
     },
-    /// Replace a member's lost feed key: its feed ends at the last entry
-    /// kept (by default the newest this node holds) and goes on under the
-    /// new key and a new feed id; later entries under the old key are
-    /// refused everywhere.
+    /// Replace a member's lost feed key: its feed ends at the newest entry
+    /// this node holds and goes on under the new key and a new feed id;
+    /// later entries of the old feed are refused everywhere.
     ReplaceKey {
         /// The member's origin id.
         origin: String,
         /// Its new feed key (hex; printed by `civex key replace`).
         #[arg(long)]
         key: String,
-        /// Seq of the member's last entry to keep (this node must hold it).
+        /// Refuse unless this is the seq of the member's newest entry this
+        /// node holds (the feed ends there: a check that the roster keeps
+        /// what the member published).
         #[arg(long)]
         last_seq: Option<u64>,
     },
@@ -781,8 +782,11 @@ pub(crate) fn replace_lost_key(
         }
         (false, Some(hex_key)) => {
             let key = parse_public_key(hex_key).map_err(|m| anyhow!("--first-key: {m}"))?;
-            std::fs::write(&first_file, format!("{}\n", public_key_hex(&key)))
-                .with_context(|| format!("{}: cannot write", first_file.display()))?;
+            civex_node::keys::replace_file(
+                &first_file,
+                format!("{}\n", public_key_hex(&key)).as_bytes(),
+            )
+            .with_context(|| format!("{}: cannot write", first_file.display()))?;
         }
         (false, None) => bail!(
             "{} is missing too: it names the feed's first key, which verifying the feed's \

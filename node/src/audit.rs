@@ -140,10 +140,7 @@ pub fn audit(
                                 // The first entry of a replacement's feed and
                                 // those after it are checked with its key.
                                 let new_feed = tip.and_then(|t| {
-                                    replacements.iter().find(|r| {
-                                        r.last_seq == t.seq
-                                            && entry.body.feed_id.as_slice() == r.new_feed_id
-                                    })
+                                    replacements.iter().find(|r| r.starts(&t, &entry))
                                 });
                                 if let Some(new_feed) = new_feed {
                                     let full =

@@ -235,6 +235,7 @@ pub fn public_key_hex(key: &VerifyingKey) -> String {
 /// from a peer. Replacements come from the roster only.
 #[derive(Debug)]
 pub struct KeyResolver {
+    own_origin: String,
     pinned: BTreeMap<String, VerifyingKey>,
     roster: std::sync::RwLock<BTreeMap<String, Member>>,
 }
@@ -258,6 +259,7 @@ impl KeyResolver {
         let mut keys = pinned;
         keys.insert(own_origin.to_owned(), own);
         Self {
+            own_origin: own_origin.to_owned(),
             pinned: keys,
             roster: std::sync::RwLock::default(),
         }
@@ -275,7 +277,7 @@ impl KeyResolver {
     }
 
     /// The replacements of `origin`'s lost keys the roster names, oldest
-    /// first (none for an origin pinned with another key than the roster's).
+    /// first (none for an origin pinned in `node.toml`).
     pub fn replacements(&self, origin: &str) -> Vec<Replacement> {
         self.roster
             .read()
@@ -297,18 +299,24 @@ impl KeyResolver {
         origins
     }
 
-    /// Replaces the members learned from the roster (pinned keys win, and
-    /// the roster's replacements of a pinned origin count only when it
-    /// names the pinned key); returns whether anything changed.
+    /// Replaces the members learned from the roster; returns whether
+    /// anything changed. An origin pinned in `node.toml` keeps its pinned
+    /// key and ignores the roster, its replacements included: pinning means
+    /// the roster has no say. This node's own origin (whose first key is
+    /// `feed.pub`) takes the roster's replacements when the roster names
+    /// that first key, so a node whose key was lost can publish again.
     pub fn set_roster(&self, members: BTreeMap<String, Member>) -> bool {
         let members: BTreeMap<String, Member> = members
             .into_iter()
             .filter(|(origin, member)| match self.pinned.get(origin) {
-                Some(pinned) if *pinned != member.key => {
-                    tracing::warn!(%origin, "the roster names another key than node.toml pins; the pinned key stays");
+                None => true,
+                Some(pinned) if *origin == self.own_origin && *pinned == member.key => true,
+                Some(pinned) => {
+                    if *pinned != member.key {
+                        tracing::warn!(%origin, "the roster names another first key than this node pins (trusted_origins, or feed.pub for its own origin); the pinned key stays");
+                    }
                     false
                 }
-                _ => true,
             })
             .collect();
         let mut roster = self
@@ -347,6 +355,43 @@ mod tests {
             !err.contains(&hex(&key.to_bytes())),
             "the secret leaked into an error"
         );
+    }
+
+    #[test]
+    fn the_roster_replaces_keys_of_its_members_and_the_own_origin_only() {
+        let key = |seed: u8| SigningKey::from_bytes(&[seed; 32]).verifying_key();
+        let replaced = |first| Member {
+            key: first,
+            replacements: vec![Replacement {
+                old_feed_id: [1; 16],
+                last_seq: 3,
+                last_hash: [2; 32],
+                new_feed_id: [3; 16],
+                new_key: key(9),
+            }],
+        };
+        let resolver = KeyResolver::new(
+            "own",
+            key(1),
+            [("pinned".to_owned(), key(2))].into_iter().collect(),
+        );
+        resolver.set_roster(
+            [
+                ("own".to_owned(), replaced(key(1))),
+                ("pinned".to_owned(), replaced(key(2))),
+                ("member".to_owned(), replaced(key(4))),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        assert_eq!(resolver.replacements("own").len(), 1);
+        assert_eq!(resolver.replacements("member").len(), 1);
+        assert!(resolver.replacements("pinned").is_empty());
+        assert_eq!(resolver.key_for("member", &[], 0), Some(key(4)));
+        // The roster naming another first key for the own origin is ignored.
+        resolver.set_roster([("own".to_owned(), replaced(key(5)))].into_iter().collect());
+        assert!(resolver.replacements("own").is_empty());
+        assert_eq!(resolver.key_for("own", &[], 0), Some(key(1)));
     }
 
     #[test]

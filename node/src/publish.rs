@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::{
     core::{
         catalog::Catalog,
-        feed::{key_after, Entry, FeedError, FeedId, Hash, Tip, GENESIS_PREV_HASH},
+        feed::{key_after, Entry, FeedError, Hash, Replacement, Tip, GENESIS_PREV_HASH},
         ids::{check_origin_id, check_slug, hex},
         index::ObservationKey,
         ingest::{
@@ -658,7 +658,9 @@ impl Publisher {
         *self.ready.borrow() && !self.writer.is_stopped()
     }
 
-    fn replay(
+    /// The receipt of an earlier publish with this idempotency key and
+    /// request, once durable; `None` if the key is new.
+    pub fn replay(
         &self,
         key: &[u8; 16],
         fingerprint: &[u8; 32],
@@ -677,7 +679,19 @@ impl Publisher {
             }
             return Err(PublishError::InProgress(hex(key)));
         };
-        Ok(Some(receipt_of(&self.origin, head.tip.feed_id, &record)))
+        // The feed the entry is in (a lost key's replacement since may have
+        // started another).
+        let feed_id = match head.tip.seq == record.seq {
+            true => head.tip.feed_id,
+            false => self
+                .store
+                .entries(&self.origin, record.seq, 1, usize::MAX)?
+                .into_iter()
+                .next()
+                .and_then(|signed| Entry::decode(signed).ok())
+                .map_or(head.tip.feed_id, |entry| entry.feed_id()),
+        };
+        Ok(Some(receipt_of(&self.origin, feed_id, &record)))
     }
 
     /// Publishes one request as one entry, durable when this returns.
@@ -839,23 +853,30 @@ impl Sequencer {
         }
     }
 
-    /// The own feed's tip from the store, checking that this node holds the
-    /// key in force there (a rotation learned back from a peer, after a
-    /// restore from an old backup, may have named another; a lost key's
-    /// replacement is in force once the roster names it).
-    fn load_tip(&self) -> Result<Option<Tip>, PublishError> {
-        let Some(tip) = self.store.head(&self.origin)?.map(|h| h.tip) else {
-            return Ok(None);
-        };
-        let replacements = self.keys.replacements(&self.origin);
+    /// The own feed's tip from the store, checked with [`Self::check_tip`].
+    fn load_tip(&self, replacements: &[Replacement]) -> Result<Option<Tip>, PublishError> {
+        let tip = self.store.head(&self.origin)?.map(|h| h.tip);
+        if let Some(tip) = &tip {
+            self.check_tip(tip, replacements)?;
+        }
+        Ok(tip)
+    }
+
+    /// Checks that this node may sign after `tip`: it holds the key in force
+    /// there (a rotation learned back from a peer, after a restore from an
+    /// old backup, may have named another; a lost key's replacement is in
+    /// force from the entry the roster names on, even for a node still
+    /// running with the old key), and the roster has not ended its feed
+    /// before `tip`.
+    fn check_tip(&self, tip: &Tip, replacements: &[Replacement]) -> Result<(), PublishError> {
         if let Some(ended) = replacements.iter().find(|r| {
             r.old_feed_id == tip.feed_id
                 && (tip.seq > r.last_seq || (tip.seq == r.last_seq && tip.hash != r.last_hash))
         }) {
             return Err(PublishError::NotReady(format!(
                 "the federation roster ended this node's feed {} at seq {}, but this node holds \
-                 another entry there or later ones (up to seq {}); those are refused by every \
-                 peer: ask the consortium to name this node's newest entry in the replacement",
+                 another entry there or later ones (up to seq {}), which every peer refuses; \
+                 the roster must name this node's newest entry",
                 hex(&ended.old_feed_id),
                 ended.last_seq,
                 tip.seq
@@ -865,7 +886,7 @@ impl Sequencer {
         let in_force = key_after(
             &self.origin,
             &self.genesis,
-            &replacements,
+            replacements,
             &rotations,
             tip.seq,
         )
@@ -874,42 +895,39 @@ impl Sequencer {
             return Err(PublishError::NotReady(
                 "this node's signing key is not the key in force at its feed's head (a key \
                  rotation is unsettled or was learned from a peer after a restore, or the \
-                 roster does not name this key as the replacement of a lost one yet); restart \
-                 the node, restore the key file that rotation wrote, or wait for the roster"
+                 federation roster replaced the key, or does not name this key as the \
+                 replacement of a lost one yet); restart the node, restore the key file that \
+                 rotation wrote, or wait for the roster"
                     .into(),
             ));
         }
-        Ok(Some(tip))
-    }
-
-    /// The feed id of the entry after `tip`: the tip's, or the new feed's
-    /// where the roster replaced a lost key at the tip.
-    fn next_feed_id(&self, tip: &Tip) -> FeedId {
-        self.keys
-            .replacements(&self.origin)
-            .iter()
-            .find(|r| r.old_feed_id == tip.feed_id && r.last_seq == tip.seq)
-            .map_or(tip.feed_id, |r| r.new_feed_id)
+        Ok(())
     }
 
     /// Validates and signs a batch of requests on the current tip, and
     /// queues the good ones to the writer as one job.
     async fn sequence(&mut self, batch: Vec<Queued>, settled: &mpsc::UnboundedSender<Settled>) {
+        let replacements = self.keys.replacements(&self.origin);
         let start = match self.own.tip {
-            Some(tip) => tip,
-            None => match self.load_tip() {
-                Ok(tip) => tip,
-                Err(err) => {
-                    for queued in batch {
-                        let _ = queued.reply.send(Err(match &err {
-                            PublishError::NotReady(m) => PublishError::NotReady(m.clone()),
-                            PublishError::Store(e) => PublishError::Store(e.clone()),
-                            other => PublishError::Internal(other.to_string()),
-                        }));
-                    }
-                    return;
+            // A roster change may end the feed at the tip: check every batch.
+            Some(Some(tip)) if !replacements.is_empty() => {
+                self.check_tip(&tip, &replacements).map(|()| Some(tip))
+            }
+            Some(tip) => Ok(tip),
+            None => self.load_tip(&replacements),
+        };
+        let start = match start {
+            Ok(tip) => tip,
+            Err(err) => {
+                for queued in batch {
+                    let _ = queued.reply.send(Err(match &err {
+                        PublishError::NotReady(m) => PublishError::NotReady(m.clone()),
+                        PublishError::Store(e) => PublishError::Store(e.clone()),
+                        other => PublishError::Internal(other.to_string()),
+                    }));
                 }
-            },
+                return;
+            }
         };
         let mut tip = start;
         let mut entries = Vec::new();
@@ -946,9 +964,11 @@ impl Sequencer {
                     == tokio::runtime::RuntimeFlavor::MultiThread;
             let (key, fingerprint, request) = (queued.key, queued.fingerprint, queued.request);
             let signed = if heavy {
-                tokio::task::block_in_place(|| self.sign(key, fingerprint, request, tip))
+                tokio::task::block_in_place(|| {
+                    self.sign(key, fingerprint, request, tip, &replacements)
+                })
             } else {
-                self.sign(key, fingerprint, request, tip)
+                self.sign(key, fingerprint, request, tip, &replacements)
             };
             match signed {
                 Ok((signed, record)) => {
@@ -988,7 +1008,7 @@ impl Sequencer {
                 entries,
                 idempotency,
                 conflict: None,
-                replacements: self.keys.replacements(&self.origin),
+                replacements,
             })
             .await
         {
@@ -1022,10 +1042,15 @@ impl Sequencer {
         fingerprint: [u8; 32],
         request: Request,
         tip: Option<Tip>,
+        replacements: &[Replacement],
     ) -> Result<(Vec<(Entry, Payload)>, IdempotencyRecord), PublishError> {
         let (payloads, published, suppressed) = self.payload(request, idempotency_key)?;
         let feed_id = match &tip {
-            Some(tip) => self.next_feed_id(tip),
+            // Where the roster replaced a lost key, the new feed starts.
+            Some(tip) => replacements
+                .iter()
+                .find(|r| r.starts_after(tip))
+                .map_or(tip.feed_id, |r| r.new_feed_id),
             None => {
                 let mut id = [0u8; 16];
                 getrandom::getrandom(&mut id).map_err(|err| {

@@ -293,16 +293,22 @@ impl Replicator {
                                 // the roster names in entries not read yet
                                 // (another origin's, maybe later in this
                                 // stream), or a peer's forgery. Either way
-                                // it is refused, and the origin waits.
-                                let new_feed = matches!(
-                                    &first_fault,
-                                    Some((FeedError::WrongFeedId { .. }, other))
-                                        if other.body.seq > 1
-                                );
-                                if new_feed && self.roster.origin.is_some() {
+                                // it is refused, and the origin waits. So
+                                // does an entry of a feed the roster ended,
+                                // from a node that held it before the
+                                // roster's word.
+                                let waits = match &first_fault {
+                                    Some((fault @ FeedError::WrongFeedId { .. }, other))
+                                        if other.body.seq > 1 =>
+                                    {
+                                        Some(fault)
+                                    }
+                                    Some((fault @ FeedError::Replaced { .. }, _)) => Some(fault),
+                                    _ => None,
+                                };
+                                if let (Some(fault), Some(_)) = (waits, &self.roster.origin) {
                                     let message = format!(
-                                        "origin {origin}: entries of a new feed id that the roster \
-                                         does not name; refused, and replication of that origin \
+                                        "{fault}; refused, and replication of origin {origin} \
                                          from this peer waits for a roster change"
                                     );
                                     tracing::warn!(peer = %peer.name, "{message}");
@@ -719,11 +725,9 @@ fn valid_prefix(
     let mut key = *key;
     let mut good = Vec::new();
     for entry in entries {
-        if let Some(new_feed) = current.and_then(|tip| {
-            replacements
-                .iter()
-                .find(|r| r.last_seq == tip.seq && entry.body.feed_id.as_slice() == r.new_feed_id)
-        }) {
+        if let Some(new_feed) =
+            current.and_then(|tip| replacements.iter().find(|r| r.starts(&tip, &entry)))
+        {
             key = new_feed.new_key;
         }
         let checked = check_link(origin, replacements, current.as_ref(), &entry)

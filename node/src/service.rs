@@ -283,6 +283,9 @@ pub struct PublishService {
     publisher: Arc<Publisher>,
     roster: Arc<Roster>,
     store: SharedStore,
+    /// One roster change at a time: each reads the member's entry it
+    /// replaces (its key replacements carry over).
+    roster_changes: tokio::sync::Mutex<()>,
 }
 
 impl PublishService {
@@ -298,14 +301,14 @@ impl PublishService {
         )))
     }
 
-    /// The roster's current entry for `origin`, if it is a member.
+    /// The roster's latest entry about `origin` (a removal included).
     fn member(&self, origin: &str) -> Result<Option<pb::RosterEntry>, Status> {
         Ok(self
             .store
             .roster(self.publisher.origin())
             .map_err(|e| e.to_status())?
             .into_iter()
-            .find(|entry| entry.origin == origin && !entry.removed))
+            .find(|entry| entry.origin == origin))
     }
 
     async fn publish(
@@ -433,6 +436,7 @@ impl Publish for PublishService {
             .entry
             .ok_or_else(|| invalid("entry: missing".into()))?;
         check_origin_id(&entry.origin).map_err(|m| invalid(format!("entry.origin: {m}")))?;
+        let _one_at_a_time = self.roster_changes.lock().await;
         if !entry.replacements.is_empty() {
             return Err(invalid(
                 "entry.replacements: set only by ReplaceFeedKey (civex roster replace-key)".into(),
@@ -445,6 +449,12 @@ impl Publish for PublishService {
                 || !entry.tls_identity.is_empty()
             {
                 return Err(invalid("entry: a removal names only the origin".into()));
+            }
+            // The removal keeps the member's keys: what is held of its feed
+            // stays verifiable, and a later re-add keeps its history.
+            if let Some(current) = self.member(&entry.origin)? {
+                entry.feed_key = current.feed_key;
+                entry.replacements = current.replacements;
             }
         } else {
             let key: [u8; 32] = entry.feed_key.as_slice().try_into().map_err(|_| {
@@ -467,8 +477,9 @@ impl Publish for PublishService {
                     )))
                 }
             }
-            // An update keeps the member's key replacements while its key of
-            // seq 1 stays: the history they name stays verifiable.
+            // An update (or a re-add after a removal) keeps the member's key
+            // replacements while its key of seq 1 stays: the history they
+            // name stays verifiable.
             if let Some(current) = self.member(&entry.origin)? {
                 if current.feed_key == entry.feed_key {
                     entry.replacements = current.replacements;
@@ -493,6 +504,15 @@ impl Publish for PublishService {
         let request = request.into_inner();
         let print = fingerprint("replace-key", &request, |r| r.idempotency_key.clear());
         self.check_roster_origin()?;
+        let _one_at_a_time = self.roster_changes.lock().await;
+        // A retry gets its receipt, whatever the roster holds by now.
+        let repeat = self
+            .publisher
+            .replay(&idempotency_key(&request.idempotency_key)?, &print)
+            .map_err(|e| e.to_status())?;
+        if let Some(done) = repeat {
+            return Ok(Response::new(receipt(done)));
+        }
         let origin = request.origin;
         check_origin_id(&origin).map_err(|m| invalid(format!("origin: {m}")))?;
         let new_key: [u8; 32] = request.new_feed_key.as_slice().try_into().map_err(|_| {
@@ -503,21 +523,24 @@ impl Publish for PublishService {
         })?;
         crate::keys::parse_public_key(&hex(&new_key))
             .map_err(|m| invalid(format!("new_feed_key: {m}")))?;
-        let mut member = self.member(&origin)?.ok_or_else(|| {
-            Status::failed_precondition(format!("origin: {origin} is not a member of the roster"))
-        })?;
-        let earlier = replacements_of(&member).ok_or_else(|| {
-            Status::internal(format!(
-                "the roster's replacements of {origin} are malformed"
-            ))
-        })?;
-        let used = std::iter::once(member.feed_key.as_slice()).chain(
-            member
-                .replacements
-                .iter()
-                .map(|r| r.new_feed_key.as_slice()),
-        );
-        if used.into_iter().any(|key| key == new_key) {
+        let mut member = self
+            .member(&origin)?
+            .filter(|m| !m.removed)
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "origin: {origin} is not a member of the roster"
+                ))
+            })?;
+        let rotations = self.store.rotations(&origin).map_err(|e| e.to_status())?;
+        let mut used = std::iter::once(member.feed_key.as_slice())
+            .chain(
+                member
+                    .replacements
+                    .iter()
+                    .map(|r| r.new_feed_key.as_slice()),
+            )
+            .chain(rotations.iter().map(|(_, key)| key.as_slice()));
+        if used.any(|key| key == new_key) {
             return Err(invalid(format!(
                 "new_feed_key: {origin}'s feed has used this key already; make a new one"
             )));
@@ -527,27 +550,24 @@ impl Publish for PublishService {
             .head(&origin)
             .map_err(|e| e.to_status())?
             .map_or(0, |h| h.tip.seq);
+        if held == 0 {
+            return Err(Status::failed_precondition(format!(
+                "this node holds no entry of {origin}, so it cannot name the last one to keep; \
+                 let it replicate the member first"
+            )));
+        }
+        // Ending the feed before the newest entry held is refused: nodes
+        // holding the later entries could not follow the new feed.
         let last_seq = match request.last_seq {
             0 => held,
-            seq => seq,
+            seq if seq == held => seq,
+            seq => {
+                return Err(invalid(format!(
+                    "last_seq: {seq}; this node holds {origin}'s feed up to seq {held}, and a \
+                     replacement keeps every entry it holds"
+                )))
+            }
         };
-        if last_seq == 0 || last_seq > held {
-            return Err(Status::failed_precondition(format!(
-                "this node holds {origin}'s feed up to seq {held}, so it cannot name the last \
-                 entry to keep{}; let it replicate the member first",
-                if request.last_seq == 0 {
-                    String::new()
-                } else {
-                    format!(" (last_seq {last_seq})")
-                }
-            )));
-        }
-        if let Some(previous) = earlier.last().filter(|r| last_seq <= r.last_seq) {
-            return Err(invalid(format!(
-                "last_seq: {last_seq} is not after the previous replacement, at seq {}",
-                previous.last_seq
-            )));
-        }
         let last = self
             .store
             .entries(&origin, last_seq, 1, usize::MAX)
@@ -568,6 +588,12 @@ impl Publish for PublishService {
             new_feed_id: new_feed_id.to_vec(),
             new_feed_key: new_key.to_vec(),
         });
+        if replacements_of(&member).is_none() {
+            return Err(Status::failed_precondition(format!(
+                "{origin}'s entry at seq {last_seq} is not in the feed the roster's last \
+                 replacement started: this node's copy of the member's feed is stale"
+            )));
+        }
         let receipt = self
             .publish(
                 &request.idempotency_key,
@@ -1298,6 +1324,7 @@ pub async fn router(
         publisher: services.publisher.clone(),
         roster: services.roster.clone(),
         store: services.store.clone(),
+        roster_changes: tokio::sync::Mutex::default(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

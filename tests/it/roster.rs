@@ -2,6 +2,8 @@
 //! every member's feed key from its signed roster entries, and verify a
 //! relayed feed of a city they never talked to.
 
+use civex_proto::v1 as pb;
+
 use crate::support::{eventually, make_key, publish_row, stderr, Spec, TestNode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,6 +183,7 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     // The key is lost. A new one is made offline; feed.pub is gone too, so
     // the first key must be given.
     a.stop().await;
+    let lost = std::fs::read(a_dir.join("feed.key")).unwrap();
     std::fs::remove_file(a_dir.join("feed.key")).unwrap();
     let config = a.config_path();
     let config = config.to_str().unwrap();
@@ -213,6 +216,30 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
         "{}",
         stderr(&out)
     );
+    // Say the lost key leaked instead, and A's node runs on with it: it
+    // must stop signing once the roster replaces the key.
+    let new_file = dir.path().join("new.key");
+    std::fs::rename(a_dir.join("feed.key"), &new_file).unwrap();
+    civex_node::keys::write_secret_file(&a_dir.join("feed.key"), &lost).unwrap();
+    a = TestNode::start(&a_dir, member("city-a")).await;
+    let out = consortium
+        .cli(&[
+            "peer",
+            "add",
+            "city-a",
+            "--address",
+            &a.address,
+            "--origin",
+            "city-a",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    a.wait_ready().await;
+    assert_eq!(publish_row(&a, "k2", 3.0).await.seq, 3);
+    eventually("the consortium to hold A's third entry", || async {
+        consortium.head("city-a").await.0 == 3
+    })
+    .await;
 
     // B is down while A's feed moves on: it resumes later from a cursor in
     // the old feed.
@@ -241,15 +268,50 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
             "9",
         ])
         .await;
-    assert!(stderr(&out).contains("up to seq 2"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("up to seq 3"), "{}", stderr(&out));
     assert_eq!(consortium.head("consortium").await.0, before);
-    let out = consortium
-        .cli(&["roster", "replace-key", "city-a", "--key", &new_key])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    let replace = pb::ReplaceFeedKeyRequest {
+        idempotency_key: crate::support::key(),
+        origin: "city-a".into(),
+        new_feed_key: civex_node::keys::parse_public_key(&new_key)
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+        last_seq: 0,
+    };
+    let mut publisher = consortium.publisher().await;
+    let first = publisher.replace_feed_key(replace.clone()).await.unwrap();
+    // A retry (a lost answer, say) gets the same receipt, publishing nothing.
+    let again = publisher.replace_feed_key(replace).await.unwrap();
+    assert_eq!(first.into_inner(), again.into_inner());
 
-    // A starts again with the new key and publishes once it holds that
-    // roster entry; its feed goes on at seq 3 under a new feed id.
+    // A's node, still on the old key (its tip in memory), refuses to
+    // publish once it holds that roster entry.
+    let roster_head = consortium.head("consortium").await;
+    eventually("A to hold the roster entry naming its new key", || async {
+        a.head("consortium").await == roster_head
+    })
+    .await;
+    let refused = a
+        .publisher()
+        .await
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: crate::support::key(),
+            rows: vec![crate::support::row("k3", "city-a", "2025", 4.0, 10)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(
+        refused.message().contains("not the key in force"),
+        "{refused:?}"
+    );
+    assert_eq!(a.head("city-a").await.0, 3);
+
+    // A starts again with the new key and publishes; its feed goes on at
+    // seq 3 under a new feed id.
+    a.stop().await;
+    std::fs::rename(&new_file, a_dir.join("feed.key")).unwrap();
     a = TestNode::start(&a_dir, member("city-a")).await;
     let out = consortium
         .cli(&[
@@ -269,22 +331,23 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     })
     .await;
     a.wait_ready().await;
-    let receipt = publish_row(&a, "k2", 3.0).await;
-    assert_eq!(receipt.seq, 3);
+    let receipt = publish_row(&a, "k4", 5.0).await;
+    assert_eq!(receipt.seq, 4);
     let feed: Vec<civex_node::core::feed::Entry> = crate::support::whole_feed(&a.address, "city-a")
         .await
         .into_iter()
         .map(|e| civex_node::core::feed::Entry::decode(e).unwrap())
         .collect();
-    assert_eq!(feed.len(), 3);
-    assert_eq!(feed[0].body.feed_id, feed[1].body.feed_id);
-    assert_ne!(feed[2].body.feed_id, feed[1].body.feed_id);
-    assert_eq!(feed[2].body.prev_hash, feed[1].hash.to_vec());
+    assert_eq!(feed.len(), 4);
+    assert_eq!(feed[0].body.feed_id, feed[2].body.feed_id);
+    assert_ne!(feed[3].body.feed_id, feed[2].body.feed_id);
+    assert_eq!(feed[3].body.prev_hash, feed[2].hash.to_vec());
+    assert_eq!(receipt.feed_id, feed[3].body.feed_id);
 
     // B, which knows A only through the roster, follows from its cursor in
     // the old feed once the consortium holds the new entry.
     eventually("the consortium to hold it", || async {
-        consortium.head("city-a").await.0 == 3
+        consortium.head("city-a").await.0 == 4
     })
     .await;
     b.restart().await;
@@ -305,9 +368,9 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
         a.head("consortium").await == roster_head
     })
     .await;
-    assert_eq!(publish_row(&a, "k3", 4.0).await.seq, 4);
+    assert_eq!(publish_row(&a, "k5", 6.0).await.seq, 5);
     eventually("B to hold A's entry after the rename", || async {
-        b.head("city-a").await.0 == 4
+        b.head("city-a").await.0 == 5
     })
     .await;
     // civex feed tail verifies across the replacement with the roster's word.
@@ -322,11 +385,11 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
             "--origin",
             "city-a",
             "--count",
-            "4",
+            "5",
         ])
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(crate::support::stdout(&out).lines().count(), 4);
+    assert_eq!(crate::support::stdout(&out).lines().count(), 5);
     // civex verify on B's stopped store checks every signature of A's
     // feed, old key and new.
     b.stop().await;
@@ -346,7 +409,7 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|o| o["origin"] == "city-a" && o["verified"] == 4),
+            .any(|o| o["origin"] == "city-a" && o["verified"] == 5),
         "{report}"
     );
 }

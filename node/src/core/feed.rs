@@ -144,12 +144,14 @@ impl Replacement {
         })
     }
 
+    /// Whether the new feed starts right after `tip`.
+    pub fn starts_after(&self, tip: &Tip) -> bool {
+        tip.feed_id == self.old_feed_id && tip.seq == self.last_seq && tip.hash == self.last_hash
+    }
+
     /// Whether `entry`, coming after `tip`, starts this replacement's feed.
-    fn starts(&self, tip: &Tip, entry: &Entry) -> bool {
-        tip.feed_id == self.old_feed_id
-            && tip.seq == self.last_seq
-            && tip.hash == self.last_hash
-            && entry.body.feed_id.as_slice() == self.new_feed_id
+    pub fn starts(&self, tip: &Tip, entry: &Entry) -> bool {
+        self.starts_after(tip) && entry.body.feed_id.as_slice() == self.new_feed_id
     }
 }
 
@@ -863,6 +865,57 @@ pub(crate) mod tests {
         assert_eq!(at(2), key(5).verifying_key());
         assert_eq!(at(3), new.verifying_key());
         assert_eq!(at(4), key(6).verifying_key());
+    }
+
+    #[test]
+    fn a_replacement_next_to_rotations() {
+        // Old feed: seq 1 by key 1, seq 2 rotates to key 3 (the last entry
+        // kept). New feed from seq 3 by key 2, whose first entry rotates to
+        // key 4; seq 4 is signed by key 4.
+        let (first, rotated, new, new_rotated) = (key(1), key(3), key(2), key(4));
+        let mut old_feed = chain(&first, "city-a", 1);
+        let mut body = old_feed[0].body.clone();
+        body.seq = 2;
+        body.prev_hash = old_feed[0].hash.to_vec();
+        body.payload = Some(Payload::KeyRotation(civex_proto::v1::KeyRotation {
+            new_key: rotated.verifying_key().to_bytes().to_vec(),
+        }));
+        old_feed.push(Entry::sign(&first, body).unwrap());
+        let mut body = old_feed[1].body.clone();
+        body.seq = 3;
+        body.feed_id = vec![9; 16];
+        body.prev_hash = old_feed[1].hash.to_vec();
+        body.payload = Some(Payload::KeyRotation(civex_proto::v1::KeyRotation {
+            new_key: new_rotated.verifying_key().to_bytes().to_vec(),
+        }));
+        let switch = Entry::sign(&new, body).unwrap();
+        let after = extend(&new_rotated, &switch, 9, 4);
+        let replaced = [Replacement {
+            old_feed_id: [7; 16],
+            last_seq: 2,
+            last_hash: old_feed[1].hash,
+            new_feed_id: [9; 16],
+            new_key: new.verifying_key(),
+        }];
+        let whole = [old_feed.clone(), vec![switch.clone()], after].concat();
+        let (tip, key_after_range) =
+            verify_chain("city-a", &first.verifying_key(), &replaced, None, &whole).unwrap();
+        assert_eq!(tip.unwrap().seq, 4);
+        assert_eq!(key_after_range, new_rotated.verifying_key());
+        // The rotated old key cannot sign the new feed's first entry.
+        let mut body = switch.body.clone();
+        body.payload = None;
+        let forged = Entry::sign(&rotated, body).unwrap();
+        assert!(matches!(
+            verify_chain(
+                "city-a",
+                &first.verifying_key(),
+                &replaced,
+                None,
+                &[old_feed, vec![forged]].concat()
+            ),
+            Err(FeedError::BadSignature { seq: 3, .. })
+        ));
     }
 
     #[test]

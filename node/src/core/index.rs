@@ -216,7 +216,10 @@ pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
                 response: r.clone(),
             }]
         }
-        Some(Payload::Retraction(r)) if r.feed_id == body.feed_id && r.seq < seq => {
+        // The writer checks the hash named against the entry held, which
+        // covers its feed id (an entry before a lost key's replacement is
+        // of an earlier feed id than the retraction's own).
+        Some(Payload::Retraction(r)) if r.seq < seq => {
             vec![IndexRecord::Retraction {
                 origin: origin.clone(),
                 retracted_seq: r.seq,
