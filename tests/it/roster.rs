@@ -373,6 +373,26 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
         b.head("city-a").await.0 == 5
     })
     .await;
+    // Removed and added again, A keeps its replacement too.
+    for args in [
+        &["roster", "remove", "city-a"][..],
+        &[
+            "roster", "add", "city-a", "--key", &a_key, "--name", "City A",
+        ][..],
+    ] {
+        let out = consortium.cli(args).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let roster_head = consortium.head("consortium").await;
+    eventually("A and B to hold the re-added roster entry", || async {
+        a.head("consortium").await == roster_head && b.head("consortium").await == roster_head
+    })
+    .await;
+    assert_eq!(publish_row(&a, "k6", 7.0).await.seq, 6);
+    eventually("B to hold A's entry after the re-add", || async {
+        b.head("city-a").await.0 == 6
+    })
+    .await;
     // civex feed tail verifies across the replacement with the roster's word.
     let out = consortium
         .cli(&[
@@ -385,11 +405,11 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
             "--origin",
             "city-a",
             "--count",
-            "5",
+            "6",
         ])
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(crate::support::stdout(&out).lines().count(), 5);
+    assert_eq!(crate::support::stdout(&out).lines().count(), 6);
     // civex verify on B's stopped store checks every signature of A's
     // feed, old key and new.
     b.stop().await;
@@ -409,7 +429,7 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|o| o["origin"] == "city-a" && o["verified"] == 5),
+            .any(|o| o["origin"] == "city-a" && o["verified"] == 6),
         "{report}"
     );
 }
