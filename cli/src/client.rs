@@ -112,12 +112,26 @@ pub(crate) async fn subscribe_from_start(
     node: &Node,
     origins: &[String],
 ) -> anyhow::Result<tonic::Streaming<civex_proto::v1::SubscribeResponse>> {
+    let from_start = origins
+        .iter()
+        .map(|origin| (origin.clone(), None))
+        .collect();
+    subscribe_at(node, &from_start).await
+}
+
+/// Subscribes to each origin after its tip (`None`: from seq 1).
+pub(crate) async fn subscribe_at(
+    node: &Node,
+    tips: &std::collections::BTreeMap<String, Option<civex_node::core::feed::Tip>>,
+) -> anyhow::Result<tonic::Streaming<civex_proto::v1::SubscribeResponse>> {
     let request = civex_proto::v1::SubscribeRequest {
-        cursors: origins
+        cursors: tips
             .iter()
-            .map(|origin| civex_proto::v1::Cursor {
+            .map(|(origin, tip)| civex_proto::v1::Cursor {
                 origin: origin.clone(),
-                ..Default::default()
+                feed_id: tip.map(|t| t.feed_id.to_vec()).unwrap_or_default(),
+                seq: tip.map_or(0, |t| t.seq),
+                entry_hash: tip.map(|t| t.hash.to_vec()).unwrap_or_default(),
             })
             .collect(),
         all_origins: false,

@@ -1150,30 +1150,40 @@ async fn roster_members(
             _ => continue,
         };
         for entry in verified(node, &batch.origin, &mut key, &[], &mut tip, batch.entries)? {
-            let Some(Payload::Roster(member)) = entry.body.payload else {
-                continue;
-            };
-            let member_key = <[u8; 32]>::try_from(member.feed_key.as_slice())
-                .ok()
-                .and_then(|bytes| ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok());
-            match member_key {
-                Some(key) if !member.removed => {
-                    let replacements = replacements_of(&member).ok_or_else(|| {
-                        anyhow!(
-                            "the roster's entry for {} at seq {} names malformed key replacements",
-                            member.origin,
-                            entry.body.seq
-                        )
-                    })?;
-                    members.insert(member.origin, Member { key, replacements });
-                }
-                _ => {
-                    members.remove(&member.origin);
-                }
+            if let Some((origin, member)) = roster_member(&entry)? {
+                match member {
+                    Some(member) => members.insert(origin, member),
+                    None => members.remove(&origin),
+                };
             }
         }
     }
     Ok(members)
+}
+
+/// What a verified roster entry says of its member: `None` if it is not a
+/// roster entry; the member's origin and, unless removed, its keys.
+fn roster_member(entry: &Entry) -> anyhow::Result<Option<(String, Option<Member>)>> {
+    let Some(Payload::Roster(member)) = &entry.body.payload else {
+        return Ok(None);
+    };
+    let key = <[u8; 32]>::try_from(member.feed_key.as_slice())
+        .ok()
+        .and_then(|bytes| ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok());
+    let keys = match key {
+        Some(key) if !member.removed => {
+            let replacements = replacements_of(member).ok_or_else(|| {
+                anyhow!(
+                    "the roster's entry for {} at seq {} names malformed key replacements",
+                    member.origin,
+                    entry.body.seq
+                )
+            })?;
+            Some(Member { key, replacements })
+        }
+        _ => None,
+    };
+    Ok(Some((member.origin.clone(), keys)))
 }
 
 pub(crate) async fn feed(
@@ -1198,6 +1208,11 @@ pub(crate) async fn feed(
         None => None,
     };
     let mut replacements: BTreeMap<String, Vec<Replacement>> = BTreeMap::new();
+    // Without --origin, members the roster adds while the tail runs are
+    // followed too.
+    let follow_roster = roster_origin
+        .clone()
+        .filter(|r| origin.is_empty() && keys.contains_key(r));
     if let Some(roster_origin) = roster_origin {
         if let Some(&roster_key) = keys.get(&roster_origin) {
             for (origin, member) in roster_members(node, &roster_origin, roster_key).await? {
@@ -1219,9 +1234,9 @@ pub(crate) async fn feed(
         }
         origin
     };
-    let mut stream = client::subscribe_from_start(node, &origins).await?;
     let mut tips: BTreeMap<String, Option<Tip>> =
         origins.iter().map(|o| (o.clone(), None)).collect();
+    let mut stream = client::subscribe_at(node, &tips).await?;
     let mut seen = 0u64;
     if count == Some(0) {
         return Ok(ExitCode::SUCCESS);
@@ -1244,7 +1259,28 @@ pub(crate) async fn feed(
         let replaced = replacements
             .get(&batch.origin)
             .map_or(&[][..], Vec::as_slice);
-        for entry in verified(node, &batch.origin, key, replaced, tip, batch.entries)? {
+        let entries = verified(node, &batch.origin, key, replaced, tip, batch.entries)?;
+        let mut joined = false;
+        for entry in &entries {
+            let from_roster = follow_roster.as_deref() == Some(entry.body.origin.as_str());
+            let Some((member, Some(named))) = roster_member(entry)?.filter(|_| from_roster) else {
+                continue;
+            };
+            match keys.get(&member) {
+                None => {
+                    keys.insert(member.clone(), named.key);
+                    tips.insert(member.clone(), None);
+                    replacements.insert(member, named.replacements);
+                    joined = true;
+                }
+                Some(key) if *key == named.key => {
+                    replacements.insert(member, named.replacements);
+                }
+                // A key given by hand wins.
+                Some(_) => {}
+            }
+        }
+        for entry in entries {
             match format {
                 Format::Json => println!(
                     "{}",
@@ -1267,6 +1303,10 @@ pub(crate) async fn feed(
             if count.is_some_and(|c| seen >= c) {
                 return Ok(ExitCode::SUCCESS);
             }
+        }
+        if joined {
+            // A new member: subscribe again, every origin from where it is.
+            stream = client::subscribe_at(node, &tips).await?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -107,6 +107,73 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
         "{report}"
     );
 
+    // civex feed tail without --origin follows a member the roster adds
+    // while it runs.
+    let mut tail = std::process::Command::new(crate::support::bin("civex"))
+        .args([
+            "--node",
+            &consortium.address,
+            "--identity",
+            consortium.operator_dir().to_str().unwrap(),
+            "feed",
+            "tail",
+            "--config",
+            consortium.config_path().to_str().unwrap(),
+            "--count",
+            "5",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let out = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+            if line.map(|l| lines_tx.send(l)).is_err() {
+                break;
+            }
+        }
+    });
+    async fn next_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+        tokio::time::timeout(std::time::Duration::from_secs(30), lines.recv())
+            .await
+            .expect("no line from civex feed tail within 30 s")
+            .expect("civex feed tail ended early")
+    }
+    // The consortium's three roster entries first.
+    for _ in 0..3 {
+        assert!(next_line(&mut lines).await.starts_with("consortium"));
+    }
+    let c_key = key_of("city-c");
+    let out = consortium
+        .cli(&["roster", "add", "city-c", "--key", &c_key])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(next_line(&mut lines).await.contains("roster: city-c"));
+    let c = TestNode::start(
+        &dir.path().join("city-c"),
+        member("city-c").allow_without_peers(),
+    )
+    .await;
+    let out = consortium
+        .cli(&[
+            "peer",
+            "add",
+            "city-c",
+            "--address",
+            &c.address,
+            "--origin",
+            "city-c",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.wait_ready().await;
+    publish_row(&c, "late", 1.0).await;
+    let line = next_line(&mut lines).await;
+    assert!(line.starts_with("city-c       1"), "{line}");
+    assert!(tail.wait().unwrap().success());
+
     // A member is removed; bad input names the field and publishes nothing.
     let out = consortium.cli(&["roster", "remove", "city-a"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
