@@ -87,25 +87,7 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
     // roster gives.
     let mut b = b;
     b.stop().await;
-    let out = crate::support::civex_async(&[
-        "--output",
-        "json",
-        "verify",
-        "--config",
-        b.config_path().to_str().unwrap(),
-    ])
-    .await;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["clean"], true, "{report}");
-    assert!(
-        report["origins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|o| o["origin"] == "city-a" && o["verified"] == 1),
-        "{report}"
-    );
+    assert_verified(&b, "city-a", 1).await;
 
     // civex feed tail without --origin follows a member the roster adds
     // while it runs.
@@ -156,18 +138,7 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
         member("city-c").allow_without_peers(),
     )
     .await;
-    let out = consortium
-        .cli(&[
-            "peer",
-            "add",
-            "city-c",
-            "--address",
-            &c.address,
-            "--origin",
-            "city-c",
-        ])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    add_peer(&consortium, "city-c", &c.address).await;
     c.wait_ready().await;
     publish_row(&c, "late", 1.0).await;
     let line = next_line(&mut lines).await;
@@ -227,18 +198,7 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     let mut a = TestNode::start(&a_dir, member("city-a")).await;
     let b = TestNode::start(&dir.path().join("city-b"), member("city-b")).await;
     // The consortium replicates A (it names A's last entry) and relays it to B.
-    let out = consortium
-        .cli(&[
-            "peer",
-            "add",
-            "city-a",
-            "--address",
-            &a.address,
-            "--origin",
-            "city-a",
-        ])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    add_peer(&consortium, "city-a", &a.address).await;
     a.wait_ready().await;
     publish_row(&a, "k0", 1.0).await;
     publish_row(&a, "k1", 2.0).await;
@@ -289,18 +249,7 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     std::fs::rename(a_dir.join("feed.key"), &new_file).unwrap();
     civex_node::keys::write_secret_file(&a_dir.join("feed.key"), &lost).unwrap();
     a = TestNode::start(&a_dir, member("city-a")).await;
-    let out = consortium
-        .cli(&[
-            "peer",
-            "add",
-            "city-a",
-            "--address",
-            &a.address,
-            "--origin",
-            "city-a",
-        ])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    add_peer(&consortium, "city-a", &a.address).await;
     a.wait_ready().await;
     assert_eq!(publish_row(&a, "k2", 3.0).await.seq, 3);
     eventually("the consortium to hold A's third entry", || async {
@@ -380,18 +329,7 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     a.stop().await;
     std::fs::rename(&new_file, a_dir.join("feed.key")).unwrap();
     a = TestNode::start(&a_dir, member("city-a")).await;
-    let out = consortium
-        .cli(&[
-            "peer",
-            "add",
-            "city-a",
-            "--address",
-            &a.address,
-            "--origin",
-            "city-a",
-        ])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    add_peer(&consortium, "city-a", &a.address).await;
     let roster_head = consortium.head("consortium").await;
     eventually("A to hold the roster entry naming its new key", || async {
         a.head("consortium").await == roster_head
@@ -480,12 +418,18 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     // civex verify on B's stopped store checks every signature of A's
     // feed, old key and new.
     b.stop().await;
+    assert_verified(&b, "city-a", 6).await;
+}
+
+/// `civex verify` on `node`'s stopped store is clean and has verified
+/// `entries` entries of `origin`.
+async fn assert_verified(node: &TestNode, origin: &str, entries: u64) {
     let out = crate::support::civex_async(&[
         "--output",
         "json",
         "verify",
         "--config",
-        b.config_path().to_str().unwrap(),
+        node.config_path().to_str().unwrap(),
     ])
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
@@ -496,7 +440,23 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|o| o["origin"] == "city-a" && o["verified"] == 6),
+            .any(|o| o["origin"] == origin && o["verified"] == entries),
         "{report}"
     );
+}
+
+/// Makes `node` replicate `origin`'s node at `address` (`civex peer add`).
+async fn add_peer(node: &TestNode, origin: &str, address: &str) {
+    let out = node
+        .cli(&[
+            "peer",
+            "add",
+            origin,
+            "--address",
+            address,
+            "--origin",
+            origin,
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
 }
