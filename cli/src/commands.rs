@@ -1135,7 +1135,7 @@ async fn roster_members(
     node: &Node,
     roster_origin: &str,
     key: ed25519_dalek::VerifyingKey,
-) -> anyhow::Result<BTreeMap<String, Member>> {
+) -> anyhow::Result<(BTreeMap<String, Member>, u64)> {
     let mut stream = client::subscribe_from_start(node, &[roster_origin.to_owned()]).await?;
     let (mut key, mut tip) = (key, None);
     let mut members = BTreeMap::new();
@@ -1158,7 +1158,7 @@ async fn roster_members(
             }
         }
     }
-    Ok(members)
+    Ok((members, tip.map_or(0, |t| t.seq)))
 }
 
 /// What a verified roster entry says of its member: `None` if it is not a
@@ -1208,18 +1208,21 @@ pub(crate) async fn feed(
         None => None,
     };
     let mut replacements: BTreeMap<String, Vec<Replacement>> = BTreeMap::new();
-    // Without --origin, members the roster adds while the tail runs are
-    // followed too.
+    // Without --origin, members the roster adds (or changes) while the
+    // tail runs are followed too: the roster's entries after those read now.
     let follow_roster = roster_origin
         .clone()
         .filter(|r| origin.is_empty() && keys.contains_key(r));
+    let mut members = BTreeMap::new();
+    let mut roster_read = 0;
     if let Some(roster_origin) = roster_origin {
         if let Some(&roster_key) = keys.get(&roster_origin) {
-            for (origin, member) in roster_members(node, &roster_origin, roster_key).await? {
+            (members, roster_read) = roster_members(node, &roster_origin, roster_key).await?;
+            for (origin, member) in &members {
                 // A key given by hand wins, as a pinned key does on a node.
                 let key = *keys.entry(origin.clone()).or_insert(member.key);
                 if key == member.key {
-                    replacements.insert(origin, member.replacements);
+                    replacements.insert(origin.clone(), member.replacements.clone());
                 }
             }
         }
@@ -1262,22 +1265,27 @@ pub(crate) async fn feed(
         let entries = verified(node, &batch.origin, key, replaced, tip, batch.entries)?;
         let mut joined = false;
         for entry in &entries {
-            let from_roster = follow_roster.as_deref() == Some(entry.body.origin.as_str());
-            let Some((member, Some(named))) = roster_member(entry)?.filter(|_| from_roster) else {
+            let new_in_roster = follow_roster.as_deref() == Some(entry.body.origin.as_str())
+                && entry.body.seq > roster_read;
+            let Some((member, named)) = roster_member(entry)?.filter(|_| new_in_roster) else {
                 continue;
             };
-            match keys.get(&member) {
-                None => {
+            // A removed member is followed on; what it published stays valid.
+            let Some(named) = named else { continue };
+            match members.get(&member) {
+                None if !keys.contains_key(&member) => {
                     keys.insert(member.clone(), named.key);
                     tips.insert(member.clone(), None);
-                    replacements.insert(member, named.replacements);
+                    replacements.insert(member.clone(), named.replacements.clone());
+                    members.insert(member, named);
                     joined = true;
                 }
-                Some(key) if *key == named.key => {
-                    replacements.insert(member, named.replacements);
+                Some(known) if known.key == named.key && replacements.contains_key(&member) => {
+                    replacements.insert(member.clone(), named.replacements.clone());
+                    members.insert(member, named);
                 }
-                // A key given by hand wins.
-                Some(_) => {}
+                // A key given by hand, or another first key: left as is.
+                _ => {}
             }
         }
         for entry in entries {

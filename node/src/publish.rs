@@ -853,35 +853,16 @@ impl Sequencer {
         }
     }
 
-    /// The own feed's tip from the store, checked with [`Self::check_tip`].
+    /// The own feed's tip from the store, checking that this node holds the
+    /// key in force there (a rotation learned back from a peer, after a
+    /// restore from an old backup, may have named another; a lost key's
+    /// replacement is in force once the roster names it), and
+    /// [`Self::check_not_replaced`].
     fn load_tip(&self, replacements: &[Replacement]) -> Result<Option<Tip>, PublishError> {
-        let tip = self.store.head(&self.origin)?.map(|h| h.tip);
-        if let Some(tip) = &tip {
-            self.check_tip(tip, replacements)?;
-        }
-        Ok(tip)
-    }
-
-    /// Checks that this node may sign after `tip`: it holds the key in force
-    /// there (a rotation learned back from a peer, after a restore from an
-    /// old backup, may have named another; a lost key's replacement is in
-    /// force from the entry the roster names on, even for a node still
-    /// running with the old key), and the roster has not ended its feed
-    /// before `tip`.
-    fn check_tip(&self, tip: &Tip, replacements: &[Replacement]) -> Result<(), PublishError> {
-        if let Some(ended) = replacements.iter().find(|r| {
-            r.old_feed_id == tip.feed_id
-                && (tip.seq > r.last_seq || (tip.seq == r.last_seq && tip.hash != r.last_hash))
-        }) {
-            return Err(PublishError::NotReady(format!(
-                "the federation roster ended this node's feed {} at seq {}, but this node holds \
-                 another entry there or later ones (up to seq {}), which every peer refuses; \
-                 the roster must name this node's newest entry",
-                hex(&ended.old_feed_id),
-                ended.last_seq,
-                tip.seq
-            )));
-        }
+        let Some(tip) = self.store.head(&self.origin)?.map(|h| h.tip) else {
+            return Ok(None);
+        };
+        self.check_not_replaced(&tip, replacements)?;
         let rotations = self.store.rotations(&self.origin)?;
         let in_force = key_after(
             &self.origin,
@@ -895,9 +876,43 @@ impl Sequencer {
             return Err(PublishError::NotReady(
                 "this node's signing key is not the key in force at its feed's head (a key \
                  rotation is unsettled or was learned from a peer after a restore, or the \
-                 federation roster replaced the key, or does not name this key as the \
-                 replacement of a lost one yet); restart the node, restore the key file that \
-                 rotation wrote, or wait for the roster"
+                 federation roster does not name this key as the replacement of a lost one \
+                 yet); restart the node, restore the key file that rotation wrote, or wait for \
+                 the roster"
+                    .into(),
+            ));
+        }
+        Ok(Some(tip))
+    }
+
+    /// Checks, before every batch while the roster names replacements of
+    /// this feed's keys, that the roster has not ended the feed at or
+    /// before `tip`, and that where it starts the new feed right after
+    /// `tip` this node signs with the new key (a node still running with
+    /// the replaced key stops there).
+    fn check_not_replaced(
+        &self,
+        tip: &Tip,
+        replacements: &[Replacement],
+    ) -> Result<(), PublishError> {
+        if let Some(ended) = replacements.iter().find(|r| {
+            r.old_feed_id == tip.feed_id
+                && (tip.seq > r.last_seq || (tip.seq == r.last_seq && tip.hash != r.last_hash))
+        }) {
+            return Err(PublishError::NotReady(format!(
+                "the federation roster ended this node's feed {} at seq {}, but this node holds \
+                 another entry there or later ones (up to seq {}), which every peer refuses: \
+                 restore this node's store from a peer that follows the new feed",
+                hex(&ended.old_feed_id),
+                ended.last_seq,
+                tip.seq
+            )));
+        }
+        let starts = replacements.iter().find(|r| r.starts_after(tip));
+        if starts.is_some_and(|r| r.new_key != self.key.verifying_key()) {
+            return Err(PublishError::NotReady(
+                "this node's signing key is not the key in force at its feed's head: the \
+                 federation roster replaced it; start the node with the new key file"
                     .into(),
             ));
         }
@@ -910,9 +925,9 @@ impl Sequencer {
         let replacements = self.keys.replacements(&self.origin);
         let start = match self.own.tip {
             // A roster change may end the feed at the tip: check every batch.
-            Some(Some(tip)) if !replacements.is_empty() => {
-                self.check_tip(&tip, &replacements).map(|()| Some(tip))
-            }
+            Some(Some(tip)) if !replacements.is_empty() => self
+                .check_not_replaced(&tip, &replacements)
+                .map(|()| Some(tip)),
             Some(tip) => Ok(tip),
             None => self.load_tip(&replacements),
         };

@@ -284,8 +284,9 @@ pub struct PublishService {
     roster: Arc<Roster>,
     store: SharedStore,
     /// One roster change at a time: each reads the member's entry it
-    /// replaces (its key replacements carry over).
-    roster_changes: tokio::sync::Mutex<()>,
+    /// replaces (its key replacements carry over). Held until the change
+    /// is durable and the roster re-read, even if the caller goes away.
+    roster_changes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl PublishService {
@@ -317,12 +318,48 @@ impl PublishService {
         fingerprint: [u8; 32],
         request: publish::Request,
     ) -> Result<Response<pb::Receipt>, Status> {
+        self.publish_then(key, fingerprint, request, |_| {}).await
+    }
+
+    /// Publishes a roster entry holding the roster lock until the entry is
+    /// durable and the roster re-read.
+    async fn publish_roster_change(
+        &self,
+        key: &[u8],
+        fingerprint: [u8; 32],
+        request: publish::Request,
+        lock: tokio::sync::OwnedMutexGuard<()>,
+    ) -> Result<Response<pb::Receipt>, Status> {
+        let roster = self.roster.clone();
+        self.publish_then(key, fingerprint, request, move |published| {
+            if published {
+                if let Err(err) = roster.refresh() {
+                    tracing::error!(error = %err, "the roster could not be re-read after a change");
+                }
+            }
+            drop(lock);
+        })
+        .await
+    }
+
+    /// Publishes, then runs `then` with whether it was published.
+    async fn publish_then(
+        &self,
+        key: &[u8],
+        fingerprint: [u8; 32],
+        request: publish::Request,
+        then: impl FnOnce(bool) + Send + 'static,
+    ) -> Result<Response<pb::Receipt>, Status> {
         let key = idempotency_key(key)?;
         // Run to completion even if the caller goes away: a publish that
         // was queued keeps its idempotency key busy until it is durable or
         // failed, so a retry never signs a second entry for it.
         let publisher = self.publisher.clone();
-        let task = tokio::spawn(async move { publisher.publish(key, fingerprint, request).await });
+        let task = tokio::spawn(async move {
+            let done = publisher.publish(key, fingerprint, request).await;
+            then(done.is_ok());
+            done
+        });
         match task.await {
             Ok(Ok(done)) => Ok(Response::new(receipt(done))),
             Ok(Err(err)) => {
@@ -436,7 +473,7 @@ impl Publish for PublishService {
             .entry
             .ok_or_else(|| invalid("entry: missing".into()))?;
         check_origin_id(&entry.origin).map_err(|m| invalid(format!("entry.origin: {m}")))?;
-        let _one_at_a_time = self.roster_changes.lock().await;
+        let one_at_a_time = self.roster_changes.clone().lock_owned().await;
         if !entry.replacements.is_empty() {
             return Err(invalid(
                 "entry.replacements: set only by ReplaceFeedKey (civex roster replace-key)".into(),
@@ -486,15 +523,13 @@ impl Publish for PublishService {
                 }
             }
         }
-        let receipt = self
-            .publish(
-                &request.idempotency_key,
-                print,
-                publish::Request::Roster(entry),
-            )
-            .await?;
-        self.roster.refresh().map_err(|e| e.to_status())?;
-        Ok(receipt)
+        self.publish_roster_change(
+            &request.idempotency_key,
+            print,
+            publish::Request::Roster(entry),
+            one_at_a_time,
+        )
+        .await
     }
 
     async fn replace_feed_key(
@@ -504,7 +539,7 @@ impl Publish for PublishService {
         let request = request.into_inner();
         let print = fingerprint("replace-key", &request, |r| r.idempotency_key.clear());
         self.check_roster_origin()?;
-        let _one_at_a_time = self.roster_changes.lock().await;
+        let one_at_a_time = self.roster_changes.clone().lock_owned().await;
         // A retry gets its receipt, whatever the roster holds by now.
         let repeat = self
             .publisher
@@ -591,18 +626,17 @@ impl Publish for PublishService {
         if replacements_of(&member).is_none() {
             return Err(Status::failed_precondition(format!(
                 "{origin}'s entry at seq {last_seq} is not in the feed the roster's last \
-                 replacement started: this node's copy of the member's feed is stale"
+                 replacement started: this node's copy of the member's feed is stale, or that \
+                 feed has no entry yet (a key lost before its first use cannot be replaced)"
             )));
         }
-        let receipt = self
-            .publish(
-                &request.idempotency_key,
-                print,
-                publish::Request::Roster(member),
-            )
-            .await?;
-        self.roster.refresh().map_err(|e| e.to_status())?;
-        Ok(receipt)
+        self.publish_roster_change(
+            &request.idempotency_key,
+            print,
+            publish::Request::Roster(member),
+            one_at_a_time,
+        )
+        .await
     }
 
     async fn rotate_key(
@@ -1324,7 +1358,7 @@ pub async fn router(
         publisher: services.publisher.clone(),
         roster: services.roster.clone(),
         store: services.store.clone(),
-        roster_changes: tokio::sync::Mutex::default(),
+        roster_changes: Arc::default(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

@@ -99,7 +99,7 @@ pub enum FeedError {
     #[error("origin {0:?} is not a known origin (no pinned feed key)")]
     UnknownOrigin(String),
     /// An entry of a feed the roster ended (its key was lost).
-    #[error("origin {origin}: seq {seq} is of feed {feed_id}, which the roster ended at seq {last_seq} (its key was lost); later entries of it are refused")]
+    #[error("origin {origin}: seq {seq} is of feed {feed_id}, which the roster ended at seq {last_seq} (its key was lost); later or other entries of it are refused")]
     Replaced {
         /// Origin.
         origin: String,
@@ -345,10 +345,10 @@ pub fn check_link(
             found: body.seq,
         });
     }
-    if let Some(ended) = replacements
-        .iter()
-        .find(|r| body.feed_id.as_slice() == r.old_feed_id && body.seq > r.last_seq)
-    {
+    if let Some(ended) = replacements.iter().find(|r| {
+        body.feed_id.as_slice() == r.old_feed_id
+            && (body.seq > r.last_seq || (body.seq == r.last_seq && entry.hash != r.last_hash))
+    }) {
         return Err(FeedError::Replaced {
             origin: origin.to_owned(),
             seq: body.seq,
@@ -830,6 +830,17 @@ pub(crate) mod tests {
                 last_seq: 3,
                 ..
             })
+        ));
+        // Nor may it sign another entry at the seq the roster kept.
+        let other_last = extend(&lost, &old_feed[1], 7, 3);
+        assert!(matches!(
+            check_link(
+                "city-a",
+                &replaced,
+                Some(&old_feed[1].tip()),
+                &other_last[0]
+            ),
+            Err(FeedError::Replaced { seq: 3, .. })
         ));
         // The old key cannot start the new feed either.
         let forged = extend(&lost, &old_feed[2], 9, 4);
