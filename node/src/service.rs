@@ -283,6 +283,8 @@ pub struct PublishService {
     publisher: Arc<Publisher>,
     roster: Arc<Roster>,
     store: SharedStore,
+    /// What peers report of each origin's head.
+    replication: Arc<Replication>,
     /// One roster change at a time: each reads the member's entry it
     /// replaces (its key replacements carry over). Held until the change
     /// is durable and the roster re-read, even if the caller goes away.
@@ -589,6 +591,18 @@ impl Publish for PublishService {
             return Err(Status::failed_precondition(format!(
                 "this node holds no entry of {origin}, so it cannot name the last one to keep; \
                  let it replicate the member first"
+            )));
+        }
+        // Nor may a peer hold more: it could not follow the new feed.
+        let ahead = self.replication.peers().into_iter().find_map(|peer| {
+            let state = peer.state.lock().ok()?;
+            let seq = *state.peer_heads.get(&origin)?;
+            (seq > held).then(|| (peer.name.clone(), seq))
+        });
+        if let Some((peer, seq)) = ahead {
+            return Err(Status::failed_precondition(format!(
+                "peer {peer} holds {origin}'s feed up to seq {seq}, this node up to seq {held}; \
+                 let this node catch up first, so the replacement keeps every entry"
             )));
         }
         // Ending the feed before the newest entry held is refused: nodes
@@ -1358,6 +1372,7 @@ pub async fn router(
         publisher: services.publisher.clone(),
         roster: services.roster.clone(),
         store: services.store.clone(),
+        replication: services.replication.clone(),
         roster_changes: Arc::default(),
     })
     .max_decoding_message_size(max)
