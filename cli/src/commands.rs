@@ -1179,7 +1179,11 @@ fn roster_member(entry: &Entry) -> anyhow::Result<Option<(String, Option<Member>
                     entry.body.seq
                 )
             })?;
-            Some(Member { key, replacements })
+            Some(Member {
+                key,
+                replacements,
+                removed: false,
+            })
         }
         _ => None,
     };

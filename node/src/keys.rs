@@ -247,6 +247,9 @@ pub struct Member {
     pub key: VerifyingKey,
     /// Its lost keys' replacements, oldest first.
     pub replacements: Vec<Replacement>,
+    /// It left the federation: what is held of its feed stays verifiable,
+    /// but it is no longer replicated.
+    pub removed: bool,
 }
 
 impl KeyResolver {
@@ -287,13 +290,15 @@ impl KeyResolver {
             .unwrap_or_default()
     }
 
-    /// Every origin with a known key, in order.
+    /// Every origin to replicate: pinned, or a member the roster has not
+    /// removed; in order.
     pub fn origins(&self) -> Vec<String> {
         let roster = self
             .roster
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut origins: Vec<String> = self.pinned.keys().chain(roster.keys()).cloned().collect();
+        let members = roster.iter().filter(|(_, m)| !m.removed).map(|(o, _)| o);
+        let mut origins: Vec<String> = self.pinned.keys().chain(members).cloned().collect();
         origins.sort();
         origins.dedup();
         origins
@@ -361,6 +366,7 @@ mod tests {
     fn the_roster_replaces_keys_of_its_members_and_the_own_origin_only() {
         let key = |seed: u8| SigningKey::from_bytes(&[seed; 32]).verifying_key();
         let replaced = |first| Member {
+            removed: false,
             key: first,
             replacements: vec![Replacement {
                 old_feed_id: [1; 16],

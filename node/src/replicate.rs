@@ -580,7 +580,6 @@ impl Roster {
             .store
             .roster(origin)?
             .into_iter()
-            .filter(|entry| !entry.removed)
             .filter_map(|entry| {
                 let bytes: [u8; 32] = entry.feed_key.as_slice().try_into().ok()?;
                 let key = VerifyingKey::from_bytes(&bytes)
@@ -590,7 +589,15 @@ impl Roster {
                     tracing::warn!(member = %entry.origin, "the roster's key replacements of this member are malformed; ignored");
                     Vec::new()
                 });
-                Some((entry.origin, Member { key, replacements }))
+                let removed = entry.removed;
+                Some((
+                    entry.origin,
+                    Member {
+                        key,
+                        replacements,
+                        removed,
+                    },
+                ))
             })
             .collect();
         let changed = self.keys.set_roster(members);

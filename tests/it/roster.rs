@@ -42,7 +42,7 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
         member("city-a").allow_without_peers(),
     )
     .await;
-    let hub = TestNode::start(
+    let mut hub = TestNode::start(
         &dir.path().join("hub"),
         member("hub")
             .peer("consortium", &consortium.address)
@@ -154,6 +154,13 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
         .await;
     assert!(stderr(&out).contains("--key"), "{}", stderr(&out));
     assert_eq!(consortium.head("consortium").await.0, before);
+    // What the hub holds of the removed member stays verifiable.
+    eventually("the hub to hold the removal", || async {
+        hub.head("consortium").await.0 == before
+    })
+    .await;
+    hub.stop().await;
+    assert_verified(&hub, "city-a", 1).await;
 
     // Only the roster origin publishes roster entries.
     let out = a.cli(&["roster", "add", "city-x", "--key", &b_key]).await;
