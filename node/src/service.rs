@@ -630,6 +630,16 @@ impl Publish for PublishService {
         let mut new_feed_id = [0u8; 16];
         getrandom::getrandom(&mut new_feed_id)
             .map_err(|err| Status::internal(format!("no randomness for a feed id: {err}")))?;
+        // A replacement whose feed has no entry anywhere yet (its key was
+        // lost before its first use, or named wrongly) is amended in place:
+        // nothing was signed under it.
+        if member
+            .replacements
+            .last()
+            .is_some_and(|newest| newest.last_seq == last_seq)
+        {
+            member.replacements.pop();
+        }
         member.replacements.push(pb::FeedReplacement {
             old_feed_id: last.body.feed_id.clone(),
             last_seq,
@@ -640,8 +650,7 @@ impl Publish for PublishService {
         if replacements_of(&member).is_none() {
             return Err(Status::failed_precondition(format!(
                 "{origin}'s entry at seq {last_seq} is not in the feed the roster's last \
-                 replacement started: this node's copy of the member's feed is stale, or that \
-                 feed has no entry yet (a key lost before its first use cannot be replaced)"
+                 replacement started: this node's copy of the member's feed is stale"
             )));
         }
         self.publish_roster_change(

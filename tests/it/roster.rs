@@ -293,6 +293,14 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
         .await;
     assert!(stderr(&out).contains("up to seq 3"), "{}", stderr(&out));
     assert_eq!(consortium.head("consortium").await.0, before);
+    // A key named by mistake (or lost again before its first use) is
+    // amended while its feed has no entry: the next replacement takes its
+    // place.
+    let mistaken = make_key(&dir.path().join("mistaken"));
+    let out = consortium
+        .cli(&["roster", "replace-key", "city-a", "--key", &mistaken])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
     let replace = pb::ReplaceFeedKeyRequest {
         idempotency_key: crate::support::key(),
         origin: "city-a".into(),
