@@ -895,10 +895,7 @@ impl Sequencer {
         tip: &Tip,
         replacements: &[Replacement],
     ) -> Result<(), PublishError> {
-        if let Some(ended) = replacements.iter().find(|r| {
-            r.old_feed_id == tip.feed_id
-                && (tip.seq > r.last_seq || (tip.seq == r.last_seq && tip.hash != r.last_hash))
-        }) {
+        if let Some(ended) = replacements.iter().find(|r| r.refuses(tip)) {
             return Err(PublishError::NotReady(format!(
                 "the federation roster ended this node's feed {} at seq {}, but this node holds \
                  another entry there or later ones (up to seq {}), which every peer refuses: \

@@ -16,20 +16,11 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
         key_of("city-b"),
         key_of("hub"),
     );
-    let consortium = TestNode::start(
-        &dir.path().join("consortium"),
-        Spec::new("consortium")
-            .roster("consortium")
-            .allow_without_peers(),
+    let consortium = start_consortium(
+        dir.path(),
+        &[("city-a", &a_key), ("city-b", &b_key), ("hub", &h_key)],
     )
     .await;
-    consortium.wait_ready().await;
-    for (origin, key) in [("city-a", &a_key), ("city-b", &b_key), ("hub", &h_key)] {
-        let out = consortium
-            .cli(&["roster", "add", origin, "--key", key, "--name", origin])
-            .await;
-        assert!(out.status.success(), "{}", stderr(&out));
-    }
 
     // Each node pins only the consortium's key.
     let member = |origin: &str| {
@@ -181,20 +172,7 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let key_of = |name: &str| make_key(&dir.path().join(name));
     let (k_key, a_key, b_key) = (key_of("consortium"), key_of("city-a"), key_of("city-b"));
-    let consortium = TestNode::start(
-        &dir.path().join("consortium"),
-        Spec::new("consortium")
-            .roster("consortium")
-            .allow_without_peers(),
-    )
-    .await;
-    consortium.wait_ready().await;
-    for (origin, key) in [("city-a", &a_key), ("city-b", &b_key)] {
-        let out = consortium
-            .cli(&["roster", "add", origin, "--key", key, "--name", origin])
-            .await;
-        assert!(out.status.success(), "{}", stderr(&out));
-    }
+    let consortium = start_consortium(dir.path(), &[("city-a", &a_key), ("city-b", &b_key)]).await;
     let member = |origin: &str| {
         Spec::new(origin)
             .trust("consortium", &k_key)
@@ -474,4 +452,24 @@ async fn add_peer(node: &TestNode, origin: &str, address: &str) {
         ])
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Starts the roster origin's node, "consortium", in `dir` and adds each
+/// (origin, feed key) as a member named after its origin.
+async fn start_consortium(dir: &std::path::Path, members: &[(&str, &str)]) -> TestNode {
+    let consortium = TestNode::start(
+        &dir.join("consortium"),
+        Spec::new("consortium")
+            .roster("consortium")
+            .allow_without_peers(),
+    )
+    .await;
+    consortium.wait_ready().await;
+    for (origin, key) in members {
+        let out = consortium
+            .cli(&["roster", "add", origin, "--key", key, "--name", origin])
+            .await;
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    consortium
 }

@@ -144,6 +144,13 @@ impl Replacement {
         })
     }
 
+    /// Whether the entry at `at` is one the roster refused: a later entry
+    /// of the feed it ended, or another one at the last seq it kept.
+    pub fn refuses(&self, at: &Tip) -> bool {
+        at.feed_id == self.old_feed_id
+            && (at.seq > self.last_seq || (at.seq == self.last_seq && at.hash != self.last_hash))
+    }
+
     /// Whether the new feed starts right after `tip`.
     pub fn starts_after(&self, tip: &Tip) -> bool {
         tip.feed_id == self.old_feed_id && tip.seq == self.last_seq && tip.hash == self.last_hash
@@ -345,10 +352,7 @@ pub fn check_link(
             found: body.seq,
         });
     }
-    if let Some(ended) = replacements.iter().find(|r| {
-        body.feed_id.as_slice() == r.old_feed_id
-            && (body.seq > r.last_seq || (body.seq == r.last_seq && entry.hash != r.last_hash))
-    }) {
+    if let Some(ended) = replacements.iter().find(|r| r.refuses(&entry.tip())) {
         return Err(FeedError::Replaced {
             origin: origin.to_owned(),
             seq: body.seq,
