@@ -474,7 +474,22 @@ async fn catch_up(
     let write = |dir: &Path, origin: &str, address: &str, peers: &[BenchPeer<'_>]| {
         bench_config(&federation, dir, origin, address, &trusted, peers)
     };
-    let source_config = write(source_dir, "bench-source", &source_address, &[])?;
+    let dest_dir = root.join("dest");
+    std::fs::create_dir_all(&dest_dir)?;
+    let dest_key = create_key_file(&dest_dir.join("feed.key"))?;
+    // The source admits the destination's subscription: it knows its key.
+    let source_config = bench_config(
+        &federation,
+        source_dir,
+        "bench-source",
+        &source_address,
+        &[
+            trusted.clone(),
+            vec![("bench-dest".to_owned(), dest_key.verifying_key())],
+        ]
+        .concat(),
+        &[],
+    )?;
     let (stop_source, source_stopped) = tokio::sync::oneshot::channel::<()>();
     let source_task = tokio::spawn(civex_node::node::run(
         source_config,
@@ -488,9 +503,6 @@ async fn catch_up(
     })
     .await?;
 
-    let dest_dir = root.join("dest");
-    std::fs::create_dir_all(&dest_dir)?;
-    create_key_file(&dest_dir.join("feed.key"))?;
     let dest_listener = civex_node::transport::bind("127.0.0.1:0").await?;
     let dest_address = dest_listener.local_addr()?.to_string();
     let dest = federation.client(&dest_address);
@@ -883,12 +895,20 @@ async fn live_publish(root: &Path, count: u64, publishers: usize) -> anyhow::Res
     std::fs::create_dir_all(&a_dir)?;
     std::fs::create_dir_all(&b_dir)?;
     let a_key = create_key_file(&a_dir.join("feed.key"))?;
-    create_key_file(&b_dir.join("feed.key"))?;
+    let b_key = create_key_file(&b_dir.join("feed.key"))?;
     let a_listener = civex_node::transport::bind("127.0.0.1:0").await?;
     let a_address = a_listener.local_addr()?.to_string();
     let b_listener = civex_node::transport::bind("127.0.0.1:0").await?;
     let b_address = b_listener.local_addr()?.to_string();
-    let a_config = bench_config(&federation, &a_dir, A, &a_address, &[], &[])?;
+    // A admits B's subscription: it knows B's key.
+    let a_config = bench_config(
+        &federation,
+        &a_dir,
+        A,
+        &a_address,
+        &[(B.to_owned(), b_key.verifying_key())],
+        &[],
+    )?;
     let b_config = bench_config(
         &federation,
         &b_dir,
@@ -1110,18 +1130,19 @@ async fn live_relay(root: &Path, count: u64) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a_dir)?;
     std::fs::create_dir_all(&b_dir)?;
     create_key_file(&a_dir.join("feed.key"))?;
-    create_key_file(&b_dir.join("feed.key"))?;
+    let b_key = create_key_file(&b_dir.join("feed.key"))?;
     let a_listener = civex_node::transport::bind("127.0.0.1:0").await?;
     let a_address = a_listener.local_addr()?.to_string();
     let b_listener = civex_node::transport::bind("127.0.0.1:0").await?;
     let b_address = b_listener.local_addr()?.to_string();
     let trusted = [(C.to_owned(), c_key.verifying_key())];
+    // A admits B's subscription: it knows B's key.
     let a_config = bench_config(
         &federation,
         &a_dir,
         A,
         &a_address,
-        &trusted,
+        &[trusted[0].clone(), (B.to_owned(), b_key.verifying_key())],
         &[BenchPeer {
             name: C,
             address: &c_address,

@@ -290,6 +290,18 @@ impl KeyResolver {
             .unwrap_or_default()
     }
 
+    /// Whether `origin` is a member this node knows now: pinned (its own
+    /// origin included), or named by the roster and not removed.
+    pub fn is_member(&self, origin: &str) -> bool {
+        self.pinned.contains_key(origin)
+            || self
+                .roster
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(origin)
+                .is_some_and(|m| !m.removed)
+    }
+
     /// Every origin to replicate: pinned, or a member the roster has not
     /// removed; in order.
     pub fn origins(&self) -> Vec<String> {
@@ -398,6 +410,40 @@ mod tests {
         resolver.set_roster([("own".to_owned(), replaced(key(5)))].into_iter().collect());
         assert!(resolver.replacements("own").is_empty());
         assert_eq!(resolver.key_for("own", &[], 0), Some(key(1)));
+    }
+
+    #[test]
+    fn members_are_the_pinned_and_the_rosters_not_removed() {
+        let key = |seed: u8| SigningKey::from_bytes(&[seed; 32]).verifying_key();
+        let member = |seed, removed| Member {
+            key: key(seed),
+            replacements: Vec::new(),
+            removed,
+        };
+        let resolver = KeyResolver::new(
+            "own",
+            key(1),
+            [("pinned".to_owned(), key(2))].into_iter().collect(),
+        );
+        resolver.set_roster(
+            [
+                ("member".to_owned(), member(3, false)),
+                ("gone".to_owned(), member(4, true)),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        for (origin, known) in [
+            ("own", true),
+            ("pinned", true),
+            ("member", true),
+            ("gone", false),
+            ("stranger", false),
+        ] {
+            assert_eq!(resolver.is_member(origin), known, "{origin}");
+        }
+        // A removed member's key stays, to verify what is held of it.
+        assert_eq!(resolver.key_for("gone", &[], 0), Some(key(4)));
     }
 
     #[test]

@@ -112,6 +112,9 @@ pub struct PeerRegistry {
     audit_path: PathBuf,
     config: Vec<PeerPolicy>,
     changes: Mutex<Changes>,
+    /// Bumped after every change, so open subscriptions re-check who may
+    /// read what.
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 fn now_micros() -> i64 {
@@ -139,6 +142,7 @@ impl PeerRegistry {
             path,
             config: config.iter().map(PeerPolicy::from_config).collect(),
             changes: Mutex::new(changes),
+            version: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -228,7 +232,13 @@ impl PeerRegistry {
         self.audit(who, action, detail)?;
         self.persist(&next)?;
         *changes = next;
+        self.version.send_modify(|v| *v += 1);
         Ok(())
+    }
+
+    /// Notified after every change.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     /// The audit log, oldest first.

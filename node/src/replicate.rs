@@ -608,8 +608,15 @@ impl Roster {
         Ok(changed)
     }
 
-    fn changes(&self) -> watch::Receiver<u64> {
+    /// Notified whenever the members change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
+    }
+
+    /// Whether `origin` is a member this node knows now (see
+    /// [`KeyResolver::is_member`]).
+    pub fn is_member(&self, origin: &str) -> bool {
+        self.keys.is_member(origin)
     }
 }
 

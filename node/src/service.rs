@@ -43,7 +43,7 @@ enum Access {
     /// Operators only (publish, query, status); the text names the action.
     Operators(&'static str),
     /// Operators and member nodes (any origin certified by the federation
-    /// CA): the feed.
+    /// CA): the feed, which then admits only the members it knows.
     Members,
 }
 
@@ -704,6 +704,38 @@ pub struct FeedService {
     shutdown: watch::Receiver<bool>,
     streams: StreamSlots,
     registry: Arc<PeerRegistry>,
+    roster: Arc<Roster>,
+}
+
+/// Who may subscribe, and what they may read (spec rule 6). An origin must
+/// be a member this node knows: a peer (`node.toml` or `civex peer add`),
+/// pinned in `trusted_origins`, or on the roster and not removed; a peer
+/// with a read policy reads only what it allows. Operators this node names
+/// and plain loopback connections (insecure mode) read everything. Checked
+/// when a stream opens and again whenever the peers or the roster change.
+struct Admission {
+    identity: Option<Identity>,
+    registry: Arc<PeerRegistry>,
+    roster: Arc<Roster>,
+}
+
+impl Admission {
+    /// `None`: every origin may be read; `Some`: what the policy allows.
+    fn check(&self) -> Result<Option<PeerPolicy>, Status> {
+        let Some(identity @ Identity::Origin(origin)) = &self.identity else {
+            return Ok(None);
+        };
+        if let Some(policy) = self.registry.policy_for(origin) {
+            return Ok(Some(policy));
+        }
+        if self.roster.is_member(origin) {
+            return Ok(None);
+        }
+        Err(Status::permission_denied(format!(
+            "{identity} is not a member this node knows: add it as a peer (civex peer add), \
+             pin its feed key in trusted_origins, or add it to the federation roster"
+        )))
+    }
 }
 
 /// Open subscriptions per peer (its certificate identity, or its address on
@@ -836,7 +868,20 @@ async fn send_event(
     shutdown: &mut watch::Receiver<bool>,
     event: Event,
 ) -> bool {
-    let message = Ok(pb::SubscribeResponse { event: Some(event) });
+    send_message(
+        tx,
+        shutdown,
+        Ok(pb::SubscribeResponse { event: Some(event) }),
+    )
+    .await
+}
+
+/// Sends one message unless the subscriber left or the node is stopping.
+async fn send_message(
+    tx: &mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    shutdown: &mut watch::Receiver<bool>,
+    message: Result<pb::SubscribeResponse, Status>,
+) -> bool {
     tokio::select! {
         sent = tx.send(message) => sent.is_ok(),
         _ = shutdown.wait_for(|stop| *stop) => false,
@@ -852,9 +897,13 @@ impl FeedService {
         mut committed: watch::Receiver<DurableHeads>,
         mut shutdown: watch::Receiver<bool>,
         request: pb::SubscribeRequest,
+        admission: Admission,
         readable: Option<PeerPolicy>,
         tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
     ) -> Result<(), StoreError> {
+        let mut peers_changed = admission.registry.changes();
+        let mut roster_changed = admission.roster.changes();
+        let mut recheck = false;
         let mut origins: BTreeMap<String, OriginCursor> = BTreeMap::new();
         for cursor in request.cursors {
             let claim = (cursor.seq > 0).then(|| Claim {
@@ -865,6 +914,29 @@ impl FeedService {
             origins.insert(cursor.origin, OriginCursor::from_seq(cursor.seq, claim));
         }
         loop {
+            if recheck
+                || peers_changed.has_changed().unwrap_or(false)
+                || roster_changed.has_changed().unwrap_or(false)
+            {
+                recheck = false;
+                peers_changed.mark_unchanged();
+                roster_changed.mark_unchanged();
+                // Who may read what changed: a subscriber no longer known
+                // is cut off, one whose read policy changed subscribes
+                // again under the new one.
+                let end = match admission.check() {
+                    Err(refused) => Some(refused),
+                    Ok(now) if now != readable => Some(Status::unavailable(
+                        "what this subscriber may read from this node changed; subscribe again",
+                    )),
+                    Ok(_) => None,
+                };
+                if let Some(status) = end {
+                    tracing::info!(identity = ?admission.identity, reason = %status.message(), "subscription ended");
+                    send_message(&tx, &mut shutdown, Err(status)).await;
+                    return Ok(());
+                }
+            }
             let heads = committed.borrow_and_update().clone();
             if request.all_origins {
                 let readable = |origin: &str| readable.as_ref().is_none_or(|p| p.may_read(origin));
@@ -945,6 +1017,9 @@ impl FeedService {
             if !sent_entries {
                 tokio::select! {
                     changed = committed.changed() => if changed.is_err() { return Ok(()) },
+                    // Both senders live as long as the admission holds them.
+                    _ = peers_changed.changed() => recheck = true,
+                    _ = roster_changed.changed() => recheck = true,
                     _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
                     _ = tx.closed() => return Ok(()),
                 }
@@ -969,11 +1044,14 @@ impl Feed for FeedService {
             Some(identity) => identity.to_string(),
             None => info.addr.ip().to_string(),
         });
-        // A member node with a peer policy reads only what it allows.
-        let readable = match &identity {
-            Some(Identity::Origin(origin)) => self.registry.policy_for(origin),
-            _ => None,
+        let admission = Admission {
+            identity,
+            registry: self.registry.clone(),
+            roster: self.roster.clone(),
         };
+        let readable = admission.check().inspect_err(|refused| {
+            tracing::warn!(%peer, reason = %refused.message(), "subscription refused: unknown member");
+        })?;
         let request = request.into_inner();
         if let Some(policy) = &readable {
             if let Some(cursor) = request.cursors.iter().find(|c| !policy.may_read(&c.origin)) {
@@ -1014,7 +1092,9 @@ impl Feed for FeedService {
         tokio::spawn(async move {
             let _slot = slot;
             let error_tx = tx.clone();
-            if let Err(err) = Self::serve(store, committed, shutdown, request, readable, tx).await {
+            if let Err(err) =
+                Self::serve(store, committed, shutdown, request, admission, readable, tx).await
+            {
                 tracing::error!(error = %err, "subscription ended by a store error");
                 let _ = error_tx.send(Err(err.to_status())).await;
             }
@@ -1399,6 +1479,7 @@ pub async fn router(
             cap: services.max_streams_per_peer,
         },
         registry: services.registry.clone(),
+        roster: services.roster.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

@@ -91,13 +91,17 @@ async fn delays_stalls_and_cuts_lose_and_duplicate_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_replication_resumes_without_loss_or_duplicates() {
     let dir = tempfile::tempdir().unwrap();
+    let b_dir = dir.path().join("b");
+    // A admits B, whose key it pins.
+    let b_key = crate::support::make_key(&b_dir);
     let a = TestNode::start(
         &dir.path().join("a"),
-        Spec::new("city-a").allow_without_peers(),
+        Spec::new("city-a")
+            .trust("city-b", &b_key)
+            .allow_without_peers(),
     )
     .await;
     a.wait_ready().await;
-    let b_dir = dir.path().join("b");
     write_node_dir(
         &b_dir,
         &Spec::new("city-b")

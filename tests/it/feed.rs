@@ -7,7 +7,7 @@ use civex_node::{
 use civex_proto::v1::{self as pb, subscribe_response::Event};
 use tonic::Streaming;
 
-use crate::support::{publish_row, Spec, TestNode};
+use crate::support::{make_key, publish_row, Spec, TestNode};
 
 /// Reads the next event, failing after the deadline.
 async fn next_event(stream: &mut Streaming<pb::SubscribeResponse>) -> Event {
@@ -168,7 +168,13 @@ async fn a_cursor_naming_another_entry_gets_the_evidence_and_nothing_else() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_to_all_picks_up_origins_that_appear_later() {
     let dir = tempfile::tempdir().unwrap();
-    let a = TestNode::start(&dir.path().join("a"), Spec::new("city-a")).await;
+    // A admits B, whose key it pins.
+    let b_key = make_key(&dir.path().join("b"));
+    let a = TestNode::start(
+        &dir.path().join("a"),
+        Spec::new("city-a").trust("city-b", &b_key),
+    )
+    .await;
     let b = TestNode::start(
         &dir.path().join("b"),
         Spec::new("city-b")

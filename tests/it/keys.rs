@@ -8,7 +8,15 @@ use crate::support::{civex_async, eventually, publish_row, stderr, stdout, Spec,
 async fn a_rotated_key_is_followed_by_peers_and_an_old_key_file_refused() {
     let dir = tempfile::tempdir().unwrap();
     let a_dir = dir.path().join("a");
-    let mut a = TestNode::start(&a_dir, Spec::new("city-a").allow_without_peers()).await;
+    // A admits B, whose key it pins.
+    let b_key = crate::support::make_key(&dir.path().join("b"));
+    let mut a = TestNode::start(
+        &a_dir,
+        Spec::new("city-a")
+            .trust("city-b", &b_key)
+            .allow_without_peers(),
+    )
+    .await;
     a.wait_ready().await;
     // B dials A through a proxy, so A keeps its address across a restart.
     let proxy = crate::support::Proxy::start(&a.address).await;

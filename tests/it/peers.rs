@@ -2,7 +2,7 @@
 //! starts and stops without a restart, changes persist and are audited,
 //! and a peer policy limits what a peer may read.
 
-use crate::support::{eventually, publish_row, stderr, stdout, Spec, TestNode};
+use crate::support::{eventually, make_key, publish_row, stderr, stdout, Spec, TestNode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
@@ -31,6 +31,32 @@ async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
             &a.address,
             "--origin",
             "city-a",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A does not know B yet: B's subscription is refused, and says why.
+    eventually("A to refuse B, a member it does not know", || async {
+        b.status().await.peers.iter().any(|p| {
+            p.last_error
+                .contains("origin city-b is not a member this node knows")
+        })
+    })
+    .await;
+    assert_eq!(
+        b.head("city-a").await.0,
+        0,
+        "B read from a node that does not know it"
+    );
+    // A adds B as its peer in turn: B is admitted.
+    let out = a
+        .cli(&[
+            "peer",
+            "add",
+            "city-b",
+            "--address",
+            &b.address,
+            "--origin",
+            "city-b",
         ])
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
@@ -65,6 +91,21 @@ async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
     let peers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(peers[0]["name"], "city-a");
     assert_eq!(peers[0]["source"], "runtime");
+
+    // A removes B: B's open stream is cut before A's next entry is sent
+    // (the removal is durable before A publishes again), and B is refused.
+    let out = a.cli(&["peer", "remove", "city-b"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    publish_row(&a, "after-cut-0", 3.0).await;
+    eventually("B's stream from A to be cut", || async {
+        b.status()
+            .await
+            .peers
+            .iter()
+            .any(|p| p.last_error.contains("is not a member this node knows"))
+    })
+    .await;
+    assert_eq!(b.head("city-a").await.0, 2, "B read after A removed it");
 
     let out = b.cli(&["peer", "remove", "city-a"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
@@ -154,18 +195,25 @@ async fn a_peer_policy_limits_what_the_peer_may_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_added_without_relay_gives_only_its_own_feed() {
     let dir = tempfile::tempdir().unwrap();
+    // A admits the hub, whose key it pins.
+    let h_key = make_key(&dir.path().join("hub"));
     let a = TestNode::start(
         &dir.path().join("a"),
-        Spec::new("city-a").allow_without_peers(),
+        Spec::new("city-a")
+            .trust("hub", &h_key)
+            .allow_without_peers(),
     )
     .await;
     a.wait_ready().await;
     publish_row(&a, "a", 1.0).await;
+    // The hub admits C, whose key it pins.
+    let c_key = make_key(&dir.path().join("c"));
     let hub = TestNode::start(
         &dir.path().join("hub"),
         Spec::new("hub")
             .peer("city-a", &a.address)
-            .trust("city-a", &a.public_key),
+            .trust("city-a", &a.public_key)
+            .trust("city-c", &c_key),
     )
     .await;
     hub.wait_ready().await;

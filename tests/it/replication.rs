@@ -16,10 +16,20 @@ use crate::support::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_converge_through_a_relay_restarted_mid_stream() {
     let dir = tempfile::tempdir().unwrap();
-    let a = TestNode::start(&dir.path().join("a"), Spec::new("city-a")).await;
+    // Each node admits the one subscribed to it, whose key it pins.
+    let (b_key, c_key) = (
+        make_key(&dir.path().join("b")),
+        make_key(&dir.path().join("c")),
+    );
+    let a = TestNode::start(
+        &dir.path().join("a"),
+        Spec::new("city-a").trust("city-b", &b_key),
+    )
+    .await;
     let b_spec = Spec::new("city-b")
         .peer("city-a", &a.address)
-        .trust("city-a", &a.public_key);
+        .trust("city-a", &a.public_key)
+        .trust("city-c", &c_key);
     let mut b = TestNode::start(&dir.path().join("b"), b_spec).await;
     let proxy = Proxy::start(&b.address).await;
     // C reaches A's feed only through B, and verifies it with A's key.

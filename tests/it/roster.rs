@@ -28,9 +28,11 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
             .trust("consortium", &k_key)
             .roster("consortium")
     };
+    // A has no peer to learn the roster from: it admits the hub, whose key
+    // it pins.
     let a = TestNode::start(
         &dir.path().join("city-a"),
-        member("city-a").allow_without_peers(),
+        member("city-a").trust("hub", &h_key).allow_without_peers(),
     )
     .await;
     let mut hub = TestNode::start(

@@ -10,7 +10,7 @@ use civex_node::{
 use civex_proto::v1::SignedEntry;
 use prost::Message;
 
-use crate::support::{civex_async, eventually, publish_row, stdout, Spec, TestNode};
+use crate::support::{civex_async, eventually, make_key, publish_row, stdout, Spec, TestNode};
 
 #[derive(Clone, Copy, Debug)]
 enum Tamper {
@@ -79,7 +79,9 @@ async fn refused_everywhere(how: Tamper, expected: &str) {
         stdout(&out)
     );
 
-    let a = TestNode::start(&a_dir, Spec::new("city-a")).await;
+    // A admits B, whose key it pins.
+    let b_key = make_key(&dir.path().join("b"));
+    let a = TestNode::start(&a_dir, Spec::new("city-a").trust("city-b", &b_key)).await;
     let b = TestNode::start(
         &dir.path().join("b"),
         Spec::new("city-b")
@@ -193,7 +195,9 @@ async fn an_unknown_payload_kind_is_verified_stored_and_relayed_but_not_queried(
         };
         store.commit(&batch).unwrap();
     }
-    let a = TestNode::start(&a_dir, Spec::new("city-a")).await;
+    // A admits B, whose key it pins.
+    let b_key = make_key(&dir.path().join("b"));
+    let a = TestNode::start(&a_dir, Spec::new("city-a").trust("city-b", &b_key)).await;
     let b = TestNode::start(
         &dir.path().join("b"),
         Spec::new("city-b")

@@ -238,14 +238,18 @@ async fn a_peer_must_present_the_origin_expected_not_just_any_member() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_come_from_the_certificate() {
     let dir = tempfile::tempdir().unwrap();
+    let member_dir = dir.path().join("member");
+    // A knows city-m: it pins its key.
+    let m_key = crate::support::make_key(&member_dir);
     let a = TestNode::start(
         &dir.path().join("a"),
-        Spec::new("city-a").allow_without_peers(),
+        Spec::new("city-a")
+            .trust("city-m", &m_key)
+            .allow_without_peers(),
     )
     .await;
     a.wait_ready().await;
     // A member node's certificate may read the feed, and nothing else.
-    let member_dir = dir.path().join("member");
     crate::support::issue_identity(&member_dir, &Identity::Origin("city-m".into()));
     let member = Security::Mutual(Tls::load(TlsFiles::in_dir(&member_dir), None).unwrap());
     let channel = transport::connect(&a.address, &member, None, Duration::from_secs(5))
@@ -309,6 +313,29 @@ async fn roles_come_from_the_certificate() {
     );
     // The operator publishes; the member then reads it from the feed.
     publish_row(&a, "x", 1.0).await;
+    // A member certified by the same CA but unknown to A may not read it
+    // (rule 6: unknown origins are refused).
+    let unknown_dir = dir.path().join("unknown");
+    crate::support::issue_identity(&unknown_dir, &Identity::Origin("city-u".into()));
+    let unknown = Security::Mutual(Tls::load(TlsFiles::in_dir(&unknown_dir), None).unwrap());
+    let channel_u = transport::connect(&a.address, &unknown, None, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let denied = pb::feed_client::FeedClient::new(channel_u)
+        .subscribe(pb::SubscribeRequest {
+            cursors: Vec::new(),
+            all_origins: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert!(
+        denied
+            .message()
+            .contains("origin city-u is not a member this node knows"),
+        "{}",
+        denied.message()
+    );
     let mut stream = pb::feed_client::FeedClient::new(channel)
         .subscribe(pb::SubscribeRequest {
             cursors: Vec::new(),
