@@ -2,6 +2,12 @@
 //! every member's feed key from its signed roster entries, and verify a
 //! relayed feed of a city they never talked to.
 
+use std::time::Duration;
+
+use civex_node::{
+    tls::{Tls, TlsFiles},
+    transport::{self, Security},
+};
 use civex_proto::v1 as pb;
 
 use crate::support::{eventually, make_key, publish_row, stderr, Spec, TestNode};
@@ -152,6 +158,45 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
         hub.head("consortium").await.0 == before
     })
     .await;
+    // The consortium knows the hub only through the roster: once the hub
+    // is removed, an open stream of the hub's is cut and says why.
+    let tls = Tls::load(TlsFiles::in_dir(&hub.dir.join("tls")), None).unwrap();
+    let channel = transport::connect(
+        &consortium.address,
+        &Security::Mutual(tls),
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let mut stream = pb::feed_client::FeedClient::new(channel)
+        .subscribe(pb::SubscribeRequest {
+            cursors: Vec::new(),
+            all_origins: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let out = consortium.cli(&["roster", "remove", "hub"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cut = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without saying why"),
+                Err(status) => break status,
+            }
+        }
+    })
+    .await
+    .expect("the removed member's stream was not cut within 30 s");
+    assert_eq!(cut.code(), tonic::Code::PermissionDenied);
+    assert!(
+        cut.message()
+            .contains("origin hub is not a member this node knows"),
+        "{}",
+        cut.message()
+    );
     hub.stop().await;
     assert_verified(&hub, "city-a", 1).await;
 
