@@ -831,13 +831,16 @@ backoff_initial_ms = 200
 backoff_max_ms = 30000
 connect_timeout_ms = 5000
 
-# Peers to subscribe to; origin is what the peer's certificate must name:
+# Peers to subscribe to; origin is what the peer's certificate must name.
+# A peer may also read from this node (a node serves only members it knows:
+# peers, origins below, and roster members):
 # [[peers]]
 # name = "city-b"
 # address = "city-b.example.org:7400"
 # origin = "city-b"
 
 # Pinned feed keys of the origins to replicate (printed by `civex init`).
+# An origin pinned here may also read from this node.
 [trusted_origins]
 # "city-b" = "<64 hex digits>"
 

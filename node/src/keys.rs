@@ -302,6 +302,17 @@ impl KeyResolver {
                 .is_some_and(|m| !m.removed)
     }
 
+    /// Whether the roster removed `origin` (and it is not pinned).
+    pub fn was_removed(&self, origin: &str) -> bool {
+        !self.pinned.contains_key(origin)
+            && self
+                .roster
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(origin)
+                .is_some_and(|m| m.removed)
+    }
+
     /// Every origin to replicate: pinned, or a member the roster has not
     /// removed; in order.
     pub fn origins(&self) -> Vec<String> {
@@ -441,6 +452,7 @@ mod tests {
             ("stranger", false),
         ] {
             assert_eq!(resolver.is_member(origin), known, "{origin}");
+            assert_eq!(resolver.was_removed(origin), origin == "gone", "{origin}");
         }
         // A removed member's key stays, to verify what is held of it.
         assert_eq!(resolver.key_for("gone", &[], 0), Some(key(4)));

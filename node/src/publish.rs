@@ -727,7 +727,8 @@ impl Publisher {
         if !*self.ready.borrow() {
             return Err(PublishError::NotReady(
                 "publishing is closed until this node has fetched its own feed's newest entries \
-                 from a peer (restore safety); check that a peer is reachable, or set \
+                 from a peer (restore safety); check that a peer is reachable and admits this \
+                 node (the peer's last error in civex status), or set \
                  publish.allow_without_peers if this node is known to be current"
                     .into(),
             ));

@@ -618,6 +618,11 @@ impl Roster {
     pub fn is_member(&self, origin: &str) -> bool {
         self.keys.is_member(origin)
     }
+
+    /// Whether the roster removed `origin` (see [`KeyResolver::was_removed`]).
+    pub fn was_removed(&self, origin: &str) -> bool {
+        self.keys.was_removed(origin)
+    }
 }
 
 /// The running replication tasks, one per peer, started and stopped as

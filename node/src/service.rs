@@ -705,18 +705,43 @@ pub struct FeedService {
     streams: StreamSlots,
     registry: Arc<PeerRegistry>,
     roster: Arc<Roster>,
+    /// This node's origin, named in refusals.
+    origin: String,
 }
 
-/// Who may subscribe, and what they may read (spec rule 6). An origin must
-/// be a member this node knows: a peer (`node.toml` or `civex peer add`),
+impl FeedService {
+    /// The admission of the caller of `request`, watching for changes from
+    /// before its first check.
+    fn admission<T>(&self, request: &Request<T>) -> Admission {
+        let identity = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|info| info.identity.clone());
+        Admission {
+            node: self.origin.clone(),
+            identity,
+            peers_changed: self.registry.changes(),
+            roster_changed: self.roster.changes(),
+            registry: self.registry.clone(),
+            roster: self.roster.clone(),
+        }
+    }
+}
+
+/// Who may read from this node, and what (spec rule 6). An origin must be
+/// a member this node knows: a peer (`node.toml` or `civex peer add`),
 /// pinned in `trusted_origins`, or on the roster and not removed; a peer
-/// with a read policy reads only what it allows. Operators this node names
-/// and plain loopback connections (insecure mode) read everything. Checked
-/// when a stream opens and again whenever the peers or the roster change.
+/// with a read policy reads only what it allows, any other member
+/// everything. Operators this node names and plain loopback connections
+/// (insecure mode) read everything. Checked when a stream opens and again
+/// whenever the peers or the roster change.
 struct Admission {
+    node: String,
     identity: Option<Identity>,
     registry: Arc<PeerRegistry>,
     roster: Arc<Roster>,
+    peers_changed: watch::Receiver<u64>,
+    roster_changed: watch::Receiver<u64>,
 }
 
 impl Admission {
@@ -731,11 +756,45 @@ impl Admission {
         if self.roster.is_member(origin) {
             return Ok(None);
         }
-        Err(Status::permission_denied(format!(
-            "{identity} is not a member this node knows: add it as a peer (civex peer add), \
-             pin its feed key in trusted_origins, or add it to the federation roster"
-        )))
+        let node = &self.node;
+        Err(Status::permission_denied(
+            if self.roster.was_removed(origin) {
+                format!("node {node} does not admit {identity}: the federation roster removed it")
+            } else {
+                format!(
+                    "node {node} does not know {identity}: on {node}, pin its feed key under \
+                 [trusted_origins] in node.toml, add it as a peer (civex peer add; {node} then \
+                 also replicates from it), or have the federation roster add it"
+                )
+            },
+        ))
     }
+
+    /// Whether the peers or the roster changed since last asked.
+    fn changed(&mut self) -> bool {
+        let changed = self.peers_changed.has_changed().unwrap_or(false)
+            || self.roster_changed.has_changed().unwrap_or(false);
+        self.peers_changed.mark_unchanged();
+        self.roster_changed.mark_unchanged();
+        changed
+    }
+
+    /// Waits for a change of the peers or the roster. Both senders live as
+    /// long as the registry and roster this admission holds.
+    async fn wait_changed(&mut self) {
+        tokio::select! {
+            _ = self.peers_changed.changed() => {}
+            _ = self.roster_changed.changed() => {}
+        }
+    }
+}
+
+/// The origins a policy lets a subscriber read: `None` for every origin.
+fn readable_set(policy: &Option<PeerPolicy>) -> Option<std::collections::BTreeSet<&str>> {
+    policy
+        .as_ref()
+        .filter(|p| !p.may_read.is_empty())
+        .map(|p| p.may_read.iter().map(String::as_str).collect())
 }
 
 /// Open subscriptions per peer (its certificate identity, or its address on
@@ -897,12 +956,10 @@ impl FeedService {
         mut committed: watch::Receiver<DurableHeads>,
         mut shutdown: watch::Receiver<bool>,
         request: pb::SubscribeRequest,
-        admission: Admission,
+        mut admission: Admission,
         readable: Option<PeerPolicy>,
         tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
     ) -> Result<(), StoreError> {
-        let mut peers_changed = admission.registry.changes();
-        let mut roster_changed = admission.roster.changes();
         let mut recheck = false;
         let mut origins: BTreeMap<String, OriginCursor> = BTreeMap::new();
         for cursor in request.cursors {
@@ -914,21 +971,18 @@ impl FeedService {
             origins.insert(cursor.origin, OriginCursor::from_seq(cursor.seq, claim));
         }
         loop {
-            if recheck
-                || peers_changed.has_changed().unwrap_or(false)
-                || roster_changed.has_changed().unwrap_or(false)
-            {
+            if admission.changed() || recheck {
                 recheck = false;
-                peers_changed.mark_unchanged();
-                roster_changed.mark_unchanged();
                 // Who may read what changed: a subscriber no longer known
-                // is cut off, one whose read policy changed subscribes
-                // again under the new one.
+                // is cut off, one that may now read other origins
+                // subscribes again under the new policy.
                 let end = match admission.check() {
                     Err(refused) => Some(refused),
-                    Ok(now) if now != readable => Some(Status::unavailable(
-                        "what this subscriber may read from this node changed; subscribe again",
-                    )),
+                    Ok(now) if readable_set(&now) != readable_set(&readable) => {
+                        Some(Status::unavailable(
+                            "what this subscriber may read from this node changed; subscribe again",
+                        ))
+                    }
                     Ok(_) => None,
                 };
                 if let Some(status) = end {
@@ -1018,8 +1072,7 @@ impl FeedService {
                 tokio::select! {
                     changed = committed.changed() => if changed.is_err() { return Ok(()) },
                     // Both senders live as long as the admission holds them.
-                    _ = peers_changed.changed() => recheck = true,
-                    _ = roster_changed.changed() => recheck = true,
+                    _ = admission.wait_changed() => recheck = true,
                     _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
                     _ = tx.closed() => return Ok(()),
                 }
@@ -1039,18 +1092,14 @@ impl Feed for FeedService {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let info = request.extensions().get::<PeerInfo>().cloned();
-        let identity = info.as_ref().and_then(|info| info.identity.clone());
+        let address = info.as_ref().map(|info| info.addr.to_string());
         let peer = info.map_or_else(String::new, |info| match &info.identity {
             Some(identity) => identity.to_string(),
             None => info.addr.ip().to_string(),
         });
-        let admission = Admission {
-            identity,
-            registry: self.registry.clone(),
-            roster: self.roster.clone(),
-        };
+        let admission = self.admission(&request);
         let readable = admission.check().inspect_err(|refused| {
-            tracing::warn!(%peer, reason = %refused.message(), "subscription refused: unknown member");
+            tracing::warn!(%peer, address = ?address, reason = %refused.message(), "subscription refused");
         })?;
         let request = request.into_inner();
         if let Some(policy) = &readable {
@@ -1105,12 +1154,15 @@ impl Feed for FeedService {
 
     async fn heads(
         &self,
-        _request: Request<pb::HeadsRequest>,
+        request: Request<pb::HeadsRequest>,
     ) -> Result<Response<pb::HeadsResponse>, Status> {
+        // Heads name what this node holds: only for those who may read it.
+        let readable = self.admission(&request).check()?;
         let heads = self.store.heads().map_err(|e| e.to_status())?;
         Ok(Response::new(pb::HeadsResponse {
             heads: heads
                 .into_iter()
+                .filter(|(origin, _)| readable.as_ref().is_none_or(|p| p.may_read(origin)))
                 .map(|(origin, head)| head_message(origin, &head))
                 .collect(),
         }))
@@ -1480,6 +1532,7 @@ pub async fn router(
         },
         registry: services.registry.clone(),
         roster: services.roster.clone(),
+        origin: services.publisher.origin().to_owned(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

@@ -15,6 +15,7 @@ mod peers;
 mod publish_query;
 mod replication;
 mod roster;
+mod schedules;
 mod support;
 mod tamper;
 mod tls;

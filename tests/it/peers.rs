@@ -38,7 +38,7 @@ async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
     eventually("A to refuse B, a member it does not know", || async {
         b.status().await.peers.iter().any(|p| {
             p.last_error
-                .contains("origin city-b is not a member this node knows")
+                .contains("node city-a does not know origin city-b")
         })
     })
     .await;
@@ -92,19 +92,18 @@ async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
     assert_eq!(peers[0]["name"], "city-a");
     assert_eq!(peers[0]["source"], "runtime");
 
-    // A removes B: B's open stream is cut before A's next entry is sent
-    // (the removal is durable before A publishes again), and B is refused.
+    // A removes B: B's open stream is cut at once (nothing else wakes it),
+    // B is refused from then on, and A's next entry does not reach it.
     let out = a.cli(&["peer", "remove", "city-b"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    publish_row(&a, "after-cut-0", 3.0).await;
     eventually("B's stream from A to be cut", || async {
-        b.status()
-            .await
-            .peers
-            .iter()
-            .any(|p| p.last_error.contains("is not a member this node knows"))
+        b.status().await.peers.iter().any(|p| {
+            p.last_error
+                .contains("node city-a does not know origin city-b")
+        })
     })
     .await;
+    publish_row(&a, "after-cut-0", 3.0).await;
     assert_eq!(b.head("city-a").await.0, 2, "B read after A removed it");
 
     let out = b.cli(&["peer", "remove", "city-a"]).await;

@@ -321,7 +321,8 @@ async fn roles_come_from_the_certificate() {
     let channel_u = transport::connect(&a.address, &unknown, None, Duration::from_secs(5))
         .await
         .unwrap();
-    let denied = pb::feed_client::FeedClient::new(channel_u)
+    let mut feed_u = pb::feed_client::FeedClient::new(channel_u);
+    let denied = feed_u
         .subscribe(pb::SubscribeRequest {
             cursors: Vec::new(),
             all_origins: true,
@@ -330,12 +331,15 @@ async fn roles_come_from_the_certificate() {
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     assert!(
-        denied
-            .message()
-            .contains("origin city-u is not a member this node knows"),
+        denied.message().contains(
+            "node city-a does not know origin city-u: on city-a, pin its feed key under [trusted_origins]"
+        ),
         "{}",
         denied.message()
     );
+    // Nor learn what it holds.
+    let denied = feed_u.heads(pb::HeadsRequest {}).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     let mut stream = pb::feed_client::FeedClient::new(channel)
         .subscribe(pb::SubscribeRequest {
             cursors: Vec::new(),
