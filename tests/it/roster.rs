@@ -319,6 +319,30 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
         .await;
     assert!(stderr(&out).contains("up to seq 3"), "{}", stderr(&out));
     assert_eq!(consortium.head("consortium").await.0, before);
+    // A peer reporting more of A's feed than the consortium holds could not
+    // follow the new feed: the replacement is refused while it is a peer.
+    let boaster = boasting_peer(dir.path(), "city-x", "city-a", 9).await;
+    add_peer(&consortium, "city-x", &boaster).await;
+    eventually("the consortium to hear city-x's head of city-a", || async {
+        consortium.status().await.peers.iter().any(|p| {
+            p.name == "city-x"
+                && p.origins
+                    .iter()
+                    .any(|o| o.origin == "city-a" && o.peer_seq == 9)
+        })
+    })
+    .await;
+    let out = consortium
+        .cli(&["roster", "replace-key", "city-a", "--key", &new_key])
+        .await;
+    assert!(
+        stderr(&out).contains("peer city-x holds city-a's feed up to seq 9, this node up to seq 3"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(consortium.head("consortium").await.0, before);
+    let out = consortium.cli(&["peer", "remove", "city-x"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
     // A key named by mistake (or lost again before its first use) is
     // amended while its feed has no entry: the next replacement takes its
     // place.
@@ -484,6 +508,67 @@ async fn assert_verified(node: &TestNode, origin: &str, entries: u64) {
             .any(|o| o["origin"] == origin && o["verified"] == entries),
         "{report}"
     );
+}
+
+/// A Feed server with the member certificate of `origin` that tells every
+/// subscriber it holds `claimed`'s feed up to `head_seq` (and sends
+/// nothing); returns its address.
+async fn boasting_peer(
+    dir: &std::path::Path,
+    origin: &str,
+    claimed: &str,
+    head_seq: u64,
+) -> String {
+    struct Boaster {
+        claimed: String,
+        head_seq: u64,
+    }
+    type Messages = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::SubscribeResponse, tonic::Status>> + Send>,
+    >;
+    #[tonic::async_trait]
+    impl pb::feed_server::Feed for Boaster {
+        type SubscribeStream = Messages;
+
+        async fn subscribe(
+            &self,
+            _request: tonic::Request<pb::SubscribeRequest>,
+        ) -> Result<tonic::Response<Messages>, tonic::Status> {
+            use tokio_stream::StreamExt;
+            let drained = pb::SubscribeResponse {
+                event: Some(pb::subscribe_response::Event::Drained(pb::BacklogDrained {
+                    origin: self.claimed.clone(),
+                    head_seq: self.head_seq,
+                })),
+            };
+            let stream = tokio_stream::once(Ok(drained)).chain(tokio_stream::pending());
+            Ok(tonic::Response::new(Box::pin(stream)))
+        }
+
+        async fn heads(
+            &self,
+            _request: tonic::Request<pb::HeadsRequest>,
+        ) -> Result<tonic::Response<pb::HeadsResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+    }
+    let identity = civex_node::pki::Identity::Origin(origin.into());
+    let tls_dir = dir.join(origin);
+    crate::support::issue_identity(&tls_dir, &identity);
+    let tls = Tls::load(TlsFiles::in_dir(&tls_dir), Some(identity)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let incoming = transport::incoming(listener, Security::Mutual(tls), Duration::from_secs(5));
+    let server = pb::feed_server::FeedServer::new(Boaster {
+        claimed: claimed.into(),
+        head_seq,
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(incoming),
+    );
+    address
 }
 
 /// Makes `node` replicate `origin`'s node at `address` (`civex peer add`).
