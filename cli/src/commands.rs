@@ -1212,11 +1212,10 @@ pub(crate) async fn feed(
         None => None,
     };
     let mut replacements: BTreeMap<String, Vec<Replacement>> = BTreeMap::new();
-    // Without --origin, members the roster adds (or changes) while the
-    // tail runs are followed too: the roster's entries after those read now.
-    let follow_roster = roster_origin
-        .clone()
-        .filter(|r| origin.is_empty() && keys.contains_key(r));
+    // The roster's entries after those read now are followed while the tail
+    // runs: a lost key's replacement applies at once, and without --origin
+    // members the roster adds are followed too.
+    let follow_roster = roster_origin.clone().filter(|r| keys.contains_key(r));
     let mut members = BTreeMap::new();
     let mut roster_read = 0;
     if let Some(roster_origin) = roster_origin {
@@ -1239,10 +1238,17 @@ pub(crate) async fn feed(
                 bail!("--origin {o}: no key to verify it with");
             }
         }
-        origin
+        origin.clone()
     };
-    let mut tips: BTreeMap<String, Option<Tip>> =
-        origins.iter().map(|o| (o.clone(), None)).collect();
+    // What is shown: every origin followed, or those asked for.
+    let shown = |o: &str| origin.is_empty() || origin.iter().any(|asked| asked == o);
+    // The roster origin is read again from its start (its rotations
+    // followed), shown only if asked for.
+    let mut tips: BTreeMap<String, Option<Tip>> = origins
+        .iter()
+        .chain(follow_roster.as_ref())
+        .map(|o| (o.clone(), None))
+        .collect();
     let mut stream = client::subscribe_at(node, &tips).await?;
     let mut seen = 0u64;
     if count == Some(0) {
@@ -1277,7 +1283,7 @@ pub(crate) async fn feed(
             // A removed member is followed on; what it published stays valid.
             let Some(named) = named else { continue };
             match members.get(&member) {
-                None if !keys.contains_key(&member) => {
+                None if !keys.contains_key(&member) && origin.is_empty() => {
                     keys.insert(member.clone(), named.key);
                     tips.insert(member.clone(), None);
                     replacements.insert(member.clone(), named.replacements.clone());
@@ -1292,7 +1298,7 @@ pub(crate) async fn feed(
                 _ => {}
             }
         }
-        for entry in entries {
+        for entry in entries.into_iter().filter(|e| shown(&e.body.origin)) {
             match format {
                 Format::Json => println!(
                     "{}",

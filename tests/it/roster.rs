@@ -289,6 +289,27 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
         consortium.head("city-a").await.0 == 3
     })
     .await;
+    // An analyst follows A alone from here on, across the replacement.
+    let tail = std::process::Command::new(crate::support::bin("civex"))
+        .args([
+            "--node",
+            &consortium.address,
+            "--identity",
+            consortium.operator_dir().to_str().unwrap(),
+            "feed",
+            "tail",
+            "--config",
+            consortium.config_path().to_str().unwrap(),
+            "--origin",
+            "city-a",
+            "--count",
+            "4",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
 
     // B is down while A's feed moves on: it resumes later from a cursor in
     // the old feed.
@@ -420,6 +441,22 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
         consortium.head("city-a").await.0 == 4
     })
     .await;
+    // The tail started before the replacement verified A's fourth entry
+    // with the new key, and showed only A.
+    let tailed = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || tail.wait_with_output()),
+    )
+    .await
+    .expect("civex feed tail did not show A's fourth entry within 60 s")
+    .unwrap()
+    .unwrap();
+    assert!(tailed.status.success(), "{}", stderr(&tailed));
+    let shown = crate::support::stdout(&tailed);
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.len(), 4, "{shown}");
+    assert!(lines.iter().all(|l| l.starts_with("city-a")), "{shown}");
+    assert!(lines[3].starts_with("city-a       4"), "{shown}");
     b.restart().await;
     eventually("B to hold A's entry under the new key", || async {
         b.head("city-a").await == a.head("city-a").await
