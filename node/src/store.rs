@@ -488,12 +488,44 @@ fn decode_piece(bytes: &[u8]) -> Option<Vec<IndexRow>> {
     Some(rows)
 }
 
+/// Removes the snapshot files sled left unfinished (`snap.*.generating`)
+/// when the process was killed while it opened the store. sled 0.34.7
+/// writes a snapshot on every open to that name and renames it once synced,
+/// but reads the newest `snap.*` file whatever its suffix: a cut-short one
+/// makes the store refuse to open ("Read corrupted data"). The snapshot
+/// only speeds up recovery; the previous one, or the log, stands in for it.
+/// Done only while holding sled's lock on `db` (no other process has the
+/// store open, so no snapshot is being written).
+fn remove_unfinished_snapshots(dir: &Path) -> Result<(), StoreError> {
+    let db = match File::open(dir.join("db")) {
+        Ok(db) => db,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(io_error(dir, "cannot open sled's db file", err)),
+    };
+    if db.try_lock().is_err() {
+        // Another process has the store open: opening sled reports it.
+        return Ok(());
+    }
+    let listing = std::fs::read_dir(dir).map_err(|e| io_error(dir, "cannot list", e))?;
+    for file in listing.flatten() {
+        let name = file.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            std::fs::remove_file(file.path())
+                .map_err(|e| io_error(dir, &format!("cannot remove {name}"), e))?;
+            tracing::warn!(store = %dir.display(), file = %name, "removed a storage snapshot left unfinished by a crash; the store recovers from its log");
+        }
+    }
+    Ok(())
+}
+
 /// Opens sled. sled's io threads can hold the store's file lock for a
 /// moment after the previous handle in this process was dropped, so a lock
 /// conflict is retried for a short, bounded time before it is reported.
 fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
+        remove_unfinished_snapshots(dir)?;
         let opened = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -1149,6 +1181,30 @@ mod tests {
             idempotency: Vec::new(),
             conflicts: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_snapshot_left_unfinished_by_a_kill_does_not_stop_the_store_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = chain(&key(1), "city-a", 50);
+        {
+            let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+            store.commit(&commit_of(&entries)).unwrap();
+        }
+        // sled writes a snapshot while it opens, as `snap.<lsn>.generating`
+        // renamed once complete; a kill meanwhile leaves it cut short, and
+        // sled 0.34.7 then reads it as the newest snapshot and refuses.
+        let unfinished = dir.path().join("snap.7FFFFFFFFFFFFFFF.generating");
+        std::fs::write(&unfinished, [0x5a; 40]).unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert!(!unfinished.exists());
+        assert_eq!(
+            store.head("city-a").unwrap().unwrap().tip,
+            entries[49].tip()
+        );
+        let all = store.entries("city-a", 1, 100, usize::MAX).unwrap();
+        assert_eq!(all.len(), 50);
+        assert_eq!(all[49], entries[49].signed);
     }
 
     #[test]
