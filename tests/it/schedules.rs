@@ -8,8 +8,9 @@
 //! store verifies.
 //!
 //! A seed fixes the schedule, not the interleaving: the nodes are real
-//! processes on real sockets. The seeds below run in CI; more run by hand
-//! with `FAULT_SEEDS=1-200 cargo nextest run -E 'test(seeded_fault)'`.
+//! processes on real sockets. The seeds of `ci_seeds` run in CI; more run by hand
+//! with `FAULT_SEEDS=1-200 cargo nextest run -E 'test(seeded_fault)'`
+//! (`FAULT_STEPS=40` for longer schedules).
 //! A failure names its seed, and stderr lists every step taken.
 
 use std::{
@@ -27,10 +28,18 @@ use crate::support::{
 };
 
 /// Seeds run when `FAULT_SEEDS` is not set (not `CIVEX_*`: the nodes
-/// refuse settings they do not know).
-const CI_SEEDS: [u64; 3] = [1, 2, 3];
-/// Steps of each schedule.
-const STEPS: usize = 16;
+/// refuse settings they do not know): 1 to 16, and 86, whose kill of a
+/// node still opening its store once left the store unopenable.
+fn ci_seeds() -> Vec<u64> {
+    (1..=16).chain([86]).collect()
+}
+/// Steps of each schedule, unless `FAULT_STEPS` says.
+fn steps() -> usize {
+    std::env::var("FAULT_STEPS").map_or(16, |s| {
+        s.parse()
+            .unwrap_or_else(|_| panic!("FAULT_STEPS: {s:?} is not a number of steps"))
+    })
+}
 const ORIGINS: [&str; 3] = ["city-a", "city-b", "city-c"];
 
 /// SplitMix64: a seeded, dependency-free source of schedule choices.
@@ -135,7 +144,7 @@ async fn head(address: &str, origin: &str) -> (u64, Vec<u8>) {
 
 fn seeds() -> Vec<u64> {
     let Ok(text) = std::env::var("FAULT_SEEDS") else {
-        return CI_SEEDS.to_vec();
+        return ci_seeds();
     };
     let parse = |s: &str| {
         s.trim()
@@ -191,7 +200,7 @@ async fn run_schedule(seed: u64) {
     let mut draw = Draw(seed);
     let mut publishing = Vec::new();
     let mut row_number = 0u64;
-    for step in 0..STEPS {
+    for step in 0..steps() {
         let city = &mut cities[draw.below(ORIGINS.len() as u64) as usize];
         let what = match (draw.below(8), &mut city.node) {
             (_, None) => {
