@@ -488,15 +488,19 @@ fn decode_piece(bytes: &[u8]) -> Option<Vec<IndexRow>> {
     Some(rows)
 }
 
-/// Removes the snapshot files sled left unfinished (`snap.*.generating`)
-/// when the process was killed while it opened the store. sled 0.34.7
-/// writes a snapshot on every open to that name and renames it once synced,
-/// but reads the newest `snap.*` file whatever its suffix: a cut-short one
-/// makes the store refuse to open ("Read corrupted data"). The snapshot
-/// only speeds up recovery; the previous one, or the log, stands in for it.
+/// Clears what sled left unfinished when the process was killed while it
+/// opened the store, which would make every later open fail ("Read
+/// corrupted data"):
+/// - snapshot files `snap.*.generating`: sled 0.34.7 writes a snapshot on
+///   every open to that name and renames it once synced, but reads the
+///   newest `snap.*` file whatever its suffix. The snapshot only speeds up
+///   recovery; the previous one, or the log, stands in for it;
+/// - a `conf` cut short while the store was created: only while `db` is
+///   still empty, so nothing was ever stored.
+///
 /// Done only while holding sled's lock on `db` (no other process has the
-/// store open, so no snapshot is being written).
-fn remove_unfinished_snapshots(dir: &Path) -> Result<(), StoreError> {
+/// store open, so none of these is being written).
+fn clear_interrupted_open(dir: &Path) -> Result<(), StoreError> {
     let db = match File::open(dir.join("db")) {
         Ok(db) => db,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -505,6 +509,16 @@ fn remove_unfinished_snapshots(dir: &Path) -> Result<(), StoreError> {
     if db.try_lock().is_err() {
         // Another process has the store open: opening sled reports it.
         return Ok(());
+    }
+    let empty = db
+        .metadata()
+        .map_err(|e| io_error(dir, "cannot read sled's db file", e))?
+        .len()
+        == 0;
+    let conf = dir.join("conf");
+    if empty && conf.exists() {
+        std::fs::remove_file(&conf).map_err(|e| io_error(dir, "cannot remove conf", e))?;
+        tracing::warn!(store = %dir.display(), "removed the conf of a store whose creation was cut short; it is created again");
     }
     let listing = std::fs::read_dir(dir).map_err(|e| io_error(dir, "cannot list", e))?;
     for file in listing.flatten() {
@@ -525,7 +539,7 @@ fn remove_unfinished_snapshots(dir: &Path) -> Result<(), StoreError> {
 fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        remove_unfinished_snapshots(dir)?;
+        clear_interrupted_open(dir)?;
         let opened = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -1205,6 +1219,20 @@ mod tests {
         let all = store.entries("city-a", 1, 100, usize::MAX).unwrap();
         assert_eq!(all.len(), 50);
         assert_eq!(all[49], entries[49].signed);
+    }
+
+    #[test]
+    fn a_store_whose_creation_was_cut_short_is_created_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // Killed after sled created `db` and began `conf`.
+        std::fs::write(dir.path().join("db"), b"").unwrap();
+        std::fs::write(dir.path().join("conf"), b"segment_size: 83").unwrap();
+        let entries = chain(&key(1), "city-a", 3);
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        store.commit(&commit_of(&entries)).unwrap();
+        drop(store);
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.head("city-a").unwrap().unwrap().tip, entries[2].tip());
     }
 
     #[test]
