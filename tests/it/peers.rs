@@ -4,6 +4,17 @@
 
 use crate::support::{eventually, make_key, publish_row, stderr, stdout, Spec, TestNode};
 
+/// Waits until city-b's node shows city-a's refusal of it as a peer error.
+async fn refused(b: &TestNode, what: &str) {
+    eventually(what, || async {
+        b.status().await.peers.iter().any(|p| {
+            p.last_error
+                .contains("node city-a does not know origin city-b")
+        })
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
     let dir = tempfile::tempdir().unwrap();
@@ -35,13 +46,7 @@ async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
     // A does not know B yet: B's subscription is refused, and says why.
-    eventually("A to refuse B, a member it does not know", || async {
-        b.status().await.peers.iter().any(|p| {
-            p.last_error
-                .contains("node city-a does not know origin city-b")
-        })
-    })
-    .await;
+    refused(&b, "A to refuse B, a member it does not know").await;
     assert_eq!(
         b.head("city-a").await.0,
         0,
@@ -96,13 +101,7 @@ async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
     // B is refused from then on, and A's next entry does not reach it.
     let out = a.cli(&["peer", "remove", "city-b"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    eventually("B's stream from A to be cut", || async {
-        b.status().await.peers.iter().any(|p| {
-            p.last_error
-                .contains("node city-a does not know origin city-b")
-        })
-    })
-    .await;
+    refused(&b, "B's stream from A to be cut").await;
     publish_row(&a, "after-cut-0", 3.0).await;
     assert_eq!(b.head("city-a").await.0, 2, "B read after A removed it");
 

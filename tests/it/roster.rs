@@ -90,23 +90,7 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
 
     // civex feed tail without --origin follows a member the roster adds
     // while it runs.
-    let mut tail = std::process::Command::new(crate::support::bin("civex"))
-        .args([
-            "--node",
-            &consortium.address,
-            "--identity",
-            consortium.operator_dir().to_str().unwrap(),
-            "feed",
-            "tail",
-            "--config",
-            consortium.config_path().to_str().unwrap(),
-            "--count",
-            "5",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut tail = spawn_tail(&consortium, &["--count", "5"]);
     let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
     let out = tail.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -290,26 +274,7 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     })
     .await;
     // An analyst follows A alone from here on, across the replacement.
-    let tail = std::process::Command::new(crate::support::bin("civex"))
-        .args([
-            "--node",
-            &consortium.address,
-            "--identity",
-            consortium.operator_dir().to_str().unwrap(),
-            "feed",
-            "tail",
-            "--config",
-            consortium.config_path().to_str().unwrap(),
-            "--origin",
-            "city-a",
-            "--count",
-            "4",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let tail = spawn_tail(&consortium, &["--origin", "city-a", "--count", "4"]);
 
     // B is down while A's feed moves on: it resumes later from a cursor in
     // the old feed.
@@ -606,6 +571,22 @@ async fn boasting_peer(
             .serve_with_incoming(incoming),
     );
     address
+}
+
+/// Starts `civex feed tail --config` on `node` with `args`, its output piped.
+fn spawn_tail(node: &TestNode, args: &[&str]) -> std::process::Child {
+    let (identity, config) = (node.operator_dir(), node.config_path());
+    std::process::Command::new(crate::support::bin("civex"))
+        .args(["--node", &node.address, "--identity"])
+        .arg(identity)
+        .args(["feed", "tail", "--config"])
+        .arg(config)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// Makes `node` replicate `origin`'s node at `address` (`civex peer add`).
