@@ -1001,7 +1001,13 @@ impl FeedService {
                 }
             }
             let mut sent_entries = false;
-            for (origin, cursor) in origins.iter_mut().filter(|(_, c)| !c.stopped) {
+            // The roster origin first: a member's entries under a key the
+            // roster has just named verify only once that roster entry is
+            // read, and it is durable here before (or with) them.
+            let roster_origin = admission.roster.origin.as_deref();
+            let mut pass: Vec<_> = origins.iter_mut().filter(|(_, c)| !c.stopped).collect();
+            pass.sort_by_key(|(origin, _)| Some(origin.as_str()) != roster_origin);
+            for (origin, cursor) in pass {
                 let head = heads.get(origin);
                 let head_seq = head.map_or(0, |h| h.tip.seq);
                 if let Some(claim) = &cursor.claim {

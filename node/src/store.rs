@@ -495,20 +495,28 @@ fn decode_piece(bytes: &[u8]) -> Option<Vec<IndexRow>> {
 ///   every open to that name and renames it once synced, but reads the
 ///   newest `snap.*` file whatever its suffix. The snapshot only speeds up
 ///   recovery; the previous one, or the log, stands in for it;
-/// - a `conf` cut short while the store was created: only while `db` is
-///   still empty, so nothing was ever stored.
+/// - a `conf` cut short while the store was first created (sled writes it
+///   before it creates `db`): only while `db` is absent or empty, so
+///   nothing was ever stored.
 ///
-/// Done only while holding sled's lock on `db` (no other process has the
-/// store open, so none of these is being written).
+/// Done only while holding sled's lock on `db`, taken as sled takes it
+/// (`flock`, exclusive): no other process has the store open, so no
+/// snapshot is being written.
 fn clear_interrupted_open(dir: &Path) -> Result<(), StoreError> {
-    let db = match File::open(dir.join("db")) {
-        Ok(db) => db,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(err) => return Err(io_error(dir, "cannot open sled's db file", err)),
-    };
-    if db.try_lock().is_err() {
+    let db = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .open(dir.join("db"))
+        .map_err(|e| io_error(dir, "cannot open sled's db file", e))?;
+    match db.try_lock() {
+        Ok(()) => {}
         // Another process has the store open: opening sled reports it.
-        return Ok(());
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(()),
+        Err(std::fs::TryLockError::Error(err)) => {
+            return Err(io_error(dir, "cannot lock sled's db file", err))
+        }
     }
     let empty = db
         .metadata()
@@ -1212,6 +1220,12 @@ mod tests {
         std::fs::write(&unfinished, [0x5a; 40]).unwrap();
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
         assert!(!unfinished.exists());
+        // While sled holds the store, nothing of it is touched: a snapshot
+        // may be being written.
+        std::fs::write(&unfinished, [0x5a; 40]).unwrap();
+        clear_interrupted_open(dir.path()).unwrap();
+        assert!(unfinished.exists(), "removed while sled held the store");
+        std::fs::remove_file(&unfinished).unwrap();
         assert_eq!(
             store.head("city-a").unwrap().unwrap().tip,
             entries[49].tip()
@@ -1224,9 +1238,13 @@ mod tests {
     #[test]
     fn a_store_whose_creation_was_cut_short_is_created_again() {
         let dir = tempfile::tempdir().unwrap();
-        // Killed after sled created `db` and began `conf`.
-        std::fs::write(dir.path().join("db"), b"").unwrap();
-        std::fs::write(dir.path().join("conf"), b"segment_size: 83").unwrap();
+        // Killed while sled wrote `conf` (before it creates `db`): its text
+        // without the checksum that follows it.
+        std::fs::write(
+            dir.path().join("conf"),
+            b"segment_size: 8388608\nuse_compression: false\nversion: 0.34",
+        )
+        .unwrap();
         let entries = chain(&key(1), "city-a", 3);
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
         store.commit(&commit_of(&entries)).unwrap();

@@ -91,21 +91,7 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
     // civex feed tail without --origin follows a member the roster adds
     // while it runs.
     let mut tail = spawn_tail(&consortium, &["--count", "5"]);
-    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    let out = tail.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
-            if line.map(|l| lines_tx.send(l)).is_err() {
-                break;
-            }
-        }
-    });
-    async fn next_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
-        tokio::time::timeout(std::time::Duration::from_secs(30), lines.recv())
-            .await
-            .expect("no line from civex feed tail within 30 s")
-            .expect("civex feed tail ended early")
-    }
+    let mut lines = lines_of(&mut tail);
     // The consortium's three roster entries first.
     for _ in 0..3 {
         assert!(next_line(&mut lines).await.starts_with("consortium"));
@@ -274,7 +260,12 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     })
     .await;
     // An analyst follows A alone from here on, across the replacement.
-    let tail = spawn_tail(&consortium, &["--origin", "city-a", "--count", "4"]);
+    let mut tail = spawn_tail(&consortium, &["--origin", "city-a", "--count", "4"]);
+    let mut tail_lines = lines_of(&mut tail);
+    for seq in 1..=3 {
+        let line = next_line(&mut tail_lines).await;
+        assert!(line.starts_with(&format!("city-a       {seq}")), "{line}");
+    }
 
     // B is down while A's feed moves on: it resumes later from a cursor in
     // the old feed.
@@ -407,21 +398,17 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     })
     .await;
     // The tail started before the replacement verified A's fourth entry
-    // with the new key, and showed only A.
-    let tailed = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::task::spawn_blocking(move || tail.wait_with_output()),
-    )
-    .await
-    .expect("civex feed tail did not show A's fourth entry within 60 s")
-    .unwrap()
-    .unwrap();
+    // with the new key, showed only A, and ended there.
+    let fourth = tokio::time::timeout(Duration::from_secs(60), tail_lines.recv())
+        .await
+        .expect("civex feed tail did not show A's fourth entry within 60 s");
+    let tailed = tokio::task::spawn_blocking(move || tail.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let fourth = fourth.unwrap_or_else(|| panic!("civex feed tail ended: {}", stderr(&tailed)));
+    assert!(fourth.starts_with("city-a       4"), "{fourth}");
     assert!(tailed.status.success(), "{}", stderr(&tailed));
-    let shown = crate::support::stdout(&tailed);
-    let lines: Vec<&str> = shown.lines().collect();
-    assert_eq!(lines.len(), 4, "{shown}");
-    assert!(lines.iter().all(|l| l.starts_with("city-a")), "{shown}");
-    assert!(lines[3].starts_with("city-a       4"), "{shown}");
     b.restart().await;
     eventually("B to hold A's entry under the new key", || async {
         b.head("city-a").await == a.head("city-a").await
@@ -571,6 +558,28 @@ async fn boasting_peer(
             .serve_with_incoming(incoming),
     );
     address
+}
+
+/// The lines `child` writes to its stdout, as they come.
+fn lines_of(child: &mut std::process::Child) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (lines_tx, lines) = tokio::sync::mpsc::unbounded_channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+            if line.map(|l| lines_tx.send(l)).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
+/// The next line of `lines`, within 30 s.
+async fn next_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(Duration::from_secs(30), lines.recv())
+        .await
+        .expect("no line from civex feed tail within 30 s")
+        .expect("civex feed tail ended early")
 }
 
 /// Starts `civex feed tail --config` on `node` with `args`, its output piped.

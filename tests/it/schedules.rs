@@ -19,8 +19,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use civex_node::core::feed::entry_hash;
-use civex_proto::v1 as pb;
+use civex_node::core::feed::{entry_hash, Entry};
+use civex_proto::v1::{self as pb, entry_body::Payload};
 
 use crate::support::{
     civex_async, connect, eventually, key, make_key, operator, row, stdout, whole_feed,
@@ -28,10 +28,11 @@ use crate::support::{
 };
 
 /// Seeds run when `FAULT_SEEDS` is not set (not `CIVEX_*`: the nodes
-/// refuse settings they do not know): 1 to 16, and 86, whose kill of a
-/// node still opening its store once left the store unopenable.
+/// refuse settings they do not know): 1 to 8, and 86, whose kill of a node
+/// still opening its store once left the store unopenable (its timing is
+/// not reproduced: a unit test of the store guards that).
 fn ci_seeds() -> Vec<u64> {
-    (1..=16).chain([86]).collect()
+    (1..=8).chain([86]).collect()
 }
 /// Steps of each schedule, unless `FAULT_STEPS` says.
 fn steps() -> usize {
@@ -78,23 +79,28 @@ impl City {
 
 type Request = pb::PublishIndicatorsRequest;
 
+/// A publish and its receipt.
+type Acked = (Request, pb::Receipt);
+
 /// Publishes `requests` in order on the node at `address`, stopping at the
-/// first failure: the receipts, and the requests whose fate is unknown.
-async fn publish_all(address: String, requests: Vec<Request>) -> (Vec<pb::Receipt>, Vec<Request>) {
-    let mut receipts = Vec::new();
+/// first failure (each call bounded): those acknowledged, and the requests
+/// whose fate is unknown.
+async fn publish_all(address: String, requests: Vec<Request>) -> (Vec<Acked>, Vec<Request>) {
+    let mut acked = Vec::new();
     let mut requests = requests.into_iter();
     let timeout = Duration::from_secs(5);
     if let Ok(channel) = civex_node::transport::connect(&address, &operator(), None, timeout).await
     {
         let mut client = pb::publish_client::PublishClient::new(channel);
         while let Some(request) = requests.next() {
-            match client.publish_indicators(request.clone()).await {
-                Ok(receipt) => receipts.push(receipt.into_inner()),
-                Err(_) => return (receipts, std::iter::once(request).chain(requests).collect()),
+            let call = client.publish_indicators(request.clone());
+            match tokio::time::timeout(Duration::from_secs(30), call).await {
+                Ok(Ok(receipt)) => acked.push((request, receipt.into_inner())),
+                _ => return (acked, std::iter::once(request).chain(requests).collect()),
             }
         }
     }
-    (receipts, requests.collect())
+    (acked, requests.collect())
 }
 
 /// Waits until every city's node has opened publishing; a node that
@@ -161,12 +167,19 @@ fn seeds() -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_fault_schedules_lose_duplicate_and_fork_nothing() {
+    let mut acked_live = 0;
     for seed in seeds() {
-        run_schedule(seed).await;
+        acked_live += run_schedule(seed).await;
     }
+    assert!(
+        acked_live > 0,
+        "no publish was acknowledged during any schedule"
+    );
 }
 
-async fn run_schedule(seed: u64) {
+/// Runs the schedule of `seed`; returns how many publishes were
+/// acknowledged while it ran (before the retries).
+async fn run_schedule(seed: u64) -> usize {
     let dir = tempfile::tempdir().unwrap();
     let keys: Vec<String> = ORIGINS
         .iter()
@@ -273,19 +286,23 @@ async fn run_schedule(seed: u64) {
     // A publish that failed (refused while publishing was closed, or cut
     // off by a kill or a cut) is retried with its idempotency key: it gets
     // its first receipt if it was published, else it is published now.
-    let mut acked: BTreeMap<&str, Vec<pb::Receipt>> = BTreeMap::new();
-    let mut retried = 0;
+    let mut acked: BTreeMap<&str, Vec<Acked>> = BTreeMap::new();
+    let (mut acked_live, mut retried) = (0, 0);
     for (origin, task) in publishing {
-        let (receipts, in_doubt) = task.await.unwrap();
-        acked.entry(origin).or_default().extend(receipts);
+        let (done, in_doubt) = task.await.unwrap();
+        acked_live += done.len();
+        acked.entry(origin).or_default().extend(done);
         let i = ORIGINS.iter().position(|o| *o == origin).unwrap();
         let mut client = pb::publish_client::PublishClient::new(connect(&addresses[i]).await);
         for request in in_doubt {
             let receipt = client
-                .publish_indicators(request)
+                .publish_indicators(request.clone())
                 .await
                 .unwrap_or_else(|status| panic!("seed {seed}: a retry on {origin}: {status}"));
-            acked.entry(origin).or_default().push(receipt.into_inner());
+            acked
+                .entry(origin)
+                .or_default()
+                .push((request, receipt.into_inner()));
             retried += 1;
         }
     }
@@ -293,13 +310,21 @@ async fn run_schedule(seed: u64) {
     for (i, origin) in ORIGINS.iter().enumerate() {
         let own = head(&addresses[i], origin).await;
         let receipts = acked.get(origin).map(Vec::as_slice).unwrap_or_default();
-        let mut seqs: Vec<u64> = receipts.iter().map(|r| r.seq).collect();
+        let mut seqs: Vec<u64> = receipts.iter().map(|(_, r)| r.seq).collect();
         seqs.sort_unstable();
         seqs.dedup();
         assert_eq!(
             seqs.len(),
             receipts.len(),
             "seed {seed}: two publishes of {origin} acknowledged with one seq"
+        );
+        // Every publish issued is in the feed once: nothing else, nothing twice.
+        assert_eq!(
+            own.0,
+            receipts.len() as u64,
+            "seed {seed}: {origin} holds {} entries for {} publishes",
+            own.0,
+            receipts.len()
         );
         let what = format!("seed {seed}: every node to hold {origin} up to {}", own.0);
         eventually(&what, || async {
@@ -320,7 +345,7 @@ async fn run_schedule(seed: u64) {
                 "seed {seed}: {address} holds another {origin} feed"
             );
         }
-        for receipt in receipts {
+        for (request, receipt) in receipts {
             let entry = feed.get(receipt.seq as usize - 1).unwrap_or_else(|| {
                 panic!(
                     "seed {seed}: {origin} seq {} acknowledged, lost",
@@ -331,6 +356,19 @@ async fn run_schedule(seed: u64) {
                 entry_hash(&entry.body, &entry.signature).to_vec(),
                 receipt.entry_hash,
                 "seed {seed}: {origin} seq {} is not the entry acknowledged",
+                receipt.seq
+            );
+            let body = Entry::decode(entry.clone()).unwrap().body;
+            let Some(Payload::Indicators(batch)) = body.payload else {
+                panic!(
+                    "seed {seed}: {origin} seq {} is not indicators",
+                    receipt.seq
+                );
+            };
+            assert_eq!(
+                batch.observations[0].value,
+                Some(request.rows[0].value),
+                "seed {seed}: {origin} seq {} holds another publish than its receipt's",
                 receipt.seq
             );
         }
@@ -355,4 +393,5 @@ async fn run_schedule(seed: u64) {
     }
     let total: usize = acked.values().map(Vec::len).sum();
     eprintln!("seed {seed}: converged, {total} publishes acknowledged ({retried} on a retry)");
+    acked_live
 }

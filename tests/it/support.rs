@@ -746,7 +746,7 @@ impl ChildNode {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(bin("civex-node"))
+        let mut child = Command::new(bin("civex-node"))
             .arg("--config")
             .arg(dir.join("node.toml"))
             .arg("--address-file")
@@ -758,6 +758,10 @@ impl ChildNode {
             .unwrap();
         let mut address = String::new();
         eventually_blocking("civex-node to write its address", || {
+            if let Some(status) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("civex-node exited ({status}) before it listened:\n{log}");
+            }
             address = std::fs::read_to_string(&address_file)
                 .unwrap_or_default()
                 .trim()
