@@ -293,24 +293,22 @@ impl KeyResolver {
     /// Whether `origin` is a member this node knows now: pinned (its own
     /// origin included), or named by the roster and not removed.
     pub fn is_member(&self, origin: &str) -> bool {
-        self.pinned.contains_key(origin)
-            || self
-                .roster
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get(origin)
-                .is_some_and(|m| !m.removed)
+        self.pinned.contains_key(origin) || self.removed_from_roster(origin) == Some(false)
     }
 
     /// Whether the roster removed `origin` (and it is not pinned).
     pub fn was_removed(&self, origin: &str) -> bool {
-        !self.pinned.contains_key(origin)
-            && self
-                .roster
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get(origin)
-                .is_some_and(|m| m.removed)
+        !self.pinned.contains_key(origin) && self.removed_from_roster(origin) == Some(true)
+    }
+
+    /// Whether the roster names `origin` as removed; `None` if it names it
+    /// not at all.
+    fn removed_from_roster(&self, origin: &str) -> Option<bool> {
+        self.roster
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(origin)
+            .map(|m| m.removed)
     }
 
     /// Every origin to replicate: pinned, or a member the roster has not
