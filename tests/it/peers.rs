@@ -170,6 +170,28 @@ async fn a_peer_policy_limits_what_the_peer_may_read() {
     })
     .await;
     assert_eq!(b.head("city-a").await.0, 0, "B read what it may not");
+    // Nor does A's Heads tell B what A holds of city-a.
+    let heads_for_b = || async {
+        let tls =
+            civex_node::tls::Tls::load(civex_node::tls::TlsFiles::in_dir(&b.dir.join("tls")), None)
+                .unwrap();
+        let security = civex_node::transport::Security::Mutual(tls);
+        let timeout = std::time::Duration::from_secs(5);
+        let channel = civex_node::transport::connect(&a.address, &security, None, timeout)
+            .await
+            .unwrap();
+        let heads = civex_proto::v1::feed_client::FeedClient::new(channel)
+            .heads(civex_proto::v1::HeadsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .heads;
+        heads.into_iter().map(|h| h.origin).collect::<Vec<_>>()
+    };
+    assert!(
+        heads_for_b().await.is_empty(),
+        "Heads named an origin B may not read"
+    );
 
     // Allowed again: B catches up.
     let out = a
@@ -188,6 +210,7 @@ async fn a_peer_policy_limits_what_the_peer_may_read() {
         b.head("city-a").await.0 == 1
     })
     .await;
+    assert_eq!(heads_for_b().await, ["city-a"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
