@@ -154,6 +154,12 @@ impl Replicator {
                     // A peer counts as unreachable for the publish gate only
                     // after several failed attempts in a row (it may be
                     // restarting too, and hold this node's newest entries).
+                    // A peer that refuses this node counts the same. It
+                    // holds this node's feed only if it knows this node,
+                    // which admits it, except in two cases where restore
+                    // safety then rests on the other peers: the roster
+                    // removed this node, or the peer's read policy for it
+                    // leaves out its own origin.
                     failures = if was_connected { 1 } else { failures + 1 };
                     if let Some(index) = index.filter(|_| failures >= UNREACHABLE_AFTER) {
                         self.gate.report(index, PeerSync::Unreachable);
