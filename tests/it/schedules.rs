@@ -9,8 +9,9 @@
 //!
 //! A seed fixes the schedule, not the interleaving: the nodes are real
 //! processes on real sockets. The seeds of `ci_seeds` run in CI; more run by hand
-//! with `FAULT_SEEDS=1-200 cargo nextest run -E 'test(seeded_fault)'`
-//! (`FAULT_STEPS=40` for longer schedules).
+//! with `FAULT_SEEDS=1-150 cargo nextest run -E 'test(seeded_fault)'`
+//! (about a second a seed: nextest stops a test after 5 minutes), and
+//! `FAULT_STEPS=40` for longer schedules.
 //! A failure names its seed, and stderr lists every step taken.
 
 use std::{
