@@ -172,14 +172,7 @@ async fn a_peer_policy_limits_what_the_peer_may_read() {
     assert_eq!(b.head("city-a").await.0, 0, "B read what it may not");
     // Nor does A's Heads tell B what A holds of city-a.
     let heads_for_b = || async {
-        let tls =
-            civex_node::tls::Tls::load(civex_node::tls::TlsFiles::in_dir(&b.dir.join("tls")), None)
-                .unwrap();
-        let security = civex_node::transport::Security::Mutual(tls);
-        let timeout = std::time::Duration::from_secs(5);
-        let channel = civex_node::transport::connect(&a.address, &security, None, timeout)
-            .await
-            .unwrap();
+        let channel = crate::support::connect_as(&a.address, &b.dir.join("tls")).await;
         let heads = civex_proto::v1::feed_client::FeedClient::new(channel)
             .heads(civex_proto::v1::HeadsRequest {})
             .await

@@ -130,15 +130,7 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
     .await;
     // The consortium knows the hub only through the roster: once the hub
     // is removed, an open stream of the hub's is cut and says why.
-    let tls = Tls::load(TlsFiles::in_dir(&hub.dir.join("tls")), None).unwrap();
-    let channel = transport::connect(
-        &consortium.address,
-        &Security::Mutual(tls),
-        None,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let channel = crate::support::connect_as(&consortium.address, &hub.dir.join("tls")).await;
     let mut stream = pb::feed_client::FeedClient::new(channel)
         .subscribe(pb::SubscribeRequest {
             cursors: Vec::new(),

@@ -98,6 +98,20 @@ pub fn operator() -> Security {
         .clone()
 }
 
+/// A channel to the node at `address`, with the identity (certificate and
+/// key) in `identity_dir`.
+pub async fn connect_as(address: &str, identity_dir: &Path) -> Channel {
+    let tls = Tls::load(TlsFiles::in_dir(identity_dir), None).unwrap();
+    civex_node::transport::connect(
+        address,
+        &Security::Mutual(tls),
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap()
+}
+
 /// A channel to the node at `address`, as the test operator.
 pub async fn connect(address: &str) -> Channel {
     civex_node::transport::connect(address, &operator(), None, Duration::from_secs(5))

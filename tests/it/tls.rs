@@ -9,7 +9,6 @@ use std::{
 
 use civex_node::{
     pki::{write_identity_dir, Authority, Identity},
-    tls::{Tls, TlsFiles},
     transport::{self, Security},
 };
 use civex_proto::v1 as pb;
@@ -251,10 +250,7 @@ async fn roles_come_from_the_certificate() {
     a.wait_ready().await;
     // A member node's certificate may read the feed, and nothing else.
     crate::support::issue_identity(&member_dir, &Identity::Origin("city-m".into()));
-    let member = Security::Mutual(Tls::load(TlsFiles::in_dir(&member_dir), None).unwrap());
-    let channel = transport::connect(&a.address, &member, None, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let channel = crate::support::connect_as(&a.address, &member_dir).await;
     let denied = pb::publish_client::PublishClient::new(channel.clone())
         .publish_indicators(pb::PublishIndicatorsRequest {
             idempotency_key: crate::support::key(),
@@ -289,10 +285,7 @@ async fn roles_come_from_the_certificate() {
     // operator (not in this node's tls.operators), is refused too.
     let stranger_dir = dir.path().join("stranger");
     crate::support::issue_identity(&stranger_dir, &Identity::Operator("stranger".into()));
-    let stranger = Security::Mutual(Tls::load(TlsFiles::in_dir(&stranger_dir), None).unwrap());
-    let channel_s = transport::connect(&a.address, &stranger, None, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let channel_s = crate::support::connect_as(&a.address, &stranger_dir).await;
     let denied = pb::publish_client::PublishClient::new(channel_s)
         .publish_indicators(pb::PublishIndicatorsRequest {
             idempotency_key: crate::support::key(),
@@ -317,10 +310,7 @@ async fn roles_come_from_the_certificate() {
     // (rule 6: unknown origins are refused).
     let unknown_dir = dir.path().join("unknown");
     crate::support::issue_identity(&unknown_dir, &Identity::Origin("city-u".into()));
-    let unknown = Security::Mutual(Tls::load(TlsFiles::in_dir(&unknown_dir), None).unwrap());
-    let channel_u = transport::connect(&a.address, &unknown, None, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let channel_u = crate::support::connect_as(&a.address, &unknown_dir).await;
     let mut feed_u = pb::feed_client::FeedClient::new(channel_u);
     let denied = feed_u
         .subscribe(pb::SubscribeRequest {
