@@ -737,13 +737,7 @@ pub(crate) mod tests {
         let old = key(1);
         let new = key(2);
         let mut entries = chain(&old, "city-a", 2);
-        let mut body = entries[1].body.clone();
-        body.seq = 3;
-        body.prev_hash = entries[1].hash.to_vec();
-        body.payload = Some(Payload::KeyRotation(civex_proto::v1::KeyRotation {
-            new_key: new.verifying_key().to_bytes().to_vec(),
-        }));
-        entries.push(Entry::sign(&old, body).unwrap());
+        entries.push(rotation(&old, &entries[1], None, &new));
         for seq in 4..=5u64 {
             let mut body = entries[1].body.clone();
             body.seq = seq;
@@ -775,6 +769,26 @@ pub(crate) mod tests {
         }));
         let bad = Entry::sign(&old, body).unwrap();
         assert!(matches!(rotation_key(&bad), Err(FeedError::Malformed(_))));
+    }
+
+    /// The entry after `before`, signed by `signer`, rotating to `new`;
+    /// under feed id `[feed_id; 16]` if given, else `before`'s.
+    fn rotation(
+        signer: &SigningKey,
+        before: &Entry,
+        feed_id: Option<u8>,
+        new: &SigningKey,
+    ) -> Entry {
+        let mut body = before.body.clone();
+        body.seq += 1;
+        if let Some(id) = feed_id {
+            body.feed_id = vec![id; 16];
+        }
+        body.prev_hash = before.hash.to_vec();
+        body.payload = Some(Payload::KeyRotation(civex_proto::v1::KeyRotation {
+            new_key: new.verifying_key().to_bytes().to_vec(),
+        }));
+        Entry::sign(signer, body).unwrap()
     }
 
     /// Entries `first..=last` of `origin` under `feed_id`, signed by `key`,
@@ -889,21 +903,8 @@ pub(crate) mod tests {
         // key 4; seq 4 is signed by key 4.
         let (first, rotated, new, new_rotated) = (key(1), key(3), key(2), key(4));
         let mut old_feed = chain(&first, "city-a", 1);
-        let mut body = old_feed[0].body.clone();
-        body.seq = 2;
-        body.prev_hash = old_feed[0].hash.to_vec();
-        body.payload = Some(Payload::KeyRotation(civex_proto::v1::KeyRotation {
-            new_key: rotated.verifying_key().to_bytes().to_vec(),
-        }));
-        old_feed.push(Entry::sign(&first, body).unwrap());
-        let mut body = old_feed[1].body.clone();
-        body.seq = 3;
-        body.feed_id = vec![9; 16];
-        body.prev_hash = old_feed[1].hash.to_vec();
-        body.payload = Some(Payload::KeyRotation(civex_proto::v1::KeyRotation {
-            new_key: new_rotated.verifying_key().to_bytes().to_vec(),
-        }));
-        let switch = Entry::sign(&new, body).unwrap();
+        old_feed.push(rotation(&first, &old_feed[0], None, &rotated));
+        let switch = rotation(&new, &old_feed[1], Some(9), &new_rotated);
         let after = extend(&new_rotated, &switch, 9, 4);
         let replaced = [Replacement {
             old_feed_id: [7; 16],
