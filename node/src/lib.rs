@@ -16,8 +16,10 @@
 //! - [`audit`]: re-verification of a whole store (`civex verify`).
 //! - [`config`], [`keys`]: `node.toml` and the feed key file.
 //! - [`node`]: wiring it all together: [`node::run`].
+//! - [`allocator`]: the binaries' mimalloc settings (the only unsafe code).
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod allocator;
 pub mod audit;
 pub mod config;
 pub mod core;

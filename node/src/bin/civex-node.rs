@@ -40,8 +40,12 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    civex_node::allocator::tune();
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = civex_node::config::Config::load(&args.config, std::env::vars())?;
     civex_node::node::init_logging(&config.log.format, &config.log.level);
