@@ -8,7 +8,9 @@
 //!    them, fully verified and durable, end to end over gRPC.
 //! 4. Live replication of `--live-entries` entries from node A to node B
 //!    (subscribed to A, over mTLS), in two variants: (a) published through
-//!    A's gRPC Publish API by `--publishers` concurrent publishers; (b)
+//!    A's gRPC Publish API, one `PublishIndicatorsStream` keeping
+//!    `--in-flight` publishes unanswered (as NATS's bench keeps acks in
+//!    flight); (b)
 //!    replication alone: entries signed before the run stream into A's
 //!    replication path at full speed from a stand-in source, A relays them.
 //! 5. Durable publish: `--publishers` concurrent publishers, then p50/p99
@@ -59,9 +61,12 @@ pub(crate) struct BenchArgs {
     /// Entries of each live replication run.
     #[arg(long, default_value_t = 100_000)]
     live_entries: u64,
-    /// Concurrent publishers in the throughput and live runs.
+    /// Concurrent publishers in the throughput runs.
     #[arg(long, default_value_t = 64)]
     publishers: usize,
+    /// Publishes the live run (a) keeps unanswered on its publish stream.
+    #[arg(long, default_value_t = 256)]
+    in_flight: usize,
     /// Connections the publishers of the second throughput run share
     /// (the first gives each publisher its own); 0 skips that run.
     #[arg(long, default_value_t = 4)]
@@ -699,6 +704,63 @@ where
     Ok(tasks)
 }
 
+/// Publishes requests 0..`count` over one `PublishIndicatorsStream`,
+/// sending a request only while fewer than `in_flight` are unanswered, and
+/// checks that every receipt came back, in order.
+async fn stream_publish<R>(
+    node: client::Node,
+    count: u64,
+    in_flight: usize,
+    request: R,
+) -> anyhow::Result<()>
+where
+    R: Fn(u64) -> pb::PublishIndicatorsRequest + Send + 'static,
+{
+    let mut publisher = client::publish(&node)?;
+    let window = Arc::new(tokio::sync::Semaphore::new(in_flight.max(1)));
+    let (requests, stream) = mpsc::channel(in_flight.max(1));
+    let sender = {
+        let window = window.clone();
+        tokio::spawn(async move {
+            for n in 0..count {
+                window.acquire().await?.forget();
+                if requests.send(request(n)).await.is_err() {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut receipts = publisher
+        .publish_indicators_stream(tokio_stream::wrappers::ReceiverStream::new(stream))
+        .await
+        .map_err(|s| anyhow!("publish stream failed: {}", s.message()))?
+        .into_inner();
+    let mut last_seq = 0;
+    let mut received = 0;
+    while let Some(receipt) = receipts
+        .message()
+        .await
+        .map_err(|s| anyhow!("publish stream failed: {}", s.message()))?
+    {
+        if receipt.seq <= last_seq {
+            return Err(anyhow!(
+                "receipt of seq {} after seq {last_seq}",
+                receipt.seq
+            ));
+        }
+        (last_seq, received) = (receipt.seq, received + 1);
+        window.add_permits(1);
+    }
+    sender.await??;
+    if received != count {
+        return Err(anyhow!(
+            "the publish stream ended after {received} of {count} receipts"
+        ));
+    }
+    Ok(())
+}
+
 /// A node run in-process by the live runs.
 struct LiveNode {
     client: client::Node,
@@ -878,16 +940,17 @@ async fn live_runs(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     live_publish(
         &root.join("live-publish"),
         args.live_entries,
-        args.publishers,
+        args.in_flight,
     )
     .await?;
     live_relay(&root.join("live-relay"), args.live_entries).await
 }
 
-/// Live (a): entries published through node A's gRPC Publish API by
-/// concurrent publishers (A validates, signs and commits each durably),
-/// while node B, subscribed to A over mTLS, verifies and stores them.
-async fn live_publish(root: &Path, count: u64, publishers: usize) -> anyhow::Result<()> {
+/// Live (a): entries published through node A's gRPC Publish API, over one
+/// publish stream with `in_flight` publishes unanswered (A validates, signs
+/// and commits each durably before its receipt), while node B, subscribed
+/// to A over mTLS, verifies and stores them.
+async fn live_publish(root: &Path, count: u64, in_flight: usize) -> anyhow::Result<()> {
     const A: &str = "bench-live-a";
     const B: &str = "bench-live-b";
     let federation = Federation::create(root)?;
@@ -937,19 +1000,14 @@ async fn live_publish(root: &Path, count: u64, publishers: usize) -> anyhow::Res
     let request = move |n: u64| indicator_request(&key_prefix, A, n);
     let progress = Progress::new("live replication (publish API)", count);
     let started = Instant::now();
-    let tasks = spawn_publishers(&a.client, publishers, publishers, count, request, None)?;
-    let producer = tokio::spawn(async move {
-        for task in tasks {
-            task.await??;
-        }
-        Ok(())
-    });
+    let producer = tokio::spawn(stream_publish(a.client.clone(), count, in_flight, request));
     let arrival = follow(&mut a, &mut b, A, count, started, producer, &progress).await?;
     progress.finish();
     let size = served_entry_size(&a.client, A).await?;
     println!(
-        "live replication (a) through the publish API: {count} entries of {size} bytes published on node A by {publishers} concurrent publishers \
-         (gRPC Publish, mTLS; A validates, signs and commits each durably before its receipt), replicated over mTLS to node B, \
+        "live replication (a) through the publish API: {count} entries of {size} bytes published on node A over one publish stream \
+         with {in_flight} publishes unanswered (gRPC PublishIndicatorsStream, mTLS; A validates, signs and commits each durably \
+         before its receipt), replicated over mTLS to node B, \
          which verifies and commits them durably: all held on B {:.1} s after the first publish: {:.0}/s end to end \
          (A held all, durable and acked, at {:.1} s: {:.0}/s)",
         arrival.on_b.as_secs_f64(),

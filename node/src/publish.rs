@@ -467,7 +467,7 @@ pub struct Publisher {
     writer: Writer,
     ready: watch::Receiver<bool>,
     sequencer: mpsc::Sender<Queued>,
-    in_flight: StdMutex<HashSet<[u8; 16]>>,
+    in_flight: Arc<StdMutex<HashSet<[u8; 16]>>>,
 }
 
 /// A request waiting for the sequencer.
@@ -525,12 +525,12 @@ struct Sequencer {
 type Settled = (Vec<u64>, bool, u64);
 
 /// Removes an idempotency key from the in-flight set when dropped.
-struct InFlight<'a> {
-    set: &'a StdMutex<HashSet<[u8; 16]>>,
+struct InFlight {
+    set: Arc<StdMutex<HashSet<[u8; 16]>>>,
     key: [u8; 16],
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         if let Ok(mut set) = self.set.lock() {
             set.remove(&self.key);
@@ -631,7 +631,7 @@ impl Publisher {
             writer,
             ready,
             sequencer,
-            in_flight: StdMutex::new(HashSet::new()),
+            in_flight: Arc::default(),
         }
     }
 
@@ -702,10 +702,27 @@ impl Publisher {
         fingerprint: [u8; 32],
         request: Request,
     ) -> Result<Receipt, PublishError> {
+        self.submit(idempotency_key, fingerprint, request)
+            .await?
+            .receipt()
+            .await
+    }
+
+    /// Checks a publish and queues it to the sequencer; the answer resolves
+    /// once its entry is durable (or the publish failed). Publishes
+    /// submitted one after another are signed in that order. The work goes
+    /// on if the answer is dropped, but the idempotency key is busy only
+    /// while the answer is held: hold it until it resolves.
+    pub async fn submit(
+        &self,
+        idempotency_key: [u8; 16],
+        fingerprint: [u8; 32],
+        request: Request,
+    ) -> Result<Submitted, PublishError> {
         // The key is marked in flight first, so one look at the store
         // answers a repeat (also while writes are stopped) and no repeat
         // slips in between.
-        let _in_flight = {
+        let in_flight = {
             let mut set = self
                 .in_flight
                 .lock()
@@ -714,12 +731,15 @@ impl Publisher {
                 return Err(PublishError::InProgress(hex(&idempotency_key)));
             }
             InFlight {
-                set: &self.in_flight,
+                set: self.in_flight.clone(),
                 key: idempotency_key,
             }
         };
         if let Some(receipt) = self.replay(&idempotency_key, &fingerprint)? {
-            return Ok(receipt);
+            return Ok(Submitted {
+                answer: Answer::Replayed(receipt),
+                _in_flight: in_flight,
+            });
         }
         if self.writer.is_stopped() {
             return Err(PublishError::Write(WriteError::Stopped));
@@ -744,9 +764,36 @@ impl Publisher {
             .send(queued)
             .await
             .map_err(|_| PublishError::Write(WriteError::Stopped))?;
-        answer
-            .await
-            .unwrap_or(Err(PublishError::Write(WriteError::Stopped)))
+        Ok(Submitted {
+            answer: Answer::Queued(answer),
+            _in_flight: in_flight,
+        })
+    }
+}
+
+/// A publish checked and queued ([`Publisher::submit`]).
+pub struct Submitted {
+    answer: Answer,
+    /// Keeps the idempotency key busy until the answer is in.
+    _in_flight: InFlight,
+}
+
+enum Answer {
+    /// A repeat of a durable publish: its original receipt.
+    Replayed(Receipt),
+    /// Queued to the sequencer.
+    Queued(oneshot::Receiver<Result<Receipt, PublishError>>),
+}
+
+impl Submitted {
+    /// The receipt, once the entry is durable.
+    pub async fn receipt(self) -> Result<Receipt, PublishError> {
+        match self.answer {
+            Answer::Replayed(receipt) => Ok(receipt),
+            Answer::Queued(answer) => answer
+                .await
+                .unwrap_or(Err(PublishError::Write(WriteError::Stopped))),
+        }
     }
 }
 

@@ -91,6 +91,11 @@ const MESSAGE_ENTRY_BYTES: usize = 1 << 20;
 /// Messages buffered per subscriber: with the message size cap this bounds
 /// a slow subscriber's memory.
 const SUBSCRIBER_BUFFER: usize = 4;
+/// Publishes of one PublishIndicatorsStream queued or being made durable at
+/// once; the node reads no further request until one is answered.
+const STREAM_PUBLISHES_IN_FLIGHT: usize = 1024;
+/// Receipts of one PublishIndicatorsStream buffered for a slow reader.
+const STREAM_RECEIPTS_BUFFERED: usize = 64;
 /// Cursors per subscription at most.
 const MAX_CURSORS: usize = 4096;
 
@@ -238,6 +243,16 @@ fn input_row(index: usize, row: pb::IndicatorRow) -> Result<InputRow, Status> {
     })
 }
 
+/// A PublishIndicators request checked: its key, fingerprint and rows.
+fn indicators_request(
+    request: pb::PublishIndicatorsRequest,
+) -> Result<([u8; 16], [u8; 32], publish::Request), Status> {
+    let print = fingerprint("indicators", &request, |r| r.idempotency_key.clear());
+    let key = idempotency_key(&request.idempotency_key)?;
+    let rows = input_rows(request.rows)?;
+    Ok((key, print, publish::Request::Indicators(rows)))
+}
+
 fn input_rows(rows: Vec<pb::IndicatorRow>) -> Result<Vec<InputRow>, Status> {
     rows.into_iter()
         .enumerate()
@@ -379,12 +394,87 @@ impl Publish for PublishService {
         &self,
         request: Request<pb::PublishIndicatorsRequest>,
     ) -> Result<Response<pb::Receipt>, Status> {
-        let request = request.into_inner();
-        let print = fingerprint("indicators", &request, |r| r.idempotency_key.clear());
-        let key = request.idempotency_key;
-        let rows = input_rows(request.rows)?;
-        self.publish(&key, print, publish::Request::Indicators(rows))
-            .await
+        let (key, print, job) = indicators_request(request.into_inner())?;
+        self.publish(&key, print, job).await
+    }
+
+    type PublishIndicatorsStreamStream = ReceiverStream<Result<pb::Receipt, Status>>;
+
+    async fn publish_indicators_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::PublishIndicatorsRequest>>,
+    ) -> Result<Response<Self::PublishIndicatorsStreamStream>, Status> {
+        let mut requests = request.into_inner();
+        let publisher = self.publisher.clone();
+        // Submitted publishes in request order: (index, key, submitted).
+        let (submitted, mut answers) = mpsc::channel(STREAM_PUBLISHES_IN_FLIGHT);
+        let (receipts, out) = mpsc::channel(STREAM_RECEIPTS_BUFFERED);
+        // One request at a time, read, checked and queued to the sequencer,
+        // so they are signed in request order.
+        tokio::spawn(async move {
+            for index in 0u64.. {
+                let (key, publish) = match requests.message().await {
+                    Ok(None) => break,
+                    Err(status) => (String::new(), Err(status)),
+                    // The stream failed, or its caller left: nothing more
+                    // is published.
+                    Ok(Some(_)) if submitted.is_closed() => break,
+                    Ok(Some(request)) => {
+                        let key = hex(&request.idempotency_key);
+                        let publish = match indicators_request(request) {
+                            Ok((key, print, job)) => publisher
+                                .submit(key, print, job)
+                                .await
+                                .map_err(|err| err.to_status()),
+                            Err(status) => Err(status),
+                        };
+                        (key, publish)
+                    }
+                };
+                let failed = publish.is_err();
+                if submitted.send((index, key, publish)).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        // Answers in request order. After a failure, or once the caller has
+        // gone, nothing more is submitted or sent, but the publishes already
+        // queued are still awaited: each keeps its idempotency key busy
+        // until its entry is durable, so a retry cannot sign it twice.
+        tokio::spawn(async move {
+            let mut open = true;
+            while let Some((index, key, publish)) = answers.recv().await {
+                let answer = match publish {
+                    Ok(publish) => publish.receipt().await.map_err(|err| err.to_status()),
+                    Err(status) => Err(status),
+                };
+                if !open {
+                    continue;
+                }
+                let status = match answer {
+                    Ok(done) => match receipts.send(Ok(receipt(done))).await {
+                        Ok(()) => continue,
+                        Err(_) => None,
+                    },
+                    Err(status) => Some(status),
+                };
+                // Closed before the failure is sent, so a request sent after
+                // the caller saw it is never published.
+                answers.close();
+                open = false;
+                if let Some(status) = status {
+                    tracing::info!(index, error = %status.message(), "streamed publish refused");
+                    let named = match key.is_empty() {
+                        true => format!("request {index} of the stream"),
+                        false => format!("request {index} of the stream (idempotency key {key})"),
+                    };
+                    let status =
+                        Status::new(status.code(), format!("{named}: {}", status.message()));
+                    let _ = receipts.send(Err(status)).await;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(out)))
     }
 
     async fn preview_indicators(

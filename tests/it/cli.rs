@@ -333,6 +333,8 @@ async fn bench_runs_every_measurement() {
         "1",
         "--live-entries",
         "2000",
+        "--in-flight",
+        "16",
         "--sdc-size",
         "20",
         "--dir",
@@ -347,7 +349,8 @@ async fn bench_runs_every_measurement() {
         "catch-up: 4000 entries",
         "durable publish: 400 entries",
         "ack latency at 200/s",
-        "live replication (a)",
+        "live replication (a) through the publish API: 2000 entries",
+        "over one publish stream with 16 publishes unanswered",
         "live replication (b)",
         "disclosure control, 20 x 20 counts with margins (441 cells)",
     ] {

@@ -561,3 +561,130 @@ async fn a_revision_must_restate_its_table_even_concurrently() {
         );
     }
 }
+
+/// Sends `requests` on one `PublishIndicatorsStream`: the receipts, and the
+/// status that ended the stream if it failed.
+async fn publish_stream(
+    node: &TestNode,
+    requests: Vec<pb::PublishIndicatorsRequest>,
+) -> (Vec<pb::Receipt>, Option<tonic::Status>) {
+    let mut stream = node
+        .publisher()
+        .await
+        .publish_indicators_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut receipts = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(receipt)) => receipts.push(receipt),
+            Ok(None) => return (receipts, None),
+            Err(status) => return (receipts, Some(status)),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stream_signs_in_request_order_and_answers_each_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
+    // Each request restates one table with its own value: signed out of
+    // order, a request's seq would not be its place in the stream, and the
+    // current value would not be the last one sent.
+    let requests: Vec<pb::PublishIndicatorsRequest> = (0..300)
+        .map(|n| pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows: vec![row("jobs", "city-a", "2025", f64::from(n), 100)],
+        })
+        .collect();
+    let (receipts, failure) = publish_stream(&node, requests.clone()).await;
+    assert!(failure.is_none(), "{failure:?}");
+    let seqs: Vec<u64> = receipts.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
+    assert_eq!(
+        node.head("city-a").await,
+        (300, receipts[299].entry_hash.clone())
+    );
+    let (current, _) = all_observations(&node, pb::ObservationsRequest::default()).await;
+    let values: Vec<Option<f64>> = current
+        .iter()
+        .map(|r| r.observation.as_ref().unwrap().value)
+        .collect();
+    assert_eq!(values, [Some(299.0)]);
+
+    // Sent again (a client that lost its receipts), the requests get their
+    // original receipts and publish nothing.
+    let (again, failure) = publish_stream(&node, requests[..10].to_vec()).await;
+    assert!(failure.is_none(), "{failure:?}");
+    assert_eq!(again, receipts[..10]);
+    assert_eq!(node.head("city-a").await.0, 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stream_ends_at_its_first_bad_request_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
+    let good = |value: f64| pb::PublishIndicatorsRequest {
+        idempotency_key: key(),
+        rows: vec![row("jobs", "city-a", "2025", value, 100)],
+    };
+    // Refused when signed: the requests before it are published.
+    let unknown = pb::PublishIndicatorsRequest {
+        idempotency_key: key(),
+        rows: vec![row("nope", "city-a", "2025", 1.0, 9)],
+    };
+    let unknown_key = hex(&unknown.idempotency_key);
+    let (requests, stream) = tokio::sync::mpsc::channel(8);
+    let mut receipts = node
+        .publisher()
+        .await
+        .publish_indicators_stream(tokio_stream::wrappers::ReceiverStream::new(stream))
+        .await
+        .unwrap()
+        .into_inner();
+    for request in [good(1.0), good(2.0), unknown] {
+        requests.send(request).await.unwrap();
+    }
+    for seq in [1, 2] {
+        assert_eq!(receipts.message().await.unwrap().unwrap().seq, seq);
+    }
+    let err = receipts.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    for expected in [
+        format!("request 2 of the stream (idempotency key {unknown_key})"),
+        "indicator \"nope\" is not in catalog edition \"test\"".to_owned(),
+    ] {
+        assert!(
+            err.message().contains(&expected),
+            "{:?} lacks {expected:?}",
+            err.message()
+        );
+    }
+    // Nothing is read after it: a request sent once the stream failed is
+    // not published.
+    let _ = requests.send(good(3.0)).await;
+    drop(requests);
+    assert!(matches!(receipts.message().await, Ok(None) | Err(_)));
+    assert_eq!(node.head("city-a").await.0, 2);
+
+    // Refused when read (a malformed key): named by its index alone when
+    // it has no usable key, and nothing after it is published either.
+    let mut short_key = good(4.0);
+    short_key.idempotency_key = vec![1, 2, 3];
+    let (published, failure) = publish_stream(&node, vec![good(5.0), short_key, good(6.0)]).await;
+    assert_eq!(published.len(), 1);
+    let err = failure.expect("the stream did not fail");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("request 1 of the stream (idempotency key 010203): idempotency_key: must be 16 bytes, got 3"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(node.head("city-a").await.0, 3);
+}

@@ -15,7 +15,8 @@
 # leaf; the client is bench.py (nats-py from PyPI, in a venv under this
 # run's temporary directory).
 # civex: `civex bench --parts live,catch-up` (release build, built with cargo
-# first).
+# first), its live publishes over one publish stream with the same number
+# unanswered as NATS's acks in flight (--inflight).
 #
 # Usage: cli/bench/nats/run.sh [--live N] [--catch-up N] [--size BYTES]
 #                              [--inflight N] [--keep]
@@ -193,8 +194,9 @@ rm -rf "$WORK/hub/js" "$WORK/leaf/js"
 
 # --- civex ------------------------------------------------------------------
 
-step "civex: $CIVEX bench --parts live,catch-up --live-entries $LIVE --entries $CATCHUP"
-if ! "$CIVEX" bench --parts live,catch-up --live-entries "$LIVE" --entries "$CATCHUP" --dir "$WORK" |
+step "civex: $CIVEX bench --parts live,catch-up --live-entries $LIVE --entries $CATCHUP --in-flight $INFLIGHT"
+if ! "$CIVEX" bench --parts live,catch-up --live-entries "$LIVE" --entries "$CATCHUP" \
+    --in-flight "$INFLIGHT" --dir "$WORK" |
     tee "$WORK/civex.out"; then
     die "civex bench failed"
 fi
@@ -235,7 +237,8 @@ civex counts an entry once node B holds it verified (hash chain and Ed25519
 signature) and durable (fdatasync). NATS verifies nothing, and acks and
 mirrors before fsync (JetStream's default: sync every 2 minutes).
 Live (a) is the like-for-like row: both sides include producing on the
-origin (civex: validation, signing and a durable commit on A per publish).
+origin, one client keeping $INFLIGHT publishes unanswered (civex: one
+publish stream; validation, signing and a durable commit on A per publish).
 Live (b) leaves producing out (entries signed before the run, streamed into
 A's replication path), so it shows what replication alone does; NATS's live
 figure still includes its publish path.
