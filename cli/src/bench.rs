@@ -13,8 +13,11 @@
 //!    flight); (b)
 //!    replication alone: entries signed before the run stream into A's
 //!    replication path at full speed from a stand-in source, A relays them.
-//! 5. Durable publish: `--publishers` concurrent publishers, then p50/p99
-//!    ack latency at a fixed `--rate`.
+//! 5. Durable publish: `--publishers` concurrent publishers, each waiting
+//!    for its durable receipt before its next publish: unary calls, each
+//!    publisher on its own connection, then sharing a few; then each on its
+//!    own connection and publish stream. Then p50/p99 ack latency at a
+//!    fixed `--rate`.
 
 use std::{
     path::{Path, PathBuf},
@@ -761,6 +764,54 @@ where
     Ok(())
 }
 
+/// Publishes requests 0..`count` through `publishers` concurrent clients,
+/// each on its own connection with its own `PublishIndicatorsStream`, each
+/// sending one request and waiting for its durable receipt before the next.
+fn spawn_stream_publishers<R>(
+    node: &client::Node,
+    publishers: usize,
+    count: u64,
+    request: R,
+    progress: Option<Arc<Progress>>,
+) -> anyhow::Result<Vec<JoinHandle<anyhow::Result<()>>>>
+where
+    R: Fn(u64) -> pb::PublishIndicatorsRequest + Clone + Send + 'static,
+{
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..publishers.max(1) {
+        let mut publisher = client::publish(node)?;
+        let (next, progress, request) = (next.clone(), progress.clone(), request.clone());
+        tasks.push(tokio::spawn(async move {
+            let (requests, stream) = mpsc::channel(1);
+            let mut receipts = publisher
+                .publish_indicators_stream(tokio_stream::wrappers::ReceiverStream::new(stream))
+                .await
+                .map_err(|s| anyhow!("publish stream failed: {}", s.message()))?
+                .into_inner();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= count {
+                    return Ok(());
+                }
+                requests
+                    .send(request(n))
+                    .await
+                    .map_err(|_| anyhow!("the publish stream closed"))?;
+                receipts
+                    .message()
+                    .await
+                    .map_err(|s| anyhow!("publish failed: {}", s.message()))?
+                    .ok_or_else(|| anyhow!("the publish stream ended"))?;
+                if let (0, Some(progress)) = (n % 1000, &progress) {
+                    progress.set(n);
+                }
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
 /// A node run in-process by the live runs.
 struct LiveNode {
     client: client::Node,
@@ -1270,26 +1321,44 @@ async fn publish_runs(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
 
     // Throughput with many concurrent publishers: each on its own
     // connection, then sharing a few (as one client process would).
-    let mut runs = vec![(args.publishers, "each on its own connection".to_owned())];
+    let mut runs = vec![(
+        Some(args.publishers),
+        "each on its own connection".to_owned(),
+    )];
     if args.shared_connections > 0 {
         let shared = args.shared_connections.min(args.publishers.max(1));
-        runs.push((shared, format!("sharing {shared} connections")));
+        runs.push((Some(shared), format!("sharing {shared} connections")));
     }
+    runs.push((
+        None,
+        "each on its own connection and publish stream, one publish at a time".to_owned(),
+    ));
     for (run, (connections, how)) in runs.into_iter().enumerate() {
         let offset = 100_000_000 * (run as u64 + 1);
         let progress = Arc::new(Progress::new("durable publish", args.publishes));
         let started = Instant::now();
-        let tasks = spawn_publishers(
-            &node,
-            args.publishers,
-            connections,
-            args.publishes,
-            {
-                let request = request.clone();
-                move |n| request(offset + n)
-            },
-            Some(progress.clone()),
-        )?;
+        let request = {
+            let request = request.clone();
+            move |n| request(offset + n)
+        };
+        let progress_of_run = Some(progress.clone());
+        let tasks = match connections {
+            Some(connections) => spawn_publishers(
+                &node,
+                args.publishers,
+                connections,
+                args.publishes,
+                request,
+                progress_of_run,
+            )?,
+            None => spawn_stream_publishers(
+                &node,
+                args.publishers,
+                args.publishes,
+                request,
+                progress_of_run,
+            )?,
+        };
         for task in tasks {
             task.await??;
         }

@@ -348,6 +348,7 @@ async fn bench_runs_every_measurement() {
         "verify: 4000 entries",
         "catch-up: 4000 entries",
         "durable publish: 400 entries",
+        "each on its own connection and publish stream, one publish at a time",
         "ack latency at 200/s",
         "live replication (a) through the publish API: 2000 entries",
         "over one publish stream with 16 publishes unanswered",
