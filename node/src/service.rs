@@ -94,6 +94,10 @@ const SUBSCRIBER_BUFFER: usize = 4;
 /// Publishes of one PublishIndicatorsStream queued or being made durable at
 /// once; the node reads no further request until one is answered.
 const STREAM_PUBLISHES_IN_FLIGHT: usize = 1024;
+/// Bytes of requests of one PublishIndicatorsStream held at once (a request
+/// counts until it is answered), so a stream of large requests cannot make
+/// the node's memory grow by a thousand times the message limit.
+const STREAM_BYTES_IN_FLIGHT: usize = 64 << 20;
 /// Receipts of one PublishIndicatorsStream buffered for a slow reader.
 const STREAM_RECEIPTS_BUFFERED: usize = 64;
 /// Cursors per subscription at most.
@@ -406,20 +410,28 @@ impl Publish for PublishService {
     ) -> Result<Response<Self::PublishIndicatorsStreamStream>, Status> {
         let mut requests = request.into_inner();
         let publisher = self.publisher.clone();
-        // Submitted publishes in request order: (index, key, submitted).
+        // Submitted publishes in request order: (index, key, submitted,
+        // the request's share of the byte budget).
         let (submitted, mut answers) = mpsc::channel(STREAM_PUBLISHES_IN_FLIGHT);
         let (receipts, out) = mpsc::channel(STREAM_RECEIPTS_BUFFERED);
+        let budget = Arc::new(tokio::sync::Semaphore::new(STREAM_BYTES_IN_FLIGHT));
         // One request at a time, read, checked and queued to the sequencer,
         // so they are signed in request order.
         tokio::spawn(async move {
             for index in 0u64.. {
-                let (key, publish) = match requests.message().await {
+                let (key, publish, bytes) = match requests.message().await {
                     Ok(None) => break,
-                    Err(status) => (String::new(), Err(status)),
-                    // The stream failed, or its caller left: nothing more
-                    // is published.
-                    Ok(Some(_)) if submitted.is_closed() => break,
+                    Err(status) => (String::new(), Err(status), None),
                     Ok(Some(request)) => {
+                        let size = request.encoded_len().clamp(1, STREAM_BYTES_IN_FLIGHT);
+                        let Ok(bytes) = budget.clone().acquire_many_owned(size as u32).await else {
+                            break;
+                        };
+                        // The stream failed, or its caller left: nothing
+                        // more is published.
+                        if submitted.is_closed() {
+                            break;
+                        }
                         let key = hex(&request.idempotency_key);
                         let publish = match indicators_request(request) {
                             Ok((key, print, job)) => publisher
@@ -428,11 +440,11 @@ impl Publish for PublishService {
                                 .map_err(|err| err.to_status()),
                             Err(status) => Err(status),
                         };
-                        (key, publish)
+                        (key, publish, Some(bytes))
                     }
                 };
                 let failed = publish.is_err();
-                if submitted.send((index, key, publish)).await.is_err() || failed {
+                if submitted.send((index, key, publish, bytes)).await.is_err() || failed {
                     break;
                 }
             }
@@ -443,11 +455,12 @@ impl Publish for PublishService {
         // until its entry is durable, so a retry cannot sign it twice.
         tokio::spawn(async move {
             let mut open = true;
-            while let Some((index, key, publish)) = answers.recv().await {
+            while let Some((index, key, publish, bytes)) = answers.recv().await {
                 let answer = match publish {
                     Ok(publish) => publish.receipt().await.map_err(|err| err.to_status()),
                     Err(status) => Err(status),
                 };
+                drop(bytes);
                 if !open {
                     continue;
                 }
