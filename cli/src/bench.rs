@@ -661,12 +661,21 @@ fn indicator_request(key_prefix: &[u8], origin: &str, n: u64) -> pb::PublishIndi
     }
 }
 
+/// How the publishers of a throughput run reach the node.
+#[derive(Clone, Copy)]
+enum Calls {
+    /// Unary calls over this many connections, shared round robin.
+    Unary(usize),
+    /// Each publisher on its own connection and publish stream.
+    Streams,
+}
+
 /// Publishes requests 0..`count` through `publishers` concurrent clients,
-/// each with its own connection, each waiting for its durable receipt.
+/// each waiting for its durable receipt before its next publish.
 fn spawn_publishers<R>(
     node: &client::Node,
     publishers: usize,
-    connections: usize,
+    calls: Calls,
     count: u64,
     request: R,
     progress: Option<Arc<Progress>>,
@@ -674,14 +683,19 @@ fn spawn_publishers<R>(
 where
     R: Fn(u64) -> pb::PublishIndicatorsRequest + Clone + Send + 'static,
 {
+    let publishers = publishers.max(1);
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    // One channel per connection; publishers share them round robin (a
-    // channel multiplexes concurrent calls over its one HTTP/2 connection).
-    let channels = (0..connections.clamp(1, publishers.max(1)))
+    // One channel per connection (a channel multiplexes concurrent calls
+    // over its one HTTP/2 connection).
+    let connections = match calls {
+        Calls::Unary(connections) => connections.clamp(1, publishers),
+        Calls::Streams => publishers,
+    };
+    let channels = (0..connections)
         .map(|_| client::publish(node))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    for i in 0..publishers.max(1) {
+    for i in 0..publishers {
         let (mut publisher, next, progress, request) = (
             channels[i % channels.len()].clone(),
             next.clone(),
@@ -689,15 +703,44 @@ where
             request.clone(),
         );
         tasks.push(tokio::spawn(async move {
+            let mut stream = match calls {
+                Calls::Unary(_) => None,
+                Calls::Streams => {
+                    let (requests, stream) = mpsc::channel(1);
+                    let receipts = publisher
+                        .publish_indicators_stream(tokio_stream::wrappers::ReceiverStream::new(
+                            stream,
+                        ))
+                        .await
+                        .map_err(|s| anyhow!("publish stream failed: {}", s.message()))?
+                        .into_inner();
+                    Some((requests, receipts))
+                }
+            };
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= count {
                     return Ok(());
                 }
-                publisher
-                    .publish_indicators(request(n))
-                    .await
-                    .map_err(|s| anyhow!("publish failed: {}", s.message()))?;
+                match &mut stream {
+                    None => {
+                        publisher
+                            .publish_indicators(request(n))
+                            .await
+                            .map_err(|s| anyhow!("publish failed: {}", s.message()))?;
+                    }
+                    Some((requests, receipts)) => {
+                        requests
+                            .send(request(n))
+                            .await
+                            .map_err(|_| anyhow!("the publish stream closed"))?;
+                        receipts
+                            .message()
+                            .await
+                            .map_err(|s| anyhow!("publish failed: {}", s.message()))?
+                            .ok_or_else(|| anyhow!("the publish stream ended"))?;
+                    }
+                }
                 if let (0, Some(progress)) = (n % 1000, &progress) {
                     progress.set(n);
                 }
@@ -762,54 +805,6 @@ where
         ));
     }
     Ok(())
-}
-
-/// Publishes requests 0..`count` through `publishers` concurrent clients,
-/// each on its own connection with its own `PublishIndicatorsStream`, each
-/// sending one request and waiting for its durable receipt before the next.
-fn spawn_stream_publishers<R>(
-    node: &client::Node,
-    publishers: usize,
-    count: u64,
-    request: R,
-    progress: Option<Arc<Progress>>,
-) -> anyhow::Result<Vec<JoinHandle<anyhow::Result<()>>>>
-where
-    R: Fn(u64) -> pb::PublishIndicatorsRequest + Clone + Send + 'static,
-{
-    let next = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..publishers.max(1) {
-        let mut publisher = client::publish(node)?;
-        let (next, progress, request) = (next.clone(), progress.clone(), request.clone());
-        tasks.push(tokio::spawn(async move {
-            let (requests, stream) = mpsc::channel(1);
-            let mut receipts = publisher
-                .publish_indicators_stream(tokio_stream::wrappers::ReceiverStream::new(stream))
-                .await
-                .map_err(|s| anyhow!("publish stream failed: {}", s.message()))?
-                .into_inner();
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= count {
-                    return Ok(());
-                }
-                requests
-                    .send(request(n))
-                    .await
-                    .map_err(|_| anyhow!("the publish stream closed"))?;
-                receipts
-                    .message()
-                    .await
-                    .map_err(|s| anyhow!("publish failed: {}", s.message()))?
-                    .ok_or_else(|| anyhow!("the publish stream ended"))?;
-                if let (0, Some(progress)) = (n % 1000, &progress) {
-                    progress.set(n);
-                }
-            }
-        }));
-    }
-    Ok(tasks)
 }
 
 /// A node run in-process by the live runs.
@@ -1319,46 +1314,39 @@ async fn publish_runs(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let key_prefix = client::idempotency_key()?;
     let request = move |n: u64| indicator_request(&key_prefix, "bench-publisher", n);
 
-    // Throughput with many concurrent publishers: each on its own
-    // connection, then sharing a few (as one client process would).
+    // Throughput with many concurrent publishers: unary calls, each on its
+    // own connection, then sharing a few (as one client process would);
+    // then each on its own connection and publish stream.
     let mut runs = vec![(
-        Some(args.publishers),
+        Calls::Unary(args.publishers),
         "each on its own connection".to_owned(),
     )];
     if args.shared_connections > 0 {
         let shared = args.shared_connections.min(args.publishers.max(1));
-        runs.push((Some(shared), format!("sharing {shared} connections")));
+        runs.push((
+            Calls::Unary(shared),
+            format!("sharing {shared} connections"),
+        ));
     }
     runs.push((
-        None,
+        Calls::Streams,
         "each on its own connection and publish stream, one publish at a time".to_owned(),
     ));
-    for (run, (connections, how)) in runs.into_iter().enumerate() {
+    for (run, (calls, how)) in runs.into_iter().enumerate() {
         let offset = 100_000_000 * (run as u64 + 1);
         let progress = Arc::new(Progress::new("durable publish", args.publishes));
         let started = Instant::now();
-        let request = {
-            let request = request.clone();
-            move |n| request(offset + n)
-        };
-        let progress_of_run = Some(progress.clone());
-        let tasks = match connections {
-            Some(connections) => spawn_publishers(
-                &node,
-                args.publishers,
-                connections,
-                args.publishes,
-                request,
-                progress_of_run,
-            )?,
-            None => spawn_stream_publishers(
-                &node,
-                args.publishers,
-                args.publishes,
-                request,
-                progress_of_run,
-            )?,
-        };
+        let tasks = spawn_publishers(
+            &node,
+            args.publishers,
+            calls,
+            args.publishes,
+            {
+                let request = request.clone();
+                move |n| request(offset + n)
+            },
+            Some(progress.clone()),
+        )?;
         for task in tasks {
             task.await??;
         }
