@@ -782,29 +782,34 @@ where
         .await
         .map_err(|s| anyhow!("publish stream failed: {}", s.message()))?
         .into_inner();
-    let mut last_seq = 0;
-    let mut received = 0;
-    while let Some(receipt) = receipts
-        .message()
-        .await
-        .map_err(|s| anyhow!("publish stream failed: {}", s.message()))?
-    {
-        if receipt.seq <= last_seq {
-            return Err(anyhow!(
-                "receipt of seq {} after seq {last_seq}",
-                receipt.seq
-            ));
+    let received = async {
+        let (mut last_seq, mut received) = (0, 0);
+        while let Some(receipt) = receipts
+            .message()
+            .await
+            .map_err(|s| anyhow!("publish stream failed: {}", s.message()))?
+        {
+            if receipt.seq <= last_seq {
+                return Err(anyhow!(
+                    "receipt of seq {} after seq {last_seq}",
+                    receipt.seq
+                ));
+            }
+            (last_seq, received) = (receipt.seq, received + 1);
+            window.add_permits(1);
         }
-        (last_seq, received) = (receipt.seq, received + 1);
-        window.add_permits(1);
+        Ok(received)
     }
-    sender.await??;
+    .await;
+    // The sender stops waiting for room if the stream ended early.
+    window.close();
+    let received = received?;
     if received != count {
         return Err(anyhow!(
             "the publish stream ended after {received} of {count} receipts"
         ));
     }
-    Ok(())
+    sender.await?
 }
 
 /// A node run in-process by the live runs.

@@ -92,7 +92,8 @@ const MESSAGE_ENTRY_BYTES: usize = 1 << 20;
 /// a slow subscriber's memory.
 const SUBSCRIBER_BUFFER: usize = 4;
 /// Publishes of one PublishIndicatorsStream queued or being made durable at
-/// once; the node reads no further request until one is answered.
+/// once (two more: the one being answered, the one being read); the node
+/// reads no further request until one is answered.
 const STREAM_PUBLISHES_IN_FLIGHT: usize = 1024;
 /// Bytes of requests of one PublishIndicatorsStream held at once (a request
 /// counts until it is answered), so a stream of large requests cannot make
@@ -308,6 +309,8 @@ pub struct PublishService {
     /// replaces (its key replacements carry over). Held until the change
     /// is durable and the roster re-read, even if the caller goes away.
     roster_changes: Arc<tokio::sync::Mutex<()>>,
+    /// Turns true at shutdown: publish streams stop reading.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl PublishService {
@@ -415,11 +418,24 @@ impl Publish for PublishService {
         let (submitted, mut answers) = mpsc::channel(STREAM_PUBLISHES_IN_FLIGHT);
         let (receipts, out) = mpsc::channel(STREAM_RECEIPTS_BUFFERED);
         let budget = Arc::new(tokio::sync::Semaphore::new(STREAM_BYTES_IN_FLIGHT));
+        let mut shutdown = self.shutdown.clone();
         // One request at a time, read, checked and queued to the sequencer,
         // so they are signed in request order.
         tokio::spawn(async move {
             for index in 0u64.. {
-                let (key, publish, bytes) = match requests.message().await {
+                // Reading stops once the stream failed or its caller left,
+                // and when the node stops (the stream then ends with what
+                // was queued answered, and this request refused).
+                let next = tokio::select! {
+                    biased;
+                    () = submitted.closed() => break,
+                    _ = shutdown.wait_for(|stop| *stop) => Err(Status::unavailable(
+                        "the node is shutting down; send this request and those after it \
+                         again, with their idempotency keys",
+                    )),
+                    next = requests.message() => next,
+                };
+                let (key, publish, bytes) = match next {
                     Ok(None) => break,
                     Err(status) => (String::new(), Err(status), None),
                     Ok(Some(request)) => {
@@ -444,8 +460,18 @@ impl Publish for PublishService {
                     }
                 };
                 let failed = publish.is_err();
-                if submitted.send((index, key, publish, bytes)).await.is_err() || failed {
-                    break;
+                match submitted.send((index, key, publish, bytes)).await {
+                    // The answers closed (a request before it failed, or
+                    // the caller left) while this publish was queued: its
+                    // key stays busy until it is durable, so a retry cannot
+                    // sign it twice.
+                    Err(mpsc::error::SendError((_, _, Ok(queued), _))) => {
+                        let _ = queued.receipt().await;
+                        break;
+                    }
+                    Err(_) => break,
+                    Ok(()) if failed => break,
+                    Ok(()) => {}
                 }
             }
         });
@@ -1624,6 +1650,7 @@ pub async fn router(
         store: services.store.clone(),
         replication: services.replication.clone(),
         roster_changes: Arc::default(),
+        shutdown: services.shutdown.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

@@ -666,11 +666,21 @@ async fn a_publish_stream_ends_at_its_first_bad_request_and_names_it() {
         );
     }
     // Nothing is read after it: a request sent once the stream failed is
-    // not published.
+    // not published, so the next publish gets seq 3.
     let _ = requests.send(good(3.0)).await;
     drop(requests);
     assert!(matches!(receipts.message().await, Ok(None) | Err(_)));
-    assert_eq!(node.head("city-a").await.0, 2);
+    let next = node
+        .publisher()
+        .await
+        .publish_indicators(good(3.5))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        next.seq, 3,
+        "a request sent after the failure was published"
+    );
 
     // Refused when read (a malformed key): named by its index alone when
     // it has no usable key, and nothing after it is published either.
@@ -678,6 +688,7 @@ async fn a_publish_stream_ends_at_its_first_bad_request_and_names_it() {
     short_key.idempotency_key = vec![1, 2, 3];
     let (published, failure) = publish_stream(&node, vec![good(5.0), short_key, good(6.0)]).await;
     assert_eq!(published.len(), 1);
+    assert_eq!(published[0].seq, 4);
     let err = failure.expect("the stream did not fail");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
@@ -686,5 +697,122 @@ async fn a_publish_stream_ends_at_its_first_bad_request_and_names_it() {
         "{}",
         err.message()
     );
-    assert_eq!(node.head("city-a").await.0, 3);
+    assert_eq!(node.head("city-a").await.0, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_queued_when_a_stream_fails_keep_their_keys_until_durable() {
+    // A slow first request holds up the answers while the node reads and
+    // queues the next thousand; the second fails. Requests queued then are
+    // published, and a client that sends them all again at once (as the
+    // contract tells it to) must get each published exactly once. (A
+    // publish the reader was still handing over when the stream failed
+    // once lost its key's busy mark: a retry racing it signed it twice;
+    // the race is narrow, so this catches it only now and then.)
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
+    let slow = pb::PublishIndicatorsRequest {
+        idempotency_key: key(),
+        rows: (0..2400)
+            .map(|n| {
+                let month = format!("{}-{:02}", 1900 + n / 12, n % 12 + 1);
+                row("outages", "city-a", &month, 1.0, 100)
+            })
+            .collect(),
+    };
+    let bad = pb::PublishIndicatorsRequest {
+        idempotency_key: key(),
+        rows: vec![row("nope", "city-a", "2025", 1.0, 9)],
+    };
+    let goods: Vec<pb::PublishIndicatorsRequest> = (0..1500)
+        .map(|n| pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows: vec![row("jobs", "city-a", "2025", f64::from(n), 100)],
+        })
+        .collect();
+    let requests = [vec![slow, bad], goods.clone()].concat();
+    let (receipts, failure) = publish_stream(&node, requests).await;
+    let failure = failure.expect("the stream did not fail");
+    assert_eq!(
+        failure.code(),
+        Code::InvalidArgument,
+        "{}",
+        failure.message()
+    );
+    let first = receipts
+        .first()
+        .unwrap_or_else(|| panic!("the slow request was not answered: {failure:?}"));
+    let client = node.publisher().await;
+    let mut retries = Vec::new();
+    for request in goods {
+        let mut client = client.clone();
+        retries.push(tokio::spawn(async move {
+            loop {
+                match client.publish_indicators(request.clone()).await {
+                    Ok(receipt) => return receipt.into_inner().seq,
+                    // Its first publish is still on its way: retry.
+                    Err(status) if status.code() == Code::Unavailable => {
+                        tokio::task::yield_now().await
+                    }
+                    Err(status) => panic!("retry refused: {status:?}"),
+                }
+            }
+        }));
+    }
+    let mut seqs = std::collections::BTreeSet::new();
+    for retry in retries {
+        assert!(
+            seqs.insert(retry.await.unwrap()),
+            "two requests got one seq"
+        );
+    }
+    let groups = first.seq - first.first_seq + 1;
+    assert_eq!(
+        node.head("city-a").await.0,
+        groups + 1500,
+        "a request was published twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_publish_stream_ends_when_the_node_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    // A grace period far longer than the waits below: the stream has to
+    // end by itself for the node to stop in time.
+    let mut node =
+        TestNode::start(dir.path(), Spec::new("city-a").shutdown_grace_ms(600_000)).await;
+    let (requests, stream) = tokio::sync::mpsc::channel(8);
+    let mut receipts = node
+        .publisher()
+        .await
+        .publish_indicators_stream(tokio_stream::wrappers::ReceiverStream::new(stream))
+        .await
+        .unwrap()
+        .into_inner();
+    requests
+        .send(pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows: vec![row("jobs", "city-a", "2025", 1.0, 100)],
+        })
+        .await
+        .unwrap();
+    assert_eq!(receipts.message().await.unwrap().unwrap().seq, 1);
+    let stopping = tokio::spawn(async move { node.stop().await });
+    let limit = std::time::Duration::from_secs(60);
+    let err = tokio::time::timeout(limit, receipts.message())
+        .await
+        .expect("the publish stream did not end at shutdown")
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message()
+            .contains("request 1 of the stream: the node is shutting down"),
+        "{}",
+        err.message()
+    );
+    tokio::time::timeout(limit, stopping)
+        .await
+        .expect("the node did not stop while a publish stream was open")
+        .unwrap();
+    drop(requests);
 }

@@ -134,6 +134,8 @@ pub struct Spec {
     pub roster: Option<String>,
     /// TOML appended to node.toml (e.g. `[[disclosure.indicator]]` tables).
     pub extra: String,
+    /// limits.shutdown_grace_ms.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Spec {
@@ -147,7 +149,13 @@ impl Spec {
             min_contributors: 3,
             roster: None,
             extra: String::new(),
+            shutdown_grace_ms: 500,
         }
+    }
+
+    pub fn shutdown_grace_ms(mut self, ms: u64) -> Self {
+        self.shutdown_grace_ms = ms;
+        self
     }
 
     /// Appends TOML to the node's node.toml.
@@ -208,7 +216,10 @@ pub fn write_node_dir(dir: &Path, spec: &Spec, listen: &str) -> (PathBuf, String
             &format!("min_contributors = {}", spec.min_contributors),
         )
         .replace("level = \"info\"", "level = \"warn\"")
-        .replace("shutdown_grace_ms = 5000", "shutdown_grace_ms = 500");
+        .replace(
+            "shutdown_grace_ms = 5000",
+            &format!("shutdown_grace_ms = {}", spec.shutdown_grace_ms),
+        );
     let districts: Vec<String> = spec.districts.iter().map(|d| format!("{d:?}")).collect();
     text = text.replace(
         "districts = []",
