@@ -33,18 +33,7 @@ async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
     )
     .await;
 
-    let out = b
-        .cli(&[
-            "peer",
-            "add",
-            "city-a",
-            "--address",
-            &a.address,
-            "--origin",
-            "city-a",
-        ])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    b.add_peer("city-a", &a.address).await;
     // A does not know B yet: B's subscription is refused, and says why.
     refused(&b, "A to refuse B, a member it does not know").await;
     assert_eq!(
@@ -53,18 +42,7 @@ async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
         "B read from a node that does not know it"
     );
     // A adds B as its peer in turn: B is admitted.
-    let out = a
-        .cli(&[
-            "peer",
-            "add",
-            "city-b",
-            "--address",
-            &b.address,
-            "--origin",
-            "city-b",
-        ])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    a.add_peer("city-b", &b.address).await;
     eventually("B to replicate A once added", || async {
         b.head("city-a").await.0 == 1
     })
@@ -187,18 +165,7 @@ async fn a_peer_policy_limits_what_the_peer_may_read() {
     );
 
     // Allowed again: B catches up.
-    let out = a
-        .cli(&[
-            "peer",
-            "add",
-            "city-b",
-            "--address",
-            "127.0.0.1:9",
-            "--origin",
-            "city-b",
-        ])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    a.add_peer("city-b", "127.0.0.1:9").await;
     eventually("B to read city-a once allowed", || async {
         b.head("city-a").await.0 == 1
     })

@@ -107,7 +107,7 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
         member("city-c").allow_without_peers(),
     )
     .await;
-    add_peer(&consortium, "city-c", &c.address).await;
+    consortium.add_peer("city-c", &c.address).await;
     c.wait_ready().await;
     publish_row(&c, "late", 1.0).await;
     let line = next_line(&mut lines).await;
@@ -131,14 +131,7 @@ async fn members_keys_come_from_the_roster_and_relayed_feeds_verify() {
     // The consortium knows the hub only through the roster: once the hub
     // is removed, an open stream of the hub's is cut and says why.
     let channel = crate::support::connect_as(&consortium.address, &hub.dir.join("tls")).await;
-    let mut stream = pb::feed_client::FeedClient::new(channel)
-        .subscribe(pb::SubscribeRequest {
-            cursors: Vec::new(),
-            all_origins: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = crate::support::subscribe_all_over(channel).await;
     let out = consortium.cli(&["roster", "remove", "hub"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let cut = tokio::time::timeout(Duration::from_secs(30), async {
@@ -193,7 +186,7 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     let mut a = TestNode::start(&a_dir, member("city-a")).await;
     let b = TestNode::start(&dir.path().join("city-b"), member("city-b")).await;
     // The consortium replicates A (it names A's last entry) and relays it to B.
-    add_peer(&consortium, "city-a", &a.address).await;
+    consortium.add_peer("city-a", &a.address).await;
     a.wait_ready().await;
     publish_row(&a, "k0", 1.0).await;
     publish_row(&a, "k1", 2.0).await;
@@ -244,7 +237,7 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     std::fs::rename(a_dir.join("feed.key"), &new_file).unwrap();
     civex_node::keys::write_secret_file(&a_dir.join("feed.key"), &lost).unwrap();
     a = TestNode::start(&a_dir, member("city-a")).await;
-    add_peer(&consortium, "city-a", &a.address).await;
+    consortium.add_peer("city-a", &a.address).await;
     a.wait_ready().await;
     assert_eq!(publish_row(&a, "k2", 3.0).await.seq, 3);
     eventually("the consortium to hold A's third entry", || async {
@@ -291,7 +284,7 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     // A peer reporting more of A's feed than the consortium holds could not
     // follow the new feed: the replacement is refused while it is a peer.
     let boaster = boasting_peer(dir.path(), "city-x", "city-a", 9).await;
-    add_peer(&consortium, "city-x", &boaster).await;
+    consortium.add_peer("city-x", &boaster).await;
     eventually("the consortium to hear city-x's head of city-a", || async {
         consortium.status().await.peers.iter().any(|p| {
             p.name == "city-x"
@@ -363,7 +356,7 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
     a.stop().await;
     std::fs::rename(&new_file, a_dir.join("feed.key")).unwrap();
     a = TestNode::start(&a_dir, member("city-a")).await;
-    add_peer(&consortium, "city-a", &a.address).await;
+    consortium.add_peer("city-a", &a.address).await;
     let roster_head = consortium.head("consortium").await;
     eventually("A to hold the roster entry naming its new key", || async {
         a.head("consortium").await == roster_head
@@ -591,21 +584,6 @@ fn spawn_tail(node: &TestNode, args: &[&str]) -> std::process::Child {
 }
 
 /// Makes `node` replicate `origin`'s node at `address` (`civex peer add`).
-async fn add_peer(node: &TestNode, origin: &str, address: &str) {
-    let out = node
-        .cli(&[
-            "peer",
-            "add",
-            origin,
-            "--address",
-            address,
-            "--origin",
-            origin,
-        ])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
-}
-
 /// Starts the roster origin's node, "consortium", in `dir` and adds each
 /// (origin, feed key) as a member named after its origin.
 async fn start_consortium(dir: &std::path::Path, members: &[(&str, &str)]) -> TestNode {

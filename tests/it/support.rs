@@ -462,6 +462,23 @@ impl TestNode {
     }
 
     /// Runs `civex --node <this node> --identity <operator> args...`.
+    /// `civex peer add ORIGIN --address ADDRESS --origin ORIGIN` on this
+    /// node, which must succeed.
+    pub async fn add_peer(&self, origin: &str, address: &str) {
+        let out = self
+            .cli(&[
+                "peer",
+                "add",
+                origin,
+                "--address",
+                address,
+                "--origin",
+                origin,
+            ])
+            .await;
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
     pub async fn cli(&self, args: &[&str]) -> Output {
         let identity = self.operator_dir();
         let mut full = vec![
@@ -520,7 +537,12 @@ impl TestNode {
 
 /// A subscription to every origin the node at `address` holds or comes to hold.
 pub async fn subscribe_all(address: &str) -> tonic::Streaming<pb::SubscribeResponse> {
-    FeedClient::new(connect(address).await)
+    subscribe_all_over(connect(address).await).await
+}
+
+/// The same over `channel` (made with any identity); it must be admitted.
+pub async fn subscribe_all_over(channel: Channel) -> tonic::Streaming<pb::SubscribeResponse> {
+    FeedClient::new(channel)
         .subscribe(pb::SubscribeRequest {
             cursors: Vec::new(),
             all_origins: true,

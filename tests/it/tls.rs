@@ -330,14 +330,7 @@ async fn roles_come_from_the_certificate() {
     // Nor learn what it holds.
     let denied = feed_u.heads(pb::HeadsRequest {}).await.unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
-    let mut stream = pb::feed_client::FeedClient::new(channel)
-        .subscribe(pb::SubscribeRequest {
-            cursors: Vec::new(),
-            all_origins: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = crate::support::subscribe_all_over(channel).await;
     let mut seen = 0;
     while seen == 0 {
         let message = stream.message().await.unwrap().unwrap();
