@@ -41,7 +41,10 @@ use civex_node::{
     tls::{Tls, TlsFiles},
     transport::Security,
 };
-use civex_proto::v1::{self as pb, entry_body::Payload, status_client::StatusClient, EntryBody};
+use civex_proto::v1::{
+    self as pb, entry_body::Payload, publish_client::PublishClient, status_client::StatusClient,
+    EntryBody,
+};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use tokio::{
     sync::{mpsc, oneshot, watch},
@@ -705,17 +708,7 @@ where
         tasks.push(tokio::spawn(async move {
             let mut stream = match calls {
                 Calls::Unary(_) => None,
-                Calls::Streams => {
-                    let (requests, stream) = mpsc::channel(1);
-                    let receipts = publisher
-                        .publish_indicators_stream(tokio_stream::wrappers::ReceiverStream::new(
-                            stream,
-                        ))
-                        .await
-                        .map_err(|s| anyhow!("publish stream failed: {}", s.message()))?
-                        .into_inner();
-                    Some((requests, receipts))
-                }
+                Calls::Streams => Some(open_publish_stream(&mut publisher, 1).await?),
             };
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
@@ -750,6 +743,24 @@ where
     Ok(tasks)
 }
 
+/// Opens a `PublishIndicatorsStream`: the sender of its requests (at most
+/// `capacity` waiting to go out) and its receipts.
+async fn open_publish_stream(
+    publisher: &mut PublishClient<Channel>,
+    capacity: usize,
+) -> anyhow::Result<(
+    mpsc::Sender<pb::PublishIndicatorsRequest>,
+    tonic::Streaming<pb::Receipt>,
+)> {
+    let (requests, stream) = mpsc::channel(capacity);
+    let receipts = publisher
+        .publish_indicators_stream(tokio_stream::wrappers::ReceiverStream::new(stream))
+        .await
+        .map_err(|s| anyhow!("publish stream failed: {}", s.message()))?
+        .into_inner();
+    Ok((requests, receipts))
+}
+
 /// Publishes requests 0..`count` over one `PublishIndicatorsStream`,
 /// sending a request only while fewer than `in_flight` are unanswered, and
 /// checks that every receipt came back, in order.
@@ -764,7 +775,7 @@ where
 {
     let mut publisher = client::publish(&node)?;
     let window = Arc::new(tokio::sync::Semaphore::new(in_flight.max(1)));
-    let (requests, stream) = mpsc::channel(in_flight.max(1));
+    let (requests, mut receipts) = open_publish_stream(&mut publisher, in_flight.max(1)).await?;
     let sender = {
         let window = window.clone();
         tokio::spawn(async move {
@@ -777,11 +788,6 @@ where
             anyhow::Ok(())
         })
     };
-    let mut receipts = publisher
-        .publish_indicators_stream(tokio_stream::wrappers::ReceiverStream::new(stream))
-        .await
-        .map_err(|s| anyhow!("publish stream failed: {}", s.message()))?
-        .into_inner();
     let received = async {
         let (mut last_seq, mut received) = (0, 0);
         while let Some(receipt) = receipts
