@@ -2,10 +2,15 @@
 //!
 //! Everything lives in one sled tree under one-byte prefixes, so that one
 //! commit (entries, heads, indexes, idempotency records) is one atomic
-//! `Batch`. A commit is durable when [`Store::commit`] returns: sled's
-//! `flush` only issues `sync_file_range` (no device cache flush, no size
-//! metadata; sled issue #1452), so the store then calls `fdatasync` on a
-//! handle of sled's `db` file through a [`SyncHook`].
+//! `Batch`, except the entry bytes of a bulk commit (catch-up): those are
+//! appended to the entry log ([`entry_log`]), a file never rewritten, and
+//! synced before the batch naming where they lie is written. sled copies a
+//! value again at every rewrite of its page, so bulk entry bytes in sled
+//! were written to disk several times over. A commit is durable when
+//! [`Store::commit`] returns: sled's `flush` only issues `sync_file_range`
+//! (no device cache flush, no size metadata; sled issue #1452), so the
+//! store then calls `fdatasync` on a handle of sled's `db` file through a
+//! [`SyncHook`].
 //!
 //! sled writes any log item larger than a quarter of its segment (128 KiB)
 //! to a blob file it never syncs, and a leaf page holds up to 17 values.
@@ -17,7 +22,9 @@
 //! Key layout (`|` is concatenation, strings end with a zero byte, numbers
 //! are big-endian):
 //! - `m|format` store format version
-//! - `e|origin|first_seq` a chunk of consecutive entries written together
+//! - `m|log_end` length of the entry log after the last bulk commit
+//! - `e|origin|first_seq` a chunk of consecutive entries written together,
+//!   or where it lies in the entry log (offset, length, CRC-32)
 //! - `h|origin` head: feed id, seq, hash, claimed time, receive time
 //! - `i|key` idempotency record of an own publish
 //! - `o|origin|indicator|edition|ref_area|period|breakdown|seq` observation
@@ -49,13 +56,28 @@ use bytes::Bytes;
 use civex_proto::v1::{OfferResponse, RosterEntry, ServiceOffer, SignedEntry};
 use prost::Message;
 
+use self::entry_log::{EntryLog, Locator};
 use crate::core::{
     feed::{Conflict, ConflictKind, Entry, FeedId, Hash, Tip, FEED_ID_LEN, SIGNATURE_LEN},
     index::{IndexRecord, ObservationKey},
 };
 
-/// Format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+mod entry_log;
+
+/// Format version this build writes (2: bulk entry bytes in the entry
+/// log). It reads version 1 too, which has only chunks in sled, and marks
+/// such a store version 2 when it opens it.
+pub const FORMAT_VERSION: u32 = 2;
+/// Key of the entry log's recorded length.
+const LOG_END_KEY: &[u8] = b"mlog_end";
+/// First byte of an `e|` value holding the chunk itself.
+const CHUNK_INLINE: u8 = 1;
+/// First byte of an `e|` value holding where the chunk lies in the log.
+const CHUNK_IN_LOG: u8 = 2;
+/// Commits with at least this many bytes of entries write them to the
+/// entry log (one more `fdatasync`, paid for by the sled writes saved);
+/// smaller ones, every publish among them, keep them in sled.
+const LOG_MIN_BYTES: usize = 256 * 1024;
 /// Entries are packed into chunks of at most this many bytes (one entry may
 /// be larger alone, up to the 64 KiB entry limit), so no value nears 96 KiB.
 const CHUNK_BYTES: usize = 4 * 1024;
@@ -245,6 +267,7 @@ pub struct SledStore {
     sync: SyncHook,
     /// Blob files already fsynced.
     synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
+    log: EntryLog,
 }
 
 fn sled_error(path: &Path) -> impl Fn(sled::Error) -> StoreError + '_ {
@@ -303,40 +326,22 @@ impl SledStore {
                 Box::new(move || db_file.sync_data())
             }
         };
+        check_format(&db, &path)?;
+        let log_end = match db.get(LOG_END_KEY).map_err(sled_error(&path))? {
+            None => 0,
+            Some(value) => <[u8; 8]>::try_from(value.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt(&path, "the entry log's length does not decode".into()))?,
+        };
         let store = Self {
+            log: EntryLog::open(dir, log_end)?,
             db,
             path,
             sync,
             synced_blobs: Default::default(),
         };
-        store.check_format()?;
         store.sync_new_files()?;
         Ok(store)
-    }
-
-    fn check_format(&self) -> Result<(), StoreError> {
-        let key = b"mformat";
-        match self.db.get(key).map_err(sled_error(&self.path))? {
-            Some(value) => {
-                let version = <[u8; 4]>::try_from(value.as_ref())
-                    .ok()
-                    .map(u32::from_be_bytes);
-                if version != Some(FORMAT_VERSION) {
-                    return Err(self.corrupt(format!(
-                        "format version {version:?}, this build reads version {FORMAT_VERSION}"
-                    )));
-                }
-            }
-            None => {
-                if self.db.iter().next().is_some() {
-                    return Err(self.corrupt("no format version recorded".into()));
-                }
-                self.db
-                    .insert(key, &FORMAT_VERSION.to_be_bytes())
-                    .map_err(sled_error(&self.path))?;
-            }
-        }
-        Ok(())
     }
 
     /// sled never fsyncs its `conf` file or directories: do it once per open.
@@ -446,11 +451,51 @@ impl SledStore {
     }
 
     fn corrupt(&self, message: String) -> StoreError {
-        StoreError::Corrupt {
-            path: self.path.display().to_string(),
-            message,
+        corrupt(&self.path, message)
+    }
+}
+
+fn corrupt(path: &Path, message: String) -> StoreError {
+    StoreError::Corrupt {
+        path: path.display().to_string(),
+        message,
+    }
+}
+
+/// Checks the format version of `db`, recording it in a new store.
+fn check_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+    let key = b"mformat";
+    match db.get(key).map_err(sled_error(path))? {
+        Some(value) => {
+            let version = <[u8; 4]>::try_from(value.as_ref())
+                .ok()
+                .map(u32::from_be_bytes);
+            match version {
+                Some(FORMAT_VERSION) => {}
+                Some(1) => {
+                    db.insert(key, &FORMAT_VERSION.to_be_bytes())
+                        .map_err(sled_error(path))?;
+                }
+                _ => {
+                    return Err(corrupt(
+                        path,
+                        format!(
+                            "format version {version:?}, this build reads versions 1 to \
+                             {FORMAT_VERSION}"
+                        ),
+                    ))
+                }
+            }
+        }
+        None => {
+            if db.iter().next().is_some() {
+                return Err(corrupt(path, "no format version recorded".into()));
+            }
+            db.insert(key, &FORMAT_VERSION.to_be_bytes())
+                .map_err(sled_error(path))?;
         }
     }
+    Ok(())
 }
 
 /// Bytes of an observation index value: area, position, group end.
@@ -630,24 +675,23 @@ fn decode_head(bytes: &[u8]) -> Option<Head> {
     })
 }
 
-fn encode_chunk(entries: &[Entry]) -> Vec<u8> {
+/// Appends the chunk of `entries` to `out`.
+fn encode_chunk(entries: &[Entry], out: &mut Vec<u8>) {
     let size: usize = entries
         .iter()
         .map(|e| 4 + e.signed.body.len() + SIGNATURE_LEN)
         .sum();
-    let mut out = Vec::with_capacity(1 + size);
-    out.push(1);
+    out.reserve(1 + size);
+    out.push(CHUNK_INLINE);
     for entry in entries {
         out.extend_from_slice(&(entry.signed.body.len() as u32).to_be_bytes());
         out.extend_from_slice(&entry.signed.body);
         out.extend_from_slice(&entry.signed.signature);
     }
-    out
 }
 
-fn decode_chunk(value: &[u8]) -> Option<Vec<SignedEntry>> {
-    let bytes = Bytes::copy_from_slice(value);
-    if bytes.first() != Some(&1) {
+fn decode_chunk(bytes: Bytes) -> Option<Vec<SignedEntry>> {
+    if bytes.first() != Some(&CHUNK_INLINE) {
         return None;
     }
     let mut entries = Vec::new();
@@ -679,10 +723,10 @@ fn encode_conflict(record: &ConflictRecord) -> Vec<u8> {
     let peer = &peer[..peer.len().min(u16::MAX as usize)];
     out.extend_from_slice(&(peer.len() as u16).to_be_bytes());
     out.extend_from_slice(peer);
-    out.extend_from_slice(&encode_chunk(&[
-        record.conflict.held.clone(),
-        record.conflict.other.clone(),
-    ]));
+    encode_chunk(
+        &[record.conflict.held.clone(), record.conflict.other.clone()],
+        &mut out,
+    );
     out
 }
 
@@ -695,7 +739,8 @@ fn decode_conflict(value: &[u8]) -> Option<ConflictRecord> {
     let detected_unix_micros = i64::from_be_bytes(value.get(1..9)?.try_into().ok()?);
     let peer_len = u16::from_be_bytes(value.get(9..11)?.try_into().ok()?) as usize;
     let peer = String::from_utf8(value.get(11..11 + peer_len)?.to_vec()).ok()?;
-    let mut entries = decode_chunk(value.get(11 + peer_len..)?)?.into_iter();
+    let mut entries =
+        decode_chunk(Bytes::copy_from_slice(value.get(11 + peer_len..)?))?.into_iter();
     let held = Entry::decode(entries.next()?).ok()?;
     let other = Entry::decode(entries.next()?).ok()?;
     Some(ConflictRecord {
@@ -760,11 +805,19 @@ impl Store for SledStore {
                 .ok_or_else(|| {
                     self.corrupt(format!("an entry key of {origin:?} does not decode"))
                 })?;
-            let chunk = decode_chunk(&value).ok_or_else(|| {
+            let undecodable = || {
                 self.corrupt(format!(
                     "entries of {origin:?} from seq {first_seq} do not decode"
                 ))
-            })?;
+            };
+            let chunk = match value.first() {
+                Some(&CHUNK_IN_LOG) => {
+                    let at = Locator::decode(&value[1..]).ok_or_else(undecodable)?;
+                    Bytes::from(self.log.read(at)?)
+                }
+                _ => Bytes::copy_from_slice(&value),
+            };
+            let chunk = decode_chunk(chunk).ok_or_else(undecodable)?;
             for (offset, entry) in chunk.into_iter().enumerate() {
                 if first_seq + offset as u64 >= from_seq {
                     bytes += entry.body.len() + entry.signature.len();
@@ -780,6 +833,8 @@ impl Store for SledStore {
 
     fn commit(&self, commit: &CommitBatch) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
+        let mut chunks = Vec::new();
+        let mut encoded = Vec::new();
         for run in &commit.runs {
             let mut rest = run.as_slice();
             while let Some(first) = rest.first() {
@@ -794,8 +849,35 @@ impl Store for SledStore {
                     size += entry_size;
                 }
                 let key = key_of(b'e', &[&first.body.origin], Some(first.body.seq));
-                batch.insert(key, encode_chunk(&rest[..take]));
+                let start = encoded.len();
+                encode_chunk(&rest[..take], &mut encoded);
+                chunks.push((key, start..encoded.len()));
                 rest = &rest[take..];
+            }
+        }
+        // Held to the end of the commit, so batches record log lengths in
+        // the order the appends happened.
+        let mut log_end = self.log.lock()?;
+        if encoded.len() >= LOG_MIN_BYTES {
+            // Synced before the batch naming the chunks is written (see
+            // `entry_log`).
+            let start = *log_end;
+            self.log.append(&mut log_end, &encoded)?;
+            for (key, range) in chunks {
+                let chunk = &encoded[range.clone()];
+                let at = Locator {
+                    offset: start + range.start as u64,
+                    len: chunk.len() as u32,
+                    crc: crc32fast::hash(chunk),
+                };
+                let mut value = vec![CHUNK_IN_LOG];
+                value.extend_from_slice(&at.encode());
+                batch.insert(key, value);
+            }
+            batch.insert(LOG_END_KEY, &log_end.to_be_bytes()[..]);
+        } else {
+            for (key, range) in chunks {
+                batch.insert(key, &encoded[range]);
             }
         }
         for (origin, head) in &commit.heads {
@@ -1253,10 +1335,17 @@ mod tests {
         assert_eq!(store.head("city-a").unwrap().unwrap().tip, entries[2].tip());
     }
 
-    #[test]
-    fn entries_read_back_byte_for_byte_across_chunks_and_reopen() {
+    fn log_len(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join(entry_log::FILE_NAME))
+            .unwrap()
+            .len()
+    }
+
+    /// Commits one entry, then `count - 1` in one commit, reopens, and
+    /// checks what reads back.
+    fn read_back_across_chunks_and_reopen(count: u64) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let entries = chain(&key(1), "city-a", 600);
+        let entries = chain(&key(1), "city-a", count);
         {
             let store = SledStore::open(dir.path(), 16 << 20).unwrap();
             store.commit(&commit_of(&entries[..1])).unwrap();
@@ -1264,9 +1353,9 @@ mod tests {
         }
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
         let head = store.head("city-a").unwrap().unwrap();
-        assert_eq!(head.tip, entries[599].tip());
+        assert_eq!(head.tip, entries.last().unwrap().tip());
         let all = store.entries("city-a", 1, 10_000, usize::MAX).unwrap();
-        assert_eq!(all.len(), 600);
+        assert_eq!(all.len(), entries.len());
         for (read, written) in all.iter().zip(&entries) {
             assert_eq!(read, &written.signed);
         }
@@ -1274,7 +1363,7 @@ mod tests {
         assert_eq!(middle[0], entries[299].signed);
         assert_eq!(middle.len(), 5);
         assert!(store
-            .entries("city-a", 601, 5, usize::MAX)
+            .entries("city-a", count + 1, 5, usize::MAX)
             .unwrap()
             .is_empty());
         assert!(store
@@ -1282,6 +1371,113 @@ mod tests {
             .unwrap()
             .is_empty());
         assert_eq!(store.heads().unwrap().len(), 1);
+        dir
+    }
+
+    #[test]
+    fn entries_read_back_byte_for_byte_across_chunks_and_reopen() {
+        let dir = read_back_across_chunks_and_reopen(600);
+        assert_eq!(log_len(dir.path()), 0, "a small commit went to the log");
+    }
+
+    /// Entries of `chain` enough for a bulk commit.
+    fn bulk_count() -> u64 {
+        let one = chain(&key(1), "city-a", 1)[0].signed.encoded_len();
+        (LOG_MIN_BYTES / one * 2) as u64
+    }
+
+    #[test]
+    fn bulk_commits_keep_entries_in_the_log_and_read_back_byte_for_byte() {
+        let dir = read_back_across_chunks_and_reopen(bulk_count());
+        assert!(log_len(dir.path()) as usize >= LOG_MIN_BYTES);
+    }
+
+    /// A store holding one bulk commit of `count` entries, closed.
+    fn bulk_store(count: u64) -> (tempfile::TempDir, Vec<Entry>) {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = chain(&key(1), "city-a", count);
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        store.commit(&commit_of(&entries)).unwrap();
+        (dir, entries)
+    }
+
+    #[test]
+    fn log_bytes_past_the_recorded_length_are_cut_off_at_open() {
+        let count = bulk_count();
+        let (dir, entries) = bulk_store(count);
+        let recorded = log_len(dir.path());
+        // What a crash leaves after the log append and before the batch.
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(entry_log::FILE_NAME))
+            .unwrap();
+        std::io::Write::write_all(&mut log, &[0xAB; 5000]).unwrap();
+        drop(log);
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(log_len(dir.path()), recorded);
+        // The next bulk commit appends right after the recorded bytes.
+        let more = chain(&key(1), "city-a", 2 * count);
+        assert_eq!(more[entries.len() - 1].hash, entries.last().unwrap().hash);
+        store.commit(&commit_of(&more[entries.len()..])).unwrap();
+        assert!(log_len(dir.path()) as usize >= recorded as usize + LOG_MIN_BYTES);
+        let all = store.entries("city-a", 1, usize::MAX, usize::MAX).unwrap();
+        assert_eq!(all.len(), more.len());
+        for (read, written) in all.iter().zip(&more) {
+            assert_eq!(read, &written.signed);
+        }
+    }
+
+    #[test]
+    fn a_log_shorter_than_recorded_is_refused() {
+        let (dir, _) = bulk_store(bulk_count());
+        let log = dir.path().join(entry_log::FILE_NAME);
+        let len = log_len(dir.path());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+        let err = SledStore::open(dir.path(), 16 << 20).err().unwrap();
+        let message = err.to_string();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{message}");
+        assert!(message.contains("entries.log"), "{message}");
+        assert!(message.contains("are missing"), "{message}");
+    }
+
+    #[test]
+    fn a_damaged_log_chunk_is_reported_not_served() {
+        let (dir, _) = bulk_store(bulk_count());
+        let log = dir.path().join(entry_log::FILE_NAME);
+        let mut bytes = std::fs::read(&log).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(&log, bytes).unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let err = store.entries("city-a", 1, 10, usize::MAX).err().unwrap();
+        let message = err.to_string();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{message}");
+        assert!(
+            message.contains("offset 0 of the entry log fail their checksum"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_version_1_store_opens_and_becomes_version_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = chain(&key(1), "city-a", 3);
+        {
+            let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+            store.commit(&commit_of(&entries)).unwrap();
+            store.db.insert(b"mformat", &1u32.to_be_bytes()).unwrap();
+            store.db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let all = store.entries("city-a", 1, 10, usize::MAX).unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[2], entries[2].signed);
+        let version = store.db.get(b"mformat").unwrap().unwrap();
+        assert_eq!(version.as_ref(), &FORMAT_VERSION.to_be_bytes());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use civex_proto::v1::{self as pb, ConfidentialityStatus, FunctionalArea};
 use prost::Message;
 use tonic::Code;
 
-use crate::support::{key, row, Spec, TestNode};
+use crate::support::{key, publish_stream, row, Spec, TestNode};
 
 async fn all_observations(
     node: &TestNode,
@@ -559,29 +559,6 @@ async fn a_revision_must_restate_its_table_even_concurrently() {
             "{}",
             refused.message()
         );
-    }
-}
-
-/// Sends `requests` on one `PublishIndicatorsStream`: the receipts, and the
-/// status that ended the stream if it failed.
-async fn publish_stream(
-    node: &TestNode,
-    requests: Vec<pb::PublishIndicatorsRequest>,
-) -> (Vec<pb::Receipt>, Option<tonic::Status>) {
-    let mut stream = node
-        .publisher()
-        .await
-        .publish_indicators_stream(tokio_stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut receipts = Vec::new();
-    loop {
-        match stream.message().await {
-            Ok(Some(receipt)) => receipts.push(receipt),
-            Ok(None) => return (receipts, None),
-            Err(status) => return (receipts, Some(status)),
-        }
     }
 }
 

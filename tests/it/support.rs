@@ -708,6 +708,29 @@ impl Drop for Proxy {
     }
 }
 
+/// Sends `requests` on one `PublishIndicatorsStream`: the receipts, and the
+/// status that ended the stream if it failed.
+pub async fn publish_stream(
+    node: &TestNode,
+    requests: Vec<pb::PublishIndicatorsRequest>,
+) -> (Vec<pb::Receipt>, Option<tonic::Status>) {
+    let mut stream = node
+        .publisher()
+        .await
+        .publish_indicators_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut receipts = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(receipt)) => receipts.push(receipt),
+            Ok(None) => return (receipts, None),
+            Err(status) => return (receipts, Some(status)),
+        }
+    }
+}
+
 /// Every entry of `origin` the node at `address` holds, in order, byte for
 /// byte as it serves them.
 pub async fn whole_feed(address: &str, origin: &str) -> Vec<pb::SignedEntry> {

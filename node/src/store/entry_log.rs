@@ -1,0 +1,156 @@
+//! The entry log: the signed entry bytes of bulk commits, appended to one
+//! file and never rewritten. sled holds only where each chunk lies (a
+//! [`Locator`]) and how long the log is, so these bytes are written once
+//! instead of being copied again by every sled page rewrite, split and
+//! segment clean.
+//!
+//! Order of a bulk commit: the chunks are appended and `fdatasync`ed first, then
+//! the sled batch naming them (with the new log length) is written and
+//! synced. A crash between the two leaves bytes past the length sled
+//! recorded; [`EntryLog::open`] cuts them off. A log shorter than recorded
+//! means bytes that were acknowledged are gone: the store refuses to open.
+
+use std::{
+    fs::{File, OpenOptions},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use super::StoreError;
+
+/// The log's file name in the store directory.
+pub(super) const FILE_NAME: &str = "entries.log";
+
+/// Where a chunk of entries lies in the log, with its CRC-32 so that bytes
+/// damaged on disk are reported as such.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Locator {
+    pub(super) offset: u64,
+    pub(super) len: u32,
+    pub(super) crc: u32,
+}
+
+/// Encoded size of a [`Locator`].
+pub(super) const LOCATOR_LEN: usize = 16;
+
+impl Locator {
+    pub(super) fn encode(&self) -> [u8; LOCATOR_LEN] {
+        let mut out = [0; LOCATOR_LEN];
+        out[..8].copy_from_slice(&self.offset.to_be_bytes());
+        out[8..12].copy_from_slice(&self.len.to_be_bytes());
+        out[12..].copy_from_slice(&self.crc.to_be_bytes());
+        out
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; LOCATOR_LEN] = bytes.try_into().ok()?;
+        Some(Self {
+            offset: u64::from_be_bytes(bytes[..8].try_into().ok()?),
+            len: u32::from_be_bytes(bytes[8..12].try_into().ok()?),
+            crc: u32::from_be_bytes(bytes[12..].try_into().ok()?),
+        })
+    }
+}
+
+/// The open log.
+pub(super) struct EntryLog {
+    file: File,
+    path: PathBuf,
+    /// Length of the log: where the next append goes. Held for a whole
+    /// commit, so appends and the sled batch recording them stay in order.
+    end: Mutex<u64>,
+}
+
+impl EntryLog {
+    /// Opens (or creates) the log of the store in `dir`, whose sled batch
+    /// last recorded `recorded_end` bytes, and cuts off anything past it.
+    pub(super) fn open(dir: &Path, recorded_end: u64) -> Result<Self, StoreError> {
+        let path = dir.join(FILE_NAME);
+        let io = |what: &str, err: std::io::Error| StoreError::Io {
+            path: path.display().to_string(),
+            message: format!("{what}: {err}"),
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io("cannot open the entry log", e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| io("cannot read the entry log's size", e))?
+            .len();
+        if len < recorded_end {
+            return Err(StoreError::Corrupt {
+                path: path.display().to_string(),
+                message: format!(
+                    "the entry log holds {len} bytes but the store recorded {recorded_end}: \
+                     stored entries are missing (restore the whole store directory from a backup)"
+                ),
+            });
+        }
+        if len > recorded_end {
+            // Appended by a commit that a crash cut short: never acknowledged.
+            file.set_len(recorded_end)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| io("cannot cut off the unfinished end of the entry log", e))?;
+            tracing::warn!(log = %path.display(), bytes = len - recorded_end,
+                "removed the end of the entry log written by a commit a crash cut short");
+        }
+        Ok(Self {
+            file,
+            path,
+            end: Mutex::new(recorded_end),
+        })
+    }
+
+    /// Takes the append position for one commit.
+    pub(super) fn lock(&self) -> Result<std::sync::MutexGuard<'_, u64>, StoreError> {
+        self.end.lock().map_err(|_| StoreError::Io {
+            path: self.path.display().to_string(),
+            message: "an earlier commit panicked".into(),
+        })
+    }
+
+    /// Appends `bytes` at `*end` and syncs them, then moves `*end` past them.
+    pub(super) fn append(&self, end: &mut u64, bytes: &[u8]) -> Result<(), StoreError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(bytes, *end)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| StoreError::Io {
+                path: self.path.display().to_string(),
+                message: format!("cannot append to the entry log: {e}"),
+            })?;
+        *end += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Reads the chunk at `at`, checking its CRC.
+    pub(super) fn read(&self, at: Locator) -> Result<Vec<u8>, StoreError> {
+        let mut bytes = vec![0; at.len as usize];
+        self.file
+            .read_exact_at(&mut bytes, at.offset)
+            .map_err(|e| StoreError::Io {
+                path: self.path.display().to_string(),
+                message: format!(
+                    "cannot read {} bytes at offset {} of the entry log: {e}",
+                    at.len, at.offset
+                ),
+            })?;
+        if crc32fast::hash(&bytes) != at.crc {
+            return Err(StoreError::Corrupt {
+                path: self.path.display().to_string(),
+                message: format!(
+                    "the {} bytes at offset {} of the entry log fail their checksum",
+                    at.len, at.offset
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+}
