@@ -81,6 +81,9 @@ const LOG_MIN_BYTES: usize = 256 * 1024;
 /// Entries are packed into chunks of at most this many bytes (one entry may
 /// be larger alone, up to the 64 KiB entry limit), so no value nears 96 KiB.
 const CHUNK_BYTES: usize = 4 * 1024;
+/// Chunks in the entry log are larger: one read serves a whole message to
+/// a subscriber, and sled holds fewer locators.
+const LOG_CHUNK_BYTES: usize = 64 * 1024;
 /// sled segment size (sled's default): a quarter of it is the blob threshold.
 const SEGMENT_BYTES: usize = 512 * 1024;
 
@@ -833,16 +836,20 @@ impl Store for SledStore {
 
     fn commit(&self, commit: &CommitBatch) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
+        let entry_size = |e: &Entry| 4 + e.signed.body.len() + SIGNATURE_LEN;
+        let total: usize = commit.runs.iter().flatten().map(entry_size).sum();
+        let in_log = total >= LOG_MIN_BYTES;
+        let chunk_bytes = if in_log { LOG_CHUNK_BYTES } else { CHUNK_BYTES };
         let mut chunks = Vec::new();
-        let mut encoded = Vec::new();
+        let mut encoded = Vec::with_capacity(total + commit.runs.len());
         for run in &commit.runs {
             let mut rest = run.as_slice();
             while let Some(first) = rest.first() {
                 let mut take = 0;
                 let mut size = 0;
                 for entry in rest {
-                    let entry_size = 4 + entry.signed.body.len() + SIGNATURE_LEN;
-                    if take > 0 && size + entry_size > CHUNK_BYTES {
+                    let entry_size = entry_size(entry);
+                    if take > 0 && size + entry_size > chunk_bytes {
                         break;
                     }
                     take += 1;
@@ -858,7 +865,7 @@ impl Store for SledStore {
         // Held to the end of the commit, so batches record log lengths in
         // the order the appends happened.
         let mut log_end = self.log.lock()?;
-        if encoded.len() >= LOG_MIN_BYTES {
+        if in_log {
             // Synced before the batch naming the chunks is written (see
             // `entry_log`).
             let start = *log_end;
