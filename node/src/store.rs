@@ -93,7 +93,7 @@ pub enum StoreError {
     /// The disk or the storage engine failed; writes stop.
     #[error("storage failure in {path}: {message}")]
     Io {
-        /// Store directory.
+        /// Store directory, or the file in it that failed.
         path: String,
         /// What failed.
         message: String,
@@ -101,11 +101,27 @@ pub enum StoreError {
     /// The store holds bytes this build cannot read.
     #[error("store {path} is corrupt or of another format: {message}")]
     Corrupt {
-        /// Store directory.
+        /// Store directory, or the file in it that is damaged.
         path: String,
         /// What is wrong.
         message: String,
     },
+}
+
+impl StoreError {
+    /// Prefixes the message with what was being read or written.
+    fn about(self, what: &str) -> Self {
+        match self {
+            Self::Io { path, message } => Self::Io {
+                path,
+                message: format!("{what}: {message}"),
+            },
+            Self::Corrupt { path, message } => Self::Corrupt {
+                path,
+                message: format!("{what}: {message}"),
+            },
+        }
+    }
 }
 
 /// What a node holds of one origin's feed.
@@ -816,7 +832,10 @@ impl Store for SledStore {
             let chunk = match value.first() {
                 Some(&CHUNK_IN_LOG) => {
                     let at = Locator::decode(&value[1..]).ok_or_else(undecodable)?;
-                    Bytes::from(self.log.read(at)?)
+                    let chunk = self.log.read(at).map_err(|err| {
+                        err.about(&format!("entries of {origin:?} from seq {first_seq}"))
+                    })?;
+                    Bytes::from(chunk)
                 }
                 _ => Bytes::copy_from_slice(&value),
             };
@@ -1435,6 +1454,83 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_bulk_commits_of_several_origins_all_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = bulk_count();
+        let chains: Vec<Vec<Vec<Entry>>> = (0..4u8)
+            .map(|i| {
+                ["a", "b"]
+                    .iter()
+                    .map(|o| chain(&key(i + 1), &format!("city-{i}{o}"), 2 * count))
+                    .collect()
+            })
+            .collect();
+        {
+            let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+            std::thread::scope(|scope| {
+                for runs in &chains {
+                    let store = &store;
+                    scope.spawn(move || {
+                        let batch = CommitBatch {
+                            runs: runs.clone(),
+                            heads: runs
+                                .iter()
+                                .map(|run| {
+                                    let last = run.last().unwrap();
+                                    let head = Head {
+                                        tip: last.tip(),
+                                        received_unix_micros: 5,
+                                    };
+                                    (last.body.origin.clone(), head)
+                                })
+                                .collect(),
+                            ..Default::default()
+                        };
+                        store.commit(&batch).unwrap();
+                    });
+                }
+            });
+        }
+        // Each commit recorded the log's length after its own append: a
+        // batch recording a shorter length than an earlier one would make
+        // the next open cut acknowledged entries off.
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        for run in chains.iter().flatten() {
+            let origin = &run[0].body.origin;
+            let read = store.entries(origin, 1, usize::MAX, usize::MAX).unwrap();
+            assert_eq!(read.len(), run.len(), "{origin}");
+            assert!(
+                read.iter().zip(run).all(|(r, w)| *r == w.signed),
+                "{origin}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bulk_commit_whose_log_sync_fails_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = chain(&key(1), "city-a", bulk_count());
+        {
+            let mut store = SledStore::open(dir.path(), 16 << 20).unwrap();
+            store
+                .log
+                .set_sync(Box::new(|_| Err(std::io::Error::other("device gone"))));
+            let err = store.commit(&commit_of(&entries)).err().unwrap();
+            let message = err.to_string();
+            assert!(message.contains("entries.log"), "{message}");
+            assert!(message.contains("device gone"), "{message}");
+            // The batch naming the chunks was never written.
+            assert_eq!(store.head("city-a").unwrap(), None);
+        }
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.head("city-a").unwrap(), None);
+        assert_eq!(log_len(dir.path()), 0);
+        store.commit(&commit_of(&entries)).unwrap();
+        let read = store.entries("city-a", 1, usize::MAX, usize::MAX).unwrap();
+        assert_eq!(read.len(), entries.len());
+    }
+
+    #[test]
     fn a_log_shorter_than_recorded_is_refused() {
         let (dir, _) = bulk_store(bulk_count());
         let log = dir.path().join(entry_log::FILE_NAME);
@@ -1479,6 +1575,8 @@ mod tests {
             store.db.insert(b"mformat", &1u32.to_be_bytes()).unwrap();
             store.db.flush().unwrap();
         }
+        // A store of format 1 has no entry log.
+        std::fs::remove_file(dir.path().join(entry_log::FILE_NAME)).unwrap();
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
         let all = store.entries("city-a", 1, 10, usize::MAX).unwrap();
         assert_eq!(all.len(), 3);

@@ -1,5 +1,5 @@
 //! The entry log: the signed entry bytes of bulk commits, appended to one
-//! file and never rewritten. sled holds only where each chunk lies (a
+//! file; bytes the store recorded are never rewritten. sled holds only where each chunk lies (a
 //! [`Locator`]) and how long the log is, so these bytes are written once
 //! instead of being copied again by every sled page rewrite, split and
 //! segment clean.
@@ -53,6 +53,10 @@ impl Locator {
     }
 }
 
+/// Makes appended bytes durable: `fdatasync` of the log; tests inject
+/// their own.
+pub(super) type LogSync = Box<dyn Fn(&File) -> std::io::Result<()> + Send + Sync>;
+
 /// The open log.
 pub(super) struct EntryLog {
     file: File,
@@ -60,6 +64,7 @@ pub(super) struct EntryLog {
     /// Length of the log: where the next append goes. Held for a whole
     /// commit, so appends and the sled batch recording them stay in order.
     end: Mutex<u64>,
+    sync: LogSync,
 }
 
 impl EntryLog {
@@ -103,7 +108,14 @@ impl EntryLog {
             file,
             path,
             end: Mutex::new(recorded_end),
+            sync: Box::new(File::sync_data),
         })
+    }
+
+    /// Replaces the sync step (tests).
+    #[cfg(test)]
+    pub(super) fn set_sync(&mut self, sync: LogSync) {
+        self.sync = sync;
     }
 
     /// Takes the append position for one commit.
@@ -121,10 +133,14 @@ impl EntryLog {
         }
         self.file
             .write_all_at(bytes, *end)
-            .and_then(|()| self.file.sync_data())
+            .and_then(|()| (self.sync)(&self.file))
             .map_err(|e| StoreError::Io {
                 path: self.path.display().to_string(),
-                message: format!("cannot append to the entry log: {e}"),
+                message: format!(
+                    "cannot append {} bytes at offset {} of the entry log: {e}",
+                    bytes.len(),
+                    *end
+                ),
             })?;
         *end += bytes.len() as u64;
         Ok(())
@@ -135,12 +151,17 @@ impl EntryLog {
         let mut bytes = vec![0; at.len as usize];
         self.file
             .read_exact_at(&mut bytes, at.offset)
-            .map_err(|e| StoreError::Io {
-                path: self.path.display().to_string(),
-                message: format!(
+            .map_err(|e| {
+                let message = format!(
                     "cannot read {} bytes at offset {} of the entry log: {e}",
                     at.len, at.offset
-                ),
+                );
+                let path = self.path.display().to_string();
+                match e.kind() {
+                    // The store names bytes the log does not hold.
+                    std::io::ErrorKind::UnexpectedEof => StoreError::Corrupt { path, message },
+                    _ => StoreError::Io { path, message },
+                }
             })?;
         if crc32fast::hash(&bytes) != at.crc {
             return Err(StoreError::Corrupt {
