@@ -335,27 +335,19 @@ impl WriterThread {
             .copied()
             .or_else(|| self.heads.get(&origin).map(|h| h.tip));
         let mut tip = start_tip;
-        let mut new = Vec::with_capacity(job.entries.len());
-        let mut duplicates = 0;
-        for prepared in job.entries {
-            let entry = &prepared.entry;
-            match tip {
-                Some(held) if entry.body.seq <= held.seq => {
-                    if self.held_hash(&origin, entry.body.seq, batch)? != Some(entry.hash) {
-                        return Err(WriteError::Fork {
-                            origin,
-                            seq: entry.body.seq,
-                            received: Box::new(entry.clone()),
-                        });
-                    }
-                    duplicates += 1;
-                }
-                _ => {
-                    check_link(&origin, &job.replacements, tip.as_ref(), entry)?;
-                    tip = Some(entry.tip());
-                    new.push(prepared);
-                }
-            }
+        // Entries already held come first (a job is consecutive entries).
+        let held_seq = start_tip.map_or(0, |t| t.seq);
+        let duplicates = job
+            .entries
+            .iter()
+            .take_while(|p| p.entry.body.seq <= held_seq)
+            .count();
+        self.check_held(&origin, &job.entries[..duplicates], batch)?;
+        let mut new = Vec::with_capacity(job.entries.len() - duplicates);
+        for prepared in job.entries.into_iter().skip(duplicates) {
+            check_link(&origin, &job.replacements, tip.as_ref(), &prepared.entry)?;
+            tip = Some(prepared.entry.tip());
+            new.push(prepared);
         }
         let count = new.len();
         if count == 0 {
@@ -416,6 +408,39 @@ impl WriterThread {
     }
 
     /// Hash of the entry held at (origin, seq), in this batch or the store.
+    /// Checks that `received`, entries of `origin` at seqs already held,
+    /// are the ones held; a different one is a fork, named at its seq.
+    /// When they link one to the next, each hash commits to all before it,
+    /// so the last one alone is looked up (one store read, not one per
+    /// entry, for the duplicates that every second path of a federation
+    /// brings); only a mismatch is searched entry by entry.
+    fn check_held(
+        &self,
+        origin: &str,
+        received: &[Prepared],
+        batch: &CommitBatch,
+    ) -> Result<(), WriteError> {
+        let linked = received
+            .windows(2)
+            .all(|w| w[1].entry.body.prev_hash == w[0].entry.hash);
+        if let (true, Some(last)) = (linked, received.last()) {
+            if self.held_hash(origin, last.entry.body.seq, batch)? == Some(last.entry.hash) {
+                return Ok(());
+            }
+        }
+        for prepared in received {
+            let entry = &prepared.entry;
+            if self.held_hash(origin, entry.body.seq, batch)? != Some(entry.hash) {
+                return Err(WriteError::Fork {
+                    origin: origin.to_owned(),
+                    seq: entry.body.seq,
+                    received: Box::new(entry.clone()),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn held_hash(
         &self,
         origin: &str,
@@ -474,6 +499,31 @@ mod tests {
             Err(WriteError::Fork { seq: 1, .. })
         ));
         assert_eq!(store.head("city-a").unwrap().unwrap().tip.seq, 8);
+    }
+
+    #[tokio::test]
+    async fn a_fork_among_held_entries_is_named_at_its_first_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), None);
+        let (writer, _thread) = Writer::start(store.clone()).unwrap();
+        let held = chain(&key(1), "city-a", 10);
+        writer.write(job(&held)).await.unwrap();
+        // The same key signed other entries from seq 5 on, linked to 4.
+        let mut forked = held[..4].to_vec();
+        for seq in 5..=7 {
+            let mut body = held[seq - 1].body.clone();
+            body.prev_hash = forked[seq - 2].hash.to_vec();
+            body.time_unix_micros += 1;
+            forked.push(Entry::sign(&key(1), body).unwrap());
+        }
+        assert!(matches!(
+            writer.write(job(&forked)).await,
+            Err(WriteError::Fork { seq: 5, .. })
+        ));
+        // Held entries sent again are duplicates, whatever their number.
+        let again = writer.write(job(&held[2..])).await.unwrap();
+        assert_eq!((again.new, again.duplicates), (0, 8));
+        assert_eq!(store.head("city-a").unwrap().unwrap().tip.seq, 10);
     }
 
     // The std mutex is held across awaits on purpose: it blocks the writer
