@@ -352,6 +352,7 @@ impl SledStore {
                 .map(u64::from_be_bytes)
                 .map_err(|_| corrupt(&path, "the entry log's length does not decode".into()))?,
         };
+        check_log_tail(&db, dir, log_end)?;
         let store = Self {
             log: EntryLog::open(dir, log_end)?,
             db,
@@ -479,6 +480,38 @@ fn corrupt(path: &Path, message: String) -> StoreError {
         path: path.display().to_string(),
         message,
     }
+}
+
+/// Before the entry log is cut back to `recorded_end` at open (after a
+/// crash between a log append and its batch), checks that no chunk the
+/// store names lies past it: bytes of an acknowledged commit are never cut
+/// off, even if the recorded length were lost. Reads every `e|` value, but
+/// only when there is something to cut.
+fn check_log_tail(db: &sled::Db, dir: &Path, recorded_end: u64) -> Result<(), StoreError> {
+    let log = dir.join(entry_log::FILE_NAME);
+    let len = std::fs::metadata(&log).map_or(0, |m| m.len());
+    if len <= recorded_end {
+        return Ok(());
+    }
+    let mut named_end = 0;
+    for item in db.scan_prefix(b"e") {
+        let (_, value) = item.map_err(sled_error(dir))?;
+        if value.first() == Some(&CHUNK_IN_LOG) {
+            let at = Locator::decode(&value[1..])
+                .ok_or_else(|| corrupt(dir, "an entry locator does not decode".into()))?;
+            named_end = named_end.max(at.offset + u64::from(at.len));
+        }
+    }
+    if named_end > recorded_end {
+        return Err(corrupt(
+            &log,
+            format!(
+                "the store recorded {recorded_end} bytes of entry log but names chunks up to \
+                 byte {named_end}; nothing was cut off"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks the format version of `db`, recording it in a new store.
@@ -1526,6 +1559,32 @@ mod tests {
         assert_eq!(store.head("city-a").unwrap(), None);
         assert_eq!(log_len(dir.path()), 0);
         store.commit(&commit_of(&entries)).unwrap();
+        let read = store.entries("city-a", 1, usize::MAX, usize::MAX).unwrap();
+        assert_eq!(read.len(), entries.len());
+    }
+
+    #[test]
+    fn a_lost_log_length_never_cuts_named_chunks() {
+        let (dir, entries) = bulk_store(bulk_count());
+        let len = log_len(dir.path());
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.remove(LOG_END_KEY).unwrap();
+            db.flush().unwrap();
+        }
+        let err = SledStore::open(dir.path(), 16 << 20).err().unwrap();
+        let message = err.to_string();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{message}");
+        assert!(message.contains("entries.log"), "{message}");
+        assert!(message.contains("nothing was cut off"), "{message}");
+        assert_eq!(log_len(dir.path()), len);
+        // Put back, the store opens and reads as before.
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.insert(LOG_END_KEY, &len.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
         let read = store.entries("city-a", 1, usize::MAX, usize::MAX).unwrap();
         assert_eq!(read.len(), entries.len());
     }
