@@ -352,9 +352,8 @@ impl SledStore {
                 .map(u64::from_be_bytes)
                 .map_err(|_| corrupt(&path, "the entry log's length does not decode".into()))?,
         };
-        check_log_tail(&db, dir, log_end)?;
         let store = Self {
-            log: EntryLog::open(dir, log_end)?,
+            log: EntryLog::open(dir, log_end, || named_log_end(&db, dir))?,
             db,
             path,
             sync,
@@ -482,17 +481,9 @@ fn corrupt(path: &Path, message: String) -> StoreError {
     }
 }
 
-/// Before the entry log is cut back to `recorded_end` at open (after a
-/// crash between a log append and its batch), checks that no chunk the
-/// store names lies past it: bytes of an acknowledged commit are never cut
-/// off, even if the recorded length were lost. Reads every `e|` value, but
-/// only when there is something to cut.
-fn check_log_tail(db: &sled::Db, dir: &Path, recorded_end: u64) -> Result<(), StoreError> {
-    let log = dir.join(entry_log::FILE_NAME);
-    let len = std::fs::metadata(&log).map_or(0, |m| m.len());
-    if len <= recorded_end {
-        return Ok(());
-    }
+/// The end of the last entry log chunk that `db` names (reads every `e|`
+/// value: the entry log asks only when it has bytes to cut off).
+fn named_log_end(db: &sled::Db, dir: &Path) -> Result<u64, StoreError> {
     let mut named_end = 0;
     for item in db.scan_prefix(b"e") {
         let (_, value) = item.map_err(sled_error(dir))?;
@@ -502,16 +493,7 @@ fn check_log_tail(db: &sled::Db, dir: &Path, recorded_end: u64) -> Result<(), St
             named_end = named_end.max(at.offset + u64::from(at.len));
         }
     }
-    if named_end > recorded_end {
-        return Err(corrupt(
-            &log,
-            format!(
-                "the store recorded {recorded_end} bytes of entry log but names chunks up to \
-                 byte {named_end}; nothing was cut off"
-            ),
-        ));
-    }
-    Ok(())
+    Ok(named_end)
 }
 
 /// Checks the format version of `db`, recording it in a new store.

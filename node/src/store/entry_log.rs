@@ -69,8 +69,15 @@ pub(super) struct EntryLog {
 
 impl EntryLog {
     /// Opens (or creates) the log of the store in `dir`, whose sled batch
-    /// last recorded `recorded_end` bytes, and cuts off anything past it.
-    pub(super) fn open(dir: &Path, recorded_end: u64) -> Result<Self, StoreError> {
+    /// last recorded `recorded_end` bytes, and cuts off anything past it,
+    /// unless a chunk the store names (`named_end` gives where the last
+    /// one ends) lies past it: bytes of an acknowledged commit are never
+    /// cut off, even if the recorded length were lost.
+    pub(super) fn open(
+        dir: &Path,
+        recorded_end: u64,
+        named_end: impl FnOnce() -> Result<u64, StoreError>,
+    ) -> Result<Self, StoreError> {
         let path = dir.join(FILE_NAME);
         let io = |what: &str, err: std::io::Error| StoreError::Io {
             path: path.display().to_string(),
@@ -97,6 +104,16 @@ impl EntryLog {
             });
         }
         if len > recorded_end {
+            let named_end = named_end()?;
+            if named_end > recorded_end {
+                return Err(StoreError::Corrupt {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "the store recorded {recorded_end} bytes of entry log but names chunks \
+                         up to byte {named_end}; nothing was cut off"
+                    ),
+                });
+            }
             // Appended by a commit that a crash cut short: never acknowledged.
             file.set_len(recorded_end)
                 .and_then(|()| file.sync_all())
