@@ -171,7 +171,7 @@ pub fn replace_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 }
 
 /// Fsyncs the directory holding `path`, so a new name in it survives.
-fn sync_parent(path: &Path) -> std::io::Result<()> {
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
     match path.parent() {
         Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()),
         None => Ok(()),

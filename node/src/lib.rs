@@ -21,6 +21,7 @@
 
 pub mod allocator;
 pub mod audit;
+pub mod backup;
 pub mod config;
 pub mod core;
 pub mod keys;
