@@ -1587,15 +1587,7 @@ pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCo
 
 pub(crate) fn verify(config_path: &Path, format: Format) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path, std::env::vars())?;
-    let own = load_key_file(&config.key_file)?;
-    let pinned = config
-        .pinned_keys()
-        .map_err(|m| anyhow!("{}: {m}", config_path.display()))?;
-    let keys = std::sync::Arc::new(KeyResolver::new(
-        &config.origin,
-        genesis_key(&config.key_file, &own)?,
-        pinned,
-    ));
+    let keys = node_keys(&config, config_path)?;
     let store: civex_node::store::SharedStore = std::sync::Arc::new(
         civex_node::store::SledStore::open(&config.data_dir, config.store.cache_mb << 20)?,
     );
@@ -1615,7 +1607,33 @@ pub(crate) fn verify(config_path: &Path, format: Format) -> anyhow::Result<ExitC
     let report =
         civex_node::audit::audit(store.as_ref(), &keys, threads, &|done| progress.set(done))?;
     progress.finish();
-    let seconds = started.elapsed().as_secs_f64();
+    print_report(&report, started.elapsed().as_secs_f64(), format);
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The keys a node verifies with: its own (of seq 1) and its pinned ones;
+/// the roster's members are added from the store.
+pub(crate) fn node_keys(
+    config: &Config,
+    config_path: &Path,
+) -> anyhow::Result<std::sync::Arc<KeyResolver>> {
+    let own = load_key_file(&config.key_file)?;
+    let pinned = config
+        .pinned_keys()
+        .map_err(|m| anyhow!("{}: {m}", config_path.display()))?;
+    Ok(std::sync::Arc::new(KeyResolver::new(
+        &config.origin,
+        genesis_key(&config.key_file, &own)?,
+        pinned,
+    )))
+}
+
+/// Prints what an audit of a store found, per origin.
+pub(crate) fn print_report(report: &civex_node::audit::Report, seconds: f64, format: Format) {
     match format {
         Format::Json => output::json(&json!({
             "clean": report.is_clean(),
@@ -1653,9 +1671,4 @@ pub(crate) fn verify(config_path: &Path, format: Format) -> anyhow::Result<ExitC
             );
         }
     }
-    Ok(if report.is_clean() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }

@@ -1,6 +1,8 @@
 //! `civex`: the admin CLI. Every command talks to a node over gRPC, except
-//! `init` and `verify` (files) and `demo`/`bench` (which start nodes).
+//! `init`, `verify` and `restore` (files) and `demo`/`bench` (which start
+//! nodes).
 
+mod backup;
 mod bench;
 mod ca;
 mod catalog;
@@ -123,6 +125,23 @@ enum Command {
     /// control, validate a city's own catalog file (local files only).
     #[command(subcommand)]
     Catalog(catalog::CatalogCommand),
+    /// Write every entry the node holds (every origin, from seq 1) to a
+    /// backup file, while the node runs. Keys are not in it.
+    Backup {
+        /// The backup file (written as FILE.part, renamed when whole).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Build a stopped node's store from a backup file: every entry is
+    /// checked, then the whole store verified, before it is put in place.
+    /// The data directory must be absent or empty.
+    Restore {
+        /// The node's node.toml (store directory and keys).
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+        /// The backup file, made by `civex backup`.
+        file: PathBuf,
+    },
     /// Re-verify every entry in a node's store (the node must be stopped).
     Verify {
         /// The node's node.toml (store directory and keys).
@@ -205,6 +224,7 @@ async fn run() -> ExitCode {
         ),
         Command::Ca(command) => ca::run(command, output),
         Command::Verify { config } => commands::verify(&config, output),
+        Command::Restore { config, file } => backup::restore(&config, &file, output).await,
         Command::Key(KeyCommand::Replace { config, first_key }) => {
             commands::replace_lost_key(&config, first_key.as_deref(), output)
         }
@@ -243,6 +263,7 @@ async fn talk_to(
         Command::Query(command) => commands::query(node, output, command).await,
         Command::Feed(command) => commands::feed(node, output, command).await,
         Command::Status => commands::status(node, output).await,
+        Command::Backup { out } => backup::backup(node, output, &out).await,
         Command::Peer(command) => commands::peer(node, output, command).await,
         Command::Audit => commands::audit(node, output).await,
         Command::Key(KeyCommand::Rotate) => commands::rotate_key(node, output).await,

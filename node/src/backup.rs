@@ -140,7 +140,8 @@ impl BackupWriter {
             .map_err(|e| io_error(&self.part, "cannot sync", e))?;
         std::fs::rename(&self.part, &self.path)
             .map_err(|e| io_error(&self.path, "cannot rename the finished backup to", e))?;
-        sync_parent(&self.path).map_err(|e| io_error(&self.path, "cannot sync the folder of", e))?;
+        sync_parent(&self.path)
+            .map_err(|e| io_error(&self.path, "cannot sync the folder of", e))?;
         Ok(self.count)
     }
 
@@ -254,7 +255,12 @@ impl BackupReader {
                 ));
             }
             let mut rest = [0u8; 1];
-            if self.input.read(&mut rest).map_err(|e| io_error(&self.path, "cannot read", e))? != 0 {
+            if self
+                .input
+                .read(&mut rest)
+                .map_err(|e| io_error(&self.path, "cannot read", e))?
+                != 0
+            {
                 return Err(self.bad(self.offset, "bytes after the end marker".into()));
             }
             return Ok(None);
@@ -494,14 +500,13 @@ async fn build(
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     written?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let audited = tokio::task::spawn_blocking(move || {
-        audit(store.as_ref(), &keys, threads, &|_| {})
-    })
-    .await
-    .map_err(|err| StoreError::Io {
-        path: staging.display().to_string(),
-        message: format!("the audit stopped: {err}"),
-    })??;
+    let audited =
+        tokio::task::spawn_blocking(move || audit(store.as_ref(), &keys, threads, &|_| {}))
+            .await
+            .map_err(|err| StoreError::Io {
+                path: staging.display().to_string(),
+                message: format!("the audit stopped: {err}"),
+            })??;
     Ok(audited)
 }
 
@@ -579,7 +584,8 @@ impl Loader<'_> {
             .send(job)
             .await
             .map_err(|err| RestoreError::Store(store_error(self.path, err)))?;
-        self.in_flight.push_back((origin.to_owned(), placed, answer));
+        self.in_flight
+            .push_back((origin.to_owned(), placed, answer));
         while self.in_flight.len() > RESTORE_IN_FLIGHT {
             self.settle().await?;
         }
@@ -726,7 +732,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("city.backup");
         let mut backup = BackupWriter::create(&path).unwrap();
-        backup.append(&chain(&key(1), "city-a", 1)[0].signed).unwrap();
+        backup
+            .append(&chain(&key(1), "city-a", 1)[0].signed)
+            .unwrap();
         drop(backup);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
@@ -742,7 +750,10 @@ mod tests {
 
         std::fs::write(&path, &whole[..whole.len() - 16]).unwrap();
         let error = error_of(&path);
-        assert!(error.contains("truncated") && error.contains("after 3 entries"), "{error}");
+        assert!(
+            error.contains("truncated") && error.contains("after 3 entries"),
+            "{error}"
+        );
         std::fs::write(&path, &whole[..12 + record + 10]).unwrap();
         let error = error_of(&path);
         assert!(error.contains(&format!("byte {}", 12 + record)), "{error}");
@@ -760,7 +771,11 @@ mod tests {
         let mut oversize = whole.clone();
         oversize[12..16].copy_from_slice(&u32::MAX.to_be_bytes());
         std::fs::write(&path, &oversize).unwrap();
-        assert!(error_of(&path).contains("byte 12: record of"), "{}", error_of(&path));
+        assert!(
+            error_of(&path).contains("byte 12: record of"),
+            "{}",
+            error_of(&path)
+        );
 
         std::fs::write(&path, b"id,value\n1,2\n").unwrap();
         assert!(error_of(&path).contains("not a civex backup"));
@@ -787,7 +802,10 @@ mod tests {
             .into_iter()
             .map(|(o, h)| (o, h.tip.seq))
             .collect();
-        assert_eq!(heads, BTreeMap::from([("city-a".into(), 1500), ("city-b".into(), 40)]));
+        assert_eq!(
+            heads,
+            BTreeMap::from([("city-a".into(), 1500), ("city-b".into(), 40)])
+        );
         let held = store.entries("city-a", 1, 2000, usize::MAX).unwrap();
         let expected: Vec<&SignedEntry> = entries
             .iter()
@@ -827,7 +845,11 @@ mod tests {
         write_backup(&path, &entries);
         match restore_into(&data, &path).await {
             Err(RestoreError::Unverified(report)) => {
-                let bad: Vec<_> = report.origins.iter().filter(|o| o.problem.is_some()).collect();
+                let bad: Vec<_> = report
+                    .origins
+                    .iter()
+                    .filter(|o| o.problem.is_some())
+                    .collect();
                 assert_eq!(bad.len(), 1);
                 assert_eq!(bad[0].origin, forged.origin);
                 assert_eq!(bad[0].verified, forged.seq - 1);
@@ -841,7 +863,10 @@ mod tests {
         forge(&mut entries, 900);
         write_backup(&path, &entries);
         let error = restore_into(&data, &path).await.unwrap_err().to_string();
-        assert!(error.contains("origin city-a: seq 862 does not link"), "{error}");
+        assert!(
+            error.contains("origin city-a: seq 862 does not link"),
+            "{error}"
+        );
         nothing_left();
 
         // A gap in a feed, named at the entry after it.
@@ -849,7 +874,10 @@ mod tests {
         let gap_at = entries.remove(1200).body.seq;
         write_backup(&path, &entries);
         let error = restore_into(&data, &path).await.unwrap_err().to_string();
-        let offset = 12 + (0..1200).map(|i| 4 + entries[i].signed.body.len() + 68).sum::<usize>();
+        let offset = 12
+            + (0..1200)
+                .map(|i| 4 + entries[i].signed.body.len() + 68)
+                .sum::<usize>();
         assert!(
             error.contains(&format!(
                 "byte {offset}: origin city-a: expected seq {gap_at}, got {}",

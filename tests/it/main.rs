@@ -3,6 +3,7 @@
 
 #![allow(unreachable_pub)]
 
+mod backup;
 mod cli;
 mod daemon;
 mod disclosure;

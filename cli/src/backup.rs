@@ -1,0 +1,174 @@
+//! `civex backup` (from a running node, over its feed API) and `civex
+//! restore` (into a stopped node's data directory). The file format and the
+//! restore itself are `civex_node::backup`.
+
+use std::{collections::BTreeMap, path::Path, process::ExitCode, sync::Arc};
+
+use anyhow::{anyhow, bail};
+use civex_node::{
+    backup::{restore as restore_store, BackupWriter, RestoreError},
+    config::Config,
+    core::feed::Entry,
+};
+use civex_proto::v1::{self as pb, subscribe_response::Event};
+use serde_json::json;
+
+use crate::{
+    client::{self, describe, Node},
+    commands::{node_keys, print_report},
+    output::{self, Format, Progress},
+};
+
+/// Writes every entry the node holds, of every origin it holds, to `out`:
+/// each origin from seq 1 to its head when the backup started.
+pub(crate) async fn backup(node: &Node, format: Format, out: &Path) -> anyhow::Result<ExitCode> {
+    let heads = client::feed(node)
+        .await?
+        .heads(pb::HeadsRequest {})
+        .await
+        .map_err(|s| anyhow!("heads refused: {}", describe(&s)))?
+        .into_inner()
+        .heads;
+    // Origin -> (head seq when the backup started, last seq written).
+    let mut origins: BTreeMap<String, (u64, u64)> = heads
+        .iter()
+        .filter(|h| h.seq > 0)
+        .map(|h| (h.origin.clone(), (h.seq, 0)))
+        .collect();
+    let total: u64 = origins.values().map(|(head, _)| head).sum();
+    let mut file = BackupWriter::create(out)?;
+    let progress = Progress::new("backing up", total);
+    let mut written = 0u64;
+    let mut draining: Vec<String> = origins.keys().cloned().collect();
+    if !draining.is_empty() {
+        let mut stream = client::subscribe_from_start(node, &draining).await?;
+        while !draining.is_empty() {
+            let message = stream
+                .message()
+                .await
+                .map_err(|s| anyhow!("the feed stream failed: {}", describe(&s)))?
+                .ok_or_else(|| {
+                    anyhow!("the node ended the feed stream before the backup was whole")
+                })?;
+            match message.event {
+                Some(Event::Entries(batch)) => {
+                    for signed in batch.entries {
+                        let entry = Entry::decode(signed)
+                            .map_err(|e| anyhow!("the node sent a malformed entry: {e}"))?;
+                        let (origin, seq) = (&entry.body.origin, entry.body.seq);
+                        let Some((_, last)) = origins.get_mut(origin) else {
+                            bail!("the node sent origin {origin:?}, which was not asked for");
+                        };
+                        if seq != *last + 1 {
+                            bail!("the node sent origin {origin} seq {seq} after seq {last}");
+                        }
+                        *last = seq;
+                        file.append(&entry.signed)?;
+                        written += 1;
+                        if written.is_multiple_of(4096) {
+                            progress.set(written);
+                        }
+                    }
+                }
+                Some(Event::Drained(drained)) => {
+                    if let Some((head, last)) = origins.get(&drained.origin) {
+                        if last < head {
+                            bail!(
+                                "the node's backlog of origin {} ended at seq {last}, below its \
+                                 head {head} when the backup started",
+                                drained.origin
+                            );
+                        }
+                        draining.retain(|o| *o != drained.origin);
+                    }
+                }
+                Some(Event::Mismatch(mismatch)) => {
+                    bail!(
+                        "the node refused to serve origin {} from its start",
+                        mismatch.origin
+                    )
+                }
+                None => {}
+            }
+        }
+    }
+    let count = file.finish()?;
+    progress.finish();
+    let size = std::fs::metadata(out).map_or(0, |m| m.len());
+    match format {
+        Format::Json => output::json(&json!({
+            "file": out.display().to_string(),
+            "entries": count,
+            "bytes": size,
+            "origins": origins.iter().map(|(origin, (_, last))| json!({
+                "origin": origin, "head_seq": last,
+            })).collect::<Vec<_>>(),
+        })),
+        Format::Table => {
+            output::table(
+                &["origin", "entries"],
+                &origins
+                    .iter()
+                    .map(|(origin, (_, last))| vec![origin.clone(), last.to_string()])
+                    .collect::<Vec<_>>(),
+            );
+            println!(
+                "{count} entries of {} origins written to {} ({size} bytes); the keys are not \
+                 in it: keep the node's key files apart",
+                origins.len(),
+                out.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds the store of the node `config_path` describes from `file`.
+pub(crate) async fn restore(
+    config_path: &Path,
+    file: &Path,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path, std::env::vars())?;
+    let keys = node_keys(&config, config_path)?;
+    let file_size = std::fs::metadata(file)
+        .map_err(|e| anyhow!("{}: cannot read it: {e}", file.display()))?
+        .len();
+    // About 330 bytes a record: a guess for the bar only.
+    let progress = Progress::new("restoring", file_size / 330);
+    let started = std::time::Instant::now();
+    let restored = restore_store(
+        &config.data_dir,
+        file,
+        &config.origin,
+        config.federation.roster_origin.as_deref(),
+        Arc::clone(&keys),
+        config.store.cache_mb << 20,
+        &|done| progress.set(done),
+    )
+    .await;
+    progress.finish();
+    let seconds = started.elapsed().as_secs_f64();
+    match restored {
+        Ok(restored) => {
+            print_report(&restored.report, seconds, format);
+            if format == Format::Table {
+                println!(
+                    "restored into {}; start the node: with peers configured, it fetches any \
+                     newer entries of its own feed before it publishes again",
+                    config.data_dir.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(RestoreError::Unverified(report)) => {
+            print_report(&report, seconds, format);
+            eprintln!(
+                "civex: {}: entries of the backup do not verify; nothing was restored",
+                file.display()
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        Err(err) => Err(err.into()),
+    }
+}

@@ -1,0 +1,218 @@
+//! `civex backup` from a running node and `civex restore` into a stopped
+//! one, run as binaries: what is restored verifies, serves and answers
+//! retries; a restore from an older backup never forks the own feed; a
+//! damaged or forged backup, or a data directory in use, restores nothing.
+
+use std::path::Path;
+
+use civex_node::backup::{BackupReader, BackupWriter};
+use civex_proto::v1 as pb;
+
+use crate::support::{
+    civex_async, eventually, key, make_key, publish_row, row, stderr, stdout, Proxy, Spec,
+    TestNode, NOWHERE,
+};
+
+async fn restore(config: &Path, file: &Path) -> std::process::Output {
+    civex_async(&[
+        "restore",
+        "--config",
+        config.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ])
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restored_from_an_older_backup_verifies_serves_and_does_not_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    let (a_key, b_key) = (make_key(&a_dir), make_key(&b_dir));
+    let (proxy_a, proxy_b) = (Proxy::start(NOWHERE).await, Proxy::start(NOWHERE).await);
+    let a_spec = Spec::new("city-a")
+        .peer("city-b", &proxy_b.address)
+        .trust("city-b", &b_key);
+    let b = TestNode::start(
+        &b_dir,
+        Spec::new("city-b")
+            .peer("city-a", &proxy_a.address)
+            .trust("city-a", &a_key),
+    )
+    .await;
+    proxy_b.set_target(&b.address);
+    let mut a = TestNode::start(&a_dir, a_spec.clone()).await;
+    proxy_a.set_target(&a.address);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    publish_row(&b, "y", 7.0).await;
+    publish_row(&a, "x", 1.0).await;
+    let second_request = pb::PublishIndicatorsRequest {
+        idempotency_key: key(),
+        rows: vec![row("z", "city-a", "2025", 2.0, 10)],
+    };
+    let second = a
+        .publisher()
+        .await
+        .publish_indicators(second_request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    eventually("A to hold B's entry", || async {
+        a.head("city-b").await.0 == 1
+    })
+    .await;
+
+    // Backed up while A runs: its own two entries and B's one.
+    let file = dir.path().join("city-a.backup");
+    let out = a
+        .cli(&[
+            "backup",
+            "--out",
+            file.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(summary["entries"], 3, "{summary}");
+    assert!(!dir.path().join("city-a.backup.part").exists());
+
+    // A publishes once more (B takes it), then loses its store.
+    let third = publish_row(&a, "w", 3.0).await;
+    eventually("B to hold A's seq 3", || async {
+        b.head("city-a").await == (3, third.entry_hash.clone())
+    })
+    .await;
+    a.stop().await;
+    let config = a_dir.join("node.toml");
+    let refused = restore(&config, &file).await;
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("not empty"),
+        "{}",
+        stderr(&refused)
+    );
+    std::fs::remove_dir_all(a_dir.join("data")).unwrap();
+
+    let out = restore(&config, &file).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("3 entries verified"),
+        "{}",
+        stdout(&out)
+    );
+    let verified = civex_async(&["verify", "--config", config.to_str().unwrap()]).await;
+    assert!(verified.status.success(), "{}", stdout(&verified));
+
+    a = TestNode::start(&a_dir, a_spec).await;
+    proxy_a.set_target(&a.address);
+    a.wait_ready().await;
+    assert_eq!(a.head("city-b").await.0, 1);
+    assert_eq!(
+        a.head("city-a").await,
+        (3, third.entry_hash.clone()),
+        "A did not learn its newer entry from B before publishing"
+    );
+    // The backup's own publishes answer a retry with their receipts.
+    let retried = a
+        .publisher()
+        .await
+        .publish_indicators(second_request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried, second);
+    let fourth = publish_row(&a, "d", 4.0).await;
+    assert_eq!(fourth.seq, 4, "the restored node forked its own feed");
+    // The restored entries are queryable.
+    let out = a.cli(&["query", "observations", "--output", "json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let indicators: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["indicator"].as_str())
+        .collect();
+    for indicator in ["x", "y", "z", "w", "d"] {
+        assert!(
+            indicators.contains(&indicator),
+            "{indicator} missing: {rows}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_or_forged_backup_restores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let a_dir = dir.path().join("a");
+    let mut a = TestNode::start(&a_dir, Spec::new("city-a")).await;
+    for value in 0..5 {
+        publish_row(&a, "x", value as f64).await;
+    }
+    let file = dir.path().join("city-a.backup");
+    let out = a.cli(&["backup", "--out", file.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("5 entries"), "{}", stdout(&out));
+    a.stop().await;
+    let config = a_dir.join("node.toml");
+    let data = a_dir.join("data");
+    std::fs::remove_dir_all(&data).unwrap();
+    let nothing_restored = || {
+        assert!(!data.exists(), "a failed restore made the data directory");
+        assert!(!a_dir.join("data.restoring").exists());
+    };
+
+    let whole = std::fs::read(&file).unwrap();
+    let cut = dir.path().join("cut.backup");
+    std::fs::write(&cut, &whole[..whole.len() - 100]).unwrap();
+    let out = restore(&config, &cut).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cut.backup: byte") && stderr(&out).contains("truncated"),
+        "{}",
+        stderr(&out)
+    );
+    nothing_restored();
+
+    // The last entry's signature forged, the file otherwise whole.
+    let forged = dir.path().join("forged.backup");
+    let mut entries: Vec<pb::SignedEntry> = BackupReader::open(&file)
+        .unwrap()
+        .map(|r| r.unwrap().1)
+        .collect();
+    let last = entries.last_mut().unwrap();
+    let mut signature = last.signature.to_vec();
+    signature[0] ^= 1;
+    last.signature = signature.into();
+    let mut writer = BackupWriter::create(&forged).unwrap();
+    for entry in &entries {
+        writer.append(entry).unwrap();
+    }
+    writer.finish().unwrap();
+    let out = restore(&config, &forged).await;
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).contains("BAD ENTRIES FOUND"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("seq 5 has an invalid signature"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("nothing was restored"),
+        "{}",
+        stderr(&out)
+    );
+    nothing_restored();
+
+    // The whole backup restores.
+    let out = restore(&config, &file).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    a = TestNode::start(&a_dir, Spec::new("city-a")).await;
+    assert_eq!(a.head("city-a").await.0, 5);
+}
