@@ -318,7 +318,7 @@ pub enum RestoreError {
     /// The backup file is damaged or truncated.
     #[error(transparent)]
     Backup(#[from] BackupError),
-    /// A record is not an entry, or repeats one.
+    /// An entry repeats or contradicts one restored before it.
     #[error("{path}: byte {offset}: origin {origin} seq {seq}: {message}")]
     Entry {
         /// The backup file.
@@ -535,11 +535,9 @@ impl Loader<'_> {
     async fn load(&mut self, wanted: impl Fn(&str) -> bool) -> Result<(), RestoreError> {
         for record in BackupReader::open(self.path)? {
             let (offset, signed) = record?;
-            let entry = Entry::decode(signed).map_err(|err| RestoreError::Entry {
+            let entry = Entry::decode(signed).map_err(|err| BackupError::Bad {
                 path: self.path.display().to_string(),
                 offset,
-                origin: "?".into(),
-                seq: 0,
                 message: format!("not an entry: {err}"),
             })?;
             if !wanted(&entry.body.origin) {
@@ -886,6 +884,26 @@ mod tests {
             "{error}"
         );
         assert!(error.contains("do not continue the feed"), "{error}");
+        nothing_left();
+
+        // A record that is not an entry.
+        let mut backup = BackupWriter::create(&path).unwrap();
+        backup
+            .append(&chain(&key(1), "city-a", 1)[0].signed)
+            .unwrap();
+        backup
+            .append(&SignedEntry {
+                body: Bytes::from_static(&[0xff; 10]),
+                signature: Bytes::from_static(&[0; 64]),
+            })
+            .unwrap();
+        backup.finish().unwrap();
+        let error = restore_into(&data, &path).await.unwrap_err().to_string();
+        let second = 12 + 4 + chain(&key(1), "city-a", 1)[0].signed.body.len() + 68;
+        assert!(
+            error.contains(&format!("byte {second}: not an entry: malformed entry")),
+            "{error}"
+        );
         nothing_left();
 
         // Truncated: refused before anything is made.
