@@ -454,9 +454,31 @@ async fn a_lost_key_is_replaced_through_the_roster_and_the_history_verifies() {
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(crate::support::stdout(&out).lines().count(), 6);
+    // A backup of B, taken while it runs, holds the roster and A's feed
+    // across the replacement.
+    let backup = dir.path().join("b.backup");
+    let out = b.cli(&["backup", "--out", backup.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
     // civex verify on B's stopped store checks every signature of A's
     // feed, old key and new.
     b.stop().await;
+    assert_verified(&b, "city-a", 6).await;
+    // Restored from the backup (the roster's entries first, so A's new key
+    // and feed are known), B's store verifies the same.
+    std::fs::rename(b.dir.join("data"), dir.path().join("b-data-lost")).unwrap();
+    let out = crate::support::civex_async(&[
+        "restore",
+        "--config",
+        b.config_path().to_str().unwrap(),
+        backup.to_str().unwrap(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        crate::support::stdout(&out),
+        stderr(&out)
+    );
     assert_verified(&b, "city-a", 6).await;
 }
 
