@@ -346,6 +346,7 @@ async fn bench_runs_every_measurement() {
     for expected in [
         "ed25519 strict verify",
         "verify: 4000 entries",
+        "restore: a backup of 4000 entries",
         "catch-up: 4000 entries",
         "durable publish: 400 entries",
         "each on its own connection and publish stream, one publish at a time",
