@@ -2,11 +2,19 @@
 //! restore` (into a stopped node's data directory). The file format and the
 //! restore itself are `civex_node::backup`.
 
-use std::{collections::BTreeMap, path::Path, process::ExitCode, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, OnceLock,
+    },
+};
 
 use anyhow::{anyhow, bail};
 use civex_node::{
-    backup::{restore as restore_store, BackupWriter, RestoreError},
+    backup::{restore as restore_store, BackupWriter, RestoreError, RestoreStep},
     config::Config,
     core::feed::Entry,
 };
@@ -20,7 +28,9 @@ use crate::{
 };
 
 /// Writes every entry the node holds, of every origin it holds, to `out`:
-/// each origin from seq 1 to its head when the backup started.
+/// each origin from seq 1 to the head the node reports when its backlog
+/// has been sent (a durable head, so never inside a publish group of the
+/// node's own feed); entries that arrive later are left out.
 pub(crate) async fn backup(node: &Node, format: Format, out: &Path) -> anyhow::Result<ExitCode> {
     let heads = client::feed(node)
         .await?
@@ -29,20 +39,21 @@ pub(crate) async fn backup(node: &Node, format: Format, out: &Path) -> anyhow::R
         .map_err(|s| anyhow!("heads refused: {}", describe(&s)))?
         .into_inner()
         .heads;
-    // Origin -> (head seq when the backup started, last seq written).
-    let mut origins: BTreeMap<String, (u64, u64)> = heads
+    // Origin -> (last seq written, the head its backlog ended at).
+    let mut origins: BTreeMap<String, (u64, Option<u64>)> = heads
         .iter()
         .filter(|h| h.seq > 0)
-        .map(|h| (h.origin.clone(), (h.seq, 0)))
+        .map(|h| (h.origin.clone(), (0, None)))
         .collect();
-    let total: u64 = origins.values().map(|(head, _)| head).sum();
+    let total: u64 = heads.iter().map(|h| h.seq).sum();
     let mut file = BackupWriter::create(out)?;
     let progress = Progress::new("backing up", total);
     let mut written = 0u64;
-    let mut draining: Vec<String> = origins.keys().cloned().collect();
-    if !draining.is_empty() {
-        let mut stream = client::subscribe_from_start(node, &draining).await?;
-        while !draining.is_empty() {
+    let mut draining = origins.len();
+    if draining > 0 {
+        let asked: Vec<String> = origins.keys().cloned().collect();
+        let mut stream = client::subscribe_from_start(node, &asked).await?;
+        while draining > 0 {
             let message = stream
                 .message()
                 .await
@@ -56,9 +67,12 @@ pub(crate) async fn backup(node: &Node, format: Format, out: &Path) -> anyhow::R
                         let entry = Entry::decode(signed)
                             .map_err(|e| anyhow!("the node sent a malformed entry: {e}"))?;
                         let (origin, seq) = (&entry.body.origin, entry.body.seq);
-                        let Some((_, last)) = origins.get_mut(origin) else {
+                        let Some((last, end)) = origins.get_mut(origin) else {
                             bail!("the node sent origin {origin:?}, which was not asked for");
                         };
+                        if end.is_some_and(|end| seq > end) {
+                            continue;
+                        }
                         if seq != *last + 1 {
                             bail!("the node sent origin {origin} seq {seq} after seq {last}");
                         }
@@ -71,16 +85,22 @@ pub(crate) async fn backup(node: &Node, format: Format, out: &Path) -> anyhow::R
                     }
                 }
                 Some(Event::Drained(drained)) => {
-                    if let Some((head, last)) = origins.get(&drained.origin) {
-                        if last < head {
-                            bail!(
-                                "the node's backlog of origin {} ended at seq {last}, below its \
-                                 head {head} when the backup started",
-                                drained.origin
-                            );
-                        }
-                        draining.retain(|o| *o != drained.origin);
+                    let Some((last, end)) = origins.get_mut(&drained.origin) else {
+                        continue;
+                    };
+                    if end.is_some() {
+                        continue;
                     }
+                    if *last != drained.head_seq {
+                        bail!(
+                            "the node's backlog of origin {} ended at seq {last}, but it holds \
+                             seq {}",
+                            drained.origin,
+                            drained.head_seq
+                        );
+                    }
+                    *end = Some(drained.head_seq);
+                    draining -= 1;
                 }
                 Some(Event::Mismatch(mismatch)) => {
                     bail!(
@@ -94,13 +114,26 @@ pub(crate) async fn backup(node: &Node, format: Format, out: &Path) -> anyhow::R
     }
     let count = file.finish()?;
     progress.finish();
+    // Fork evidence is the node's own record, not entries of a feed.
+    let conflicts = client::status(node)
+        .await?
+        .node_status(pb::NodeStatusRequest {})
+        .await
+        .map_or(0, |status| status.into_inner().conflicts.len());
+    if conflicts > 0 {
+        eprintln!(
+            "civex: note: {conflicts} origins have fork evidence on record here (civex status); \
+             it is not in the backup, so a node restored from it replicates those origins again \
+             until it meets the fork again"
+        );
+    }
     let size = std::fs::metadata(out).map_or(0, |m| m.len());
     match format {
         Format::Json => output::json(&json!({
             "file": out.display().to_string(),
             "entries": count,
             "bytes": size,
-            "origins": origins.iter().map(|(origin, (_, last))| json!({
+            "origins": origins.iter().map(|(origin, (last, _))| json!({
                 "origin": origin, "head_seq": last,
             })).collect::<Vec<_>>(),
         })),
@@ -109,7 +142,7 @@ pub(crate) async fn backup(node: &Node, format: Format, out: &Path) -> anyhow::R
                 &["origin", "entries"],
                 &origins
                     .iter()
-                    .map(|(origin, (_, last))| vec![origin.clone(), last.to_string()])
+                    .map(|(origin, (last, _))| vec![origin.clone(), last.to_string()])
                     .collect::<Vec<_>>(),
             );
             println!(
@@ -135,7 +168,9 @@ pub(crate) async fn restore(
         .map_err(|e| anyhow!("{}: cannot read it: {e}", file.display()))?
         .len();
     // About 330 bytes a record: a guess for the bar only.
-    let progress = Progress::new("restoring", file_size / 330);
+    let writing = Progress::new("restoring", file_size / 330);
+    let written = AtomicU64::new(0);
+    let verifying = OnceLock::new();
     let started = std::time::Instant::now();
     let restored = restore_store(
         &config.data_dir,
@@ -144,10 +179,24 @@ pub(crate) async fn restore(
         config.federation.roster_origin.as_deref(),
         Arc::clone(&keys),
         config.store.cache_mb << 20,
-        &|done| progress.set(done),
+        &|step| match step {
+            RestoreStep::Written(done) => {
+                written.store(done, Ordering::Relaxed);
+                writing.set(done);
+            }
+            RestoreStep::Verified(done) => verifying
+                .get_or_init(|| {
+                    writing.finish();
+                    Progress::new("verifying", written.load(Ordering::Relaxed))
+                })
+                .set(done),
+        },
     )
     .await;
-    progress.finish();
+    match verifying.get() {
+        Some(bar) => bar.finish(),
+        None => writing.finish(),
+    }
     let seconds = started.elapsed().as_secs_f64();
     match restored {
         Ok(restored) => {

@@ -32,7 +32,7 @@ use std::{
 
 use anyhow::anyhow;
 use civex_node::{
-    backup::BackupWriter,
+    backup::{BackupWriter, RestoreStep},
     core::{
         feed::{Entry, Tip, GENESIS_PREV_HASH},
         index::records_of,
@@ -506,10 +506,12 @@ async fn restore_part(
         None,
         Arc::new(source_keys(origin_keys)),
         256 << 20,
-        &|done| {
-            progress.set(done);
-            if let Ok(mut at) = written.lock() {
-                *at = Instant::now();
+        &|step| {
+            if let RestoreStep::Written(done) = step {
+                progress.set(done);
+                if let Ok(mut at) = written.lock() {
+                    *at = Instant::now();
+                }
             }
         },
     )

@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use civex_proto::v1::SignedEntry;
+use civex_proto::v1::{entry_body::Payload, SignedEntry};
 
 use crate::{
     audit::{audit, Report},
@@ -125,7 +125,7 @@ impl BackupWriter {
     }
 
     /// Writes the end, syncs the file and gives it its name. Returns the
-    /// number of entries.
+    /// number of entries. On failure no `FILE.part` is left.
     pub fn finish(mut self) -> Result<u64, BackupError> {
         let count = self.count.to_be_bytes();
         let mut end = 0u32.to_be_bytes().to_vec();
@@ -133,13 +133,21 @@ impl BackupWriter {
         end.extend_from_slice(&crc32fast::hash(&count).to_be_bytes());
         self.write(&end)?;
         let out = self.out.take().expect("a backup writer is finished once");
-        let file = out
+        let named = out
             .into_inner()
-            .map_err(|e| io_error(&self.part, "cannot write", e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| io_error(&self.part, "cannot sync", e))?;
-        std::fs::rename(&self.part, &self.path)
-            .map_err(|e| io_error(&self.path, "cannot rename the finished backup to", e))?;
+            .map_err(|e| io_error(&self.part, "cannot write", e.into_error()))
+            .and_then(|file| {
+                file.sync_all()
+                    .map_err(|e| io_error(&self.part, "cannot sync", e))
+            })
+            .and_then(|()| {
+                std::fs::rename(&self.part, &self.path)
+                    .map_err(|e| io_error(&self.path, "cannot rename the finished backup to", e))
+            });
+        if let Err(err) = named {
+            let _ = std::fs::remove_file(&self.part);
+            return Err(err);
+        }
         sync_parent(&self.path)
             .map_err(|e| io_error(&self.path, "cannot sync the folder of", e))?;
         Ok(self.count)
@@ -190,8 +198,9 @@ impl BackupReader {
             done: false,
         };
         let mut header = [0u8; 12];
-        reader.read(&mut header, 0, "the header")?;
-        if &header[..8] != MAGIC {
+        let whole = reader.input.read_exact(&mut header).is_ok();
+        reader.offset = 12;
+        if !whole || &header[..8] != MAGIC {
             return Err(reader.bad(0, "not a civex backup (made by `civex backup`)".into()));
         }
         let version = u32::from_be_bytes(header[8..].try_into().expect("4 bytes"));
@@ -350,6 +359,15 @@ pub enum RestoreError {
     Store(#[from] StoreError),
 }
 
+/// How far a restore is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreStep {
+    /// Entries written to the new store so far (links checked).
+    Written(u64),
+    /// Signatures checked so far, once every entry is written.
+    Verified(u64),
+}
+
 /// What a restore put in place.
 #[derive(Debug)]
 pub struct Restored {
@@ -370,13 +388,14 @@ pub async fn restore(
     roster_origin: Option<&str>,
     keys: Arc<KeyResolver>,
     cache_bytes: u64,
-    progress: &(dyn Fn(u64) + Sync),
+    progress: &(dyn Fn(RestoreStep) + Sync),
 ) -> Result<Restored, RestoreError> {
-    check_target(data_dir)?;
+    let (data_dir, staging) = places(data_dir)?;
+    check_target(&data_dir)?;
     // Checked whole before anything is made.
     BackupReader::open(backup)?.try_for_each(|r| r.map(drop))?;
-    let staging = staging_dir(data_dir)?;
-    let restored = build(
+    prepare_staging(&staging)?;
+    let built = build(
         &staging,
         backup,
         own_origin,
@@ -386,33 +405,58 @@ pub async fn restore(
         progress,
     )
     .await;
-    let report = match restored {
-        Ok(report) if report.is_clean() => report,
-        failed => {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(match failed {
-                Ok(report) => RestoreError::Unverified(report),
-                Err(err) => err,
-            });
-        }
+    let placed = match built {
+        Ok(report) if report.is_clean() => place(&staging, &data_dir).map(|()| report),
+        Ok(report) => Err(RestoreError::Unverified(report)),
+        Err(err) => Err(err),
     };
-    let place = || -> std::io::Result<()> {
-        std::fs::remove_file(staging.join(STAGING_MARK))?;
-        File::open(&staging)?.sync_all()?;
+    match placed {
+        Ok(report) => Ok(Restored { report }),
+        Err(err) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(err)
+        }
+    }
+}
+
+/// The data directory, normalized, and the staging directory beside it:
+/// `DATA_DIR.restoring` in the same parent, so the final rename stays on
+/// one filesystem.
+fn places(data_dir: &Path) -> Result<(PathBuf, PathBuf), RestoreError> {
+    let (Some(parent), Some(name)) = (data_dir.parent(), data_dir.file_name()) else {
+        return Err(RestoreError::Target(format!(
+            "{}: not a data directory a restore can build beside",
+            data_dir.display()
+        )));
+    };
+    let mut staging = name.to_owned();
+    staging.push(".restoring");
+    Ok((parent.join(name), parent.join(staging)))
+}
+
+/// Moves the verified staging store into place. The mark goes only after
+/// the rename: a crash before it leaves a staging directory the next
+/// restore recognizes and clears.
+fn place(staging: &Path, data_dir: &Path) -> Result<(), RestoreError> {
+    let moved = || -> std::io::Result<()> {
+        File::open(staging)?.sync_all()?;
         if data_dir.exists() {
             std::fs::remove_dir(data_dir)?;
         }
-        std::fs::rename(&staging, data_dir)?;
-        sync_parent(data_dir)
+        std::fs::rename(staging, data_dir)?;
+        sync_parent(data_dir)?;
+        // Harmless if it stays (a crash here): the store is verified.
+        let _ = std::fs::remove_file(data_dir.join(STAGING_MARK));
+        Ok(())
     };
-    place().map_err(|err| {
+    moved().map_err(|err| {
         RestoreError::Target(format!(
-            "{}: cannot move the restored store into place from {}: {err}",
+            "{}: cannot move the restored store into place from {}: {err} (a data directory \
+             that is a mount point cannot be replaced: point data_dir at a folder inside it)",
             data_dir.display(),
             staging.display()
         ))
-    })?;
-    Ok(Restored { report })
+    })
 }
 
 /// A restore goes only where no store is.
@@ -438,12 +482,9 @@ fn check_target(data_dir: &Path) -> Result<(), RestoreError> {
     )))
 }
 
-/// `DATA_DIR.restoring`, new: one left by an interrupted restore (it holds
-/// the mark) is removed first.
-fn staging_dir(data_dir: &Path) -> Result<PathBuf, RestoreError> {
-    let mut name = data_dir.as_os_str().to_owned();
-    name.push(".restoring");
-    let staging = PathBuf::from(name);
+/// Makes the staging directory, new: one left by an interrupted restore
+/// (it holds the mark) is removed first.
+fn prepare_staging(staging: &Path) -> Result<(), RestoreError> {
     let fail = |err: std::io::Error| {
         RestoreError::Target(format!(
             "{}: cannot prepare the staging directory: {err}",
@@ -457,11 +498,11 @@ fn staging_dir(data_dir: &Path) -> Result<PathBuf, RestoreError> {
                 staging.display()
             )));
         }
-        std::fs::remove_dir_all(&staging).map_err(fail)?;
+        std::fs::remove_dir_all(staging).map_err(fail)?;
     }
-    std::fs::create_dir_all(&staging).map_err(fail)?;
+    std::fs::create_dir_all(staging).map_err(fail)?;
     File::create(staging.join(STAGING_MARK)).map_err(fail)?;
-    Ok(staging)
+    Ok(())
 }
 
 /// Writes the backup's entries into a new store at `staging` and audits it.
@@ -472,13 +513,14 @@ async fn build(
     roster_origin: Option<&str>,
     keys: Arc<KeyResolver>,
     cache_bytes: u64,
-    progress: &(dyn Fn(u64) + Sync),
+    progress: &(dyn Fn(RestoreStep) + Sync),
 ) -> Result<Report, RestoreError> {
     let store: SharedStore = Arc::new(SledStore::open(staging, cache_bytes)?);
     let (writer, thread) = Writer::start(store.clone())?;
     let written = async {
         let mut loader = Loader {
             path: backup,
+            staging,
             own_origin,
             keys: &keys,
             writer: &writer,
@@ -500,28 +542,34 @@ async fn build(
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     written?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let audited =
-        tokio::task::spawn_blocking(move || audit(store.as_ref(), &keys, threads, &|_| {}))
-            .await
-            .map_err(|err| StoreError::Io {
-                path: staging.display().to_string(),
-                message: format!("the audit stopped: {err}"),
-            })??;
+    let check = || {
+        audit(store.as_ref(), &keys, threads, &|done| {
+            progress(RestoreStep::Verified(done))
+        })
+    };
+    // The audit keeps every core busy for a while.
+    let audited = match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(check),
+        _ => check(),
+    }?;
     Ok(audited)
 }
 
-/// Feeds a backup's entries to the writer, origin by origin in jobs.
+/// Feeds a backup's entries to the writer in jobs of consecutive entries
+/// of one origin.
 struct Loader<'a> {
     path: &'a Path,
+    staging: &'a Path,
     own_origin: &'a str,
     keys: &'a KeyResolver,
     writer: &'a Writer,
-    /// Entries read and not yet sent, by origin, with their offsets.
+    /// Entries read and not yet sent, with their offsets: the run being
+    /// read, and the own feed's last publish group until it is whole.
     pending: HashMap<String, Vec<(u64, Entry)>>,
     /// Jobs sent: (origin, offsets and seqs of its entries, answer).
     in_flight: VecDeque<InFlightJob>,
     done: u64,
-    progress: &'a (dyn Fn(u64) + Sync),
+    progress: &'a (dyn Fn(RestoreStep) + Sync),
 }
 
 type InFlightJob = (
@@ -530,9 +578,24 @@ type InFlightJob = (
     tokio::sync::oneshot::Receiver<Result<crate::writer::Stored, WriteError>>,
 );
 
+/// How many of `entries` end with a whole publish: a publish group's parts
+/// go in one job, so its idempotency record counts all of them.
+fn whole_publishes(entries: &[(u64, Entry)]) -> usize {
+    entries
+        .iter()
+        .rposition(|(_, entry)| match &entry.body.payload {
+            Some(Payload::Indicators(batch)) => {
+                batch.group.as_ref().is_none_or(|g| g.part + 1 == g.count)
+            }
+            _ => true,
+        })
+        .map_or(0, |last| last + 1)
+}
+
 impl Loader<'_> {
     /// Writes the entries of the origins `wanted` picks.
     async fn load(&mut self, wanted: impl Fn(&str) -> bool) -> Result<(), RestoreError> {
+        let mut run: Option<String> = None;
         for record in BackupReader::open(self.path)? {
             let (offset, signed) = record?;
             let entry = Entry::decode(signed).map_err(|err| BackupError::Bad {
@@ -544,15 +607,21 @@ impl Loader<'_> {
                 continue;
             }
             let origin = entry.body.origin.clone();
+            // A run of another origin begins: the last one goes out, so at
+            // most one origin's run is held.
+            if let Some(last) = run.take().filter(|last| *last != origin) {
+                self.send(&last, false).await?;
+            }
             let batch = self.pending.entry(origin.clone()).or_default();
             batch.push((offset, entry));
             if batch.len() >= RESTORE_JOB {
-                self.send(&origin).await?;
+                self.send(&origin, false).await?;
             }
+            run = Some(origin);
         }
         let origins: Vec<String> = self.pending.keys().cloned().collect();
         for origin in origins {
-            self.send(&origin).await?;
+            self.send(&origin, true).await?;
         }
         while !self.in_flight.is_empty() {
             self.settle().await?;
@@ -560,10 +629,21 @@ impl Loader<'_> {
         Ok(())
     }
 
-    async fn send(&mut self, origin: &str) -> Result<(), RestoreError> {
-        let Some(batch) = self.pending.remove(origin).filter(|b| !b.is_empty()) else {
+    /// Sends `origin`'s pending entries as one job; unless `all`, the own
+    /// feed's unfinished publish group stays pending.
+    async fn send(&mut self, origin: &str, all: bool) -> Result<(), RestoreError> {
+        let Some(mut batch) = self.pending.remove(origin) else {
             return Ok(());
         };
+        if !all && origin == self.own_origin && batch.len() < 4 * RESTORE_JOB {
+            let rest = batch.split_off(whole_publishes(&batch));
+            if !rest.is_empty() {
+                self.pending.insert(origin.to_owned(), rest);
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
         let placed = batch.iter().map(|(o, e)| (*o, e.body.seq)).collect();
         let entries: Vec<Entry> = batch.into_iter().map(|(_, e)| e).collect();
         let idempotency = if origin == self.own_origin {
@@ -577,13 +657,18 @@ impl Loader<'_> {
             conflict: None,
             replacements: self.keys.replacements(origin),
         };
-        let answer = self
-            .writer
-            .send(job)
-            .await
-            .map_err(|err| RestoreError::Store(store_error(self.path, err)))?;
-        self.in_flight
-            .push_back((origin.to_owned(), placed, answer));
+        match self.writer.send(job).await {
+            Ok(answer) => self
+                .in_flight
+                .push_back((origin.to_owned(), placed, answer)),
+            Err(err) => {
+                // Writes stopped: the job that failed says why.
+                while !self.in_flight.is_empty() {
+                    self.settle().await?;
+                }
+                return Err(RestoreError::Store(store_error(self.staging, err)));
+            }
+        }
         while self.in_flight.len() > RESTORE_IN_FLIGHT {
             self.settle().await?;
         }
@@ -606,7 +691,7 @@ impl Loader<'_> {
         match outcome {
             Ok(stored) if stored.duplicates == 0 => {
                 self.done += stored.new as u64;
-                (self.progress)(self.done);
+                (self.progress)(RestoreStep::Written(self.done));
                 Ok(())
             }
             Ok(stored) => {
@@ -627,7 +712,8 @@ impl Loader<'_> {
                     FeedError::WrongFeedId { seq, .. }
                     | FeedError::BrokenLink { seq, .. }
                     | FeedError::TimeWentBack { seq, .. }
-                    | FeedError::BadSignature { seq, .. } => *seq,
+                    | FeedError::BadSignature { seq, .. }
+                    | FeedError::Replaced { seq, .. } => *seq,
                     FeedError::SeqGap { found, .. } => *found,
                     _ => placed.first().map_or(0, |(_, s)| *s),
                 };
@@ -644,18 +730,23 @@ impl Loader<'_> {
                 seq,
                 message: "differs from the entry already restored at this seq".into(),
             }),
-            Err(err) => Err(RestoreError::Store(store_error(self.path, err))),
+            Err(err) => Err(RestoreError::Store(store_error(self.staging, err))),
         }
     }
 }
 
-fn store_error(path: &Path, err: WriteError) -> StoreError {
-    match err {
-        WriteError::Store(err) => err,
-        other => StoreError::Io {
-            path: path.display().to_string(),
-            message: other.to_string(),
-        },
+/// A writer failure of the staging store at `staging`.
+fn store_error(staging: &Path, err: WriteError) -> StoreError {
+    let message = match err {
+        WriteError::Store(err) => return err,
+        WriteError::Stopped => {
+            "writing the restored store stopped after a storage failure (is the disk full?)".into()
+        }
+        other => other.to_string(),
+    };
+    StoreError::Io {
+        path: staging.display().to_string(),
+        message,
     }
 }
 
@@ -815,7 +906,6 @@ mod tests {
         // test chain repeats keys every 256 entries: the last one counts).
         let record = store.idempotency(&[9; 16]).unwrap().unwrap();
         assert_eq!(record.seq, 1289);
-        assert!(store.idempotency(&[9; 16]).is_ok());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -913,6 +1003,81 @@ mod tests {
         let error = restore_into(&data, &path).await.unwrap_err().to_string();
         assert!(error.contains("truncated"), "{error}");
         nothing_left();
+    }
+
+    #[test]
+    fn a_job_of_the_own_feed_ends_with_a_whole_publish() {
+        use civex_proto::v1::{IndicatorBatch, PublishGroup};
+        let part = |seq: u64, group: Option<(u32, u32)>| {
+            let body = civex_proto::v1::EntryBody {
+                origin: "city-a".into(),
+                feed_id: vec![7; 16],
+                seq,
+                prev_hash: vec![0; 32],
+                time_unix_micros: 1,
+                idempotency_key: vec![1; 16],
+                payload: Some(Payload::Indicators(IndicatorBatch {
+                    group: group.map(|(part, count)| PublishGroup {
+                        id: vec![1; 16],
+                        part,
+                        count,
+                    }),
+                    ..Default::default()
+                })),
+            };
+            (0, Entry::sign(&key(1), body).unwrap())
+        };
+        let entries = vec![
+            part(1, None),
+            part(2, Some((0, 3))),
+            part(3, Some((1, 3))),
+            part(4, Some((2, 3))),
+            part(5, Some((0, 2))),
+        ];
+        assert_eq!(whole_publishes(&entries), 4);
+        assert_eq!(whole_publishes(&entries[..3]), 1);
+        assert_eq!(whole_publishes(&entries[1..3]), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_data_dir_named_with_a_trailing_slash_is_restored_beside_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("city.backup");
+        write_backup(&path, &chain(&key(1), "city-a", 5));
+        let mut slashed = dir.path().join("data").into_os_string();
+        slashed.push("/");
+        restore_into(Path::new(&slashed), &path).await.unwrap();
+        let store = SledStore::open(&dir.path().join("data"), 16 << 20).unwrap();
+        assert_eq!(store.head("city-a").unwrap().unwrap().tip.seq, 5);
+        assert!(!dir.path().join("data").join(".restoring").exists());
+        assert!(!dir.path().join("data").join(STAGING_MARK).exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_that_cannot_be_moved_into_place_is_not_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = (dir.path().join("city.backup"), dir.path().join("data"));
+        write_backup(&path, &chain(&key(1), "city-a", 5));
+        std::fs::create_dir_all(&data).unwrap();
+        // Something writes into the data directory while the restore runs.
+        let intruder = || {
+            let _ = std::fs::write(data.join("peers.json"), b"[]");
+        };
+        let error = restore(&data, &path, "city-a", None, keys(), 16 << 20, &|_| {
+            intruder()
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("cannot move the restored store into place"),
+            "{error}"
+        );
+        assert!(!dir.path().join("data.restoring").exists());
+        assert_eq!(std::fs::read_dir(&data).unwrap().count(), 1);
+        // Once the directory is empty again, the restore goes through.
+        std::fs::remove_file(data.join("peers.json")).unwrap();
+        restore_into(&data, &path).await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,3 +216,72 @@ async fn a_truncated_or_forged_backup_restores_nothing() {
     a = TestNode::start(&a_dir, Spec::new("city-a")).await;
     assert_eq!(a.head("city-a").await.0, 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_of_a_node_that_keeps_publishing_is_a_whole_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let a_dir = dir.path().join("a");
+    let mut a = TestNode::start(&a_dir, Spec::new("city-a")).await;
+    publish_row(&a, "x", 0.0).await;
+    // Publishes go on, as fast as they are acknowledged, while the backup runs.
+    let requests = |n: usize| {
+        (0..n)
+            .map(|i| pb::PublishIndicatorsRequest {
+                idempotency_key: key(),
+                rows: vec![row(
+                    &format!("c{}-{}", i % 10, i % 50),
+                    "city-a",
+                    "2025",
+                    i as f64,
+                    10,
+                )],
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut publisher = a.publisher().await;
+    let publishing = tokio::spawn(async move {
+        let mut receipts = publisher
+            .publish_indicators_stream(tokio_stream::iter(requests(20_000)))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut count = 0;
+        while receipts.message().await.unwrap().is_some() {
+            count += 1;
+        }
+        count
+    });
+    eventually("the publishes to start", || async {
+        a.head("city-a").await.0 > 100
+    })
+    .await;
+    let file = dir.path().join("city-a.backup");
+    let out = a
+        .cli(&[
+            "backup",
+            "--out",
+            file.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(publishing.await.unwrap(), 20_000);
+    let backed_up = summary["entries"].as_u64().unwrap();
+    // A prefix taken while publishes went on.
+    assert!(backed_up > 100 && backed_up < 20_001, "{summary}");
+    a.stop().await;
+
+    std::fs::remove_dir_all(a_dir.join("data")).unwrap();
+    let config = a_dir.join("node.toml");
+    let out = restore(&config, &file).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("{backed_up} entries verified")),
+        "{}",
+        stdout(&out)
+    );
+    a = TestNode::start(&a_dir, Spec::new("city-a").allow_without_peers()).await;
+    assert_eq!(a.head("city-a").await.0, backed_up);
+}
