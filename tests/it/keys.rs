@@ -69,10 +69,23 @@ async fn a_rotated_key_is_followed_by_peers_and_an_old_key_file_refused() {
         b.head("city-a").await.0 == 8
     })
     .await;
+    let backup = dir.path().join("a.backup");
+    let out = a.cli(&["backup", "--out", backup.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
     a.stop().await;
     let config = a_dir.join("node.toml");
     let out = civex_async(&["verify", "--config", config.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", stdout(&out));
+    // Restored from a backup, the feed verifies across the rotation.
+    std::fs::rename(a_dir.join("data"), dir.path().join("a-data-lost")).unwrap();
+    let config_arg = config.to_str().unwrap();
+    let out = civex_async(&["restore", "--config", config_arg, backup.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("8 entries verified"),
+        "{}",
+        stdout(&out)
+    );
 
     // A key file restored from before the rotation is refused at start.
     std::fs::write(a_dir.join("feed.key"), &old_key).unwrap();
