@@ -151,6 +151,15 @@ async fn a_truncated_or_forged_backup_restores_nothing() {
     for value in 0..5 {
         publish_row(&a, "x", value as f64).await;
     }
+    // A place the backup cannot be written is named.
+    let nowhere = dir.path().join("no-such-folder").join("city-a.backup");
+    let out = a.cli(&["backup", "--out", nowhere.to_str().unwrap()]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no-such-folder/city-a.backup.part: cannot create it"),
+        "{}",
+        stderr(&out)
+    );
     let file = dir.path().join("city-a.backup");
     let out = a.cli(&["backup", "--out", file.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", stderr(&out));
