@@ -21,13 +21,13 @@ use std::{
 };
 
 use bytes::Bytes;
-use civex_proto::v1::{entry_body::Payload, SignedEntry};
+use civex_proto::v1::SignedEntry;
 
 use crate::{
     audit::{audit, Report},
     core::feed::{Entry, FeedError, MAX_ENTRY_BYTES, SIGNATURE_LEN},
     keys::{sync_parent, KeyResolver},
-    publish::recovered_records,
+    publish::Recovery,
     replicate::Roster,
     store::{SharedStore, SledStore, StoreError},
     writer::{Job, Prepared, WriteError, Writer},
@@ -525,6 +525,7 @@ async fn build(
             keys: &keys,
             writer: &writer,
             pending: HashMap::new(),
+            recovery: Recovery::default(),
             in_flight: VecDeque::new(),
             done: 0,
             progress,
@@ -563,9 +564,12 @@ struct Loader<'a> {
     own_origin: &'a str,
     keys: &'a KeyResolver,
     writer: &'a Writer,
-    /// Entries read and not yet sent, with their offsets: the run being
-    /// read, and the own feed's last publish group until it is whole.
+    /// Entries read and not yet sent (the run being read), with their
+    /// offsets.
     pending: HashMap<String, Vec<(u64, Entry)>>,
+    /// Idempotency records of the own feed, whose publish groups may span
+    /// jobs.
+    recovery: Recovery,
     /// Jobs sent: (origin, offsets and seqs of its entries, answer).
     in_flight: VecDeque<InFlightJob>,
     done: u64,
@@ -577,20 +581,6 @@ type InFlightJob = (
     Vec<(u64, u64)>,
     tokio::sync::oneshot::Receiver<Result<crate::writer::Stored, WriteError>>,
 );
-
-/// How many of `entries` end with a whole publish: a publish group's parts
-/// go in one job, so its idempotency record counts all of them.
-fn whole_publishes(entries: &[(u64, Entry)]) -> usize {
-    entries
-        .iter()
-        .rposition(|(_, entry)| match &entry.body.payload {
-            Some(Payload::Indicators(batch)) => {
-                batch.group.as_ref().is_none_or(|g| g.part + 1 == g.count)
-            }
-            _ => true,
-        })
-        .map_or(0, |last| last + 1)
-}
 
 impl Loader<'_> {
     /// Writes the entries of the origins `wanted` picks.
@@ -610,18 +600,18 @@ impl Loader<'_> {
             // A run of another origin begins: the last one goes out, so at
             // most one origin's run is held.
             if let Some(last) = run.take().filter(|last| *last != origin) {
-                self.send(&last, false).await?;
+                self.send(&last).await?;
             }
             let batch = self.pending.entry(origin.clone()).or_default();
             batch.push((offset, entry));
             if batch.len() >= RESTORE_JOB {
-                self.send(&origin, false).await?;
+                self.send(&origin).await?;
             }
             run = Some(origin);
         }
         let origins: Vec<String> = self.pending.keys().cloned().collect();
         for origin in origins {
-            self.send(&origin, true).await?;
+            self.send(&origin).await?;
         }
         while !self.in_flight.is_empty() {
             self.settle().await?;
@@ -629,25 +619,15 @@ impl Loader<'_> {
         Ok(())
     }
 
-    /// Sends `origin`'s pending entries as one job; unless `all`, the own
-    /// feed's unfinished publish group stays pending.
-    async fn send(&mut self, origin: &str, all: bool) -> Result<(), RestoreError> {
-        let Some(mut batch) = self.pending.remove(origin) else {
+    /// Sends `origin`'s pending entries as one job.
+    async fn send(&mut self, origin: &str) -> Result<(), RestoreError> {
+        let Some(batch) = self.pending.remove(origin).filter(|b| !b.is_empty()) else {
             return Ok(());
         };
-        if !all && origin == self.own_origin && batch.len() < 4 * RESTORE_JOB {
-            let rest = batch.split_off(whole_publishes(&batch));
-            if !rest.is_empty() {
-                self.pending.insert(origin.to_owned(), rest);
-            }
-        }
-        if batch.is_empty() {
-            return Ok(());
-        }
         let placed = batch.iter().map(|(o, e)| (*o, e.body.seq)).collect();
         let entries: Vec<Entry> = batch.into_iter().map(|(_, e)| e).collect();
         let idempotency = if origin == self.own_origin {
-            recovered_records(&entries)
+            self.recovery.records(&entries)
         } else {
             Vec::new()
         };
@@ -1003,40 +983,6 @@ mod tests {
         let error = restore_into(&data, &path).await.unwrap_err().to_string();
         assert!(error.contains("truncated"), "{error}");
         nothing_left();
-    }
-
-    #[test]
-    fn a_job_of_the_own_feed_ends_with_a_whole_publish() {
-        use civex_proto::v1::{IndicatorBatch, PublishGroup};
-        let part = |seq: u64, group: Option<(u32, u32)>| {
-            let body = civex_proto::v1::EntryBody {
-                origin: "city-a".into(),
-                feed_id: vec![7; 16],
-                seq,
-                prev_hash: vec![0; 32],
-                time_unix_micros: 1,
-                idempotency_key: vec![1; 16],
-                payload: Some(Payload::Indicators(IndicatorBatch {
-                    group: group.map(|(part, count)| PublishGroup {
-                        id: vec![1; 16],
-                        part,
-                        count,
-                    }),
-                    ..Default::default()
-                })),
-            };
-            (0, Entry::sign(&key(1), body).unwrap())
-        };
-        let entries = vec![
-            part(1, None),
-            part(2, Some((0, 3))),
-            part(3, Some((1, 3))),
-            part(4, Some((2, 3))),
-            part(5, Some((0, 2))),
-        ];
-        assert_eq!(whole_publishes(&entries), 4);
-        assert_eq!(whole_publishes(&entries[..3]), 1);
-        assert_eq!(whole_publishes(&entries[1..3]), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

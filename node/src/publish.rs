@@ -403,51 +403,66 @@ impl From<IngestError> for PublishError {
 /// itself is not in the feed): a repeat of its key gets the original receipt.
 pub const RECOVERED: [u8; 32] = [0; 32];
 
-/// The idempotency records of own entries learned back from a peer, so a
-/// restored node answers retries of publishes it no longer remembers. A
-/// publish group gets one record, at its last part, counting the cells of
-/// the parts in `entries` (a group usually arrives whole).
-pub fn recovered_records(entries: &[Entry]) -> Vec<([u8; 16], IdempotencyRecord)> {
-    let mut records = Vec::new();
-    for entry in entries {
-        let Ok(key) = <[u8; 16]>::try_from(entry.body.idempotency_key.as_slice()) else {
-            continue;
-        };
-        let group = match &entry.body.payload {
-            Some(Payload::Indicators(batch)) => batch.group.clone(),
-            _ => None,
-        };
-        if group.as_ref().is_some_and(|g| g.part + 1 != g.count) {
-            continue;
-        }
-        let part = group.as_ref().map_or(0, |g| u64::from(g.part));
-        let first_seq = entry.body.seq.saturating_sub(part).max(1);
-        let (mut published, mut suppressed) = (0, 0);
-        for member in entries
-            .iter()
-            .filter(|e| e.body.seq >= first_seq && e.body.seq <= entry.body.seq)
-        {
-            if let Some(Payload::Indicators(batch)) = &member.body.payload {
-                let with_value = batch
-                    .observations
-                    .iter()
-                    .filter(|o| o.value.is_some())
-                    .count() as u32;
-                published += with_value;
-                suppressed += batch.observations.len() as u32 - with_value;
+/// The idempotency records of own entries learned back (from a peer, or a
+/// backup), so a restored node answers retries of publishes it no longer
+/// remembers. It is fed the own feed's entries in seq order, in as many
+/// calls as they arrive in: a publish group gets one record, at its last
+/// part, counting the cells of every part it was fed.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// The group being read: its key, the seq of its next part, and the
+    /// cells of its parts so far (published, suppressed).
+    open: Option<([u8; 16], u64, u32, u32)>,
+}
+
+impl Recovery {
+    /// The records completed by `entries`, the next own entries in seq order.
+    pub fn records(&mut self, entries: &[Entry]) -> Vec<([u8; 16], IdempotencyRecord)> {
+        let mut records = Vec::new();
+        for entry in entries {
+            let Ok(key) = <[u8; 16]>::try_from(entry.body.idempotency_key.as_slice()) else {
+                self.open = None;
+                continue;
+            };
+            let (group, mut published, mut suppressed) = match &entry.body.payload {
+                Some(Payload::Indicators(batch)) => {
+                    let with_value = batch
+                        .observations
+                        .iter()
+                        .filter(|o| o.value.is_some())
+                        .count() as u32;
+                    let without = batch.observations.len() as u32 - with_value;
+                    (batch.group.clone(), with_value, without)
+                }
+                _ => (None, 0, 0),
+            };
+            let seq = entry.body.seq;
+            if let Some(group) = &group {
+                if let Some((open_key, next, p, s)) = self.open {
+                    if group.part > 0 && open_key == key && next == seq {
+                        published += p;
+                        suppressed += s;
+                    }
+                }
+                if group.part + 1 != group.count {
+                    self.open = Some((key, seq + 1, published, suppressed));
+                    continue;
+                }
             }
+            self.open = None;
+            let part = group.as_ref().map_or(0, |g| u64::from(g.part));
+            let record = IdempotencyRecord {
+                fingerprint: RECOVERED,
+                first_seq: seq.saturating_sub(part).max(1),
+                seq,
+                hash: entry.hash,
+                published,
+                suppressed,
+            };
+            records.push((key, record));
         }
-        let record = IdempotencyRecord {
-            fingerprint: RECOVERED,
-            first_seq,
-            seq: entry.body.seq,
-            hash: entry.hash,
-            published,
-            suppressed,
-        };
-        records.push((key, record));
+        records
     }
-    records
 }
 
 /// Requests signed per batch at most.
@@ -1371,5 +1386,71 @@ impl Sequencer {
                 )
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use civex_proto::v1::{EntryBody, IndicatorBatch, Observation, PublishGroup};
+
+    use super::*;
+    use crate::core::feed::tests::key;
+
+    /// Entry `seq` of a publish with key `k`: part `group` (part, count),
+    /// with `cells` observations, `suppressed` of them without a value.
+    fn part(seq: u64, k: u8, group: Option<(u32, u32)>, cells: usize, suppressed: usize) -> Entry {
+        let observations = (0..cells)
+            .map(|i| Observation {
+                value: (i >= suppressed).then_some(1.0),
+                ..Default::default()
+            })
+            .collect();
+        let body = EntryBody {
+            origin: "city-a".into(),
+            feed_id: vec![7; 16],
+            seq,
+            prev_hash: vec![0; 32],
+            time_unix_micros: 1,
+            idempotency_key: vec![k; 16],
+            payload: Some(Payload::Indicators(IndicatorBatch {
+                observations,
+                group: group.map(|(part, count)| PublishGroup {
+                    id: vec![k; 16],
+                    part,
+                    count,
+                }),
+                ..Default::default()
+            })),
+        };
+        Entry::sign(&key(1), body).unwrap()
+    }
+
+    fn counted(records: &[([u8; 16], IdempotencyRecord)]) -> Vec<(u8, u64, u64, u32, u32)> {
+        records
+            .iter()
+            .map(|(k, r)| (k[0], r.first_seq, r.seq, r.published, r.suppressed))
+            .collect()
+    }
+
+    #[test]
+    fn a_group_learned_back_in_pieces_counts_every_part() {
+        let entries = [
+            part(1, 1, None, 3, 1),
+            part(2, 2, Some((0, 3)), 10, 2),
+            part(3, 2, Some((1, 3)), 10, 0),
+            part(4, 2, Some((2, 3)), 5, 1),
+            part(5, 3, Some((0, 2)), 4, 0),
+        ];
+        let mut recovery = Recovery::default();
+        assert_eq!(counted(&recovery.records(&entries[..2])), [(1, 1, 1, 2, 1)]);
+        assert!(recovery.records(&entries[2..3]).is_empty());
+        assert_eq!(
+            counted(&recovery.records(&entries[3..])),
+            [(2, 2, 4, 22, 3)],
+            "the group's record counts the parts of earlier calls"
+        );
+        // A group whose first parts were not seen counts what was.
+        let mut late = Recovery::default();
+        assert_eq!(counted(&late.records(&entries[2..4])), [(2, 2, 4, 14, 1)]);
     }
 }

@@ -29,7 +29,7 @@ use crate::{
     keys::{KeyResolver, Member},
     peers::PeerPolicy,
     pki::Identity,
-    publish::recovered_records,
+    publish::Recovery,
     store::{ConflictRecord, SharedStore},
     transport::{self, Security},
     writer::{Job, Prepared, Stored, WriteError, Writer},
@@ -200,6 +200,9 @@ impl Replicator {
         // (yet): skipped until the session reconnects, which a roster
         // change makes it do, while the other origins go on.
         let mut waiting: HashSet<String> = HashSet::new();
+        // Idempotency records of the own feed's entries learned back, whose
+        // publish groups may come in several messages.
+        let mut recovery = Recovery::default();
         let mut cursors = Vec::new();
         for origin in self.keys.origins() {
             let origin = origin.as_str();
@@ -337,7 +340,7 @@ impl Replicator {
                     }
                     tips.insert(origin.clone(), new_tip);
                     let idempotency = if origin == self.own_origin {
-                        recovered_records(&entries)
+                        recovery.records(&entries)
                     } else {
                         Vec::new()
                     };
