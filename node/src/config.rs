@@ -292,6 +292,10 @@ pub struct LimitsConfig {
     /// stopped reading never does) before connections are closed, in ms.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Bytes of requests one `PublishIndicatorsStream` may hold unanswered
+    /// (a request larger than this waits until it is alone).
+    #[serde(default = "default_publish_stream_bytes")]
+    pub publish_stream_bytes: u32,
 }
 
 /// Log output.
@@ -385,6 +389,9 @@ fn default_max_streams_per_peer() -> usize {
 fn default_shutdown_grace_ms() -> u64 {
     5_000
 }
+fn default_publish_stream_bytes() -> u32 {
+    64 << 20
+}
 fn default_log_format() -> String {
     "human".into()
 }
@@ -443,6 +450,7 @@ impl Default for LimitsConfig {
             max_message_bytes: default_max_message_bytes(),
             max_streams_per_peer: default_max_streams_per_peer(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
+            publish_stream_bytes: default_publish_stream_bytes(),
         }
     }
 }
@@ -698,6 +706,9 @@ impl Config {
         if self.limits.max_streams_per_peer == 0 {
             return Err("limits.max_streams_per_peer: must be at least 1".into());
         }
+        if self.limits.publish_stream_bytes == 0 {
+            return Err("limits.publish_stream_bytes: must be at least 1".into());
+        }
         if !["human", "json"].contains(&self.log.format.as_str()) {
             return Err(format!(
                 "log.format: {:?} is not human or json",
@@ -876,6 +887,8 @@ cache_mb = 64
 max_message_bytes = 4194304
 max_streams_per_peer = 64
 shutdown_grace_ms = 5000
+# Bytes of requests one publish stream may hold unanswered.
+publish_stream_bytes = 67108864
 
 [log]
 # human or json. Env: CIVEX_LOG_FORMAT, CIVEX_LOG_LEVEL
@@ -972,6 +985,10 @@ mod tests {
                 )
                 .replace("mode = \"mutual\"", "mode = \"insecure\""),
                 "peers.b.address: \"city-b.example.org:7400\" is not a loopback address",
+            ),
+            (
+                base.replace("publish_stream_bytes = 67108864", "publish_stream_bytes = 0"),
+                "limits.publish_stream_bytes: must be at least 1",
             ),
             (
                 base.replace("min_contributors = 3", "min_contributors = 0"),

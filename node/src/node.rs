@@ -240,6 +240,7 @@ pub async fn run_secured(
         shutdown: stopping.clone(),
         max_message_bytes: config.limits.max_message_bytes,
         max_streams_per_peer: config.limits.max_streams_per_peer,
+        publish_stream_bytes: config.limits.publish_stream_bytes,
     })
     .await
     .map_err(|err| NodeError::Server(err.to_string()))?;

@@ -95,10 +95,6 @@ const SUBSCRIBER_BUFFER: usize = 4;
 /// once (two more: the one being answered, the one being read); the node
 /// reads no further request until one is answered.
 const STREAM_PUBLISHES_IN_FLIGHT: usize = 1024;
-/// Bytes of requests of one PublishIndicatorsStream held at once (a request
-/// counts until it is answered), so a stream of large requests cannot make
-/// the node's memory grow by a thousand times the message limit.
-const STREAM_BYTES_IN_FLIGHT: usize = 64 << 20;
 /// Receipts of one PublishIndicatorsStream buffered for a slow reader.
 const STREAM_RECEIPTS_BUFFERED: usize = 64;
 /// Cursors per subscription at most.
@@ -311,6 +307,8 @@ pub struct PublishService {
     roster_changes: Arc<tokio::sync::Mutex<()>>,
     /// Turns true at shutdown: publish streams stop reading.
     shutdown: watch::Receiver<bool>,
+    /// Bytes of requests one publish stream holds unanswered at most.
+    stream_bytes: u32,
 }
 
 impl PublishService {
@@ -417,7 +415,11 @@ impl Publish for PublishService {
         // the request's share of the byte budget).
         let (submitted, mut answers) = mpsc::channel(STREAM_PUBLISHES_IN_FLIGHT);
         let (receipts, out) = mpsc::channel(STREAM_RECEIPTS_BUFFERED);
-        let budget = Arc::new(tokio::sync::Semaphore::new(STREAM_BYTES_IN_FLIGHT));
+        // Bytes of requests held at once (a request counts until it is
+        // answered), so a stream of large requests cannot make the node's
+        // memory grow by a thousand times the message limit.
+        let stream_bytes = self.stream_bytes;
+        let budget = Arc::new(tokio::sync::Semaphore::new(stream_bytes as usize));
         let mut shutdown = self.shutdown.clone();
         // One request at a time, read, checked and queued to the sequencer,
         // so they are signed in request order.
@@ -439,7 +441,7 @@ impl Publish for PublishService {
                     Ok(None) => break,
                     Err(status) => (String::new(), Err(status), None),
                     Ok(Some(request)) => {
-                        let size = request.encoded_len().clamp(1, STREAM_BYTES_IN_FLIGHT);
+                        let size = request.encoded_len().clamp(1, stream_bytes as usize);
                         let Ok(bytes) = budget.clone().acquire_many_owned(size as u32).await else {
                             break;
                         };
@@ -1606,6 +1608,8 @@ pub struct Services {
     pub max_message_bytes: usize,
     /// Open subscriptions per peer (identity, or address) at most.
     pub max_streams_per_peer: usize,
+    /// Bytes of requests one publish stream holds unanswered at most.
+    pub publish_stream_bytes: u32,
 }
 
 /// Builds the router: civex services, health (`grpc.health.v1`) and
@@ -1651,6 +1655,7 @@ pub async fn router(
         replication: services.replication.clone(),
         roster_changes: Arc::default(),
         shutdown: services.shutdown.clone(),
+        stream_bytes: services.publish_stream_bytes,
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

@@ -603,6 +603,31 @@ async fn a_publish_stream_signs_in_request_order_and_answers_each_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stream_holds_no_more_unanswered_bytes_than_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    // A budget smaller than any request: each waits until the one before it
+    // is answered, alone.
+    let node = TestNode::start(dir.path(), Spec::new("city-a").publish_stream_bytes(1)).await;
+    let first = pb::PublishIndicatorsRequest {
+        idempotency_key: key(),
+        rows: vec![row("jobs", "city-a", "2025", 1.0, 100)],
+    };
+    let second = pb::PublishIndicatorsRequest {
+        idempotency_key: key(),
+        rows: vec![row("jobs", "city-a", "2025", 2.0, 100)],
+    };
+    // The same publish twice in a row: read while the first were still in
+    // flight, the repeat would be refused as in progress; read after the
+    // first is answered, it gets the first's receipt.
+    let (receipts, failure) = publish_stream(&node, vec![first.clone(), first, second]).await;
+    assert!(failure.is_none(), "{failure:?}");
+    assert_eq!(receipts.len(), 3);
+    assert_eq!(receipts[1], receipts[0]);
+    assert_eq!((receipts[0].seq, receipts[2].seq), (1, 2));
+    assert_eq!(node.head("city-a").await.0, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_stream_ends_at_its_first_bad_request_and_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let node = TestNode::start(dir.path(), Spec::new("city-a")).await;

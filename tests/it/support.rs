@@ -136,6 +136,8 @@ pub struct Spec {
     pub extra: String,
     /// limits.shutdown_grace_ms.
     pub shutdown_grace_ms: u64,
+    /// limits.publish_stream_bytes.
+    pub publish_stream_bytes: u32,
 }
 
 impl Spec {
@@ -150,7 +152,13 @@ impl Spec {
             roster: None,
             extra: String::new(),
             shutdown_grace_ms: 500,
+            publish_stream_bytes: 64 << 20,
         }
+    }
+
+    pub fn publish_stream_bytes(mut self, bytes: u32) -> Self {
+        self.publish_stream_bytes = bytes;
+        self
     }
 
     pub fn shutdown_grace_ms(mut self, ms: u64) -> Self {
@@ -219,6 +227,10 @@ pub fn write_node_dir(dir: &Path, spec: &Spec, listen: &str) -> (PathBuf, String
         .replace(
             "shutdown_grace_ms = 5000",
             &format!("shutdown_grace_ms = {}", spec.shutdown_grace_ms),
+        )
+        .replace(
+            "publish_stream_bytes = 67108864",
+            &format!("publish_stream_bytes = {}", spec.publish_stream_bytes),
         );
     let districts: Vec<String> = spec.districts.iter().map(|d| format!("{d:?}")).collect();
     text = text.replace(
