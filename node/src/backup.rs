@@ -13,7 +13,7 @@
 //! seq 1; origins may interleave.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     fs::File,
     io::{BufReader, BufWriter, Read, Write},
     path::{Path, PathBuf},
@@ -524,7 +524,7 @@ async fn build(
             own_origin,
             keys: &keys,
             writer: &writer,
-            pending: HashMap::new(),
+            run: None,
             recovery: Recovery::default(),
             in_flight: VecDeque::new(),
             done: 0,
@@ -564,9 +564,9 @@ struct Loader<'a> {
     own_origin: &'a str,
     keys: &'a KeyResolver,
     writer: &'a Writer,
-    /// Entries read and not yet sent (the run being read), with their
-    /// offsets.
-    pending: HashMap<String, Vec<(u64, Entry)>>,
+    /// The run of one origin being read, and its entries not yet sent,
+    /// with their offsets.
+    run: Option<(String, Vec<(u64, Entry)>)>,
     /// Idempotency records of the own feed, whose publish groups may span
     /// jobs.
     recovery: Recovery,
@@ -585,7 +585,6 @@ type InFlightJob = (
 impl Loader<'_> {
     /// Writes the entries of the origins `wanted` picks.
     async fn load(&mut self, wanted: impl Fn(&str) -> bool) -> Result<(), RestoreError> {
-        let mut run: Option<String> = None;
         for record in BackupReader::open(self.path)? {
             let (offset, signed) = record?;
             let entry = Entry::decode(signed).map_err(|err| BackupError::Bad {
@@ -596,34 +595,36 @@ impl Loader<'_> {
             if !wanted(&entry.body.origin) {
                 continue;
             }
-            let origin = entry.body.origin.clone();
-            // A run of another origin begins: the last one goes out, so at
-            // most one origin's run is held.
-            if let Some(last) = run.take().filter(|last| *last != origin) {
-                self.send(&last).await?;
+            // A run of another origin begins: the last one goes out, so
+            // only one origin's entries are held.
+            if !matches!(&self.run, Some((origin, _)) if *origin == entry.body.origin) {
+                self.send().await?;
+                self.run = Some((entry.body.origin.clone(), Vec::new()));
             }
-            let batch = self.pending.entry(origin.clone()).or_default();
+            let Some((_, batch)) = self.run.as_mut() else {
+                unreachable!("a run was just begun");
+            };
             batch.push((offset, entry));
             if batch.len() >= RESTORE_JOB {
-                self.send(&origin).await?;
+                self.send().await?;
             }
-            run = Some(origin);
         }
-        let origins: Vec<String> = self.pending.keys().cloned().collect();
-        for origin in origins {
-            self.send(&origin).await?;
-        }
+        self.send().await?;
         while !self.in_flight.is_empty() {
             self.settle().await?;
         }
         Ok(())
     }
 
-    /// Sends `origin`'s pending entries as one job.
-    async fn send(&mut self, origin: &str) -> Result<(), RestoreError> {
-        let Some(batch) = self.pending.remove(origin).filter(|b| !b.is_empty()) else {
+    /// Sends the entries of the run held as one job.
+    async fn send(&mut self) -> Result<(), RestoreError> {
+        let Some((origin, batch)) = self.run.as_mut() else {
             return Ok(());
         };
+        let (origin, batch) = (origin.clone(), std::mem::take(batch));
+        if batch.is_empty() {
+            return Ok(());
+        }
         let placed = batch.iter().map(|(o, e)| (*o, e.body.seq)).collect();
         let entries: Vec<Entry> = batch.into_iter().map(|(_, e)| e).collect();
         let idempotency = if origin == self.own_origin {
@@ -635,12 +636,10 @@ impl Loader<'_> {
             entries: entries.into_iter().map(Prepared::new).collect(),
             idempotency,
             conflict: None,
-            replacements: self.keys.replacements(origin),
+            replacements: self.keys.replacements(&origin),
         };
         match self.writer.send(job).await {
-            Ok(answer) => self
-                .in_flight
-                .push_back((origin.to_owned(), placed, answer)),
+            Ok(answer) => self.in_flight.push_back((origin, placed, answer)),
             Err(err) => {
                 // Writes stopped: the job that failed says why.
                 while !self.in_flight.is_empty() {
