@@ -15,7 +15,7 @@ use civex_proto::v1::{
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -901,6 +901,19 @@ impl Admission {
         ))
     }
 
+    /// Why a subscription opened when the subscriber could read `readable`
+    /// must end now, if it must: the subscriber is no longer known, or what
+    /// it may read changed (it subscribes again under the new policy).
+    fn end(&self, readable: &Option<PeerPolicy>) -> Option<Status> {
+        match self.check() {
+            Err(refused) => Some(refused),
+            Ok(now) if readable_set(&now) != readable_set(readable) => Some(Status::unavailable(
+                "what this subscriber may read from this node changed; subscribe again",
+            )),
+            Ok(_) => None,
+        }
+    }
+
     /// Whether the peers or the roster changed since last asked.
     fn changed(&mut self) -> bool {
         let changed = self.peers_changed.has_changed().unwrap_or(false)
@@ -1107,16 +1120,7 @@ impl FeedService {
                 // Who may read what changed: a subscriber no longer known
                 // is cut off, one that may now read other origins
                 // subscribes again under the new policy.
-                let end = match admission.check() {
-                    Err(refused) => Some(refused),
-                    Ok(now) if readable_set(&now) != readable_set(&readable) => {
-                        Some(Status::unavailable(
-                            "what this subscriber may read from this node changed; subscribe again",
-                        ))
-                    }
-                    Ok(_) => None,
-                };
-                if let Some(status) = end {
+                if let Some(status) = admission.end(&readable) {
                     tracing::info!(identity = ?admission.identity, reason = %status.message(), "subscription ended");
                     send_message(&tx, &mut shutdown, Err(status)).await;
                     return Ok(());
@@ -1235,6 +1239,7 @@ impl Feed for FeedService {
             None => info.addr.ip().to_string(),
         });
         let admission = self.admission(&request);
+        let mut edge = self.admission(&request);
         let readable = admission.check().inspect_err(|refused| {
             tracing::warn!(%peer, address = ?address, reason = %refused.message(), "subscription refused");
         })?;
@@ -1275,6 +1280,22 @@ impl Feed for FeedService {
         let store = self.store.clone();
         let committed = self.writer.committed();
         let shutdown = self.shutdown.clone();
+        // Messages queued for a slow subscriber are checked again on their
+        // way out once the peers or the roster changed: a subscriber removed
+        // or restricted meanwhile gets none of them, only why it was cut.
+        let (readable_then, mut ended) = (readable.clone(), false);
+        let messages = ReceiverStream::new(rx).map_while(move |message| {
+            if ended {
+                return None;
+            }
+            if edge.changed() {
+                if let Some(status) = edge.end(&readable_then) {
+                    ended = true;
+                    return Some(Err(status));
+                }
+            }
+            Some(message)
+        });
         tokio::spawn(async move {
             let _slot = slot;
             let error_tx = tx.clone();
@@ -1286,7 +1307,7 @@ impl Feed for FeedService {
             }
             tracing::debug!(peer = ?peer, "subscription closed");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(messages)))
     }
 
     async fn heads(

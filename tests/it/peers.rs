@@ -232,3 +232,72 @@ async fn a_peer_added_without_relay_gives_only_its_own_feed() {
     // it would be here by now.
     assert_eq!(c.head("city-a").await.0, 0, "C took a relayed feed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_peer_gets_none_of_the_messages_queued_for_it() {
+    use civex_proto::v1::{self as pb, subscribe_response::Event};
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestNode::start(
+        &dir.path().join("a"),
+        Spec::new("city-a").allow_without_peers(),
+    )
+    .await;
+    a.wait_ready().await;
+    a.add_peer("city-b", crate::support::NOWHERE).await;
+    // B subscribes and then reads nothing: A queues what it can for it.
+    let b_identity = dir.path().join("b-identity");
+    crate::support::issue_identity(
+        &b_identity,
+        &civex_node::pki::Identity::Origin("city-b".into()),
+    );
+    let mut stream = crate::support::subscribe_all_over(
+        crate::support::connect_as(&a.address, &b_identity).await,
+    )
+    .await;
+    // About 10 MB of entries of about 60 KB: far more than the subscriber's
+    // and the connection's buffers (a few MiB) and A's queue for it (4
+    // messages of up to 1 MiB) hold.
+    for year in 2016..2024 {
+        let request = pb::PublishIndicatorsRequest {
+            idempotency_key: crate::support::key(),
+            rows: (0..1200)
+                .map(|i| pb::IndicatorRow {
+                    breakdown: format!("item=i{i}"),
+                    method_notes: "n".repeat(1000),
+                    ..crate::support::row("jobs", "city-a", &year.to_string(), 1.0, 100)
+                })
+                .collect(),
+        };
+        a.publisher()
+            .await
+            .publish_indicators(request)
+            .await
+            .unwrap();
+    }
+    let out = a.cli(&["peer", "remove", "city-b"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut received = 0;
+    let refusal = loop {
+        match stream.message().await {
+            Ok(Some(pb::SubscribeResponse {
+                event: Some(Event::Entries(batch)),
+            })) => {
+                received += batch
+                    .entries
+                    .iter()
+                    .map(|e| e.body.len() + e.signature.len())
+                    .sum::<usize>();
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without saying why"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refusal.code(), tonic::Code::PermissionDenied, "{refusal:?}");
+    // What had left A before the removal: the subscriber's window (2 MiB)
+    // and the message being sent (up to 1 MiB and one entry).
+    assert!(
+        received <= (3 << 20) + (64 << 10),
+        "B read {received} bytes of entries after A removed it"
+    );
+}
