@@ -610,6 +610,7 @@ impl Loader<'_> {
             }
         }
         self.send().await?;
+        self.run = None;
         while !self.in_flight.is_empty() {
             self.settle().await?;
         }

@@ -33,7 +33,7 @@ use crate::{
         sdc::NoiseSeed,
     },
     keys::KeyResolver,
-    store::{IdempotencyRecord, SharedStore, StoreError},
+    store::{IdempotencyRecord, SharedStore, Store, StoreError},
     writer::{Job, Prepared, WriteError, Writer},
 };
 
@@ -406,16 +406,55 @@ pub const RECOVERED: [u8; 32] = [0; 32];
 /// The idempotency records of own entries learned back (from a peer, or a
 /// backup), so a restored node answers retries of publishes it no longer
 /// remembers. It is fed the own feed's entries in seq order, in as many
-/// calls as they arrive in: a publish group gets one record, at its last
-/// part, counting the cells of every part it was fed.
+/// calls as they arrive in. Consecutive entries with one idempotency key
+/// are one publish (the parts of a group, or the retractions of a group's
+/// parts): its record starts at the first of them and counts the cells of
+/// every part; a group's record is made at its last part.
 #[derive(Debug, Default)]
 pub struct Recovery {
-    /// The group being read: its key, the seq of its next part, and the
-    /// cells of its parts so far (published, suppressed).
-    open: Option<([u8; 16], u64, u32, u32)>,
+    /// The publish being read: its key, first seq, the seq its next entry
+    /// would have, and its cells so far (published, suppressed).
+    open: Option<([u8; 16], u64, u64, u32, u32)>,
 }
 
+/// Entries of one publish read back at most (a publish is at most one
+/// message, so a group has far fewer parts).
+const MAX_PUBLISH_ENTRIES: u64 = 4096;
+
 impl Recovery {
+    /// A recovery that goes on after the own feed's head held in `store`:
+    /// the entries of the publish that ends there are read back, so those
+    /// that follow (the rest of a group a peer is still sending) count
+    /// with them.
+    pub fn after(store: &dyn Store, origin: &str) -> Result<Self, StoreError> {
+        let mut recovery = Self::default();
+        let Some(head) = store.head(origin)? else {
+            return Ok(recovery);
+        };
+        let mut run: Vec<Entry> = Vec::new();
+        let mut seq = head.tip.seq;
+        while seq >= 1 && (run.len() as u64) < MAX_PUBLISH_ENTRIES {
+            let Some(signed) = store.entries(origin, seq, 1, usize::MAX)?.pop() else {
+                break;
+            };
+            let Ok(entry) = Entry::decode(signed) else {
+                break;
+            };
+            if run
+                .last()
+                .is_some_and(|later| later.body.idempotency_key != entry.body.idempotency_key)
+            {
+                break;
+            }
+            run.push(entry);
+            seq -= 1;
+        }
+        run.reverse();
+        // Their records are held already.
+        recovery.records(&run);
+        Ok(recovery)
+    }
+
     /// The records completed by `entries`, the next own entries in seq order.
     pub fn records(&mut self, entries: &[Entry]) -> Vec<([u8; 16], IdempotencyRecord)> {
         let mut records = Vec::new();
@@ -437,29 +476,32 @@ impl Recovery {
                 _ => (None, 0, 0),
             };
             let seq = entry.body.seq;
-            if let Some(group) = &group {
-                if let Some((open_key, next, p, s)) = self.open {
-                    if group.part > 0 && open_key == key && next == seq {
-                        published += p;
-                        suppressed += s;
-                    }
-                }
-                if group.part + 1 != group.count {
-                    self.open = Some((key, seq + 1, published, suppressed));
-                    continue;
-                }
-            }
-            self.open = None;
             let part = group.as_ref().map_or(0, |g| u64::from(g.part));
-            let record = IdempotencyRecord {
-                fingerprint: RECOVERED,
-                first_seq: seq.saturating_sub(part).max(1),
-                seq,
-                hash: entry.hash,
-                published,
-                suppressed,
-            };
-            records.push((key, record));
+            let mut first_seq = seq.saturating_sub(part).max(1);
+            match self.open {
+                // The same publish goes on.
+                Some((open_key, first, next, p, s)) if open_key == key && next == seq => {
+                    first_seq = first;
+                    published += p;
+                    suppressed += s;
+                }
+                _ => {}
+            }
+            self.open = Some((key, first_seq, seq + 1, published, suppressed));
+            if group.is_some_and(|g| g.part.saturating_add(1) < g.count) {
+                continue;
+            }
+            records.push((
+                key,
+                IdempotencyRecord {
+                    fingerprint: RECOVERED,
+                    first_seq,
+                    seq,
+                    hash: entry.hash,
+                    published,
+                    suppressed,
+                },
+            ));
         }
         records
     }
@@ -1449,8 +1491,73 @@ mod tests {
             [(2, 2, 4, 22, 3)],
             "the group's record counts the parts of earlier calls"
         );
-        // A group whose first parts were not seen counts what was.
+        // Told nothing of the first parts, it counts what it was fed.
         let mut late = Recovery::default();
         assert_eq!(counted(&late.records(&entries[2..4])), [(2, 2, 4, 14, 1)]);
+    }
+
+    #[test]
+    fn a_recovery_after_a_head_inside_a_group_counts_the_parts_held() {
+        let entries = [
+            part(1, 1, None, 3, 1),
+            part(2, 2, Some((0, 3)), 10, 2),
+            part(3, 2, Some((1, 3)), 10, 0),
+            part(4, 2, Some((2, 3)), 5, 1),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStore::open(dir.path(), 16 << 20).unwrap();
+        // The store holds the group's first two parts (a session ended
+        // there); the next session goes on from its head.
+        let held = &entries[..3];
+        store
+            .commit(&crate::store::CommitBatch {
+                runs: vec![held.to_vec()],
+                heads: vec![(
+                    "city-a".into(),
+                    crate::store::Head {
+                        tip: held[2].tip(),
+                        received_unix_micros: 1,
+                    },
+                )],
+                ..Default::default()
+            })
+            .unwrap();
+        let mut recovery = Recovery::after(&store, "city-a").unwrap();
+        assert_eq!(
+            counted(&recovery.records(&entries[3..])),
+            [(2, 2, 4, 22, 3)]
+        );
+        // An empty feed starts afresh.
+        let empty = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStore::open(empty.path(), 16 << 20).unwrap();
+        let mut fresh = Recovery::after(&store, "city-a").unwrap();
+        assert_eq!(counted(&fresh.records(&entries[..1])), [(1, 1, 1, 2, 1)]);
+    }
+
+    #[test]
+    fn the_retractions_of_a_group_are_one_publish() {
+        // A group's retraction: one publish, an entry per part, one key.
+        let retraction = |seq: u64| {
+            let body = EntryBody {
+                origin: "city-a".into(),
+                feed_id: vec![7; 16],
+                seq,
+                prev_hash: vec![0; 32],
+                time_unix_micros: 1,
+                idempotency_key: vec![9; 16],
+                payload: Some(Payload::Retraction(Default::default())),
+            };
+            Entry::sign(&key(1), body).unwrap()
+        };
+        let entries = [
+            part(1, 1, None, 3, 1),
+            retraction(2),
+            retraction(3),
+            retraction(4),
+        ];
+        let mut recovery = Recovery::default();
+        let records = counted(&recovery.records(&entries));
+        // The last record of a key is the one kept.
+        assert_eq!(records.last(), Some(&(9, 2, 4, 0, 0)));
     }
 }

@@ -201,8 +201,10 @@ impl Replicator {
         // change makes it do, while the other origins go on.
         let mut waiting: HashSet<String> = HashSet::new();
         // Idempotency records of the own feed's entries learned back, whose
-        // publish groups may come in several messages.
-        let mut recovery = Recovery::default();
+        // publishes may come in several messages, or began in an earlier
+        // session (read back from the store).
+        let mut recovery = Recovery::after(self.store.as_ref(), &self.own_origin)
+            .map_err(|e| SessionError::Write(e.into()))?;
         let mut cursors = Vec::new();
         for origin in self.keys.origins() {
             let origin = origin.as_str();

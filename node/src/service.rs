@@ -916,10 +916,15 @@ impl Admission {
 
     /// Whether the peers or the roster changed since last asked.
     fn changed(&mut self) -> bool {
-        let changed = self.peers_changed.has_changed().unwrap_or(false)
-            || self.roster_changed.has_changed().unwrap_or(false);
-        self.peers_changed.mark_unchanged();
-        self.roster_changed.mark_unchanged();
+        // Marks seen only the version looked at: a change made right after
+        // is still reported next time.
+        let mut changed = false;
+        for watched in [&mut self.peers_changed, &mut self.roster_changed] {
+            if watched.has_changed().unwrap_or(false) {
+                watched.borrow_and_update();
+                changed = true;
+            }
+        }
         changed
     }
 
