@@ -30,7 +30,7 @@ use crate::{
     publish::Recovery,
     replicate::Roster,
     store::{SharedStore, SledStore, StoreError},
-    writer::{Job, Prepared, WriteError, Writer},
+    writer::{WriteError, Writer},
 };
 
 const MAGIC: &[u8; 8] = b"civexbak";
@@ -392,18 +392,49 @@ pub async fn restore(
 ) -> Result<Restored, RestoreError> {
     let (data_dir, staging) = places(data_dir)?;
     check_target(&data_dir)?;
-    // Checked whole before anything is made.
-    BackupReader::open(backup)?.try_for_each(|r| r.map(drop))?;
     prepare_staging(&staging)?;
-    let built = build(
-        &staging,
-        backup,
-        own_origin,
-        roster_origin,
-        keys,
-        cache_bytes,
-        progress,
-    )
+    // The entries through the writer, then every signature.
+    let built = async {
+        let store: SharedStore = Arc::new(SledStore::open(&staging, cache_bytes)?);
+        let (writer, thread) = Writer::start(store.clone())?;
+        let written = async {
+            let mut loader = Loader {
+                path: backup,
+                staging: &staging,
+                own_origin,
+                keys: &keys,
+                writer: &writer,
+                run: None,
+                recovery: Recovery::default(),
+                in_flight: VecDeque::new(),
+                done: 0,
+                progress,
+            };
+            // The roster first, then every other origin.
+            if let Some(roster) = roster_origin {
+                loader.load(|origin| origin == roster).await?;
+                Roster::new(Some(roster.to_owned()), keys.clone(), store.clone()).refresh()?;
+            }
+            loader.load(|origin| Some(origin) != roster_origin).await
+        }
+        .await;
+        writer.close().await;
+        drop(writer);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        written?;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let check = || {
+            audit(store.as_ref(), &keys, threads, &|done| {
+                progress(RestoreStep::Verified(done))
+            })
+        };
+        // The audit keeps every core busy for a while.
+        let audited = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(check),
+            _ => check(),
+        }?;
+        Ok::<_, RestoreError>(audited)
+    }
     .await;
     let placed = match built {
         Ok(report) if report.is_clean() => place(&staging, &data_dir).map(|()| report),
@@ -505,57 +536,6 @@ fn prepare_staging(staging: &Path) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// Writes the backup's entries into a new store at `staging` and audits it.
-async fn build(
-    staging: &Path,
-    backup: &Path,
-    own_origin: &str,
-    roster_origin: Option<&str>,
-    keys: Arc<KeyResolver>,
-    cache_bytes: u64,
-    progress: &(dyn Fn(RestoreStep) + Sync),
-) -> Result<Report, RestoreError> {
-    let store: SharedStore = Arc::new(SledStore::open(staging, cache_bytes)?);
-    let (writer, thread) = Writer::start(store.clone())?;
-    let written = async {
-        let mut loader = Loader {
-            path: backup,
-            staging,
-            own_origin,
-            keys: &keys,
-            writer: &writer,
-            run: None,
-            recovery: Recovery::default(),
-            in_flight: VecDeque::new(),
-            done: 0,
-            progress,
-        };
-        // The roster first, then every other origin.
-        if let Some(roster) = roster_origin {
-            loader.load(|origin| origin == roster).await?;
-            Roster::new(Some(roster.to_owned()), keys.clone(), store.clone()).refresh()?;
-        }
-        loader.load(|origin| Some(origin) != roster_origin).await
-    }
-    .await;
-    writer.close().await;
-    drop(writer);
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    written?;
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let check = || {
-        audit(store.as_ref(), &keys, threads, &|done| {
-            progress(RestoreStep::Verified(done))
-        })
-    };
-    // The audit keeps every core busy for a while.
-    let audited = match tokio::runtime::Handle::current().runtime_flavor() {
-        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(check),
-        _ => check(),
-    }?;
-    Ok(audited)
-}
-
 /// Feeds a backup's entries to the writer in jobs of consecutive entries
 /// of one origin.
 struct Loader<'a> {
@@ -628,17 +608,10 @@ impl Loader<'_> {
         }
         let placed = batch.iter().map(|(o, e)| (*o, e.body.seq)).collect();
         let entries: Vec<Entry> = batch.into_iter().map(|(_, e)| e).collect();
-        let idempotency = if origin == self.own_origin {
-            self.recovery.records(&entries)
-        } else {
-            Vec::new()
-        };
-        let job = Job {
-            entries: entries.into_iter().map(Prepared::new).collect(),
-            idempotency,
-            conflict: None,
-            replacements: self.keys.replacements(&origin),
-        };
+        let own = origin == self.own_origin;
+        let job = self
+            .recovery
+            .job(own, entries, self.keys.replacements(&origin));
         match self.writer.send(job).await {
             Ok(answer) => self.in_flight.push_back((origin, placed, answer)),
             Err(err) => {

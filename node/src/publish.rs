@@ -455,6 +455,23 @@ impl Recovery {
         Ok(recovery)
     }
 
+    /// The write job of `entries`, consecutive entries of one origin learned
+    /// from elsewhere, with their idempotency records if they are of the
+    /// own feed (`own`).
+    pub fn job(&mut self, own: bool, entries: Vec<Entry>, replacements: Vec<Replacement>) -> Job {
+        let idempotency = if own {
+            self.records(&entries)
+        } else {
+            Vec::new()
+        };
+        Job {
+            entries: entries.into_iter().map(Prepared::new).collect(),
+            idempotency,
+            conflict: None,
+            replacements,
+        }
+    }
+
     /// The records completed by `entries`, the next own entries in seq order.
     pub fn records(&mut self, entries: &[Entry]) -> Vec<([u8; 16], IdempotencyRecord)> {
         let mut records = Vec::new();
@@ -1474,15 +1491,21 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_group_learned_back_in_pieces_counts_every_part() {
-        let entries = [
+    /// A publish of one entry, a group of three parts, and the first part
+    /// of another group.
+    fn feed_with_groups() -> [Entry; 5] {
+        [
             part(1, 1, None, 3, 1),
             part(2, 2, Some((0, 3)), 10, 2),
             part(3, 2, Some((1, 3)), 10, 0),
             part(4, 2, Some((2, 3)), 5, 1),
             part(5, 3, Some((0, 2)), 4, 0),
-        ];
+        ]
+    }
+
+    #[test]
+    fn a_group_learned_back_in_pieces_counts_every_part() {
+        let entries = feed_with_groups();
         let mut recovery = Recovery::default();
         assert_eq!(counted(&recovery.records(&entries[..2])), [(1, 1, 1, 2, 1)]);
         assert!(recovery.records(&entries[2..3]).is_empty());
@@ -1498,12 +1521,7 @@ mod tests {
 
     #[test]
     fn a_recovery_after_a_head_inside_a_group_counts_the_parts_held() {
-        let entries = [
-            part(1, 1, None, 3, 1),
-            part(2, 2, Some((0, 3)), 10, 2),
-            part(3, 2, Some((1, 3)), 10, 0),
-            part(4, 2, Some((2, 3)), 5, 1),
-        ];
+        let entries = feed_with_groups();
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::SledStore::open(dir.path(), 16 << 20).unwrap();
         // The store holds the group's first two parts (a session ended
@@ -1524,7 +1542,7 @@ mod tests {
             .unwrap();
         let mut recovery = Recovery::after(&store, "city-a").unwrap();
         assert_eq!(
-            counted(&recovery.records(&entries[3..])),
+            counted(&recovery.records(&entries[3..4])),
             [(2, 2, 4, 22, 3)]
         );
         // An empty feed starts afresh.

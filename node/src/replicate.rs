@@ -32,7 +32,7 @@ use crate::{
     publish::Recovery,
     store::{ConflictRecord, SharedStore},
     transport::{self, Security},
-    writer::{Job, Prepared, Stored, WriteError, Writer},
+    writer::{Job, Stored, WriteError, Writer},
 };
 
 /// Failed attempts in a row after which a peer counts as unreachable.
@@ -341,17 +341,7 @@ impl Replicator {
                         });
                     }
                     tips.insert(origin.clone(), new_tip);
-                    let idempotency = if origin == self.own_origin {
-                        recovery.records(&entries)
-                    } else {
-                        Vec::new()
-                    };
-                    let job = Job {
-                        entries: entries.into_iter().map(Prepared::new).collect(),
-                        idempotency,
-                        conflict: None,
-                        replacements,
-                    };
+                    let job = recovery.job(origin == self.own_origin, entries, replacements);
                     pending.push_back(self.writer.send(job).await?);
                     while pending.len() > IN_FLIGHT_COMMITS {
                         self.settle(peer, pending.pop_front()).await?;
