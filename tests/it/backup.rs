@@ -9,8 +9,7 @@ use civex_node::backup::{BackupReader, BackupWriter};
 use civex_proto::v1 as pb;
 
 use crate::support::{
-    civex_async, eventually, key, make_key, publish_row, row, stderr, stdout, Proxy, Spec,
-    TestNode, NOWHERE,
+    civex_async, eventually, key, publish, publish_row, row, stderr, stdout, Pair, Spec, TestNode,
 };
 
 async fn restore(config: &Path, file: &Path) -> std::process::Output {
@@ -23,48 +22,9 @@ async fn restore(config: &Path, file: &Path) -> std::process::Output {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_restored_from_an_older_backup_verifies_serves_and_does_not_fork() {
-    let dir = tempfile::tempdir().unwrap();
-    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
-    let (a_key, b_key) = (make_key(&a_dir), make_key(&b_dir));
-    let (proxy_a, proxy_b) = (Proxy::start(NOWHERE).await, Proxy::start(NOWHERE).await);
-    let a_spec = Spec::new("city-a")
-        .peer("city-b", &proxy_b.address)
-        .trust("city-b", &b_key);
-    let b = TestNode::start(
-        &b_dir,
-        Spec::new("city-b")
-            .peer("city-a", &proxy_a.address)
-            .trust("city-a", &a_key),
-    )
-    .await;
-    proxy_b.set_target(&b.address);
-    let mut a = TestNode::start(&a_dir, a_spec.clone()).await;
-    proxy_a.set_target(&a.address);
-    a.wait_ready().await;
-    b.wait_ready().await;
-    publish_row(&b, "y", 7.0).await;
-    publish_row(&a, "x", 1.0).await;
-    let second_request = pb::PublishIndicatorsRequest {
-        idempotency_key: key(),
-        rows: vec![row("z", "city-a", "2025", 2.0, 10)],
-    };
-    let second = a
-        .publisher()
-        .await
-        .publish_indicators(second_request.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    eventually("A to hold B's entry", || async {
-        a.head("city-b").await.0 == 1
-    })
-    .await;
-
-    // Backed up while A runs: its own two entries and B's one.
-    let file = dir.path().join("city-a.backup");
-    let out = a
+/// `civex backup --out FILE` on `node`, which must succeed; its JSON summary.
+async fn backup(node: &TestNode, file: &Path) -> serde_json::Value {
+    let out = node
         .cli(&[
             "backup",
             "--out",
@@ -74,17 +34,41 @@ async fn a_node_restored_from_an_older_backup_verifies_serves_and_does_not_fork(
         ])
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    let summary: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restored_from_an_older_backup_verifies_serves_and_does_not_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pair = Pair::start(dir.path()).await;
+    pair.a.wait_ready().await;
+    pair.b.wait_ready().await;
+    let a_dir = pair.a.dir.clone();
+    publish_row(&pair.b, "y", 7.0).await;
+    publish_row(&pair.a, "x", 1.0).await;
+    let second_request = pb::PublishIndicatorsRequest {
+        idempotency_key: key(),
+        rows: vec![row("z", "city-a", "2025", 2.0, 10)],
+    };
+    let second = publish(&pair.a, second_request.clone()).await;
+    eventually("A to hold B's entry", || async {
+        pair.a.head("city-b").await.0 == 1
+    })
+    .await;
+
+    // Backed up while A runs: its own two entries and B's one.
+    let file = dir.path().join("city-a.backup");
+    let summary = backup(&pair.a, &file).await;
     assert_eq!(summary["entries"], 3, "{summary}");
     assert!(!dir.path().join("city-a.backup.part").exists());
 
     // A publishes once more (B takes it), then loses its store.
-    let third = publish_row(&a, "w", 3.0).await;
+    let third = publish_row(&pair.a, "w", 3.0).await;
     eventually("B to hold A's seq 3", || async {
-        b.head("city-a").await == (3, third.entry_hash.clone())
+        pair.b.head("city-a").await == (3, third.entry_hash.clone())
     })
     .await;
-    a.stop().await;
+    pair.a.stop().await;
     let config = a_dir.join("node.toml");
     let refused = restore(&config, &file).await;
     assert!(!refused.status.success());
@@ -105,8 +89,8 @@ async fn a_node_restored_from_an_older_backup_verifies_serves_and_does_not_fork(
     let verified = civex_async(&["verify", "--config", config.to_str().unwrap()]).await;
     assert!(verified.status.success(), "{}", stdout(&verified));
 
-    a = TestNode::start(&a_dir, a_spec).await;
-    proxy_a.set_target(&a.address);
+    pair.start_a().await;
+    let a = &pair.a;
     a.wait_ready().await;
     assert_eq!(a.head("city-b").await.0, 1);
     assert_eq!(
@@ -115,15 +99,9 @@ async fn a_node_restored_from_an_older_backup_verifies_serves_and_does_not_fork(
         "A did not learn its newer entry from B before publishing"
     );
     // The backup's own publishes answer a retry with their receipts.
-    let retried = a
-        .publisher()
-        .await
-        .publish_indicators(second_request)
-        .await
-        .unwrap()
-        .into_inner();
+    let retried = publish(a, second_request).await;
     assert_eq!(retried, second);
-    let fourth = publish_row(&a, "d", 4.0).await;
+    let fourth = publish_row(a, "d", 4.0).await;
     assert_eq!(fourth.seq, 4, "the restored node forked its own feed");
     // The restored entries are queryable.
     let out = a.cli(&["query", "observations", "--output", "json"]).await;
@@ -265,17 +243,7 @@ async fn a_backup_of_a_node_that_keeps_publishing_is_a_whole_prefix() {
     })
     .await;
     let file = dir.path().join("city-a.backup");
-    let out = a
-        .cli(&[
-            "backup",
-            "--out",
-            file.to_str().unwrap(),
-            "--output",
-            "json",
-        ])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let summary: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let summary = backup(&a, &file).await;
     assert_eq!(publishing.await.unwrap(), 20_000);
     let backed_up = summary["entries"].as_u64().unwrap();
     // A prefix taken while publishes went on.

@@ -258,21 +258,8 @@ async fn a_removed_peer_gets_none_of_the_messages_queued_for_it() {
     // and the connection's buffers (a few MiB) and A's queue for it (4
     // messages of up to 1 MiB) hold.
     for year in 2016..2024 {
-        let request = pb::PublishIndicatorsRequest {
-            idempotency_key: crate::support::key(),
-            rows: (0..1200)
-                .map(|i| pb::IndicatorRow {
-                    breakdown: format!("item=i{i}"),
-                    method_notes: "n".repeat(1000),
-                    ..crate::support::row("jobs", "city-a", &year.to_string(), 1.0, 100)
-                })
-                .collect(),
-        };
-        a.publisher()
-            .await
-            .publish_indicators(request)
-            .await
-            .unwrap();
+        let request = crate::support::large_publish("city-a", &year.to_string());
+        crate::support::publish(&a, request).await;
     }
     let out = a.cli(&["peer", "remove", "city-b"]).await;
     assert!(out.status.success(), "{}", stderr(&out));

@@ -10,8 +10,8 @@ use civex_proto::v1::{self as pb, subscribe_response::Event};
 use tonic::Code;
 
 use crate::support::{
-    civex_async, eventually, key, make_key, publish_row, publish_stream, row, stdout, whole_feed,
-    Pair, Proxy, Spec, TestNode, NOWHERE,
+    civex_async, eventually, key, large_publish, make_key, publish, publish_row, publish_stream,
+    row, stdout, whole_feed, Pair, Proxy, Spec, TestNode, NOWHERE,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,59 +361,24 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_group_learned_back_across_messages_keeps_its_receipt() {
     let dir = tempfile::tempdir().unwrap();
-    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
-    let a_key = make_key(&a_dir);
-    let (proxy_a, proxy_b) = (Proxy::start(NOWHERE).await, Proxy::start(NOWHERE).await);
-    let a_spec = Spec::new("city-a").peer("city-b", &proxy_b.address);
-    let b = TestNode::start(
-        &b_dir,
-        Spec::new("city-b")
-            .peer("city-a", &proxy_a.address)
-            .trust("city-a", &a_key),
-    )
-    .await;
-    proxy_b.set_target(&b.address);
-    let mut a = TestNode::start(&a_dir, a_spec.clone()).await;
-    proxy_a.set_target(&a.address);
-    a.wait_ready().await;
-    // About 1.3 MB of cells: a group of parts served in more than one
-    // message (at most 1 MiB of entries each).
-    let request = pb::PublishIndicatorsRequest {
-        idempotency_key: key(),
-        rows: (0..1200)
-            .map(|i| pb::IndicatorRow {
-                breakdown: format!("item=i{i}"),
-                method_notes: "n".repeat(1000),
-                ..row("jobs", "city-a", "2025", 1.0, 100)
-            })
-            .collect(),
-    };
-    let receipt = a
-        .publisher()
-        .await
-        .publish_indicators(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut pair = Pair::start(dir.path()).await;
+    pair.a.wait_ready().await;
+    // A group of parts served in more than one message (at most 1 MiB of
+    // entries each).
+    let request = large_publish("city-a", "2025");
+    let receipt = publish(&pair.a, request.clone()).await;
     assert!(receipt.seq - receipt.first_seq >= 18, "{receipt:?}");
     assert_eq!(receipt.published, 1200);
     eventually("B to hold A's group", || async {
-        b.head("city-a").await.0 == receipt.seq
+        pair.b.head("city-a").await.0 == receipt.seq
     })
     .await;
 
     // A loses its store and learns its feed back from B.
-    a.stop().await;
-    std::fs::remove_dir_all(a_dir.join("data")).unwrap();
-    a = TestNode::start(&a_dir, a_spec).await;
-    proxy_a.set_target(&a.address);
-    a.wait_ready().await;
-    let retried = a
-        .publisher()
-        .await
-        .publish_indicators(request)
-        .await
-        .unwrap()
-        .into_inner();
+    pair.a.stop().await;
+    std::fs::remove_dir_all(pair.a.dir.join("data")).unwrap();
+    pair.start_a().await;
+    pair.a.wait_ready().await;
+    let retried = publish(&pair.a, request).await;
     assert_eq!(retried, receipt);
 }

@@ -406,6 +406,13 @@ impl Pair {
             proxy_b,
         }
     }
+
+    /// Starts A again after it was stopped, same directory and spec, behind
+    /// the same proxy.
+    pub async fn start_a(&mut self) {
+        self.a = TestNode::start(&self.a.dir.clone(), self.a.spec.clone()).await;
+        self.proxy_a.set_target(&self.a.address);
+    }
 }
 
 /// An address where nothing listens (the discard port), for proxies whose
@@ -604,12 +611,36 @@ pub fn row(
 
 /// Publishes one row as one entry; returns the receipt.
 pub async fn publish_row(node: &TestNode, indicator: &str, value: f64) -> pb::Receipt {
-    node.publisher()
-        .await
-        .publish_indicators(pb::PublishIndicatorsRequest {
+    publish(
+        node,
+        pb::PublishIndicatorsRequest {
             idempotency_key: key(),
             rows: vec![row(indicator, &node.spec.origin, "2025", value, 10)],
-        })
+        },
+    )
+    .await
+}
+
+/// A publish of 1,200 cells of about 1 KB each in `origin`'s table "jobs"
+/// of `period`: about 1.3 MB, a group of about 22 entries of 60 KB.
+pub fn large_publish(origin: &str, period: &str) -> pb::PublishIndicatorsRequest {
+    pb::PublishIndicatorsRequest {
+        idempotency_key: key(),
+        rows: (0..1200)
+            .map(|i| pb::IndicatorRow {
+                breakdown: format!("item=i{i}"),
+                method_notes: "n".repeat(1000),
+                ..row("jobs", origin, period, 1.0, 100)
+            })
+            .collect(),
+    }
+}
+
+/// Publishes `request`, which must succeed; its receipt.
+pub async fn publish(node: &TestNode, request: pb::PublishIndicatorsRequest) -> pb::Receipt {
+    node.publisher()
+        .await
+        .publish_indicators(request)
         .await
         .unwrap()
         .into_inner()
