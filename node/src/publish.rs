@@ -1455,6 +1455,20 @@ mod tests {
     use super::*;
     use crate::core::feed::tests::key;
 
+    /// Own entry `seq` of the publish with key `k`.
+    fn own_entry(seq: u64, k: u8, payload: Payload) -> Entry {
+        let body = EntryBody {
+            origin: "city-a".into(),
+            feed_id: vec![7; 16],
+            seq,
+            prev_hash: vec![0; 32],
+            time_unix_micros: 1,
+            idempotency_key: vec![k; 16],
+            payload: Some(payload),
+        };
+        Entry::sign(&key(1), body).unwrap()
+    }
+
     /// Entry `seq` of a publish with key `k`: part `group` (part, count),
     /// with `cells` observations, `suppressed` of them without a value.
     fn part(seq: u64, k: u8, group: Option<(u32, u32)>, cells: usize, suppressed: usize) -> Entry {
@@ -1464,24 +1478,16 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        let body = EntryBody {
-            origin: "city-a".into(),
-            feed_id: vec![7; 16],
-            seq,
-            prev_hash: vec![0; 32],
-            time_unix_micros: 1,
-            idempotency_key: vec![k; 16],
-            payload: Some(Payload::Indicators(IndicatorBatch {
-                observations,
-                group: group.map(|(part, count)| PublishGroup {
-                    id: vec![k; 16],
-                    part,
-                    count,
-                }),
-                ..Default::default()
-            })),
+        let batch = IndicatorBatch {
+            observations,
+            group: group.map(|(part, count)| PublishGroup {
+                id: vec![k; 16],
+                part,
+                count,
+            }),
+            ..Default::default()
         };
-        Entry::sign(&key(1), body).unwrap()
+        own_entry(seq, k, Payload::Indicators(batch))
     }
 
     fn counted(records: &[([u8; 16], IdempotencyRecord)]) -> Vec<(u8, u64, u64, u32, u32)> {
@@ -1555,18 +1561,7 @@ mod tests {
     #[test]
     fn the_retractions_of_a_group_are_one_publish() {
         // A group's retraction: one publish, an entry per part, one key.
-        let retraction = |seq: u64| {
-            let body = EntryBody {
-                origin: "city-a".into(),
-                feed_id: vec![7; 16],
-                seq,
-                prev_hash: vec![0; 32],
-                time_unix_micros: 1,
-                idempotency_key: vec![9; 16],
-                payload: Some(Payload::Retraction(Default::default())),
-            };
-            Entry::sign(&key(1), body).unwrap()
-        };
+        let retraction = |seq| own_entry(seq, 9, Payload::Retraction(Default::default()));
         let entries = [
             part(1, 1, None, 3, 1),
             retraction(2),
