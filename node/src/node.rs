@@ -361,8 +361,12 @@ async fn fold_index_pieces(
     }
 }
 
-/// Sets up tracing logs: human-readable or JSON, at `level`.
+/// Sets up tracing logs on stderr: human-readable or JSON, at `level`.
+/// Human logs are coloured only on a terminal: written to a file or a
+/// pipe (a systemd journal, a container's log), colour codes would be
+/// noise in every line.
 pub fn init_logging(format: &str, level: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::{filter::LevelFilter, fmt, prelude::*};
     let level: LevelFilter = level.parse().unwrap_or(LevelFilter::INFO);
     let registry = tracing_subscriber::registry().with(level);
@@ -372,7 +376,11 @@ pub fn init_logging(format: &str, level: &str) {
             .try_init()
     } else {
         registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     };
     let _ = result;

@@ -203,6 +203,12 @@ async fn refused_certificates_are_logged_with_the_peer_and_the_reason() {
         present(&node.address, &good).await.1,
         "revocation hit another certificate"
     );
+    // The log went to a file: plain lines, no terminal colour codes.
+    let log = node.log_text();
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file: {log:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
