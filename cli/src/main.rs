@@ -271,3 +271,34 @@ async fn talk_to(
         _ => unreachable!("commands that talk to no node are run by main"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every environment variable a flag reads is one that loading a
+    /// `node.toml` leaves alone (else `civex verify --config` or
+    /// `civex-node`, run from a shell set up for the CLI, refuse to start).
+    #[test]
+    fn every_flag_variable_is_known_to_the_node_config() {
+        fn collect(command: &clap::Command, names: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                if let Some(name) = arg.get_env() {
+                    names.push(name.to_string_lossy().into_owned());
+                }
+            }
+            for sub in command.get_subcommands() {
+                collect(sub, names);
+            }
+        }
+        let mut names = Vec::new();
+        collect(&super::Cli::command(), &mut names);
+        assert!(names.iter().any(|n| n == "CIVEX_NODE"), "{names:?}");
+        for name in names {
+            assert!(
+                civex_node::config::CLIENT_VARIABLES.contains(&name.as_str()),
+                "{name} is read by a civex flag but refused when node.toml is loaded"
+            );
+        }
+    }
+}

@@ -463,6 +463,18 @@ impl Default for LogConfig {
     }
 }
 
+/// Environment variables of the `civex` CLI (its flags' defaults) and of
+/// the benchmark script: not node settings, and never refused as unknown
+/// ones when a `node.toml` is loaded from a shell that sets them.
+pub const CLIENT_VARIABLES: &[&str] = &[
+    "CIVEX_NODE",
+    "CIVEX_IDENTITY",
+    "CIVEX_INSECURE",
+    "CIVEX_EXPECT_ORIGIN",
+    "CIVEX_CA_DIR",
+    "CIVEX_BIN",
+];
+
 impl Config {
     /// Reads `path`, applies `CIVEX_*` overrides from `env`, resolves
     /// relative paths against the file's directory, and validates.
@@ -508,6 +520,10 @@ impl Config {
         toml::from_str(text).map_err(|err| err.to_string().trim_end().to_owned())
     }
 
+    /// Applies one `CIVEX_*` environment variable. Any other `CIVEX_*` name
+    /// is refused (a typo must not pass unnoticed), except the
+    /// [`CLIENT_VARIABLES`] of the `civex` CLI, which set in the same shell
+    /// must not stop the node (or `civex verify --config`) from loading.
     fn apply_env(&mut self, name: &str, value: &str) -> Result<(), String> {
         let flag = |value: &str| match value {
             "1" | "true" => Ok(true),
@@ -537,6 +553,7 @@ impl Config {
                 }
             }
             "CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS" => self.publish.allow_without_peers = flag(value)?,
+            other if CLIENT_VARIABLES.contains(&other) => {}
             other if other.starts_with("CIVEX_") => {
                 return Err("unknown setting (known: CIVEX_ORIGIN, CIVEX_LISTEN, CIVEX_DATA_DIR, CIVEX_KEY_FILE, \
                      CIVEX_LOG_FORMAT, CIVEX_LOG_LEVEL, CIVEX_TLS_MODE, CIVEX_OPERATORS, CIVEX_ALLOW_PUBLISH_WITHOUT_PEERS)".to_string())
@@ -947,6 +964,9 @@ mod tests {
         assert_eq!(config.listen, "127.0.0.1:9");
         assert_eq!(config.tls.mode, TlsMode::Insecure);
         assert!(config.tls.cert_file.is_absolute());
+        // The CLI's own variables, set in the same shell, are no settings.
+        let config = load(&text, &[("CIVEX_IDENTITY", "ops"), ("CIVEX_NODE", "x:1")]).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:7400");
         let err = load(&text, &[("CIVEX_LISTN", "x")]).unwrap_err();
         assert!(
             err.contains("environment variable CIVEX_LISTN: unknown setting"),

@@ -481,3 +481,38 @@ async fn a_city_joins_a_federation_with_the_cli() {
     let crl = std::fs::read_to_string(dir.path().join("ca/ca.crl")).unwrap();
     assert!(crl.contains("BEGIN X509 CRL"));
 }
+
+/// The CLI's own variables (`CIVEX_NODE`, `CIVEX_IDENTITY`, ...), set in
+/// the shell as the README suggests, do not stop the commands that load a
+/// `node.toml` (here `civex verify --config`) nor the node itself.
+#[test]
+fn the_clis_own_environment_does_not_break_loading_node_toml() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) =
+        crate::support::write_node_dir(dir.path(), &Spec::new("city-a"), "127.0.0.1:7400");
+    let out = std::process::Command::new(crate::support::bin("civex"))
+        .env("CIVEX_NODE", "127.0.0.1:7400")
+        .env("CIVEX_IDENTITY", dir.path().join("operator"))
+        .args(["verify", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "civex verify with CIVEX_NODE and CIVEX_IDENTITY set: {}",
+        stderr(&out)
+    );
+    // A misspelt node setting is still refused, by name.
+    let out = std::process::Command::new(crate::support::bin("civex"))
+        .env("CIVEX_LISTN", "127.0.0.1:1")
+        .args(["verify", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("CIVEX_LISTN: unknown setting"),
+        "{}",
+        stderr(&out)
+    );
+}
