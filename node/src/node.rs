@@ -156,6 +156,22 @@ pub async fn run(
     run_secured(config, security, listener, shutdown).await
 }
 
+/// The start-up checks that need neither the store nor a socket: the feed
+/// key file (there, a key, readable by its owner only) and the runtime
+/// peers (`data/peers.json`, checked against the transport mode).
+/// `civex-node` runs them before it binds, so a node that would refuse to
+/// start never listens, nor writes its `--address-file`. [`run_secured`]
+/// checks the same again, with the store.
+pub fn preflight(config: &Config) -> Result<(), NodeError> {
+    load_key_file(&config.key_file)?;
+    PeerRegistry::open(
+        &config.data_dir,
+        &config.peers,
+        config.tls.mode == TlsMode::Insecure,
+    )?;
+    Ok(())
+}
+
 /// [`run`] with the TLS files already loaded by [`security`].
 pub async fn run_secured(
     config: Config,
@@ -181,7 +197,11 @@ pub async fn run_secured(
         store.clone(),
     );
     roster.refresh()?;
-    let registry = Arc::new(PeerRegistry::open(&config.data_dir, &config.peers)?);
+    let registry = Arc::new(PeerRegistry::open(
+        &config.data_dir,
+        &config.peers,
+        config.tls.mode == TlsMode::Insecure,
+    )?);
     let initial_peers = registry.list();
     let (gate, ready) = PublishGate::new(initial_peers.len(), config.publish.allow_without_peers);
     let publisher = Arc::new(Publisher::new(

@@ -124,8 +124,15 @@ fn now_micros() -> i64 {
 }
 
 impl PeerRegistry {
-    /// Loads the runtime changes in `data_dir` on top of the config's peers.
-    pub fn open(data_dir: &Path, config: &[PeerConfig]) -> Result<Self, PeersError> {
+    /// Loads the runtime changes in `data_dir` on top of the config's peers,
+    /// checking each added peer as `civex peer add` did, against the
+    /// transport mode now (`insecure`: plain gRPC, loopback only), since
+    /// the mode may have changed since it was added.
+    pub fn open(
+        data_dir: &Path,
+        config: &[PeerConfig],
+        insecure: bool,
+    ) -> Result<Self, PeersError> {
         let path = data_dir.join("peers.json");
         let error = |message: String| PeersError {
             path: path.display().to_string(),
@@ -137,6 +144,10 @@ impl PeerRegistry {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Changes::default(),
             Err(err) => return Err(error(format!("cannot read: {err}"))),
         };
+        for peer in &changes.added {
+            peer.check(insecure)
+                .map_err(|m| error(format!("peer {:?}: {m}", peer.name)))?;
+        }
         Ok(Self {
             audit_path: data_dir.join("audit.jsonl"),
             path,
@@ -310,6 +321,32 @@ mod tests {
     }
 
     #[test]
+    fn runtime_peers_are_checked_again_against_the_mode_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = PeerRegistry::open(dir.path(), &[], false).unwrap();
+        let mut far = peer("city-far");
+        far.address = "192.0.2.1:7400".into();
+        registry.add("operator ops", far, false).unwrap();
+        // Mutual TLS: a peer off loopback is fine.
+        assert_eq!(
+            PeerRegistry::open(dir.path(), &[], false)
+                .unwrap()
+                .list()
+                .len(),
+            1
+        );
+        // Switched to plain gRPC, the node would dial it in plaintext: refused.
+        let err = PeerRegistry::open(dir.path(), &[], true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("peers.json") && err.contains("city-far") && err.contains("loopback"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn changes_persist_over_the_config_and_are_audited() {
         let dir = tempfile::tempdir().unwrap();
         let config = vec![PeerConfig {
@@ -317,7 +354,7 @@ mod tests {
             address: "127.0.0.1:7402".into(),
             origin: Some("city-b".into()),
         }];
-        let registry = PeerRegistry::open(dir.path(), &config).unwrap();
+        let registry = PeerRegistry::open(dir.path(), &config, false).unwrap();
         assert_eq!(registry.list().len(), 1);
         registry.add("operator ops", peer("city-c"), false).unwrap();
         assert!(registry.remove("operator ops", "city-b").unwrap());
@@ -330,7 +367,7 @@ mod tests {
             .to_string()
             .contains("address"));
 
-        let reopened = PeerRegistry::open(dir.path(), &config).unwrap();
+        let reopened = PeerRegistry::open(dir.path(), &config, false).unwrap();
         let names: Vec<String> = reopened.list().into_iter().map(|p| p.name).collect();
         assert_eq!(names, ["city-c"]);
         assert_eq!(reopened.list()[0].source, "runtime");

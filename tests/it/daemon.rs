@@ -135,12 +135,16 @@ async fn a_key_file_others_can_read_is_refused_at_start() {
     write_node_dir(dir.path(), &Spec::new("city-a"), "127.0.0.1:0");
     let key_file = dir.path().join("feed.key");
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let address_file = dir.path().join("address");
     let out = tokio::task::spawn_blocking({
         let config = dir.path().join("node.toml");
+        let address_file = address_file.clone();
         move || {
             std::process::Command::new(crate::support::bin("civex-node"))
                 .arg("--config")
                 .arg(config)
+                .arg("--address-file")
+                .arg(address_file)
                 .output()
                 .unwrap()
         }
@@ -148,6 +152,12 @@ async fn a_key_file_others_can_read_is_refused_at_start() {
     .await
     .unwrap();
     assert!(!out.status.success());
+    // Refused before it bound: it never announced an address.
+    assert!(
+        !address_file.exists(),
+        "civex-node announced {:?} before refusing its key file",
+        std::fs::read_to_string(&address_file).unwrap_or_default()
+    );
     let message = stderr(&out);
     assert!(
         message.contains("feed.key") && message.contains("readable by group or others"),

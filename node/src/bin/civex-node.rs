@@ -50,6 +50,7 @@ async fn run() -> anyhow::Result<()> {
     let config = civex_node::config::Config::load(&args.config, std::env::vars())?;
     civex_node::node::init_logging(&config.log.format, &config.log.level);
     let security = civex_node::node::security(&config)?;
+    civex_node::node::preflight(&config)?;
     let shutdown = shutdown_signal()?;
     let listener = civex_node::transport::bind(&config.listen)
         .await
