@@ -42,17 +42,38 @@ fn file_error(path: &Path, message: impl Into<String>) -> KeyError {
     }
 }
 
-/// Writes a new secret file with mode 0600; never overwrites.
+/// Writes a new secret file with mode 0600; never overwrites. The file
+/// appears whole or not at all: it is written and synced as
+/// `<path>.partial`, then linked to its name (which fails if the name is
+/// taken) and the directory synced. A crash can leave only the partial
+/// file, removed by the next write, never an empty or cut-short key that
+/// would stop the node from starting.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
-    let mut file = OpenOptions::new()
+    if path.exists() {
+        return Err(file_error(path, "cannot create: it already exists"));
+    }
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    match std::fs::remove_file(&partial) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(file_error(&partial, format!("cannot remove: {err}"))),
+    }
+    let written = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .map_err(|err| file_error(path, format!("cannot create: {err}")))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(|err| file_error(path, format!("cannot write: {err}")))
+        .open(&partial)
+        .and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::hard_link(&partial, path));
+    let _ = std::fs::remove_file(&partial);
+    written
+        .and_then(|()| sync_parent(path))
+        .map_err(|err| file_error(path, format!("cannot create: {err}")))
 }
 
 /// Reads a secret file, refusing one that group or others may read.
@@ -381,6 +402,28 @@ mod tests {
             !err.contains(&hex(&key.to_bytes())),
             "the secret leaked into an error"
         );
+    }
+
+    #[test]
+    fn a_secret_file_appears_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("feed.key.next");
+        // What a crash in the middle of an earlier write leaves: only the
+        // partial file, which the next write replaces.
+        let partial = dir.path().join("feed.key.next.partial");
+        std::fs::write(&partial, b"").unwrap();
+        assert!(!path.exists());
+        write_secret_file(&path, b"secret\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret\n");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!partial.exists(), "the partial file was left behind");
+        // Never overwrites, and leaves the file as it was.
+        let err = write_secret_file(&path, b"other\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already exists"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret\n");
     }
 
     #[test]
