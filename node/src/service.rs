@@ -1268,6 +1268,12 @@ impl Feed for FeedService {
         for (i, cursor) in request.cursors.iter().enumerate() {
             check_origin_id(&cursor.origin)
                 .map_err(|m| invalid(format!("cursors[{i}].origin: {m}")))?;
+            if cursor.seq == u64::MAX {
+                return Err(invalid(format!(
+                    "cursors[{i}].seq: {} is past any feed's last seq",
+                    cursor.seq
+                )));
+            }
             if cursor.seq > 0 && (cursor.entry_hash.len() != 32 || cursor.feed_id.len() != 16) {
                 return Err(invalid(format!(
                     "cursors[{i}]: a cursor past seq 0 needs a 16-byte feed_id and a 32-byte entry_hash"
@@ -1321,12 +1327,14 @@ impl Feed for FeedService {
     ) -> Result<Response<pb::HeadsResponse>, Status> {
         // Heads name what this node holds: only for those who may read it.
         let readable = self.admission(&request).check()?;
-        let heads = self.store.heads().map_err(|e| e.to_status())?;
+        // The durable heads, as Subscribe serves: sled shows a batch before
+        // it is synced, and a head a crash may lose must not be named.
+        let heads = self.writer.heads();
         Ok(Response::new(pb::HeadsResponse {
             heads: heads
-                .into_iter()
+                .iter()
                 .filter(|(origin, _)| readable.as_ref().is_none_or(|p| p.may_read(origin)))
-                .map(|(origin, head)| head_message(origin, &head))
+                .map(|(origin, head)| head_message(origin.clone(), head))
                 .collect(),
         }))
     }

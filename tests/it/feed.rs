@@ -163,6 +163,28 @@ async fn a_cursor_naming_another_entry_gets_the_evidence_and_nothing_else() {
         "{}",
         bad.message()
     );
+    // A cursor at the largest seq has no next entry: refused by name (it
+    // once overflowed and ended the stream without a word).
+    let bad = node
+        .feed()
+        .await
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![pb::Cursor {
+                origin: "city-a".into(),
+                feed_id: receipts[0].feed_id.clone(),
+                seq: u64::MAX,
+                entry_hash: vec![0; 32],
+            }],
+            all_origins: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(
+        bad.message().contains("cursors[0].seq"),
+        "{}",
+        bad.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
