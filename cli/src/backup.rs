@@ -108,6 +108,14 @@ pub(crate) async fn backup(node: &Node, format: Format, out: &Path) -> anyhow::R
                         mismatch.origin
                     )
                 }
+                Some(Event::NotServed(not_served)) => {
+                    bail!(
+                        "the node does not serve origin {} to this identity ({}): back up \
+                         with an operator identity",
+                        not_served.origin,
+                        not_served.reason
+                    )
+                }
                 None => {}
             }
         }

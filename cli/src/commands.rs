@@ -1345,6 +1345,7 @@ pub(crate) enum PeerCommand {
         #[arg(long)]
         origin: String,
         /// An origin it may read from this node (repeatable); default: all.
+        /// It may always read its own origin's feed back.
         #[arg(long = "read")]
         may_read: Vec<String>,
         /// Take only its own origin from it, not other origins it relays.

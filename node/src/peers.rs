@@ -68,9 +68,27 @@ impl PeerPolicy {
         Ok(())
     }
 
-    /// Whether this peer may read `origin` from this node.
+    /// What this peer may read, for people: `peer city-b may read: city-a,
+    /// and its own origin`.
+    pub fn read_policy(&self) -> String {
+        match &self.origin {
+            Some(own) if !self.may_read.contains(own) => format!(
+                "peer {} may read: {}, and its own origin {own}",
+                self.name,
+                self.may_read.join(", ")
+            ),
+            _ => format!("peer {} may read: {}", self.name, self.may_read.join(", ")),
+        }
+    }
+
+    /// Whether this peer may read `origin` from this node: an origin its
+    /// policy names (every origin when it names none), and always its own
+    /// feed, which it needs back to publish safely after a restore (spec
+    /// rule 10) and which tells it nothing it does not hold.
     pub fn may_read(&self, origin: &str) -> bool {
-        self.may_read.is_empty() || self.may_read.iter().any(|o| o == origin)
+        self.may_read.is_empty()
+            || self.origin.as_deref() == Some(origin)
+            || self.may_read.iter().any(|o| o == origin)
     }
 }
 

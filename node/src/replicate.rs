@@ -413,6 +413,19 @@ impl Replicator {
                     tracing::error!(peer = %peer.name, address = %peer.address, "{message}");
                     peer.update(|s| s.last_error = message);
                 }
+                Some(Event::NotServed(not_served)) => {
+                    // The peer's read policy leaves the origin out: the
+                    // others go on. Not serving this node its own feed (a
+                    // node of another version) is answered as a peer that
+                    // cannot be reached for the publish gate.
+                    tracing::info!(peer = %peer.name, origin = %not_served.origin,
+                        reason = %not_served.reason, "the peer does not serve this origin to this node");
+                    if not_served.origin == self.own_origin {
+                        if let Some(index) = index {
+                            self.gate.report(index, PeerSync::Unreachable);
+                        }
+                    }
+                }
                 None => {}
             }
         }

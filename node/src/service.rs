@@ -1112,6 +1112,16 @@ impl FeedService {
         let mut recheck = false;
         let mut origins: BTreeMap<String, OriginCursor> = BTreeMap::new();
         for cursor in request.cursors {
+            if let Some(policy) = readable.as_ref().filter(|p| !p.may_read(&cursor.origin)) {
+                let not_served = pb::OriginNotServed {
+                    origin: cursor.origin,
+                    reason: policy.read_policy(),
+                };
+                if !send_event(&tx, &mut shutdown, Event::NotServed(not_served)).await {
+                    return Ok(());
+                }
+                continue;
+            }
             let claim = (cursor.seq > 0).then(|| Claim {
                 seq: cursor.seq,
                 hash: cursor.entry_hash.clone(),
@@ -1249,14 +1259,19 @@ impl Feed for FeedService {
             tracing::warn!(%peer, address = ?address, reason = %refused.message(), "subscription refused");
         })?;
         let request = request.into_inner();
+        // Origins the policy leaves out are answered `OriginNotServed` and
+        // the others served; only a subscription to nothing it may read is
+        // refused (a node always names its own origin and those it pins).
         if let Some(policy) = &readable {
-            if let Some(cursor) = request.cursors.iter().find(|c| !policy.may_read(&c.origin)) {
-                return Err(Status::permission_denied(format!(
-                    "{peer} may not read origin {} from this node (peer {} may read: {})",
-                    cursor.origin,
-                    policy.name,
-                    policy.may_read.join(", ")
-                )));
+            let unreadable = |c: &pb::Cursor| !policy.may_read(&c.origin);
+            if !request.all_origins && request.cursors.iter().all(unreadable) {
+                if let Some(cursor) = request.cursors.first() {
+                    return Err(Status::permission_denied(format!(
+                        "{peer} may not read origin {} from this node ({})",
+                        cursor.origin,
+                        policy.read_policy()
+                    )));
+                }
             }
         }
         if request.cursors.len() > MAX_CURSORS {

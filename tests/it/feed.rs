@@ -40,6 +40,7 @@ async fn read_entries(
             }
             Event::Drained(_) => {}
             Event::Mismatch(m) => panic!("unexpected mismatch {m:?}"),
+            Event::NotServed(n) => panic!("unexpected refusal {n:?}"),
         }
     }
     out

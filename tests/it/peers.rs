@@ -108,6 +108,7 @@ async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_policy_limits_what_the_peer_may_read() {
+    use civex_proto::v1::{self as pb, subscribe_response::Event};
     let dir = tempfile::tempdir().unwrap();
     let a = TestNode::start(
         &dir.path().join("a"),
@@ -116,42 +117,96 @@ async fn a_peer_policy_limits_what_the_peer_may_read() {
     .await;
     a.wait_ready().await;
     publish_row(&a, "x", 1.0).await;
-    // A lets city-b read only city-z.
-    let out = a
-        .cli(&[
-            "peer",
-            "add",
-            "city-b",
-            "--address",
-            "127.0.0.1:9",
-            "--origin",
-            "city-b",
-            "--read",
-            "city-z",
-        ])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    let allow = |read: &'static str| {
+        let a = &a;
+        async move {
+            let out = a
+                .cli(&[
+                    "peer",
+                    "add",
+                    "city-b",
+                    "--address",
+                    "127.0.0.1:9",
+                    "--origin",
+                    "city-b",
+                    "--read",
+                    read,
+                ])
+                .await;
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+    };
+    // A lets city-b read only city-z (and, always, its own feed).
+    allow("city-z").await;
+    // B subscribes to A for its own origin and city-a. It is served its
+    // own feed, so it opens publishing without any override (restore
+    // safety), and is told city-a is not served, instead of being refused
+    // everything.
     let b = TestNode::start(
         &dir.path().join("b"),
         Spec::new("city-b")
             .peer("city-a", &a.address)
-            .trust("city-a", &a.public_key)
-            .allow_without_peers(),
+            .trust("city-a", &a.public_key),
     )
     .await;
-    eventually("B to be refused city-a", || async {
-        b.status()
-            .await
-            .peers
-            .iter()
-            .any(|p| p.last_error.contains("may not read origin city-a"))
-    })
-    .await;
+    b.wait_ready().await;
     assert_eq!(b.head("city-a").await.0, 0, "B read what it may not");
+    let as_b = || async {
+        civex_proto::v1::feed_client::FeedClient::new(
+            crate::support::connect_as(&a.address, &b.dir.join("tls")).await,
+        )
+    };
+    let cursor = |origin: &str| pb::Cursor {
+        origin: origin.into(),
+        ..Default::default()
+    };
+    let mut stream = as_b()
+        .await
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![cursor("city-a"), cursor("city-b")],
+            all_origins: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        events.push(stream.message().await.unwrap().unwrap().event.unwrap());
+    }
+    match &events[..] {
+        [Event::NotServed(n), Event::Drained(d)] => {
+            assert_eq!(n.origin, "city-a");
+            assert!(
+                n.reason.contains("peer city-b may read: city-z"),
+                "{}",
+                n.reason
+            );
+            assert_eq!((d.origin.as_str(), d.head_seq), ("city-b", 0));
+        }
+        other => panic!("expected city-a not served, then city-b drained: {other:?}"),
+    }
+    // A subscription to nothing B may read is refused, naming the policy.
+    let refused = as_b()
+        .await
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![cursor("city-a")],
+            all_origins: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused.message().contains("may not read origin city-a")
+            && refused
+                .message()
+                .contains("may read: city-z, and its own origin city-b"),
+        "{}",
+        refused.message()
+    );
     // Nor does A's Heads tell B what A holds of city-a.
     let heads_for_b = || async {
-        let channel = crate::support::connect_as(&a.address, &b.dir.join("tls")).await;
-        let heads = civex_proto::v1::feed_client::FeedClient::new(channel)
+        let heads = as_b()
+            .await
             .heads(civex_proto::v1::HeadsRequest {})
             .await
             .unwrap()
@@ -164,8 +219,8 @@ async fn a_peer_policy_limits_what_the_peer_may_read() {
         "Heads named an origin B may not read"
     );
 
-    // Allowed again: B catches up.
-    a.add_peer("city-b", "127.0.0.1:9").await;
+    // Allowed city-a (only): B catches up with it.
+    allow("city-a").await;
     eventually("B to read city-a once allowed", || async {
         b.head("city-a").await.0 == 1
     })

@@ -106,6 +106,7 @@ async fn three_nodes_converge_through_a_relay_restarted_mid_stream() {
             }
             Event::Drained(_) => drained += 1,
             Event::Mismatch(m) => panic!("{m:?}"),
+            Event::NotServed(n) => panic!("{n:?}"),
         }
     }
     assert_eq!(seqs["city-a"], (1..=150).collect::<Vec<_>>());
