@@ -16,6 +16,7 @@ use civex_proto::v1::{
 };
 use ed25519_dalek::VerifyingKey;
 use tokio::sync::{oneshot, watch};
+use tokio_stream::StreamExt;
 
 use crate::{
     config::ReplicationConfig,
@@ -30,6 +31,7 @@ use crate::{
     peers::PeerPolicy,
     pki::Identity,
     publish::Recovery,
+    service::MAX_CURSORS,
     store::{ConflictRecord, SharedStore},
     transport::{self, Security},
     writer::{Job, Stored, WriteError, Writer},
@@ -229,13 +231,28 @@ impl Replicator {
             }
             tips.insert(origin.to_owned(), tip);
         }
-        let mut stream = client
-            .subscribe(SubscribeRequest {
-                cursors,
-                all_origins: false,
-            })
-            .await?
-            .into_inner();
+        // A subscription takes at most `MAX_CURSORS` origins: a node that
+        // knows more (a national roster) opens several, read as one.
+        let mut streams = tokio_stream::StreamMap::new();
+        let chunks: Vec<Vec<Cursor>> = if cursors.is_empty() {
+            vec![Vec::new()]
+        } else {
+            cursors
+                .chunks(MAX_CURSORS)
+                .map(<[Cursor]>::to_vec)
+                .collect()
+        };
+        for (i, cursors) in chunks.into_iter().enumerate() {
+            let stream = client
+                .subscribe(SubscribeRequest {
+                    cursors,
+                    all_origins: false,
+                })
+                .await?
+                .into_inner();
+            // Each ends with `None`, so the end of any one ends the session.
+            streams.insert(i, stream.map(Some).chain(tokio_stream::once(None)));
+        }
         // The last error stays on show after a reconnect: a peer that fails
         // the same way every time is connected only briefly.
         peer.update(|s| s.connected = true);
@@ -244,7 +261,7 @@ impl Replicator {
         let mut pending: VecDeque<oneshot::Receiver<Result<Stored, WriteError>>> = VecDeque::new();
         loop {
             let message = tokio::select! {
-                message = stream.message() => message?,
+                next = streams.next() => next.and_then(|(_, message)| message).transpose()?,
                 // New members: reconnect with their cursors.
                 _ = roster_changes.changed() => break,
             };

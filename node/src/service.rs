@@ -97,8 +97,9 @@ const SUBSCRIBER_BUFFER: usize = 4;
 const STREAM_PUBLISHES_IN_FLIGHT: usize = 1024;
 /// Receipts of one PublishIndicatorsStream buffered for a slow reader.
 const STREAM_RECEIPTS_BUFFERED: usize = 64;
-/// Cursors per subscription at most.
-const MAX_CURSORS: usize = 4096;
+/// Cursors per subscription at most (a replicating node that knows more
+/// origins opens several subscriptions).
+pub const MAX_CURSORS: usize = 4096;
 
 /// Maps a domain error to a gRPC status. The one place where that happens.
 pub trait ToStatus {

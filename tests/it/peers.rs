@@ -345,3 +345,43 @@ async fn a_removed_peer_gets_none_of_the_messages_queued_for_it() {
         "B read {received} bytes of entries after A removed it"
     );
 }
+
+/// A subscription takes at most 4,096 origins: a node that knows more (a
+/// national roster, say) subscribes with several and still replicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_knowing_more_origins_than_one_subscription_takes_still_replicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let b_key = make_key(&dir.path().join("b"));
+    let a = TestNode::start(
+        &dir.path().join("a"),
+        Spec::new("city-a")
+            .trust("city-b", &b_key)
+            .allow_without_peers(),
+    )
+    .await;
+    a.wait_ready().await;
+    publish_row(&a, "x", 1.0).await;
+    let mut spec = Spec::new("city-b")
+        .peer("city-a", &a.address)
+        .trust("city-a", &a.public_key)
+        .allow_without_peers();
+    for i in 0..4096u32 {
+        let mut seed = [1u8; 32];
+        seed[..4].copy_from_slice(&i.to_be_bytes());
+        let key = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
+        spec = spec.trust(&format!("m-{i}"), &civex_node::keys::public_key_hex(&key));
+    }
+    let b = TestNode::start(&dir.path().join("b"), spec).await;
+    eventually("B to replicate city-a with 4,098 origins known", || async {
+        b.head("city-a").await.0 == 1
+    })
+    .await;
+    // Live tail too, over whichever subscription carries city-a.
+    publish_row(&a, "y", 2.0).await;
+    eventually("B to follow city-a live", || async {
+        b.head("city-a").await.0 == 2
+    })
+    .await;
+    let peer = b.status().await.peers.remove(0);
+    assert!(peer.connected && peer.last_error.is_empty(), "{peer:?}");
+}
