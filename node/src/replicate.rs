@@ -650,6 +650,12 @@ impl Roster {
         self.keys.is_member(origin)
     }
 
+    /// The replacements of `origin`'s lost keys the roster names (see
+    /// [`KeyResolver::replacements`]).
+    pub fn replacements(&self, origin: &str) -> Vec<Replacement> {
+        self.keys.replacements(origin)
+    }
+
     /// Whether the roster removed `origin` (see [`KeyResolver::was_removed`]).
     pub fn was_removed(&self, origin: &str) -> bool {
         self.keys.was_removed(origin)

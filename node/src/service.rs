@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     core::{
-        feed::{entry_hash, replacements_of, Entry},
+        feed::{entry_hash, replacements_of, Entry, Replacement},
         ids::{check_origin_id, hex},
         ingest::{conf_status, InputRow, PreparedBatch},
         sdc::LargestContributions,
@@ -1034,17 +1034,26 @@ enum ClaimCheck {
     Differs(Option<pb::SignedEntry>),
 }
 
+/// Checks a subscriber's cursor against what this node holds; a claim in
+/// the feed that the roster started after a lost key (`replacements`) is
+/// one this node may simply not have reached yet.
 fn check_claim(
     store: &dyn Store,
     origin: &str,
     head: Option<&Head>,
     claim: &Claim,
+    replacements: &[Replacement],
 ) -> Result<ClaimCheck, StoreError> {
     let Some(head) = head else {
         return Ok(ClaimCheck::Wait);
     };
     if head.tip.seq < claim.seq {
-        if head.tip.feed_id.as_slice() == claim.feed_id {
+        // Ahead in the same feed, or in the new feed that goes on after the
+        // point this node holds up to: wait, and check once caught up.
+        let later_feed = replacements
+            .iter()
+            .any(|r| r.new_feed_id.as_slice() == claim.feed_id && head.tip.seq <= r.last_seq);
+        if head.tip.feed_id.as_slice() == claim.feed_id || later_feed {
             return Ok(ClaimCheck::Wait);
         }
         // Another feed ahead of this node: evidence is the head held.
@@ -1162,7 +1171,8 @@ impl FeedService {
                 let head = heads.get(origin);
                 let head_seq = head.map_or(0, |h| h.tip.seq);
                 if let Some(claim) = &cursor.claim {
-                    match check_claim(store.as_ref(), origin, head, claim)? {
+                    let replacements = admission.roster.replacements(origin);
+                    match check_claim(store.as_ref(), origin, head, claim, &replacements)? {
                         ClaimCheck::Wait => {
                             // This node holds less than the subscriber: say
                             // so once (its own-feed check needs it), keep the

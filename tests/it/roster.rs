@@ -625,3 +625,91 @@ async fn start_consortium(dir: &std::path::Path, members: &[(&str, &str)]) -> Te
     }
     consortium
 }
+
+/// A subscriber already in the new feed the roster started after a lost
+/// key, further than this node holds, is told this node's head and waits;
+/// it is not reported as diverging (and its origin not stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_ahead_in_a_replacement_feed_waits_and_is_no_mismatch() {
+    use civex_node::core::feed::Entry;
+    use civex_proto::v1::{entry_body::Payload, subscribe_response::Event};
+    let dir = tempfile::tempdir().unwrap();
+    let key_of = |name: &str| make_key(&dir.path().join(name));
+    let (k_key, a_key) = (key_of("consortium"), key_of("city-a"));
+    let consortium = start_consortium(dir.path(), &[("city-a", &a_key)]).await;
+    let a = TestNode::start(
+        &dir.path().join("city-a"),
+        Spec::new("city-a")
+            .trust("consortium", &k_key)
+            .roster("consortium")
+            .peer("consortium", &consortium.address),
+    )
+    .await;
+    consortium.add_peer("city-a", &a.address).await;
+    a.wait_ready().await;
+    publish_row(&a, "k0", 1.0).await;
+    publish_row(&a, "k1", 2.0).await;
+    eventually("the consortium to hold A's two entries", || async {
+        consortium.head("city-a").await.0 == 2
+    })
+    .await;
+    let new_key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+    let receipt = consortium
+        .publisher()
+        .await
+        .replace_feed_key(pb::ReplaceFeedKeyRequest {
+            idempotency_key: crate::support::key(),
+            origin: "city-a".into(),
+            new_feed_key: new_key.to_bytes().to_vec(),
+            last_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let roster_feed = crate::support::whole_feed(&consortium.address, "consortium").await;
+    let entry = Entry::decode(roster_feed[receipt.seq as usize - 1].clone()).unwrap();
+    let Some(Payload::Roster(member)) = entry.body.payload else {
+        panic!("not a roster entry")
+    };
+    let replacement = member.replacements.last().unwrap().clone();
+    assert_eq!(replacement.last_seq, 2);
+    let subscribe = |feed_id: Vec<u8>| {
+        let consortium = &consortium;
+        async move {
+            let mut stream = consortium
+                .feed()
+                .await
+                .subscribe(pb::SubscribeRequest {
+                    cursors: vec![pb::Cursor {
+                        origin: "city-a".into(),
+                        feed_id,
+                        seq: 3,
+                        entry_hash: vec![0x33; 32],
+                    }],
+                    all_origins: false,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            tokio::time::timeout(crate::support::DEADLINE, stream.message())
+                .await
+                .expect("no message")
+                .unwrap()
+                .expect("the stream ended")
+                .event
+                .unwrap()
+        }
+    };
+    match subscribe(replacement.new_feed_id.clone()).await {
+        Event::Drained(d) => assert_eq!(d.head_seq, 2),
+        other => panic!(
+            "the consortium, which only holds less of city-a, stopped city-a for a \
+             subscriber in the new feed: {other:?}"
+        ),
+    }
+    // A cursor ahead in a feed the roster never named still diverges.
+    match subscribe(vec![0x44; 16]).await {
+        Event::Mismatch(m) => assert_eq!(m.origin, "city-a"),
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+}
