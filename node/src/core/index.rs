@@ -136,8 +136,37 @@ fn usable(text: &str) -> bool {
 }
 
 /// Index records of a verified entry. Payload kinds this node does not know,
-/// and cells whose key parts could not be indexed, are left out.
+/// and cells whose key parts could not be indexed, are left out. So is what
+/// an entry with fields this node does not know would add to query answers
+/// (spec rule 1): decoding drops those fields, and answering the rest as if
+/// they were not there could misstate the cell or offer they qualify. What
+/// only takes from answers (withdrawals, retractions) and what verifying
+/// and the privacy ledger need (rotations, roster entries, debits) stays.
 pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
+    let mut records = known_records(entry);
+    if has_unknown_fields(entry) {
+        records.retain(|record| {
+            !matches!(
+                record,
+                IndexRecord::Observation { .. }
+                    | IndexRecord::OfferVersion { .. }
+                    | IndexRecord::Response { .. }
+            )
+        });
+    }
+    records
+}
+
+/// Whether decoding `entry` dropped bytes of its body: fields (or payload
+/// kinds) this build does not know, or an encoding other than the one this
+/// build writes (which the conservative answer treats the same). Decoding
+/// keeps every known field, so re-encoding it is shorter exactly then.
+fn has_unknown_fields(entry: &Entry) -> bool {
+    use prost::Message;
+    entry.body.encoded_len() != entry.signed.body.len()
+}
+
+fn known_records(entry: &Entry) -> Vec<IndexRecord> {
     let body = &entry.body;
     let origin = &body.origin;
     let seq = body.seq;
@@ -265,16 +294,79 @@ mod tests {
                 }),
             }))
         };
-        let end_of = |entry: &Entry| match records_of(entry).as_slice() {
-            [IndexRecord::Observation { group_end, .. }] => *group_end,
-            other => panic!("{other:?}"),
+        // The body changed after signing: its bytes follow, as if signed so.
+        let end_of = |entry: &mut Entry| {
+            entry.signed.body = prost::Message::encode_to_vec(&entry.body).into();
+            match records_of(entry).as_slice() {
+                [IndexRecord::Observation { group_end, .. }] => *group_end,
+                other => panic!("{other:?}"),
+            }
         };
         entry.body.payload = with_group(0, 3);
-        assert_eq!(end_of(&entry), 3);
+        assert_eq!(end_of(&mut entry), 3);
         entry.body.payload = with_group(5, 9);
-        assert_eq!(end_of(&entry), u64::MAX, "a part before seq 1");
+        assert_eq!(end_of(&mut entry), u64::MAX, "a part before seq 1");
         entry.body.payload = with_group(0, 0);
-        assert_eq!(end_of(&entry), u64::MAX, "a part outside its count");
+        assert_eq!(end_of(&mut entry), u64::MAX, "a part outside its count");
+    }
+
+    #[test]
+    fn what_an_entry_with_unknown_fields_adds_to_answers_is_not_indexed() {
+        use civex_proto::v1::{EntryBody, IndicatorBatch, Observation, Retraction, SignedEntry};
+        use ed25519_dalek::Signer;
+        use prost::Message;
+        let signer = key(1);
+        // A body as a newer build might write it: a known payload, plus
+        // field 99 (varint 1) inside the entry body.
+        let signed_with = |payload: Payload, extra: &[u8]| {
+            let mut body = EntryBody {
+                origin: "city-a".into(),
+                feed_id: vec![1; 16],
+                seq: 2,
+                prev_hash: vec![0; 32],
+                time_unix_micros: 1,
+                idempotency_key: vec![1; 16],
+                payload: Some(payload),
+            }
+            .encode_to_vec();
+            body.extend_from_slice(extra);
+            let mut message = crate::core::feed::ENTRY_SIGNATURE_CONTEXT.to_vec();
+            message.extend_from_slice(&body);
+            let signature = signer.sign(&message).to_bytes();
+            Entry::decode(SignedEntry {
+                body: body.into(),
+                signature: signature.to_vec().into(),
+            })
+            .unwrap()
+        };
+        let indicators = Payload::Indicators(IndicatorBatch {
+            observations: vec![Observation {
+                indicator: "a".into(),
+                catalog_edition: "local".into(),
+                ref_area: "city-a".into(),
+                period: "2025".into(),
+                value: Some(1.0),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let retraction = Payload::Retraction(Retraction {
+            feed_id: vec![1; 16],
+            seq: 1,
+            entry_hash: vec![0; 32],
+            reason: String::new(),
+        });
+        let unknown_field = [0x98, 0x06, 0x01];
+        assert_eq!(records_of(&signed_with(indicators.clone(), &[])).len(), 1);
+        assert!(
+            records_of(&signed_with(indicators, &unknown_field)).is_empty(),
+            "a cell of an entry with an unknown field is answered"
+        );
+        // A retraction still takes what it names out of answers.
+        assert!(matches!(
+            records_of(&signed_with(retraction, &unknown_field)).as_slice(),
+            [IndexRecord::Retraction { .. }]
+        ));
     }
 
     #[test]
