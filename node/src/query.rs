@@ -251,13 +251,13 @@ pub struct OfferState {
     pub version: OfferRow,
     /// Active by the reader's clock.
     pub active: bool,
-    /// Responses held for the offer.
+    /// Responses held for the offer, retracted ones left out.
     pub responses: Vec<ResponseRow>,
 }
 
-/// Offers matching `filter`, by origin and offer id. Active means: the
-/// latest version, not withdrawn, not retracted, and `now` inside
-/// `[valid_from, valid_until)`.
+/// Offers matching `filter`, by origin and offer id, each with its
+/// responses not retracted. Active means: the latest version, not
+/// withdrawn, not retracted, and `now` inside `[valid_from, valid_until)`.
 pub fn offers(
     store: &dyn Store,
     filter: &OfferFilter,
@@ -294,7 +294,14 @@ pub fn offers(
         if !active && !filter.include_inactive {
             continue;
         }
-        let responses = store.responses(&version.origin, &offer.offer_id)?;
+        // A retraction covers the whole entry (rule 3), so a retracted
+        // response is no longer an answer to the offer.
+        let mut responses = Vec::new();
+        for response in store.responses(&version.origin, &offer.offer_id)? {
+            if !store.is_retracted(&response.responder, response.seq)? {
+                responses.push(response);
+            }
+        }
         out.push(OfferState {
             version,
             active,
@@ -402,5 +409,108 @@ mod tests {
         assert_eq!(decode_token(&encode_token(&key)).unwrap(), key);
         assert!(decode_token("zz").is_err());
         assert!(decode_token(&hex(b"a\0b")).is_err());
+    }
+
+    fn signed(
+        key: &ed25519_dalek::SigningKey,
+        origin: &str,
+        prev: Option<&Entry>,
+        payload: Payload,
+    ) -> Entry {
+        let seq = prev.map_or(1, |e| e.body.seq + 1);
+        let body = EntryBody {
+            origin: origin.into(),
+            feed_id: vec![1; 16],
+            seq,
+            prev_hash: prev.map_or(GENESIS_PREV_HASH, |e| e.hash).to_vec(),
+            time_unix_micros: 1,
+            idempotency_key: vec![seq as u8; 16],
+            payload: Some(payload),
+        };
+        Entry::sign(key, body).unwrap()
+    }
+
+    fn commit_all(store: &SledStore, entries: &[Entry]) {
+        let last = entries.last().unwrap();
+        store
+            .commit(&CommitBatch {
+                runs: vec![entries.to_vec()],
+                heads: vec![(
+                    last.body.origin.clone(),
+                    Head {
+                        tip: last.tip(),
+                        received_unix_micros: 0,
+                    },
+                )],
+                index: entries.iter().flat_map(records_of).collect(),
+                idempotency: Vec::new(),
+                conflicts: Vec::new(),
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_retracted_response_is_left_out_of_its_offer() {
+        use civex_proto::v1::{OfferResponse, Retraction, ServiceOffer};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
+        let a = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let b = ed25519_dalek::SigningKey::from_bytes(&[6; 32]);
+        let offer = signed(
+            &a,
+            "city-a",
+            None,
+            Payload::Offer(ServiceOffer {
+                offer_id: "o1".into(),
+                title: "t".into(),
+                area: 2,
+                category: "c".into(),
+                valid_from_unix: 0,
+                valid_until_unix: i64::MAX,
+                contact_role: "r".into(),
+                ..Default::default()
+            }),
+        );
+        commit_all(&store, std::slice::from_ref(&offer));
+        let response = |prev: Option<&Entry>, message: &str| {
+            signed(
+                &b,
+                "city-b",
+                prev,
+                Payload::Response(OfferResponse {
+                    offer_origin: "city-a".into(),
+                    offer_id: "o1".into(),
+                    offer_version_hash: offer.hash.to_vec(),
+                    kind: 1,
+                    message: message.into(),
+                }),
+            )
+        };
+        let withdrawn = response(None, "yes");
+        let kept = response(Some(&withdrawn), "still yes");
+        let retraction = signed(
+            &b,
+            "city-b",
+            Some(&kept),
+            Payload::Retraction(Retraction {
+                feed_id: vec![1; 16],
+                seq: 1,
+                entry_hash: withdrawn.hash.to_vec(),
+                reason: String::new(),
+            }),
+        );
+        commit_all(&store, &[withdrawn, kept, retraction]);
+        let found = offers(&store, &OfferFilter::default(), 100).unwrap();
+        assert_eq!(found.len(), 1);
+        let answered: Vec<(u64, &str)> = found[0]
+            .responses
+            .iter()
+            .map(|r| (r.seq, r.response.message.as_str()))
+            .collect();
+        assert_eq!(
+            answered,
+            [(2, "still yes")],
+            "a retracted response is answered"
+        );
     }
 }
