@@ -534,16 +534,39 @@ fn check_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
 
 /// Bytes of an observation index value: area, position, group end.
 const OBSERVATION_VALUE_LEN: usize = 13;
-/// Observation index rows per packed piece at most (about 40 KiB).
+/// Observation index rows per packed piece at most (about 40 KiB of rows
+/// with short key parts).
 const PIECE_ROWS: usize = 600;
+/// Encoded bytes per packed piece at most, unless its one row is larger:
+/// long key parts would make 600 rows far larger than the 96 KiB a sled
+/// value may hold (rule 8), while one row stays below the 64 KiB entry
+/// limit that bounds its key.
+const PIECE_BYTES: usize = 40 * 1024;
 /// Commits with fewer observation rows write them straight to the index.
 const PIECE_MIN_ROWS: usize = 1024;
 
 /// An observation index row: its full `o|` key and its value.
 type IndexRow = (Vec<u8>, [u8; OBSERVATION_VALUE_LEN]);
 
+/// A packed piece a bulk commit is filling.
+struct Piece {
+    /// Origin of its rows.
+    origin: String,
+    /// Seq and position of its first row, which name the piece.
+    first: (u64, u32),
+    /// Its rows, in the commit's order.
+    rows: Vec<IndexRow>,
+    /// Encoded length of `rows`.
+    bytes: usize,
+}
+
+/// Bytes of `key` and its value in an encoded piece.
+fn piece_row_bytes(key: &[u8]) -> usize {
+    2 + key.len() + OBSERVATION_VALUE_LEN
+}
+
 fn encode_piece(rows: &[IndexRow]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(rows.iter().map(|(k, _)| k.len() + 15).sum());
+    let mut out = Vec::with_capacity(rows.iter().map(|(k, _)| piece_row_bytes(k)).sum());
     for (key, value) in rows {
         out.extend_from_slice(&(key.len() as u16).to_be_bytes());
         out.extend_from_slice(key);
@@ -933,7 +956,7 @@ impl Store for SledStore {
             .filter(|r| matches!(r, IndexRecord::Observation { .. }))
             .count();
         let bulk = observation_rows >= PIECE_MIN_ROWS;
-        let mut pieces: Vec<(String, (u64, u32), Vec<IndexRow>)> = Vec::new();
+        let mut pieces: Vec<Piece> = Vec::new();
         let mut debits: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
         for record in &commit.index {
             match record {
@@ -950,13 +973,22 @@ impl Store for SledStore {
                     value[5..].copy_from_slice(&group_end.to_be_bytes());
                     let row = (key_of(b'o', &key.parts(), Some(*seq)), value);
                     if bulk {
+                        let row_bytes = piece_row_bytes(&row.0);
                         match pieces.last_mut() {
-                            Some((origin, _, rows))
-                                if *origin == key.origin && rows.len() < PIECE_ROWS =>
+                            Some(piece)
+                                if piece.origin == key.origin
+                                    && piece.rows.len() < PIECE_ROWS
+                                    && piece.bytes + row_bytes <= PIECE_BYTES =>
                             {
-                                rows.push(row)
+                                piece.rows.push(row);
+                                piece.bytes += row_bytes;
                             }
-                            _ => pieces.push((key.origin.clone(), (*seq, *position), vec![row])),
+                            _ => pieces.push(Piece {
+                                origin: key.origin.clone(),
+                                first: (*seq, *position),
+                                rows: vec![row],
+                                bytes: row_bytes,
+                            }),
                         }
                     } else {
                         batch.insert(row.0, &row.1[..]);
@@ -1039,10 +1071,11 @@ impl Store for SledStore {
                 }
             }
         }
-        for (origin, (seq, position), rows) in pieces {
-            let mut key = key_of(b'x', &[&origin], Some(seq));
+        for piece in pieces {
+            let (seq, position) = piece.first;
+            let mut key = key_of(b'x', &[&piece.origin], Some(seq));
             key.extend_from_slice(&position.to_be_bytes());
-            batch.insert(key, encode_piece(&rows));
+            batch.insert(key, encode_piece(&piece.rows));
         }
         for (key, (spent, last)) in debits {
             let mut value = spent.to_be_bytes().to_vec();
@@ -1707,5 +1740,71 @@ mod tests {
         }
         let err = SledStore::open(dir.path(), 1 << 20).err().unwrap();
         assert!(err.to_string().contains("format version"), "{err}");
+    }
+
+    /// A peer's validly signed entry of `city-a`: one cell per number in
+    /// `indicators` (indicator `ind-<n>`, value n), each with `breakdown`.
+    fn cells(
+        seq: u64,
+        prev: Option<&Entry>,
+        indicators: impl IntoIterator<Item = usize>,
+        breakdown: &str,
+    ) -> Entry {
+        use civex_proto::v1::{entry_body::Payload, EntryBody, IndicatorBatch, Observation};
+        let observations = indicators
+            .into_iter()
+            .map(|i| Observation {
+                indicator: format!("ind-{i}"),
+                catalog_edition: "local".into(),
+                area: 2,
+                ref_area: "city-a".into(),
+                period: "2025".into(),
+                breakdown: breakdown.into(),
+                value: Some(i as f64),
+                ..Default::default()
+            })
+            .collect();
+        let body = EntryBody {
+            origin: "city-a".into(),
+            feed_id: vec![7; 16],
+            seq,
+            prev_hash: prev.map_or([0; 32], |e| e.hash).to_vec(),
+            time_unix_micros: 1,
+            idempotency_key: vec![1; 16],
+            payload: Some(Payload::Indicators(IndicatorBatch {
+                observations,
+                ..Default::default()
+            })),
+        };
+        Entry::sign(&key(1), body).unwrap()
+    }
+
+    #[test]
+    fn bulk_index_pieces_of_long_keys_stay_below_96_kib() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        // Long but legal key parts: 300 entries of 4 cells, each breakdown
+        // over 1,000 bytes, so 600 rows would make a piece of 637,200 bytes.
+        let breakdown = format!("sex=f;{}", "x".repeat(1000));
+        let mut entries: Vec<Entry> = Vec::new();
+        for seq in 1..=300u64 {
+            entries.push(cells(seq, entries.last(), 0..4, &breakdown));
+        }
+        store.commit(&commit_of(&entries)).unwrap();
+        assert!(store.index_pieces_pending().unwrap() > 0, "no bulk pieces");
+        let largest = store
+            .db
+            .scan_prefix([b'x'])
+            .map(|item| item.unwrap().1.len())
+            .max()
+            .unwrap_or(0);
+        assert!(
+            largest <= 96 * 1024,
+            "an index piece of {largest} bytes is stored in sled (rule 8: at most 96 KiB)"
+        );
+        let count = |store: &SledStore| store.observation_rows(None, None).count();
+        assert_eq!(count(&store), 1200);
+        while store.merge_index_pieces(7).unwrap() > 0 {}
+        assert_eq!(count(&store), 1200);
     }
 }
