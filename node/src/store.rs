@@ -1153,8 +1153,20 @@ impl Store for SledStore {
                     _ => true,
                 }
         });
+        // A key repeated within one batch (a peer's batch may repeat one;
+        // only its signature vouches for it) is kept in its last row, as a
+        // small commit or a fold leaves it (each inserts rows in order, the
+        // later over the earlier). The sort is stable, so rows of one key
+        // stay in piece order; `dedup_by` removes the later of two equal
+        // rows, so the later one is first moved into the kept place.
         pending.sort_by(|a, b| a.0.cmp(&b.0));
-        pending.dedup_by(|a, b| a.0 == b.0);
+        pending.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(later, kept);
+            }
+            same
+        });
         let mut pending = pending.into_iter().peekable();
         let mut indexed = self
             .db
@@ -1164,7 +1176,7 @@ impl Store for SledStore {
         let rows = std::iter::from_fn(move || {
             let from_index = match indexed.peek() {
                 Some(Ok((key, _))) => match pending.peek() {
-                    Some((pending_key, _)) => key.as_ref() <= pending_key.as_slice(),
+                    Some((pending_key, _)) => key.as_ref() < pending_key.as_slice(),
                     None => true,
                 },
                 Some(Err(_)) => true,
@@ -1172,17 +1184,21 @@ impl Store for SledStore {
             };
             if from_index {
                 let item = indexed.next()?;
-                if let (Ok((key, _)), Some((pending_key, _))) = (&item, pending.peek()) {
-                    if key.as_ref() == pending_key.as_slice() {
-                        pending.next();
-                    }
-                }
                 Some(
                     item.map_err(sled_error(&self.path))
                         .and_then(|(k, v)| self.observation_row(&k, &v)),
                 )
             } else {
                 let (key, value) = pending.next()?;
+                // A folded row of the same key (origin, cell key, seq) is of
+                // the same batch, from a piece before this one (pieces fold
+                // in key order, which is row order): the pending row is the
+                // later one, and the one the fold of its piece will keep.
+                if let Some(Ok((indexed_key, _))) = indexed.peek() {
+                    if indexed_key.as_ref() == key.as_slice() {
+                        indexed.next();
+                    }
+                }
                 Some(self.observation_row(&key, &value))
             }
         });
@@ -1806,5 +1822,32 @@ mod tests {
         assert_eq!(count(&store), 1200);
         while store.merge_index_pieces(7).unwrap() > 0 {}
         assert_eq!(count(&store), 1200);
+    }
+
+    #[test]
+    fn a_key_repeated_in_a_bulk_batch_reads_the_same_before_and_after_folding() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        // A peer's batch that repeats a key (rule 3 says it never does, but
+        // only the origin's signature vouches for it), in a bulk commit: the
+        // repeat of `ind-5` is the last cell, position 1100.
+        let entry = cells(1, None, (0..1100).chain([5]), "");
+        store.commit(&commit_of(&[entry])).unwrap();
+        assert!(store.index_pieces_pending().unwrap() > 1);
+        let positions_of_5 = |store: &SledStore| {
+            store
+                .observation_rows(Some("city-a"), None)
+                .map(|r| r.unwrap())
+                .filter(|r| r.key.indicator == "ind-5")
+                .map(|r| r.position)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(positions_of_5(&store), [1100], "unfolded pieces");
+        // The first piece (with position 5) folds first: the piece still
+        // pending holds the later cell.
+        while store.merge_index_pieces(1).unwrap() > 0 {
+            assert_eq!(positions_of_5(&store), [1100], "partly folded");
+        }
+        assert_eq!(positions_of_5(&store), [1100], "folded index");
     }
 }
