@@ -361,6 +361,10 @@ impl WriterThread {
                 .and_then(|run| run.last())
                 .is_some_and(|last| last.body.origin == origin && Some(last.tip()) == start_tip);
         let mut entries: Vec<Entry> = Vec::with_capacity(count);
+        // Kept apart until the whole job is accepted: a store read below may
+        // fail midway, and records already in `batch.index` would be
+        // committed with the group's other jobs, naming entries not stored.
+        let mut index: Vec<IndexRecord> = Vec::new();
         for prepared in new {
             for record in prepared.index {
                 if let IndexRecord::Retraction {
@@ -384,10 +388,11 @@ impl WriterThread {
                         continue;
                     }
                 }
-                batch.index.push(record);
+                index.push(record);
             }
             entries.push(prepared.entry);
         }
+        batch.index.extend(index);
         match (extends_last_run, batch.runs.last_mut()) {
             (true, Some(run)) => run.extend(entries),
             _ => batch.runs.push(entries),
@@ -468,7 +473,7 @@ mod tests {
     use super::*;
     use crate::{
         core::feed::tests::{chain, key},
-        store::{SledStore, SyncHook},
+        store::{SledStore, Store, SyncHook},
     };
     use std::sync::{atomic::AtomicUsize, Mutex};
 
@@ -607,5 +612,153 @@ mod tests {
             .entries("city-a", 1, 10, usize::MAX)
             .unwrap()
             .is_empty());
+    }
+
+    /// A store whose entry reads fail once `fail` is set; everything else
+    /// goes to the sled store inside.
+    struct FailingReads {
+        inner: SledStore,
+        fail: AtomicBool,
+    }
+
+    impl Store for FailingReads {
+        fn head(&self, origin: &str) -> Result<Option<Head>, StoreError> {
+            self.inner.head(origin)
+        }
+        fn heads(&self) -> Result<Vec<(String, Head)>, StoreError> {
+            self.inner.heads()
+        }
+        fn entries(
+            &self,
+            origin: &str,
+            from_seq: u64,
+            max_entries: usize,
+            max_bytes: usize,
+        ) -> Result<Vec<civex_proto::v1::SignedEntry>, StoreError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Io {
+                    path: "test".into(),
+                    message: format!("read of origin {origin} seq {from_seq} failed"),
+                });
+            }
+            self.inner.entries(origin, from_seq, max_entries, max_bytes)
+        }
+        fn commit(&self, batch: &CommitBatch) -> Result<(), StoreError> {
+            self.inner.commit(batch)
+        }
+        fn idempotency(&self, key: &[u8; 16]) -> Result<Option<IdempotencyRecord>, StoreError> {
+            self.inner.idempotency(key)
+        }
+        fn observation_rows<'a>(
+            &'a self,
+            origin: Option<&str>,
+            after: Option<&crate::core::index::ObservationKey>,
+        ) -> Box<dyn Iterator<Item = Result<crate::store::ObservationRow, StoreError>> + 'a>
+        {
+            self.inner.observation_rows(origin, after)
+        }
+        fn privacy_spent(
+            &self,
+            origin: &str,
+            indicator: &str,
+            edition: &str,
+            period: &str,
+        ) -> Result<(u64, u64), StoreError> {
+            self.inner.privacy_spent(origin, indicator, edition, period)
+        }
+        fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError> {
+            self.inner.is_retracted(origin, seq)
+        }
+        fn merge_index_pieces(&self, limit: usize) -> Result<usize, StoreError> {
+            self.inner.merge_index_pieces(limit)
+        }
+        fn index_pieces_pending(&self) -> Result<u64, StoreError> {
+            self.inner.index_pieces_pending()
+        }
+        fn offer_versions(&self) -> Result<Vec<crate::store::OfferRow>, StoreError> {
+            self.inner.offer_versions()
+        }
+        fn withdrawal(&self, origin: &str, offer_id: &str) -> Result<Option<u64>, StoreError> {
+            self.inner.withdrawal(origin, offer_id)
+        }
+        fn responses(
+            &self,
+            offer_origin: &str,
+            offer_id: &str,
+        ) -> Result<Vec<crate::store::ResponseRow>, StoreError> {
+            self.inner.responses(offer_origin, offer_id)
+        }
+        fn conflicts(&self) -> Result<Vec<ConflictRecord>, StoreError> {
+            self.inner.conflicts()
+        }
+        fn rotations(&self, origin: &str) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+            self.inner.rotations(origin)
+        }
+        fn roster(&self, origin: &str) -> Result<Vec<civex_proto::v1::RosterEntry>, StoreError> {
+            self.inner.roster(origin)
+        }
+    }
+
+    #[test]
+    fn a_job_failing_midway_leaves_none_of_its_records_in_the_group_commit() {
+        use civex_proto::v1::{entry_body::Payload, Retraction};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FailingReads {
+            inner: SledStore::open(dir.path(), 1 << 24).unwrap(),
+            fail: AtomicBool::new(false),
+        });
+        let (notify, _committed) = watch::channel(DurableHeads::default());
+        let mut thread = WriterThread {
+            store: store.clone(),
+            heads: HashMap::new(),
+            notify,
+            stopped: Arc::new(AtomicBool::new(false)),
+        };
+        let commit = |thread: &mut WriterThread, jobs: Vec<Job>| {
+            let mut answers = Vec::new();
+            let group = jobs
+                .into_iter()
+                .map(|job| {
+                    let (reply, answer) = oneshot::channel();
+                    answers.push(answer);
+                    (job, reply)
+                })
+                .collect();
+            thread.commit_group(group);
+            answers
+                .into_iter()
+                .map(|mut a| a.try_recv().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let b = chain(&key(2), "city-b", 2);
+        assert!(commit(&mut thread, vec![job(&b[..1])])[0].is_ok());
+        // Seq 2 withdraws offer-2; seq 3 retracts seq 1, which is not in the
+        // job, so its hash is read from the store, and that read fails.
+        let mut body = b[1].body.clone();
+        body.seq = 3;
+        body.prev_hash = b[1].hash.to_vec();
+        body.payload = Some(Payload::Retraction(Retraction {
+            feed_id: vec![7; 16],
+            seq: 1,
+            entry_hash: b[0].hash.to_vec(),
+            reason: String::new(),
+        }));
+        let retraction = Entry::sign(&key(2), body).unwrap();
+        store.fail.store(true, Ordering::SeqCst);
+        let a = chain(&key(1), "city-a", 1);
+        let outcomes = commit(&mut thread, vec![job(&[b[1].clone(), retraction]), job(&a)]);
+        assert!(
+            matches!(outcomes[0], Err(WriteError::Store(_))),
+            "{:?}",
+            outcomes[0]
+        );
+        assert_eq!(outcomes[1].as_ref().unwrap().new, 1);
+        assert_eq!(store.head("city-b").unwrap().unwrap().tip.seq, 1);
+        assert_eq!(store.withdrawal("city-a", "offer-1").unwrap(), Some(1));
+        assert_eq!(
+            store.withdrawal("city-b", "offer-2").unwrap(),
+            None,
+            "the failed job's withdrawal of seq 2 was committed without its entry"
+        );
     }
 }
