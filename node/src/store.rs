@@ -42,7 +42,9 @@
 //!   summed from the debits of the origin's entries), then the seq of the
 //!   last entry whose debit it includes
 //! - `k|origin` evidence of a conflict (fork or re-created feed): the first
-//!   one found; replication of the origin stops while it is held
+//!   one found (kind, time, peer, the entry held), and `k|origin|1` the
+//!   other entry, apart so that each value stays below 96 KiB; replication
+//!   of the origin stops while it is held
 
 use std::{
     collections::HashMap,
@@ -770,7 +772,10 @@ fn decode_chunk(bytes: Bytes) -> Option<Vec<SignedEntry>> {
     Some(entries)
 }
 
-fn encode_conflict(record: &ConflictRecord) -> Vec<u8> {
+/// A conflict record as two values, each below the 96 KiB a sled value may
+/// hold (two entries of up to 64 KiB would not be): `k|origin` with the
+/// kind, time, peer and the entry held, and `k|origin|1` with the other.
+fn encode_conflict(record: &ConflictRecord) -> (Vec<u8>, Vec<u8>) {
     let mut out = vec![match record.conflict.kind {
         ConflictKind::Fork => 1,
         ConflictKind::Recreated => 2,
@@ -780,14 +785,15 @@ fn encode_conflict(record: &ConflictRecord) -> Vec<u8> {
     let peer = &peer[..peer.len().min(u16::MAX as usize)];
     out.extend_from_slice(&(peer.len() as u16).to_be_bytes());
     out.extend_from_slice(peer);
-    encode_chunk(
-        &[record.conflict.held.clone(), record.conflict.other.clone()],
-        &mut out,
-    );
-    out
+    encode_chunk(std::slice::from_ref(&record.conflict.held), &mut out);
+    let mut other = Vec::new();
+    encode_chunk(std::slice::from_ref(&record.conflict.other), &mut other);
+    (out, other)
 }
 
-fn decode_conflict(value: &[u8]) -> Option<ConflictRecord> {
+/// Reads a conflict record: `value` holds both entries (as stores before
+/// the split wrote it) or the held one, the other then in `other`.
+fn decode_conflict(value: &[u8], other: Option<&[u8]>) -> Option<ConflictRecord> {
     let kind = match value.first()? {
         1 => ConflictKind::Fork,
         2 => ConflictKind::Recreated,
@@ -799,7 +805,13 @@ fn decode_conflict(value: &[u8]) -> Option<ConflictRecord> {
     let mut entries =
         decode_chunk(Bytes::copy_from_slice(value.get(11 + peer_len..)?))?.into_iter();
     let held = Entry::decode(entries.next()?).ok()?;
-    let other = Entry::decode(entries.next()?).ok()?;
+    let other = match entries.next() {
+        Some(other) => other,
+        None => decode_chunk(Bytes::copy_from_slice(other?))?
+            .into_iter()
+            .next()?,
+    };
+    let other = Entry::decode(other).ok()?;
     Some(ConflictRecord {
         conflict: Conflict { kind, held, other },
         peer,
@@ -1098,7 +1110,10 @@ impl Store for SledStore {
             let key = key_of(b'k', &[&record.conflict.held.body.origin], None);
             // The first evidence of an origin stays.
             if self.db.get(&key).map_err(sled_error(&self.path))?.is_none() {
-                batch.insert(key, encode_conflict(record));
+                let (first, other) = encode_conflict(record);
+                let origin = &record.conflict.held.body.origin;
+                batch.insert(key_of(b'k', &[origin], Some(1)), other);
+                batch.insert(key, first);
             }
         }
         self.db.apply_batch(batch).map_err(sled_error(&self.path))?;
@@ -1336,11 +1351,21 @@ impl Store for SledStore {
     fn conflicts(&self) -> Result<Vec<ConflictRecord>, StoreError> {
         let mut records = Vec::new();
         for item in self.db.scan_prefix([b'k']) {
-            let (_, value) = item.map_err(sled_error(&self.path))?;
-            records.push(
-                decode_conflict(&value)
-                    .ok_or_else(|| self.corrupt("a conflict record does not decode".into()))?,
-            );
+            let (key, value) = item.map_err(sled_error(&self.path))?;
+            let (parts, part) = split_key(&key, 1, 1)
+                .ok_or_else(|| self.corrupt("a conflict key does not decode".into()))?;
+            if part.is_some() {
+                // The other entry of the record just read.
+                continue;
+            }
+            let other_key = key_of(b'k', &[&parts[0]], Some(1));
+            let other = self.db.get(other_key).map_err(sled_error(&self.path))?;
+            records.push(decode_conflict(&value, other.as_deref()).ok_or_else(|| {
+                self.corrupt(format!(
+                    "the conflict record of {:?} does not decode",
+                    parts[0]
+                ))
+            })?);
         }
         Ok(records)
     }
@@ -1375,6 +1400,72 @@ mod tests {
             idempotency: Vec::new(),
             conflicts: Vec::new(),
         }
+    }
+
+    #[test]
+    fn conflict_evidence_of_two_large_entries_is_kept_in_values_below_96_kib() {
+        use civex_proto::v1::{entry_body::Payload, EntryBody, OfferWithdrawal};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        // Two entries near the 64 KiB limit at one seq, as a fork between
+        // two parts of large publishes would be.
+        let large = |text: &str| {
+            let body = EntryBody {
+                origin: "city-a".into(),
+                feed_id: vec![7; 16],
+                seq: 1,
+                prev_hash: vec![0; 32],
+                time_unix_micros: 1,
+                idempotency_key: vec![1; 16],
+                payload: Some(Payload::Withdrawal(OfferWithdrawal {
+                    offer_id: "o".into(),
+                    reason: text.repeat(60_000),
+                })),
+            };
+            Entry::sign(&key(1), body).unwrap()
+        };
+        let record = ConflictRecord {
+            conflict: Conflict {
+                kind: ConflictKind::Fork,
+                held: large("a"),
+                other: large("b"),
+            },
+            peer: "peer city-b".into(),
+            detected_unix_micros: 9,
+        };
+        store
+            .commit(&CommitBatch {
+                conflicts: vec![record.clone()],
+                ..Default::default()
+            })
+            .unwrap();
+        let largest = store
+            .db
+            .scan_prefix([b'k'])
+            .map(|item| item.unwrap().1.len())
+            .max()
+            .unwrap();
+        assert!(largest <= 96 * 1024, "a sled value of {largest} bytes");
+        let read = store.conflicts().unwrap();
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].conflict.held.hash, record.conflict.held.hash);
+        assert_eq!(read[0].conflict.other.hash, record.conflict.other.hash);
+        assert_eq!(read[0].peer, "peer city-b");
+        // A record written whole in one value (before the split) reads too.
+        let (mut whole, _) = encode_conflict(&record);
+        // Kind, time, peer length and peer; then both entries in one chunk.
+        whole.truncate(1 + 8 + 2 + record.peer.len());
+        encode_chunk(
+            &[record.conflict.held.clone(), record.conflict.other.clone()],
+            &mut whole,
+        );
+        store.db.clear().unwrap();
+        store
+            .db
+            .insert(key_of(b'k', &["city-a"], None), whole)
+            .unwrap();
+        let read = store.conflicts().unwrap();
+        assert_eq!(read[0].conflict.other.hash, record.conflict.other.hash);
     }
 
     #[test]
