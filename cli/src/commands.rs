@@ -1259,8 +1259,14 @@ pub(crate) async fn feed(
         .await
         .map_err(|s| anyhow!("stream failed: {}", describe(&s)))?
     {
-        let Some(Event::Entries(batch)) = message.event else {
-            continue;
+        let batch = match message.event {
+            Some(Event::Entries(batch)) => batch,
+            Some(Event::NotServed(not_served)) => bail!(
+                "the node does not serve origin {} to this identity ({})",
+                not_served.origin,
+                not_served.reason
+            ),
+            _ => continue,
         };
         let (Some(key), Some(tip)) = (keys.get_mut(&batch.origin), tips.get_mut(&batch.origin))
         else {

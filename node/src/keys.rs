@@ -60,16 +60,25 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(file_error(&partial, format!("cannot remove: {err}"))),
     }
-    let written = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&partial)
-        .and_then(|mut file| {
-            file.write_all(contents)?;
-            file.sync_all()
-        })
-        .and_then(|()| std::fs::hard_link(&partial, path));
+    let create = |at: &Path| {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(at)
+            .and_then(|mut file| {
+                file.write_all(contents)?;
+                file.sync_all()
+            })
+    };
+    let written = create(&partial).and_then(|()| match std::fs::hard_link(&partial, path) {
+        Err(err) if err.kind() != std::io::ErrorKind::AlreadyExists => {
+            // No hard links here (FAT, some network mounts): write in
+            // place, as whole as that filesystem allows.
+            create(path)
+        }
+        linked => linked,
+    });
     let _ = std::fs::remove_file(&partial);
     written
         .and_then(|()| sync_parent(path))

@@ -163,8 +163,13 @@ impl PeerRegistry {
             Err(err) => return Err(error(format!("cannot read: {err}"))),
         };
         for peer in &changes.added {
-            peer.check(insecure)
-                .map_err(|m| error(format!("peer {:?}: {m}", peer.name)))?;
+            peer.check(insecure).map_err(|m| {
+                error(format!(
+                    "peer {:?} (added with civex peer add): {m}; remove it from this file \
+                     with the node stopped, or set tls.mode back to \"mutual\"",
+                    peer.name
+                ))
+            })?;
         }
         Ok(Self {
             audit_path: data_dir.join("audit.jsonl"),

@@ -232,7 +232,16 @@ impl Replicator {
             tips.insert(origin.to_owned(), tip);
         }
         // A subscription takes at most `MAX_CURSORS` origins: a node that
-        // knows more (a national roster) opens several, read as one.
+        // knows more (a national roster) opens several, read as one. The
+        // first holds this node's own origin (always readable: the peer
+        // admits it or refuses the session), the roster origin (served
+        // before members' entries under keys it names) and the peer's own.
+        let first = |c: &Cursor| {
+            c.origin == self.own_origin
+                || self.roster.origin.as_deref() == Some(c.origin.as_str())
+                || peer.origin.as_deref() == Some(c.origin.as_str())
+        };
+        cursors.sort_by_key(|c| !first(c));
         let mut streams = tokio_stream::StreamMap::new();
         let chunks: Vec<Vec<Cursor>> = if cursors.is_empty() {
             vec![Vec::new()]
@@ -243,13 +252,23 @@ impl Replicator {
                 .collect()
         };
         for (i, cursors) in chunks.into_iter().enumerate() {
-            let stream = client
+            let subscribed = client
                 .subscribe(SubscribeRequest {
                     cursors,
                     all_origins: false,
                 })
-                .await?
-                .into_inner();
+                .await;
+            let stream = match subscribed {
+                Ok(stream) => stream.into_inner(),
+                // A later subscription may name only origins the peer's
+                // read policy leaves out: nothing to read there.
+                Err(status) if i > 0 && status.code() == tonic::Code::PermissionDenied => {
+                    tracing::debug!(peer = %peer.name, reason = %status.message(),
+                        "the peer serves none of one subscription's origins");
+                    continue;
+                }
+                Err(status) => return Err(status.into()),
+            };
             // Each ends with `None`, so the end of any one ends the session.
             streams.insert(i, stream.map(Some).chain(tokio_stream::once(None)));
         }
@@ -431,17 +450,10 @@ impl Replicator {
                     peer.update(|s| s.last_error = message);
                 }
                 Some(Event::NotServed(not_served)) => {
-                    // The peer's read policy leaves the origin out: the
-                    // others go on. Not serving this node its own feed (a
-                    // node of another version) is answered as a peer that
-                    // cannot be reached for the publish gate.
-                    tracing::info!(peer = %peer.name, origin = %not_served.origin,
+                    // The peer's read policy leaves the origin out (never
+                    // this node's own): the others go on.
+                    tracing::debug!(peer = %peer.name, origin = %not_served.origin,
                         reason = %not_served.reason, "the peer does not serve this origin to this node");
-                    if not_served.origin == self.own_origin {
-                        if let Some(index) = index {
-                            self.gate.report(index, PeerSync::Unreachable);
-                        }
-                    }
                 }
                 None => {}
             }

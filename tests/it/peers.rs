@@ -347,9 +347,11 @@ async fn a_removed_peer_gets_none_of_the_messages_queued_for_it() {
 }
 
 /// A subscription takes at most 4,096 origins: a node that knows more (a
-/// national roster, say) subscribes with several and still replicates.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_knowing_more_origins_than_one_subscription_takes_still_replicates() {
+/// national roster, say) subscribes with several and still replicates,
+/// and opens publishing from its peer (its own origin is in the first).
+/// With `read`, the peer's read policy leaves most of them out, so some
+/// subscriptions name nothing it may read.
+async fn replicates_knowing_more_origins_than_one_subscription_takes(read: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let b_key = make_key(&dir.path().join("b"));
     let a = TestNode::start(
@@ -361,10 +363,25 @@ async fn a_node_knowing_more_origins_than_one_subscription_takes_still_replicate
     .await;
     a.wait_ready().await;
     publish_row(&a, "x", 1.0).await;
+    if let Some(read) = read {
+        let out = a
+            .cli(&[
+                "peer",
+                "add",
+                "city-b",
+                "--address",
+                "127.0.0.1:9",
+                "--origin",
+                "city-b",
+                "--read",
+                read,
+            ])
+            .await;
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
     let mut spec = Spec::new("city-b")
         .peer("city-a", &a.address)
-        .trust("city-a", &a.public_key)
-        .allow_without_peers();
+        .trust("city-a", &a.public_key);
     for i in 0..4096u32 {
         let mut seed = [1u8; 32];
         seed[..4].copy_from_slice(&i.to_be_bytes());
@@ -372,6 +389,7 @@ async fn a_node_knowing_more_origins_than_one_subscription_takes_still_replicate
         spec = spec.trust(&format!("m-{i}"), &civex_node::keys::public_key_hex(&key));
     }
     let b = TestNode::start(&dir.path().join("b"), spec).await;
+    b.wait_ready().await;
     eventually("B to replicate city-a with 4,098 origins known", || async {
         b.head("city-a").await.0 == 1
     })
@@ -384,4 +402,14 @@ async fn a_node_knowing_more_origins_than_one_subscription_takes_still_replicate
     .await;
     let peer = b.status().await.peers.remove(0);
     assert!(peer.connected && peer.last_error.is_empty(), "{peer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_knowing_more_origins_than_one_subscription_takes_still_replicates() {
+    replicates_knowing_more_origins_than_one_subscription_takes(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_origins_and_a_narrow_read_policy_still_replicate_what_it_allows() {
+    replicates_knowing_more_origins_than_one_subscription_takes(Some("city-a")).await;
 }

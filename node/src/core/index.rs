@@ -136,23 +136,30 @@ fn usable(text: &str) -> bool {
 }
 
 /// Index records of a verified entry. Payload kinds this node does not know,
-/// and cells whose key parts could not be indexed, are left out. So is what
-/// an entry with fields this node does not know would add to query answers
-/// (spec rule 1): decoding drops those fields, and answering the rest as if
-/// they were not there could misstate the cell or offer they qualify. What
-/// only takes from answers (withdrawals, retractions) and what verifying
-/// and the privacy ledger need (rotations, roster entries, debits) stays.
+/// and cells whose key parts could not be indexed, are left out. What an
+/// entry with fields this node does not know would add to query answers is
+/// kept out of them too (spec rule 1): decoding drops those fields, and
+/// answering the rest as if they were not there could misstate the cell or
+/// offer they qualify. Its offer versions and responses are not indexed;
+/// its cells are, as never queryable (`group_end` past any feed), because
+/// the own feed's disclosure control must still count them as published.
+/// What only takes from answers (withdrawals, retractions) and what
+/// verifying and the privacy ledger need (rotations, roster entries,
+/// debits) stays as it is.
 pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
     let mut records = known_records(entry);
     if has_unknown_fields(entry) {
         records.retain(|record| {
             !matches!(
                 record,
-                IndexRecord::Observation { .. }
-                    | IndexRecord::OfferVersion { .. }
-                    | IndexRecord::Response { .. }
+                IndexRecord::OfferVersion { .. } | IndexRecord::Response { .. }
             )
         });
+        for record in &mut records {
+            if let IndexRecord::Observation { group_end, .. } = record {
+                *group_end = u64::MAX;
+            }
+        }
     }
     records
 }
@@ -311,7 +318,7 @@ mod tests {
     }
 
     #[test]
-    fn what_an_entry_with_unknown_fields_adds_to_answers_is_not_indexed() {
+    fn what_an_entry_with_unknown_fields_adds_to_answers_is_never_queryable() {
         use civex_proto::v1::{EntryBody, IndicatorBatch, Observation, Retraction, SignedEntry};
         use ed25519_dalek::Signer;
         use prost::Message;
@@ -358,10 +365,14 @@ mod tests {
         });
         let unknown_field = [0x98, 0x06, 0x01];
         assert_eq!(records_of(&signed_with(indicators.clone(), &[])).len(), 1);
-        assert!(
-            records_of(&signed_with(indicators, &unknown_field)).is_empty(),
-            "a cell of an entry with an unknown field is answered"
-        );
+        match records_of(&signed_with(indicators, &unknown_field)).as_slice() {
+            [IndexRecord::Observation { group_end, .. }] => assert_eq!(
+                *group_end,
+                u64::MAX,
+                "a cell of an entry with an unknown field is queryable"
+            ),
+            other => panic!("expected the cell, never queryable: {other:?}"),
+        }
         // A retraction still takes what it names out of answers.
         assert!(matches!(
             records_of(&signed_with(retraction, &unknown_field)).as_slice(),
