@@ -117,27 +117,9 @@ async fn a_peer_policy_limits_what_the_peer_may_read() {
     .await;
     a.wait_ready().await;
     publish_row(&a, "x", 1.0).await;
-    let allow = |read: &'static str| {
-        let a = &a;
-        async move {
-            let out = a
-                .cli(&[
-                    "peer",
-                    "add",
-                    "city-b",
-                    "--address",
-                    "127.0.0.1:9",
-                    "--origin",
-                    "city-b",
-                    "--read",
-                    read,
-                ])
-                .await;
-            assert!(out.status.success(), "{}", stderr(&out));
-        }
-    };
     // A lets city-b read only city-z (and, always, its own feed).
-    allow("city-z").await;
+    a.add_peer_reading("city-b", "127.0.0.1:9", &["city-z"])
+        .await;
     // B subscribes to A for its own origin and city-a. It is served its
     // own feed, so it opens publishing without any override (restore
     // safety), and is told city-a is not served, instead of being refused
@@ -220,7 +202,8 @@ async fn a_peer_policy_limits_what_the_peer_may_read() {
     );
 
     // Allowed city-a (only): B catches up with it.
-    allow("city-a").await;
+    a.add_peer_reading("city-b", "127.0.0.1:9", &["city-a"])
+        .await;
     eventually("B to read city-a once allowed", || async {
         b.head("city-a").await.0 == 1
     })
@@ -364,20 +347,7 @@ async fn replicates_knowing_more_origins_than_one_subscription_takes(read: Optio
     a.wait_ready().await;
     publish_row(&a, "x", 1.0).await;
     if let Some(read) = read {
-        let out = a
-            .cli(&[
-                "peer",
-                "add",
-                "city-b",
-                "--address",
-                "127.0.0.1:9",
-                "--origin",
-                "city-b",
-                "--read",
-                read,
-            ])
-            .await;
-        assert!(out.status.success(), "{}", stderr(&out));
+        a.add_peer_reading("city-b", "127.0.0.1:9", &[read]).await;
     }
     let mut spec = Spec::new("city-b")
         .peer("city-a", &a.address)

@@ -484,17 +484,25 @@ impl TestNode {
     /// `civex peer add ORIGIN --address ADDRESS --origin ORIGIN` on this
     /// node, which must succeed.
     pub async fn add_peer(&self, origin: &str, address: &str) {
-        let out = self
-            .cli(&[
-                "peer",
-                "add",
-                origin,
-                "--address",
-                address,
-                "--origin",
-                origin,
-            ])
-            .await;
+        self.add_peer_reading(origin, address, &[]).await;
+    }
+
+    /// [`TestNode::add_peer`] with `--read` for each of `read` (none: it
+    /// may read every origin).
+    pub async fn add_peer_reading(&self, origin: &str, address: &str, read: &[&str]) {
+        let mut args = vec![
+            "peer",
+            "add",
+            origin,
+            "--address",
+            address,
+            "--origin",
+            origin,
+        ];
+        for origin in read {
+            args.extend(["--read", origin]);
+        }
+        let out = self.cli(&args).await;
         assert!(out.status.success(), "{}", stderr(&out));
     }
 
