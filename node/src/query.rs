@@ -358,18 +358,20 @@ mod tests {
         Entry::sign(key, body).unwrap()
     }
 
-    fn commit(store: &SledStore, entry: &Entry) {
+    /// Commits consecutive entries of one origin, with their index records.
+    fn commit(store: &SledStore, entries: &[Entry]) {
+        let last = entries.last().unwrap();
         store
             .commit(&CommitBatch {
-                runs: vec![vec![entry.clone()]],
+                runs: vec![entries.to_vec()],
                 heads: vec![(
-                    "city-a".into(),
+                    last.body.origin.clone(),
                     Head {
-                        tip: entry.tip(),
+                        tip: last.tip(),
                         received_unix_micros: 0,
                     },
                 )],
-                index: records_of(entry),
+                index: entries.iter().flat_map(records_of).collect(),
                 idempotency: Vec::new(),
                 conflicts: Vec::new(),
             })
@@ -383,10 +385,10 @@ mod tests {
         let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
         let first = part(&key, None, 0, "a");
         let second = part(&key, Some(&first), 1, "b");
-        commit(&store, &first);
+        commit(&store, std::slice::from_ref(&first));
         let page = observations(&store, &ObservationFilter::default(), 0, None).unwrap();
         assert!(page.rows.is_empty(), "half a publish group was queryable");
-        commit(&store, &second);
+        commit(&store, std::slice::from_ref(&second));
         let page = observations(&store, &ObservationFilter::default(), 0, None).unwrap();
         let names: Vec<&str> = page
             .rows
@@ -430,25 +432,6 @@ mod tests {
         Entry::sign(key, body).unwrap()
     }
 
-    fn commit_all(store: &SledStore, entries: &[Entry]) {
-        let last = entries.last().unwrap();
-        store
-            .commit(&CommitBatch {
-                runs: vec![entries.to_vec()],
-                heads: vec![(
-                    last.body.origin.clone(),
-                    Head {
-                        tip: last.tip(),
-                        received_unix_micros: 0,
-                    },
-                )],
-                index: entries.iter().flat_map(records_of).collect(),
-                idempotency: Vec::new(),
-                conflicts: Vec::new(),
-            })
-            .unwrap();
-    }
-
     #[test]
     fn a_retracted_response_is_left_out_of_its_offer() {
         use civex_proto::v1::{OfferResponse, Retraction, ServiceOffer};
@@ -471,7 +454,7 @@ mod tests {
                 ..Default::default()
             }),
         );
-        commit_all(&store, std::slice::from_ref(&offer));
+        commit(&store, std::slice::from_ref(&offer));
         let response = |prev: Option<&Entry>, message: &str| {
             signed(
                 &b,
@@ -499,7 +482,7 @@ mod tests {
                 reason: String::new(),
             }),
         );
-        commit_all(&store, &[withdrawn, kept, retraction]);
+        commit(&store, &[withdrawn, kept, retraction]);
         let found = offers(&store, &OfferFilter::default(), 100).unwrap();
         assert_eq!(found.len(), 1);
         let answered: Vec<(u64, &str)> = found[0]
