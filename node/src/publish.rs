@@ -1414,6 +1414,13 @@ impl Sequencer {
                                      wait for replication or name the version hash"
                                 ))
                             })?;
+                        if !latest.answerable {
+                            return Err(PublishError::Invalid(format!(
+                                "offer: the latest version of {offer_id:?} of {offer_origin:?} \
+                                 has fields this build of civex does not know; upgrade to read \
+                                 it before answering, or name the version hash"
+                            )));
+                        }
                         latest.hash
                     }
                 };

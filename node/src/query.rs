@@ -9,7 +9,7 @@ use prost::Message;
 use crate::{
     core::{
         ids::{hex, unhex},
-        index::ObservationKey,
+        index::{ObservationKey, NEVER_QUERYABLE},
         period::Period,
     },
     store::{ObservationRow, OfferRow, ResponseRow, Store, StoreError},
@@ -153,7 +153,8 @@ fn full_page(rows: Vec<CurrentObservation>) -> ObservationPage {
 
 /// Current observations matching `filter`, one page after `page_token`.
 /// The current value of a key is its latest entry that is not retracted
-/// (and, for a publish group, whose every part is held).
+/// (and, for a publish group, whose every part is held). A key whose latest
+/// such entry cannot be answered (see [`NEVER_QUERYABLE`]) is left out.
 pub fn observations(
     store: &dyn Store,
     filter: &ObservationFilter,
@@ -220,8 +221,13 @@ pub fn observations(
                     seq
                 }
             };
-            if row.group_end <= held && !store.is_retracted(&row.key.origin, row.seq)? {
-                current = Some(row);
+            // A cell never answered still supersedes the key's earlier
+            // values: answering one of them as current would be wrong.
+            let answerable = row.group_end <= held;
+            if (answerable || row.group_end == NEVER_QUERYABLE)
+                && !store.is_retracted(&row.key.origin, row.seq)?
+            {
+                current = answerable.then_some(row);
             }
         }
         if take(&mut current, &mut rows)? {
@@ -258,6 +264,7 @@ pub struct OfferState {
 /// Offers matching `filter`, by origin and offer id, each with its
 /// responses not retracted. Active means: the latest version, not
 /// withdrawn, not retracted, and `now` inside `[valid_from, valid_until)`.
+/// An offer whose latest version cannot be answered is left out.
 pub fn offers(
     store: &dyn Store,
     filter: &OfferFilter,
@@ -277,7 +284,9 @@ pub fn offers(
         }
     }
     let mut out = Vec::new();
-    for version in latest {
+    // A latest version this build cannot read leaves its offer out: an
+    // older version is no longer what the offer says.
+    for version in latest.into_iter().filter(|v| v.answerable) {
         let offer = &version.offer;
         let wanted = (filter.areas.is_empty()
             || filter.areas.iter().any(|a| *a as i32 == offer.area))
@@ -495,5 +504,81 @@ mod tests {
             [(2, "still yes")],
             "a retracted response is answered"
         );
+    }
+
+    #[test]
+    fn a_latest_cell_that_cannot_be_answered_hides_the_value_it_supersedes() {
+        use civex_proto::v1::{Retraction, SignedEntry};
+        use ed25519_dalek::Signer;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let cell = |value: f64| {
+            Payload::Indicators(IndicatorBatch {
+                observations: vec![Observation {
+                    indicator: "a".into(),
+                    catalog_edition: "local".into(),
+                    area: 2,
+                    ref_area: "city-a".into(),
+                    period: "2025".into(),
+                    value: Some(value),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        };
+        let first = signed(&key, "city-a", None, cell(1.0));
+        // The same key again, as a newer build writes it: field 99 of the
+        // body is one this build does not know.
+        let newer = {
+            let mut body = EntryBody {
+                origin: "city-a".into(),
+                feed_id: vec![1; 16],
+                seq: 2,
+                prev_hash: first.hash.to_vec(),
+                time_unix_micros: 1,
+                idempotency_key: vec![2; 16],
+                payload: Some(cell(2.0)),
+            }
+            .encode_to_vec();
+            body.extend_from_slice(&[0x98, 0x06, 0x01]);
+            let mut message = crate::core::feed::ENTRY_SIGNATURE_CONTEXT.to_vec();
+            message.extend_from_slice(&body);
+            let signature = key.sign(&message).to_bytes();
+            Entry::decode(SignedEntry {
+                body: body.into(),
+                signature: signature.to_vec().into(),
+            })
+            .unwrap()
+        };
+        let values = |store: &SledStore| -> Vec<Option<f64>> {
+            observations(store, &ObservationFilter::default(), 0, None)
+                .unwrap()
+                .rows
+                .iter()
+                .map(|r| r.observation.value)
+                .collect()
+        };
+        commit(&store, std::slice::from_ref(&first));
+        assert_eq!(values(&store), [Some(1.0)]);
+        commit(&store, std::slice::from_ref(&newer));
+        assert!(
+            values(&store).is_empty(),
+            "a superseded value was answered as current"
+        );
+        // Once the newer entry is retracted, the first is current again.
+        let retraction = signed(
+            &key,
+            "city-a",
+            Some(&newer),
+            Payload::Retraction(Retraction {
+                feed_id: vec![1; 16],
+                seq: 2,
+                entry_hash: newer.hash.to_vec(),
+                reason: String::new(),
+            }),
+        );
+        commit(&store, &[retraction]);
+        assert_eq!(values(&store), [Some(1.0)]);
     }
 }

@@ -203,8 +203,11 @@ pub struct OfferRow {
     pub seq: u64,
     /// Version hash.
     pub hash: Hash,
-    /// The offer.
+    /// The offer; only its id when not `answerable`.
     pub offer: ServiceOffer,
+    /// False when the version's entry has fields this build does not know:
+    /// it is the offer's latest all the same, and is never answered.
+    pub answerable: bool,
 }
 
 /// A response of the index.
@@ -280,6 +283,10 @@ pub trait Store: Send + Sync + 'static {
 /// Makes a commit durable once sled has written it. The default calls
 /// `fdatasync` on sled's `db` file; tests inject their own.
 pub type SyncHook = Box<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
+/// An offer record's value after the hash, for a version never answered.
+/// Field number 0 is not valid protobuf, so no encoded offer is this byte.
+const NOT_ANSWERABLE: u8 = 0;
 
 /// The sled-backed store.
 pub struct SledStore {
@@ -1011,9 +1018,14 @@ impl Store for SledStore {
                     seq,
                     hash,
                     offer,
+                    answerable,
                 } => {
                     let mut value = hash.to_vec();
-                    value.extend_from_slice(&offer.encode_to_vec());
+                    if *answerable {
+                        value.extend_from_slice(&offer.encode_to_vec());
+                    } else {
+                        value.push(NOT_ANSWERABLE);
+                    }
                     batch.insert(key_of(b'f', &[origin, &offer.offer_id], Some(*seq)), value);
                 }
                 IndexRecord::Withdrawal {
@@ -1272,12 +1284,20 @@ impl Store for SledStore {
                 split_key(&key, 1, 2)
                     .zip(value.get(..32))
                     .and_then(|((parts, seq), hash)| {
-                        let offer = ServiceOffer::decode(&value[32..]).ok()?;
+                        let answerable = value[32..] != [NOT_ANSWERABLE];
+                        let offer = match answerable {
+                            true => ServiceOffer::decode(&value[32..]).ok()?,
+                            false => ServiceOffer {
+                                offer_id: parts[1].clone(),
+                                ..Default::default()
+                            },
+                        };
                         Some(OfferRow {
                             origin: parts[0].clone(),
                             seq: seq?,
                             hash: hash.try_into().ok()?,
                             offer,
+                            answerable,
                         })
                     });
             rows.push(

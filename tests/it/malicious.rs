@@ -12,7 +12,7 @@ use std::{
 };
 
 use civex_node::{
-    core::feed::{Entry, GENESIS_PREV_HASH},
+    core::feed::{Entry, ENTRY_SIGNATURE_CONTEXT, GENESIS_PREV_HASH},
     keys::public_key_hex,
     pki::Identity,
     tls::{Tls, TlsFiles},
@@ -29,7 +29,7 @@ use ed25519_dalek::SigningKey;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::support::{eventually, issue_identity, Spec, TestNode};
+use crate::support::{eventually, issue_identity, stderr, stdout, Spec, TestNode};
 
 /// A feed of `origin` signed with `key`, with entries made on demand.
 struct Forger {
@@ -62,6 +62,33 @@ impl Forger {
             })),
         };
         Entry::sign(&self.key, body).unwrap()
+    }
+
+    /// Entry `seq` linked to `prev` carrying `payload`, with `extra` bytes
+    /// appended to the body as a newer build might write fields this one
+    /// does not know; signed over the bytes as they are.
+    fn entry_with(&self, seq: u64, prev: &[u8], payload: Payload, extra: &[u8]) -> Entry {
+        use ed25519_dalek::Signer;
+        use prost::Message;
+        let mut body = EntryBody {
+            origin: self.origin.clone(),
+            feed_id: self.feed_id.clone(),
+            seq,
+            prev_hash: prev.to_vec(),
+            time_unix_micros: 1_000 + seq as i64,
+            idempotency_key: vec![seq as u8; 16],
+            payload: Some(payload),
+        }
+        .encode_to_vec();
+        body.extend_from_slice(extra);
+        let mut message = ENTRY_SIGNATURE_CONTEXT.to_vec();
+        message.extend_from_slice(&body);
+        let signature = self.key.sign(&message).to_bytes();
+        Entry::decode(SignedEntry {
+            body: body.into(),
+            signature: signature.to_vec().into(),
+        })
+        .unwrap()
     }
 
     /// A good chain of `count` entries.
@@ -117,6 +144,36 @@ impl Feed for Malicious {
     ) -> Result<Response<pb::HeadsResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+}
+
+/// Starts a [`Malicious`] peer serving `steps` over mTLS as member
+/// `city-m` (its identity made under `dir`); returns its address and the
+/// count of subscriptions it answered.
+async fn serve_script(
+    dir: &std::path::Path,
+    steps: Vec<Vec<pb::SubscribeResponse>>,
+) -> (String, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    issue_identity(dir, &Identity::Origin("city-m".into()));
+    let tls = Tls::load(
+        TlsFiles::in_dir(dir),
+        Some(Identity::Origin("city-m".into())),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let incoming = transport::incoming(listener, Security::Mutual(tls), Duration::from_secs(5));
+    let server = FeedServer::new(Malicious {
+        steps,
+        calls: calls.clone(),
+    })
+    .max_encoding_message_size(16 << 20);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(incoming),
+    );
+    (address, calls)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,29 +240,7 @@ async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
         batch("city-b", signed(&b_good[3..])),
         batch("city-a", vec![a_next.signed]),
     ]);
-    let calls = Arc::new(AtomicUsize::new(0));
-
-    // The malicious peer holds a valid member certificate.
-    let m_dir = dir.path().join("m");
-    issue_identity(&m_dir, &Identity::Origin("city-m".into()));
-    let tls = Tls::load(
-        TlsFiles::in_dir(&m_dir),
-        Some(Identity::Origin("city-m".into())),
-    )
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let m_address = listener.local_addr().unwrap().to_string();
-    let incoming = transport::incoming(listener, Security::Mutual(tls), Duration::from_secs(5));
-    let server = FeedServer::new(Malicious {
-        steps,
-        calls: calls.clone(),
-    })
-    .max_encoding_message_size(16 << 20);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(server)
-            .serve_with_incoming(incoming),
-    );
+    let (m_address, calls) = serve_script(&dir.path().join("m"), steps).await;
 
     let node = TestNode::start(
         &dir.path().join("node"),
@@ -266,4 +301,129 @@ async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
         "only {} entries counted as refused",
         peer.refused
     );
+}
+
+/// A newer build's entries (fields this one does not know) are stored and
+/// verified, and supersede what came before them: the older offer version
+/// and value are no longer answered as current, and the offer cannot be
+/// answered by "latest version" (spec rules 1 and 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_builds_entries_supersede_and_are_never_answered_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Forger::new(1, "city-a");
+    let offer = |title: &str| {
+        Payload::Offer(pb::ServiceOffer {
+            offer_id: "waste".into(),
+            title: title.into(),
+            area: pb::FunctionalArea::Environment as i32,
+            category: "collection".into(),
+            valid_from_unix: 0,
+            valid_until_unix: i64::MAX,
+            contact_role: "public works office".into(),
+            ..Default::default()
+        })
+    };
+    let cell = |indicator: &str, value: f64| {
+        Payload::Indicators(pb::IndicatorBatch {
+            observations: vec![pb::Observation {
+                indicator: indicator.into(),
+                catalog_edition: "test".into(),
+                area: pb::FunctionalArea::Economy as i32,
+                ref_area: "city-a".into(),
+                period: "2025".into(),
+                value: Some(value),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    };
+    // Field 99 of the body (varint 1): unknown to this build.
+    let newer = [0x98, 0x06, 0x01];
+    let payloads = [
+        (offer("old terms"), &[][..]),
+        (cell("k1", 1.0), &[][..]),
+        (cell("k2", 5.0), &[][..]),
+        (offer("new terms"), &newer[..]),
+        (cell("k1", 2.0), &newer[..]),
+    ];
+    let mut feed: Vec<Entry> = Vec::new();
+    for (seq, (payload, extra)) in (1..).zip(payloads) {
+        let prev = feed
+            .last()
+            .map_or(GENESIS_PREV_HASH.to_vec(), |e| e.hash.to_vec());
+        feed.push(a.entry_with(seq, &prev, payload, extra));
+    }
+    let signed: Vec<SignedEntry> = feed.iter().map(|e| e.signed.clone()).collect();
+    // The peer holds nothing of the node's own feed: so it tells, and the
+    // node may publish (restore safety).
+    let own_drained = pb::SubscribeResponse {
+        event: Some(Event::Drained(pb::BacklogDrained {
+            origin: "city-n".into(),
+            head_seq: 0,
+        })),
+    };
+    let step = vec![batch("city-a", signed), own_drained];
+    let (m_address, _) = serve_script(&dir.path().join("m"), vec![step]).await;
+    let node = TestNode::start(
+        &dir.path().join("node"),
+        Spec::new("city-n")
+            .peer("city-m", &m_address)
+            .trust("city-a", &public_key_hex(&a.key.verifying_key()))
+            .allow_without_peers(),
+    )
+    .await;
+    eventually("the newer build's entries to be held", || async {
+        node.head("city-a").await.0 == 5
+    })
+    .await;
+
+    // k1's newest value cannot be read here: no value of k1 is answered.
+    // k2 is untouched.
+    let observations = node
+        .query()
+        .await
+        .observations(pb::ObservationsRequest {
+            origins: vec!["city-a".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let answered: Vec<(&str, Option<f64>)> = observations
+        .observations
+        .iter()
+        .map(|row| {
+            let o = row.observation.as_ref().unwrap();
+            (o.indicator.as_str(), o.value)
+        })
+        .collect();
+    assert_eq!(
+        answered,
+        [("k2", Some(5.0))],
+        "a superseded value was answered"
+    );
+
+    // The offer's newest version cannot be read: the old terms are not
+    // answered, with or without inactive offers.
+    let out = node
+        .cli(&["--output", "json", "query", "offers", "--all"])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !stdout(&out).contains("old terms"),
+        "a superseded offer version was answered: {}",
+        stdout(&out)
+    );
+    let out = node
+        .cli(&[
+            "offer", "respond", "--origin", "city-a", "--offer", "waste", "--kind", "accept",
+        ])
+        .await;
+    assert!(!out.status.success(), "answered an offer it cannot read");
+    assert!(
+        stderr(&out).contains("has fields this build of civex does not know"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(node.head("city-n").await.0, 0, "something was published");
 }

@@ -52,6 +52,7 @@ pub enum IndexRecord {
         position: u32,
         /// Seq of the last part of the cell's publish group (0: no group);
         /// the cell is queryable only once the feed is held up to it.
+        /// [`NEVER_QUERYABLE`]: the cell is never answered.
         group_end: u64,
     },
     /// A version of an offer.
@@ -62,8 +63,11 @@ pub enum IndexRecord {
         seq: u64,
         /// Entry hash: the version.
         hash: Hash,
-        /// The offer.
+        /// The offer; only its id when not `answerable`.
         offer: ServiceOffer,
+        /// False for a version of an entry with fields this build does not
+        /// know: it is still the offer's latest, but is never answered.
+        answerable: bool,
     },
     /// A final withdrawal.
     Withdrawal {
@@ -131,6 +135,12 @@ pub enum IndexRecord {
     },
 }
 
+/// The `group_end` of a cell that is never answered: one of an entry with
+/// fields this build does not know, or of a malformed publish group. Such a
+/// cell is still its key's latest: it supersedes what came before it, so
+/// the key has no current value to answer until it is retracted.
+pub const NEVER_QUERYABLE: u64 = u64::MAX;
+
 fn usable(text: &str) -> bool {
     !text.contains('\0')
 }
@@ -140,24 +150,30 @@ fn usable(text: &str) -> bool {
 /// entry with fields this node does not know would add to query answers is
 /// kept out of them too (spec rule 1): decoding drops those fields, and
 /// answering the rest as if they were not there could misstate the cell or
-/// offer they qualify. Its offer versions and responses are not indexed;
-/// its cells are, as never queryable (`group_end` past any feed), because
-/// the own feed's disclosure control must still count them as published.
-/// What only takes from answers (withdrawals, retractions) and what
-/// verifying and the privacy ledger need (rotations, roster entries,
-/// debits) stays as it is.
+/// offer they qualify. Its responses are not indexed. Its cells are, as
+/// never queryable (`group_end` past any feed), and its offer version is,
+/// as not answerable, because each still supersedes what came before it
+/// (the own feed's disclosure control must count the cells, too). What
+/// only takes from answers (withdrawals, retractions) and what verifying
+/// and the privacy ledger need (rotations, roster entries, debits) stays
+/// as it is.
 pub fn records_of(entry: &Entry) -> Vec<IndexRecord> {
     let mut records = known_records(entry);
     if has_unknown_fields(entry) {
-        records.retain(|record| {
-            !matches!(
-                record,
-                IndexRecord::OfferVersion { .. } | IndexRecord::Response { .. }
-            )
-        });
+        records.retain(|record| !matches!(record, IndexRecord::Response { .. }));
         for record in &mut records {
-            if let IndexRecord::Observation { group_end, .. } = record {
-                *group_end = u64::MAX;
+            match record {
+                IndexRecord::Observation { group_end, .. } => *group_end = NEVER_QUERYABLE,
+                IndexRecord::OfferVersion {
+                    offer, answerable, ..
+                } => {
+                    *offer = ServiceOffer {
+                        offer_id: std::mem::take(&mut offer.offer_id),
+                        ..Default::default()
+                    };
+                    *answerable = false;
+                }
+                _ => {}
             }
         }
     }
@@ -184,7 +200,7 @@ fn known_records(entry: &Entry) -> Vec<IndexRecord> {
             let group_end = batch.group.as_ref().map_or(0, |g| {
                 seq.checked_sub(u64::from(g.part))
                     .filter(|first| *first >= 1 && g.part < g.count)
-                    .map_or(u64::MAX, |first| first + u64::from(g.count) - 1)
+                    .map_or(NEVER_QUERYABLE, |first| first + u64::from(g.count) - 1)
             });
             let debits = batch
                 .privacy
@@ -239,6 +255,7 @@ fn known_records(entry: &Entry) -> Vec<IndexRecord> {
             seq,
             hash: entry.hash,
             offer: offer.clone(),
+            answerable: true,
         }],
         Some(Payload::Withdrawal(w)) if usable(&w.offer_id) => vec![IndexRecord::Withdrawal {
             origin: origin.clone(),
@@ -312,9 +329,13 @@ mod tests {
         entry.body.payload = with_group(0, 3);
         assert_eq!(end_of(&mut entry), 3);
         entry.body.payload = with_group(5, 9);
-        assert_eq!(end_of(&mut entry), u64::MAX, "a part before seq 1");
+        assert_eq!(end_of(&mut entry), NEVER_QUERYABLE, "a part before seq 1");
         entry.body.payload = with_group(0, 0);
-        assert_eq!(end_of(&mut entry), u64::MAX, "a part outside its count");
+        assert_eq!(
+            end_of(&mut entry),
+            NEVER_QUERYABLE,
+            "a part outside its count"
+        );
     }
 
     #[test]
@@ -367,11 +388,32 @@ mod tests {
         assert_eq!(records_of(&signed_with(indicators.clone(), &[])).len(), 1);
         match records_of(&signed_with(indicators, &unknown_field)).as_slice() {
             [IndexRecord::Observation { group_end, .. }] => assert_eq!(
-                *group_end,
-                u64::MAX,
+                *group_end, NEVER_QUERYABLE,
                 "a cell of an entry with an unknown field is queryable"
             ),
             other => panic!("expected the cell, never queryable: {other:?}"),
+        }
+        // An offer version is still the offer's latest, never answered,
+        // and keeps nothing but its id.
+        let offer = Payload::Offer(ServiceOffer {
+            offer_id: "o1".into(),
+            title: "terms".into(),
+            ..Default::default()
+        });
+        match records_of(&signed_with(offer, &unknown_field)).as_slice() {
+            [IndexRecord::OfferVersion {
+                offer, answerable, ..
+            }] => {
+                assert!(!answerable, "an offer of unknown fields is answerable");
+                assert_eq!(
+                    offer,
+                    &ServiceOffer {
+                        offer_id: "o1".into(),
+                        ..Default::default()
+                    }
+                );
+            }
+            other => panic!("expected the offer version: {other:?}"),
         }
         // A retraction still takes what it names out of answers.
         assert!(matches!(
