@@ -2,7 +2,9 @@
 //! starts and stops without a restart, changes persist and are audited,
 //! and a peer policy limits what a peer may read.
 
-use crate::support::{eventually, make_key, publish_row, stderr, stdout, Spec, TestNode};
+use crate::support::{
+    civex_async, eventually, make_key, publish_row, stderr, stdout, Spec, TestNode,
+};
 
 /// Waits until city-b's node shows city-a's refusal of it as a peer error.
 async fn refused(b: &TestNode, what: &str) {
@@ -199,6 +201,33 @@ async fn a_peer_policy_limits_what_the_peer_may_read() {
     assert!(
         heads_for_b().await.is_empty(),
         "Heads named an origin B may not read"
+    );
+    // `civex feed tail` as B names the origin it is not served and stops,
+    // instead of waiting on it.
+    let b_identity = b.dir.join("tls");
+    let a_key = format!("city-a={}", a.public_key);
+    let b_key = format!("city-b={}", b.public_key);
+    let args = [
+        "--node",
+        &a.address,
+        "--identity",
+        b_identity.to_str().unwrap(),
+        "feed",
+        "tail",
+        "--key",
+        &a_key,
+        "--key",
+        &b_key,
+    ];
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), civex_async(&args))
+        .await
+        .expect("feed tail kept waiting on an origin it is not served");
+    assert!(!out.status.success(), "feed tail went on without city-a");
+    assert!(
+        stderr(&out).contains("the node does not serve origin city-a to this identity")
+            && stderr(&out).contains("peer city-b may read: city-z"),
+        "{}",
+        stderr(&out)
     );
 
     // Allowed city-a (only): B catches up with it.
