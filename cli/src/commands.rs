@@ -1648,6 +1648,7 @@ pub(crate) fn print_report(report: &civex_node::audit::Report, seconds: f64, for
             "seconds": seconds,
             "origins": report.origins.iter().map(|o| json!({
                 "origin": o.origin, "verified": o.verified, "head_seq": o.head_seq, "problem": o.problem,
+                "covered_bad_signatures": o.covered.len(), "first_covered_seq": o.covered.first(),
             })).collect::<Vec<_>>(),
         })),
         Format::Table => {
@@ -1661,7 +1662,16 @@ pub(crate) fn print_report(report: &civex_node::audit::Report, seconds: f64, for
                             o.origin.clone(),
                             o.verified.to_string(),
                             o.head_seq.to_string(),
-                            o.problem.clone().unwrap_or_else(|| "ok".into()),
+                            match (&o.problem, o.covered.first()) {
+                                (Some(problem), _) => problem.clone(),
+                                (None, None) => "ok".into(),
+                                (None, Some(first)) => format!(
+                                    "ok, but {} entries (the first at seq {first}) carry a bad \
+                                     signature of their own: the origin signed later entries over \
+                                     them, so they are authentic; tell the origin's operators",
+                                    o.covered.len()
+                                ),
+                            },
                         ]
                     })
                     .collect::<Vec<_>>(),

@@ -2,15 +2,25 @@
 //! link and every signature (strict Ed25519), and that each head names the
 //! last entry held. The reading thread decodes and checks links while
 //! worker threads check signatures of the chunks already read.
+//!
+//! Replication accepts a range by its links and the signature of its last
+//! entry, so a replica may hold an entry whose own signature is bad: the
+//! origin's key holder signed a later entry over it. Such an entry is
+//! authentic all the same, and the audit agrees with replication: it is
+//! *covered* when the next entry whose own signature replication always
+//! checks (a rotation or roster entry, the last entry before a
+//! replacement's feed, the head) verifies, with every link between. It is
+//! reported, but is no fault of the store. Any other bad signature is.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{
         atomic::{AtomicU64, Ordering},
         mpsc, Arc, Mutex,
     },
 };
 
+use civex_proto::v1::entry_body::Payload;
 use ed25519_dalek::VerifyingKey;
 
 use crate::{
@@ -35,6 +45,9 @@ pub struct OriginReport {
     pub head_seq: u64,
     /// The first fault, if any.
     pub problem: Option<String>,
+    /// Seqs (ascending) of entries whose own signature does not verify
+    /// but a later signature of the origin covers (see the module doc).
+    pub covered: Vec<u64>,
 }
 
 /// Audit of a whole store.
@@ -59,6 +72,10 @@ impl Report {
 /// First fault per origin: (seq, message); the lowest seq wins.
 type Faults = Arc<Mutex<BTreeMap<String, (u64, String)>>>;
 
+/// Every entry whose own signature does not verify, per origin: (seq,
+/// message). Covered or a fault, decided once every chunk is checked.
+type BadSignatures = Mutex<BTreeMap<String, Vec<(u64, String)>>>;
+
 fn record_fault(faults: &Faults, origin: &str, seq: u64, message: String) {
     if let Ok(mut faults) = faults.lock() {
         let slot = faults
@@ -80,20 +97,27 @@ pub fn audit(
 ) -> Result<Report, StoreError> {
     let checked = AtomicU64::new(0);
     let faults: Faults = Arc::default();
+    let bad_signatures = BadSignatures::default();
+    // Per origin, the seqs whose own signature replication always checks,
+    // as far as the entries were read and linked.
+    let mut strict: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
     let heads = store.heads()?;
     let (work, queue) = mpsc::sync_channel::<(VerifyingKey, Vec<Entry>)>(threads * 2);
     let queue = Mutex::new(queue);
     let mut ends: BTreeMap<String, Option<Tip>> = BTreeMap::new();
     std::thread::scope(|scope| -> Result<(), StoreError> {
         for _ in 0..threads.max(1) {
-            let (queue, faults, checked) = (&queue, &faults, &checked);
+            let (queue, bad_signatures, checked) = (&queue, &bad_signatures, &checked);
             scope.spawn(move || loop {
                 let item = queue.lock().ok().and_then(|q| q.recv().ok());
                 let Some((key, entries)) = item else { return };
                 for entry in &entries {
                     if let Err(err) = verify_signature(&key, entry) {
-                        record_fault(faults, &entry.body.origin, entry.body.seq, err.to_string());
-                        break;
+                        if let Ok(mut bad) = bad_signatures.lock() {
+                            bad.entry(entry.body.origin.clone())
+                                .or_default()
+                                .push((entry.body.seq, err.to_string()));
+                        }
                     }
                 }
                 let done = checked.fetch_add(entries.len() as u64, Ordering::Relaxed)
@@ -115,6 +139,7 @@ pub fn audit(
                     continue;
                 };
                 let replacements = keys.replacements(origin);
+                let strict = strict.entry(origin.clone()).or_default();
                 let mut tip: Option<Tip> = None;
                 let mut next = 1;
                 'pages: while next <= head.tip.seq {
@@ -143,6 +168,7 @@ pub fn audit(
                                     replacements.iter().find(|r| r.starts(&t, &entry))
                                 });
                                 if let Some(new_feed) = new_feed {
+                                    strict.extend(tip.map(|t| t.seq));
                                     let full =
                                         std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
                                     if !full.is_empty() {
@@ -152,6 +178,11 @@ pub fn audit(
                                 }
                                 tip = Some(entry.tip());
                                 next += 1;
+                                if rotation.is_some()
+                                    || matches!(entry.body.payload, Some(Payload::Roster(_)))
+                                {
+                                    strict.insert(entry.body.seq);
+                                }
                                 chunk.push(entry);
                                 // A rotation entry is checked with the key
                                 // before it, every later entry with its key.
@@ -179,6 +210,11 @@ pub fn audit(
                         let _ = work.send((key, chunk));
                     }
                 }
+                // The last entry read is the head only if nothing stopped
+                // the reading (a fault, or entries missing).
+                if tip.is_some_and(|t| t.seq == head.tip.seq) {
+                    strict.insert(head.tip.seq);
+                }
                 ends.insert(origin.clone(), tip);
             }
             Ok(())
@@ -188,6 +224,24 @@ pub fn audit(
     })?;
     progress(checked.load(Ordering::Relaxed));
 
+    let mut covered: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let bad_signatures = bad_signatures.into_inner().unwrap_or_default();
+    for (origin, mut bad) in bad_signatures {
+        bad.sort_unstable_by_key(|(seq, _)| *seq);
+        let bad_seqs: BTreeSet<u64> = bad.iter().map(|(seq, _)| *seq).collect();
+        let strict = strict.remove(&origin).unwrap_or_default();
+        for (seq, message) in bad {
+            // The next strict entry, read and linked from this one on.
+            let cover = strict
+                .range(seq..)
+                .next()
+                .filter(|end| **end != seq && !bad_seqs.contains(end));
+            match cover {
+                Some(_) => covered.entry(origin.clone()).or_default().push(seq),
+                None => record_fault(&faults, &origin, seq, message),
+            }
+        }
+    }
     let faults = faults.lock().map(|f| f.clone()).unwrap_or_default();
     let origins = heads
         .iter()
@@ -210,8 +264,124 @@ pub fn audit(
                 verified,
                 head_seq: head.tip.seq,
                 problem,
+                covered: covered.remove(origin).unwrap_or_default(),
             }
         })
         .collect();
     Ok(Report { origins })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        core::feed::{tests::key, GENESIS_PREV_HASH},
+        store::{CommitBatch, Head, SledStore},
+    };
+    use civex_proto::v1::{EntryBody, KeyRotation, OfferWithdrawal};
+    use ed25519_dalek::SigningKey;
+
+    /// A feed of city-a: each payload signed by the key in force, except
+    /// at the seqs in `badly_signed`, signed by another key; every entry
+    /// links to the one before, as the origin's key holder made them.
+    fn feed(payloads: Vec<Payload>, badly_signed: &[u64]) -> Vec<Entry> {
+        let (mut signer, wrong) = (key(1), key(9));
+        let mut entries: Vec<Entry> = Vec::new();
+        for (seq, payload) in (1..).zip(payloads) {
+            // A rotation hands the feed to key(3) (see `rotation`).
+            let next: Option<SigningKey> =
+                matches!(payload, Payload::KeyRotation(_)).then(|| key(3));
+            let body = EntryBody {
+                origin: "city-a".into(),
+                feed_id: vec![7; 16],
+                seq,
+                prev_hash: entries
+                    .last()
+                    .map_or(GENESIS_PREV_HASH, |e| e.hash)
+                    .to_vec(),
+                time_unix_micros: 1,
+                idempotency_key: vec![seq as u8; 16],
+                payload: Some(payload),
+            };
+            let by = if badly_signed.contains(&seq) {
+                &wrong
+            } else {
+                &signer
+            };
+            entries.push(Entry::sign(by, body).unwrap());
+            signer = next.unwrap_or(signer);
+        }
+        entries
+    }
+
+    fn withdrawals(count: usize) -> Vec<Payload> {
+        (0..count)
+            .map(|i| {
+                Payload::Withdrawal(OfferWithdrawal {
+                    offer_id: format!("offer-{i}"),
+                    reason: String::new(),
+                })
+            })
+            .collect()
+    }
+
+    /// Stores `entries` and audits the store: (verified, problem, covered).
+    fn audited(entries: &[Entry]) -> (u64, Option<String>, Vec<u64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
+        let last = entries.last().unwrap();
+        store
+            .commit(&CommitBatch {
+                runs: vec![entries.to_vec()],
+                heads: vec![(
+                    "city-a".into(),
+                    Head {
+                        tip: last.tip(),
+                        received_unix_micros: 0,
+                    },
+                )],
+                index: Vec::new(),
+                idempotency: Vec::new(),
+                conflicts: Vec::new(),
+            })
+            .unwrap();
+        let pinned = [("city-a".to_owned(), key(1).verifying_key())].into();
+        let keys = KeyResolver::new("city-n", key(2).verifying_key(), pinned);
+        let report = audit(&store, &keys, 2, &|_| {}).unwrap();
+        let origin = report.origins.into_iter().next().unwrap();
+        (origin.verified, origin.problem, origin.covered)
+    }
+
+    #[test]
+    fn a_bad_signature_a_later_signature_covers_is_reported_but_no_fault() {
+        let (verified, problem, covered) = audited(&feed(withdrawals(5), &[2, 3]));
+        assert_eq!((verified, problem, covered), (5, None, vec![2, 3]));
+    }
+
+    #[test]
+    fn a_bad_signature_nothing_covers_is_a_fault() {
+        // At the head.
+        let (verified, problem, covered) = audited(&feed(withdrawals(5), &[5]));
+        assert_eq!(verified, 4);
+        assert!(problem.unwrap().contains("seq 5"));
+        assert!(covered.is_empty());
+        // Before a head that is itself badly signed: the first is the fault.
+        let (verified, problem, _) = audited(&feed(withdrawals(5), &[2, 5]));
+        assert_eq!(verified, 1);
+        assert!(problem.unwrap().contains("seq 2"));
+    }
+
+    #[test]
+    fn a_rotation_must_verify_on_its_own_and_covers_what_comes_before() {
+        let mut payloads = withdrawals(4);
+        payloads[2] = Payload::KeyRotation(KeyRotation {
+            new_key: key(3).verifying_key().to_bytes().to_vec(),
+        });
+        let (verified, problem, covered) = audited(&feed(payloads.clone(), &[3]));
+        assert_eq!(verified, 2);
+        assert!(problem.unwrap().contains("seq 3"), "a bad rotation passed");
+        assert!(covered.is_empty());
+        let (verified, problem, covered) = audited(&feed(payloads, &[2]));
+        assert_eq!((verified, problem, covered), (4, None, vec![2]));
+    }
 }

@@ -29,7 +29,7 @@ use ed25519_dalek::SigningKey;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::support::{eventually, issue_identity, stderr, stdout, Spec, TestNode};
+use crate::support::{civex_async, eventually, issue_identity, stderr, stdout, Spec, TestNode};
 
 /// A feed of `origin` signed with `key`, with entries made on demand.
 struct Forger {
@@ -426,4 +426,74 @@ async fn a_newer_builds_entries_supersede_and_are_never_answered_stale() {
         stderr(&out)
     );
     assert_eq!(node.head("city-n").await.0, 0, "something was published");
+}
+
+/// An origin's key holder may sign an entry badly and sign later entries
+/// over it: replication takes the range (its links and last signature
+/// hold), and so do `civex verify`, which reports it, and a restore of the
+/// node's backup (spec rule 7: the entry is covered by the origin's
+/// signature, nothing in the store was changed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_the_origin_signed_badly_but_covered_verifies_and_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Forger::new(1, "city-a");
+    // Another key, in city-a's feed.
+    let wrong = Forger {
+        key: SigningKey::from_bytes(&[9; 32]),
+        ..Forger::new(1, "city-a")
+    };
+    let mut feed: Vec<Entry> = Vec::new();
+    for seq in 1..=3 {
+        let prev = feed
+            .last()
+            .map_or(GENESIS_PREV_HASH.to_vec(), |e| e.hash.to_vec());
+        let by = if seq == 2 { &wrong } else { &a };
+        feed.push(Forger::entry(by, seq, &prev, "signed by the origin"));
+    }
+    let own_drained = pb::SubscribeResponse {
+        event: Some(Event::Drained(pb::BacklogDrained {
+            origin: "city-n".into(),
+            head_seq: 0,
+        })),
+    };
+    let signed = feed.iter().map(|e| e.signed.clone()).collect();
+    let step = vec![batch("city-a", signed), own_drained];
+    let (m_address, _) = serve_script(&dir.path().join("m"), vec![step]).await;
+    let mut node = TestNode::start(
+        &dir.path().join("node"),
+        Spec::new("city-n")
+            .peer("city-m", &m_address)
+            .trust("city-a", &public_key_hex(&a.key.verifying_key()))
+            .allow_without_peers(),
+    )
+    .await;
+    eventually("the range to be taken", || async {
+        node.head("city-a").await.0 == 3
+    })
+    .await;
+    let file = dir.path().join("node.backup");
+    let out = node.cli(&["backup", "--out", file.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    node.stop().await;
+
+    let config = node.config_path();
+    let verify = ["verify", "--config", config.to_str().unwrap()];
+    let out = civex_async(&verify).await;
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("ok, but 1 entries (the first at seq 2) carry a bad signature"),
+        "{}",
+        stdout(&out)
+    );
+    std::fs::remove_dir_all(node.dir.join("data")).unwrap();
+    let out = civex_async(&[
+        "restore",
+        "--config",
+        config.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = civex_async(&verify).await;
+    assert!(out.status.success(), "{}", stdout(&out));
 }
