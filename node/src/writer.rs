@@ -549,7 +549,7 @@ mod tests {
         };
         let store = open(dir.path(), Some(hook));
         let after_open = syncs.load(Ordering::SeqCst);
-        let (writer, _thread) = Writer::start(store).unwrap();
+        let (writer, _thread) = Writer::start(store.clone()).unwrap();
         let origins: Vec<Vec<Entry>> = (0..20u8)
             .map(|i| chain(&key(i + 1), &format!("city-{i}"), 1))
             .collect();
@@ -570,10 +570,18 @@ mod tests {
         for answer in &mut answers {
             assert!(answer.try_recv().is_err(), "acked before the sync finished");
         }
+        // Nor are the heads durable yet, though sled already shows those
+        // of the commit inside the sync.
+        assert!(!store.heads().unwrap().is_empty());
+        assert!(
+            writer.heads().is_empty(),
+            "a head was named durable before its sync"
+        );
         drop(closed);
         for answer in answers {
             assert_eq!(answer.await.unwrap().unwrap().new, 1);
         }
+        assert_eq!(writer.heads().len(), 20, "acked heads are not durable");
         let syncs = syncs.load(Ordering::SeqCst) - after_open;
         assert!(
             syncs < 20,
