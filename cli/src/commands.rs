@@ -1648,7 +1648,7 @@ pub(crate) fn print_report(report: &civex_node::audit::Report, seconds: f64, for
             "seconds": seconds,
             "origins": report.origins.iter().map(|o| json!({
                 "origin": o.origin, "verified": o.verified, "head_seq": o.head_seq, "problem": o.problem,
-                "covered_bad_signatures": o.covered.len(), "first_covered_seq": o.covered.first(),
+                "covered_bad_signatures": o.covered, "first_covered_seq": o.first_covered,
             })).collect::<Vec<_>>(),
         })),
         Format::Table => {
@@ -1662,14 +1662,14 @@ pub(crate) fn print_report(report: &civex_node::audit::Report, seconds: f64, for
                             o.origin.clone(),
                             o.verified.to_string(),
                             o.head_seq.to_string(),
-                            match (&o.problem, o.covered.first()) {
+                            match (&o.problem, o.first_covered) {
                                 (Some(problem), _) => problem.clone(),
                                 (None, None) => "ok".into(),
                                 (None, Some(first)) => format!(
-                                    "ok, but {} entries (the first at seq {first}) carry a bad \
-                                     signature of their own: the origin signed later entries over \
-                                     them, so they are authentic; tell the origin's operators",
-                                    o.covered.len()
+                                    "ok; entries whose own signature is bad, covered by the \
+                                     origin's later signatures (so authentic): {}, the first at \
+                                     seq {first}; tell the origin's operators",
+                                    o.covered
                                 ),
                             },
                         ]

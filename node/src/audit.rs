@@ -24,7 +24,7 @@ use civex_proto::v1::entry_body::Payload;
 use ed25519_dalek::VerifyingKey;
 
 use crate::{
-    core::feed::{check_link, rotation_key, verify_signature, Entry, Tip},
+    core::feed::{check_link, rotation_key, verify_signature, Entry, FeedError, Tip},
     keys::KeyResolver,
     store::{Store, StoreError},
 };
@@ -45,9 +45,11 @@ pub struct OriginReport {
     pub head_seq: u64,
     /// The first fault, if any.
     pub problem: Option<String>,
-    /// Seqs (ascending) of entries whose own signature does not verify
-    /// but a later signature of the origin covers (see the module doc).
-    pub covered: Vec<u64>,
+    /// Entries, before any fault, whose own signature does not verify but
+    /// a later signature of the origin covers (see the module doc).
+    pub covered: u64,
+    /// The lowest seq among them.
+    pub first_covered: Option<u64>,
 }
 
 /// Audit of a whole store.
@@ -72,9 +74,23 @@ impl Report {
 /// First fault per origin: (seq, message); the lowest seq wins.
 type Faults = Arc<Mutex<BTreeMap<String, (u64, String)>>>;
 
-/// Every entry whose own signature does not verify, per origin: (seq,
-/// message). Covered or a fault, decided once every chunk is checked.
-type BadSignatures = Mutex<BTreeMap<String, Vec<(u64, String)>>>;
+/// Bad signatures found in one chunk of entries. A chunk never holds an
+/// entry whose own signature replication always checks, but as its last.
+#[derive(Debug, Clone, Copy)]
+struct BadChunk {
+    /// Seq of the chunk's last entry.
+    last: u64,
+    /// Seq of its first entry with a bad signature.
+    first_bad: u64,
+    /// How many of its entries have one.
+    bad: u64,
+    /// Whether its last entry is one of them.
+    last_bad: bool,
+}
+
+/// The chunks with bad signatures, per origin: covered or a fault, decided
+/// once every chunk is checked. Bounded by the chunk count, not entries.
+type BadChunks = Mutex<BTreeMap<String, Vec<BadChunk>>>;
 
 fn record_fault(faults: &Faults, origin: &str, seq: u64, message: String) {
     if let Ok(mut faults) = faults.lock() {
@@ -97,7 +113,7 @@ pub fn audit(
 ) -> Result<Report, StoreError> {
     let checked = AtomicU64::new(0);
     let faults: Faults = Arc::default();
-    let bad_signatures = BadSignatures::default();
+    let bad_chunks = BadChunks::default();
     // Per origin, the seqs whose own signature replication always checks,
     // as far as the entries were read and linked.
     let mut strict: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
@@ -107,16 +123,28 @@ pub fn audit(
     let mut ends: BTreeMap<String, Option<Tip>> = BTreeMap::new();
     std::thread::scope(|scope| -> Result<(), StoreError> {
         for _ in 0..threads.max(1) {
-            let (queue, bad_signatures, checked) = (&queue, &bad_signatures, &checked);
+            let (queue, bad_chunks, checked) = (&queue, &bad_chunks, &checked);
             scope.spawn(move || loop {
                 let item = queue.lock().ok().and_then(|q| q.recv().ok());
                 let Some((key, entries)) = item else { return };
-                for entry in &entries {
-                    if let Err(err) = verify_signature(&key, entry) {
-                        if let Ok(mut bad) = bad_signatures.lock() {
-                            bad.entry(entry.body.origin.clone())
+                let bad: Vec<u64> = entries
+                    .iter()
+                    .filter(|entry| verify_signature(&key, entry).is_err())
+                    .map(|entry| entry.body.seq)
+                    .collect();
+                if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
+                    if !bad.is_empty() {
+                        let chunk = BadChunk {
+                            last: last.body.seq,
+                            first_bad: bad[0],
+                            bad: bad.len() as u64,
+                            last_bad: bad.last() == Some(&last.body.seq),
+                        };
+                        if let Ok(mut chunks) = bad_chunks.lock() {
+                            chunks
+                                .entry(first.body.origin.clone())
                                 .or_default()
-                                .push((entry.body.seq, err.to_string()));
+                                .push(chunk);
                         }
                     }
                 }
@@ -178,20 +206,20 @@ pub fn audit(
                                 }
                                 tip = Some(entry.tip());
                                 next += 1;
-                                if rotation.is_some()
-                                    || matches!(entry.body.payload, Some(Payload::Roster(_)))
-                                {
+                                let roster = matches!(entry.body.payload, Some(Payload::Roster(_)));
+                                if rotation.is_some() || roster {
                                     strict.insert(entry.body.seq);
                                 }
                                 chunk.push(entry);
                                 // A rotation entry is checked with the key
-                                // before it, every later entry with its key.
+                                // before it, every later entry with its key;
+                                // each strict entry ends its chunk.
                                 if let Some(new_key) = rotation {
                                     let full =
                                         std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
                                     let _ = work.send((key, full));
                                     key = new_key;
-                                } else if chunk.len() == CHUNK {
+                                } else if roster || chunk.len() == CHUNK {
                                     let full =
                                         std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
                                     let _ = work.send((key, full));
@@ -224,21 +252,32 @@ pub fn audit(
     })?;
     progress(checked.load(Ordering::Relaxed));
 
-    let mut covered: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    let bad_signatures = bad_signatures.into_inner().unwrap_or_default();
-    for (origin, mut bad) in bad_signatures {
-        bad.sort_unstable_by_key(|(seq, _)| *seq);
-        let bad_seqs: BTreeSet<u64> = bad.iter().map(|(seq, _)| *seq).collect();
+    // Chunks whose bad signatures are covered, per origin.
+    let mut covered: BTreeMap<String, Vec<BadChunk>> = BTreeMap::new();
+    let bad_chunks = bad_chunks.into_inner().unwrap_or_default();
+    for (origin, chunks) in bad_chunks {
         let strict = strict.remove(&origin).unwrap_or_default();
-        for (seq, message) in bad {
-            // The next strict entry, read and linked from this one on.
+        let bad_ends: BTreeSet<u64> = chunks
+            .iter()
+            .filter(|c| c.last_bad)
+            .map(|c| c.last)
+            .collect();
+        for chunk in chunks {
+            // The next strict entry, read and linked from the chunk's first
+            // bad signature on: at the chunk's end or after it.
             let cover = strict
-                .range(seq..)
+                .range(chunk.first_bad..)
                 .next()
-                .filter(|end| **end != seq && !bad_seqs.contains(end));
+                .filter(|end| !bad_ends.contains(end));
             match cover {
-                Some(_) => covered.entry(origin.clone()).or_default().push(seq),
-                None => record_fault(&faults, &origin, seq, message),
+                Some(_) => covered.entry(origin.clone()).or_default().push(chunk),
+                None => {
+                    let problem = FeedError::BadSignature {
+                        origin: origin.clone(),
+                        seq: chunk.first_bad,
+                    };
+                    record_fault(&faults, &origin, chunk.first_bad, problem.to_string());
+                }
             }
         }
     }
@@ -259,12 +298,21 @@ pub fn audit(
                 ),
                 None => (head.tip.seq, None),
             };
+            // Only what lies before the first fault is covered: after it,
+            // nothing is authenticated.
+            let covered: Vec<BadChunk> = covered
+                .remove(origin)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|c| c.last <= verified)
+                .collect();
             OriginReport {
                 origin: origin.clone(),
                 verified,
                 head_seq: head.tip.seq,
                 problem,
-                covered: covered.remove(origin).unwrap_or_default(),
+                covered: covered.iter().map(|c| c.bad).sum(),
+                first_covered: covered.iter().map(|c| c.first_bad).min(),
             }
         })
         .collect();
@@ -325,8 +373,9 @@ mod tests {
             .collect()
     }
 
-    /// Stores `entries` and audits the store: (verified, problem, covered).
-    fn audited(entries: &[Entry]) -> (u64, Option<String>, Vec<u64>) {
+    /// Stores `entries` and audits the store: (verified, problem, covered
+    /// count, first covered).
+    fn audited(entries: &[Entry]) -> (u64, Option<String>, (u64, Option<u64>)) {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 1 << 22).unwrap();
         let last = entries.last().unwrap();
@@ -349,13 +398,17 @@ mod tests {
         let keys = KeyResolver::new("city-n", key(2).verifying_key(), pinned);
         let report = audit(&store, &keys, 2, &|_| {}).unwrap();
         let origin = report.origins.into_iter().next().unwrap();
-        (origin.verified, origin.problem, origin.covered)
+        (
+            origin.verified,
+            origin.problem,
+            (origin.covered, origin.first_covered),
+        )
     }
 
     #[test]
     fn a_bad_signature_a_later_signature_covers_is_reported_but_no_fault() {
         let (verified, problem, covered) = audited(&feed(withdrawals(5), &[2, 3]));
-        assert_eq!((verified, problem, covered), (5, None, vec![2, 3]));
+        assert_eq!((verified, problem, covered), (5, None, (2, Some(2))));
     }
 
     #[test]
@@ -364,7 +417,7 @@ mod tests {
         let (verified, problem, covered) = audited(&feed(withdrawals(5), &[5]));
         assert_eq!(verified, 4);
         assert!(problem.unwrap().contains("seq 5"));
-        assert!(covered.is_empty());
+        assert_eq!(covered, (0, None));
         // Before a head that is itself badly signed: the first is the fault.
         let (verified, problem, _) = audited(&feed(withdrawals(5), &[2, 5]));
         assert_eq!(verified, 1);
@@ -380,8 +433,16 @@ mod tests {
         let (verified, problem, covered) = audited(&feed(payloads.clone(), &[3]));
         assert_eq!(verified, 2);
         assert!(problem.unwrap().contains("seq 3"), "a bad rotation passed");
-        assert!(covered.is_empty());
-        let (verified, problem, covered) = audited(&feed(payloads, &[2]));
-        assert_eq!((verified, problem, covered), (4, None, vec![2]));
+        assert_eq!(covered, (0, None));
+        let (verified, problem, covered) = audited(&feed(payloads.clone(), &[2]));
+        assert_eq!((verified, problem, covered), (4, None, (1, Some(2))));
+        // After a bad rotation nothing is authenticated: an entry the
+        // head would otherwise cover is not reported as covered.
+        let mut longer = payloads;
+        longer.extend(withdrawals(2));
+        let (verified, problem, covered) = audited(&feed(longer, &[3, 5]));
+        assert_eq!(verified, 2);
+        assert!(problem.unwrap().contains("seq 3"));
+        assert_eq!(covered, (0, None));
     }
 }

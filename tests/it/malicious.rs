@@ -481,7 +481,7 @@ async fn an_entry_the_origin_signed_badly_but_covered_verifies_and_restores() {
     let out = civex_async(&verify).await;
     assert!(out.status.success(), "{}", stdout(&out));
     assert!(
-        stdout(&out).contains("ok, but 1 entries (the first at seq 2) carry a bad signature"),
+        stdout(&out).contains("entries whose own signature is bad, covered by the origin's later signatures (so authentic): 1, the first at seq 2"),
         "{}",
         stdout(&out)
     );
