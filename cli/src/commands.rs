@@ -531,7 +531,16 @@ pub(crate) fn parse_time(field: &str, text: &str) -> anyhow::Result<i64> {
     Ok(seconds as i64)
 }
 
+/// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
+const LAST_RFC3339_SECOND: i64 = 253_402_300_799;
+
+/// A time in a signed entry, for people. Any i64 may arrive from a peer's
+/// feed: times past year 9999 are named so, never formatted (humantime
+/// cannot), and times before 1970 read as 1970.
 fn format_unix(seconds: i64) -> String {
+    if seconds > LAST_RFC3339_SECOND {
+        return "after 9999-12-31".into();
+    }
     let time = std::time::UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64);
     humantime::format_rfc3339_seconds(time).to_string()
 }
@@ -540,8 +549,7 @@ fn format_micros(micros: i64) -> String {
     if micros <= 0 {
         return "-".into();
     }
-    let time = std::time::UNIX_EPOCH + Duration::from_micros(micros as u64);
-    humantime::format_rfc3339_seconds(time).to_string()
+    format_unix(micros / 1_000_000)
 }
 
 fn area_arg(text: &str) -> anyhow::Result<i32> {
@@ -1687,5 +1695,21 @@ pub(crate) fn print_report(report: &civex_node::audit::Report, seconds: f64, for
                 }
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_time_a_peer_signs_can_be_shown() {
+        assert_eq!(format_unix(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_unix(-5), "1970-01-01T00:00:00Z");
+        assert_eq!(format_unix(LAST_RFC3339_SECOND), "9999-12-31T23:59:59Z");
+        assert_eq!(format_unix(LAST_RFC3339_SECOND + 1), "after 9999-12-31");
+        assert_eq!(format_unix(i64::MAX), "after 9999-12-31");
+        assert_eq!(format_micros(i64::MAX), "after 9999-12-31");
+        assert_eq!(format_micros(1_500_000), "1970-01-01T00:00:01Z");
     }
 }
