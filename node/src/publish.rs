@@ -384,8 +384,9 @@ pub enum PublishError {
     /// The writer refused or failed.
     #[error("{0}")]
     Write(#[from] WriteError),
-    /// Disclosure control refuses the publish (privacy budget, a revision
-    /// that earlier versions would reveal).
+    /// What the node holds refuses the publish: disclosure control (privacy
+    /// budget, a revision that earlier versions would reveal), or a
+    /// response to an offer version this build cannot read.
     #[error("{0}")]
     Refused(String),
 }
@@ -1415,10 +1416,10 @@ impl Sequencer {
                                 ))
                             })?;
                         if !latest.answerable {
-                            return Err(PublishError::Invalid(format!(
+                            return Err(PublishError::Refused(format!(
                                 "offer: the latest version of {offer_id:?} of {offer_origin:?} \
                                  has fields this build of civex does not know; upgrade to read \
-                                 it before answering, or name the version hash"
+                                 it before answering, or name the hash of a version you have read"
                             )));
                         }
                         latest.hash
