@@ -67,9 +67,13 @@ use crate::core::{
 mod entry_log;
 
 /// Format version this build writes (2: bulk entry bytes in the entry
-/// log). It reads version 1 too, which has only chunks in sled, and marks
-/// such a store version 2 when it opens it.
-pub const FORMAT_VERSION: u32 = 2;
+/// log; 3: offer records that mark a version never answered, conflict
+/// evidence in two values). It reads versions 1 (only chunks in sled) and
+/// 2 too, and marks such a store version 3 when it opens it, so that an
+/// older build refuses the store instead of misreading those records.
+/// Offer versions of entries with unknown fields that a version 2 build
+/// stored were not indexed, and are not indexed on upgrade either.
+pub const FORMAT_VERSION: u32 = 3;
 /// Key of the entry log's recorded length.
 const LOG_END_KEY: &[u8] = b"mlog_end";
 /// First byte of an `e|` value holding the chunk itself.
@@ -515,7 +519,7 @@ fn check_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
                 .map(u32::from_be_bytes);
             match version {
                 Some(FORMAT_VERSION) => {}
-                Some(1) => {
+                Some(1 | 2) => {
                     db.insert(key, &FORMAT_VERSION.to_be_bytes())
                         .map_err(sled_error(path))?;
                 }
@@ -1767,23 +1771,31 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_store_opens_and_becomes_version_2() {
-        let dir = tempfile::tempdir().unwrap();
-        let entries = chain(&key(1), "city-a", 3);
-        {
+    fn stores_of_versions_1_and_2_open_and_become_the_current_version() {
+        for old in [1u32, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let entries = chain(&key(1), "city-a", 3);
+            {
+                let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+                store.commit(&commit_of(&entries)).unwrap();
+                store.db.insert(b"mformat", &old.to_be_bytes()).unwrap();
+                store.db.flush().unwrap();
+            }
+            // A store of format 1 has no entry log.
+            if old == 1 {
+                std::fs::remove_file(dir.path().join(entry_log::FILE_NAME)).unwrap();
+            }
             let store = SledStore::open(dir.path(), 16 << 20).unwrap();
-            store.commit(&commit_of(&entries)).unwrap();
-            store.db.insert(b"mformat", &1u32.to_be_bytes()).unwrap();
-            store.db.flush().unwrap();
+            let all = store.entries("city-a", 1, 10, usize::MAX).unwrap();
+            assert_eq!(all.len(), 3);
+            assert_eq!(all[2], entries[2].signed);
+            let version = store.db.get(b"mformat").unwrap().unwrap();
+            assert_eq!(
+                version.as_ref(),
+                &FORMAT_VERSION.to_be_bytes(),
+                "from {old}"
+            );
         }
-        // A store of format 1 has no entry log.
-        std::fs::remove_file(dir.path().join(entry_log::FILE_NAME)).unwrap();
-        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
-        let all = store.entries("city-a", 1, 10, usize::MAX).unwrap();
-        assert_eq!(all.len(), 3);
-        assert_eq!(all[2], entries[2].signed);
-        let version = store.db.get(b"mformat").unwrap().unwrap();
-        assert_eq!(version.as_ref(), &FORMAT_VERSION.to_be_bytes());
     }
 
     #[test]
