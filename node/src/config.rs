@@ -950,6 +950,45 @@ mod tests {
     }
 
     #[test]
+    fn the_region_examples_are_valid_and_agree_with_each_other() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/region");
+        let load = |name: &str| {
+            Config::load(&dir.join(format!("{name}.toml")), std::iter::empty())
+                .unwrap_or_else(|e| panic!("deploy/region/{name}.toml: {e}"))
+        };
+        let hub = load("hub");
+        let cities: Vec<Config> = ["sao-carlos", "campinas", "sorocaba"]
+            .into_iter()
+            .map(load)
+            .collect();
+        // The hub peers with every city, by the origin each one has.
+        let mut peered: Vec<&str> = hub
+            .peers
+            .iter()
+            .map(|p| p.origin.as_deref().unwrap())
+            .collect();
+        let mut origins: Vec<&str> = cities.iter().map(|c| c.origin.as_str()).collect();
+        peered.sort();
+        origins.sort();
+        assert_eq!(peered, origins, "the hub's peers are not the cities");
+        assert_eq!(hub.federation.roster_origin.as_deref(), Some(&*hub.origin));
+        for city in &cities {
+            // Each city: the hub its only peer, only the hub's key pinned,
+            // the hub's roster.
+            let peers: Vec<&str> = city
+                .peers
+                .iter()
+                .map(|p| p.origin.as_deref().unwrap())
+                .collect();
+            assert_eq!(peers, [&*hub.origin], "{}", city.origin);
+            let pinned: Vec<String> = city.pinned_keys().unwrap().into_keys().collect();
+            assert_eq!(pinned, [hub.origin.as_str()], "{}", city.origin);
+            assert_eq!(city.federation.roster_origin, hub.federation.roster_origin);
+            assert_eq!(city.tls.mode, TlsMode::Mutual);
+        }
+    }
+
+    #[test]
     fn environment_overrides_apply_and_are_checked() {
         let text = template("city-a", "A", "127.0.0.1:7400");
         let config = load(

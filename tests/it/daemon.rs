@@ -204,3 +204,69 @@ async fn a_subscriber_that_stops_reading_blocks_neither_publishing_nor_shutdown(
         .unwrap();
     assert!(status.success(), "civex-node exited with {status}");
 }
+
+/// `deploy/civex-node.service`: systemd accepts it, and its command, run as
+/// it says (a test node directory standing for /srv/civex), starts a node
+/// that SIGTERM, its stop signal, ends cleanly within its stop timeout.
+#[test]
+fn the_systemd_unit_verifies_and_its_command_runs_a_node() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let unit = std::fs::read_to_string(deploy.join("civex-node.service")).unwrap();
+    let setting = |name: &str| -> String {
+        let prefix = format!("{name}=");
+        unit.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("the unit has no {name}="))
+            .to_owned()
+    };
+    let node_dir = setting("WorkingDirectory");
+    assert_eq!(
+        setting("ReadWritePaths"),
+        node_dir,
+        "the node may not write its directory"
+    );
+    assert_eq!(setting("UMask"), "0077");
+    assert_eq!(setting("KillSignal"), "SIGTERM");
+    let exec = setting("ExecStart");
+    let command: Vec<&str> = exec.split_whitespace().collect();
+    let config = format!("{node_dir}/node.toml");
+    assert_eq!(command[0], "/usr/local/bin/civex-node");
+    assert_eq!(command[1..], ["--config", config.as_str()]);
+    let grace = civex_node::config::Config::load(&deploy.join("node.toml"), std::iter::empty())
+        .unwrap()
+        .limits
+        .shutdown_grace_ms;
+    let stop_ms = setting("TimeoutStopSec").parse::<u64>().unwrap() * 1000;
+    assert!(
+        stop_ms > grace,
+        "systemd would kill the node inside its shutdown grace"
+    );
+
+    // systemd checks the unit, with ExecStart naming the binary built here.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("civex-node.service");
+    let built = crate::support::bin("civex-node");
+    std::fs::write(&copy, unit.replace(command[0], built.to_str().unwrap())).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package; .ci/run installs it) is needed");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The unit's arguments, with the test's node directory for its own.
+    let node = dir.path().join("node");
+    write_node_dir(&node, &Spec::new("city-a"), "127.0.0.1:0");
+    let args: Vec<String> = command[1..]
+        .iter()
+        .map(|a| a.replace(&node_dir, node.to_str().unwrap()))
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = ChildNode::start_with(&node, &args);
+    let status = child.sigterm();
+    assert!(status.success(), "{status}: {}", child.log_text());
+}

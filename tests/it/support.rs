@@ -859,6 +859,13 @@ impl ChildNode {
     /// Starts `civex-node --config` for a node dir prepared with
     /// [`write_node_dir`] (listen 127.0.0.1:0).
     pub fn start(dir: &Path) -> Self {
+        let config = dir.join("node.toml");
+        Self::start_with(dir, &["--config", config.to_str().unwrap()])
+    }
+
+    /// Starts `civex-node ARGS --address-file DIR/address`, logging to
+    /// `DIR/node.log`.
+    pub fn start_with(dir: &Path, args: &[&str]) -> Self {
         let address_file = dir.join("address");
         let _ = std::fs::remove_file(&address_file);
         let log = dir.join("node.log");
@@ -868,8 +875,7 @@ impl ChildNode {
             .open(&log)
             .unwrap();
         let mut child = Command::new(bin("civex-node"))
-            .arg("--config")
-            .arg(dir.join("node.toml"))
+            .args(args)
             .arg("--address-file")
             .arg(&address_file)
             .stdin(Stdio::null())
