@@ -1098,12 +1098,27 @@ impl Sequencer {
                 && tokio::runtime::Handle::current().runtime_flavor()
                     == tokio::runtime::RuntimeFlavor::MultiThread;
             let (key, fingerprint, request) = (queued.key, queued.fingerprint, queued.request);
-            let signed = if heavy {
-                tokio::task::block_in_place(|| {
+            // A bug that panics on some request must not stop every later
+            // publish: that request is refused, nothing of it was sent to
+            // the writer, and the cached tables it may have touched go.
+            let guarded = || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     self.sign(key, fingerprint, request, tip, &replacements)
+                }))
+                .unwrap_or_else(|_| {
+                    self.tables.borrow_mut().clear();
+                    tracing::error!("a publish request made the node fail; it was refused");
+                    Err(PublishError::Internal(
+                        "this request made the node fail (a bug: please report it); nothing \
+                         of it was published"
+                            .into(),
+                    ))
                 })
+            };
+            let signed = if heavy {
+                tokio::task::block_in_place(guarded)
             } else {
-                self.sign(key, fingerprint, request, tip, &replacements)
+                guarded()
             };
             match signed {
                 Ok((signed, record)) => {

@@ -227,6 +227,13 @@ async fn bad_requests_name_the_field_and_publish_nothing() {
             key(),
             "row 1: period",
         ),
+        // Once made the publisher fail for good (a byte slice inside 'é'):
+        // the cases after it show it goes on.
+        (
+            vec![row("x", "city-a", "2025-é1", 1.0, 9)],
+            key(),
+            "row 1: period: \"2025-é1\" is not an ISO 8601 period",
+        ),
         (vec![good(), good()], key(), "appears twice"),
         (
             vec![
@@ -297,6 +304,15 @@ async fn bad_requests_name_the_field_and_publish_nothing() {
         "a refused request changed the feed"
     );
     assert!(node.status().await.heads.is_empty());
+    let receipt = publisher
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows: vec![good()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(receipt.seq, 1, "publishing does not go on after refusals");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

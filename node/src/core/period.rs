@@ -14,6 +14,10 @@ impl Period {
     pub fn parse(text: &str) -> Result<Self, String> {
         let bad =
             || format!("{text:?} is not an ISO 8601 period (YYYY, YYYY-Sn, YYYY-Qn or YYYY-MM)");
+        // Every valid period is ASCII; the slicing below counts bytes.
+        if !text.is_ascii() {
+            return Err(bad());
+        }
         let (year, rest) = match text.split_once('-') {
             Some((year, rest)) => (year, Some(rest)),
             None => (text, None),
@@ -78,7 +82,19 @@ mod tests {
         assert_eq!(Period::parse("2025-07").unwrap().first_month, 2025 * 12 + 6);
         assert_eq!(Period::parse("2025-S2").unwrap().last_month, 2025 * 12 + 11);
         for bad in [
-            "", "25", "2025-13", "2025-Q5", "2025-Q", "2025-7", "2025-W01", "abcd", "2025-Q12",
+            "",
+            "25",
+            "2025-13",
+            "2025-Q5",
+            "2025-Q",
+            "2025-7",
+            "2025-W01",
+            "abcd",
+            "2025-Q12",
+            "2025-é1",
+            "2025-–1",
+            "２０２５",
+            "2025-",
         ] {
             assert!(Period::parse(bad).is_err(), "{bad}");
         }
