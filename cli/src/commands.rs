@@ -319,8 +319,15 @@ fn print_receipt(format: Format, receipt: &pb::Receipt) {
 
 /// Reads a CSV or JSON indicator file; errors read `FILE:LINE: column: what`.
 pub(crate) fn read_rows(file: &Path) -> anyhow::Result<Vec<InputRow>> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let bytes = std::fs::read(file).with_context(|| format!("{}: cannot read", file.display()))?;
+    let text = String::from_utf8(bytes).map_err(|err| {
+        let valid = &err.as_bytes()[..err.utf8_error().valid_up_to()];
+        let line = 1 + valid.iter().filter(|b| **b == b'\n').count();
+        anyhow!(
+            "{}:{line}: not UTF-8 text (save the file as UTF-8; nothing was published)",
+            file.display()
+        )
+    })?;
     let is_json = file
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));

@@ -289,6 +289,41 @@ fn check_columns<'a>(
     Ok(())
 }
 
+/// The line (1-based) a CSV record starts on, from its byte offset: csv's
+/// own line count stops before a CRLF's `\n` and before skipped blank
+/// lines. Records come in order, so the count goes on from the last one.
+struct LineOf<'a> {
+    text: &'a [u8],
+    at: usize,
+    line: u64,
+}
+
+impl<'a> LineOf<'a> {
+    fn new(text: &'a str) -> Self {
+        Self {
+            text: text.as_bytes(),
+            at: 0,
+            line: 1,
+        }
+    }
+
+    fn line_of(&mut self, byte: u64) -> u64 {
+        let mut start = usize::try_from(byte).map_or(self.text.len(), |b| b.min(self.text.len()));
+        while start < self.text.len() && matches!(self.text[start], b'\r' | b'\n') {
+            start += 1;
+        }
+        if start < self.at {
+            (self.at, self.line) = (0, 1);
+        }
+        self.line += self.text[self.at..start]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count() as u64;
+        self.at = start;
+        self.line
+    }
+}
+
 /// Parses CSV with a header row.
 pub fn parse_csv(text: &str) -> Result<Vec<InputRow>, RowError> {
     let mut reader = csv::ReaderBuilder::new()
@@ -302,9 +337,10 @@ pub fn parse_csv(text: &str) -> Result<Vec<InputRow>, RowError> {
     let header_names: Vec<&str> = headers.iter().map(str::trim).collect();
     check_columns(header_names.iter().copied(), 1)?;
     let mut rows = Vec::new();
+    let mut lines = LineOf::new(text);
     for (index, record) in reader.records().enumerate() {
         let record = record.map_err(|err| {
-            let line = err.position().map_or(0, |p| p.line());
+            let line = err.position().map_or(0, |p| lines.line_of(p.byte()));
             let message = match err.kind() {
                 csv::ErrorKind::UnequalLengths {
                     expected_len, len, ..
@@ -315,7 +351,7 @@ pub fn parse_csv(text: &str) -> Result<Vec<InputRow>, RowError> {
             };
             RowError::new(index + 1, line, "row", message)
         })?;
-        let line = record.position().map_or(0, |p| p.line());
+        let line = record.position().map_or(0, |p| lines.line_of(p.byte()));
         let fields: HashMap<&str, String> = header_names
             .iter()
             .copied()
@@ -329,8 +365,18 @@ pub fn parse_csv(text: &str) -> Result<Vec<InputRow>, RowError> {
 /// Parses a JSON array of row objects. Each object's line is found by a
 /// scan for the top-level array elements, so errors name the line.
 pub fn parse_json(text: &str) -> Result<Vec<InputRow>, RowError> {
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|err| RowError::new(0, err.line() as u64, "json", err.to_string()))?;
+    // A byte order mark, as some editors write, is not JSON.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|err| {
+        let line = err.line() as u64;
+        // serde_json's message ends with its position, the line named already.
+        let message = err.to_string();
+        let message = message
+            .rsplit_once(" at line ")
+            .map_or(message.as_str(), |(m, _)| m)
+            .to_owned();
+        RowError::new(0, line, "json", message)
+    })?;
     let serde_json::Value::Array(items) = value else {
         return Err(RowError::new(
             0,
@@ -340,9 +386,13 @@ pub fn parse_json(text: &str) -> Result<Vec<InputRow>, RowError> {
         ));
     };
     let lines = element_lines(text);
+    let repeated: Vec<RepeatedKey> = serde_json::from_str(text).unwrap_or_default();
     let mut rows = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
         let line = lines.get(index).copied().unwrap_or(0);
+        if let Some(RepeatedKey(Some(key))) = repeated.get(index) {
+            return Err(RowError::new(index + 1, line, key, "column appears twice"));
+        }
         let serde_json::Value::Object(object) = item else {
             return Err(RowError::new(
                 index + 1,
@@ -385,12 +435,13 @@ pub fn parse_json(text: &str) -> Result<Vec<InputRow>, RowError> {
                         ),
                     ))
                 }
+                // Named by type only: a value may be a count of contributors.
                 other => {
                     return Err(RowError::new(
                         index + 1,
                         line,
                         key,
-                        format!("expected a string or number, found {other}"),
+                        format!("expected a string or number, found {}", json_type(other)),
                     ))
                 }
             };
@@ -399,6 +450,74 @@ pub fn parse_json(text: &str) -> Result<Vec<InputRow>, RowError> {
         rows.push(row_from_fields(index + 1, line, &fields)?);
     }
     Ok(rows)
+}
+
+/// The JSON type of `value`, for messages that must not repeat it.
+fn json_type(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// The first key an element of a JSON array repeats, if it is an object
+/// that does: `serde_json::Value` keeps only the last of repeated keys.
+struct RepeatedKey(Option<String>);
+
+impl<'de> serde::Deserialize<'de> for RepeatedKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = RepeatedKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RepeatedKey, A::Error> {
+                let mut seen = HashSet::new();
+                let mut repeated = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    if !seen.insert(key.clone()) && repeated.is_none() {
+                        repeated = Some(key);
+                    }
+                }
+                Ok(RepeatedKey(repeated))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RepeatedKey, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(RepeatedKey(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<RepeatedKey, E> {
+                Ok(RepeatedKey(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<RepeatedKey, E> {
+                Ok(RepeatedKey(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<RepeatedKey, E> {
+                Ok(RepeatedKey(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<RepeatedKey, E> {
+                Ok(RepeatedKey(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<RepeatedKey, E> {
+                Ok(RepeatedKey(None))
+            }
+            fn visit_unit<E>(self) -> Result<RepeatedKey, E> {
+                Ok(RepeatedKey(None))
+            }
+        }
+        deserializer.deserialize_any(Keys)
+    }
 }
 
 /// Line (1-based) where each element of the top-level JSON array starts.
@@ -753,9 +872,20 @@ fn validate<'r>(
             // The noise protects a sum only if no contribution is above the
             // clamp bound: check it, without repeating any contribution.
             let largest = match &row.largest {
-                Some(LargestContributions::Values(values)) => values.iter().copied().fold(0.0, f64::max),
+                Some(LargestContributions::Values(values)) => {
+                    if values.iter().any(|v| !v.is_finite() || *v < 0.0) {
+                        return Err(err(
+                            "largest_values",
+                            "contributions must be finite and not negative".into(),
+                        ));
+                    }
+                    values.iter().copied().fold(0.0, f64::max)
+                }
                 Some(LargestContributions::Shares(shares)) => {
-                    shares.iter().copied().fold(0.0, f64::max) * row.value
+                    if shares.iter().any(|s| !(0.0..=1.0).contains(s)) {
+                        return Err(err("largest_shares", "shares must lie in [0, 1]".into()));
+                    }
+                    shares.iter().copied().fold(0.0, f64::max) * row.value.abs()
                 }
                 None => {
                     return Err(err(
@@ -1545,6 +1675,28 @@ mod tests {
         assert!(setup
             .prepare(&[sum(Some(LargestContributions::Values(vec![900.0, 800.0])))])
             .is_ok());
+        // Contributions the bound cannot hold are refused, not ignored.
+        for (largest, column) in [
+            (
+                LargestContributions::Values(vec![f64::NAN]),
+                "largest_values",
+            ),
+            (
+                LargestContributions::Values(vec![-5000.0]),
+                "largest_values",
+            ),
+            (LargestContributions::Shares(vec![-1.0]), "largest_shares"),
+            (LargestContributions::Shares(vec![1.5]), "largest_shares"),
+        ] {
+            let err = setup
+                .prepare(&[sum(Some(largest))])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("{column}: ")) && !err.contains("5000"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
@@ -1881,6 +2033,20 @@ mod tests {
                 "{err:?} does not start with {expected:?}"
             );
         }
+        // Windows line ends and blank lines do not shift the line named.
+        let crlf = format!("{header}x,1,city-a,2025,1,u,5\n").replace('\n', "\r\n")
+            + "x,1,city-a,2026,oops,u,5\r\n";
+        let err = parse_csv(&crlf).unwrap_err().to_string();
+        assert!(err.starts_with("3: value: not a number"), "{err}");
+        let blank = format!("{header}x,1,city-a,2025,1,u,5\n\n\nx,1,city-a,2026,oops,u,5\n");
+        let err = parse_csv(&blank).unwrap_err().to_string();
+        assert!(err.starts_with("5: value: not a number"), "{err}");
+        let short = format!("{header}\r\nx,1,city-a,2025,1,u\r\n")
+            .replace(",contributors\n", ",contributors\r\n");
+        let err = parse_csv(&short).unwrap_err().to_string();
+        assert!(err.starts_with("3: row: row has 6 fields"), "{err}");
+        let rows = parse_csv(&crlf.replace("oops", "2")).unwrap();
+        assert_eq!((rows[0].line, rows[1].line), (2, 3));
         let err = parse_csv(&format!("{header}x,1,city-a,2025,1,u,x17\n"))
             .unwrap_err()
             .to_string();
@@ -1913,5 +2079,29 @@ mod tests {
             .to_string()
             .contains("secret: unknown column"));
         assert!(parse_json("{").is_err());
+        // A repeated key is refused, as a repeated CSV column is: JSON
+        // parsers keep the last one silently.
+        let repeated = r#"[
+  {"indicator": "x", "area": 4, "ref_area": "city-a", "period": "2025",
+   "value": 1.5, "unit": "t", "contributors": 2, "contributors": 50}
+]"#;
+        let err = parse_json(repeated).unwrap_err();
+        assert_eq!((err.line, err.column.as_str()), (2, "contributors"));
+        assert!(err.to_string().contains("appears twice") && !err.to_string().contains("50"));
+        // A wrong type is named without the value (a value may be a count).
+        let err = parse_json(&text.replace("\"oops\"", "[12]"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("value: expected a string or number, found an array"),
+            "{err}"
+        );
+        assert!(!err.contains("12"), "{err}");
+        // A byte order mark is skipped; a syntax error names its line once.
+        let with_bom = format!("\u{feff}{}", text.replace("\"oops\"", "2"));
+        assert_eq!(parse_json(&with_bom).unwrap().len(), 2);
+        let err = parse_json("[\n{\"indicator\": }]").unwrap_err();
+        assert_eq!(err.line, 2);
+        assert!(!err.to_string().contains("at line"), "{err}");
     }
 }

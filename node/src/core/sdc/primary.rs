@@ -233,10 +233,14 @@ fn contributions(
             "the largest contributions do not fit the cell's value and contributors",
         ));
     }
+    // The message names the rules' need, never the cell's contributor
+    // count, which may be smaller.
+    let rules_need = needed;
     let needed = (needed as u64).min(cell.contributors) as usize;
     if top.len() < needed {
         return Err(invalid(&format!(
-            "the {needed} largest contributions are required by the enabled rules"
+            "the enabled rules need the {rules_need} largest contributions (or all of \
+             them, if fewer)"
         )));
     }
     Ok((total, top))
