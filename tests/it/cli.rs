@@ -90,6 +90,20 @@ async fn publish_indicators_from_csv_and_json_is_atomic() {
         stderr(&out)
     );
     assert!(stderr(&out).contains("nothing was published"));
+    // A file saved in another encoding (Latin-1 'São', byte 0xe3) is named
+    // at the line where it stops being UTF-8.
+    let latin1 = dir.path().join("latin1.csv");
+    let mut bytes = format!("{header}jobs,economy,city-a,2025,7.5,percent,100\n").into_bytes();
+    bytes.extend_from_slice(b"firms,economy,city-a,2025-Q3,2,S\xe3o,40\n");
+    std::fs::write(&latin1, bytes).unwrap();
+    let latin1 = latin1.to_str().unwrap();
+    let out = node.cli(&["publish", "indicators", latin1]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("{latin1}:3: not UTF-8 text")),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(
         node.head("city-a").await.0,
         0,
