@@ -176,6 +176,36 @@ async fn serve_script(
     (address, calls)
 }
 
+/// Node city-n (under `dir`) replicating `feed`, city-a's entries signed
+/// as `a`'s key holder made them, from a scripted peer that serves them in
+/// one message and holds nothing of city-n's own feed; returned once it
+/// holds all of them.
+async fn node_replicating(dir: &std::path::Path, a: &Forger, feed: &[Entry]) -> TestNode {
+    let own_drained = pb::SubscribeResponse {
+        event: Some(Event::Drained(pb::BacklogDrained {
+            origin: "city-n".into(),
+            head_seq: 0,
+        })),
+    };
+    let signed = feed.iter().map(|e| e.signed.clone()).collect();
+    let step = vec![batch("city-a", signed), own_drained];
+    let (m_address, _) = serve_script(&dir.join("m"), vec![step]).await;
+    let node = TestNode::start(
+        &dir.join("node"),
+        Spec::new("city-n")
+            .peer("city-m", &m_address)
+            .trust("city-a", &public_key_hex(&a.key.verifying_key()))
+            .allow_without_peers(),
+    )
+    .await;
+    let held = feed.len() as u64;
+    eventually("city-a's entries to be held", || async {
+        node.head("city-a").await.0 == held
+    })
+    .await;
+    node
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
     let dir = tempfile::tempdir().unwrap();
@@ -354,29 +384,7 @@ async fn a_newer_builds_entries_supersede_and_are_never_answered_stale() {
             .map_or(GENESIS_PREV_HASH.to_vec(), |e| e.hash.to_vec());
         feed.push(a.entry_with(seq, &prev, payload, extra));
     }
-    let signed: Vec<SignedEntry> = feed.iter().map(|e| e.signed.clone()).collect();
-    // The peer holds nothing of the node's own feed: so it tells, and the
-    // node may publish (restore safety).
-    let own_drained = pb::SubscribeResponse {
-        event: Some(Event::Drained(pb::BacklogDrained {
-            origin: "city-n".into(),
-            head_seq: 0,
-        })),
-    };
-    let step = vec![batch("city-a", signed), own_drained];
-    let (m_address, _) = serve_script(&dir.path().join("m"), vec![step]).await;
-    let node = TestNode::start(
-        &dir.path().join("node"),
-        Spec::new("city-n")
-            .peer("city-m", &m_address)
-            .trust("city-a", &public_key_hex(&a.key.verifying_key()))
-            .allow_without_peers(),
-    )
-    .await;
-    eventually("the newer build's entries to be held", || async {
-        node.head("city-a").await.0 == 6
-    })
-    .await;
+    let node = node_replicating(dir.path(), &a, &feed).await;
 
     // k1's newest value cannot be read here: no value of k1 is answered.
     // k2 is untouched.
@@ -451,27 +459,7 @@ async fn an_entry_the_origin_signed_badly_but_covered_verifies_and_restores() {
         let by = if seq == 2 { &wrong } else { &a };
         feed.push(Forger::entry(by, seq, &prev, "signed by the origin"));
     }
-    let own_drained = pb::SubscribeResponse {
-        event: Some(Event::Drained(pb::BacklogDrained {
-            origin: "city-n".into(),
-            head_seq: 0,
-        })),
-    };
-    let signed = feed.iter().map(|e| e.signed.clone()).collect();
-    let step = vec![batch("city-a", signed), own_drained];
-    let (m_address, _) = serve_script(&dir.path().join("m"), vec![step]).await;
-    let mut node = TestNode::start(
-        &dir.path().join("node"),
-        Spec::new("city-n")
-            .peer("city-m", &m_address)
-            .trust("city-a", &public_key_hex(&a.key.verifying_key()))
-            .allow_without_peers(),
-    )
-    .await;
-    eventually("the range to be taken", || async {
-        node.head("city-a").await.0 == 3
-    })
-    .await;
+    let mut node = node_replicating(dir.path(), &a, &feed).await;
     let file = dir.path().join("node.backup");
     let out = node.cli(&["backup", "--out", file.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", stderr(&out));
