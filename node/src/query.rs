@@ -508,8 +508,8 @@ mod tests {
 
     #[test]
     fn a_latest_cell_that_cannot_be_answered_hides_the_value_it_supersedes() {
-        use civex_proto::v1::{Retraction, SignedEntry};
-        use ed25519_dalek::Signer;
+        use crate::core::feed::tests::signed_with_extra;
+        use civex_proto::v1::Retraction;
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 1 << 22).unwrap();
         let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
@@ -530,8 +530,9 @@ mod tests {
         let first = signed(&key, "city-a", None, cell(1.0));
         // The same key again, as a newer build writes it: field 99 of the
         // body is one this build does not know.
-        let newer = {
-            let mut body = EntryBody {
+        let newer = signed_with_extra(
+            &key,
+            EntryBody {
                 origin: "city-a".into(),
                 feed_id: vec![1; 16],
                 seq: 2,
@@ -539,18 +540,9 @@ mod tests {
                 time_unix_micros: 1,
                 idempotency_key: vec![2; 16],
                 payload: Some(cell(2.0)),
-            }
-            .encode_to_vec();
-            body.extend_from_slice(&[0x98, 0x06, 0x01]);
-            let mut message = crate::core::feed::ENTRY_SIGNATURE_CONTEXT.to_vec();
-            message.extend_from_slice(&body);
-            let signature = key.sign(&message).to_bytes();
-            Entry::decode(SignedEntry {
-                body: body.into(),
-                signature: signature.to_vec().into(),
-            })
-            .unwrap()
-        };
+            },
+            &[0x98, 0x06, 0x01],
+        );
         let values = |store: &SledStore| -> Vec<Option<f64>> {
             observations(store, &ObservationFilter::default(), 0, None)
                 .unwrap()

@@ -597,6 +597,23 @@ pub(crate) mod tests {
         entries
     }
 
+    /// `body` signed by `key` with `extra` bytes appended to its encoding,
+    /// as a newer build writes fields this one does not know (a trailing
+    /// field 99, varint 1: `[0x98, 0x06, 0x01]`).
+    pub(crate) fn signed_with_extra(key: &SigningKey, body: EntryBody, extra: &[u8]) -> Entry {
+        use ed25519_dalek::Signer;
+        let mut bytes = prost::Message::encode_to_vec(&body);
+        bytes.extend_from_slice(extra);
+        let mut message = ENTRY_SIGNATURE_CONTEXT.to_vec();
+        message.extend_from_slice(&bytes);
+        let signature = key.sign(&message).to_bytes();
+        Entry::decode(SignedEntry {
+            body: bytes.into(),
+            signature: signature.to_vec().into(),
+        })
+        .unwrap()
+    }
+
     fn tampered(entry: &Entry, change: impl FnOnce(&mut SignedEntry)) -> Result<Entry, FeedError> {
         let mut signed = entry.signed.clone();
         change(&mut signed);

@@ -340,14 +340,13 @@ mod tests {
 
     #[test]
     fn what_an_entry_with_unknown_fields_adds_to_answers_is_never_queryable() {
-        use civex_proto::v1::{EntryBody, IndicatorBatch, Observation, Retraction, SignedEntry};
-        use ed25519_dalek::Signer;
-        use prost::Message;
+        use crate::core::feed::tests::signed_with_extra;
+        use civex_proto::v1::{EntryBody, IndicatorBatch, Observation, Retraction};
         let signer = key(1);
         // A body as a newer build might write it: a known payload, plus
         // field 99 (varint 1) inside the entry body.
         let signed_with = |payload: Payload, extra: &[u8]| {
-            let mut body = EntryBody {
+            let body = EntryBody {
                 origin: "city-a".into(),
                 feed_id: vec![1; 16],
                 seq: 2,
@@ -355,17 +354,8 @@ mod tests {
                 time_unix_micros: 1,
                 idempotency_key: vec![1; 16],
                 payload: Some(payload),
-            }
-            .encode_to_vec();
-            body.extend_from_slice(extra);
-            let mut message = crate::core::feed::ENTRY_SIGNATURE_CONTEXT.to_vec();
-            message.extend_from_slice(&body);
-            let signature = signer.sign(&message).to_bytes();
-            Entry::decode(SignedEntry {
-                body: body.into(),
-                signature: signature.to_vec().into(),
-            })
-            .unwrap()
+            };
+            signed_with_extra(&signer, body, extra)
         };
         let indicators = Payload::Indicators(IndicatorBatch {
             observations: vec![Observation {
