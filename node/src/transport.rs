@@ -2,7 +2,14 @@
 //! TLS with the federation's certificates, or plain HTTP/2 on loopback in
 //! the explicit `insecure` mode.
 
-use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use hyper_util::rt::TokioIo;
 use tokio::{
@@ -31,6 +38,68 @@ pub enum Security {
 
 /// Handshakes running at once on one listener; more connections wait.
 const MAX_HANDSHAKES: usize = 64;
+/// Handshakes running at once from one source (an IPv4 address, or an
+/// IPv6 /64); more connections from it are closed at once, so that a few
+/// idle sockets cannot hold every slot and keep members out.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
+
+/// The source a connection counts against: its IPv4 address, or the /64
+/// of its IPv6 address (one host may hold a whole /64).
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+/// Handshakes under way per source.
+#[derive(Default)]
+struct Sources(Mutex<HashMap<IpAddr, usize>>);
+
+/// One handshake of a source, given back when dropped.
+struct SourceSlot {
+    sources: Arc<Sources>,
+    source: IpAddr,
+}
+
+impl Sources {
+    /// A slot for a handshake from `peer`, if its source has one free.
+    fn take(self: &Arc<Self>, peer: SocketAddr) -> Option<SourceSlot> {
+        let source = source_of(peer.ip());
+        let mut running = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = running.entry(source).or_insert(0);
+        if *count >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            sources: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut running = self
+            .sources
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = running.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                running.remove(&self.source);
+            }
+        }
+    }
+}
 
 /// Checks a `host:port` peer address.
 pub fn check_address(address: &str) -> Result<(), String> {
@@ -67,6 +136,7 @@ pub fn incoming(
     let (sender, receiver) = mpsc::channel(16);
     tokio::spawn(async move {
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let sources = Arc::new(Sources::default());
         loop {
             let accepted = tokio::select! {
                 () = sender.closed() => return,
@@ -91,12 +161,18 @@ pub fn incoming(
                 }
                 Security::Mutual(tls) => tls.clone(),
             };
+            let Some(slot) = sources.take(peer) else {
+                // Not logged each time: a flood would flood the log too.
+                tracing::debug!(%peer, "connection closed: its address has too many handshakes under way");
+                continue;
+            };
             let Ok(permit) = handshakes.clone().acquire_owned().await else {
                 return;
             };
             let sender = sender.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let _slot = slot;
                 match tokio::time::timeout(handshake_timeout, tls.accept(tcp, peer)).await {
                     Ok(Ok(conn)) => {
                         let _ = sender.send(Ok(conn)).await;
@@ -209,5 +285,47 @@ impl Service<Uri> for Connector {
             };
             Ok(TokioIo::new(conn))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshakes_count_per_source_and_are_given_back() {
+        let v6 = |text: &str| IpAddr::V6(text.parse().unwrap());
+        assert_eq!(source_of(v6("2001:db8:1:2:aaaa::1")), v6("2001:db8:1:2::"));
+        assert_eq!(
+            source_of(v6("::ffff:192.0.2.7")),
+            IpAddr::V4("192.0.2.7".parse().unwrap())
+        );
+        let sources = Arc::new(Sources::default());
+        let from = |text: &str| -> SocketAddr { text.parse().unwrap() };
+        let slots: Vec<SourceSlot> = (0..MAX_HANDSHAKES_PER_SOURCE)
+            .map(|port| {
+                sources
+                    .take(from(&format!("192.0.2.7:{}", 1000 + port)))
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            sources.take(from("192.0.2.7:2000")).is_none(),
+            "one source took more"
+        );
+        assert!(
+            sources.take(from("192.0.2.8:2000")).is_some(),
+            "another source was refused"
+        );
+        drop(slots);
+        assert!(
+            sources.take(from("192.0.2.7:2000")).is_some(),
+            "slots were not given back"
+        );
+        assert_eq!(
+            sources.0.lock().unwrap().len(),
+            0,
+            "a source stayed counted"
+        );
     }
 }

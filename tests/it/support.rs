@@ -138,6 +138,8 @@ pub struct Spec {
     pub shutdown_grace_ms: u64,
     /// limits.publish_stream_bytes.
     pub publish_stream_bytes: u32,
+    /// tls.handshake_timeout_ms.
+    pub handshake_timeout_ms: u64,
 }
 
 impl Spec {
@@ -153,7 +155,13 @@ impl Spec {
             extra: String::new(),
             shutdown_grace_ms: 500,
             publish_stream_bytes: 64 << 20,
+            handshake_timeout_ms: 5000,
         }
+    }
+
+    pub fn handshake_timeout_ms(mut self, ms: u64) -> Self {
+        self.handshake_timeout_ms = ms;
+        self
     }
 
     pub fn publish_stream_bytes(mut self, bytes: u32) -> Self {
@@ -219,6 +227,10 @@ pub fn write_node_dir(dir: &Path, spec: &Spec, listen: &str) -> (PathBuf, String
         .replace("backoff_initial_ms = 200", "backoff_initial_ms = 20")
         .replace("backoff_max_ms = 30000", "backoff_max_ms = 300")
         .replace("connect_timeout_ms = 5000", "connect_timeout_ms = 2000")
+        .replace(
+            "handshake_timeout_ms = 5000",
+            &format!("handshake_timeout_ms = {}", spec.handshake_timeout_ms),
+        )
         .replace(
             "min_contributors = 3",
             &format!("min_contributors = {}", spec.min_contributors),

@@ -426,3 +426,34 @@ async fn insecure_mode_is_plain_grpc_on_loopback_and_tls_nodes_refuse_plain_clie
     };
     assert!(plain_call, "a TLS node answered plain gRPC");
 }
+
+/// Idle sockets from one address that never start a handshake hold at most
+/// a few of the node's handshake slots: a member connecting meanwhile from
+/// elsewhere is served at once, not after the idle ones time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_from_one_address_do_not_keep_members_out() {
+    let dir = tempfile::tempdir().unwrap();
+    // Handshakes time out only after a minute: long past the deadline below.
+    let node = TestNode::start(
+        dir.path(),
+        Spec::new("city-a")
+            .allow_without_peers()
+            .handshake_timeout_ms(60_000),
+    )
+    .await;
+    node.wait_ready().await;
+    let target: std::net::SocketAddr = node.address.parse().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        idle.push(socket.connect(target).await.unwrap());
+    }
+    // Each idle socket is accepted (or closed) before the member's: the
+    // node answers the member only after it went past all of them.
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), node.status())
+        .await
+        .expect("a member waited behind idle sockets of another address");
+    assert_eq!(status.origin, "city-a");
+    drop(idle);
+}
