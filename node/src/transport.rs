@@ -39,9 +39,12 @@ pub enum Security {
 /// Handshakes running at once on one listener; more connections wait.
 const MAX_HANDSHAKES: usize = 64;
 /// Handshakes running at once from one source (an IPv4 address, or an
-/// IPv6 /64); more connections from it are closed at once, so that a few
-/// idle sockets cannot hold every slot and keep members out.
+/// IPv6 /64); its other connections wait for one of them, so that a few
+/// idle sockets cannot hold every slot and keep other members out.
 const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
+/// Connections of one source handshaking or waiting to; more are closed
+/// at once (bounding the sockets one source holds open before TLS).
+const MAX_PENDING_PER_SOURCE: usize = 256;
 
 /// The source a connection counts against: its IPv4 address, or the /64
 /// of its IPv6 address (one host may hold a whole /64).
@@ -55,47 +58,52 @@ fn source_of(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Handshakes under way per source.
+/// Per source: its handshake permits, and its connections pending.
 #[derive(Default)]
-struct Sources(Mutex<HashMap<IpAddr, usize>>);
+struct Sources(Mutex<HashMap<IpAddr, (Arc<Semaphore>, usize)>>);
 
-/// One handshake of a source, given back when dropped.
+/// A pending connection of a source, counted until dropped.
 struct SourceSlot {
     sources: Arc<Sources>,
     source: IpAddr,
+    /// The source's handshake permits.
+    handshakes: Arc<Semaphore>,
 }
 
 impl Sources {
-    /// A slot for a handshake from `peer`, if its source has one free.
+    /// Counts a connection from `peer`, unless its source has too many.
     fn take(self: &Arc<Self>, peer: SocketAddr) -> Option<SourceSlot> {
         let source = source_of(peer.ip());
-        let mut running = self
+        let mut pending = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = running.entry(source).or_insert(0);
-        if *count >= MAX_HANDSHAKES_PER_SOURCE {
+        let (handshakes, count) = pending
+            .entry(source)
+            .or_insert_with(|| (Arc::new(Semaphore::new(MAX_HANDSHAKES_PER_SOURCE)), 0));
+        if *count >= MAX_PENDING_PER_SOURCE {
             return None;
         }
         *count += 1;
         Some(SourceSlot {
             sources: self.clone(),
             source,
+            handshakes: handshakes.clone(),
         })
     }
 }
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
-        let mut running = self
+        let mut pending = self
             .sources
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = running.get_mut(&self.source) {
+        if let Some((_, count)) = pending.get_mut(&self.source) {
             *count -= 1;
             if *count == 0 {
-                running.remove(&self.source);
+                pending.remove(&self.source);
             }
         }
     }
@@ -163,23 +171,30 @@ pub fn incoming(
             };
             let Some(slot) = sources.take(peer) else {
                 // Not logged each time: a flood would flood the log too.
-                tracing::debug!(%peer, "connection closed: its address has too many handshakes under way");
+                tracing::debug!(%peer, "connection closed: its address has too many pending");
                 continue;
             };
-            let Ok(permit) = handshakes.clone().acquire_owned().await else {
-                return;
-            };
-            let sender = sender.clone();
+            let (sender, handshakes) = (sender.clone(), handshakes.clone());
+            // Waiting for a permit of its source, then of the listener,
+            // counts against the handshake timeout: a connection that never
+            // sends a byte is closed in time, waiting or not.
             tokio::spawn(async move {
-                let _permit = permit;
-                let _slot = slot;
-                match tokio::time::timeout(handshake_timeout, tls.accept(tcp, peer)).await {
-                    Ok(Ok(conn)) => {
+                let handshake = async {
+                    let _own = slot.handshakes.clone().acquire_owned().await.ok()?;
+                    let _any = handshakes.acquire_owned().await.ok()?;
+                    Some(tls.accept(tcp, peer).await)
+                };
+                let outcome = tokio::time::timeout(handshake_timeout, handshake).await;
+                drop(slot);
+                match outcome {
+                    Ok(Some(Ok(conn))) => {
                         let _ = sender.send(Ok(conn)).await;
                     }
-                    Ok(Err(err)) => {
+                    Ok(Some(Err(err))) => {
                         tracing::warn!(%peer, reason = %err, "TLS connection refused");
                     }
+                    // The listener is closing.
+                    Ok(None) => {}
                     Err(_) => {
                         tracing::warn!(%peer, reason = "handshake timed out",
                             "TLS connection refused");
@@ -302,7 +317,7 @@ mod tests {
         );
         let sources = Arc::new(Sources::default());
         let from = |text: &str| -> SocketAddr { text.parse().unwrap() };
-        let slots: Vec<SourceSlot> = (0..MAX_HANDSHAKES_PER_SOURCE)
+        let slots: Vec<SourceSlot> = (0..MAX_PENDING_PER_SOURCE)
             .map(|port| {
                 sources
                     .take(from(&format!("192.0.2.7:{}", 1000 + port)))
@@ -311,11 +326,17 @@ mod tests {
             .collect();
         assert!(
             sources.take(from("192.0.2.7:2000")).is_none(),
-            "one source took more"
+            "one source held more"
         );
         assert!(
             sources.take(from("192.0.2.8:2000")).is_some(),
             "another source was refused"
+        );
+        // A source's connections share its handshake permits.
+        assert!(Arc::ptr_eq(&slots[0].handshakes, &slots[1].handshakes));
+        assert_eq!(
+            slots[0].handshakes.available_permits(),
+            MAX_HANDSHAKES_PER_SOURCE
         );
         drop(slots);
         assert!(
