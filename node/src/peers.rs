@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::PeerConfig,
-    core::ids::{check_origin_id, check_slug},
+    core::ids::{check_origin_id, check_slug, quote},
 };
 
 /// One peer: a node this node subscribes to, and what it may do here.
@@ -60,7 +60,7 @@ impl PeerPolicy {
     /// Checks every field as `node.toml`'s peers are checked (`insecure`:
     /// `tls.mode = "insecure"`); the message names the field.
     pub fn check(&self, insecure: bool) -> Result<(), String> {
-        check_slug(&self.name).map_err(|m| format!("name: {:?} {m}", self.name))?;
+        check_slug(&self.name).map_err(|m| format!("name: {} {m}", quote(&self.name)))?;
         crate::config::check_peer_link(&self.address, self.origin.as_deref(), insecure)?;
         for origin in &self.may_read {
             check_origin_id(origin).map_err(|m| format!("may_read: {m}"))?;
@@ -224,6 +224,22 @@ impl PeerRegistry {
         peer.source = "runtime".into();
         peer.check(insecure)
             .map_err(|m| self.error(&self.path, m))?;
+        // One peer per origin: a second name would lift the first's read
+        // policy (policies are found by origin).
+        if let Some(other) = self
+            .list()
+            .into_iter()
+            .find(|p| p.name != peer.name && p.origin.is_some() && p.origin == peer.origin)
+        {
+            return Err(self.error(
+                &self.path,
+                format!(
+                    "origin: {} is already the origin of peer {}; change or remove that one",
+                    quote(peer.origin.as_deref().unwrap_or_default()),
+                    other.name
+                ),
+            ));
+        }
         self.change(who, "peer add", &peer, |changes| {
             changes.added.retain(|p| p.name != peer.name);
             changes.added.push(peer.clone());
@@ -367,6 +383,31 @@ mod tests {
             err.contains("peers.json") && err.contains("city-far") && err.contains("loopback"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_second_peer_of_one_origin_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = PeerRegistry::open(dir.path(), &[], false).unwrap();
+        let mut narrow = peer("city-b");
+        narrow.may_read = vec!["city-z".into()];
+        registry.add("operator ops", narrow, false).unwrap();
+        // Under another name, city-b would be found by its first peer or
+        // its second: its read policy must not depend on which.
+        let mut wide = peer("aaa");
+        wide.origin = Some("city-b".into());
+        let err = registry
+            .add("operator ops", wide, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"city-b\" is already the origin of peer city-b"),
+            "{err}"
+        );
+        assert_eq!(registry.policy_for("city-b").unwrap().may_read, ["city-z"]);
+        // Replacing the peer itself, by its name, is no conflict.
+        registry.add("operator ops", peer("city-b"), false).unwrap();
+        assert!(registry.policy_for("city-b").unwrap().may_read.is_empty());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::{
     core::{
         catalog::Catalog,
         feed::{key_after, Entry, FeedError, Hash, Replacement, Tip, GENESIS_PREV_HASH},
-        ids::{check_origin_id, check_slug, hex},
+        ids::{check_origin_id, check_slug, hex, quote},
         index::ObservationKey,
         ingest::{
             prepare_batch, split_batch, EarlierCell, FeedView, IngestContext, IngestError,
@@ -648,7 +648,7 @@ fn check_text(
 /// Checks an offer's fields.
 pub fn check_offer(offer: &ServiceOffer) -> Result<(), PublishError> {
     check_slug(&offer.offer_id)
-        .map_err(|m| PublishError::Invalid(format!("offer_id: {:?} {m}", offer.offer_id)))?;
+        .map_err(|m| PublishError::Invalid(format!("offer_id: {} {m}", quote(&offer.offer_id))))?;
     check_text("title", &offer.title, 200, true, false)?;
     check_text("description", &offer.description, 4000, false, true)?;
     if !(1..=7).contains(&offer.area) {
@@ -658,7 +658,7 @@ pub fn check_offer(offer: &ServiceOffer) -> Result<(), PublishError> {
         )));
     }
     check_slug(&offer.category)
-        .map_err(|m| PublishError::Invalid(format!("category: {:?} {m}", offer.category)))?;
+        .map_err(|m| PublishError::Invalid(format!("category: {} {m}", quote(&offer.category))))?;
     check_text("capacity", &offer.capacity, 200, false, false)?;
     check_text("terms", &offer.terms, 2000, false, true)?;
     check_text("region", &offer.region, 200, false, false)?;
@@ -1408,8 +1408,9 @@ impl Sequencer {
             } => {
                 check_origin_id(&offer_origin)
                     .map_err(|m| PublishError::Invalid(format!("offer_origin: {m}")))?;
-                check_slug(&offer_id)
-                    .map_err(|m| PublishError::Invalid(format!("offer_id: {offer_id:?} {m}")))?;
+                check_slug(&offer_id).map_err(|m| {
+                    PublishError::Invalid(format!("offer_id: {} {m}", quote(&offer_id)))
+                })?;
                 if kind == ResponseKind::Unspecified {
                     return Err(PublishError::Invalid(
                         "kind: must be interest, accept or decline".into(),

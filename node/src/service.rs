@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     core::{
         feed::{entry_hash, replacements_of, Entry, Replacement},
-        ids::{check_origin_id, hex},
+        ids::{check_origin_id, hex, quote},
         ingest::{conf_status, InputRow, PreparedBatch},
         sdc::LargestContributions,
     },
@@ -451,7 +451,12 @@ impl Publish for PublishService {
                         if submitted.is_closed() {
                             break;
                         }
-                        let key = hex(&request.idempotency_key);
+                        // Named in a refusal only when it is a key: a
+                        // malformed one may be megabytes.
+                        let key = match request.idempotency_key.len() {
+                            16 => hex(&request.idempotency_key),
+                            _ => String::new(),
+                        };
                         let publish = match indicators_request(request) {
                             Ok((key, print, job)) => publisher
                                 .submit(key, print, job)
@@ -1279,7 +1284,7 @@ impl Feed for FeedService {
                 if let Some(cursor) = request.cursors.first() {
                     return Err(Status::permission_denied(format!(
                         "{peer} may not read origin {} from this node ({})",
-                        cursor.origin,
+                        quote(&cursor.origin),
                         policy.read_policy()
                     )));
                 }

@@ -180,7 +180,7 @@ async fn a_peer_policy_limits_what_the_peer_may_read() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     assert!(
-        refused.message().contains("may not read origin city-a")
+        refused.message().contains("may not read origin \"city-a\"")
             && refused
                 .message()
                 .contains("may read: city-z, and its own origin city-b"),

@@ -711,7 +711,7 @@ async fn a_publish_stream_ends_at_its_first_bad_request_and_names_it() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
         err.message()
-            .contains("request 1 of the stream (idempotency key 010203): idempotency_key: must be 16 bytes, got 3"),
+            .contains("request 1 of the stream: idempotency_key: must be 16 bytes, got 3"),
         "{}",
         err.message()
     );

@@ -3,9 +3,19 @@
 /// Longest origin or offer id, in bytes.
 pub const MAX_ID_LEN: usize = 64;
 
+/// `text` quoted for a message, cut after 64 characters: errors and logs
+/// never repeat a whole oversized input.
+pub fn quote(text: &str) -> String {
+    const SHOWN: usize = 64;
+    match text.char_indices().nth(SHOWN) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
 /// Checks an origin id against `[a-z0-9][a-z0-9-]{0,63}`.
 pub fn check_origin_id(id: &str) -> Result<(), String> {
-    check_slug(id).map_err(|why| format!("origin id {id:?} {why}"))
+    check_slug(id).map_err(|why| format!("origin id {} {why}", quote(id)))
 }
 
 /// Checks an offer id or category (same shape as an origin id).
@@ -46,17 +56,41 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Parses lowercase or uppercase hex.
 pub fn unhex(text: &str) -> Result<Vec<u8>, String> {
     if !text.len().is_multiple_of(2) {
-        return Err(format!("hex {text:?} has an odd number of digits"));
+        return Err(format!("hex {} has an odd number of digits", quote(text)));
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|_| format!("not hex: {text:?}")))
+    // By bytes: any text may arrive, and a pair may split a character.
+    let digit = |b: u8| char::from(b).to_digit(16);
+    text.as_bytes()
+        .chunks(2)
+        .map(|pair| match (digit(pair[0]), digit(pair[1])) {
+            (Some(high), Some(low)) => Ok((high * 16 + low) as u8),
+            _ => Err(format!("not hex: {}", quote(text))),
+        })
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_round_trips_and_any_text_is_refused_cleanly() {
+        assert_eq!(
+            unhex(&hex(&[0, 1, 0xab, 0xff])).unwrap(),
+            [0, 1, 0xab, 0xff]
+        );
+        assert_eq!(unhex("ABff").unwrap(), [0xab, 0xff]);
+        // "aéa" is 4 bytes: a byte pair splits the 'é'.
+        for bad in ["aéa", "zz", "abc", "0x12"] {
+            assert!(unhex(bad).is_err(), "{bad}");
+        }
+        let long = "g".repeat(10_000);
+        let message = unhex(&long).unwrap_err();
+        assert!(
+            message.len() < 200 && message.contains("10000 bytes"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn origin_ids() {
