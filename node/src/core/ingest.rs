@@ -1621,6 +1621,39 @@ mod tests {
     }
 
     #[test]
+    fn a_small_cell_beside_large_ones_is_not_recoverable_from_the_total() {
+        // City rows only, by sector: one small cell beside two large ones
+        // and the total. Suppressing it alone would give it away as the
+        // total minus the others, however large the table.
+        let cell = |breakdown: &str, value: f64| InputRow {
+            breakdown: breakdown.into(),
+            ..row("jobs", "city-a", "2025", value, value as u64)
+        };
+        for scale in [1e3, 1e9] {
+            let rows = vec![
+                cell("sector=retail", 2.0),
+                cell("sector=industry", 5.0 * scale),
+                cell("sector=services", 4.4 * scale),
+                cell("", 9.4 * scale + 2.0),
+            ];
+            let prepared = Setup::new().prepare(&rows).unwrap();
+            let s = statuses(&prepared);
+            assert_eq!(
+                s[0].1,
+                ConfidentialityStatus::SuppressedSmallCounts as i32,
+                "{s:?}"
+            );
+            let suppressed = s.iter().filter(|(_, c)| *c != 0).count();
+            assert!(
+                suppressed >= 2,
+                "at scale {scale}, the small cell is the total minus the others: {s:?}"
+            );
+            // One other sector suffices: the total stays published.
+            assert_eq!(s[3].1, 0, "at scale {scale}, the whole line went: {s:?}");
+        }
+    }
+
+    #[test]
     fn settings_that_would_leak_are_refused() {
         // Without secondary suppression, a total with its components would
         // give away the small district.
@@ -1876,34 +1909,44 @@ mod tests {
     fn an_earlier_value_that_would_reveal_a_cell_refuses_the_revision() {
         // Earlier: south published as 30. Now south is a complement of the
         // small north cell, but its value is unchanged: the attacker has it.
-        let setup = Setup::new();
-        let rows = vec![
-            row("jobs", "city-a", "2025", 60.0, 60),
-            row("jobs", "city-a/north", "2025", 2.0, 2),
-            row("jobs", "city-a/south", "2025", 30.0, 30),
-            row("jobs", "city-a/east", "2025", 28.0, 28),
-        ];
-        let first = setup.prepare(&rows).unwrap();
-        let mut feed = Feed::default();
-        for (o, r) in first.batch.observations.iter().zip(&rows) {
-            let suppressed = o.value.is_none();
-            feed.earlier.push(EarlierCell {
-                ref_area: r.ref_area.clone(),
-                breakdown: String::new(),
-                suppressed,
-                known: o.value.map(|v| (v, v)),
-            });
+        // So too beside very large districts (scale 1e8), where the check's
+        // slack once exceeded the protection asked.
+        for scale in [1.0, 1e8] {
+            let setup = Setup::new();
+            let (south, east) = (30.0 * scale, 28.0 * scale);
+            let total = 2.0 + south + east;
+            let rows = vec![
+                row("jobs", "city-a", "2025", total, total as u64),
+                row("jobs", "city-a/north", "2025", 2.0, 2),
+                row("jobs", "city-a/south", "2025", south, south as u64),
+                row("jobs", "city-a/east", "2025", east, east as u64),
+            ];
+            let first = setup.prepare(&rows).unwrap();
+            let mut feed = Feed::default();
+            for (o, r) in first.batch.observations.iter().zip(&rows) {
+                let suppressed = o.value.is_none();
+                feed.earlier.push(EarlierCell {
+                    ref_area: r.ref_area.clone(),
+                    breakdown: String::new(),
+                    suppressed,
+                    known: o.value.map(|v| (v, v)),
+                });
+            }
+            // Pretend every district was free earlier (north had more
+            // contributors).
+            for cell in &mut feed.earlier {
+                cell.suppressed = false;
+            }
+            // North was 5 then: its new value 2 is found only through south.
+            feed.earlier[1].known = Some((5.0, 5.0));
+            feed.earlier[2].known = Some((south, south));
+            feed.earlier[3].known = Some((east, east));
+            let prepared = setup.prepare_in(&rows, &mut feed).unwrap();
+            let refusal = prepared
+                .refusal
+                .unwrap_or_else(|| panic!("not refused at scale {scale}"));
+            assert!(refusal.contains("nothing was published"), "{refusal}");
         }
-        // Pretend every district was free earlier (north had more contributors).
-        for cell in &mut feed.earlier {
-            cell.suppressed = false;
-        }
-        feed.earlier[1].known = Some((2.0, 2.0));
-        feed.earlier[2].known = Some((30.0, 30.0));
-        feed.earlier[3].known = Some((28.0, 28.0));
-        let prepared = setup.prepare_in(&rows, &mut feed).unwrap();
-        let refusal = prepared.refusal.expect("refused");
-        assert!(refusal.contains("nothing was published"), "{refusal}");
     }
 
     #[test]

@@ -72,6 +72,16 @@ pub struct AuditModel {
 /// Tolerance of the protection checks, relative to the table scale.
 pub const CHECK_TOL: f64 = 1e-7;
 
+/// The slack a check of `req` allows: the LP's numerical error, relative to
+/// the table's `scale`, but never more than a hundredth of the protection
+/// asked. A small cell beside very large ones would otherwise pass with a
+/// feasible range of width zero (found exactly as total minus the others):
+/// failing such a check only suppresses more.
+fn tolerance(req: &Requirement, scale: f64) -> f64 {
+    let asked = (req.at_least_upper - req.at_most_lower).abs();
+    (CHECK_TOL * scale).min(0.01 * asked)
+}
+
 impl AuditModel {
     /// Builds the attacker's model. `lower`/`upper` are the value bounds known to
     /// the attacker (`None` = unbounded).
@@ -200,7 +210,7 @@ impl AuditModel {
     /// Checks one protection requirement, stopping each solve as soon as the
     /// required point is shown to be feasible.
     pub fn check(&mut self, req: &Requirement) -> Result<Check, SdcError> {
-        let tol = CHECK_TOL * self.scale;
+        let tol = tolerance(req, self.scale);
         match self.var_of[req.cell] {
             None => Ok(Check {
                 lower_ok: self.lower <= req.at_most_lower + tol,
@@ -350,11 +360,13 @@ pub fn full_audit(
             Knowledge::Suppressed => 0.0,
         })
         .fold(1.0, f64::max);
-    let tol = CHECK_TOL * scale;
     let failures = requirements
         .iter()
         .filter(|r| match ranges[r.cell] {
-            Some((lo, hi)) => lo > r.at_most_lower + tol || hi < r.at_least_upper - tol,
+            Some((lo, hi)) => {
+                let tol = tolerance(r, scale);
+                lo > r.at_most_lower + tol || hi < r.at_least_upper - tol
+            }
             None => true,
         })
         .map(|r| r.cell)

@@ -168,7 +168,11 @@ impl Ctx<'_> {
     ) -> Option<(Vec<usize>, Vec<usize>)> {
         let g = &self.grid;
         let nd = g.sizes.len();
-        let dims: Vec<usize> = (0..nd).filter(|&d| g.has_total[d]).collect();
+        // A dimension holding only its total (a table of city rows alone,
+        // say) offers no other cell to pair with: leave it out.
+        let dims: Vec<usize> = (0..nd)
+            .filter(|&d| g.has_total[d] && g.sizes[d] > 1)
+            .collect();
         if dims.is_empty() {
             return None;
         }
