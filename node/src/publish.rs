@@ -112,7 +112,9 @@ fn stored_cells(
         period: String::new(),
         breakdown: String::new(),
     };
-    let mut latest: Vec<(ObservationKey, u64, u32)> = Vec::new();
+    // Every version of each cell, oldest first: superseded and retracted
+    // ones are known to an attacker too (spec rule 2).
+    let mut versions: Vec<(ObservationKey, u64, u32)> = Vec::new();
     for row in store.observation_rows(Some(origin), Some(&start)) {
         let row = row.map_err(|e| e.to_string())?;
         if row.key.indicator != indicator || row.key.catalog_edition != edition {
@@ -121,15 +123,13 @@ fn stored_cells(
         if row.key.period != period {
             continue;
         }
-        match latest.last_mut() {
-            Some(last) if last.0 == row.key => *last = (row.key, row.seq, row.position),
-            _ => latest.push((row.key, row.seq, row.position)),
-        }
+        versions.push((row.key, row.seq, row.position));
     }
-    // Each entry decoded once, however many of its cells are latest.
+    // Each entry decoded once, however many of its cells it holds.
     let mut batches: HashMap<u64, IndicatorBatch> = HashMap::new();
-    let mut cells = Vec::with_capacity(latest.len());
-    for (key, seq, position) in latest {
+    let mut cells: Vec<EarlierCell> = Vec::new();
+    let mut last_key: Option<ObservationKey> = None;
+    for (key, seq, position) in versions {
         let batch = match batches.entry(seq) {
             std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => {
@@ -154,7 +154,12 @@ fn stored_cells(
             .get(position as usize)
             .ok_or_else(|| format!("entry {seq} of the own feed has no cell {position}"))?;
         debug_assert_eq!(observation.ref_area, key.ref_area);
-        cells.push(earlier_cell(observation, batch));
+        let version = earlier_cell(observation, batch);
+        match cells.last_mut() {
+            Some(cell) if last_key.as_ref() == Some(&key) => cell.supersede(version),
+            _ => cells.push(version),
+        }
+        last_key = Some(key);
     }
     Ok(cells)
 }
@@ -181,7 +186,9 @@ fn earlier_cell(observation: &Observation, batch: &IndicatorBatch) -> EarlierCel
         known: observation
             .value
             .filter(|_| !noised)
-            .map(|v| (v - base / 2.0, v + base / 2.0)),
+            .map(|v| (v - base / 2.0, v + base / 2.0))
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -205,7 +212,7 @@ fn note_cells(
     {
         let cell = earlier_cell(o, batch);
         match at.get(&(cell.ref_area.clone(), cell.breakdown.clone())) {
-            Some(&i) => cells[i] = cell,
+            Some(&i) => cells[i].supersede(cell),
             None => {
                 at.insert((cell.ref_area.clone(), cell.breakdown.clone()), cells.len());
                 cells.push(cell);
@@ -1580,6 +1587,70 @@ mod tests {
         let store = crate::store::SledStore::open(empty.path(), 16 << 20).unwrap();
         let mut fresh = Recovery::after(&store, "city-a").unwrap();
         assert_eq!(counted(&fresh.records(&entries[..1])), [(1, 1, 1, 2, 1)]);
+    }
+
+    #[test]
+    fn every_published_version_of_a_cell_stays_known() {
+        // South published as 30, corrected to 37 (a correction since
+        // retracted, say), then suppressed: its value 30 is still known,
+        // and so is 37.
+        let cell = |value: Option<f64>| {
+            Payload::Indicators(IndicatorBatch {
+                observations: vec![Observation {
+                    indicator: "jobs".into(),
+                    catalog_edition: "test".into(),
+                    ref_area: "city-a/south".into(),
+                    period: "2025".into(),
+                    value,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        };
+        let mut entries: Vec<Entry> = Vec::new();
+        for (seq, value) in [(1, Some(30.0)), (2, Some(37.0)), (3, None)] {
+            let mut entry = own_entry(seq, seq as u8, cell(value));
+            entry.body.prev_hash = entries
+                .last()
+                .map_or(crate::core::feed::GENESIS_PREV_HASH, |e| e.hash)
+                .to_vec();
+            entries.push(Entry::sign(&key(1), entry.body).unwrap());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore =
+            Arc::new(crate::store::SledStore::open(dir.path(), 16 << 20).unwrap());
+        store
+            .commit(&crate::store::CommitBatch {
+                runs: vec![entries.clone()],
+                heads: vec![(
+                    "city-a".into(),
+                    crate::store::Head {
+                        tip: entries[2].tip(),
+                        received_unix_micros: 1,
+                    },
+                )],
+                index: entries
+                    .iter()
+                    .flat_map(crate::core::index::records_of)
+                    .collect(),
+                ..Default::default()
+            })
+            .unwrap();
+        let cells = stored_cells(&store, "city-a", "jobs", "test", "2025").unwrap();
+        assert_eq!(cells.len(), 1);
+        assert!(
+            cells[0].suppressed,
+            "the latest version is not the suppressed one"
+        );
+        assert_eq!(cells[0].known, [(30.0, 30.0), (37.0, 37.0)]);
+        // A version signed but not yet durable adds to what is known too.
+        let mut cached = cells.clone();
+        let Payload::Indicators(batch) = cell(Some(41.0)) else {
+            unreachable!()
+        };
+        note_cells(&mut cached, &batch, "jobs", "test", "2025");
+        assert!(!cached[0].suppressed);
+        assert_eq!(cached[0].known, [(30.0, 30.0), (37.0, 37.0), (41.0, 41.0)]);
     }
 
     #[test]

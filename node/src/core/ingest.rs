@@ -582,11 +582,22 @@ pub struct EarlierCell {
     pub ref_area: String,
     /// Breakdown.
     pub breakdown: String,
-    /// Whether it was suppressed.
+    /// Whether its latest version was suppressed.
     pub suppressed: bool,
-    /// The interval its published value tells an attacker (`None` when
+    /// The intervals its published versions tell an attacker, oldest
+    /// first: superseded and retracted versions too (none for a version
     /// suppressed or noised).
-    pub known: Option<(f64, f64)>,
+    pub known: Vec<(f64, f64)>,
+}
+
+impl EarlierCell {
+    /// `newer`, a later version of this cell, becomes its latest; what the
+    /// earlier versions told stays known.
+    pub fn supersede(&mut self, newer: EarlierCell) {
+        let mut known = std::mem::take(&mut self.known);
+        known.extend(newer.known.iter().copied());
+        *self = EarlierCell { known, ..newer };
+    }
 }
 
 /// What the own feed already holds, as the sequencer sees it (durable
@@ -1232,9 +1243,11 @@ fn protect_table(
         .iter()
         .zip(&statuses)
         .map(|(cell, status)| {
-            earlier_of(cell).and_then(|e| e.known).filter(|&(lo, hi)| {
-                status.is_suppressed() && lo <= cell.row.value && cell.row.value <= hi
-            })
+            let value = cell.row.value;
+            earlier_of(cell)
+                .filter(|_| status.is_suppressed())
+                .and_then(|e| e.known.iter().find(|(lo, hi)| *lo <= value && value <= *hi))
+                .copied()
         })
         .collect();
     if known.iter().any(Option::is_some) && !table.constraints().is_empty() {
@@ -1880,13 +1893,13 @@ mod tests {
                     ref_area: "city-a/north".into(),
                     breakdown: String::new(),
                     suppressed: true,
-                    known: None,
+                    known: Vec::new(),
                 },
                 EarlierCell {
                     ref_area: "city-a/east".into(),
                     breakdown: String::new(),
                     suppressed: false,
-                    known: Some((5.5, 5.5)),
+                    known: vec![(5.5, 5.5)],
                 },
             ],
             spent: 0,
@@ -1929,7 +1942,7 @@ mod tests {
                     ref_area: r.ref_area.clone(),
                     breakdown: String::new(),
                     suppressed,
-                    known: o.value.map(|v| (v, v)),
+                    known: o.value.map(|v| (v, v)).into_iter().collect(),
                 });
             }
             // Pretend every district was free earlier (north had more
@@ -1938,9 +1951,11 @@ mod tests {
                 cell.suppressed = false;
             }
             // North was 5 then: its new value 2 is found only through south.
-            feed.earlier[1].known = Some((5.0, 5.0));
-            feed.earlier[2].known = Some((south, south));
-            feed.earlier[3].known = Some((east, east));
+            // South's latest version said otherwise (a correction since
+            // retracted, say); the first one still tells its value.
+            feed.earlier[1].known = vec![(5.0, 5.0)];
+            feed.earlier[2].known = vec![(south, south), (south + 7.0, south + 7.0)];
+            feed.earlier[3].known = vec![(east, east)];
             let prepared = setup.prepare_in(&rows, &mut feed).unwrap();
             let refusal = prepared
                 .refusal
