@@ -876,6 +876,22 @@ fn validate<'r>(
                 ),
             ));
         }
+        // Noise on a count holds only if no contributor adds more than the
+        // clamp bound (1 by default: each is counted once).
+        let count_noise = (indicator.kind == AggregationKind::Count)
+            .then(|| context.policy.resolve(indicator).settings.noise)
+            .flatten();
+        if let (Some(noise), Some(contributors)) = (count_noise, row.contributors) {
+            if row.value > contributors as f64 * noise.clamp_bound as f64 {
+                return Err(err(
+                    "contributors",
+                    format!(
+                        "{}'s noise assumes no contributor adds more than its clamp bound to the count (disclosure.indicator clamp_bound), and this count is larger than that allows: raise clamp_bound, or count each contributor at most that often",
+                        row.indicator
+                    ),
+                ));
+            }
+        }
         let noise = (indicator.kind == AggregationKind::Sum)
             .then(|| context.policy.resolve(indicator).settings.noise)
             .flatten();
@@ -1694,6 +1710,26 @@ mod tests {
             err.contains("contributors: more contributors than the count"),
             "{err}"
         );
+        // A noised count: one contributor adds at most the clamp bound.
+        let mut noised = Setup::new();
+        noised.policy.overrides.push(Override {
+            code: "jobs".into(),
+            noise: Some(noise_settings("laplace", "1/2", 1).unwrap()),
+            budget_rho: Some(1.0),
+            ..Override::default()
+        });
+        noised.policy.check(&noised.catalog).unwrap();
+        let err = noised
+            .prepare(&[row("jobs", "city-a", "2025", 10.0, 3)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("contributors: jobs's noise assumes") && !err.contains('3'),
+            "{err}"
+        );
+        assert!(noised
+            .prepare(&[row("jobs", "city-a", "2025", 10.0, 10)])
+            .is_ok());
         // Noise on a sum holds only for contributions within the clamp bound.
         let mut setup = Setup::new();
         setup.policy.overrides.push(Override {

@@ -9,7 +9,14 @@
 
 /// Rounds `x` to the nearest multiple of `base` (halves away from zero).
 pub fn round_to_base(x: f64, base: f64) -> f64 {
-    let r = (x / base).round() * base;
+    let steps = x / base;
+    // Past 2^53 steps (or an overflow to infinity, with a tiny base), every
+    // float is a multiple of the base already: rounding changes nothing, and
+    // must not publish infinity (values are finite, spec rule 3).
+    if !steps.is_finite() || steps.abs() >= 9_007_199_254_740_992.0 {
+        return x;
+    }
+    let r = steps.round() * base;
     // Avoid "-0" in published output.
     if r == 0.0 {
         0.0
@@ -55,6 +62,9 @@ mod tests {
             }
         }
         assert_eq!(round_to_base(7.5, 5.0), 10.0);
+        // A base too small for the value leaves it as it is, finite.
+        assert_eq!(round_to_base(1e10, 1e-300), 1e10);
+        assert_eq!(round_to_base(-3e300, 1e-10), -3e300);
         assert_eq!(round_to_base(12.0, 5.0), 10.0);
         let (lo, hi) = rounding_interval(10.0, 5.0, false);
         assert_eq!((lo, hi), (7.5, 12.5));
