@@ -37,14 +37,21 @@ pub enum Security {
 }
 
 /// Handshakes running at once on one listener; more connections wait.
-const MAX_HANDSHAKES: usize = 64;
+/// Sockets that never send a byte hold one each until the handshake
+/// timeout: it takes `MAX_HANDSHAKES / MAX_HANDSHAKES_PER_SOURCE` sources
+/// doing so to keep members waiting.
+const MAX_HANDSHAKES: usize = 256;
 /// Handshakes running at once from one source (an IPv4 address, or an
 /// IPv6 /64); its other connections wait for one of them, so that a few
 /// idle sockets cannot hold every slot and keep other members out.
 const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
 /// Connections of one source handshaking or waiting to; more are closed
 /// at once (bounding the sockets one source holds open before TLS).
-const MAX_PENDING_PER_SOURCE: usize = 256;
+const MAX_PENDING_PER_SOURCE: usize = 64;
+/// Connections of all sources handshaking or waiting to: past this, the
+/// listener accepts no more until one is done (the kernel's backlog holds
+/// them), so sockets before TLS stay well below the file limit.
+const MAX_PENDING: usize = 1024;
 
 /// The source a connection counts against: its IPv4 address, or the /64
 /// of its IPv6 address (one host may hold a whole /64).
@@ -145,7 +152,11 @@ pub fn incoming(
     tokio::spawn(async move {
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         let sources = Arc::new(Sources::default());
+        let pending = Arc::new(Semaphore::new(MAX_PENDING));
         loop {
+            let Ok(admitted) = pending.clone().acquire_owned().await else {
+                return;
+            };
             let accepted = tokio::select! {
                 () = sender.closed() => return,
                 accepted = listener.accept() => accepted,
@@ -179,6 +190,7 @@ pub fn incoming(
             // counts against the handshake timeout: a connection that never
             // sends a byte is closed in time, waiting or not.
             tokio::spawn(async move {
+                let _admitted = admitted;
                 let handshake = async {
                     let _own = slot.handshakes.clone().acquire_owned().await.ok()?;
                     let _any = handshakes.acquire_owned().await.ok()?;
