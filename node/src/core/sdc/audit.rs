@@ -218,8 +218,11 @@ impl AuditModel {
             }),
             Some((k, v)) => {
                 let s = &mut self.components[k];
-                let up_target = req.at_least_upper / self.scale;
-                let lo_target = req.at_most_lower / self.scale;
+                // The LP stops within its tolerance of a target: aim past
+                // the point by that much, so that an early stop never falls
+                // short of what the check below asks.
+                let up_target = req.at_least_upper / self.scale + super::lp::TOL;
+                let lo_target = req.at_most_lower / self.scale - super::lp::TOL;
                 let hi = s.maximize(v, Some(up_target)).map_err(lp_err)?;
                 let lo = s.minimize(v, Some(lo_target)).map_err(lp_err)?;
                 Ok(Check {
