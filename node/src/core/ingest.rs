@@ -1260,10 +1260,16 @@ fn protect_table(
         .zip(&statuses)
         .map(|(cell, status)| {
             let value = cell.row.value;
+            // Every earlier interval that still holds the value narrows it.
             earlier_of(cell)
                 .filter(|_| status.is_suppressed())
-                .and_then(|e| e.known.iter().find(|(lo, hi)| *lo <= value && value <= *hi))
-                .copied()
+                .and_then(|e| {
+                    e.known
+                        .iter()
+                        .filter(|(lo, hi)| *lo <= value && value <= *hi)
+                        .copied()
+                        .reduce(|(a, b), (c, d)| (a.max(c), b.min(d)))
+                })
         })
         .collect();
     if known.iter().any(Option::is_some) && !table.constraints().is_empty() {
@@ -1987,10 +1993,15 @@ mod tests {
                 cell.suppressed = false;
             }
             // North was 5 then: its new value 2 is found only through south.
-            // South's latest version said otherwise (a correction since
-            // retracted, say); the first one still tells its value.
+            // South was first published rounded (within 50), then exactly;
+            // its latest version said otherwise (a correction since
+            // retracted, say). The exact one still tells its value.
             feed.earlier[1].known = vec![(5.0, 5.0)];
-            feed.earlier[2].known = vec![(south, south), (south + 7.0, south + 7.0)];
+            feed.earlier[2].known = vec![
+                (south - 50.0, south + 50.0),
+                (south, south),
+                (south + 7.0, south + 7.0),
+            ];
             feed.earlier[3].known = vec![(east, east)];
             let prepared = setup.prepare_in(&rows, &mut feed).unwrap();
             let refusal = prepared
