@@ -124,6 +124,26 @@ pub struct PeersError {
     pub message: String,
 }
 
+/// Why `peers` are refused if two of them have one origin.
+fn repeated_origin(peers: &[PeerPolicy]) -> Option<String> {
+    let mut by_origin: BTreeMap<&str, &str> = BTreeMap::new();
+    for peer in peers {
+        let Some(origin) = peer.origin.as_deref() else {
+            continue;
+        };
+        if let Some(first) = by_origin.insert(origin, &peer.name) {
+            return Some(format!(
+                "origin: {} is the origin of peers {first} and {}: a peer's read policy is \
+                 found by its origin, so each origin may have one peer; remove one \
+                 (civex peer remove NAME)",
+                quote(origin),
+                peer.name
+            ));
+        }
+    }
+    None
+}
+
 /// The peers, persisted and audited.
 pub struct PeerRegistry {
     path: PathBuf,
@@ -171,13 +191,22 @@ impl PeerRegistry {
                 ))
             })?;
         }
-        Ok(Self {
+        let registry = Self {
             audit_path: data_dir.join("audit.jsonl"),
-            path,
+            path: path.clone(),
             config: config.iter().map(PeerPolicy::from_config).collect(),
             changes: Mutex::new(changes),
             version: tokio::sync::watch::channel(0).0,
-        })
+        };
+        // node.toml may since have gained a peer whose origin one added at
+        // runtime has.
+        if let Some(message) = repeated_origin(&registry.list()) {
+            return Err(registry.error(
+                &registry.path,
+                format!("with node.toml's [[peers]]: {message}"),
+            ));
+        }
+        Ok(registry)
     }
 
     fn error(&self, path: &Path, message: String) -> PeersError {
@@ -194,6 +223,11 @@ impl PeerRegistry {
             .changes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.peers_with(&changes)
+    }
+
+    /// The peers with `changes` applied to the config's.
+    fn peers_with(&self, changes: &Changes) -> Vec<PeerPolicy> {
         let mut peers: BTreeMap<String, PeerPolicy> = self
             .config
             .iter()
@@ -224,22 +258,6 @@ impl PeerRegistry {
         peer.source = "runtime".into();
         peer.check(insecure)
             .map_err(|m| self.error(&self.path, m))?;
-        // One peer per origin: a second name would lift the first's read
-        // policy (policies are found by origin).
-        if let Some(other) = self
-            .list()
-            .into_iter()
-            .find(|p| p.name != peer.name && p.origin.is_some() && p.origin == peer.origin)
-        {
-            return Err(self.error(
-                &self.path,
-                format!(
-                    "origin: {} is already the origin of peer {}; change or remove that one",
-                    quote(peer.origin.as_deref().unwrap_or_default()),
-                    other.name
-                ),
-            ));
-        }
         self.change(who, "peer add", &peer, |changes| {
             changes.added.retain(|p| p.name != peer.name);
             changes.added.push(peer.clone());
@@ -278,6 +296,12 @@ impl PeerRegistry {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut next = changes.clone();
         edit(&mut next);
+        // One peer per origin: a second name would lift the first's read
+        // policy (policies are found by origin). Checked under the lock, so
+        // two concurrent adds cannot both pass.
+        if let Some(message) = repeated_origin(&self.peers_with(&next)) {
+            return Err(self.error(&self.path, message));
+        }
         // Audited before it takes effect: no change without its record.
         self.audit(who, action, detail)?;
         self.persist(&next)?;
@@ -401,13 +425,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("\"city-b\" is already the origin of peer city-b"),
+            err.contains("\"city-b\" is the origin of peers aaa and city-b"),
             "{err}"
         );
         assert_eq!(registry.policy_for("city-b").unwrap().may_read, ["city-z"]);
         // Replacing the peer itself, by its name, is no conflict.
         registry.add("operator ops", peer("city-b"), false).unwrap();
         assert!(registry.policy_for("city-b").unwrap().may_read.is_empty());
+        // node.toml gaining another peer of that origin stops the start.
+        let config = vec![PeerConfig {
+            name: "b-by-config".into(),
+            address: "127.0.0.1:7402".into(),
+            origin: Some("city-b".into()),
+        }];
+        let err = PeerRegistry::open(dir.path(), &config, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("peers.json") && err.contains("peers b-by-config and city-b"),
+            "{err}"
+        );
     }
 
     #[test]
