@@ -49,19 +49,11 @@ impl Forger {
 
     /// Entry `seq` linked to `prev`, with `note` making it unique.
     fn entry(&self, seq: u64, prev: &[u8], note: &str) -> Entry {
-        let body = EntryBody {
-            origin: self.origin.clone(),
-            feed_id: self.feed_id.clone(),
-            seq,
-            prev_hash: prev.to_vec(),
-            time_unix_micros: 1_000 + seq as i64,
-            idempotency_key: vec![seq as u8; 16],
-            payload: Some(Payload::Withdrawal(OfferWithdrawal {
-                offer_id: format!("offer-{seq}"),
-                reason: note.into(),
-            })),
-        };
-        Entry::sign(&self.key, body).unwrap()
+        let withdrawal = Payload::Withdrawal(OfferWithdrawal {
+            offer_id: format!("offer-{seq}"),
+            reason: note.into(),
+        });
+        self.entry_with(seq, prev, withdrawal, &[])
     }
 
     /// Entry `seq` linked to `prev` carrying `payload`, with `extra` bytes
