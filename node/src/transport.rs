@@ -65,6 +65,32 @@ fn source_of(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// At most one log line per second for a kind of event that can flood.
+#[derive(Default)]
+struct LogThrottle(Mutex<(Option<std::time::Instant>, u64)>);
+
+impl LogThrottle {
+    /// Whether an event at `now` gets its line: then, how many since the
+    /// last line did not.
+    fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (last, unlogged) = &mut *state;
+        match last {
+            Some(at) if now.duration_since(*at) < Duration::from_secs(1) => {
+                *unlogged += 1;
+                None
+            }
+            _ => {
+                *last = Some(now);
+                Some(std::mem::take(unlogged))
+            }
+        }
+    }
+}
+
 /// Per source: its handshake permits, and its connections pending.
 #[derive(Default)]
 struct Sources(Mutex<HashMap<IpAddr, (Arc<Semaphore>, usize)>>);
@@ -153,6 +179,7 @@ pub fn incoming(
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         let sources = Arc::new(Sources::default());
         let pending = Arc::new(Semaphore::new(MAX_PENDING));
+        let timeouts = Arc::new(LogThrottle::default());
         loop {
             let Ok(admitted) = pending.clone().acquire_owned().await else {
                 return;
@@ -185,7 +212,8 @@ pub fn incoming(
                 tracing::debug!(%peer, "connection closed: its address has too many pending");
                 continue;
             };
-            let (sender, handshakes) = (sender.clone(), handshakes.clone());
+            let (sender, handshakes, timeouts) =
+                (sender.clone(), handshakes.clone(), timeouts.clone());
             // Waiting for a permit of its source, then of the listener,
             // counts against the handshake timeout: a connection that never
             // sends a byte is closed in time, waiting or not.
@@ -208,8 +236,13 @@ pub fn incoming(
                     // The listener is closing.
                     Ok(None) => {}
                     Err(_) => {
-                        tracing::warn!(%peer, reason = "handshake timed out",
-                            "TLS connection refused");
+                        // Idle sockets can come by the thousand: one line
+                        // a second at most, counting the ones left out.
+                        if let Some(unlogged) = timeouts.admit(std::time::Instant::now()) {
+                            tracing::warn!(%peer, reason = "handshake timed out",
+                                also_timed_out_since_last_line = unlogged,
+                                "TLS connection refused");
+                        }
                     }
                 }
             });
@@ -318,6 +351,18 @@ impl Service<Uri> for Connector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_timeouts_logs_a_line_a_second() {
+        let throttle = LogThrottle::default();
+        let start = std::time::Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert_eq!(throttle.admit(at(0)), Some(0));
+        assert_eq!(throttle.admit(at(10)), None);
+        assert_eq!(throttle.admit(at(999)), None);
+        assert_eq!(throttle.admit(at(1000)), Some(2));
+        assert_eq!(throttle.admit(at(5000)), Some(0));
+    }
 
     #[test]
     fn handshakes_count_per_source_and_are_given_back() {
