@@ -324,7 +324,7 @@ mod tests {
     use super::*;
     use crate::{
         core::feed::{tests::key, GENESIS_PREV_HASH},
-        store::{CommitBatch, Head, SledStore},
+        store::{tests::commit_of, SledStore},
     };
     use civex_proto::v1::{EntryBody, KeyRotation, OfferWithdrawal};
     use ed25519_dalek::SigningKey;
@@ -378,22 +378,7 @@ mod tests {
     fn audited(entries: &[Entry]) -> (u64, Option<String>, (u64, Option<u64>)) {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 1 << 22).unwrap();
-        let last = entries.last().unwrap();
-        store
-            .commit(&CommitBatch {
-                runs: vec![entries.to_vec()],
-                heads: vec![(
-                    "city-a".into(),
-                    Head {
-                        tip: last.tip(),
-                        received_unix_micros: 0,
-                    },
-                )],
-                index: Vec::new(),
-                idempotency: Vec::new(),
-                conflicts: Vec::new(),
-            })
-            .unwrap();
+        store.commit(&commit_of(entries)).unwrap();
         let pinned = [("city-a".to_owned(), key(1).verifying_key())].into();
         let keys = KeyResolver::new("city-n", key(2).verifying_key(), pinned);
         let report = audit(&store, &keys, 2, &|_| {}).unwrap();

@@ -1620,21 +1620,7 @@ mod tests {
         let store: SharedStore =
             Arc::new(crate::store::SledStore::open(dir.path(), 16 << 20).unwrap());
         store
-            .commit(&crate::store::CommitBatch {
-                runs: vec![entries.clone()],
-                heads: vec![(
-                    "city-a".into(),
-                    crate::store::Head {
-                        tip: entries[2].tip(),
-                        received_unix_micros: 1,
-                    },
-                )],
-                index: entries
-                    .iter()
-                    .flat_map(crate::core::index::records_of)
-                    .collect(),
-                ..Default::default()
-            })
+            .commit(&crate::store::tests::commit_of(&entries))
             .unwrap();
         let cells = stored_cells(&store, "city-a", "jobs", "test", "2025").unwrap();
         assert_eq!(cells.len(), 1);

@@ -324,11 +324,8 @@ pub fn offers(
 mod tests {
     use super::*;
     use crate::{
-        core::{
-            feed::{Entry, GENESIS_PREV_HASH},
-            index::records_of,
-        },
-        store::{CommitBatch, Head, SledStore},
+        core::feed::{Entry, GENESIS_PREV_HASH},
+        store::{tests::commit_of, SledStore},
     };
     use civex_proto::v1::PublishGroup;
 
@@ -369,22 +366,7 @@ mod tests {
 
     /// Commits consecutive entries of one origin, with their index records.
     fn commit(store: &SledStore, entries: &[Entry]) {
-        let last = entries.last().unwrap();
-        store
-            .commit(&CommitBatch {
-                runs: vec![entries.to_vec()],
-                heads: vec![(
-                    last.body.origin.clone(),
-                    Head {
-                        tip: last.tip(),
-                        received_unix_micros: 0,
-                    },
-                )],
-                index: entries.iter().flat_map(records_of).collect(),
-                idempotency: Vec::new(),
-                conflicts: Vec::new(),
-            })
-            .unwrap();
+        store.commit(&commit_of(entries)).unwrap();
     }
 
     #[test]

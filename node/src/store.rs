@@ -1402,14 +1402,16 @@ pub type SharedStore = Arc<dyn Store>;
 const _: () = assert!(FEED_ID_LEN == 16);
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::core::{
         feed::tests::{chain, key},
         index::records_of,
     };
 
-    fn commit_of(entries: &[Entry]) -> CommitBatch {
+    /// One commit of consecutive `entries` of one origin, with their head
+    /// and index records.
+    pub(crate) fn commit_of(entries: &[Entry]) -> CommitBatch {
         let last = entries.last().unwrap();
         CommitBatch {
             runs: vec![entries.to_vec()],
