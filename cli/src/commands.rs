@@ -884,6 +884,27 @@ pub(crate) async fn all_observations(
     }
 }
 
+/// Fetches every page of offers.
+pub(crate) async fn all_offers(
+    node: &Node,
+    mut request: pb::OffersRequest,
+) -> anyhow::Result<Vec<pb::OfferRecord>> {
+    let mut query = client::query(node).await?;
+    let mut offers = Vec::new();
+    loop {
+        let page = query
+            .offers(request.clone())
+            .await
+            .map_err(|s| anyhow!("query refused: {}", describe(&s)))?
+            .into_inner();
+        offers.extend(page.offers);
+        if page.next_page_token.is_empty() {
+            return Ok(offers);
+        }
+        request.page_token = page.next_page_token;
+    }
+}
+
 fn value_text(observation: &pb::Observation) -> String {
     observation
         .value
@@ -976,14 +997,9 @@ pub(crate) async fn query(
                 categories: category,
                 origins: origin,
                 include_inactive: all,
+                ..Default::default()
             };
-            let offers = client::query(node)
-                .await?
-                .offers(request)
-                .await
-                .map_err(|s| anyhow!("query refused: {}", describe(&s)))?
-                .into_inner()
-                .offers;
+            let offers = all_offers(node, request).await?;
             print_offers(format, &offers);
         }
     }
@@ -1017,6 +1033,7 @@ pub(crate) fn print_offers(format: Format, offers: &[pb::OfferRecord]) {
                             let resp = p.response.clone().unwrap_or_default();
                             json!({"origin": p.origin, "seq": p.seq, "kind": response_kind(resp.kind), "message": resp.message})
                         }).collect::<Vec<_>>(),
+                        "more_responses": r.more_responses,
                     })
                 })
                 .collect(),
@@ -1027,15 +1044,18 @@ pub(crate) fn print_offers(format: Format, offers: &[pb::OfferRecord]) {
                 .iter()
                 .map(|r| {
                     let o = r.offer.clone().unwrap_or_default();
-                    let responses = r
+                    let mut responses = r
                         .responses
                         .iter()
                         .map(|p| {
                             let kind = p.response.as_ref().map_or(0, |x| x.kind);
                             format!("{}:{}", p.origin, response_kind(kind))
                         })
-                        .collect::<Vec<_>>()
-                        .join(" ");
+                        .collect::<Vec<_>>();
+                    if r.more_responses {
+                        responses.push("(more not shown)".into());
+                    }
+                    let responses = responses.join(" ");
                     vec![
                         r.origin.clone(),
                         o.offer_id.clone(),

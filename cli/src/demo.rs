@@ -10,7 +10,7 @@ use civex_proto::v1::{self as pb, FunctionalArea};
 
 use crate::{
     client::{self, describe, with_retry},
-    commands::{all_observations, print_offers, row_message},
+    commands::{all_observations, all_offers, print_offers, row_message},
     output::{self, Format},
     region::{held_seq, node_status, start_region, wait_until, CitySpec},
 };
@@ -235,13 +235,7 @@ pub(crate) async fn run(keep_running: bool, format: Format) -> anyhow::Result<Ex
 
     let reader = &nodes[2];
     let records = all_observations(&reader.client, pb::ObservationsRequest::default()).await?;
-    let offers = client::query(&reader.client)
-        .await?
-        .offers(pb::OffersRequest::default())
-        .await
-        .map_err(|s| anyhow!("offers query failed: {}", describe(&s)))?
-        .into_inner()
-        .offers;
+    let offers = all_offers(&reader.client, pb::OffersRequest::default()).await?;
     print_region(format, &reader.origin, &records, &offers);
 
     if keep_running {

@@ -1385,11 +1385,10 @@ impl Sequencer {
                     .pending_payloads()
                     .any(|p| matches!(p, Payload::Offer(o) if o.offer_id == offer_id));
                 let held = pending
-                    || self
+                    || !self
                         .store
-                        .offer_versions()?
-                        .into_iter()
-                        .any(|o| o.origin == self.origin && o.offer.offer_id == offer_id);
+                        .offer_versions_of(&self.origin, &offer_id)?
+                        .is_empty();
                 if !held {
                     return Err(PublishError::NotFound(format!(
                         "offer_id: this node has no offer {offer_id:?}"
@@ -1427,10 +1426,9 @@ impl Sequencer {
                 let version = match version {
                     Some(version) => version,
                     None => {
-                        let versions = self.store.offer_versions()?;
+                        let versions = self.store.offer_versions_of(&offer_origin, &offer_id)?;
                         let latest = versions
                             .iter()
-                            .filter(|o| o.origin == offer_origin && o.offer.offer_id == offer_id)
                             .max_by_key(|o| o.seq)
                             .ok_or_else(|| {
                                 PublishError::NotFound(format!(

@@ -5,6 +5,7 @@ use civex_proto::v1::{
     entry_body::Payload, DisclosureRules, EntryBody, FunctionalArea, IndicatorBatch, Observation,
 };
 use prost::Message;
+use std::collections::HashSet;
 
 use crate::{
     core::{
@@ -19,6 +20,13 @@ use crate::{
 pub const MAX_PAGE: usize = 1000;
 /// Page size when none is asked.
 pub const DEFAULT_PAGE: usize = 100;
+/// Index rows one page may read. A filter that matches little ends its
+/// page early, with a token to go on from, rather than reading the whole
+/// index in one call.
+pub const SCAN_BUDGET: usize = 20_000;
+/// Responses listed with one offer at most; a page of offers also ends once
+/// it lists this many.
+pub const MAX_RESPONSES: usize = 1000;
 
 /// A query problem.
 #[derive(Debug, thiserror::Error)]
@@ -151,29 +159,47 @@ fn full_page(rows: Vec<CurrentObservation>) -> ObservationPage {
     }
 }
 
+fn page_limit(page_size: usize) -> usize {
+    match page_size {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    }
+}
+
 /// Current observations matching `filter`, one page after `page_token`.
 /// The current value of a key is its latest entry that is not retracted
 /// (and, for a publish group, whose every part is held). A key whose latest
 /// such entry cannot be answered (see [`NEVER_QUERYABLE`]) is left out.
+/// A page ends when it is full or has read [`SCAN_BUDGET`] index rows, so it
+/// may hold fewer rows than asked, even none, and still have a next token.
 pub fn observations(
     store: &dyn Store,
     filter: &ObservationFilter,
     page_size: usize,
     page_token: Option<&str>,
 ) -> Result<ObservationPage, QueryError> {
-    let limit = match page_size {
-        0 => DEFAULT_PAGE,
-        n => n.min(MAX_PAGE),
-    };
+    observations_within(store, filter, page_size, page_token, SCAN_BUDGET)
+}
+
+fn observations_within(
+    store: &dyn Store,
+    filter: &ObservationFilter,
+    page_size: usize,
+    page_token: Option<&str>,
+    budget: usize,
+) -> Result<ObservationPage, QueryError> {
+    let limit = page_limit(page_size);
     let from = parse_bound("period_from", &filter.period_from)?;
     let to = parse_bound("period_to", &filter.period_to)?;
     let after = page_token
         .filter(|t| !t.is_empty())
         .map(decode_token)
         .transpose()?;
+    let areas: HashSet<i32> = filter.areas.iter().map(|a| *a as i32).collect();
+    let indicators: HashSet<&str> = filter.indicators.iter().map(String::as_str).collect();
     let matches = |row: &ObservationRow| {
-        (filter.areas.is_empty() || filter.areas.iter().any(|a| *a as i32 == row.area))
-            && (filter.indicators.is_empty() || filter.indicators.contains(&row.key.indicator))
+        (areas.is_empty() || areas.contains(&row.area))
+            && (indicators.is_empty() || indicators.contains(row.key.indicator.as_str()))
             && Period::parse(&row.key.period).is_ok_and(|p| p.within(from.as_ref(), to.as_ref()))
     };
     let mut origins: Vec<Option<&str>> = if filter.origins.is_empty() {
@@ -185,6 +211,9 @@ pub fn observations(
     origins.dedup();
 
     let mut rows = Vec::new();
+    let mut scanned = 0;
+    // The last key read whole, where a page cut short goes on from.
+    let mut read_whole: Option<ObservationKey> = None;
     let mut resolver = Resolver { store, last: None };
     let mut held_seq: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     for origin in origins {
@@ -210,8 +239,18 @@ pub fn observations(
                 if take(&mut current, &mut rows)? {
                     return Ok(full_page(rows));
                 }
+                if let Some(key) = group_key.take() {
+                    read_whole = Some(key);
+                }
+                if scanned >= budget {
+                    return Ok(ObservationPage {
+                        rows,
+                        next: read_whole.as_ref().map(encode_token),
+                    });
+                }
                 group_key = Some(row.key.clone());
             }
+            scanned += 1;
             // A cell of a publish group counts only once every part is held.
             let held = match held_seq.get(&row.key.origin) {
                 Some(seq) => *seq,
@@ -232,6 +271,9 @@ pub fn observations(
         }
         if take(&mut current, &mut rows)? {
             return Ok(full_page(rows));
+        }
+        if let Some(key) = group_key {
+            read_whole = Some(key);
         }
     }
     Ok(ObservationPage { rows, next: None })
@@ -257,67 +299,160 @@ pub struct OfferState {
     pub version: OfferRow,
     /// Active by the reader's clock.
     pub active: bool,
-    /// Responses held for the offer, retracted ones left out.
+    /// Responses held for the offer, retracted ones left out; at most
+    /// [`MAX_RESPONSES`].
     pub responses: Vec<ResponseRow>,
+    /// Whether responses were left unread: past [`MAX_RESPONSES`], or past
+    /// [`SCAN_BUDGET`] read (retracted ones among them).
+    pub more_responses: bool,
 }
 
-/// Offers matching `filter`, by origin and offer id, each with its
-/// responses not retracted. Active means: the latest version, not
-/// withdrawn, not retracted, and `now` inside `[valid_from, valid_until)`.
-/// An offer whose latest version cannot be answered is left out.
+/// A page of offers.
+#[derive(Debug, Clone)]
+pub struct OfferPage {
+    /// Offers, by origin and offer id.
+    pub offers: Vec<OfferState>,
+    /// Token for the next page.
+    pub next: Option<String>,
+}
+
+fn encode_offer_token(origin: &str, offer_id: &str) -> String {
+    hex(format!("{origin}\0{offer_id}").as_bytes())
+}
+
+fn decode_offer_token(token: &str) -> Result<(String, String), QueryError> {
+    let invalid = || QueryError::Invalid("page_token: not a token this node issued".into());
+    let text = String::from_utf8(unhex(token).map_err(|_| invalid())?).map_err(|_| invalid())?;
+    let (origin, offer_id) = text.split_once('\0').ok_or_else(invalid)?;
+    if offer_id.contains('\0') {
+        return Err(invalid());
+    }
+    Ok((origin.into(), offer_id.into()))
+}
+
+/// Offers matching `filter`, by origin and offer id, one page after
+/// `page_token`, each with its responses not retracted. Active means: the
+/// latest version, not withdrawn, not retracted, and `now` inside
+/// `[valid_from, valid_until)`. An offer whose latest version cannot be
+/// answered is left out. A page ends when it holds `page_size` offers, lists
+/// [`MAX_RESPONSES`] responses, or has read [`SCAN_BUDGET`] offer versions;
+/// it may hold fewer offers than asked, even none, and still have a token.
 pub fn offers(
     store: &dyn Store,
     filter: &OfferFilter,
     now_unix: i64,
-) -> Result<Vec<OfferState>, QueryError> {
-    let mut latest: Vec<OfferRow> = Vec::new();
-    for row in store.offer_versions()? {
-        match latest.last_mut() {
-            Some(last)
-                if last.origin == row.origin && last.offer.offer_id == row.offer.offer_id =>
-            {
+    page_size: usize,
+    page_token: Option<&str>,
+) -> Result<OfferPage, QueryError> {
+    offers_within(store, filter, now_unix, page_size, page_token, SCAN_BUDGET)
+}
+
+fn offers_within(
+    store: &dyn Store,
+    filter: &OfferFilter,
+    now_unix: i64,
+    page_size: usize,
+    page_token: Option<&str>,
+    budget: usize,
+) -> Result<OfferPage, QueryError> {
+    let limit = page_limit(page_size);
+    let after = page_token
+        .filter(|t| !t.is_empty())
+        .map(decode_offer_token)
+        .transpose()?;
+    let areas: HashSet<i32> = filter.areas.iter().map(|a| *a as i32).collect();
+    let categories: HashSet<&str> = filter.categories.iter().map(String::as_str).collect();
+    let origins: HashSet<&str> = filter.origins.iter().map(String::as_str).collect();
+    let wanted = |version: &OfferRow| {
+        let offer = &version.offer;
+        // A latest version this build cannot read leaves its offer out: an
+        // older version is no longer what the offer says.
+        version.answerable
+            && (areas.is_empty() || areas.contains(&offer.area))
+            && (categories.is_empty() || categories.contains(offer.category.as_str()))
+            && (origins.is_empty() || origins.contains(version.origin.as_str()))
+    };
+    let mut page = OfferPage {
+        offers: Vec::new(),
+        next: None,
+    };
+    let mut listed = 0;
+    let mut scanned = 0;
+    let mut latest: Option<OfferRow> = None;
+    let mut versions = store.offer_versions(after.as_ref().map(|(o, i)| (o.as_str(), i.as_str())));
+    loop {
+        let row = versions.next().transpose()?;
+        if let (Some(last), Some(row)) = (latest.as_mut(), row.as_ref()) {
+            if last.origin == row.origin && last.offer.offer_id == row.offer.offer_id {
                 if row.seq > last.seq {
-                    *last = row;
+                    *last = row.clone();
+                }
+                scanned += 1;
+                continue;
+            }
+        }
+        // The versions of `latest` are read whole.
+        if let Some(version) = latest.take() {
+            page.next = Some(encode_offer_token(&version.origin, &version.offer.offer_id));
+            if wanted(&version) {
+                if let Some(state) = offer_state(store, version, now_unix, filter)? {
+                    listed += state.responses.len();
+                    page.offers.push(state);
                 }
             }
-            _ => latest.push(row),
+        }
+        let Some(row) = row else {
+            page.next = None;
+            return Ok(page);
+        };
+        if page.offers.len() >= limit || listed >= MAX_RESPONSES || scanned >= budget {
+            return Ok(page);
+        }
+        scanned += 1;
+        latest = Some(row);
+    }
+}
+
+/// The state of an offer's latest version; none when it is inactive and
+/// inactive offers are not asked for.
+fn offer_state(
+    store: &dyn Store,
+    version: OfferRow,
+    now_unix: i64,
+    filter: &OfferFilter,
+) -> Result<Option<OfferState>, QueryError> {
+    let offer = &version.offer;
+    let active = store
+        .withdrawal(&version.origin, &offer.offer_id)?
+        .is_none()
+        && !store.is_retracted(&version.origin, version.seq)?
+        && (offer.valid_from_unix..offer.valid_until_unix).contains(&now_unix);
+    if !active && !filter.include_inactive {
+        return Ok(None);
+    }
+    // A retraction covers the whole entry (rule 3), so a retracted
+    // response is no longer an answer to the offer.
+    let mut responses = Vec::new();
+    let mut more_responses = false;
+    for (read, response) in store
+        .responses(&version.origin, &offer.offer_id)
+        .enumerate()
+    {
+        let response = response?;
+        if responses.len() == MAX_RESPONSES || read == SCAN_BUDGET {
+            more_responses = true;
+            break;
+        }
+        if !store.is_retracted(&response.responder, response.seq)? {
+            responses.push(response);
         }
     }
-    let mut out = Vec::new();
-    // A latest version this build cannot read leaves its offer out: an
-    // older version is no longer what the offer says.
-    for version in latest.into_iter().filter(|v| v.answerable) {
-        let offer = &version.offer;
-        let wanted = (filter.areas.is_empty()
-            || filter.areas.iter().any(|a| *a as i32 == offer.area))
-            && (filter.categories.is_empty() || filter.categories.contains(&offer.category))
-            && (filter.origins.is_empty() || filter.origins.contains(&version.origin));
-        if !wanted {
-            continue;
-        }
-        let active = store
-            .withdrawal(&version.origin, &offer.offer_id)?
-            .is_none()
-            && !store.is_retracted(&version.origin, version.seq)?
-            && (offer.valid_from_unix..offer.valid_until_unix).contains(&now_unix);
-        if !active && !filter.include_inactive {
-            continue;
-        }
-        // A retraction covers the whole entry (rule 3), so a retracted
-        // response is no longer an answer to the offer.
-        let mut responses = Vec::new();
-        for response in store.responses(&version.origin, &offer.offer_id)? {
-            if !store.is_retracted(&response.responder, response.seq)? {
-                responses.push(response);
-            }
-        }
-        out.push(OfferState {
-            version,
-            active,
-            responses,
-        });
-    }
-    Ok(out)
+    Ok(Some(OfferState {
+        version,
+        active,
+        responses,
+        more_responses,
+    }))
 }
 
 #[cfg(test)]
@@ -474,7 +609,9 @@ mod tests {
             }),
         );
         commit(&store, &[withdrawn, kept, retraction]);
-        let found = offers(&store, &OfferFilter::default(), 100).unwrap();
+        let found = offers(&store, &OfferFilter::default(), 100, 0, None)
+            .unwrap()
+            .offers;
         assert_eq!(found.len(), 1);
         let answered: Vec<(u64, &str)> = found[0]
             .responses
@@ -554,5 +691,211 @@ mod tests {
         );
         commit(&store, &[retraction]);
         assert_eq!(values(&store), [Some(1.0)]);
+    }
+
+    fn cell(indicator: &str) -> Payload {
+        Payload::Indicators(IndicatorBatch {
+            observations: vec![Observation {
+                indicator: indicator.into(),
+                catalog_edition: "local".into(),
+                area: 2,
+                ref_area: "city-a".into(),
+                period: "2025".into(),
+                value: Some(1.0),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    /// Entries of `origin`, one per payload, chained from genesis.
+    fn chain(key: &ed25519_dalek::SigningKey, origin: &str, payloads: Vec<Payload>) -> Vec<Entry> {
+        let mut entries: Vec<Entry> = Vec::new();
+        for payload in payloads {
+            let entry = signed(key, origin, entries.last(), payload);
+            entries.push(entry);
+        }
+        entries
+    }
+
+    /// Every page of `filter` read with `budget`: (indicators, page count,
+    /// pages that came back empty with a token).
+    fn read_all(
+        store: &SledStore,
+        filter: &ObservationFilter,
+        budget: usize,
+    ) -> (Vec<String>, usize, usize) {
+        let (mut names, mut pages, mut empty) = (Vec::new(), 0, 0);
+        let mut token: Option<String> = None;
+        loop {
+            let page = observations_within(store, filter, 2, token.as_deref(), budget).unwrap();
+            pages += 1;
+            if page.rows.is_empty() && page.next.is_some() {
+                empty += 1;
+            }
+            names.extend(
+                page.rows
+                    .into_iter()
+                    .map(|r| format!("{}/{}", r.key.origin, r.observation.indicator)),
+            );
+            match page.next {
+                Some(next) => token = Some(next),
+                None => return (names, pages, empty),
+            }
+            assert!(pages < 100, "paging does not end");
+        }
+    }
+
+    #[test]
+    fn a_page_ends_at_its_scan_budget_and_the_next_goes_on_from_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        for origin in ["city-a", "city-b"] {
+            let payloads = (0..7).map(|i| cell(&format!("i{i}"))).collect();
+            commit(&store, &chain(&key, origin, payloads));
+        }
+        let wanted = ObservationFilter {
+            indicators: vec!["i6".into(), "i0".into()],
+            ..Default::default()
+        };
+        let whole = read_all(&store, &wanted, usize::MAX);
+        assert_eq!(
+            whole.0,
+            ["city-a/i0", "city-a/i6", "city-b/i0", "city-b/i6"]
+        );
+        // Two full pages, then an empty last one.
+        assert_eq!((whole.1, whole.2), (3, 0));
+        // Three rows a page: pages end early, some empty, and together
+        // they answer the same rows once each.
+        let budgeted = read_all(&store, &wanted, 3);
+        assert_eq!(budgeted.0, whole.0);
+        assert!(budgeted.2 >= 2, "no page ended at its budget: {budgeted:?}");
+        // The same over an origin list, cut at the boundary between origins.
+        let listed = ObservationFilter {
+            origins: vec!["city-b".into(), "city-a".into()],
+            ..wanted
+        };
+        assert_eq!(read_all(&store, &listed, 7).0, whole.0);
+        let all = read_all(&store, &ObservationFilter::default(), 1).0;
+        assert_eq!(all.len(), 14);
+    }
+
+    fn offer(id: &str, area: i32) -> Payload {
+        Payload::Offer(civex_proto::v1::ServiceOffer {
+            offer_id: id.into(),
+            title: "t".into(),
+            area,
+            category: "c".into(),
+            valid_from_unix: 0,
+            valid_until_unix: i64::MAX,
+            contact_role: "r".into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn offers_come_in_pages_by_origin_and_offer_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        // o2 has two versions; the area filter below wants o3 of each origin.
+        for origin in ["city-b", "city-a"] {
+            let payloads = vec![
+                offer("o1", 2),
+                offer("o2", 2),
+                offer("o2", 2),
+                offer("o3", 3),
+            ];
+            commit(&store, &chain(&key, origin, payloads));
+        }
+        let read = |filter: &OfferFilter, size: usize, budget: usize| {
+            let (mut found, mut pages) = (Vec::new(), 0);
+            let mut token: Option<String> = None;
+            loop {
+                let page =
+                    offers_within(&store, filter, 100, size, token.as_deref(), budget).unwrap();
+                pages += 1;
+                found.extend(page.offers.iter().map(|o| {
+                    format!(
+                        "{}/{}@{}",
+                        o.version.origin, o.version.offer.offer_id, o.version.seq
+                    )
+                }));
+                match page.next {
+                    Some(next) => token = Some(next),
+                    None => return (found, pages),
+                }
+                assert!(pages < 100, "paging does not end");
+            }
+        };
+        let all = OfferFilter::default();
+        let whole = read(&all, 0, usize::MAX);
+        assert_eq!(
+            whole,
+            (
+                vec![
+                    "city-a/o1@1".to_owned(),
+                    "city-a/o2@3".into(),
+                    "city-a/o3@4".into(),
+                    "city-b/o1@1".into(),
+                    "city-b/o2@3".into(),
+                    "city-b/o3@4".into(),
+                ],
+                1
+            )
+        );
+        assert_eq!(read(&all, 1, usize::MAX), (whole.0.clone(), 6));
+        let third = OfferFilter {
+            areas: vec![FunctionalArea::try_from(3).unwrap()],
+            ..Default::default()
+        };
+        let (found, pages) = read(&third, 0, 2);
+        assert_eq!(found, ["city-a/o3@4", "city-b/o3@4"]);
+        assert!(pages >= 3, "no page ended at its budget");
+        assert!(offers(&store, &all, 100, 0, Some("zz")).is_err());
+        assert!(offers(&store, &all, 100, 0, Some(&hex(b"city-a"))).is_err());
+    }
+
+    #[test]
+    fn an_offer_lists_at_most_max_responses_and_ends_its_page() {
+        use civex_proto::v1::OfferResponse;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
+        let a = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let offers_of_a = chain(&a, "city-a", vec![offer("o1", 2), offer("o2", 2)]);
+        commit(&store, &offers_of_a);
+        let b = ed25519_dalek::SigningKey::from_bytes(&[6; 32]);
+        let responses = (0..=MAX_RESPONSES)
+            .map(|i| {
+                Payload::Response(OfferResponse {
+                    offer_origin: "city-a".into(),
+                    offer_id: "o1".into(),
+                    offer_version_hash: offers_of_a[0].hash.to_vec(),
+                    kind: 1,
+                    message: format!("{i}"),
+                })
+            })
+            .collect();
+        commit(&store, &chain(&b, "city-b", responses));
+        let page = offers(&store, &OfferFilter::default(), 100, 0, None).unwrap();
+        assert_eq!(
+            page.offers.len(),
+            1,
+            "the page did not end after the responses"
+        );
+        assert_eq!(page.offers[0].responses.len(), MAX_RESPONSES);
+        assert!(page.offers[0].more_responses);
+        let next = offers(
+            &store,
+            &OfferFilter::default(),
+            100,
+            0,
+            page.next.as_deref(),
+        )
+        .unwrap();
+        assert_eq!(next.offers.len(), 1);
+        assert_eq!(next.offers[0].version.offer.offer_id, "o2");
+        assert!(!next.offers[0].more_responses && next.next.is_none());
     }
 }

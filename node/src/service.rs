@@ -1438,10 +1438,23 @@ impl Query for QueryService {
             origins: request.origins,
             include_inactive: request.include_inactive,
         };
-        let offers =
-            query::offers(self.store.as_ref(), &filter, now_unix()).map_err(|e| e.to_status())?;
+        let store = self.store.clone();
+        let page = tokio::task::spawn_blocking(move || {
+            query::offers(
+                store.as_ref(),
+                &filter,
+                now_unix(),
+                request.page_size as usize,
+                Some(&request.page_token),
+            )
+        })
+        .await
+        .map_err(|err| Status::internal(format!("query task failed: {err}")))?
+        .map_err(|e| e.to_status())?;
         Ok(Response::new(pb::OffersResponse {
-            offers: offers
+            next_page_token: page.next.unwrap_or_default(),
+            offers: page
+                .offers
                 .into_iter()
                 .map(|state| pb::OfferRecord {
                     origin: state.version.origin,
@@ -1458,6 +1471,7 @@ impl Query for QueryService {
                             response: Some(r.response),
                         })
                         .collect(),
+                    more_responses: state.more_responses,
                 })
                 .collect(),
         }))

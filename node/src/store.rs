@@ -269,13 +269,22 @@ pub trait Store: Send + Sync + 'static {
     fn merge_index_pieces(&self, limit: usize) -> Result<usize, StoreError>;
     /// Packed index pieces not folded yet.
     fn index_pieces_pending(&self) -> Result<u64, StoreError>;
-    /// Every offer version held, by origin, offer id and seq.
-    fn offer_versions(&self) -> Result<Vec<OfferRow>, StoreError>;
+    /// Offer versions held, by origin, offer id and seq, from the offer
+    /// after `after` (an origin and offer id; none: from the first).
+    fn offer_versions<'a>(
+        &'a self,
+        after: Option<(&str, &str)>,
+    ) -> Box<dyn Iterator<Item = Result<OfferRow, StoreError>> + 'a>;
+    /// The versions held of one offer, in seq order.
+    fn offer_versions_of(&self, origin: &str, offer_id: &str) -> Result<Vec<OfferRow>, StoreError>;
     /// Seq of the withdrawal of (origin, offer id), if withdrawn.
     fn withdrawal(&self, origin: &str, offer_id: &str) -> Result<Option<u64>, StoreError>;
-    /// Responses held for (offer origin, offer id).
-    fn responses(&self, offer_origin: &str, offer_id: &str)
-        -> Result<Vec<ResponseRow>, StoreError>;
+    /// Responses held for (offer origin, offer id), by responder and seq.
+    fn responses<'a>(
+        &'a self,
+        offer_origin: &str,
+        offer_id: &str,
+    ) -> Box<dyn Iterator<Item = Result<ResponseRow, StoreError>> + 'a>;
     /// Conflict evidence held, one record per origin.
     fn conflicts(&self) -> Result<Vec<ConflictRecord>, StoreError>;
     /// Key rotations of an origin's feed held: (seq, new key), in seq order.
@@ -484,6 +493,35 @@ impl SledStore {
 
     fn corrupt(&self, message: String) -> StoreError {
         corrupt(&self.path, message)
+    }
+
+    /// Decodes an offer version record (`f` origin, offer id, seq).
+    fn offer_row(
+        &self,
+        item: sled::Result<(sled::IVec, sled::IVec)>,
+    ) -> Result<OfferRow, StoreError> {
+        let (key, value) = item.map_err(sled_error(&self.path))?;
+        let decoded =
+            split_key(&key, 1, 2)
+                .zip(value.get(..32))
+                .and_then(|((parts, seq), hash)| {
+                    let answerable = value[32..] != [NOT_ANSWERABLE];
+                    let offer = match answerable {
+                        true => ServiceOffer::decode(&value[32..]).ok()?,
+                        false => ServiceOffer {
+                            offer_id: parts[1].clone(),
+                            ..Default::default()
+                        },
+                    };
+                    Some(OfferRow {
+                        origin: parts[0].clone(),
+                        seq: seq?,
+                        hash: hash.try_into().ok()?,
+                        offer,
+                        answerable,
+                    })
+                });
+        decoded.ok_or_else(|| self.corrupt("an offer record does not decode".into()))
     }
 }
 
@@ -1280,35 +1318,26 @@ impl Store for SledStore {
             .map_err(sled_error(&self.path))
     }
 
-    fn offer_versions(&self) -> Result<Vec<OfferRow>, StoreError> {
-        let mut rows = Vec::new();
-        for item in self.db.scan_prefix([b'f']) {
-            let (key, value) = item.map_err(sled_error(&self.path))?;
-            let decoded =
-                split_key(&key, 1, 2)
-                    .zip(value.get(..32))
-                    .and_then(|((parts, seq), hash)| {
-                        let answerable = value[32..] != [NOT_ANSWERABLE];
-                        let offer = match answerable {
-                            true => ServiceOffer::decode(&value[32..]).ok()?,
-                            false => ServiceOffer {
-                                offer_id: parts[1].clone(),
-                                ..Default::default()
-                            },
-                        };
-                        Some(OfferRow {
-                            origin: parts[0].clone(),
-                            seq: seq?,
-                            hash: hash.try_into().ok()?,
-                            offer,
-                            answerable,
-                        })
-                    });
-            rows.push(
-                decoded.ok_or_else(|| self.corrupt("an offer record does not decode".into()))?,
-            );
-        }
-        Ok(rows)
+    fn offer_versions<'a>(
+        &'a self,
+        after: Option<(&str, &str)>,
+    ) -> Box<dyn Iterator<Item = Result<OfferRow, StoreError>> + 'a> {
+        let items = match after {
+            Some((origin, offer_id)) => {
+                let start = key_of(b'f', &[origin, offer_id], Some(u64::MAX));
+                self.db
+                    .range((Bound::Excluded(start), Bound::Excluded(vec![b'f' + 1])))
+            }
+            None => self.db.scan_prefix([b'f']),
+        };
+        Box::new(items.map(|item| self.offer_row(item)))
+    }
+
+    fn offer_versions_of(&self, origin: &str, offer_id: &str) -> Result<Vec<OfferRow>, StoreError> {
+        self.db
+            .scan_prefix(key_of(b'f', &[origin, offer_id], None))
+            .map(|item| self.offer_row(item))
+            .collect()
     }
 
     fn withdrawal(&self, origin: &str, offer_id: &str) -> Result<Option<u64>, StoreError> {
@@ -1319,16 +1348,15 @@ impl Store for SledStore {
         Ok(value.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
     }
 
-    fn responses(
-        &self,
+    fn responses<'a>(
+        &'a self,
         offer_origin: &str,
         offer_id: &str,
-    ) -> Result<Vec<ResponseRow>, StoreError> {
-        let mut rows = Vec::new();
-        for item in self
+    ) -> Box<dyn Iterator<Item = Result<ResponseRow, StoreError>> + 'a> {
+        let items = self
             .db
-            .scan_prefix(key_of(b'p', &[offer_origin, offer_id], None))
-        {
+            .scan_prefix(key_of(b'p', &[offer_origin, offer_id], None));
+        Box::new(items.map(|item| {
             let (key, value) = item.map_err(sled_error(&self.path))?;
             let decoded = split_key(&key, 1, 3).and_then(|(parts, seq)| {
                 Some(ResponseRow {
@@ -1337,11 +1365,8 @@ impl Store for SledStore {
                     response: OfferResponse::decode(value.as_ref()).ok()?,
                 })
             });
-            rows.push(
-                decoded.ok_or_else(|| self.corrupt("a response record does not decode".into()))?,
-            );
-        }
-        Ok(rows)
+            decoded.ok_or_else(|| self.corrupt("a response record does not decode".into()))
+        }))
     }
 
     fn roster(&self, publisher: &str) -> Result<Vec<RosterEntry>, StoreError> {

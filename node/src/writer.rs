@@ -683,17 +683,27 @@ mod tests {
         fn index_pieces_pending(&self) -> Result<u64, StoreError> {
             self.inner.index_pieces_pending()
         }
-        fn offer_versions(&self) -> Result<Vec<crate::store::OfferRow>, StoreError> {
-            self.inner.offer_versions()
+        fn offer_versions<'a>(
+            &'a self,
+            after: Option<(&str, &str)>,
+        ) -> Box<dyn Iterator<Item = Result<crate::store::OfferRow, StoreError>> + 'a> {
+            self.inner.offer_versions(after)
+        }
+        fn offer_versions_of(
+            &self,
+            origin: &str,
+            offer_id: &str,
+        ) -> Result<Vec<crate::store::OfferRow>, StoreError> {
+            self.inner.offer_versions_of(origin, offer_id)
         }
         fn withdrawal(&self, origin: &str, offer_id: &str) -> Result<Option<u64>, StoreError> {
             self.inner.withdrawal(origin, offer_id)
         }
-        fn responses(
-            &self,
+        fn responses<'a>(
+            &'a self,
             offer_origin: &str,
             offer_id: &str,
-        ) -> Result<Vec<crate::store::ResponseRow>, StoreError> {
+        ) -> Box<dyn Iterator<Item = Result<crate::store::ResponseRow, StoreError>> + 'a> {
             self.inner.responses(offer_origin, offer_id)
         }
         fn conflicts(&self) -> Result<Vec<ConflictRecord>, StoreError> {

@@ -516,6 +516,33 @@ async fn offers_can_be_withdrawn_for_good_and_expire() {
         .unwrap();
     assert!(offers(false).await.is_empty());
     assert_eq!(offers(true).await.len(), 2);
+    // One offer a page: "dc", then "old" with no token after it.
+    let mut query = node.query().await;
+    let mut request = pb::OffersRequest {
+        include_inactive: true,
+        page_size: 1,
+        ..Default::default()
+    };
+    let mut pages = Vec::new();
+    loop {
+        let page = query.offers(request.clone()).await.unwrap().into_inner();
+        pages.push(
+            page.offers
+                .iter()
+                .map(|o| o.offer.clone().unwrap().offer_id)
+                .collect::<Vec<_>>(),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        assert!(pages.len() < 5, "paging does not end: {pages:?}");
+        request.page_token = page.next_page_token;
+    }
+    assert_eq!(pages, [["dc"], ["old"]]);
+    request.page_token = "not-a-token".into();
+    let err = query.offers(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("page_token:"), "{}", err.message());
     let err = publisher
         .publish_offer(offer("dc", now, now + 10))
         .await
