@@ -1613,7 +1613,7 @@ pub(crate) mod tests {
     }
 
     /// Entries of `chain` enough for a bulk commit.
-    fn bulk_count() -> u64 {
+    pub(crate) fn bulk_count() -> u64 {
         let one = chain(&key(1), "city-a", 1)[0].signed.encoded_len();
         (LOG_MIN_BYTES / one * 2) as u64
     }

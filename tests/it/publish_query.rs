@@ -542,7 +542,11 @@ async fn offers_can_be_withdrawn_for_good_and_expire() {
     request.page_token = "not-a-token".into();
     let err = query.offers(request).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("page_token:"), "{}", err.message());
+    assert!(
+        err.message().starts_with("page_token:"),
+        "{}",
+        err.message()
+    );
     let err = publisher
         .publish_offer(offer("dc", now, now + 10))
         .await
