@@ -485,10 +485,29 @@ async fn offers_can_be_withdrawn_for_good_and_expire() {
         .publish_offer(offer("dc", now - 10, now + 1000))
         .await
         .unwrap();
-    publisher
+    let receipt = publisher
         .publish_offer(offer("old", now - 1000, now - 10))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    // Heads names the entry the last receipt named.
+    let heads = node
+        .feed()
+        .await
+        .heads(pb::HeadsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .heads;
+    let named: Vec<_> = heads
+        .iter()
+        .map(|h| (h.origin.as_str(), h.seq, &h.entry_hash, &h.feed_id))
+        .collect();
+    assert_eq!(
+        named,
+        [("city-a", 2, &receipt.entry_hash, &receipt.feed_id)]
+    );
+    assert!(heads[0].received_unix_micros > 0 && heads[0].time_unix_micros > 0);
     let node = &node;
     let offers = |all: bool| async move {
         node.query()
