@@ -27,6 +27,16 @@ pub const SCAN_BUDGET: usize = 20_000;
 /// Responses listed with one offer at most; a page of offers also ends once
 /// it lists this many.
 pub const MAX_RESPONSES: usize = 1000;
+/// Encoded bytes after which a page ends (a record can be up to two
+/// entries' worth, 128 KiB; the smallest message limit is 2 MiB).
+pub const PAGE_BYTES: usize = 1 << 20;
+/// Encoded bytes of responses listed with one offer at most.
+pub const RESPONSE_BYTES: usize = 512 << 10;
+
+/// About what a record takes in an answer: its parts and some framing.
+fn record_bytes(parts: &[usize]) -> usize {
+    parts.iter().sum::<usize>() + 32
+}
 
 /// A query problem.
 #[derive(Debug, thiserror::Error)]
@@ -170,8 +180,9 @@ fn page_limit(page_size: usize) -> usize {
 /// The current value of a key is its latest entry that is not retracted
 /// (and, for a publish group, whose every part is held). A key whose latest
 /// such entry cannot be answered (see [`NEVER_QUERYABLE`]) is left out.
-/// A page ends when it is full or has read [`SCAN_BUDGET`] index rows, so it
-/// may hold fewer rows than asked, even none, and still have a next token.
+/// A page ends when it is full, holds [`PAGE_BYTES`], or has read
+/// [`SCAN_BUDGET`] index rows, so it may hold fewer rows than asked, even
+/// none, and still have a next token.
 pub fn observations(
     store: &dyn Store,
     filter: &ObservationFilter,
@@ -211,6 +222,7 @@ fn observations_within(
     origins.dedup();
 
     let mut rows = Vec::new();
+    let mut bytes = 0;
     let mut scanned = 0;
     // The last key read whole, where a page cut short goes on from.
     let mut read_whole: Option<ObservationKey> = None;
@@ -229,9 +241,15 @@ fn observations_within(
                         rows: &mut Vec<CurrentObservation>|
          -> Result<bool, QueryError> {
             if let Some(row) = current.take().filter(|row| matches(row)) {
-                rows.push(resolver.resolve(row)?);
+                let row = resolver.resolve(row)?;
+                bytes += record_bytes(&[
+                    row.key.origin.len(),
+                    row.observation.encoded_len(),
+                    row.rules.as_ref().map_or(0, Message::encoded_len),
+                ]);
+                rows.push(row);
             }
-            Ok(rows.len() >= limit)
+            Ok(rows.len() >= limit || bytes >= PAGE_BYTES)
         };
         for row in store.observation_rows(origin, after_here) {
             let row = row?;
@@ -302,9 +320,12 @@ pub struct OfferState {
     /// Responses held for the offer, retracted ones left out; at most
     /// [`MAX_RESPONSES`].
     pub responses: Vec<ResponseRow>,
-    /// Whether responses were left unread: past [`MAX_RESPONSES`], or past
-    /// [`SCAN_BUDGET`] read (retracted ones among them).
+    /// Whether responses were left unread: past [`MAX_RESPONSES`] or
+    /// [`RESPONSE_BYTES`], or past [`SCAN_BUDGET`] read (retracted ones
+    /// among them).
     pub more_responses: bool,
+    /// About what the record takes in an answer.
+    pub bytes: usize,
 }
 
 /// A page of offers.
@@ -335,7 +356,8 @@ fn decode_offer_token(token: &str) -> Result<(String, String), QueryError> {
 /// latest version, not withdrawn, not retracted, and `now` inside
 /// `[valid_from, valid_until)`. An offer whose latest version cannot be
 /// answered is left out. A page ends when it holds `page_size` offers, lists
-/// [`MAX_RESPONSES`] responses, or has read [`SCAN_BUDGET`] offer versions;
+/// [`MAX_RESPONSES`] responses, holds [`PAGE_BYTES`], or has read
+/// [`SCAN_BUDGET`] offer versions;
 /// it may hold fewer offers than asked, even none, and still have a token.
 pub fn offers(
     store: &dyn Store,
@@ -376,8 +398,7 @@ fn offers_within(
         offers: Vec::new(),
         next: None,
     };
-    let mut listed = 0;
-    let mut scanned = 0;
+    let (mut listed, mut bytes, mut scanned) = (0, 0, 0);
     let mut latest: Option<OfferRow> = None;
     let mut versions = store.offer_versions(after.as_ref().map(|(o, i)| (o.as_str(), i.as_str())));
     loop {
@@ -397,6 +418,7 @@ fn offers_within(
             if wanted(&version) {
                 if let Some(state) = offer_state(store, version, now_unix, filter)? {
                     listed += state.responses.len();
+                    bytes += state.bytes;
                     page.offers.push(state);
                 }
             }
@@ -405,7 +427,11 @@ fn offers_within(
             page.next = None;
             return Ok(page);
         };
-        if page.offers.len() >= limit || listed >= MAX_RESPONSES || scanned >= budget {
+        if page.offers.len() >= limit
+            || listed >= MAX_RESPONSES
+            || bytes >= PAGE_BYTES
+            || scanned >= budget
+        {
             return Ok(page);
         }
         scanned += 1;
@@ -434,20 +460,32 @@ fn offer_state(
     // response is no longer an answer to the offer.
     let mut responses = Vec::new();
     let mut more_responses = false;
+    let mut response_bytes = 0;
     for (read, response) in store
         .responses(&version.origin, &offer.offer_id)
         .enumerate()
     {
         let response = response?;
-        if responses.len() == MAX_RESPONSES || read == SCAN_BUDGET {
+        let size = record_bytes(&[response.responder.len(), response.response.encoded_len()]);
+        if responses.len() == MAX_RESPONSES
+            || response_bytes + size > RESPONSE_BYTES
+            || read == SCAN_BUDGET
+        {
             more_responses = true;
             break;
         }
         if !store.is_retracted(&response.responder, response.seq)? {
+            response_bytes += size;
             responses.push(response);
         }
     }
     Ok(Some(OfferState {
+        bytes: record_bytes(&[
+            version.origin.len(),
+            32,
+            offer.encoded_len(),
+            response_bytes,
+        ]),
         version,
         active,
         responses,
@@ -897,5 +935,69 @@ mod tests {
         assert_eq!(next.offers.len(), 1);
         assert_eq!(next.offers[0].version.offer.offer_id, "o2");
         assert!(!next.offers[0].more_responses && next.next.is_none());
+    }
+
+    #[test]
+    fn pages_and_response_lists_end_at_their_byte_budgets() {
+        use civex_proto::v1::OfferResponse;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 24).unwrap();
+        let a = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        // A peer's feed may hold cells and responses near the entry limit.
+        let large = "x".repeat(50_000);
+        let mut payloads: Vec<Payload> = (0..30)
+            .map(|i| {
+                let Payload::Indicators(mut batch) = cell(&format!("i{i:02}")) else {
+                    unreachable!()
+                };
+                batch.observations[0].unit = large.clone();
+                Payload::Indicators(batch)
+            })
+            .collect();
+        payloads.push(offer("o1", 2));
+        let entries = chain(&a, "city-a", payloads);
+        commit(&store, &entries);
+        let (mut read, mut token) = (0, None::<String>);
+        loop {
+            let page = observations(
+                &store,
+                &ObservationFilter::default(),
+                1000,
+                token.as_deref(),
+            )
+            .unwrap();
+            let bytes: usize = page.rows.iter().map(|r| r.observation.encoded_len()).sum();
+            assert!(bytes < 2 << 20, "a page of {bytes} bytes");
+            assert!(page.rows.len() < 30, "one page held every large cell");
+            read += page.rows.len();
+            match page.next {
+                Some(next) => token = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(read, 30);
+        let b = ed25519_dalek::SigningKey::from_bytes(&[6; 32]);
+        let responses = (0..20)
+            .map(|_| {
+                Payload::Response(OfferResponse {
+                    offer_origin: "city-a".into(),
+                    offer_id: "o1".into(),
+                    offer_version_hash: entries[30].hash.to_vec(),
+                    kind: 1,
+                    message: large.clone(),
+                })
+            })
+            .collect();
+        commit(&store, &chain(&b, "city-b", responses));
+        let page = offers(&store, &OfferFilter::default(), 100, 0, None).unwrap();
+        let listed = &page.offers[0];
+        assert!(listed.more_responses);
+        assert!((1..20).contains(&listed.responses.len()));
+        let bytes: usize = listed
+            .responses
+            .iter()
+            .map(|r| r.response.encoded_len())
+            .sum();
+        assert!(bytes <= RESPONSE_BYTES);
     }
 }
