@@ -1482,13 +1482,21 @@ pub(crate) async fn peer(
 }
 
 pub(crate) async fn audit(node: &Node, format: Format) -> anyhow::Result<ExitCode> {
-    let entries = client::admin(node)
-        .await?
-        .audit_log(pb::AuditLogRequest {})
-        .await
-        .map_err(|s| anyhow!("refused: {}", describe(&s)))?
-        .into_inner()
-        .entries;
+    let mut admin = client::admin(node).await?;
+    let mut request = pb::AuditLogRequest::default();
+    let mut entries = Vec::new();
+    loop {
+        let page = admin
+            .audit_log(request.clone())
+            .await
+            .map_err(|s| anyhow!("refused: {}", describe(&s)))?
+            .into_inner();
+        entries.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        request.page_token = page.next_page_token;
+    }
     match format {
         Format::Json => output::json(&json!(entries
             .iter()

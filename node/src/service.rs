@@ -1645,23 +1645,55 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn audit_log(
         &self,
-        _request: Request<pb::AuditLogRequest>,
+        request: Request<pb::AuditLogRequest>,
     ) -> Result<Response<pb::AuditLogResponse>, Status> {
-        let entries = self
-            .registry
-            .audit_log()
-            .map_err(|err| Status::unavailable(err.to_string()))?
-            .into_iter()
-            .map(|r| pb::AuditEntry {
-                time_unix_micros: r.time_unix_micros,
-                who: r.who,
-                action: r.action,
-                detail: r.detail,
-            })
-            .collect();
-        Ok(Response::new(pb::AuditLogResponse { entries }))
+        let request = request.into_inner();
+        let start = match request.page_token.as_str() {
+            "" => 0,
+            token => token
+                .strip_prefix("audit-")
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    Status::invalid_argument("page_token: not a token this node issued")
+                })?,
+        };
+        let limit = match request.page_size {
+            0 => AUDIT_PAGE,
+            n => (n as usize).min(AUDIT_PAGE),
+        };
+        let registry = self.registry.clone();
+        let records = tokio::task::spawn_blocking(move || registry.audit_log())
+            .await
+            .map_err(|err| Status::internal(format!("audit log task failed: {err}")))?
+            .map_err(|err| Status::unavailable(err.to_string()))?;
+        let (total, mut entries, mut bytes) = (records.len(), Vec::new(), 0);
+        let mut next = start;
+        for record in records.into_iter().skip(start) {
+            if entries.len() >= limit || bytes >= query::PAGE_BYTES {
+                break;
+            }
+            let entry = pb::AuditEntry {
+                time_unix_micros: record.time_unix_micros,
+                who: record.who,
+                action: record.action,
+                detail: record.detail,
+            };
+            bytes += entry.encoded_len();
+            entries.push(entry);
+            next += 1;
+        }
+        Ok(Response::new(pb::AuditLogResponse {
+            entries,
+            next_page_token: match next < total {
+                true => format!("audit-{next}"),
+                false => String::new(),
+            },
+        }))
     }
 }
+
+/// Audit entries a page holds at most.
+const AUDIT_PAGE: usize = 1000;
 
 /// Everything the services share.
 pub struct Services {

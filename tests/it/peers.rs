@@ -106,6 +106,32 @@ async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
         lines[0].contains("peer add") && lines[1].contains("peer remove"),
         "{log}"
     );
+    // Through the API, one entry a page: the same two, then no token.
+    let mut admin = b.admin().await;
+    let mut request = civex_proto::v1::AuditLogRequest {
+        page_size: 1,
+        ..Default::default()
+    };
+    let mut actions = Vec::new();
+    loop {
+        let page = admin.audit_log(request.clone()).await.unwrap().into_inner();
+        assert_eq!(page.entries.len(), 1);
+        actions.push(page.entries[0].action.clone());
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        assert!(actions.len() < 10, "paging does not end: {actions:?}");
+        request.page_token = page.next_page_token;
+    }
+    assert_eq!(actions, ["peer add", "peer remove"]);
+    request.page_token = "audit-x".into();
+    let err = admin.audit_log(request).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("page_token:"),
+        "{}",
+        err.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -542,6 +542,10 @@ impl TestNode {
         FeedClient::new(self.channel().await)
     }
 
+    pub async fn admin(&self) -> pb::admin_client::AdminClient<Channel> {
+        pb::admin_client::AdminClient::new(self.channel().await)
+    }
+
     pub async fn status(&self) -> pb::NodeStatusResponse {
         StatusClient::new(self.channel().await)
             .node_status(pb::NodeStatusRequest {})
