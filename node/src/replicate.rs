@@ -89,6 +89,33 @@ impl Peer {
     }
 }
 
+impl PeerState {
+    /// Records the head the peer's backlog marker names for `origin`, this
+    /// node holding `held` of it once every entry the peer sent before the
+    /// marker is settled. Returns whether this node holds that much.
+    fn drained(&mut self, origin: &str, claimed: u64, held: u64) -> bool {
+        self.peer_heads.insert(origin.to_owned(), claimed);
+        held >= claimed
+    }
+
+    /// Records entries of `origin` up to `seq` that the peer delivered and
+    /// that verified (perhaps not stored yet).
+    fn delivered(&mut self, origin: &str, seq: u64) {
+        let seen = self.peer_heads.entry(origin.to_owned()).or_default();
+        *seen = (*seen).max(seq);
+    }
+}
+
+/// The first of `peers` known to hold `origin`'s feed past `held`, with the
+/// seq it holds it up to.
+pub fn holding_more(peers: &[Peer], origin: &str, held: u64) -> Option<(String, u64)> {
+    peers.iter().find_map(|peer| {
+        let state = peer.state.lock().ok()?;
+        let seq = *state.peer_heads.get(origin)?;
+        (seq > held).then(|| (peer.name.clone(), seq))
+    })
+}
+
 /// Everything a replication task needs.
 #[derive(Clone)]
 pub struct Replicator {
@@ -371,10 +398,7 @@ impl Replicator {
                         };
                     keys.insert(origin.clone(), new_key);
                     if let Some(last) = new_tip {
-                        peer.update(|s| {
-                            let seen = s.peer_heads.entry(origin.clone()).or_default();
-                            *seen = (*seen).max(last.seq);
-                        });
+                        peer.update(|s| s.delivered(&origin, last.seq));
                     }
                     tips.insert(origin.clone(), new_tip);
                     let job = recovery.job(origin == self.own_origin, entries, replacements);
@@ -405,17 +429,17 @@ impl Replicator {
                     while let Some(answer) = pending.pop_front() {
                         self.settle(peer, Some(answer)).await?;
                     }
-                    peer.update(|s| {
-                        s.peer_heads
-                            .insert(drained.origin.clone(), drained.head_seq);
-                    });
+                    let held = self
+                        .writer
+                        .heads()
+                        .get(&drained.origin)
+                        .map_or(0, |h| h.tip.seq);
+                    let held_all = peer
+                        .state
+                        .lock()
+                        .is_ok_and(|mut s| s.drained(&drained.origin, drained.head_seq, held));
                     if drained.origin == self.own_origin {
-                        let held = self
-                            .writer
-                            .heads()
-                            .get(&self.own_origin)
-                            .map_or(0, |h| h.tip.seq);
-                        if held >= drained.head_seq {
+                        if held_all {
                             if let Some(index) = index {
                                 self.gate.report(index, PeerSync::Synced);
                             }

@@ -731,11 +731,7 @@ impl Publish for PublishService {
             )));
         }
         // Nor may a peer hold more: it could not follow the new feed.
-        let ahead = self.replication.peers().into_iter().find_map(|peer| {
-            let state = peer.state.lock().ok()?;
-            let seq = *state.peer_heads.get(&origin)?;
-            (seq > held).then(|| (peer.name.clone(), seq))
-        });
+        let ahead = crate::replicate::holding_more(&self.replication.peers(), &origin, held);
         if let Some((peer, seq)) = ahead {
             return Err(Status::failed_precondition(format!(
                 "peer {peer} holds {origin}'s feed up to seq {seq}, this node up to seq {held}; \
