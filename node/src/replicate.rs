@@ -51,8 +51,18 @@ pub struct PeerState {
     pub last_error: String,
     /// Entries refused from this peer since start.
     pub refused: u64,
-    /// The peer's head seq per origin, as last seen.
+    /// The peer's head seq per origin as far as this node can tell: the
+    /// last entry it delivered that verified, or the head its backlog
+    /// marker named where this node holds that much. A head it only
+    /// claims is never here.
     pub peer_heads: BTreeMap<String, u64>,
+    /// Heads the peer's backlog marker named beyond what this node holds
+    /// once everything the peer sent before it is settled: the peer sent
+    /// nothing up to them that verified, so they are unverified claims,
+    /// counted for nothing (for this node's own feed, the peer does not
+    /// count as having served it, so publishing may stay closed). Dropped
+    /// once the peer delivers up to one, and when its stream ends.
+    pub claimed_heads: BTreeMap<String, u64>,
 }
 
 /// A configured peer and its state.
@@ -92,10 +102,17 @@ impl Peer {
 impl PeerState {
     /// Records the head the peer's backlog marker names for `origin`, this
     /// node holding `held` of it once every entry the peer sent before the
-    /// marker is settled. Returns whether this node holds that much.
+    /// marker is settled. Returns whether this node holds that much; if
+    /// not, the head is only a claim (an honest peer sends its backlog
+    /// before the marker), kept apart from the heads known.
     fn drained(&mut self, origin: &str, claimed: u64, held: u64) -> bool {
+        if claimed > held {
+            self.claimed_heads.insert(origin.to_owned(), claimed);
+            return false;
+        }
+        self.claimed_heads.remove(origin);
         self.peer_heads.insert(origin.to_owned(), claimed);
-        held >= claimed
+        true
     }
 
     /// Records entries of `origin` up to `seq` that the peer delivered and
@@ -103,11 +120,33 @@ impl PeerState {
     fn delivered(&mut self, origin: &str, seq: u64) {
         let seen = self.peer_heads.entry(origin.to_owned()).or_default();
         *seen = (*seen).max(seq);
+        if self
+            .claimed_heads
+            .get(origin)
+            .is_some_and(|&claim| claim <= seq)
+        {
+            self.claimed_heads.remove(origin);
+        }
     }
 }
 
+/// The peers' unverified claims to hold `origin`'s feed past `held` (see
+/// [`PeerState::claimed_heads`]), by peer name.
+pub fn claims_past(peers: &[Peer], origin: &str, held: u64) -> Vec<(String, u64)> {
+    peers
+        .iter()
+        .filter_map(|peer| {
+            let state = peer.state.lock().ok()?;
+            let seq = *state.claimed_heads.get(origin)?;
+            (seq > held).then(|| (peer.name.clone(), seq))
+        })
+        .collect()
+}
+
 /// The first of `peers` known to hold `origin`'s feed past `held`, with the
-/// seq it holds it up to.
+/// seq it holds it up to: it delivered entries past `held` that verified
+/// (and that this node may still be storing). A head a peer only claims
+/// does not count.
 pub fn holding_more(peers: &[Peer], origin: &str, held: u64) -> Option<(String, u64)> {
     peers.iter().find_map(|peer| {
         let state = peer.state.lock().ok()?;
@@ -172,7 +211,12 @@ impl Replicator {
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
             let was_connected = peer.state.lock().map(|s| s.connected).unwrap_or(false);
-            peer.update(|s| s.connected = false);
+            // A claim belongs to the stream that made it (its last error
+            // stays on show).
+            peer.update(|s| {
+                s.connected = false;
+                s.claimed_heads.clear();
+            });
             match result {
                 Ok(()) => {
                     tracing::info!(peer = %peer.name, address = %peer.address, "peer ended the stream")
@@ -438,15 +482,28 @@ impl Replicator {
                         .state
                         .lock()
                         .is_ok_and(|mut s| s.drained(&drained.origin, drained.head_seq, held));
-                    if drained.origin == self.own_origin {
-                        if held_all {
-                            if let Some(index) = index {
-                                self.gate.report(index, PeerSync::Synced);
-                            }
-                        } else {
-                            tracing::error!(peer = %peer.name, peer_seq = drained.head_seq, held_seq = held,
-                                "the peer holds more of this node's own feed than this node could take; publishing stays closed");
+                    let own = drained.origin == self.own_origin;
+                    if held_all {
+                        if let Some(index) = index.filter(|_| own) {
+                            self.gate.report(index, PeerSync::Synced);
                         }
+                        continue;
+                    }
+                    // The peer sent nothing up to the head it names that
+                    // verified: a claim, shown as one. Where entries it sent
+                    // wait for a roster change, that message stays.
+                    let holds_gate = own && index.is_some() && !self.gate.is_open();
+                    let message = unverified_claim(
+                        &peer.name,
+                        &drained.origin,
+                        own,
+                        drained.head_seq,
+                        held,
+                        holds_gate,
+                    );
+                    tracing::warn!(peer = %peer.name, address = %peer.address, "{message}");
+                    if !waiting.contains(&drained.origin) {
+                        peer.update(|s| s.last_error = message);
                     }
                 }
                 Some(Event::Mismatch(mismatch)) => {
@@ -607,6 +664,34 @@ impl Replicator {
         );
         tracing::error!(peer = %peer.name, address = %peer.address, "{message}");
         SessionError::Conflict(message)
+    }
+}
+
+/// Says that `peer` claims `origin`'s feed up to `claimed` while this node
+/// holds it up to `held`, and what that claim does: it holds publishing
+/// closed (`holds_gate`, this node's own feed) or nothing.
+fn unverified_claim(
+    peer: &str,
+    origin: &str,
+    own: bool,
+    claimed: u64,
+    held: u64,
+    holds_gate: bool,
+) -> String {
+    let feed = match own {
+        true => format!("this node's own feed ({origin})"),
+        false => format!("{origin}'s feed"),
+    };
+    let claim = format!(
+        "the peer claims {feed} up to seq {claimed}, but sent nothing past seq {held} (this \
+         node's head) that verified"
+    );
+    match holds_gate {
+        true => format!(
+            "{claim}; publishing stays closed (restore safety) until the peer delivers those \
+             entries, or, if its claim is false, until it is removed (civex peer remove {peer})"
+        ),
+        false => format!("{claim}; an unverified claim, not counted"),
     }
 }
 
@@ -869,6 +954,11 @@ impl PublishGate {
         (Arc::new(gate), ready)
     }
 
+    /// Whether publishing is open.
+    pub fn is_open(&self) -> bool {
+        *self.open.borrow()
+    }
+
     /// Records what peer `index` came to, and opens the gate when it may.
     pub fn report(&self, index: usize, state: PeerSync) {
         let Ok(mut peers) = self.peers.lock() else {
@@ -891,6 +981,54 @@ impl PublishGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn peer(name: &str) -> Peer {
+        Peer {
+            name: name.into(),
+            address: "127.0.0.1:1".into(),
+            origin: None,
+            relay: true,
+            state: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn a_head_a_peer_only_claims_counts_for_nothing_until_it_delivers() {
+        let boaster = peer("city-x");
+        let peers = [boaster.clone()];
+        // Its backlog marker names city-a up to seq 9; this node holds it
+        // up to seq 3, and the peer sent nothing more before the marker.
+        assert!(!boaster.state.lock().unwrap().drained("city-a", 9, 3));
+        assert_eq!(
+            holding_more(&peers, "city-a", 3),
+            None,
+            "an unverified claim holds a key replacement back"
+        );
+        assert!(!boaster
+            .state
+            .lock()
+            .unwrap()
+            .peer_heads
+            .contains_key("city-a"));
+        assert_eq!(claims_past(&peers, "city-a", 3), [("city-x".into(), 9)]);
+        // Entries it delivers that verify count, before this node has
+        // stored them; the claim they reach is no longer one.
+        boaster.update(|s| s.delivered("city-a", 9));
+        assert_eq!(
+            holding_more(&peers, "city-a", 3),
+            Some(("city-x".into(), 9))
+        );
+        assert!(claims_past(&peers, "city-a", 3).is_empty());
+        // A marker naming no more than this node holds is the peer's head
+        // (one behind blocks nothing).
+        let behind = peer("city-y");
+        assert!(behind.state.lock().unwrap().drained("city-a", 2, 3));
+        assert_eq!(
+            behind.state.lock().unwrap().peer_heads.get("city-a"),
+            Some(&2)
+        );
+        assert_eq!(holding_more(&[behind], "city-a", 3), None);
+    }
 
     #[test]
     fn the_gate_waits_for_every_peer_and_one_sync() {

@@ -730,8 +730,13 @@ impl Publish for PublishService {
                  let it replicate the member first"
             )));
         }
-        // Nor may a peer hold more: it could not follow the new feed.
-        let ahead = crate::replicate::holding_more(&self.replication.peers(), &origin, held);
+        // Nor may a peer hold more: it could not follow the new feed. A
+        // head a peer only claims (it sent nothing up to it that verified)
+        // does not count: it names no entry this node could keep, and
+        // would hold the replacement back for as long as the peer kept
+        // claiming it; it is logged with the replacement.
+        let peers = self.replication.peers();
+        let ahead = crate::replicate::holding_more(&peers, &origin, held);
         if let Some((peer, seq)) = ahead {
             return Err(Status::failed_precondition(format!(
                 "peer {peer} holds {origin}'s feed up to seq {seq}, this node up to seq {held}; \
@@ -750,6 +755,12 @@ impl Publish for PublishService {
                 )))
             }
         };
+        for (peer, claimed) in crate::replicate::claims_past(&peers, &origin, held) {
+            tracing::warn!(peer = %peer, claimed_seq = claimed, last_seq,
+                "replacing {origin}'s key at seq {last_seq}, this node's head, although the peer \
+                 claims the feed up to seq {claimed}: it sent nothing past this node's head that \
+                 verified, so the claim is not counted");
+        }
         let last = self
             .store
             .entries(&origin, last_seq, 1, usize::MAX)

@@ -478,3 +478,66 @@ async fn an_entry_the_origin_signed_badly_but_covered_verifies_and_restores() {
     let out = civex_async(&verify).await;
     assert!(out.status.success(), "{}", stdout(&out));
 }
+
+/// A peer claiming more of the node's own feed than it sends holds
+/// publishing closed (restore safety: the claim may be true, and publishing
+/// past it would fork the feed), but the claim is shown as one, with the
+/// peer, the seq claimed and what lifts it; removing the peer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_claiming_more_of_the_own_feed_than_it_sends_is_named_and_can_be_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let claim = pb::SubscribeResponse {
+        event: Some(Event::Drained(pb::BacklogDrained {
+            origin: "city-n".into(),
+            head_seq: 5,
+        })),
+    };
+    let (m_address, calls) = serve_script(&dir.path().join("m"), vec![vec![claim]]).await;
+    let node = TestNode::start(
+        &dir.path().join("node"),
+        Spec::new("city-n")
+            .peer("city-m", &m_address)
+            .allow_without_peers(),
+    )
+    .await;
+    let expected = "the peer claims this node's own feed (city-n) up to seq 5, but sent nothing \
+                    past seq 0 (this node's head) that verified; publishing stays closed \
+                    (restore safety) until the peer delivers those entries, or, if its claim is \
+                    false, until it is removed (civex peer remove city-m)";
+    eventually("city-m's claim to be named in status", || async {
+        node.status()
+            .await
+            .peers
+            .iter()
+            .any(|p| p.last_error == expected)
+    })
+    .await;
+    // It stays named through the peer's later streams, which send nothing.
+    eventually("city-m to be subscribed to again", || async {
+        calls.load(Ordering::SeqCst) > 2
+    })
+    .await;
+    let status = node.status().await;
+    assert!(!status.publish_ready, "a claim of the own feed was ignored");
+    assert_eq!(status.peers[0].last_error, expected);
+    assert!(
+        status.peers[0].origins.iter().all(|o| o.origin != "city-n"),
+        "the claim is shown as the peer's head: {:?}",
+        status.peers[0]
+    );
+    let refused = node
+        .publisher()
+        .await
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: crate::support::key(),
+            rows: vec![crate::support::row("k0", "city-n", "2025", 1.0, 10)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    let out = node.cli(&["peer", "remove", "city-m"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    node.wait_ready().await;
+    assert_eq!(crate::support::publish_row(&node, "k0", 1.0).await.seq, 1);
+}
