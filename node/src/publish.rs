@@ -30,7 +30,7 @@ use crate::{
             InputRow, Noise, PreparedBatch, RowError,
         },
         policy::Policy,
-        sdc::NoiseSeed,
+        sdc::{rounding::rounding_interval, AggregationKind, NoiseSeed},
     },
     keys::KeyResolver,
     store::{IdempotencyRecord, SharedStore, Store, StoreError},
@@ -179,6 +179,10 @@ fn earlier_cell(observation: &Observation, batch: &IndicatorBatch) -> EarlierCel
         })
         .and_then(|p| p.value.parse::<f64>().ok())
         .unwrap_or(0.0);
+    // A count's true value is a whole number (ingest refuses others): with
+    // a whole base its interval is the exact integer range.
+    let integer = rules.is_some_and(|r| r.aggregation == AggregationKind::Count.name())
+        && base.fract() == 0.0;
     EarlierCell {
         ref_area: observation.ref_area.clone(),
         breakdown: observation.breakdown.clone(),
@@ -186,7 +190,13 @@ fn earlier_cell(observation: &Observation, batch: &IndicatorBatch) -> EarlierCel
         known: observation
             .value
             .filter(|_| !noised)
-            .map(|v| (v - base / 2.0, v + base / 2.0))
+            .map(|v| {
+                if base > 0.0 {
+                    rounding_interval(v, base, integer)
+                } else {
+                    (v, v)
+                }
+            })
             .into_iter()
             .collect(),
     }
@@ -1635,6 +1645,46 @@ mod tests {
         note_cells(&mut cached, &batch, "jobs", "test", "2025");
         assert!(!cached[0].suppressed);
         assert_eq!(cached[0].known, [(30.0, 30.0), (37.0, 37.0), (41.0, 41.0)]);
+    }
+
+    /// One cell of `indicator` published as `value`, with the rule set of
+    /// an `aggregation` rounded to a base: `base` among its parameters.
+    fn rounded(indicator: &str, aggregation: &str, base: &str, value: f64) -> IndicatorBatch {
+        IndicatorBatch {
+            observations: vec![Observation {
+                indicator: indicator.into(),
+                catalog_edition: "local".into(),
+                ref_area: "city-a/south".into(),
+                period: "2025".into(),
+                value: Some(value),
+                ..Default::default()
+            }],
+            rules: vec![civex_proto::v1::DisclosureRules {
+                parameters: vec![civex_proto::v1::RuleParameter {
+                    rule: "rounding".into(),
+                    name: "base".into(),
+                    value: base.into(),
+                }],
+                aggregation: aggregation.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_rounded_count_is_known_to_its_exact_integer_range() {
+        // Rounded to 5 (halves away from zero), a published 10 means 8 to 12
+        // for a whole number; for a sum, any real from 7.5 to 12.5.
+        let known = |batch: IndicatorBatch| {
+            let mut cells = Vec::new();
+            note_cells(&mut cells, &batch, "jobs", "local", "2025");
+            cells[0].known.clone()
+        };
+        assert_eq!(known(rounded("jobs", "count", "5", 10.0)), [(8.0, 12.0)]);
+        assert_eq!(known(rounded("jobs", "count", "5", 0.0)), [(-2.0, 2.0)]);
+        assert_eq!(known(rounded("jobs", "count", "10", 30.0)), [(25.0, 34.0)]);
+        assert_eq!(known(rounded("jobs", "sum", "5", 10.0)), [(7.5, 12.5)]);
     }
 
     #[test]
