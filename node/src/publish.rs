@@ -61,6 +61,12 @@ pub struct IndicatorRules {
 }
 
 impl IndicatorRules {
+    /// The rounding base configured for an indicator, if any.
+    fn rounding_base(&self, indicator: &str, edition: &str) -> Option<f64> {
+        let indicator = self.catalog.find(indicator, Some(edition)).ok()?;
+        Some(self.policy.resolve(indicator).settings.rounding?.base)
+    }
+
     fn context<'a>(&'a self, origin: &'a str) -> IngestContext<'a> {
         IngestContext {
             origin,
@@ -96,13 +102,15 @@ impl IndicatorRules {
 
 /// The table cells the own feed holds, from the store: the latest version
 /// of each cell (suppressions stay across revisions, so a cell suppressed
-/// once is suppressed in its latest version).
+/// once is suppressed in its latest version). `secret_base` is the
+/// rounding base of versions that withhold it (see [`earlier_cell`]).
 fn stored_cells(
     store: &SharedStore,
     origin: &str,
     indicator: &str,
     edition: &str,
     period: &str,
+    secret_base: Option<f64>,
 ) -> Result<Vec<EarlierCell>, String> {
     let start = ObservationKey {
         origin: origin.to_owned(),
@@ -154,7 +162,8 @@ fn stored_cells(
             .get(position as usize)
             .ok_or_else(|| format!("entry {seq} of the own feed has no cell {position}"))?;
         debug_assert_eq!(observation.ref_area, key.ref_area);
-        let version = earlier_cell(observation, batch);
+        let version = earlier_cell(observation, batch, secret_base)
+            .map_err(|m| format!("entry {seq} of the own feed: {m}"))?;
         match cells.last_mut() {
             Some(cell) if last_key.as_ref() == Some(&key) => cell.supersede(version),
             _ => cells.push(version),
@@ -164,26 +173,46 @@ fn stored_cells(
     Ok(cells)
 }
 
-/// What a published cell tells an attacker.
-fn earlier_cell(observation: &Observation, batch: &IndicatorBatch) -> EarlierCell {
+/// What a published cell tells an attacker. A rounding base withheld from
+/// the entry is one an attacker can guess (bases are small whole numbers),
+/// so the value is known to its interval under `secret_base`, the base
+/// configured for the indicator, as if it were public; with none
+/// configured, what the version tells cannot be modelled, and reading the
+/// table fails (the publish is refused) rather than take it as telling
+/// nothing.
+fn earlier_cell(
+    observation: &Observation,
+    batch: &IndicatorBatch,
+    secret_base: Option<f64>,
+) -> Result<EarlierCell, String> {
     let rules = batch.rules.get(observation.rules as usize);
     let noised = rules.is_some_and(|r| {
         r.parameters.iter().any(|p| p.rule == "noise")
             || r.withheld.iter().any(|w| w.starts_with("noise."))
     });
-    let base = rules
-        .and_then(|r| {
-            r.parameters
-                .iter()
-                .find(|p| p.rule == "rounding" && p.name == "base")
-        })
-        .and_then(|p| p.value.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let withheld = rules.is_some_and(|r| r.withheld.iter().any(|w| w == "rounding.base"));
+    let base = match (withheld, secret_base) {
+        (true, Some(base)) => base,
+        (true, None) if observation.value.is_some() && !noised => {
+            return Err(format!(
+                "{} {} was published rounded to a withheld base, and no rounding_base is configured for it: set the base it was rounded to, so a revision can be audited",
+                observation.indicator, observation.period
+            ))
+        }
+        _ => rules
+            .and_then(|r| {
+                r.parameters
+                    .iter()
+                    .find(|p| p.rule == "rounding" && p.name == "base")
+            })
+            .and_then(|p| p.value.parse::<f64>().ok())
+            .unwrap_or(0.0),
+    };
     // A count's true value is a whole number (ingest refuses others): with
     // a whole base its interval is the exact integer range.
     let integer = rules.is_some_and(|r| r.aggregation == AggregationKind::Count.name())
         && base.fract() == 0.0;
-    EarlierCell {
+    Ok(EarlierCell {
         ref_area: observation.ref_area.clone(),
         breakdown: observation.breakdown.clone(),
         suppressed: observation.value.is_none(),
@@ -199,7 +228,7 @@ fn earlier_cell(observation: &Observation, batch: &IndicatorBatch) -> EarlierCel
             })
             .into_iter()
             .collect(),
-    }
+    })
 }
 
 /// Replaces the cells of `cells` (one table) that `batch` publishes anew.
@@ -209,7 +238,8 @@ fn note_cells(
     indicator: &str,
     edition: &str,
     period: &str,
-) {
+    secret_base: Option<f64>,
+) -> Result<(), String> {
     let mut at: HashMap<(String, String), usize> = cells
         .iter()
         .enumerate()
@@ -220,7 +250,7 @@ fn note_cells(
         .iter()
         .filter(|o| o.indicator == indicator && o.catalog_edition == edition && o.period == period)
     {
-        let cell = earlier_cell(o, batch);
+        let cell = earlier_cell(o, batch, secret_base)?;
         match at.get(&(cell.ref_area.clone(), cell.breakdown.clone())) {
             Some(&i) => cells[i].supersede(cell),
             None => {
@@ -229,6 +259,7 @@ fn note_cells(
             }
         }
     }
+    Ok(())
 }
 
 /// Tables whose cells the sequencer keeps between publishes.
@@ -242,6 +273,8 @@ type TableKey = (String, String, String);
 struct OwnView<'a> {
     origin: &'a str,
     store: &'a SharedStore,
+    /// The catalog and policy: the rounding base of each indicator.
+    rules: &'a IndicatorRules,
     /// Payloads signed but perhaps not durable yet, by seq.
     pending: &'a [(u64, Payload)],
     /// Cells per table, kept by the sequencer between publishes.
@@ -259,10 +292,18 @@ impl FeedView for OwnView<'_> {
         if let Some(cells) = self.cache.and_then(|c| c.borrow().get(&key).cloned()) {
             return Ok(cells);
         }
-        let mut cells = stored_cells(self.store, self.origin, indicator, edition, period)?;
+        let secret_base = self.rules.rounding_base(indicator, edition);
+        let mut cells = stored_cells(
+            self.store,
+            self.origin,
+            indicator,
+            edition,
+            period,
+            secret_base,
+        )?;
         for (_, payload) in self.pending {
             if let Payload::Indicators(batch) = payload {
-                note_cells(&mut cells, batch, indicator, edition, period);
+                note_cells(&mut cells, batch, indicator, edition, period, secret_base)?;
             }
         }
         if let Some(cache) = self.cache {
@@ -738,6 +779,7 @@ impl Publisher {
         let mut view = OwnView {
             origin: &self.origin,
             store: &self.store,
+            rules: &self.rules,
             pending: &[],
             cache: None,
         };
@@ -987,8 +1029,13 @@ impl Sequencer {
             })
             .collect();
         for key in touched {
+            let secret_base = self.rules.rounding_base(&key.0, &key.1);
             if let Some(cells) = tables.get_mut(&key) {
-                note_cells(cells, batch, &key.0, &key.1, &key.2);
+                // A table that cannot be noted leaves the cache: the next
+                // publish reads it again, and is refused there.
+                if note_cells(cells, batch, &key.0, &key.1, &key.2, secret_base).is_err() {
+                    tables.remove(&key);
+                }
             }
         }
     }
@@ -1360,6 +1407,7 @@ impl Sequencer {
                 let mut view = OwnView {
                     origin: &self.origin,
                     store: &self.store,
+                    rules: &self.rules,
                     pending: &self.own.pending,
                     cache: Some(&self.tables),
                 };
@@ -1630,7 +1678,7 @@ mod tests {
         store
             .commit(&crate::store::tests::commit_of(&entries))
             .unwrap();
-        let cells = stored_cells(&store, "city-a", "jobs", "test", "2025").unwrap();
+        let cells = stored_cells(&store, "city-a", "jobs", "test", "2025", None).unwrap();
         assert_eq!(cells.len(), 1);
         assert!(
             cells[0].suppressed,
@@ -1642,7 +1690,7 @@ mod tests {
         let Payload::Indicators(batch) = cell(Some(41.0)) else {
             unreachable!()
         };
-        note_cells(&mut cached, &batch, "jobs", "test", "2025");
+        note_cells(&mut cached, &batch, "jobs", "test", "2025", None).unwrap();
         assert!(!cached[0].suppressed);
         assert_eq!(cached[0].known, [(30.0, 30.0), (37.0, 37.0), (41.0, 41.0)]);
     }
@@ -1678,13 +1726,71 @@ mod tests {
         // for a whole number; for a sum, any real from 7.5 to 12.5.
         let known = |batch: IndicatorBatch| {
             let mut cells = Vec::new();
-            note_cells(&mut cells, &batch, "jobs", "local", "2025");
+            note_cells(&mut cells, &batch, "jobs", "local", "2025", None).unwrap();
             cells[0].known.clone()
         };
         assert_eq!(known(rounded("jobs", "count", "5", 10.0)), [(8.0, 12.0)]);
         assert_eq!(known(rounded("jobs", "count", "5", 0.0)), [(-2.0, 2.0)]);
         assert_eq!(known(rounded("jobs", "count", "10", 30.0)), [(25.0, 34.0)]);
         assert_eq!(known(rounded("jobs", "sum", "5", 10.0)), [(7.5, 12.5)]);
+    }
+
+    #[test]
+    fn a_withheld_rounding_base_is_known_as_the_configured_one() {
+        // Jobs published as 10, rounded to a base the entry withholds: an
+        // attacker who guesses 5 knows 8 to 12, as if the base were public
+        // (taken as the exact value, the version told nothing of a true 9).
+        let mut batch = rounded("jobs", "count", "5", 10.0);
+        batch.rules[0].parameters.clear();
+        batch.rules[0].withheld.push("rounding.base".into());
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore =
+            Arc::new(crate::store::SledStore::open(dir.path(), 16 << 20).unwrap());
+        let entries = [own_entry(1, 1, Payload::Indicators(batch))];
+        store
+            .commit(&crate::store::tests::commit_of(&entries))
+            .unwrap();
+        let catalog =
+            Catalog::with_city_file(crate::core::catalog::tests::TEST_CATALOG, "test.toml")
+                .unwrap();
+        let mut policy = Policy {
+            overrides: vec![crate::core::policy::Override {
+                code: "jobs".into(),
+                rounding_base: Some(5.0),
+                ..Default::default()
+            }],
+            ..Policy::default()
+        };
+        policy
+            .secret
+            .push(crate::core::sdc::ParameterId::RoundingBase);
+        policy.check(&catalog).unwrap();
+        let mut rules = IndicatorRules {
+            districts: vec!["south".into()],
+            catalog,
+            policy,
+            noise_key: None,
+        };
+        let known = |rules: &IndicatorRules| {
+            let mut view = OwnView {
+                origin: "city-a",
+                store: &store,
+                rules,
+                pending: &[],
+                cache: None,
+            };
+            view.earlier_cells("jobs", "local", "2025")
+                .map(|cells| cells[0].known.clone())
+        };
+        assert_eq!(known(&rules), Ok(vec![(8.0, 12.0)]));
+        // With no base configured any more, the revision is refused, not
+        // audited as if the version told nothing.
+        rules.policy.overrides.clear();
+        let err = known(&rules).unwrap_err();
+        assert!(
+            err.contains("entry 1 of the own feed") && err.contains("withheld base"),
+            "{err}"
+        );
     }
 
     #[test]
