@@ -1741,7 +1741,7 @@ pub(crate) mod tests {
         let (dir, entries) = bulk_store(bulk_count());
         let len = log_len(dir.path());
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = open_sled(dir.path(), 1 << 22).unwrap();
             db.remove(LOG_END_KEY).unwrap();
             db.flush().unwrap();
         }
@@ -1753,7 +1753,7 @@ pub(crate) mod tests {
         assert_eq!(log_len(dir.path()), len);
         // Put back, the store opens and reads as before.
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = open_sled(dir.path(), 1 << 22).unwrap();
             db.insert(LOG_END_KEY, &len.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
@@ -1900,7 +1900,7 @@ pub(crate) mod tests {
     fn a_store_of_another_format_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = open_sled(dir.path(), 1 << 22).unwrap();
             db.insert(b"mformat", &99u32.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
