@@ -502,6 +502,19 @@ mod tests {
     };
     use civex_proto::v1::PublishGroup;
 
+    /// A cell of city-a's table for 2025.
+    fn observation(indicator: &str, value: f64) -> Observation {
+        Observation {
+            indicator: indicator.into(),
+            catalog_edition: "local".into(),
+            area: 2,
+            ref_area: "city-a".into(),
+            period: "2025".into(),
+            value: Some(value),
+            ..Default::default()
+        }
+    }
+
     fn part(
         key: &ed25519_dalek::SigningKey,
         prev: Option<&Entry>,
@@ -516,15 +529,7 @@ mod tests {
             time_unix_micros: 1,
             idempotency_key: vec![9; 16],
             payload: Some(Payload::Indicators(IndicatorBatch {
-                observations: vec![Observation {
-                    indicator: indicator.into(),
-                    catalog_edition: "local".into(),
-                    area: 2,
-                    ref_area: "city-a".into(),
-                    period: "2025".into(),
-                    value: Some(1.0),
-                    ..Default::default()
-                }],
+                observations: vec![observation(indicator, 1.0)],
                 rules: Vec::new(),
                 privacy: Vec::new(),
                 group: Some(PublishGroup {
@@ -672,15 +677,7 @@ mod tests {
         let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
         let cell = |value: f64| {
             Payload::Indicators(IndicatorBatch {
-                observations: vec![Observation {
-                    indicator: "a".into(),
-                    catalog_edition: "local".into(),
-                    area: 2,
-                    ref_area: "city-a".into(),
-                    period: "2025".into(),
-                    value: Some(value),
-                    ..Default::default()
-                }],
+                observations: vec![observation("a", value)],
                 ..Default::default()
             })
         };
@@ -733,15 +730,7 @@ mod tests {
 
     fn cell(indicator: &str) -> Payload {
         Payload::Indicators(IndicatorBatch {
-            observations: vec![Observation {
-                indicator: indicator.into(),
-                catalog_edition: "local".into(),
-                area: 2,
-                ref_area: "city-a".into(),
-                period: "2025".into(),
-                value: Some(1.0),
-                ..Default::default()
-            }],
+            observations: vec![observation(indicator, 1.0)],
             ..Default::default()
         })
     }
