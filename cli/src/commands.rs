@@ -863,6 +863,17 @@ fn conf_status(value: i32) -> &'static str {
     }
 }
 
+/// The token for the next page; an error when the node sent back the one
+/// asked with, which would never end.
+fn next_token(asked: &str, next: String) -> anyhow::Result<String> {
+    if next == asked {
+        bail!(
+            "the node answered page token {asked:?} with the same token: its pages do not advance"
+        );
+    }
+    Ok(next)
+}
+
 /// Fetches every page of observations.
 pub(crate) async fn all_observations(
     node: &Node,
@@ -880,7 +891,7 @@ pub(crate) async fn all_observations(
         if page.next_page_token.is_empty() {
             return Ok(records);
         }
-        request.page_token = page.next_page_token;
+        request.page_token = next_token(&request.page_token, page.next_page_token)?;
     }
 }
 
@@ -901,7 +912,7 @@ pub(crate) async fn all_offers(
         if page.next_page_token.is_empty() {
             return Ok(offers);
         }
-        request.page_token = page.next_page_token;
+        request.page_token = next_token(&request.page_token, page.next_page_token)?;
     }
 }
 
@@ -1495,7 +1506,7 @@ pub(crate) async fn audit(node: &Node, format: Format) -> anyhow::Result<ExitCod
         if page.next_page_token.is_empty() {
             break;
         }
-        request.page_token = page.next_page_token;
+        request.page_token = next_token(&request.page_token, page.next_page_token)?;
     }
     match format {
         Format::Json => output::json(&json!(entries
@@ -1746,5 +1757,13 @@ mod tests {
         assert_eq!(format_unix(i64::MAX), "after 9999-12-31");
         assert_eq!(format_micros(i64::MAX), "after 9999-12-31");
         assert_eq!(format_micros(1_500_000), "1970-01-01T00:00:01Z");
+    }
+
+    #[test]
+    fn a_page_token_that_does_not_advance_stops_the_reading() {
+        assert_eq!(next_token("", "a".into()).unwrap(), "a");
+        assert_eq!(next_token("a", "b".into()).unwrap(), "b");
+        let err = next_token("b", "b".into()).unwrap_err().to_string();
+        assert!(err.contains("do not advance"), "{err}");
     }
 }

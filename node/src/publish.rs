@@ -1437,6 +1437,9 @@ impl Sequencer {
                 (Payload::Offer(offer), 0, 0)
             }
             Request::Withdraw { offer_id, reason } => {
+                check_slug(&offer_id).map_err(|m| {
+                    PublishError::Invalid(format!("offer_id: {} {m}", quote(&offer_id)))
+                })?;
                 check_text("reason", &reason, 2000, false, true)?;
                 let pending = self
                     .own

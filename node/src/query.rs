@@ -20,9 +20,10 @@ use crate::{
 pub const MAX_PAGE: usize = 1000;
 /// Page size when none is asked.
 pub const DEFAULT_PAGE: usize = 100;
-/// Index rows one page may read. A filter that matches little ends its
-/// page early, with a token to go on from, rather than reading the whole
-/// index in one call.
+/// Index rows one page may read (a page ends at the first key, or offer,
+/// past it: the versions of one are read whole). A filter that matches
+/// little ends its page early, with a token to go on from, rather than
+/// reading the whole index in one call.
 pub const SCAN_BUDGET: usize = 20_000;
 /// Responses listed with one offer at most; a page of offers also ends once
 /// it lists this many.
@@ -200,6 +201,13 @@ fn observations_within(
     budget: usize,
 ) -> Result<ObservationPage, QueryError> {
     let limit = page_limit(page_size);
+    // Each origin named costs a scan of its own, even when it holds nothing.
+    if filter.origins.len() > MAX_PAGE {
+        return Err(QueryError::Invalid(format!(
+            "origins: {} named, at most {MAX_PAGE}",
+            filter.origins.len()
+        )));
+    }
     let from = parse_bound("period_from", &filter.period_from)?;
     let to = parse_bound("period_to", &filter.period_to)?;
     let after = page_token
@@ -416,7 +424,7 @@ fn offers_within(
         if let Some(version) = latest.take() {
             page.next = Some(encode_offer_token(&version.origin, &version.offer.offer_id));
             if wanted(&version) {
-                if let Some(state) = offer_state(store, version, now_unix, filter)? {
+                if let Some(state) = offer_state(store, version, now_unix, filter, &mut scanned)? {
                     listed += state.responses.len();
                     bytes += state.bytes;
                     page.offers.push(state);
@@ -440,12 +448,15 @@ fn offers_within(
 }
 
 /// The state of an offer's latest version; none when it is inactive and
-/// inactive offers are not asked for.
+/// inactive offers are not asked for. It reads at most [`SCAN_BUDGET`]
+/// responses, counted in `scanned` (so the page ends after it when they
+/// use up the page's budget).
 fn offer_state(
     store: &dyn Store,
     version: OfferRow,
     now_unix: i64,
     filter: &OfferFilter,
+    scanned: &mut usize,
 ) -> Result<Option<OfferState>, QueryError> {
     let offer = &version.offer;
     let active = store
@@ -466,18 +477,21 @@ fn offer_state(
         .enumerate()
     {
         let response = response?;
-        let size = record_bytes(&[response.responder.len(), response.response.encoded_len()]);
-        if responses.len() == MAX_RESPONSES
-            || response_bytes + size > RESPONSE_BYTES
-            || read == SCAN_BUDGET
-        {
+        if read == SCAN_BUDGET {
             more_responses = true;
             break;
         }
-        if !store.is_retracted(&response.responder, response.seq)? {
-            response_bytes += size;
-            responses.push(response);
+        *scanned += 1;
+        if store.is_retracted(&response.responder, response.seq)? {
+            continue;
         }
+        let size = record_bytes(&[response.responder.len(), response.response.encoded_len()]);
+        if responses.len() == MAX_RESPONSES || response_bytes + size > RESPONSE_BYTES {
+            more_responses = true;
+            break;
+        }
+        response_bytes += size;
+        responses.push(response);
     }
     Ok(Some(OfferState {
         bytes: record_bytes(&[
@@ -750,12 +764,13 @@ mod tests {
     fn read_all(
         store: &SledStore,
         filter: &ObservationFilter,
+        size: usize,
         budget: usize,
     ) -> (Vec<String>, usize, usize) {
         let (mut names, mut pages, mut empty) = (Vec::new(), 0, 0);
         let mut token: Option<String> = None;
         loop {
-            let page = observations_within(store, filter, 2, token.as_deref(), budget).unwrap();
+            let page = observations_within(store, filter, size, token.as_deref(), budget).unwrap();
             pages += 1;
             if page.rows.is_empty() && page.next.is_some() {
                 empty += 1;
@@ -786,7 +801,7 @@ mod tests {
             indicators: vec!["i6".into(), "i0".into()],
             ..Default::default()
         };
-        let whole = read_all(&store, &wanted, usize::MAX);
+        let whole = read_all(&store, &wanted, 2, usize::MAX);
         assert_eq!(
             whole.0,
             ["city-a/i0", "city-a/i6", "city-b/i0", "city-b/i6"]
@@ -795,7 +810,7 @@ mod tests {
         assert_eq!((whole.1, whole.2), (3, 0));
         // Three rows a page: pages end early, some empty, and together
         // they answer the same rows once each.
-        let budgeted = read_all(&store, &wanted, 3);
+        let budgeted = read_all(&store, &wanted, 2, 3);
         assert_eq!(budgeted.0, whole.0);
         assert!(budgeted.2 >= 2, "no page ended at its budget: {budgeted:?}");
         // The same over an origin list, cut at the boundary between origins.
@@ -803,8 +818,17 @@ mod tests {
             origins: vec!["city-b".into(), "city-a".into()],
             ..wanted
         };
-        assert_eq!(read_all(&store, &listed, 7).0, whole.0);
-        let all = read_all(&store, &ObservationFilter::default(), 1).0;
+        let cut = read_all(&store, &listed, 100, 7);
+        assert_eq!((cut.0, cut.1), (whole.0.clone(), 2));
+        let too_many = ObservationFilter {
+            origins: (0..=MAX_PAGE).map(|i| format!("city-{i}")).collect(),
+            ..Default::default()
+        };
+        let err = observations(&store, &too_many, 0, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("origins: 1001 named"), "{err}");
+        let all = read_all(&store, &ObservationFilter::default(), 2, 1).0;
         assert_eq!(all.len(), 14);
     }
 
@@ -956,7 +980,7 @@ mod tests {
             )
             .unwrap();
             let bytes: usize = page.rows.iter().map(|r| r.observation.encoded_len()).sum();
-            assert!(bytes < 2 << 20, "a page of {bytes} bytes");
+            assert!(bytes < PAGE_BYTES + 60_000, "a page of {bytes} bytes");
             assert!(page.rows.len() < 30, "one page held every large cell");
             read += page.rows.len();
             match page.next {
@@ -988,5 +1012,53 @@ mod tests {
             .map(|r| r.response.encoded_len())
             .sum();
         assert!(bytes <= RESPONSE_BYTES);
+    }
+
+    #[test]
+    fn responses_read_count_in_the_page_budget_retracted_ones_too() {
+        use civex_proto::v1::{OfferResponse, Retraction};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
+        let a = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let offers_of_a = chain(&a, "city-a", vec![offer("o1", 2), offer("o2", 2)]);
+        commit(&store, &offers_of_a);
+        // Six responses to o1, each retracted.
+        let b = ed25519_dalek::SigningKey::from_bytes(&[6; 32]);
+        let response = Payload::Response(OfferResponse {
+            offer_origin: "city-a".into(),
+            offer_id: "o1".into(),
+            offer_version_hash: offers_of_a[0].hash.to_vec(),
+            kind: 1,
+            message: String::new(),
+        });
+        let mut feed = chain(&b, "city-b", vec![response; 6]);
+        for seq in 1..=6 {
+            let retraction = Payload::Retraction(Retraction {
+                feed_id: vec![1; 16],
+                seq,
+                entry_hash: feed[seq as usize - 1].hash.to_vec(),
+                reason: String::new(),
+            });
+            let next = signed(&b, "city-b", feed.last(), retraction);
+            feed.push(next);
+        }
+        commit(&store, &feed);
+        let all = OfferFilter::default();
+        let first = offers_within(&store, &all, 100, 0, None, 4).unwrap();
+        let ids = |page: &OfferPage| -> Vec<String> {
+            page.offers
+                .iter()
+                .map(|o| o.version.offer.offer_id.clone())
+                .collect()
+        };
+        assert_eq!(
+            ids(&first),
+            ["o1"],
+            "the responses read did not end the page"
+        );
+        assert!(first.offers[0].responses.is_empty() && !first.offers[0].more_responses);
+        let second = offers_within(&store, &all, 100, 0, first.next.as_deref(), 4).unwrap();
+        assert_eq!(ids(&second), ["o2"]);
+        assert!(second.next.is_none());
     }
 }

@@ -1334,10 +1334,16 @@ impl Store for SledStore {
     }
 
     fn offer_versions_of(&self, origin: &str, offer_id: &str) -> Result<Vec<OfferRow>, StoreError> {
-        self.db
+        // An id holding a NUL would match a prefix of other keys: exact ids only.
+        let rows = self
+            .db
             .scan_prefix(key_of(b'f', &[origin, offer_id], None))
-            .map(|item| self.offer_row(item))
-            .collect()
+            .map(|item| self.offer_row(item));
+        rows.filter(|row| {
+            row.as_ref()
+                .map_or(true, |r| r.origin == origin && r.offer.offer_id == offer_id)
+        })
+        .collect()
     }
 
     fn withdrawal(&self, origin: &str, offer_id: &str) -> Result<Option<u64>, StoreError> {

@@ -525,6 +525,18 @@ async fn offers_can_be_withdrawn_for_good_and_expire() {
             .collect::<Vec<_>>()
     };
     assert_eq!(offers(false).await, [("dc".to_string(), true)]);
+    // An id with a NUL names no offer, not a prefix of one.
+    let err = publisher
+        .withdraw_offer(pb::WithdrawOfferRequest {
+            idempotency_key: key(),
+            offer_id: "dc\0".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("offer_id:"), "{}", err.message());
+    assert_eq!(offers(false).await, [("dc".to_string(), true)]);
     publisher
         .withdraw_offer(pb::WithdrawOfferRequest {
             idempotency_key: key(),
