@@ -224,6 +224,45 @@ async fn offers_responses_status_and_feed_tail_through_the_cli() {
     .await;
     let out = a.cli(&["query", "offers"]).await;
     assert!(stdout(&out).contains("city-b:interest"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("more not shown"), "{}", stdout(&out));
+    // Past 1,000 responses, the rest are said to be there, not listed.
+    let respond = |address: String| async move {
+        let mut client = civex_proto::v1::publish_client::PublishClient::new(
+            crate::support::connect(&address).await,
+        );
+        for _ in 0..125 {
+            client
+                .respond_offer(civex_proto::v1::RespondOfferRequest {
+                    idempotency_key: crate::support::key(),
+                    offer_origin: "city-a".into(),
+                    offer_id: "waste".into(),
+                    kind: civex_proto::v1::ResponseKind::Interest as i32,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    };
+    let tasks: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(respond(b.address.clone())))
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    eventually("A to hold B's 1,001 responses", || async {
+        a.head("city-b").await.0 >= 1001
+    })
+    .await;
+    let out = a.cli(&["query", "offers"]).await;
+    assert!(
+        stdout(&out).contains("(more not shown)"),
+        "{}",
+        stdout(&out)
+    );
+    let out = a.cli(&["--output", "json", "query", "offers"]).await;
+    let offers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(offers[0]["more_responses"], true);
+    assert_eq!(offers[0]["responses"].as_array().unwrap().len(), 1000);
 
     let out = a.cli(&["--output", "json", "status"]).await;
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
