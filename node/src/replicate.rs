@@ -473,6 +473,11 @@ impl Replicator {
                     while let Some(answer) = pending.pop_front() {
                         self.settle(peer, Some(answer)).await?;
                     }
+                    // The entries of a quarantined origin were skipped, not
+                    // refused: the marker says nothing of this peer then.
+                    if self.is_quarantined(&drained.origin) {
+                        continue;
+                    }
                     let held = self
                         .writer
                         .heads()

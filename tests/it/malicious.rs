@@ -258,9 +258,18 @@ async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
     // to the seq 2 held): quarantined, city-a takes nothing more.
     let a_next = a.chain(3).remove(2);
     assert_eq!(a_next.body.prev_hash, a_good[1].hash.to_vec());
+    // Its marker names that seq 3: an honest peer's head, which the node
+    // skipped, so not a claim to blame the peer for.
+    let a_drained = pb::SubscribeResponse {
+        event: Some(Event::Drained(pb::BacklogDrained {
+            origin: "city-a".into(),
+            head_seq: 3,
+        })),
+    };
     steps.push(vec![
         batch("city-b", signed(&b_good[3..])),
         batch("city-a", vec![a_next.signed]),
+        a_drained,
     ]);
     let (m_address, calls) = serve_script(&dir.path().join("m"), steps).await;
 
@@ -274,8 +283,9 @@ async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
     )
     .await;
 
+    // One more subscription after the last step: it was read to its end.
     eventually("the good entries and every bad step", || async {
-        calls.load(Ordering::SeqCst) > bad_steps.len() + 1 && node.head("city-b").await.0 == 5
+        calls.load(Ordering::SeqCst) > bad_steps.len() + 2 && node.head("city-b").await.0 == 5
     })
     .await;
     // city-b: exactly the good chain, nothing of the bad steps.
@@ -318,6 +328,11 @@ async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
     assert_eq!(conflict.other.as_ref(), Some(&fork.signed));
     assert_eq!(conflict.held.as_ref(), Some(&a_good[1].signed));
     let peer = &status.peers[0];
+    assert!(
+        !peer.last_error.contains("claims"),
+        "an honest head of a quarantined origin shown as a claim: {}",
+        peer.last_error
+    );
     assert!(
         peer.refused >= 7,
         "only {} entries counted as refused",
