@@ -908,25 +908,33 @@ mod tests {
         assert!(offers(&store, &all, 100, 0, Some(&hex(b"city-a"))).is_err());
     }
 
-    #[test]
-    fn an_offer_lists_at_most_max_responses_and_ends_its_page() {
-        use civex_proto::v1::OfferResponse;
+    /// A response of city-b to offer o1 of city-a, version `version`.
+    fn response_to(version: &Entry, message: String) -> Payload {
+        Payload::Response(civex_proto::v1::OfferResponse {
+            offer_origin: "city-a".into(),
+            offer_id: "o1".into(),
+            offer_version_hash: version.hash.to_vec(),
+            kind: 1,
+            message,
+        })
+    }
+
+    /// A store holding city-a's offers o1 and o2.
+    fn two_offers() -> (tempfile::TempDir, SledStore, Vec<Entry>) {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 1 << 22).unwrap();
         let a = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
         let offers_of_a = chain(&a, "city-a", vec![offer("o1", 2), offer("o2", 2)]);
         commit(&store, &offers_of_a);
+        (dir, store, offers_of_a)
+    }
+
+    #[test]
+    fn an_offer_lists_at_most_max_responses_and_ends_its_page() {
+        let (_dir, store, offers_of_a) = two_offers();
         let b = ed25519_dalek::SigningKey::from_bytes(&[6; 32]);
         let responses = (0..=MAX_RESPONSES)
-            .map(|i| {
-                Payload::Response(OfferResponse {
-                    offer_origin: "city-a".into(),
-                    offer_id: "o1".into(),
-                    offer_version_hash: offers_of_a[0].hash.to_vec(),
-                    kind: 1,
-                    message: format!("{i}"),
-                })
-            })
+            .map(|i| response_to(&offers_of_a[0], format!("{i}")))
             .collect();
         commit(&store, &chain(&b, "city-b", responses));
         let page = offers(&store, &OfferFilter::default(), 100, 0, None).unwrap();
@@ -952,7 +960,6 @@ mod tests {
 
     #[test]
     fn pages_and_response_lists_end_at_their_byte_budgets() {
-        use civex_proto::v1::OfferResponse;
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 1 << 24).unwrap();
         let a = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
@@ -991,15 +998,7 @@ mod tests {
         assert_eq!(read, 30);
         let b = ed25519_dalek::SigningKey::from_bytes(&[6; 32]);
         let responses = (0..20)
-            .map(|_| {
-                Payload::Response(OfferResponse {
-                    offer_origin: "city-a".into(),
-                    offer_id: "o1".into(),
-                    offer_version_hash: entries[30].hash.to_vec(),
-                    kind: 1,
-                    message: large.clone(),
-                })
-            })
+            .map(|_| response_to(&entries[30], large.clone()))
             .collect();
         commit(&store, &chain(&b, "city-b", responses));
         let page = offers(&store, &OfferFilter::default(), 100, 0, None).unwrap();
@@ -1016,21 +1015,11 @@ mod tests {
 
     #[test]
     fn responses_read_count_in_the_page_budget_retracted_ones_too() {
-        use civex_proto::v1::{OfferResponse, Retraction};
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
-        let a = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
-        let offers_of_a = chain(&a, "city-a", vec![offer("o1", 2), offer("o2", 2)]);
-        commit(&store, &offers_of_a);
+        use civex_proto::v1::Retraction;
+        let (_dir, store, offers_of_a) = two_offers();
         // Six responses to o1, each retracted.
         let b = ed25519_dalek::SigningKey::from_bytes(&[6; 32]);
-        let response = Payload::Response(OfferResponse {
-            offer_origin: "city-a".into(),
-            offer_id: "o1".into(),
-            offer_version_hash: offers_of_a[0].hash.to_vec(),
-            kind: 1,
-            message: String::new(),
-        });
+        let response = response_to(&offers_of_a[0], String::new());
         let mut feed = chain(&b, "city-b", vec![response; 6]);
         for seq in 1..=6 {
             let retraction = Payload::Retraction(Retraction {
