@@ -236,6 +236,8 @@ fn observations_within(
     let mut read_whole: Option<ObservationKey> = None;
     let mut resolver = Resolver { store, last: None };
     let mut held_seq: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut broken_groups: std::collections::HashMap<(String, u64), bool> =
+        std::collections::HashMap::new();
     for origin in origins {
         let after_here = match (&after, origin) {
             (Some(after), Some(origin)) if after.origin.as_str() > origin => continue,
@@ -286,12 +288,24 @@ fn observations_within(
                     seq
                 }
             };
+            // A group the feed went on past without completing it is
+            // never answered either.
+            let never = row.group_end == NEVER_QUERYABLE
+                || (row.group_end != 0 && {
+                    let group = (row.key.origin.clone(), row.group_end);
+                    match broken_groups.get(&group) {
+                        Some(broken) => *broken,
+                        None => {
+                            let broken = store.group_broken(&group.0, group.1)?;
+                            broken_groups.insert(group, broken);
+                            broken
+                        }
+                    }
+                });
             // A cell never answered still supersedes the key's earlier
             // values: answering one of them as current would be wrong.
-            let answerable = row.group_end <= held;
-            if (answerable || row.group_end == NEVER_QUERYABLE)
-                && !store.is_retracted(&row.key.origin, row.seq)?
-            {
+            let answerable = row.group_end <= held && !never;
+            if (answerable || never) && !store.is_retracted(&row.key.origin, row.seq)? {
                 current = answerable.then_some(row);
             }
         }
@@ -579,6 +593,64 @@ mod tests {
             .map(|r| r.observation.indicator.as_str())
             .collect();
         assert_eq!(names, ["a", "b"]);
+    }
+
+    /// Indicators of the current observations, in key order.
+    fn answered(store: &SledStore) -> Vec<String> {
+        let page = observations(store, &ObservationFilter::default(), 0, None).unwrap();
+        assert_eq!(page.next, None);
+        page.rows
+            .into_iter()
+            .map(|r| r.observation.indicator)
+            .collect()
+    }
+
+    #[test]
+    fn a_publish_group_the_feed_went_on_past_is_never_answered() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let plain = |prev: Option<&Entry>, indicator: &str, value: f64| {
+            let batch = IndicatorBatch {
+                observations: vec![observation(indicator, value)],
+                ..Default::default()
+            };
+            signed(&key, "city-a", prev, Payload::Indicators(batch))
+        };
+        // "a" = 1, then part 0 of two with "a" = 2, then an entry of no
+        // group: the feed is held past the group's end, but its part 1
+        // never came.
+        let old = plain(None, "a", 1.0);
+        let half = part(&key, Some(&old), 0, "a");
+        let after = plain(Some(&half), "b", 3.0);
+        // In one commit, and in three with the store reopened before the
+        // entry that breaks the group (what the head left open is read
+        // back from the entry).
+        let one = tempfile::tempdir().unwrap();
+        let store = SledStore::open(one.path(), 1 << 22).unwrap();
+        commit(&store, &[old.clone(), half.clone(), after.clone()]);
+        assert_eq!(
+            answered(&store),
+            ["b"],
+            "half a group, or the value it supersedes, was answered"
+        );
+        let three = tempfile::tempdir().unwrap();
+        let store = SledStore::open(three.path(), 1 << 22).unwrap();
+        commit(&store, std::slice::from_ref(&old));
+        commit(&store, std::slice::from_ref(&half));
+        assert_eq!(answered(&store), ["a"]);
+        drop(store);
+        let store = SledStore::open(three.path(), 1 << 22).unwrap();
+        commit(&store, std::slice::from_ref(&after));
+        assert_eq!(answered(&store), ["b"]);
+        drop(store);
+        let store = SledStore::open(three.path(), 1 << 22).unwrap();
+        assert_eq!(answered(&store), ["b"], "the broken group was not kept");
+
+        // Part 1 with no part 0 before it: broken, though held to its end.
+        let lone = part(&key, Some(&old), 1, "c");
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
+        commit(&store, &[old, lone]);
+        assert_eq!(answered(&store), ["a"]);
     }
 
     #[test]

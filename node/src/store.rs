@@ -45,6 +45,9 @@
 //!   one found (kind, time, peer, the entry held), and `k|origin|1` the
 //!   other entry, apart so that each value stays below 96 KiB; replication
 //!   of the origin stops while it is held
+//! - `g|origin|group_end` a publish group of the origin that can never
+//!   complete (value: the seq of the entry that showed it); its cells are
+//!   never answered
 
 use std::{
     collections::HashMap,
@@ -61,7 +64,7 @@ use prost::Message;
 use self::entry_log::{EntryLog, Locator};
 use crate::core::{
     feed::{Conflict, ConflictKind, Entry, FeedId, Hash, Tip, FEED_ID_LEN, SIGNATURE_LEN},
-    index::{IndexRecord, ObservationKey},
+    index::{follow_group, opened_by, IndexRecord, ObservationKey, OpenGroup},
 };
 
 mod entry_log;
@@ -263,6 +266,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(u64, u64), StoreError>;
     /// Whether an entry of `origin` has been retracted.
     fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError>;
+    /// Whether the publish group of `origin` ending at `group_end` can never
+    /// complete: the feed goes on past a part with something other than the
+    /// group's next part.
+    fn group_broken(&self, origin: &str, group_end: u64) -> Result<bool, StoreError>;
     /// Folds up to `limit` packed index pieces into the ordered observation
     /// index, each fold one atomic batch; returns how many were folded.
     /// Readers see the same rows before and after.
@@ -309,6 +316,9 @@ pub struct SledStore {
     /// Blob files already fsynced.
     synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
     log: EntryLog,
+    /// The publish group each origin's head leaves open, by origin: derived
+    /// from the head entry, read at an origin's first commit after open.
+    open_groups: std::sync::Mutex<HashMap<String, Option<OpenGroup>>>,
 }
 
 fn sled_error(path: &Path) -> impl Fn(sled::Error) -> StoreError + '_ {
@@ -326,6 +336,22 @@ fn io_error(path: &Path, what: &str, err: std::io::Error) -> StoreError {
 }
 
 impl SledStore {
+    /// The publish group that `origin`'s entry before `seq` left open: its
+    /// parts before it are taken as given (were they not, the group was
+    /// marked broken when they were stored).
+    fn group_opened_before(&self, origin: &str, seq: u64) -> Result<Option<OpenGroup>, StoreError> {
+        if seq <= 1 {
+            return Ok(None);
+        }
+        let before = self.entries(origin, seq - 1, 1, 1)?;
+        Ok(before
+            .into_iter()
+            .next()
+            .and_then(|signed| Entry::decode(signed).ok())
+            .filter(|entry| entry.body.seq == seq - 1)
+            .and_then(|entry| opened_by(&entry)))
+    }
+
     /// The budget spent recorded under a `b|` key and the seq it is as of
     /// ((0, 0) when none).
     fn spent_at(&self, key: &[u8]) -> Result<(u64, u64), StoreError> {
@@ -380,6 +406,7 @@ impl SledStore {
             path,
             sync,
             synced_blobs: Default::default(),
+            open_groups: Default::default(),
         };
         store.sync_new_files()?;
         Ok(store)
@@ -983,6 +1010,33 @@ impl Store for SledStore {
         // Held to the end of the commit, so batches record log lengths in
         // the order the appends happened.
         let mut log_end = self.log.lock()?;
+        let mut open_groups = self.open_groups.lock().map_err(|_| {
+            io_error(
+                &self.path,
+                "publish groups",
+                std::io::Error::other("poisoned lock"),
+            )
+        })?;
+        let mut groups_after: HashMap<&str, Option<OpenGroup>> = HashMap::new();
+        for run in &commit.runs {
+            let Some(first) = run.first() else { continue };
+            let origin = first.body.origin.as_str();
+            let mut open = match groups_after.get(origin).or(open_groups.get(origin)) {
+                Some(open) => open.clone(),
+                None => self.group_opened_before(origin, first.body.seq)?,
+            };
+            for entry in run {
+                let (next, broken) = follow_group(open.as_ref(), entry);
+                for end in broken {
+                    batch.insert(
+                        key_of(b'g', &[origin], Some(end)),
+                        &entry.body.seq.to_be_bytes(),
+                    );
+                }
+                open = next;
+            }
+            groups_after.insert(origin, open);
+        }
         if in_log {
             // Synced before the batch naming the chunks is written (see
             // `entry_log`).
@@ -1170,10 +1224,20 @@ impl Store for SledStore {
                 batch.insert(key, first);
             }
         }
-        self.db.apply_batch(batch).map_err(sled_error(&self.path))?;
-        self.db.flush().map_err(sled_error(&self.path))?;
-        self.sync_blobs()?;
-        (self.sync)().map_err(|e| io_error(&self.path, "fdatasync of the store", e))
+        let applied = (|| {
+            self.db.apply_batch(batch).map_err(sled_error(&self.path))?;
+            self.db.flush().map_err(sled_error(&self.path))?;
+            self.sync_blobs()?;
+            (self.sync)().map_err(|e| io_error(&self.path, "fdatasync of the store", e))
+        })();
+        for (origin, open) in groups_after {
+            match applied {
+                Ok(()) => open_groups.insert(origin.to_owned(), open),
+                // Whether sled kept the batch is not known: read it again.
+                Err(_) => open_groups.remove(origin),
+            };
+        }
+        applied
     }
 
     fn idempotency(&self, key: &[u8; 16]) -> Result<Option<IdempotencyRecord>, StoreError> {
@@ -1315,6 +1379,12 @@ impl Store for SledStore {
     fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError> {
         self.db
             .contains_key(key_of(b'r', &[origin], Some(seq)))
+            .map_err(sled_error(&self.path))
+    }
+
+    fn group_broken(&self, origin: &str, group_end: u64) -> Result<bool, StoreError> {
+        self.db
+            .contains_key(key_of(b'g', &[origin], Some(group_end)))
             .map_err(sled_error(&self.path))
     }
 

@@ -2,7 +2,7 @@
 //! beside the feed so that queries need not decode every entry. Pure: the
 //! store decides how records are laid out.
 
-use civex_proto::v1::{entry_body::Payload, OfferResponse, ServiceOffer};
+use civex_proto::v1::{entry_body::Payload, OfferResponse, PublishGroup, ServiceOffer};
 
 use super::feed::{Entry, Hash};
 
@@ -141,6 +141,89 @@ pub enum IndexRecord {
 /// the key has no current value to answer until it is retracted.
 pub const NEVER_QUERYABLE: u64 = u64::MAX;
 
+/// Seq of the last part of the group that the entry at `seq` is part of; a
+/// malformed group (a part outside its count or before seq 1) is never
+/// queryable.
+fn group_end(seq: u64, group: &PublishGroup) -> u64 {
+    seq.checked_sub(u64::from(group.part))
+        .filter(|first| *first >= 1 && group.part < group.count)
+        .map_or(NEVER_QUERYABLE, |first| first + u64::from(group.count) - 1)
+}
+
+/// Where an origin's feed stands inside a publish group: what its next
+/// entry must be for the group to complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenGroup {
+    /// Seq of the next part.
+    pub next_seq: u64,
+    /// The group's id.
+    pub id: Vec<u8>,
+    /// The part the next entry must be.
+    pub part: u32,
+    /// The group's count of parts.
+    pub count: u32,
+}
+
+impl OpenGroup {
+    /// The group's `group_end`: the seq of its last part.
+    pub fn end(&self) -> u64 {
+        self.next_seq - u64::from(self.part) + u64::from(self.count) - 1
+    }
+}
+
+fn group_claim(entry: &Entry) -> Option<&PublishGroup> {
+    match &entry.body.payload {
+        Some(Payload::Indicators(batch)) => batch.group.as_ref(),
+        _ => None,
+    }
+}
+
+/// The group left open by `entry`, taking the parts before it as given: it
+/// is a well-formed part that is not its group's last.
+pub fn opened_by(entry: &Entry) -> Option<OpenGroup> {
+    let group = group_claim(entry)?;
+    let seq = entry.body.seq;
+    (group_end(seq, group) != NEVER_QUERYABLE && group.part + 1 < group.count).then(|| OpenGroup {
+        next_seq: seq + 1,
+        id: group.id.clone(),
+        part: group.part + 1,
+        count: group.count,
+    })
+}
+
+/// Follows an origin's feed through its next entry. `open` is the group
+/// the entry before it left open. Returns the group this entry leaves open,
+/// and the `group_end`s of groups that this entry shows can never complete:
+/// the open group, if the entry is not its next part, and the entry's own
+/// group, if it claims a later part of a group that was not open. Each
+/// part's end alone says nothing of this (part 0 of two, then any other
+/// entry, is held "up to its end"), and a publish group is answered only
+/// once complete (spec rule 8). Only a malformed feed has broken groups:
+/// the sequencer signs a group's parts back to back.
+pub fn follow_group(open: Option<&OpenGroup>, entry: &Entry) -> (Option<OpenGroup>, Vec<u64>) {
+    let seq = entry.body.seq;
+    let claim = group_claim(entry);
+    let expected = open.filter(|o| o.next_seq == seq);
+    let continues = match (expected, claim) {
+        (Some(open), Some(group)) => {
+            group.id == open.id && group.part == open.part && group.count == open.count
+        }
+        _ => false,
+    };
+    let mut broken = Vec::new();
+    if let Some(open) = expected.filter(|_| !continues) {
+        broken.push(open.end());
+    }
+    if let Some(group) = claim {
+        let end = group_end(seq, group);
+        if group.part > 0 && !continues && end != NEVER_QUERYABLE {
+            broken.push(end);
+            return (None, broken);
+        }
+    }
+    (opened_by(entry), broken)
+}
+
 fn usable(text: &str) -> bool {
     !text.contains('\0')
 }
@@ -195,13 +278,7 @@ fn known_records(entry: &Entry) -> Vec<IndexRecord> {
     let seq = body.seq;
     match &body.payload {
         Some(Payload::Indicators(batch)) => {
-            // Seq of the group's last part; a malformed group (a part
-            // outside its count or before seq 1) is never queryable.
-            let group_end = batch.group.as_ref().map_or(0, |g| {
-                seq.checked_sub(u64::from(g.part))
-                    .filter(|first| *first >= 1 && g.part < g.count)
-                    .map_or(NEVER_QUERYABLE, |first| first + u64::from(g.count) - 1)
-            });
+            let group_end = batch.group.as_ref().map_or(0, |g| group_end(seq, g));
             let debits = batch
                 .privacy
                 .iter()
@@ -335,6 +412,75 @@ mod tests {
             end_of(&mut entry),
             NEVER_QUERYABLE,
             "a part outside its count"
+        );
+    }
+
+    #[test]
+    fn a_group_that_cannot_complete_is_named_broken() {
+        use civex_proto::v1::{IndicatorBatch, PublishGroup};
+        // Entries 1..=n of one feed; `group[i]` is (id, part, count) of entry
+        // i + 1, or none. Returns the broken ends each entry names.
+        let follow = |groups: &[Option<(u8, u32, u32)>]| -> Vec<Vec<u64>> {
+            let mut entries = chain(&key(1), "city-a", groups.len() as u64);
+            let mut open = None;
+            let mut out = Vec::new();
+            for (entry, group) in entries.iter_mut().zip(groups) {
+                entry.body.payload = Some(Payload::Indicators(IndicatorBatch {
+                    group: group.map(|(id, part, count)| PublishGroup {
+                        id: vec![id; 16],
+                        part,
+                        count,
+                    }),
+                    ..Default::default()
+                }));
+                let (next, broken) = follow_group(open.as_ref(), entry);
+                open = next;
+                out.push(broken);
+            }
+            out
+        };
+        let none: Vec<u64> = Vec::new();
+        // Whole groups, back to back, and entries without one: nothing broken.
+        assert_eq!(
+            follow(&[
+                Some((1, 0, 2)),
+                Some((1, 1, 2)),
+                None,
+                Some((2, 0, 3)),
+                Some((2, 1, 3)),
+                Some((2, 2, 3)),
+                Some((3, 0, 1)),
+            ]),
+            vec![none.clone(); 7]
+        );
+        // Part 0 of two, then an entry of no group: the group ends at 2,
+        // which the feed reaches, but it never completes.
+        assert_eq!(follow(&[Some((1, 0, 2)), None]), [none.clone(), vec![2]]);
+        // Then part 0 of another group: the first is broken, the second not.
+        assert_eq!(
+            follow(&[Some((1, 0, 2)), Some((2, 0, 2)), Some((2, 1, 2))]),
+            [none.clone(), vec![2], none.clone()]
+        );
+        // A later part with nothing open before it, or of another id, part
+        // or count than the open group's: both groups are broken.
+        assert_eq!(follow(&[None, Some((1, 1, 2))]), [none.clone(), vec![2]]);
+        assert_eq!(
+            follow(&[Some((1, 0, 3)), Some((2, 1, 3))]),
+            [none.clone(), vec![3, 3]]
+        );
+        assert_eq!(
+            follow(&[None, Some((1, 0, 3)), Some((1, 2, 3))]),
+            [none.clone(), none.clone(), vec![4, 3]]
+        );
+        assert_eq!(
+            follow(&[Some((1, 0, 3)), Some((1, 1, 2))]),
+            [none.clone(), vec![3, 2]]
+        );
+        // A malformed part is never queryable anyway; it breaks the open
+        // group and opens none.
+        assert_eq!(
+            follow(&[Some((1, 0, 2)), Some((1, 5, 2)), Some((1, 1, 2))]),
+            [none.clone(), vec![2], vec![3]]
         );
     }
 
