@@ -1258,6 +1258,10 @@ impl Sequencer {
         tip: Option<Tip>,
         replacements: &[Replacement],
     ) -> Result<(Vec<(Entry, Payload)>, IdempotencyRecord), PublishError> {
+        #[cfg(test)]
+        if matches!(&request, Request::Offer(offer) if offer.offer_id == tests::PANICS) {
+            panic!("a request that makes signing fail, for the panic guard's test");
+        }
         let (payloads, published, suppressed) = self.payload(request, idempotency_key)?;
         let feed_id = match &tip {
             // Where the roster replaced a lost key, the new feed starts.
@@ -1544,6 +1548,64 @@ mod tests {
 
     use super::*;
     use crate::core::feed::tests::key;
+
+    /// The offer id whose publish panics while it is signed.
+    pub(super) const PANICS: &str = "panics-for-test";
+
+    #[tokio::test]
+    async fn a_request_that_panics_while_signed_is_refused_and_later_ones_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore =
+            Arc::new(crate::store::SledStore::open(&dir.path().join("data"), 16 << 20).unwrap());
+        let (writer, _thread) = crate::writer::Writer::start(store.clone()).unwrap();
+        let signing = key(1);
+        let genesis = signing.verifying_key();
+        let (_open, ready) = watch::channel(true);
+        let publisher = Publisher::new(
+            "city-a".into(),
+            FeedKey {
+                signing,
+                file: dir.path().join("feed.key"),
+                genesis,
+            },
+            Arc::new(IndicatorRules {
+                districts: Vec::new(),
+                catalog: crate::core::catalog::Catalog::builtin(),
+                policy: Default::default(),
+                noise_key: None,
+            }),
+            Arc::new(KeyResolver::new("city-a", genesis, Default::default())),
+            store.clone(),
+            writer,
+            ready,
+        );
+        let offer = |id: &str| {
+            Request::Offer(ServiceOffer {
+                offer_id: id.into(),
+                title: "Snow clearing".into(),
+                area: 1,
+                category: "maintenance".into(),
+                contact_role: "public works".into(),
+                valid_until_unix: 1,
+                ..Default::default()
+            })
+        };
+        let refused = publisher.publish([1; 16], [1; 32], offer(PANICS)).await;
+        match refused {
+            Err(PublishError::Internal(message)) => {
+                assert!(message.contains("nothing of it was published"), "{message}")
+            }
+            other => panic!("expected the request refused: {other:?}"),
+        }
+        assert_eq!(store.head("city-a").unwrap(), None, "part of it was stored");
+        // The sequencer goes on: the next publish is entry 1.
+        let receipt = publisher
+            .publish([2; 16], [2; 32], offer("snow"))
+            .await
+            .unwrap();
+        assert_eq!(receipt.seq, 1);
+        assert_eq!(store.head("city-a").unwrap().unwrap().tip.seq, 1);
+    }
 
     /// Own entry `seq` of the publish with key `k`.
     fn own_entry(seq: u64, k: u8, payload: Payload) -> Entry {
