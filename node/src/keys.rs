@@ -52,9 +52,7 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
     if path.exists() {
         return Err(file_error(path, "cannot create: it already exists"));
     }
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = std::path::PathBuf::from(partial);
+    let partial = partial_of(path);
     match std::fs::remove_file(&partial) {
         Ok(()) => {}
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
@@ -85,8 +83,28 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
         .map_err(|err| file_error(path, format!("cannot create: {err}")))
 }
 
-/// Reads a secret file, refusing one that group or others may read.
+/// Where [`write_secret_file`] writes `path` before linking it.
+fn partial_of(path: &Path) -> std::path::PathBuf {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    partial.into()
+}
+
+/// Reads a secret file, refusing one that group or others may read. A
+/// crash between the link and the removal of [`write_secret_file`] leaves
+/// `<path>.partial` as a second name of the secret, which would outlive
+/// the file (a rotated-out key, say): it is removed here. Only that
+/// second name is: a partial file that is not the same file is a write
+/// that never completed, replaced by the next one.
 pub fn read_secret_file(path: &Path) -> Result<String, KeyError> {
+    use std::os::unix::fs::MetadataExt;
+    let partial = partial_of(path);
+    if let (Ok(file), Ok(other)) = (std::fs::metadata(path), std::fs::symlink_metadata(&partial)) {
+        if (file.dev(), file.ino()) == (other.dev(), other.ino()) {
+            std::fs::remove_file(&partial)
+                .map_err(|err| file_error(&partial, format!("cannot remove: {err}")))?;
+        }
+    }
     let metadata =
         std::fs::metadata(path).map_err(|err| file_error(path, format!("cannot read: {err}")))?;
     let mode = metadata.permissions().mode() & 0o777;
@@ -433,6 +451,16 @@ mod tests {
             .to_string();
         assert!(err.contains("already exists"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"secret\n");
+
+        // A crash after the link left the partial name as a second name of
+        // the secret: reading the secret removes it. A partial file of a
+        // write that never completed stays for the next write to replace.
+        std::fs::hard_link(&path, &partial).unwrap();
+        assert_eq!(read_secret_file(&path).unwrap(), "secret\n");
+        assert!(!partial.exists(), "a second name of the secret was left");
+        std::fs::write(&partial, b"never linked").unwrap();
+        assert_eq!(read_secret_file(&path).unwrap(), "secret\n");
+        assert_eq!(std::fs::read(&partial).unwrap(), b"never linked");
     }
 
     #[test]
