@@ -1664,12 +1664,12 @@ mod tests {
             breakdown: breakdown.into(),
             ..row("jobs", "city-a", "2025", value, value as u64)
         };
-        for scale in [1e3, 1e9] {
+        for scale in [1e3, 1e9, 1e12, 1e15] {
             let rows = vec![
                 cell("sector=retail", 2.0),
                 cell("sector=industry", 5.0 * scale),
-                cell("sector=services", 4.4 * scale),
-                cell("", 9.4 * scale + 2.0),
+                cell("sector=services", 4.0 * scale),
+                cell("", 9.0 * scale + 2.0),
             ];
             let prepared = Setup::new().prepare(&rows).unwrap();
             let s = statuses(&prepared);
