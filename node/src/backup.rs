@@ -35,8 +35,10 @@ use crate::{
 
 const MAGIC: &[u8; 8] = b"civexbak";
 const FORMAT_VERSION: u32 = 1;
-/// Entries of one origin per write job of a restore.
+/// Entries of one origin per write job of a restore, and their bytes at
+/// most (past one entry).
 const RESTORE_JOB: usize = 1024;
+const RESTORE_JOB_BYTES: usize = 4 << 20;
 /// Write jobs of a restore awaited at most at once.
 const RESTORE_IN_FLIGHT: usize = 8;
 /// Marks a staging directory as made by [`restore`].
@@ -76,12 +78,48 @@ pub struct BackupWriter {
 }
 
 impl BackupWriter {
-    /// Starts a backup to `path`.
+    /// Starts a backup to `path`. `FILE.part` is locked for as long as the
+    /// backup runs, so a second backup to the same file is refused instead
+    /// of emptying the first one's file under it; one left by a backup
+    /// that was stopped is not locked, and is written over.
     pub fn create(path: &Path) -> Result<Self, BackupError> {
+        use std::os::unix::fs::MetadataExt;
         let mut part = path.as_os_str().to_owned();
         part.push(".part");
         let part = PathBuf::from(part);
-        let file = File::create(&part).map_err(|e| io_error(&part, "cannot create", e))?;
+        let file = loop {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&part)
+                .map_err(|e| io_error(&part, "cannot create", e))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(BackupError::Io {
+                        path: part.display().to_string(),
+                        message: "another backup to this file is running (it holds this file); \
+                                  let it finish, or write to another file"
+                            .into(),
+                    })
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(io_error(&part, "cannot lock", e))
+                }
+            }
+            // A backup finishing renames its file between the open and the
+            // lock: that file is its backup now, never to be written over.
+            let held = file.metadata().map(|m| (m.dev(), m.ino()));
+            let named = std::fs::metadata(&part).map(|m| (m.dev(), m.ino()));
+            if let (Ok(held), Ok(named)) = (held, named) {
+                if held == named {
+                    break file;
+                }
+            }
+        };
+        file.set_len(0)
+            .map_err(|e| io_error(&part, "cannot empty", e))?;
         let mut writer = Self {
             path: path.to_owned(),
             part,
@@ -392,7 +430,9 @@ pub async fn restore(
 ) -> Result<Restored, RestoreError> {
     let (data_dir, staging) = places(data_dir)?;
     check_target(&data_dir)?;
-    prepare_staging(&staging)?;
+    // Held until the restore ends: a second restore to this data directory
+    // is refused rather than clearing this one's staging store.
+    let _building = prepare_staging(&staging)?;
     // The entries through the writer, then every signature.
     let built = async {
         let store: SharedStore = Arc::new(SledStore::open(&staging, cache_bytes)?);
@@ -405,6 +445,7 @@ pub async fn restore(
                 keys: &keys,
                 writer: &writer,
                 run: None,
+                run_bytes: 0,
                 recovery: Recovery::default(),
                 in_flight: VecDeque::new(),
                 done: 0,
@@ -490,8 +531,27 @@ fn place(staging: &Path, data_dir: &Path) -> Result<(), RestoreError> {
     })
 }
 
-/// A restore goes only where no store is.
+/// A restore goes only where no store is, and to a directory it can put
+/// the new store in place of: not a symbolic link, nor a mount point (the
+/// store is built beside it, and renamed into place at the end).
 fn check_target(data_dir: &Path) -> Result<(), RestoreError> {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(found) = std::fs::symlink_metadata(data_dir) {
+        let parent = data_dir.parent().map(std::fs::metadata);
+        let mount = matches!(parent, Some(Ok(parent)) if parent.dev() != found.dev());
+        if found.file_type().is_symlink() || mount {
+            return Err(RestoreError::Target(format!(
+                "{}: is a {}; a restore builds the new store beside the data directory and \
+                 renames it into place: point data_dir at a folder inside it",
+                data_dir.display(),
+                if mount {
+                    "mount point"
+                } else {
+                    "symbolic link"
+                }
+            )));
+        }
+    }
     let empty = match std::fs::read_dir(data_dir) {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => true,
         Err(err) => {
@@ -513,27 +573,38 @@ fn check_target(data_dir: &Path) -> Result<(), RestoreError> {
     )))
 }
 
-/// Makes the staging directory, new: one left by an interrupted restore
-/// (it holds the mark) is removed first.
-fn prepare_staging(staging: &Path) -> Result<(), RestoreError> {
+/// Makes the staging directory, new, and returns its mark, locked: one
+/// left by an interrupted restore (it holds the mark, unlocked) is removed
+/// first; one a running restore holds is refused.
+fn prepare_staging(staging: &Path) -> Result<File, RestoreError> {
     let fail = |err: std::io::Error| {
         RestoreError::Target(format!(
             "{}: cannot prepare the staging directory: {err}",
             staging.display()
         ))
     };
+    let lock = |mark: &File| match mark.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(RestoreError::Target(format!(
+            "{}: another restore to this data directory is running; let it finish",
+            staging.display()
+        ))),
+        Err(std::fs::TryLockError::Error(err)) => Err(fail(err)),
+    };
     if staging.exists() {
-        if !staging.join(STAGING_MARK).exists() {
-            return Err(RestoreError::Target(format!(
+        let mark = File::open(staging.join(STAGING_MARK)).map_err(|_| {
+            RestoreError::Target(format!(
                 "{}: exists and was not made by civex restore; move it away",
                 staging.display()
-            )));
-        }
+            ))
+        })?;
+        lock(&mark)?;
         std::fs::remove_dir_all(staging).map_err(fail)?;
     }
     std::fs::create_dir_all(staging).map_err(fail)?;
-    File::create(staging.join(STAGING_MARK)).map_err(fail)?;
-    Ok(())
+    let mark = File::create(staging.join(STAGING_MARK)).map_err(fail)?;
+    lock(&mark)?;
+    Ok(mark)
 }
 
 /// Feeds a backup's entries to the writer in jobs of consecutive entries
@@ -547,6 +618,8 @@ struct Loader<'a> {
     /// The run of one origin being read, and its entries not yet sent,
     /// with their offsets.
     run: Option<(String, Vec<(u64, Entry)>)>,
+    /// Bytes of the run's entries not yet sent.
+    run_bytes: usize,
     /// Idempotency records of the own feed, whose publish groups may span
     /// jobs.
     recovery: Recovery,
@@ -584,8 +657,9 @@ impl Loader<'_> {
             let Some((_, batch)) = self.run.as_mut() else {
                 unreachable!("a run was just begun");
             };
+            self.run_bytes += entry.signed.body.len();
             batch.push((offset, entry));
-            if batch.len() >= RESTORE_JOB {
+            if batch.len() >= RESTORE_JOB || self.run_bytes >= RESTORE_JOB_BYTES {
                 self.send().await?;
             }
         }
@@ -603,6 +677,7 @@ impl Loader<'_> {
             return Ok(());
         };
         let (origin, batch) = (origin.clone(), std::mem::take(batch));
+        self.run_bytes = 0;
         if batch.is_empty() {
             return Ok(());
         }
@@ -779,6 +854,33 @@ mod tests {
             .unwrap();
         drop(backup);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_second_backup_to_one_file_is_refused_while_the_first_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("city.backup");
+        let entries = chain(&key(1), "city-a", 20);
+        let mut first = BackupWriter::create(&path).unwrap();
+        for entry in &entries[..10] {
+            first.append(&entry.signed).unwrap();
+        }
+        let error = BackupWriter::create(&path).err().unwrap().to_string();
+        assert!(
+            error.contains("city.backup.part") && error.contains("another backup"),
+            "{error}"
+        );
+        for entry in &entries[10..] {
+            first.append(&entry.signed).unwrap();
+        }
+        assert_eq!(first.finish().unwrap(), 20);
+        assert_eq!(error_of(&path), "", "the first backup was damaged");
+        // One left by a backup that was stopped holds no lock: the next
+        // backup writes over it.
+        std::fs::write(dir.path().join("city.backup.part"), vec![7; 100]).unwrap();
+        write_backup(&path, &entries[..5]);
+        assert_eq!(BackupReader::open(&path).unwrap().count(), 5);
+        assert!(!dir.path().join("city.backup.part").exists());
     }
 
     #[test]
@@ -1029,5 +1131,91 @@ mod tests {
             .to_string();
         assert!(error.contains("was not made by civex restore"), "{error}");
         assert!(foreign.join("notes.txt").exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restore_another_restore_is_building_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = (dir.path().join("city.backup"), dir.path().join("data"));
+        write_backup(&path, &chain(&key(1), "city-a", 5));
+        // A first restore holds its staging directory's mark.
+        let staging = dir.path().join("data.restoring");
+        std::fs::create_dir_all(&staging).unwrap();
+        let mark = File::create(staging.join(STAGING_MARK)).unwrap();
+        mark.try_lock().unwrap();
+        std::fs::write(staging.join("building"), b"x").unwrap();
+        let error = restore_into(&data, &path).await.unwrap_err().to_string();
+        assert!(
+            error.contains("another restore to this data directory"),
+            "{error}"
+        );
+        assert!(
+            staging.join("building").exists(),
+            "its staging store was cleared"
+        );
+        assert!(!data.exists());
+        // Once it has stopped, what it left is cleared and the restore goes on.
+        drop(mark);
+        restore_into(&data, &path).await.unwrap();
+        assert!(!staging.exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_data_dir_that_is_a_symbolic_link_is_refused_before_anything_is_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("city.backup");
+        write_backup(&path, &chain(&key(1), "city-a", 5));
+        let real = dir.path().join("disk");
+        std::fs::create_dir_all(&real).unwrap();
+        let data = dir.path().join("data");
+        std::os::unix::fs::symlink(&real, &data).unwrap();
+        let steps = std::sync::atomic::AtomicU64::new(0);
+        let error = restore(&data, &path, "city-a", None, keys(), 16 << 20, &|_| {
+            steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("is a symbolic link"), "{error}");
+        assert_eq!(steps.into_inner(), 0, "entries were written first");
+        assert!(!dir.path().join("data.restoring").exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_entries_restore_in_jobs_of_bounded_bytes() {
+        use civex_proto::v1::{EntryBody, OfferWithdrawal};
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = (dir.path().join("city.backup"), dir.path().join("data"));
+        // 200 entries of about 60 KiB: jobs end at 4 MiB, not 1,024 entries.
+        let signer = key(1);
+        let mut entries: Vec<Entry> = Vec::new();
+        for seq in 1..=200u64 {
+            let body = EntryBody {
+                origin: "city-a".into(),
+                feed_id: vec![7; 16],
+                seq,
+                prev_hash: entries
+                    .last()
+                    .map_or(crate::core::feed::GENESIS_PREV_HASH, |e| e.hash)
+                    .to_vec(),
+                time_unix_micros: 1,
+                idempotency_key: vec![seq as u8; 16],
+                payload: Some(civex_proto::v1::entry_body::Payload::Withdrawal(
+                    OfferWithdrawal {
+                        offer_id: format!("offer-{seq}"),
+                        reason: "x".repeat(60_000),
+                    },
+                )),
+            };
+            entries.push(Entry::sign(&signer, body).unwrap());
+        }
+        write_backup(&path, &entries);
+        let restored = restore_into(&data, &path).await.unwrap();
+        assert_eq!(restored.report.verified(), 200);
+        let store = SledStore::open(&data, 16 << 20).unwrap();
+        assert_eq!(
+            store.head("city-a").unwrap().unwrap().tip.hash,
+            entries[199].hash
+        );
     }
 }

@@ -221,6 +221,10 @@ pub fn replace_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 /// Fsyncs the directory holding `path`, so a new name in it survives.
 pub fn sync_parent(path: &Path) -> std::io::Result<()> {
     match path.parent() {
+        // A bare file name: its folder is the working directory.
+        Some(dir) if dir.as_os_str().is_empty() => {
+            std::fs::File::open(".").and_then(|d| d.sync_all())
+        }
         Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()),
         None => Ok(()),
     }
