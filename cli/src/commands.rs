@@ -1650,7 +1650,7 @@ pub(crate) fn verify(config_path: &Path, format: Format) -> anyhow::Result<ExitC
     let config = Config::load(config_path, std::env::vars())?;
     let keys = node_keys(&config, config_path)?;
     let store: civex_node::store::SharedStore = std::sync::Arc::new(
-        civex_node::store::SledStore::open(&config.data_dir, config.store.cache_mb << 20)?,
+        civex_node::store::SledStore::open_existing(&config.data_dir, config.store.cache_mb << 20)?,
     );
     // Members' keys from the roster origin's entries held, as the node
     // learns them (the roster origin's own feed is verified with its pinned
@@ -1677,18 +1677,29 @@ pub(crate) fn verify(config_path: &Path, format: Format) -> anyhow::Result<ExitC
 }
 
 /// The keys a node verifies with: its own (of seq 1) and its pinned ones;
-/// the roster's members are added from the store.
+/// the roster's members are added from the store. The own key of seq 1 is
+/// read from `feed.pub` where there is one, so that verifying needs no
+/// secret (the key may be kept apart, spec rule 10); only without it is
+/// it derived from the key file.
 pub(crate) fn node_keys(
     config: &Config,
     config_path: &Path,
 ) -> anyhow::Result<std::sync::Arc<KeyResolver>> {
-    let own = load_key_file(&config.key_file)?;
+    let public = config.key_file.with_extension("pub");
+    let genesis = match std::fs::read_to_string(&public) {
+        Ok(text) => civex_node::keys::parse_public_key(&text)
+            .map_err(|err| anyhow!("{}: {err}", public.display()))?,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            genesis_key(&config.key_file, &load_key_file(&config.key_file)?)?
+        }
+        Err(err) => return Err(anyhow!("{}: cannot read: {err}", public.display())),
+    };
     let pinned = config
         .pinned_keys()
         .map_err(|m| anyhow!("{}: {m}", config_path.display()))?;
     Ok(std::sync::Arc::new(KeyResolver::new(
         &config.origin,
-        genesis_key(&config.key_file, &own)?,
+        genesis,
         pinned,
     )))
 }

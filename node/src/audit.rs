@@ -29,10 +29,14 @@ use crate::{
     store::{Store, StoreError},
 };
 
-/// Entries read per step.
+/// Entries read per step, and their bytes at most (past one entry): large
+/// entries (up to 64 KiB) would otherwise hold half a GiB per page.
 const PAGE: usize = 8192;
-/// Entries per signature work item.
+const PAGE_BYTES: usize = 8 << 20;
+/// Entries per signature work item, and their bytes at most (past one
+/// entry); `2 * threads` items wait at most.
 const CHUNK: usize = 512;
+const CHUNK_BYTES: usize = 1 << 20;
 
 /// What the audit found for one origin.
 #[derive(Debug, Clone)]
@@ -171,11 +175,12 @@ pub fn audit(
                 let mut tip: Option<Tip> = None;
                 let mut next = 1;
                 'pages: while next <= head.tip.seq {
-                    let page = store.entries(origin, next, PAGE, usize::MAX)?;
+                    let page = store.entries(origin, next, PAGE, PAGE_BYTES)?;
                     if page.is_empty() {
                         break;
                     }
                     let mut chunk = Vec::with_capacity(CHUNK);
+                    let mut chunk_bytes = 0;
                     for signed in page {
                         let linked = Entry::decode(signed)
                             .map_err(|err| format!("seq {next}: {err}"))
@@ -197,6 +202,7 @@ pub fn audit(
                                 });
                                 if let Some(new_feed) = new_feed {
                                     strict.extend(tip.map(|t| t.seq));
+                                    chunk_bytes = 0;
                                     let full =
                                         std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
                                     if !full.is_empty() {
@@ -210,16 +216,21 @@ pub fn audit(
                                 if rotation.is_some() || roster {
                                     strict.insert(entry.body.seq);
                                 }
+                                chunk_bytes += entry.signed.body.len();
                                 chunk.push(entry);
                                 // A rotation entry is checked with the key
                                 // before it, every later entry with its key;
                                 // each strict entry ends its chunk.
+                                let full_chunk = chunk.len() == CHUNK || chunk_bytes >= CHUNK_BYTES;
+                                if rotation.is_some() || roster || full_chunk {
+                                    chunk_bytes = 0;
+                                }
                                 if let Some(new_key) = rotation {
                                     let full =
                                         std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
                                     let _ = work.send((key, full));
                                     key = new_key;
-                                } else if roster || chunk.len() == CHUNK {
+                                } else if roster || full_chunk {
                                     let full =
                                         std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
                                     let _ = work.send((key, full));
@@ -290,11 +301,20 @@ pub fn audit(
                 Some((seq, message)) => (seq - 1, Some(message.clone())),
                 None if end.map(|t| (t.seq, t.hash)) != Some((head.tip.seq, head.tip.hash)) => (
                     end.map_or(0, |t| t.seq),
-                    Some(format!(
-                        "the head names seq {} but the entries held end at seq {}",
-                        head.tip.seq,
-                        end.map_or(0, |t| t.seq)
-                    )),
+                    Some(match end {
+                        Some(end) if end.seq == head.tip.seq => format!(
+                            "the head names seq {} with hash {}, but the entry held there has \
+                             hash {}",
+                            head.tip.seq,
+                            crate::core::ids::hex(&head.tip.hash[..8]),
+                            crate::core::ids::hex(&end.hash[..8])
+                        ),
+                        end => format!(
+                            "the head names seq {} but the entries held end at seq {}",
+                            head.tip.seq,
+                            end.map_or(0, |t| t.seq)
+                        ),
+                    }),
                 ),
                 None => (head.tip.seq, None),
             };
@@ -394,6 +414,42 @@ mod tests {
     fn a_bad_signature_a_later_signature_covers_is_reported_but_no_fault() {
         let (verified, problem, covered) = audited(&feed(withdrawals(5), &[2, 3]));
         assert_eq!((verified, problem, covered), (5, None, (2, Some(2))));
+    }
+
+    #[test]
+    fn large_entries_are_read_in_pages_of_bounded_bytes_and_all_verified() {
+        // 300 entries of about 60 KiB: pages end at their bytes (8 MiB)
+        // and signature work at 1 MiB, long before their entry counts. A
+        // bad signature among them, covered by the later ones, is found
+        // at its place.
+        let payloads = (0..300)
+            .map(|i| {
+                Payload::Withdrawal(OfferWithdrawal {
+                    offer_id: format!("offer-{i}"),
+                    reason: "x".repeat(60_000),
+                })
+            })
+            .collect();
+        let (verified, problem, covered) = audited(&feed(payloads, &[250]));
+        assert_eq!((verified, problem, covered), (300, None, (1, Some(250))));
+    }
+
+    #[test]
+    fn a_head_whose_hash_is_not_the_entry_held_is_named_so() {
+        let entries = feed(withdrawals(3), &[]);
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
+        let mut commit = commit_of(&entries);
+        commit.heads[0].1.tip.hash = [9; 32];
+        store.commit(&commit).unwrap();
+        let pinned = [("city-a".to_owned(), key(1).verifying_key())].into();
+        let keys = KeyResolver::new("city-n", key(2).verifying_key(), pinned);
+        let report = audit(&store, &keys, 2, &|_| {}).unwrap();
+        let problem = report.origins[0].problem.clone().unwrap();
+        assert!(
+            problem.contains("the head names seq 3 with hash 0909090909090909, but the entry held"),
+            "{problem}"
+        );
     }
 
     #[test]

@@ -375,11 +375,38 @@ impl SledStore {
         Self::open_with_sync(dir, cache_bytes, None)
     }
 
+    /// Opens the store in `dir` to read it (`civex verify`): a store must
+    /// be there, and one of an older format is not marked this build's, so
+    /// the build that wrote it still opens it.
+    pub fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = dir.join("db");
+        if !std::fs::metadata(&db).is_ok_and(|m| m.len() > 0) {
+            return Err(StoreError::Io {
+                path: dir.display().to_string(),
+                message: "no store here (no sled `db` file); check data_dir in the config, or \
+                          CIVEX_DATA_DIR"
+                    .into(),
+            });
+        }
+        Self::open_as(dir, cache_bytes, None, false)
+    }
+
     /// Opens the store with a custom sync hook (tests), or the default.
     pub fn open_with_sync(
         dir: &Path,
         cache_bytes: u64,
         sync: Option<SyncHook>,
+    ) -> Result<Self, StoreError> {
+        Self::open_as(dir, cache_bytes, sync, true)
+    }
+
+    /// Opens (with `writable`: creates, or marks this build's format) the
+    /// store in `dir`.
+    fn open_as(
+        dir: &Path,
+        cache_bytes: u64,
+        sync: Option<SyncHook>,
+        writable: bool,
     ) -> Result<Self, StoreError> {
         let path = dir.to_path_buf();
         std::fs::create_dir_all(dir)
@@ -393,7 +420,7 @@ impl SledStore {
                 Box::new(move || db_file.sync_data())
             }
         };
-        check_format(&db, &path)?;
+        check_format(&db, &path, writable)?;
         let log_end = match db.get(LOG_END_KEY).map_err(sled_error(&path))? {
             None => 0,
             Some(value) => <[u8; 8]>::try_from(value.as_ref())
@@ -575,7 +602,9 @@ fn named_log_end(db: &sled::Db, dir: &Path) -> Result<u64, StoreError> {
 }
 
 /// Checks the format version of `db`, recording it in a new store.
-fn check_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+/// Checks the store's format version; with `writable`, marks a store of
+/// an older format (or a new one) as this build's.
+fn check_format(db: &sled::Db, path: &Path, writable: bool) -> Result<(), StoreError> {
     let key = b"mformat";
     match db.get(key).map_err(sled_error(path))? {
         Some(value) => {
@@ -584,24 +613,29 @@ fn check_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
                 .map(u32::from_be_bytes);
             match version {
                 Some(FORMAT_VERSION) => {}
+                Some(1 | 2) if !writable => {}
                 Some(1 | 2) => {
                     db.insert(key, &FORMAT_VERSION.to_be_bytes())
                         .map_err(sled_error(path))?;
                 }
-                _ => {
+                Some(other) => {
                     return Err(corrupt(
                         path,
                         format!(
-                            "format version {version:?}, this build reads versions 1 to \
-                             {FORMAT_VERSION}"
+                            "format version {other}, this build reads versions 1 to \
+                             {FORMAT_VERSION} (a newer build wrote it?)"
                         ),
                     ))
                 }
+                None => return Err(corrupt(path, "the format version does not decode".into())),
             }
         }
         None => {
             if db.iter().next().is_some() {
                 return Err(corrupt(path, "no format version recorded".into()));
+            }
+            if !writable {
+                return Ok(());
             }
             db.insert(key, &FORMAT_VERSION.to_be_bytes())
                 .map_err(sled_error(path))?;
@@ -1888,6 +1922,14 @@ pub(crate) mod tests {
             if old == 1 {
                 std::fs::remove_file(dir.path().join(entry_log::FILE_NAME)).unwrap();
             }
+            // Opened to be read (`civex verify`), it stays of its format,
+            // so the build that wrote it still opens it.
+            {
+                let store = SledStore::open_existing(dir.path(), 16 << 20).unwrap();
+                assert_eq!(store.entries("city-a", 1, 10, usize::MAX).unwrap().len(), 3);
+                let version = store.db.get(b"mformat").unwrap().unwrap();
+                assert_eq!(version.as_ref(), &old.to_be_bytes(), "from {old}");
+            }
             let store = SledStore::open(dir.path(), 16 << 20).unwrap();
             let all = store.entries("city-a", 1, 10, usize::MAX).unwrap();
             assert_eq!(all.len(), 3);
@@ -1981,7 +2023,15 @@ pub(crate) mod tests {
             db.flush().unwrap();
         }
         let err = SledStore::open(dir.path(), 1 << 20).err().unwrap();
-        assert!(err.to_string().contains("format version"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("format version 99, this build reads versions 1 to"),
+            "{err}"
+        );
+        let missing = dir.path().join("missing");
+        let err = SledStore::open_existing(&missing, 1 << 20).err().unwrap();
+        assert!(err.to_string().contains("no store here"), "{err}");
+        assert!(!missing.exists());
     }
 
     /// A peer's validly signed entry of `city-a`: one cell per number in

@@ -262,3 +262,98 @@ async fn a_backup_of_a_node_that_keeps_publishing_is_a_whole_prefix() {
     a = TestNode::start(&a_dir, Spec::new("city-a").allow_without_peers()).await;
     assert_eq!(a.head("city-a").await.0, backed_up);
 }
+
+/// Runs `civex` with `args` in `cwd`, with `env` set.
+async fn civex_in(cwd: &Path, env: &[(&str, &Path)], args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new(crate::support::bin("civex"));
+    command
+        .args(args)
+        .current_dir(cwd)
+        .stdin(std::process::Stdio::null());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_verify_and_restore_as_an_operator_runs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let a_dir = dir.path().join("a");
+    let mut a = TestNode::start(&a_dir, Spec::new("city-a").allow_without_peers()).await;
+    publish_row(&a, "x", 1.0).await;
+    let (address, identity) = (a.address.clone(), a.operator_dir());
+    let identity = identity.to_str().unwrap();
+
+    // `--out` a bare file name: the backup goes to the working directory,
+    // and says so with success.
+    let out = civex_in(
+        dir.path(),
+        &[],
+        &[
+            "--node",
+            &address,
+            "--identity",
+            identity,
+            "backup",
+            "--out",
+            "city-a.backup",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        BackupReader::open(&dir.path().join("city-a.backup"))
+            .unwrap()
+            .count(),
+        1
+    );
+    a.stop().await;
+
+    // The secret key kept apart (spec rule 10): verify and restore use
+    // feed.pub, which `civex init` writes.
+    std::fs::write(a_dir.join("feed.pub"), format!("{}\n", a.public_key)).unwrap();
+    std::fs::rename(a_dir.join("feed.key"), dir.path().join("feed.key.offline")).unwrap();
+    let config = a_dir.join("node.toml");
+    let config = config.to_str().unwrap();
+    let out = civex_in(dir.path(), &[], &["verify", "--config", config]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("1 entries verified"),
+        "{}",
+        stdout(&out)
+    );
+
+    // A mistyped data directory is named, not verified as an empty store,
+    // and nothing is made there.
+    let typo = a_dir.join("dta");
+    let out = civex_in(
+        dir.path(),
+        &[("CIVEX_DATA_DIR", &typo)],
+        &["verify", "--config", config],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("no store here") && stderr(&out).contains("dta"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!typo.exists(), "verify made a store at the mistyped path");
+
+    std::fs::remove_dir_all(a_dir.join("data")).unwrap();
+    let out = civex_in(
+        dir.path(),
+        &[],
+        &["restore", "--config", config, "city-a.backup"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("1 entries verified"),
+        "{}",
+        stdout(&out)
+    );
+}

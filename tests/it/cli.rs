@@ -543,6 +543,9 @@ fn the_clis_own_environment_does_not_break_loading_node_toml() {
     let dir = tempfile::tempdir().unwrap();
     let (config, _) =
         crate::support::write_node_dir(dir.path(), &Spec::new("city-a"), "127.0.0.1:7400");
+    // The store a node makes at its first start (verify opens only one
+    // that exists).
+    drop(civex_node::store::SledStore::open(&dir.path().join("data"), 1 << 20).unwrap());
     let out = std::process::Command::new(crate::support::bin("civex"))
         .env("CIVEX_NODE", "127.0.0.1:7400")
         .env("CIVEX_IDENTITY", dir.path().join("operator"))
