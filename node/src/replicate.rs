@@ -52,9 +52,10 @@ pub struct PeerState {
     /// Entries refused from this peer since start.
     pub refused: u64,
     /// The peer's head seq per origin as far as this node can tell: the
-    /// last entry it delivered that verified, or the head its backlog
-    /// marker named where this node holds that much. A head it only
-    /// claims is never here.
+    /// last entry it delivered that verified and that this node stored or
+    /// is storing (a refused commit takes its entries back), or the head
+    /// its backlog marker named where this node holds that much. A head
+    /// it only claims is never here.
     pub peer_heads: BTreeMap<String, u64>,
     /// Heads the peer's backlog marker named beyond what this node holds
     /// once everything the peer sent before it is settled: the peer sent
@@ -116,7 +117,8 @@ impl PeerState {
     }
 
     /// Records entries of `origin` up to `seq` that the peer delivered and
-    /// that verified (perhaps not stored yet).
+    /// that verified, handed to the writer (not stored yet: a refusal
+    /// takes them back, [`Self::refused_after`]).
     fn delivered(&mut self, origin: &str, seq: u64) {
         let seen = self.peer_heads.entry(origin.to_owned()).or_default();
         *seen = (*seen).max(seq);
@@ -128,6 +130,24 @@ impl PeerState {
             self.claimed_heads.remove(origin);
         }
     }
+
+    /// Takes back what the peer delivered of `origin` past seq `after`
+    /// that was not stored: its commit, whose first entry links to the
+    /// entry at `after`, was refused (a commit is stored whole or not at
+    /// all). The peer holds that entry, which this node holds too.
+    fn refused_after(&mut self, origin: &str, after: u64) {
+        if let Some(seen) = self.peer_heads.get_mut(origin) {
+            *seen = (*seen).min(after);
+        }
+    }
+}
+
+/// A commit queued to the writer with entries of one origin from a peer.
+struct Commit {
+    origin: String,
+    /// The seq its first entry links to.
+    after: u64,
+    answer: oneshot::Receiver<Result<Stored, WriteError>>,
 }
 
 /// The peers' unverified claims to hold `origin`'s feed past `held` (see
@@ -254,6 +274,35 @@ impl Replicator {
         backoff: &mut Duration,
         initial: Duration,
     ) -> Result<(), SessionError> {
+        let mut pending = VecDeque::new();
+        let mut ended = self
+            .replicate(peer, index, backoff, initial, &mut pending)
+            .await;
+        // However the session ended, the commits it queued are answered
+        // before it returns: a refused one takes its entries back from the
+        // peer's heads, and a fork the writer found is judged.
+        while let Some(commit) = pending.pop_front() {
+            let settled = self.settle(peer, Some(commit)).await;
+            match (settled, &ended) {
+                (Err(err), Ok(())) => ended = Err(err),
+                (Err(err), Err(_)) => tracing::debug!(peer = %peer.name, error = %err,
+                    "a later commit of the failed session was refused too"),
+                (Ok(()), _) => {}
+            }
+        }
+        ended
+    }
+
+    /// One session: subscribes and replicates until the stream ends or
+    /// fails, or the roster changes. Commits are queued in `pending`.
+    async fn replicate(
+        &self,
+        peer: &Peer,
+        index: Option<usize>,
+        backoff: &mut Duration,
+        initial: Duration,
+        pending: &mut VecDeque<Commit>,
+    ) -> Result<(), SessionError> {
         // Watched from before the cursors are made, so a roster change while
         // connecting still makes this session start over with new origins.
         let mut roster_changes = self.roster.changes();
@@ -348,7 +397,6 @@ impl Replicator {
         peer.update(|s| s.connected = true);
         *backoff = initial;
         tracing::info!(peer = %peer.name, address = %peer.address, "replicating");
-        let mut pending: VecDeque<oneshot::Receiver<Result<Stored, WriteError>>> = VecDeque::new();
         loop {
             let message = tokio::select! {
                 next = streams.next() => next.and_then(|(_, message)| message).transpose()?,
@@ -441,12 +489,10 @@ impl Replicator {
                             }
                         };
                     keys.insert(origin.clone(), new_key);
-                    if let Some(last) = new_tip {
-                        peer.update(|s| s.delivered(&origin, last.seq));
-                    }
                     tips.insert(origin.clone(), new_tip);
+                    let after = tip.map_or(0, |t| t.seq);
                     let job = recovery.job(origin == self.own_origin, entries, replacements);
-                    pending.push_back(self.writer.send(job).await?);
+                    pending.push_back(self.hand_over(peer, &origin, after, job).await?);
                     while pending.len() > IN_FLIGHT_COMMITS {
                         self.settle(peer, pending.pop_front()).await?;
                     }
@@ -544,10 +590,38 @@ impl Replicator {
                 None => {}
             }
         }
-        while let Some(answer) = pending.pop_front() {
-            self.settle(peer, Some(answer)).await?;
+        while let Some(commit) = pending.pop_front() {
+            self.settle(peer, Some(commit)).await?;
         }
         Ok(())
+    }
+
+    /// Hands entries of `origin` that verified, the first linked to the
+    /// entry at seq `after`, to the writer. From now they count as the
+    /// peer's head (this node may still be storing them) until their
+    /// commit is refused.
+    async fn hand_over(
+        &self,
+        peer: &Peer,
+        origin: &str,
+        after: u64,
+        job: Job,
+    ) -> Result<Commit, SessionError> {
+        if let Some(last) = job.entries.last() {
+            let seq = last.entry.body.seq;
+            peer.update(|s| s.delivered(origin, seq));
+        }
+        match self.writer.send(job).await {
+            Ok(answer) => Ok(Commit {
+                origin: origin.to_owned(),
+                after,
+                answer,
+            }),
+            Err(err) => {
+                peer.update(|s| s.refused_after(origin, after));
+                Err(err.into())
+            }
+        }
     }
 
     fn is_quarantined(&self, origin: &str) -> bool {
@@ -600,18 +674,19 @@ impl Replicator {
         Ok(held.into_iter().next().and_then(|e| Entry::decode(e).ok()))
     }
 
-    /// Waits for a commit. A fork the writer found (a validly linked entry
+    /// Waits for a commit. A refused one takes its entries back from the
+    /// peer's heads. A fork the writer found (a validly linked entry
     /// differing from the one held) becomes evidence when the origin's key
     /// signed both; otherwise the entry is refused as forged.
-    async fn settle(
-        &self,
-        peer: &Peer,
-        answer: Option<oneshot::Receiver<Result<Stored, WriteError>>>,
-    ) -> Result<(), SessionError> {
-        let Some(answer) = answer else {
+    async fn settle(&self, peer: &Peer, commit: Option<Commit>) -> Result<(), SessionError> {
+        let Some(commit) = commit else {
             return Ok(());
         };
-        match answer.await.unwrap_or(Err(WriteError::Stopped)) {
+        let answer = commit.answer.await.unwrap_or(Err(WriteError::Stopped));
+        if answer.is_err() {
+            peer.update(|s| s.refused_after(&commit.origin, commit.after));
+        }
+        match answer {
             Ok(_) => Ok(()),
             Err(WriteError::Fork {
                 origin,
@@ -986,6 +1061,11 @@ impl PublishGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        core::feed::tests::{chain, key},
+        store::SledStore,
+        writer::Prepared,
+    };
 
     fn peer(name: &str) -> Peer {
         Peer {
@@ -995,6 +1075,82 @@ mod tests {
             relay: true,
             state: Arc::default(),
         }
+    }
+
+    /// A replicator of node city-n (feed key `key(9)`) over a fresh store
+    /// in `dir`, pinning city-a's key (`key(1)`), its publish gate held by
+    /// `gate_peers`; no peer is dialled.
+    fn replicator(dir: &std::path::Path, gate_peers: usize) -> Replicator {
+        let store: SharedStore = Arc::new(SledStore::open(dir, 1 << 24).unwrap());
+        let (writer, _thread) = Writer::start(store.clone()).unwrap();
+        let pinned = BTreeMap::from([("city-a".to_owned(), key(1).verifying_key())]);
+        let keys = Arc::new(KeyResolver::new("city-n", key(9).verifying_key(), pinned));
+        let roster = Roster::new(None, keys.clone(), store.clone());
+        Replicator {
+            own_origin: "city-n".into(),
+            keys,
+            store,
+            writer,
+            timing: ReplicationConfig::default(),
+            max_message_bytes: 4 << 20,
+            gate: PublishGate::new(gate_peers, false).0,
+            security: Security::Insecure,
+            quarantined: Arc::default(),
+            roster,
+        }
+    }
+
+    fn job(entries: &[Entry]) -> Job {
+        Job::entries(entries.iter().cloned().map(Prepared::new).collect())
+    }
+
+    /// A commit the store refuses (here: it holds another entry at a seq,
+    /// stored from another peer since this peer's session began) takes the
+    /// peer's entries back: the peer shows no head beyond what this node
+    /// holds, so it does not hold a key replacement back with entries
+    /// never stored.
+    #[tokio::test]
+    async fn a_refused_commit_leaves_no_head_above_what_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let replicator = replicator(dir.path(), 0);
+        let held = chain(&key(1), "city-a", 4);
+        replicator.writer.write(job(&held)).await.unwrap();
+        // The peer's seqs 4 to 6, linked to seq 3 and validly signed by
+        // city-a's key: another history from seq 4 on (a fork).
+        let later = chain(&key(1), "city-a", 6);
+        let mut forked = held[..3].to_vec();
+        for seq in 4..=6 {
+            let mut body = later[seq - 1].body.clone();
+            body.prev_hash = forked[seq - 2].hash.to_vec();
+            body.time_unix_micros += 1;
+            forked.push(Entry::sign(&key(1), body).unwrap());
+        }
+        let sender = peer("city-m");
+        let peers = [sender.clone()];
+        let commit = replicator
+            .hand_over(&sender, "city-a", 3, job(&forked[3..]))
+            .await
+            .unwrap();
+        // Entries this node may still be storing count.
+        assert_eq!(
+            holding_more(&peers, "city-a", 4),
+            Some(("city-m".into(), 6))
+        );
+        let settled = replicator.settle(&sender, Some(commit)).await;
+        assert!(
+            matches!(settled, Err(SessionError::Conflict(_))),
+            "{settled:?}"
+        );
+        assert_eq!(replicator.store.head("city-a").unwrap().unwrap().tip.seq, 4);
+        assert_eq!(
+            holding_more(&peers, "city-a", 4),
+            None,
+            "a refused commit left the peer's head above what this node holds"
+        );
+        assert_eq!(
+            sender.state.lock().unwrap().peer_heads.get("city-a"),
+            Some(&3)
+        );
     }
 
     #[test]
