@@ -61,9 +61,13 @@ pub struct PeerState {
     /// once everything the peer sent before it is settled: the peer sent
     /// nothing up to them that verified, so they are unverified claims,
     /// counted for nothing (for this node's own feed, the peer does not
-    /// count as having served it, so publishing may stay closed). Dropped
-    /// once the peer delivers up to one, and when its stream ends.
+    /// count as having served it, so publishing may stay closed). Resolved
+    /// once this node has stored the feed up to one after a commit of the
+    /// peer's; dropped when its stream ends.
     pub claimed_heads: BTreeMap<String, u64>,
+    /// The text each claim put in `last_error`, taken out of it once the
+    /// claim is resolved (or a later marker names no more than is held).
+    claim_errors: BTreeMap<String, String>,
 }
 
 /// A configured peer and its state.
@@ -112,8 +116,38 @@ impl PeerState {
             return false;
         }
         self.claimed_heads.remove(origin);
+        self.claim_resolved(origin);
         self.peer_heads.insert(origin.to_owned(), claimed);
         true
+    }
+
+    /// Shows the claim of `origin`'s feed described by `message`.
+    fn show_claim(&mut self, origin: &str, message: String) {
+        self.claim_errors.insert(origin.to_owned(), message.clone());
+        self.last_error = message;
+    }
+
+    /// This node holds `origin`'s feed up to `held` after a commit of the
+    /// peer's. Returns whether that resolved the peer's claim of it.
+    fn stored(&mut self, origin: &str, held: u64) -> bool {
+        if self
+            .claimed_heads
+            .get(origin)
+            .is_none_or(|&claim| claim > held)
+        {
+            return false;
+        }
+        self.claimed_heads.remove(origin);
+        self.claim_resolved(origin);
+        true
+    }
+
+    /// Takes the text of a claim of `origin` that no longer stands out of
+    /// `last_error`, if it is still there (another error stays).
+    fn claim_resolved(&mut self, origin: &str) {
+        if self.claim_errors.remove(origin).as_ref() == Some(&self.last_error) {
+            self.last_error.clear();
+        }
     }
 
     /// Records entries of `origin` up to `seq` that the peer delivered and
@@ -122,13 +156,6 @@ impl PeerState {
     fn delivered(&mut self, origin: &str, seq: u64) {
         let seen = self.peer_heads.entry(origin.to_owned()).or_default();
         *seen = (*seen).max(seq);
-        if self
-            .claimed_heads
-            .get(origin)
-            .is_some_and(|&claim| claim <= seq)
-        {
-            self.claimed_heads.remove(origin);
-        }
     }
 
     /// Takes back what the peer delivered of `origin` past seq `after`
@@ -282,7 +309,7 @@ impl Replicator {
         // before it returns: a refused one takes its entries back from the
         // peer's heads, and a fork the writer found is judged.
         while let Some(commit) = pending.pop_front() {
-            let settled = self.settle(peer, Some(commit)).await;
+            let settled = self.settle(peer, index, Some(commit)).await;
             match (settled, &ended) {
                 (Err(err), Ok(())) => ended = Err(err),
                 (Err(err), Err(_)) => tracing::debug!(peer = %peer.name, error = %err,
@@ -449,7 +476,7 @@ impl Replicator {
                                     };
                                     if let Some(conflict) = judged {
                                         for answer in pending.drain(..) {
-                                            self.settle(peer, Some(answer)).await?;
+                                            self.settle(peer, index, Some(answer)).await?;
                                         }
                                         return Err(self.quarantine(peer, conflict).await);
                                     }
@@ -494,11 +521,11 @@ impl Replicator {
                     let job = recovery.job(origin == self.own_origin, entries, replacements);
                     pending.push_back(self.hand_over(peer, &origin, after, job).await?);
                     while pending.len() > IN_FLIGHT_COMMITS {
-                        self.settle(peer, pending.pop_front()).await?;
+                        self.settle(peer, index, pending.pop_front()).await?;
                     }
                     if self.roster.origin.as_deref() == Some(origin.as_str()) {
                         while let Some(answer) = pending.pop_front() {
-                            self.settle(peer, Some(answer)).await?;
+                            self.settle(peer, index, Some(answer)).await?;
                         }
                         self.roster
                             .refresh()
@@ -507,7 +534,7 @@ impl Replicator {
                     if let Some(err) = refused {
                         // Keep what verified before the bad entry, then drop the stream.
                         while let Some(answer) = pending.pop_front() {
-                            self.settle(peer, Some(answer)).await?;
+                            self.settle(peer, index, Some(answer)).await?;
                         }
                         return Err(err.into());
                     }
@@ -517,45 +544,17 @@ impl Replicator {
                         continue;
                     }
                     while let Some(answer) = pending.pop_front() {
-                        self.settle(peer, Some(answer)).await?;
+                        self.settle(peer, index, Some(answer)).await?;
                     }
                     // The entries of a quarantined origin were skipped, not
                     // refused: the marker says nothing of this peer then.
                     if self.is_quarantined(&drained.origin) {
                         continue;
                     }
-                    let held = self
-                        .writer
-                        .heads()
-                        .get(&drained.origin)
-                        .map_or(0, |h| h.tip.seq);
-                    let held_all = peer
-                        .state
-                        .lock()
-                        .is_ok_and(|mut s| s.drained(&drained.origin, drained.head_seq, held));
-                    let own = drained.origin == self.own_origin;
-                    if held_all {
-                        if let Some(index) = index.filter(|_| own) {
-                            self.gate.report(index, PeerSync::Synced);
-                        }
-                        continue;
-                    }
-                    // The peer sent nothing up to the head it names that
-                    // verified: a claim, shown as one. Where entries it sent
-                    // wait for a roster change, that message stays.
-                    let holds_gate = own && index.is_some() && !self.gate.is_open();
-                    let message = unverified_claim(
-                        &peer.name,
-                        &drained.origin,
-                        own,
-                        drained.head_seq,
-                        held,
-                        holds_gate,
-                    );
-                    tracing::warn!(peer = %peer.name, address = %peer.address, "{message}");
-                    if !waiting.contains(&drained.origin) {
-                        peer.update(|s| s.last_error = message);
-                    }
+                    // Where entries it sent wait for a roster change, that
+                    // message stays on show.
+                    let show = !waiting.contains(&drained.origin);
+                    self.marker(peer, index, &drained.origin, drained.head_seq, show);
                 }
                 Some(Event::Mismatch(mismatch)) => {
                     // The peer's entry at our head's seq, if it is validly
@@ -566,7 +565,7 @@ impl Replicator {
                         if let Some(ours) = ours {
                             if let Some(conflict) = self.judge(&ours, &theirs)? {
                                 for answer in pending.drain(..) {
-                                    self.settle(peer, Some(answer)).await?;
+                                    self.settle(peer, index, Some(answer)).await?;
                                 }
                                 return Err(self.quarantine(peer, conflict).await);
                             }
@@ -591,9 +590,62 @@ impl Replicator {
             }
         }
         while let Some(commit) = pending.pop_front() {
-            self.settle(peer, Some(commit)).await?;
+            self.settle(peer, index, Some(commit)).await?;
         }
         Ok(())
+    }
+
+    /// Takes the peer's backlog marker of `origin`, naming its head
+    /// `claimed`, once every commit queued before it is answered. A head
+    /// beyond what this node holds is a claim, shown as one (in the peer's
+    /// last error, if `show`).
+    fn marker(&self, peer: &Peer, index: Option<usize>, origin: &str, claimed: u64, show: bool) {
+        let held = self.held_seq(origin);
+        let held_all = peer
+            .state
+            .lock()
+            .is_ok_and(|mut s| s.drained(origin, claimed, held));
+        let own = origin == self.own_origin;
+        if held_all {
+            if let Some(index) = index.filter(|_| own) {
+                self.gate.report(index, PeerSync::Synced);
+            }
+            return;
+        }
+        // The peer sent nothing up to the head it names that verified.
+        let holds_gate = own && index.is_some() && !self.gate.is_open();
+        let message = unverified_claim(&peer.name, origin, own, claimed, held, holds_gate);
+        tracing::warn!(peer = %peer.name, address = %peer.address, "{message}");
+        if show {
+            peer.update(|s| s.show_claim(origin, message));
+        }
+    }
+
+    /// After a commit of the peer's entries of `origin`: a claim of the
+    /// peer's that this node now holds the feed up to is resolved. For this
+    /// node's own feed, the peer then counts as having served it.
+    fn resolve_claim(&self, peer: &Peer, index: Option<usize>, origin: &str) {
+        let claims = peer
+            .state
+            .lock()
+            .is_ok_and(|s| s.claimed_heads.contains_key(origin));
+        if !claims {
+            return;
+        }
+        let held = self.held_seq(origin);
+        let resolved = peer.state.lock().is_ok_and(|mut s| s.stored(origin, held));
+        if !resolved {
+            return;
+        }
+        tracing::info!(peer = %peer.name, %origin, seq = held, "the peer delivered the entries it claimed");
+        if let Some(index) = index.filter(|_| origin == self.own_origin) {
+            self.gate.report(index, PeerSync::Synced);
+        }
+    }
+
+    /// The seq this node holds `origin`'s feed up to, durably.
+    fn held_seq(&self, origin: &str) -> u64 {
+        self.writer.heads().get(origin).map_or(0, |h| h.tip.seq)
     }
 
     /// Hands entries of `origin` that verified, the first linked to the
@@ -678,7 +730,12 @@ impl Replicator {
     /// peer's heads. A fork the writer found (a validly linked entry
     /// differing from the one held) becomes evidence when the origin's key
     /// signed both; otherwise the entry is refused as forged.
-    async fn settle(&self, peer: &Peer, commit: Option<Commit>) -> Result<(), SessionError> {
+    async fn settle(
+        &self,
+        peer: &Peer,
+        index: Option<usize>,
+        commit: Option<Commit>,
+    ) -> Result<(), SessionError> {
         let Some(commit) = commit else {
             return Ok(());
         };
@@ -687,7 +744,10 @@ impl Replicator {
             peer.update(|s| s.refused_after(&commit.origin, commit.after));
         }
         match answer {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.resolve_claim(peer, index, &commit.origin);
+                Ok(())
+            }
             Err(WriteError::Fork {
                 origin,
                 seq,
@@ -1136,7 +1196,7 @@ mod tests {
             holding_more(&peers, "city-a", 4),
             Some(("city-m".into(), 6))
         );
-        let settled = replicator.settle(&sender, Some(commit)).await;
+        let settled = replicator.settle(&sender, None, Some(commit)).await;
         assert!(
             matches!(settled, Err(SessionError::Conflict(_))),
             "{settled:?}"
@@ -1173,12 +1233,14 @@ mod tests {
             .contains_key("city-a"));
         assert_eq!(claims_past(&peers, "city-a", 3), [("city-x".into(), 9)]);
         // Entries it delivers that verify count, before this node has
-        // stored them; the claim they reach is no longer one.
+        // stored them; the claim they reach is no longer one once stored.
         boaster.update(|s| s.delivered("city-a", 9));
         assert_eq!(
             holding_more(&peers, "city-a", 3),
             Some(("city-x".into(), 9))
         );
+        assert!(!boaster.state.lock().unwrap().stored("city-a", 8));
+        assert!(boaster.state.lock().unwrap().stored("city-a", 9));
         assert!(claims_past(&peers, "city-a", 3).is_empty());
         // A marker naming no more than this node holds is the peer's head
         // (one behind blocks nothing).
@@ -1189,6 +1251,55 @@ mod tests {
             Some(&2)
         );
         assert_eq!(holding_more(&[behind], "city-a", 3), None);
+    }
+
+    /// A peer whose backlog marker claimed more of a feed than this node
+    /// held, and which then delivers those entries: once they are stored
+    /// the claim is resolved, its text leaves the peer's last error (an
+    /// error shown since stays), and for this node's own feed the peer
+    /// counts as having served it, without waiting for another marker.
+    #[tokio::test]
+    async fn a_claim_delivered_and_stored_counts_as_served_and_leaves_last_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let replicator = replicator(dir.path(), 1);
+        let own = chain(&key(9), "city-n", 2);
+        let m = peer("city-m");
+        replicator.marker(&m, Some(0), "city-n", 2, true);
+        let claim = m.state.lock().unwrap().last_error.clone();
+        assert!(claim.contains("claims this node's own feed"), "{claim}");
+        assert!(!replicator.gate.is_open());
+        let commit = replicator
+            .hand_over(&m, "city-n", 0, job(&own[..1]))
+            .await
+            .unwrap();
+        replicator.settle(&m, Some(0), Some(commit)).await.unwrap();
+        assert!(!replicator.gate.is_open(), "opened short of the claim");
+        assert_eq!(m.state.lock().unwrap().last_error, claim);
+        let commit = replicator
+            .hand_over(&m, "city-n", 1, job(&own[1..]))
+            .await
+            .unwrap();
+        replicator.settle(&m, Some(0), Some(commit)).await.unwrap();
+        assert!(
+            replicator.gate.is_open(),
+            "the peer delivered the own feed it claimed, and publishing stayed closed"
+        );
+        assert_eq!(m.state.lock().unwrap().last_error, "");
+        assert!(claims_past(std::slice::from_ref(&m), "city-n", 0).is_empty());
+
+        // Another origin's claim, and then another error: that error stays.
+        let x = peer("city-x");
+        replicator.marker(&x, None, "city-a", 1, true);
+        assert!(x.state.lock().unwrap().last_error.contains("not counted"));
+        x.update(|s| s.last_error = "stream failed: reset".into());
+        let commit = replicator
+            .hand_over(&x, "city-a", 0, job(&chain(&key(1), "city-a", 1)))
+            .await
+            .unwrap();
+        replicator.settle(&x, None, Some(commit)).await.unwrap();
+        let state = x.state.lock().unwrap().clone();
+        assert!(state.claimed_heads.is_empty(), "{state:?}");
+        assert_eq!(state.last_error, "stream failed: reset");
     }
 
     #[test]
