@@ -228,6 +228,46 @@ pub struct Replicator {
     pub roster: Arc<Roster>,
 }
 
+/// How a session that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The peer ended the stream.
+    ByPeer,
+    /// The roster changed: subscribe again with the new origins.
+    RosterChanged,
+}
+
+/// How one attempt to replicate from a peer came out, for the publish gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// The peer delivered its backlog marker of this node's own feed.
+    Served,
+    /// It did not: it could not be dialled, refused this node, or its
+    /// stream failed or ended before the marker.
+    Failed,
+    /// Neither: this node ended it (a roster change) before the marker.
+    Interrupted,
+}
+
+/// Attempts in a row that failed (see [`UNREACHABLE_AFTER`]).
+#[derive(Debug, Default)]
+struct Attempts {
+    failed: u32,
+}
+
+impl Attempts {
+    /// Records how an attempt came out; returns whether the peer now
+    /// counts as unreachable.
+    fn ended(&mut self, attempt: Attempt) -> bool {
+        match attempt {
+            Attempt::Served => self.failed = 0,
+            Attempt::Failed => self.failed += 1,
+            Attempt::Interrupted => return false,
+        }
+        self.failed >= UNREACHABLE_AFTER
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error("cannot connect: {0}")]
@@ -251,40 +291,59 @@ impl Replicator {
         let initial = Duration::from_millis(self.timing.backoff_initial_ms);
         let max = Duration::from_millis(self.timing.backoff_max_ms);
         let mut backoff = initial;
-        let mut failures = 0u32;
+        let mut attempts = Attempts::default();
         loop {
+            let mut served = false;
             let result = tokio::select! {
-                result = self.session(&peer, index, &mut backoff, initial) => result,
+                result = self.session(&peer, index, &mut backoff, initial, &mut served) => result,
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
-            let was_connected = peer.state.lock().map(|s| s.connected).unwrap_or(false);
             // A claim belongs to the stream that made it (its last error
             // stays on show).
             peer.update(|s| {
                 s.connected = false;
                 s.claimed_heads.clear();
             });
+            let attempt = match (&result, served) {
+                (_, true) => Attempt::Served,
+                (Ok(Ended::RosterChanged), false) => Attempt::Interrupted,
+                _ => Attempt::Failed,
+            };
             match result {
-                Ok(()) => {
-                    tracing::info!(peer = %peer.name, address = %peer.address, "peer ended the stream")
+                Ok(Ended::RosterChanged) => {
+                    tracing::info!(peer = %peer.name, "the roster changed; subscribing again")
+                }
+                Ok(Ended::ByPeer) => {
+                    tracing::info!(peer = %peer.name, address = %peer.address, "peer ended the stream");
+                    if !served {
+                        let message = format!(
+                            "the peer ended the stream before serving this node's own feed \
+                             ({}: no backlog marker)",
+                            self.own_origin
+                        );
+                        peer.update(|s| s.last_error = message);
+                    }
                 }
                 Err(err) => {
                     tracing::warn!(peer = %peer.name, address = %peer.address, error = %err, retry_in_ms = backoff.as_millis() as u64, "replication stream failed");
                     peer.update(|s| s.last_error = err.to_string());
-                    // A peer counts as unreachable for the publish gate only
-                    // after several failed attempts in a row (it may be
-                    // restarting too, and hold this node's newest entries).
-                    // A peer that refuses this node counts the same. It
-                    // holds this node's feed only if it knows this node,
-                    // which admits it, except in two cases where restore
-                    // safety then rests on the other peers: the roster
-                    // removed this node, or the peer's read policy for it
-                    // leaves out its own origin.
-                    failures = if was_connected { 1 } else { failures + 1 };
-                    if let Some(index) = index.filter(|_| failures >= UNREACHABLE_AFTER) {
-                        self.gate.report(index, PeerSync::Unreachable);
-                    }
                 }
+            }
+            // A peer counts as unreachable for the publish gate only after
+            // several failed attempts in a row (it may be restarting too,
+            // and hold this node's newest entries). An attempt fails unless
+            // the peer serves this node's own feed (its backlog marker): a
+            // peer that cannot be dialled, that refuses this node, or that
+            // connects and then fails or ends the stream before the marker
+            // all count the same. A peer holds this node's feed only if it
+            // knows this node, which admits it, except in two cases where
+            // restore safety then rests on the other peers: the roster
+            // removed this node, or the peer's read policy for it leaves
+            // out its own origin. A peer that served the own feed once
+            // keeps counting as having served it.
+            let unreachable = attempts.ended(attempt);
+            if let Some(index) = index.filter(|_| unreachable) {
+                self.gate.report(index, PeerSync::Unreachable);
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -294,16 +353,19 @@ impl Replicator {
         }
     }
 
+    /// One session with `peer`; `served` is set once the peer delivers its
+    /// backlog marker of this node's own feed.
     async fn session(
         &self,
         peer: &Peer,
         index: Option<usize>,
         backoff: &mut Duration,
         initial: Duration,
-    ) -> Result<(), SessionError> {
+        served: &mut bool,
+    ) -> Result<Ended, SessionError> {
         let mut pending = VecDeque::new();
         let mut ended = self
-            .replicate(peer, index, backoff, initial, &mut pending)
+            .replicate(peer, index, backoff, initial, &mut pending, served)
             .await;
         // However the session ended, the commits it queued are answered
         // before it returns: a refused one takes its entries back from the
@@ -311,7 +373,7 @@ impl Replicator {
         while let Some(commit) = pending.pop_front() {
             let settled = self.settle(peer, index, Some(commit)).await;
             match (settled, &ended) {
-                (Err(err), Ok(())) => ended = Err(err),
+                (Err(err), Ok(_)) => ended = Err(err),
                 (Err(err), Err(_)) => tracing::debug!(peer = %peer.name, error = %err,
                     "a later commit of the failed session was refused too"),
                 (Ok(()), _) => {}
@@ -329,7 +391,8 @@ impl Replicator {
         backoff: &mut Duration,
         initial: Duration,
         pending: &mut VecDeque<Commit>,
-    ) -> Result<(), SessionError> {
+        served: &mut bool,
+    ) -> Result<Ended, SessionError> {
         // Watched from before the cursors are made, so a roster change while
         // connecting still makes this session start over with new origins.
         let mut roster_changes = self.roster.changes();
@@ -424,11 +487,15 @@ impl Replicator {
         peer.update(|s| s.connected = true);
         *backoff = initial;
         tracing::info!(peer = %peer.name, address = %peer.address, "replicating");
+        let mut ended = Ended::ByPeer;
         loop {
             let message = tokio::select! {
                 next = streams.next() => next.and_then(|(_, message)| message).transpose()?,
                 // New members: reconnect with their cursors.
-                _ = roster_changes.changed() => break,
+                _ = roster_changes.changed() => {
+                    ended = Ended::RosterChanged;
+                    break;
+                }
             };
             let Some(message) = message else { break };
             match message.event {
@@ -551,6 +618,7 @@ impl Replicator {
                     if self.is_quarantined(&drained.origin) {
                         continue;
                     }
+                    *served |= drained.origin == self.own_origin;
                     // Where entries it sent wait for a roster change, that
                     // message stays on show.
                     let show = !waiting.contains(&drained.origin);
@@ -592,7 +660,7 @@ impl Replicator {
         while let Some(commit) = pending.pop_front() {
             self.settle(peer, index, Some(commit)).await?;
         }
-        Ok(())
+        Ok(ended)
     }
 
     /// Takes the peer's backlog marker of `origin`, naming its head
@@ -1300,6 +1368,33 @@ mod tests {
         let state = x.state.lock().unwrap().clone();
         assert!(state.claimed_heads.is_empty(), "{state:?}");
         assert_eq!(state.last_error, "stream failed: reset");
+    }
+
+    /// Only the own feed's backlog marker makes an attempt succeed:
+    /// connecting does not. A roster change ending a session counts for
+    /// neither side.
+    #[test]
+    fn a_peer_counts_as_unreachable_after_three_attempts_without_the_own_feed() {
+        let mut attempts = Attempts::default();
+        assert!(!attempts.ended(Attempt::Failed));
+        assert!(!attempts.ended(Attempt::Interrupted));
+        assert!(!attempts.ended(Attempt::Failed));
+        assert!(attempts.ended(Attempt::Failed));
+        assert!(attempts.ended(Attempt::Failed), "still unreachable");
+        assert!(!attempts.ended(Attempt::Served));
+        assert!(
+            !attempts.ended(Attempt::Failed),
+            "counted from the served one"
+        );
+        assert!(!attempts.ended(Attempt::Failed));
+        assert!(attempts.ended(Attempt::Failed));
+        // A peer that served the own feed keeps counting as having served
+        // it when it fails later.
+        let (gate, open) = PublishGate::new(2, false);
+        gate.report(0, PeerSync::Synced);
+        gate.report(0, PeerSync::Unreachable);
+        gate.report(1, PeerSync::Unreachable);
+        assert!(*open.borrow());
     }
 
     #[test]

@@ -105,10 +105,20 @@ fn batch(origin: &str, entries: Vec<SignedEntry>) -> pb::SubscribeResponse {
     }
 }
 
-/// Serves one script step per subscription (step n on the n-th call),
-/// then ends the stream.
-struct Malicious {
+/// What a scripted peer serves on each subscription.
+#[derive(Clone, Default)]
+struct Script {
+    /// Step n on the n-th subscription,
     steps: Vec<Vec<pb::SubscribeResponse>>,
+    /// then this on every later one;
+    then: Vec<pb::SubscribeResponse>,
+    /// each stream then failing with this, if set, or else ending.
+    end: Option<Status>,
+}
+
+/// Serves a [`Script`].
+struct Malicious {
+    script: Script,
     calls: Arc<AtomicUsize>,
 }
 
@@ -123,10 +133,12 @@ impl Feed for Malicious {
         _request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Messages>, Status> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        let step = self.steps.get(call).cloned().unwrap_or_default();
+        let script = &self.script;
+        let step = script.steps.get(call).unwrap_or(&script.then).clone();
         // Send the step and end the stream: the node reconnects for the next.
+        let end = script.end.clone().map(Err);
         Ok(Response::new(Box::pin(tokio_stream::iter(
-            step.into_iter().map(Ok),
+            step.into_iter().map(Ok).chain(end),
         ))))
     }
 
@@ -145,18 +157,28 @@ async fn serve_script(
     dir: &std::path::Path,
     steps: Vec<Vec<pb::SubscribeResponse>>,
 ) -> (String, Arc<AtomicUsize>) {
+    let script = Script {
+        steps,
+        ..Script::default()
+    };
+    serve_script_as(dir, "city-m", script).await
+}
+
+/// Serves `script` as [`serve_script`] does, as member `origin`.
+async fn serve_script_as(
+    dir: &std::path::Path,
+    origin: &str,
+    script: Script,
+) -> (String, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
-    issue_identity(dir, &Identity::Origin("city-m".into()));
-    let tls = Tls::load(
-        TlsFiles::in_dir(dir),
-        Some(Identity::Origin("city-m".into())),
-    )
-    .unwrap();
+    let identity = Identity::Origin(origin.into());
+    issue_identity(dir, &identity);
+    let tls = Tls::load(TlsFiles::in_dir(dir), Some(identity)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let incoming = transport::incoming(listener, Security::Mutual(tls), Duration::from_secs(5));
     let server = FeedServer::new(Malicious {
-        steps,
+        script,
         calls: calls.clone(),
     })
     .max_encoding_message_size(16 << 20);
@@ -507,7 +529,14 @@ async fn a_peer_claiming_more_of_the_own_feed_than_it_sends_is_named_and_can_be_
             head_seq: 5,
         })),
     };
-    let (m_address, calls) = serve_script(&dir.path().join("m"), vec![vec![claim]]).await;
+    // It claims so on every stream (a stream ending before the marker
+    // would be a failed attempt, and three in a row would make the peer
+    // count as unreachable).
+    let script = Script {
+        then: vec![claim],
+        ..Script::default()
+    };
+    let (m_address, calls) = serve_script_as(&dir.path().join("m"), "city-m", script).await;
     let node = TestNode::start(
         &dir.path().join("node"),
         Spec::new("city-n")
@@ -527,7 +556,7 @@ async fn a_peer_claiming_more_of_the_own_feed_than_it_sends_is_named_and_can_be_
             .any(|p| p.last_error == expected)
     })
     .await;
-    // It stays named through the peer's later streams, which send nothing.
+    // It stays named through the peer's later streams.
     eventually("city-m to be subscribed to again", || async {
         calls.load(Ordering::SeqCst) > 2
     })
@@ -555,4 +584,73 @@ async fn a_peer_claiming_more_of_the_own_feed_than_it_sends_is_named_and_can_be_
     assert!(out.status.success(), "{}", stderr(&out));
     node.wait_ready().await;
     assert_eq!(crate::support::publish_row(&node, "k0", 1.0).await.seq, 1);
+}
+
+/// Peers that connect and then fail every time before serving this node's
+/// own feed (the stream errors out, or ends before the own feed's backlog
+/// marker) count as unreachable after as many failed attempts in a row as
+/// a peer that cannot be dialled, so they do not hold publishing closed
+/// forever; a peer that served the own feed and then fails the same way
+/// still counts as having served it (spec rule 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_that_connect_but_never_serve_the_own_feed_count_as_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let own_drained = pb::SubscribeResponse {
+        event: Some(Event::Drained(pb::BacklogDrained {
+            origin: "city-n".into(),
+            head_seq: 0,
+        })),
+    };
+    let reset = Status::unavailable("reset after connecting");
+    // city-m serves the own feed once; every stream of it then fails.
+    let failing = |steps| Script {
+        steps,
+        end: Some(reset.clone()),
+        ..Script::default()
+    };
+    let (m_address, _) = serve_script_as(
+        &dir.path().join("m"),
+        "city-m",
+        failing(vec![vec![own_drained]]),
+    )
+    .await;
+    // city-x's streams fail at once; city-y's end at once.
+    let (x_address, x_calls) =
+        serve_script_as(&dir.path().join("x"), "city-x", failing(Vec::new())).await;
+    let (y_address, y_calls) =
+        serve_script_as(&dir.path().join("y"), "city-y", Script::default()).await;
+    let node = TestNode::start(
+        &dir.path().join("node"),
+        Spec::new("city-n")
+            .peer("city-m", &m_address)
+            .peer("city-x", &x_address)
+            .peer("city-y", &y_address),
+    )
+    .await;
+    node.wait_ready().await;
+    let (x_calls, y_calls) = (
+        x_calls.load(Ordering::SeqCst),
+        y_calls.load(Ordering::SeqCst),
+    );
+    assert!(
+        x_calls >= 3 && y_calls >= 3,
+        "publishing opened before city-x and city-y failed three attempts each \
+         ({x_calls}, {y_calls})"
+    );
+    assert_eq!(crate::support::publish_row(&node, "k0", 1.0).await.seq, 1);
+    let status = node.status().await;
+    let error = |name: &str| {
+        let peer = status.peers.iter().find(|p| p.name == name).unwrap();
+        peer.last_error.clone()
+    };
+    assert!(
+        error("city-x").contains("reset after connecting"),
+        "{}",
+        error("city-x")
+    );
+    assert_eq!(
+        error("city-y"),
+        "the peer ended the stream before serving this node's own feed (city-n: no backlog \
+         marker)"
+    );
 }
