@@ -203,7 +203,10 @@ pub async fn run_secured(
         config.tls.mode == TlsMode::Insecure,
     )?);
     let initial_peers = registry.list();
-    let (gate, ready) = PublishGate::new(initial_peers.len(), config.publish.allow_without_peers);
+    let gate = PublishGate::new(
+        initial_peers.iter().map(|peer| peer.name.clone()).collect(),
+        config.publish.allow_without_peers,
+    );
     let publisher = Arc::new(Publisher::new(
         config.origin.clone(),
         FeedKey {
@@ -215,7 +218,7 @@ pub async fn run_secured(
         keys.clone(),
         store.clone(),
         writer.clone(),
-        ready,
+        gate.clone(),
     ));
     let (stop, stopping) = watch::channel(false);
     let indexer = tokio::spawn(fold_index_pieces(

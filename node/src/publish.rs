@@ -17,7 +17,7 @@ use civex_proto::v1::{
 };
 use ed25519_dalek::SigningKey;
 use prost::Message;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     core::{
@@ -33,6 +33,7 @@ use crate::{
         sdc::{rounding::rounding_interval, AggregationKind, NoiseSeed},
     },
     keys::KeyResolver,
+    replicate::PublishGate,
     store::{IdempotencyRecord, SharedStore, Store, StoreError},
     writer::{Job, Prepared, WriteError, Writer},
 };
@@ -598,7 +599,8 @@ pub struct Publisher {
     rules: Arc<IndicatorRules>,
     store: SharedStore,
     writer: Writer,
-    ready: watch::Receiver<bool>,
+    /// Restore safety: publishing opens once the own feed is caught up.
+    gate: Arc<PublishGate>,
     sequencer: mpsc::Sender<Queued>,
     in_flight: Arc<StdMutex<HashSet<[u8; 16]>>>,
 }
@@ -739,7 +741,7 @@ impl Publisher {
         keys: Arc<KeyResolver>,
         store: SharedStore,
         writer: Writer,
-        ready: watch::Receiver<bool>,
+        gate: Arc<PublishGate>,
     ) -> Self {
         let (sequencer, queue) = mpsc::channel(4 * MAX_SEQUENCED);
         let task = Sequencer {
@@ -762,7 +764,7 @@ impl Publisher {
             rules,
             store,
             writer,
-            ready,
+            gate,
             sequencer,
             in_flight: Arc::default(),
         }
@@ -789,7 +791,7 @@ impl Publisher {
 
     /// Whether publishing is open.
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow() && !self.writer.is_stopped()
+        self.gate.is_open() && !self.writer.is_stopped()
     }
 
     /// The receipt of an earlier publish with this idempotency key and
@@ -878,14 +880,8 @@ impl Publisher {
         if self.writer.is_stopped() {
             return Err(PublishError::Write(WriteError::Stopped));
         }
-        if !*self.ready.borrow() {
-            return Err(PublishError::NotReady(
-                "publishing is closed until this node has fetched its own feed's newest entries \
-                 from a peer (restore safety); check that a peer is reachable and admits this \
-                 node (the peer's last error in civex status), or set \
-                 publish.allow_without_peers if this node is known to be current"
-                    .into(),
-            ));
+        if let Some(reason) = self.gate.closed_reason() {
+            return Err(PublishError::NotReady(reason));
         }
         let (reply, answer) = oneshot::channel();
         let queued = Queued {

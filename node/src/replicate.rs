@@ -1059,7 +1059,7 @@ impl Replication {
             task.abort();
             // A removed peer no longer holds publishing closed.
             if let Some(slot) = slot {
-                self.replicator.gate.report(slot, PeerSync::Unreachable);
+                self.replicator.gate.report(slot, PeerSync::Removed);
             }
         }
     }
@@ -1137,29 +1137,39 @@ pub enum PeerSync {
     Synced,
     /// Could not be reached (or its stream failed) before it served it.
     Unreachable,
+    /// Removed at runtime before it served it.
+    Removed,
 }
 
 /// Opens publishing (restore safety): with peers, only once every peer has
 /// either served this node's own feed up to its head or could not be
 /// reached, and at least one served it; with `publish.allow_without_peers`,
 /// once every peer has been tried even if none answered. Once open, it
-/// stays open.
+/// stays open; a peer that served the feed keeps counting as served.
 pub struct PublishGate {
-    peers: Mutex<Vec<PeerSync>>,
+    /// Each peer present at start, by name.
+    peers: Mutex<Vec<(String, PeerSync)>>,
     allow_without_peers: bool,
     open: watch::Sender<bool>,
 }
 
+/// Peers named at most in the message of a closed gate.
+const NAMED_AT_MOST: usize = 8;
+
 impl PublishGate {
-    /// A gate for `peers` peers; the receiver says whether publishing is open.
-    pub fn new(peers: usize, allow_without_peers: bool) -> (Arc<Self>, watch::Receiver<bool>) {
-        let (open, ready) = watch::channel(peers == 0);
-        let gate = Self {
-            peers: Mutex::new(vec![PeerSync::Unknown; peers]),
+    /// A gate held by the peers `names` (peers present at start, in the
+    /// order of their slots).
+    pub fn new(names: Vec<String>, allow_without_peers: bool) -> Arc<Self> {
+        let open = watch::channel(names.is_empty()).0;
+        let peers = names
+            .into_iter()
+            .map(|name| (name, PeerSync::Unknown))
+            .collect();
+        Arc::new(Self {
+            peers: Mutex::new(peers),
             allow_without_peers,
             open,
-        };
-        (Arc::new(gate), ready)
+        })
     }
 
     /// Whether publishing is open.
@@ -1172,17 +1182,86 @@ impl PublishGate {
         let Ok(mut peers) = self.peers.lock() else {
             return;
         };
-        if let Some(slot) = peers.get_mut(index) {
-            if !(*slot == PeerSync::Synced && state == PeerSync::Unreachable) {
+        if let Some((_, slot)) = peers.get_mut(index) {
+            if *slot != PeerSync::Synced {
                 *slot = state;
             }
         }
-        let all_heard = peers.iter().all(|p| *p != PeerSync::Unknown);
-        let any_synced = peers.contains(&PeerSync::Synced);
-        if all_heard && (any_synced || self.allow_without_peers) && !*self.open.borrow() {
+        let all_heard = peers.iter().all(|(_, p)| *p != PeerSync::Unknown);
+        let any_synced = peers.iter().any(|(_, p)| *p == PeerSync::Synced);
+        if all_heard && (any_synced || self.allow_without_peers) && !self.is_open() {
             tracing::info!(synced_from_a_peer = any_synced, "publishing opens");
             self.open.send_replace(true);
         }
+    }
+
+    /// Why publishing is closed, and what the operator can do about it;
+    /// `None` once open. Names peers, nothing they sent.
+    pub fn closed_reason(&self) -> Option<String> {
+        if self.is_open() {
+            return None;
+        }
+        let peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(closed_message(&peers))
+    }
+}
+
+/// The message of a closed gate over `peers`: the peers it waits for and
+/// the way out of each case.
+fn closed_message(peers: &[(String, PeerSync)]) -> String {
+    let prefix = "publishing is closed until this node has fetched its own feed's newest entries \
+                  from a peer (restore safety)";
+    let named = |state: PeerSync| -> Vec<&str> {
+        peers
+            .iter()
+            .filter(|(_, p)| *p == state)
+            .map(|(name, _)| name.as_str())
+            .collect()
+    };
+    let list = |names: &[&str]| {
+        let mut list = names[..names.len().min(NAMED_AT_MOST)].join(", ");
+        if names.len() > NAMED_AT_MOST {
+            list.push_str(&format!(" and {} more", names.len() - NAMED_AT_MOST));
+        }
+        list
+    };
+    // Peers neither served the own feed nor count as unreachable yet: the
+    // gate waits for them, reachable or not (three failed attempts in a
+    // row and they no longer count).
+    let waiting = named(PeerSync::Unknown);
+    match waiting.as_slice() {
+        [] => {}
+        [name] => {
+            return format!(
+                "{prefix}: peer {name} has not served this node's own feed yet (its last error \
+                 is in civex status); fix that peer, or remove it (civex peer remove {name})"
+            )
+        }
+        names => {
+            return format!(
+                "{prefix}: peers {} have not served this node's own feed yet (their last errors \
+                 are in civex status); fix those peers, or remove them (civex peer remove NAME)",
+                list(names)
+            )
+        }
+    }
+    // Every peer was heard from and none served it: none is reachable.
+    let override_ = "or set publish.allow_without_peers and restart the node if this node is \
+                     known to be current";
+    match named(PeerSync::Unreachable).as_slice() {
+        [] => format!(
+            "{prefix}, and every peer was removed: add one that holds this node's feed (civex \
+             peer add) and restart the node, {override_}"
+        ),
+        names => format!(
+            "{prefix}, and no peer is reachable: {} failed {UNREACHABLE_AFTER} attempts in a row \
+             (see the last errors in civex status); make a peer reachable that admits this node, \
+             {override_}",
+            list(names)
+        ),
     }
 }
 
@@ -1208,7 +1287,7 @@ mod tests {
     /// A replicator of node city-n (feed key `key(9)`) over a fresh store
     /// in `dir`, pinning city-a's key (`key(1)`), its publish gate held by
     /// `gate_peers`; no peer is dialled.
-    fn replicator(dir: &std::path::Path, gate_peers: usize) -> Replicator {
+    fn replicator(dir: &std::path::Path, gate_peers: &[&str]) -> Replicator {
         let store: SharedStore = Arc::new(SledStore::open(dir, 1 << 24).unwrap());
         let (writer, _thread) = Writer::start(store.clone()).unwrap();
         let pinned = BTreeMap::from([("city-a".to_owned(), key(1).verifying_key())]);
@@ -1221,11 +1300,15 @@ mod tests {
             writer,
             timing: ReplicationConfig::default(),
             max_message_bytes: 4 << 20,
-            gate: PublishGate::new(gate_peers, false).0,
+            gate: PublishGate::new(names(gate_peers), false),
             security: Security::Insecure,
             quarantined: Arc::default(),
             roster,
         }
+    }
+
+    fn names(names: &[&str]) -> Vec<String> {
+        names.iter().map(|&name| name.to_owned()).collect()
     }
 
     fn job(entries: &[Entry]) -> Job {
@@ -1240,7 +1323,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_commit_leaves_no_head_above_what_is_held() {
         let dir = tempfile::tempdir().unwrap();
-        let replicator = replicator(dir.path(), 0);
+        let replicator = replicator(dir.path(), &[]);
         let held = chain(&key(1), "city-a", 4);
         replicator.writer.write(job(&held)).await.unwrap();
         // The peer's seqs 4 to 6, linked to seq 3 and validly signed by
@@ -1329,7 +1412,7 @@ mod tests {
     #[tokio::test]
     async fn a_claim_delivered_and_stored_counts_as_served_and_leaves_last_error() {
         let dir = tempfile::tempdir().unwrap();
-        let replicator = replicator(dir.path(), 1);
+        let replicator = replicator(dir.path(), &["city-m"]);
         let own = chain(&key(9), "city-n", 2);
         let m = peer("city-m");
         replicator.marker(&m, Some(0), "city-n", 2, true);
@@ -1390,38 +1473,85 @@ mod tests {
         assert!(attempts.ended(Attempt::Failed));
         // A peer that served the own feed keeps counting as having served
         // it when it fails later.
-        let (gate, open) = PublishGate::new(2, false);
+        let gate = PublishGate::new(names(&["city-m", "city-x"]), false);
         gate.report(0, PeerSync::Synced);
         gate.report(0, PeerSync::Unreachable);
         gate.report(1, PeerSync::Unreachable);
-        assert!(*open.borrow());
+        assert!(gate.is_open());
     }
 
     #[test]
     fn the_gate_waits_for_every_peer_and_one_sync() {
-        let (gate, open) = PublishGate::new(2, false);
+        let gate = PublishGate::new(names(&["city-m", "city-x"]), false);
         gate.report(0, PeerSync::Unreachable);
-        assert!(!*open.borrow(), "opened with a peer not heard from");
+        assert!(!gate.is_open(), "opened with a peer not heard from");
         gate.report(1, PeerSync::Unreachable);
         assert!(
-            !*open.borrow(),
+            !gate.is_open(),
             "opened with no peer synced and no override"
         );
         gate.report(1, PeerSync::Synced);
-        assert!(*open.borrow());
+        assert!(gate.is_open());
         // Once open, it stays open.
         gate.report(1, PeerSync::Unreachable);
-        assert!(*open.borrow());
+        assert!(gate.is_open());
+    }
+
+    /// A closed gate says what holds it closed and what lifts it: the
+    /// peers that have not served the own feed, to fix or remove, and the
+    /// override only once no peer is reachable.
+    #[test]
+    fn a_closed_gate_names_what_holds_it_and_the_way_out() {
+        let gate = PublishGate::new(names(&["city-m", "city-x", "city-y"]), false);
+        let reason = gate.closed_reason().unwrap();
+        assert!(
+            reason
+                .contains("peers city-m, city-x, city-y have not served this node's own feed yet")
+                && reason.contains("civex peer remove NAME"),
+            "{reason}"
+        );
+        gate.report(0, PeerSync::Unreachable);
+        gate.report(1, PeerSync::Removed);
+        let reason = gate.closed_reason().unwrap();
+        assert!(
+            reason.contains("peer city-y has not served this node's own feed yet")
+                && reason.ends_with("fix that peer, or remove it (civex peer remove city-y)"),
+            "{reason}"
+        );
+        assert!(
+            !reason.contains("allow_without_peers"),
+            "the override offered while a peer may serve the feed: {reason}"
+        );
+        gate.report(2, PeerSync::Unreachable);
+        let reason = gate.closed_reason().unwrap();
+        assert!(
+            reason.contains("no peer is reachable: city-m, city-y failed 3 attempts in a row")
+                && reason.contains("publish.allow_without_peers"),
+            "{reason}"
+        );
+        let gate = PublishGate::new(names(&["city-m"]), false);
+        gate.report(0, PeerSync::Removed);
+        let reason = gate.closed_reason().unwrap();
+        assert!(
+            reason.contains("every peer was removed") && reason.contains("allow_without_peers"),
+            "{reason}"
+        );
+        let many: Vec<String> = (0..10).map(|i| format!("city-{i}")).collect();
+        let reason = PublishGate::new(many, false).closed_reason().unwrap();
+        assert!(reason.contains("city-7 and 2 more have not"), "{reason}");
+        let gate = PublishGate::new(names(&["city-m"]), false);
+        gate.report(0, PeerSync::Synced);
+        assert_eq!(gate.closed_reason(), None);
     }
 
     #[test]
     fn the_override_opens_once_every_peer_was_tried() {
-        let (gate, open) = PublishGate::new(2, true);
+        let gate = PublishGate::new(names(&["city-m", "city-x"]), true);
         gate.report(0, PeerSync::Unreachable);
-        assert!(!*open.borrow());
+        assert!(!gate.is_open());
         gate.report(1, PeerSync::Unreachable);
-        assert!(*open.borrow());
-        let (_gate, open) = PublishGate::new(0, false);
-        assert!(*open.borrow(), "a node without peers publishes at once");
+        assert!(gate.is_open());
+        let gate = PublishGate::new(Vec::new(), false);
+        assert!(gate.is_open(), "a node without peers publishes at once");
     }
 }

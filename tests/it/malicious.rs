@@ -579,6 +579,15 @@ async fn a_peer_claiming_more_of_the_own_feed_than_it_sends_is_named_and_can_be_
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    // The refusal names the peer and what lifts it; the override would not
+    // (the peer is reachable and holds the gate whatever it is).
+    let message = refused.message();
+    assert!(
+        message.contains("peer city-m has not served this node's own feed yet")
+            && message.contains("civex peer remove city-m")
+            && !message.contains("allow_without_peers"),
+        "{message}"
+    );
 
     let out = node.cli(&["peer", "remove", "city-m"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
