@@ -1556,7 +1556,6 @@ mod tests {
         let (writer, _thread) = crate::writer::Writer::start(store.clone()).unwrap();
         let signing = key(1);
         let genesis = signing.verifying_key();
-        let (_open, ready) = watch::channel(true);
         let publisher = Publisher::new(
             "city-a".into(),
             FeedKey {
@@ -1573,7 +1572,8 @@ mod tests {
             Arc::new(KeyResolver::new("city-a", genesis, Default::default())),
             store.clone(),
             writer,
-            ready,
+            // No peers: open.
+            crate::replicate::PublishGate::new(Vec::new(), false),
         );
         let offer = |id: &str| {
             Request::Offer(ServiceOffer {
