@@ -342,6 +342,13 @@ impl KeyResolver {
             .unwrap_or_default()
     }
 
+    /// Whether `origin`'s first key is pinned here (`trusted_origins`, or
+    /// this node's own origin): the roster's replacements of other
+    /// origins' keys do not apply to it.
+    pub fn is_pinned(&self, origin: &str) -> bool {
+        self.pinned.contains_key(origin)
+    }
+
     /// Whether `origin` is a member this node knows now: pinned (its own
     /// origin included), or named by the roster and not removed.
     pub fn is_member(&self, origin: &str) -> bool {

@@ -35,7 +35,7 @@ use crate::{
     keys::KeyResolver,
     replicate::PublishGate,
     store::{IdempotencyRecord, SharedStore, Store, StoreError},
-    writer::{Job, Prepared, WriteError, Writer},
+    writer::{FeedEnd, Job, Prepared, WriteError, Writer},
 };
 
 /// The feed key and the file it lives in (a rotation replaces it there).
@@ -529,6 +529,7 @@ impl Recovery {
             idempotency,
             conflict: None,
             replacements,
+            feed_end: None,
         }
     }
 
@@ -610,6 +611,8 @@ struct Queued {
     key: [u8; 16],
     fingerprint: [u8; 32],
     request: Request,
+    /// The member's feed end its roster entry names, checked by the writer.
+    feed_end: Option<FeedEnd>,
     reply: oneshot::Sender<Result<Receipt, PublishError>>,
 }
 
@@ -653,6 +656,8 @@ struct Sequencer {
     store: SharedStore,
     writer: Writer,
     own: OwnFeed,
+    /// Jobs sent to the writer whose outcome has not reached the sequencer.
+    in_flight: usize,
 }
 
 /// A job's outcome as the sequencer learns it: its seqs, whether stored, and
@@ -757,6 +762,7 @@ impl Publisher {
             store: store.clone(),
             writer: writer.clone(),
             own: OwnFeed::default(),
+            in_flight: 0,
         };
         tokio::spawn(task.run(queue));
         Self {
@@ -838,7 +844,24 @@ impl Publisher {
         fingerprint: [u8; 32],
         request: Request,
     ) -> Result<Receipt, PublishError> {
-        self.submit(idempotency_key, fingerprint, request)
+        self.publish_ending(idempotency_key, fingerprint, request, None)
+            .await
+    }
+
+    /// [`Self::publish`] of a roster entry that ends a member's feed at
+    /// `feed_end`: refused ([`WriteError::HeadMoved`]) if this node stored
+    /// more of that feed after the request was checked. Such a request is
+    /// signed once every earlier job is settled and committed alone, and
+    /// nothing later is signed before its outcome, so a refusal fails no
+    /// other publish.
+    pub async fn publish_ending(
+        &self,
+        idempotency_key: [u8; 16],
+        fingerprint: [u8; 32],
+        request: Request,
+        feed_end: Option<FeedEnd>,
+    ) -> Result<Receipt, PublishError> {
+        self.submit_ending(idempotency_key, fingerprint, request, feed_end)
             .await?
             .receipt()
             .await
@@ -854,6 +877,18 @@ impl Publisher {
         idempotency_key: [u8; 16],
         fingerprint: [u8; 32],
         request: Request,
+    ) -> Result<Submitted, PublishError> {
+        self.submit_ending(idempotency_key, fingerprint, request, None)
+            .await
+    }
+
+    /// [`Self::submit`] with the feed end of [`Self::publish_ending`].
+    pub async fn submit_ending(
+        &self,
+        idempotency_key: [u8; 16],
+        fingerprint: [u8; 32],
+        request: Request,
+        feed_end: Option<FeedEnd>,
     ) -> Result<Submitted, PublishError> {
         // The key is marked in flight first, so one look at the store
         // answers a repeat (also while writes are stopped) and no repeat
@@ -888,6 +923,7 @@ impl Publisher {
             key: idempotency_key,
             fingerprint,
             request,
+            feed_end,
             reply,
         };
         self.sequencer
@@ -945,11 +981,11 @@ impl Sequencer {
         loop {
             tokio::select! {
                 biased;
-                Some(done) = settled.recv() => self.settle(done),
+                Some(done) = settled.recv() => self.settled(done),
                 next = queue.recv() => {
                     let Some(first) = next else { return };
                     while let Ok(done) = settled.try_recv() {
-                        self.settle(done);
+                        self.settled(done);
                     }
                     let mut rows = first.request.rows();
                     let mut batch = vec![first];
@@ -962,10 +998,41 @@ impl Sequencer {
                             Err(_) => break,
                         }
                     }
-                    self.sequence(batch, &settled_tx).await;
+                    // A request that ends a member's feed is signed alone,
+                    // once every earlier job is settled (the tip is then
+                    // durable, and no rotation is pending), and awaited
+                    // before anything after it is signed: a refusal resets
+                    // the tip with nothing chained on it.
+                    while !batch.is_empty() {
+                        match batch.iter().position(|q| q.feed_end.is_some()) {
+                            Some(0) => {
+                                let rest = batch.split_off(1);
+                                while self.in_flight > 0 {
+                                    let Some(done) = settled.recv().await else { break };
+                                    self.settled(done);
+                                }
+                                self.sequence(batch, &settled_tx).await;
+                                batch = rest;
+                            }
+                            Some(at) => {
+                                let rest = batch.split_off(at);
+                                self.sequence(batch, &settled_tx).await;
+                                batch = rest;
+                            }
+                            None => {
+                                self.sequence(std::mem::take(&mut batch), &settled_tx).await;
+                            }
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// The outcome of a job counted in `in_flight`.
+    fn settled(&mut self, done: Settled) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.settle(done);
     }
 
     /// A job became durable or failed: its payloads stop being pending;
@@ -1100,8 +1167,13 @@ impl Sequencer {
     }
 
     /// Validates and signs a batch of requests on the current tip, and
-    /// queues the good ones to the writer as one job.
+    /// queues the good ones to the writer as one job. A request with a feed
+    /// end comes alone, and its outcome is awaited here.
     async fn sequence(&mut self, batch: Vec<Queued>, settled: &mpsc::UnboundedSender<Settled>) {
+        let feed_end = match batch.as_slice() {
+            [one] => one.feed_end.clone(),
+            _ => None,
+        };
         let replacements = self.keys.replacements(&self.origin);
         let start = match self.own.tip {
             // A roster change may end the feed at the tip: check every batch.
@@ -1212,6 +1284,7 @@ impl Sequencer {
             return;
         }
         let epoch = self.own.epoch;
+        let awaited = feed_end.is_some();
         match self
             .writer
             .send(Job {
@@ -1219,11 +1292,22 @@ impl Sequencer {
                 idempotency,
                 conflict: None,
                 replacements,
+                feed_end,
             })
             .await
         {
+            Ok(answer) if awaited => {
+                self.own.tip = Some(tip);
+                let outcome = answer.await.unwrap_or(Err(WriteError::Stopped));
+                self.settle((seqs, outcome.is_ok(), epoch));
+                for (reply, receipt) in replies {
+                    let _ =
+                        reply.send(outcome.clone().map(|_| receipt).map_err(PublishError::from));
+                }
+            }
             Ok(answer) => {
                 self.own.tip = Some(tip);
+                self.in_flight += 1;
                 let settled = settled.clone();
                 tokio::spawn(async move {
                     let outcome = answer.await.unwrap_or(Err(WriteError::Stopped));
@@ -1852,6 +1936,195 @@ mod tests {
             err.contains("entry 1 of the own feed") && err.contains("withheld base"),
             "{err}"
         );
+    }
+
+    /// A publisher of origin `roster` over `store`, open for publishing.
+    /// Its key file is `dir/feed.key`.
+    fn publisher_over(dir: &std::path::Path, store: SharedStore, writer: Writer) -> Publisher {
+        let signing = crate::keys::create_key_file(&dir.join("feed.key")).unwrap();
+        let genesis = signing.verifying_key();
+        let rules = IndicatorRules {
+            districts: Vec::new(),
+            catalog: Catalog::builtin(),
+            policy: Policy::default(),
+            noise_key: None,
+        };
+        let keys = Arc::new(KeyResolver::new("roster", genesis, Default::default()));
+        let (_open, ready) = watch::channel(true);
+        Publisher::new(
+            "roster".into(),
+            FeedKey {
+                signing,
+                file: dir.join("feed.key"),
+                genesis,
+            },
+            Arc::new(rules),
+            keys,
+            store,
+            writer,
+            ready,
+        )
+    }
+
+    fn offer(id: &str) -> Request {
+        Request::Offer(ServiceOffer {
+            offer_id: id.into(),
+            title: "Shared data centre".into(),
+            area: 6,
+            category: "it".into(),
+            contact_role: "IT office".into(),
+            valid_from_unix: 0,
+            valid_until_unix: 1,
+            ..Default::default()
+        })
+    }
+
+    /// The roster entry (whatever it says) and the end of city-x's feed
+    /// at `at`, as `ReplaceFeedKey` makes them.
+    fn ending(at: &Entry) -> (Request, Option<FeedEnd>) {
+        let entry = civex_proto::v1::RosterEntry {
+            origin: "city-x".into(),
+            ..Default::default()
+        };
+        let end = FeedEnd {
+            origin: "city-x".into(),
+            feed_id: at.feed_id(),
+            seq: at.body.seq,
+            hash: at.hash,
+            enforce: true,
+        };
+        (Request::Roster(entry), Some(end))
+    }
+
+    // One thread: the three publishes below are queued before the
+    // sequencer runs, so it takes them as one batch.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_feed_end_refused_after_more_of_the_feed_arrived_fails_only_its_own_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore =
+            Arc::new(crate::store::SledStore::open(&dir.path().join("store"), 16 << 20).unwrap());
+        let (writer, _thread) = Writer::start(store.clone()).unwrap();
+        let x = crate::core::feed::tests::chain(&key(2), "city-x", 5);
+        let stored = x[..3].iter().cloned().map(Prepared::new).collect();
+        writer.write(Job::entries(stored)).await.unwrap();
+        let publisher = publisher_over(dir.path(), store.clone(), writer.clone());
+        let first = publisher
+            .publish([1; 16], [1; 32], offer("a"))
+            .await
+            .unwrap();
+        assert_eq!(first.seq, 1);
+
+        // ReplaceFeedKey checked city-x's head at seq 3; then seq 4 is
+        // replicated and stored, before the roster entry is signed.
+        let (roster_entry, end) = ending(&x[2]);
+        writer
+            .write(Job::entries(vec![Prepared::new(x[3].clone())]))
+            .await
+            .unwrap();
+        let before = publisher
+            .submit([2; 16], [2; 32], offer("b"))
+            .await
+            .unwrap();
+        let refused = publisher
+            .submit_ending([3; 16], [3; 32], roster_entry.clone(), end)
+            .await
+            .unwrap();
+        let after = publisher
+            .submit([4; 16], [4; 32], offer("c"))
+            .await
+            .unwrap();
+        let before = before.receipt().await.unwrap();
+        let err = refused.receipt().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PublishError::Write(WriteError::HeadMoved {
+                    expected: 3,
+                    held: 4,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("retry"), "{err}");
+        // The publishes around it are not refused with it, and the tip
+        // after the refusal is the one stored.
+        let after = after.receipt().await.unwrap();
+        assert_eq!((before.seq, after.seq), (2, 3));
+        let head = store.head("roster").unwrap().unwrap().tip;
+        assert_eq!((head.seq, head.hash), (3, after.hash));
+        assert!(store.idempotency(&[3; 16]).unwrap().is_none());
+        // A retry, checked against the head now held, is published.
+        let (roster_entry, end) = ending(&x[3]);
+        let retried = publisher
+            .publish_ending([3; 16], [3; 32], roster_entry, end)
+            .await
+            .unwrap();
+        assert_eq!(retried.seq, 4);
+        let next = publisher
+            .publish([5; 16], [5; 32], offer("d"))
+            .await
+            .unwrap();
+        assert_eq!(next.seq, 5);
+        // And city-x's feed now ends at seq 4 here.
+        let late = writer
+            .write(Job::entries(vec![Prepared::new(x[4].clone())]))
+            .await;
+        assert!(
+            matches!(
+                late,
+                Err(WriteError::Chain(FeedError::Replaced { seq: 5, .. }))
+            ),
+            "{late:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_feed_end_is_signed_once_a_key_rotation_before_it_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore =
+            Arc::new(crate::store::SledStore::open(&dir.path().join("store"), 16 << 20).unwrap());
+        let (writer, _thread) = Writer::start(store.clone()).unwrap();
+        let x = crate::core::feed::tests::chain(&key(2), "city-x", 4);
+        let stored = x[..4].iter().cloned().map(Prepared::new).collect();
+        writer.write(Job::entries(stored)).await.unwrap();
+        let publisher = publisher_over(dir.path(), store.clone(), writer.clone());
+        publisher
+            .publish([1; 16], [1; 32], offer("a"))
+            .await
+            .unwrap();
+        // A rotation, then a feed end refused (city-x is at seq 4, not 3),
+        // then an offer, taken as one batch.
+        let (roster_entry, end) = ending(&x[2]);
+        let rotation = publisher
+            .submit([2; 16], [2; 32], Request::RotateKey)
+            .await
+            .unwrap();
+        let refused = publisher
+            .submit_ending([3; 16], [3; 32], roster_entry, end)
+            .await
+            .unwrap();
+        let after = publisher
+            .submit([4; 16], [4; 32], offer("b"))
+            .await
+            .unwrap();
+        assert_eq!(rotation.receipt().await.unwrap().seq, 2);
+        assert!(refused.receipt().await.is_err());
+        assert_eq!(after.receipt().await.unwrap().seq, 3);
+        // The refusal did not put the old key back: publishing goes on
+        // with the rotated one, which is the key file now.
+        let next = publisher
+            .publish([5; 16], [5; 32], offer("c"))
+            .await
+            .unwrap();
+        assert_eq!(next.seq, 4);
+        let in_file = crate::keys::load_key_file(&dir.path().join("feed.key")).unwrap();
+        let signed = store.entries("roster", 4, 1, usize::MAX).unwrap().remove(0);
+        crate::core::feed::verify_signature(
+            &in_file.verifying_key(),
+            &Entry::decode(signed).unwrap(),
+        )
+        .unwrap();
     }
 
     #[test]

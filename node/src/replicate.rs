@@ -855,6 +855,7 @@ impl Replicator {
             idempotency: Vec::new(),
             conflict: Some(record),
             replacements: Vec::new(),
+            feed_end: None,
         };
         if let Err(err) = self.writer.write(job).await {
             return SessionError::Write(err);
@@ -983,6 +984,12 @@ impl Roster {
     /// [`KeyResolver::replacements`]).
     pub fn replacements(&self, origin: &str) -> Vec<Replacement> {
         self.keys.replacements(origin)
+    }
+
+    /// Whether the roster's replacements of lost keys apply to `origin` on
+    /// this node: it is not pinned here.
+    pub fn replaces_keys_of(&self, origin: &str) -> bool {
+        !self.keys.is_pinned(origin)
     }
 
     /// Whether the roster removed `origin` (see [`KeyResolver::was_removed`]).

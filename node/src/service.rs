@@ -126,6 +126,9 @@ impl ToStatus for WriteError {
                 Status::unavailable(format!("{self}; retry with the same idempotency key"))
             }
             WriteError::Fork { .. } => Status::aborted(self.to_string()),
+            // A member's feed grew under a replacement of its key: checked
+            // again on retry.
+            WriteError::HeadMoved { .. } => Status::failed_precondition(self.to_string()),
         }
     }
 }
@@ -341,20 +344,23 @@ impl PublishService {
         fingerprint: [u8; 32],
         request: publish::Request,
     ) -> Result<Response<pb::Receipt>, Status> {
-        self.publish_then(key, fingerprint, request, |_| {}).await
+        self.publish_then(key, fingerprint, request, None, |_| {})
+            .await
     }
 
     /// Publishes a roster entry holding the roster lock until the entry is
-    /// durable and the roster re-read.
+    /// durable and the roster re-read; with `feed_end`, only if the
+    /// member's head is still the entry it names ([`crate::writer::FeedEnd`]).
     async fn publish_roster_change(
         &self,
         key: &[u8],
         fingerprint: [u8; 32],
         request: publish::Request,
+        feed_end: Option<crate::writer::FeedEnd>,
         lock: tokio::sync::OwnedMutexGuard<()>,
     ) -> Result<Response<pb::Receipt>, Status> {
         let roster = self.roster.clone();
-        self.publish_then(key, fingerprint, request, move |published| {
+        self.publish_then(key, fingerprint, request, feed_end, move |published| {
             if published {
                 if let Err(err) = roster.refresh() {
                     tracing::error!(error = %err, "the roster could not be re-read after a change");
@@ -371,6 +377,7 @@ impl PublishService {
         key: &[u8],
         fingerprint: [u8; 32],
         request: publish::Request,
+        feed_end: Option<crate::writer::FeedEnd>,
         then: impl FnOnce(bool) + Send + 'static,
     ) -> Result<Response<pb::Receipt>, Status> {
         let key = idempotency_key(key)?;
@@ -379,7 +386,9 @@ impl PublishService {
         // failed, so a retry never signs a second entry for it.
         let publisher = self.publisher.clone();
         let task = tokio::spawn(async move {
-            let done = publisher.publish(key, fingerprint, request).await;
+            let done = publisher
+                .publish_ending(key, fingerprint, request, feed_end)
+                .await;
             then(done.is_ok());
             done
         });
@@ -666,6 +675,7 @@ impl Publish for PublishService {
             &request.idempotency_key,
             print,
             publish::Request::Roster(entry),
+            None,
             one_at_a_time,
         )
         .await
@@ -771,6 +781,16 @@ impl Publish for PublishService {
             .ok_or_else(|| {
                 Status::internal(format!("{origin} seq {last_seq} does not read back"))
             })?;
+        // The writer stores the roster entry only if the member's head is
+        // still this entry (replicated entries of it may be stored until
+        // then), and from then on refuses later entries of the feed it ends.
+        let feed_end = crate::writer::FeedEnd {
+            origin: origin.clone(),
+            feed_id: last.feed_id(),
+            seq: last_seq,
+            hash: last.hash,
+            enforce: self.roster.replaces_keys_of(&origin),
+        };
         let mut new_feed_id = [0u8; 16];
         getrandom::getrandom(&mut new_feed_id)
             .map_err(|err| Status::internal(format!("no randomness for a feed id: {err}")))?;
@@ -801,6 +821,7 @@ impl Publish for PublishService {
             &request.idempotency_key,
             print,
             publish::Request::Roster(member),
+            Some(feed_end),
             one_at_a_time,
         )
         .await

@@ -3,7 +3,8 @@
 //! Publishers and replication tasks send jobs (consecutive entries of one
 //! origin, with their index records); the thread drains whatever is queued,
 //! checks each job against the committed heads (seq continuity, hash links,
-//! duplicates, forks), writes the accepted ones in one atomic batch, makes
+//! duplicates, forks, the feeds a roster replacement ended: [`FeedEnd`]),
+//! writes the accepted ones in one atomic batch, makes
 //! it durable with one sync (group commit), and only then replies. Under
 //! load a small group waits 200 µs for more first. After a
 //! storage error writes stop until restart; reads keep serving.
@@ -21,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     core::{
-        feed::{check_link, Entry, FeedError, Hash, Replacement, Tip},
+        feed::{check_link, Entry, FeedError, FeedId, Hash, Replacement, Tip},
         index::IndexRecord,
     },
     store::{CommitBatch, ConflictRecord, Head, IdempotencyRecord, SharedStore, StoreError},
@@ -74,6 +75,10 @@ pub struct Job {
     pub conflict: Option<ConflictRecord>,
     /// The origin's lost-key replacements, where its feed id may change.
     pub replacements: Vec<Replacement>,
+    /// Where the roster entry this job stores ends another origin's feed
+    /// (a lost key's replacement): checked and applied atomically with the
+    /// commit.
+    pub feed_end: Option<FeedEnd>,
 }
 
 impl Job {
@@ -84,8 +89,34 @@ impl Job {
             idempotency: Vec::new(),
             conflict: None,
             replacements: Vec::new(),
+            feed_end: None,
         }
     }
+}
+
+/// The end of a member's feed that a roster entry names (the replacement
+/// of a lost key keeps every entry this node holds): the job storing that
+/// entry is refused unless `origin`'s stored head is still (`seq`, `hash`),
+/// checked by the writer thread, which serialises every commit
+/// (replication's too), with nothing stored in between. Once the job is
+/// committed, with `enforce`, every later entry of feed `feed_id` after
+/// `seq` is refused, whatever replacements the job bringing it carries (a
+/// replication job made before the roster was re-read carries the old
+/// ones), until the node restarts and reads the roster from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedEnd {
+    /// The member whose feed ends.
+    pub origin: String,
+    /// The feed that ends.
+    pub feed_id: FeedId,
+    /// Its last entry kept: the member's head when the entry was made.
+    pub seq: u64,
+    /// That entry's hash.
+    pub hash: Hash,
+    /// Whether the roster's replacements apply to the member on this node
+    /// (it is not pinned in `trusted_origins`), so later entries of the
+    /// ended feed are refused here.
+    pub enforce: bool,
 }
 
 /// What a job came to.
@@ -109,6 +140,21 @@ pub enum WriteError {
     /// The entries do not continue the feed held.
     #[error("{0}")]
     Chain(#[from] FeedError),
+    /// The member's head moved past the entry a roster entry ends its feed
+    /// at ([`FeedEnd`]): this node stored more of that feed meanwhile.
+    #[error(
+        "this node received more of {origin}'s feed (up to seq {held}) while the request was \
+         checked against its head at seq {expected}; nothing was published: retry, and the \
+         replacement keeps every entry held"
+    )]
+    HeadMoved {
+        /// The member.
+        origin: String,
+        /// The head the job expected.
+        expected: u64,
+        /// The head held.
+        held: u64,
+    },
     /// A validly linked entry differs from the one held at its seq.
     #[error("fork: origin {origin} seq {seq} differs from the entry held")]
     Fork {
@@ -152,6 +198,7 @@ impl Writer {
                 WriterThread {
                     store,
                     heads,
+                    ended: HashMap::new(),
                     notify,
                     stopped: thread_stopped,
                 }
@@ -223,6 +270,9 @@ impl Writer {
 struct WriterThread {
     store: SharedStore,
     heads: HashMap<String, Head>,
+    /// Feeds that committed roster entries ended ([`FeedEnd::enforce`]),
+    /// by origin.
+    ended: HashMap<String, Vec<FeedEnd>>,
     notify: watch::Sender<DurableHeads>,
     stopped: Arc<AtomicBool>,
 }
@@ -279,9 +329,12 @@ impl WriterThread {
         }
         let mut batch = CommitBatch::default();
         let mut changed: HashMap<String, Tip> = HashMap::new();
+        // Feeds ended by jobs of this group: later jobs in it see them.
+        let mut ends: Vec<FeedEnd> = Vec::new();
         let mut replies = Vec::with_capacity(group.len());
         for (job, reply) in group {
-            replies.push((reply, self.accept(job, &mut batch, &mut changed)));
+            let outcome = self.accept(job, &mut batch, &mut changed, &mut ends);
+            replies.push((reply, outcome));
         }
         if !changed.is_empty() || !batch.conflicts.is_empty() {
             let received = now_micros();
@@ -306,6 +359,9 @@ impl WriterThread {
             for (origin, head) in batch.heads {
                 self.heads.insert(origin, head);
             }
+            for end in ends {
+                self.ended.entry(end.origin.clone()).or_default().push(end);
+            }
             let durable = self.heads.iter().map(|(o, h)| (o.clone(), *h)).collect();
             self.notify.send_replace(Arc::new(durable));
         }
@@ -316,24 +372,41 @@ impl WriterThread {
 
     /// Checks a job against the heads (committed, then this group's) and
     /// adds what is new to the batch. A job is taken whole or not at all.
+    /// `ends` holds the feeds this group's earlier jobs ended.
     fn accept(
         &self,
         job: Job,
         batch: &mut CommitBatch,
         changed: &mut HashMap<String, Tip>,
+        ends: &mut Vec<FeedEnd>,
     ) -> Result<Stored, WriteError> {
         batch.conflicts.extend(job.conflict);
+        let head_of = |origin: &str| {
+            changed
+                .get(origin)
+                .copied()
+                .or_else(|| self.heads.get(origin).map(|h| h.tip))
+        };
+        if let Some(end) = &job.feed_end {
+            let head = head_of(&end.origin);
+            if head.map(|t| (t.seq, t.hash)) != Some((end.seq, end.hash)) {
+                return Err(WriteError::HeadMoved {
+                    origin: end.origin.clone(),
+                    expected: end.seq,
+                    held: head.map_or(0, |t| t.seq),
+                });
+            }
+        }
+        let feed_end = job.feed_end.filter(|end| end.enforce);
         let Some(first) = job.entries.first() else {
+            ends.extend(feed_end);
             return Ok(Stored {
                 new: 0,
                 duplicates: 0,
             });
         };
         let origin = first.entry.body.origin.clone();
-        let start_tip = changed
-            .get(&origin)
-            .copied()
-            .or_else(|| self.heads.get(&origin).map(|h| h.tip));
+        let start_tip = head_of(&origin);
         let mut tip = start_tip;
         // Entries already held come first (a job is consecutive entries).
         let held_seq = start_tip.map_or(0, |t| t.seq);
@@ -344,13 +417,33 @@ impl WriterThread {
             .count();
         self.check_held(&origin, &job.entries[..duplicates], batch)?;
         let mut new = Vec::with_capacity(job.entries.len() - duplicates);
+        let ended: Vec<&FeedEnd> = self
+            .ended
+            .get(&origin)
+            .into_iter()
+            .flatten()
+            .chain(ends.iter().filter(|end| end.origin == origin))
+            .collect();
         for prepared in job.entries.into_iter().skip(duplicates) {
             check_link(&origin, &job.replacements, tip.as_ref(), &prepared.entry)?;
-            tip = Some(prepared.entry.tip());
+            let at = prepared.entry.tip();
+            if let Some(end) = ended
+                .iter()
+                .find(|end| at.feed_id == end.feed_id && at.seq > end.seq)
+            {
+                return Err(WriteError::Chain(FeedError::Replaced {
+                    origin: origin.clone(),
+                    seq: at.seq,
+                    feed_id: crate::core::ids::hex(&end.feed_id),
+                    last_seq: end.seq,
+                }));
+            }
+            tip = Some(at);
             new.push(prepared);
         }
         let count = new.len();
         if count == 0 {
+            ends.extend(feed_end);
             return Ok(Stored { new: 0, duplicates });
         }
         // Extend the batch's last run when it ends right before this job.
@@ -406,6 +499,7 @@ impl WriterThread {
         if let Some(tip) = tip {
             changed.insert(origin, tip);
         }
+        ends.extend(feed_end);
         Ok(Stored {
             new: count,
             duplicates,
@@ -720,6 +814,144 @@ mod tests {
         }
     }
 
+    /// Commits `jobs` as one group on `thread`; their outcomes.
+    fn commit(thread: &mut WriterThread, jobs: Vec<Job>) -> Vec<Result<Stored, WriteError>> {
+        let mut answers = Vec::new();
+        let group = jobs
+            .into_iter()
+            .map(|job| {
+                let (reply, answer) = oneshot::channel();
+                answers.push(answer);
+                (job, reply)
+            })
+            .collect();
+        thread.commit_group(group);
+        answers
+            .into_iter()
+            .map(|mut a| a.try_recv().unwrap())
+            .collect()
+    }
+
+    /// A writer thread over a fresh store in `dir`, driven by hand.
+    fn thread_over(dir: &std::path::Path) -> WriterThread {
+        let (notify, _committed) = watch::channel(DurableHeads::default());
+        WriterThread {
+            store: open(dir, None),
+            heads: HashMap::new(),
+            ended: HashMap::new(),
+            notify,
+            stopped: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The job of the roster origin's entry ending city-x's feed (of
+    /// `x`) at its entry `at`, as `ReplaceFeedKey` makes it.
+    fn ending_job(x: &[Entry], at: usize) -> Job {
+        let mut ending = job(&chain(&key(9), "roster", 1));
+        ending.feed_end = Some(FeedEnd {
+            origin: "city-x".into(),
+            feed_id: x[at].feed_id(),
+            seq: x[at].body.seq,
+            hash: x[at].hash,
+            enforce: true,
+        });
+        ending
+    }
+
+    #[test]
+    fn a_feed_end_is_refused_once_more_of_the_feed_was_stored() {
+        let x = chain(&key(2), "city-x", 5);
+        let moved = |outcome: &Result<Stored, WriteError>| {
+            matches!(
+                outcome,
+                Err(WriteError::HeadMoved {
+                    expected: 3,
+                    held: 4,
+                    ..
+                })
+            )
+        };
+        // Seq 4 replicated between the check of the head (seq 3) and the
+        // roster entry's commit, in an earlier group...
+        let dir = tempfile::tempdir().unwrap();
+        let mut thread = thread_over(dir.path());
+        assert!(commit(&mut thread, vec![job(&x[..3])])[0].is_ok());
+        assert!(commit(&mut thread, vec![job(&x[3..4])])[0].is_ok());
+        let outcome = commit(&mut thread, vec![ending_job(&x, 2)]);
+        assert!(moved(&outcome[0]), "{:?}", outcome[0]);
+        assert!(thread.store.head("roster").unwrap().is_none());
+        // ...or earlier in the same group: the roster entry is refused,
+        // the replicated entry stored.
+        let dir = tempfile::tempdir().unwrap();
+        let mut thread = thread_over(dir.path());
+        assert!(commit(&mut thread, vec![job(&x[..3])])[0].is_ok());
+        let outcomes = commit(&mut thread, vec![job(&x[3..4]), ending_job(&x, 2)]);
+        assert_eq!(outcomes[0].as_ref().unwrap().new, 1);
+        assert!(moved(&outcomes[1]), "{:?}", outcomes[1]);
+        assert!(thread.store.head("roster").unwrap().is_none());
+        assert_eq!(thread.store.head("city-x").unwrap().unwrap().tip.seq, 4);
+        // With the head still at seq 3, it is stored.
+        let outcome = commit(&mut thread, vec![ending_job(&x, 3)]);
+        assert_eq!(outcome[0].as_ref().unwrap().new, 1);
+    }
+
+    #[test]
+    fn a_committed_feed_end_refuses_later_entries_of_the_ended_feed() {
+        let x = chain(&key(2), "city-x", 5);
+        let replaced = |outcome: &Result<Stored, WriteError>| {
+            matches!(
+                outcome,
+                Err(WriteError::Chain(FeedError::Replaced {
+                    seq: 4,
+                    last_seq: 3,
+                    ..
+                }))
+            )
+        };
+        // A replication job made before the roster was re-read carries no
+        // replacement: refused after the roster entry, in a later group...
+        let dir = tempfile::tempdir().unwrap();
+        let mut thread = thread_over(dir.path());
+        assert!(commit(&mut thread, vec![job(&x[..3])])[0].is_ok());
+        assert!(commit(&mut thread, vec![ending_job(&x, 2)])[0].is_ok());
+        let outcome = commit(&mut thread, vec![job(&x[3..])]);
+        assert!(replaced(&outcome[0]), "{:?}", outcome[0]);
+        // ...or later in the same group.
+        let dir = tempfile::tempdir().unwrap();
+        let mut other = thread_over(dir.path());
+        assert!(commit(&mut other, vec![job(&x[..3])])[0].is_ok());
+        let outcomes = commit(&mut other, vec![ending_job(&x, 2), job(&x[3..])]);
+        assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
+        assert!(replaced(&outcomes[1]), "{:?}", outcomes[1]);
+        assert_eq!(other.store.head("city-x").unwrap().unwrap().tip.seq, 3);
+        // Entries already held are duplicates, and the new feed goes on.
+        let again = commit(&mut thread, vec![job(&x[1..3])]);
+        assert_eq!(again[0].as_ref().unwrap().duplicates, 2);
+        let new_key = key(3);
+        let mut body = x[3].body.clone();
+        body.feed_id = vec![8; 16];
+        let next = Entry::sign(&new_key, body).unwrap();
+        let mut going_on = job(&[next]);
+        going_on.replacements = vec![Replacement {
+            old_feed_id: x[2].feed_id(),
+            last_seq: 3,
+            last_hash: x[2].hash,
+            new_feed_id: [8; 16],
+            new_key: new_key.verifying_key(),
+        }];
+        let outcome = commit(&mut thread, vec![going_on]);
+        assert_eq!(outcome[0].as_ref().unwrap().new, 1, "{:?}", outcome[0]);
+        // A feed end this node does not enforce (the member is pinned
+        // here) ends nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let mut pinned = thread_over(dir.path());
+        assert!(commit(&mut pinned, vec![job(&x[..3])])[0].is_ok());
+        let mut ending = ending_job(&x, 2);
+        ending.feed_end.as_mut().unwrap().enforce = false;
+        assert!(commit(&mut pinned, vec![ending])[0].is_ok());
+        assert!(commit(&mut pinned, vec![job(&x[3..])])[0].is_ok());
+    }
+
     #[test]
     fn a_job_failing_midway_leaves_none_of_its_records_in_the_group_commit() {
         use civex_proto::v1::{entry_body::Payload, Retraction};
@@ -732,24 +964,9 @@ mod tests {
         let mut thread = WriterThread {
             store: store.clone(),
             heads: HashMap::new(),
+            ended: HashMap::new(),
             notify,
             stopped: Arc::new(AtomicBool::new(false)),
-        };
-        let commit = |thread: &mut WriterThread, jobs: Vec<Job>| {
-            let mut answers = Vec::new();
-            let group = jobs
-                .into_iter()
-                .map(|job| {
-                    let (reply, answer) = oneshot::channel();
-                    answers.push(answer);
-                    (job, reply)
-                })
-                .collect();
-            thread.commit_group(group);
-            answers
-                .into_iter()
-                .map(|mut a| a.try_recv().unwrap())
-                .collect::<Vec<_>>()
         };
         let b = chain(&key(2), "city-b", 2);
         assert!(commit(&mut thread, vec![job(&b[..1])])[0].is_ok());
