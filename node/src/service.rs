@@ -699,6 +699,14 @@ impl Publish for PublishService {
         }
         let origin = request.origin;
         check_origin_id(&origin).map_err(|m| invalid(format!("origin: {m}")))?;
+        if origin == self.publisher.origin() {
+            // Its roster entry would be the next entry of the very feed it
+            // ends; a node holding its key hands it on with a rotation.
+            return Err(invalid(format!(
+                "origin: {origin} is this node's own origin, whose key it holds; hand the feed \
+                 to a new key with civex key rotate"
+            )));
+        }
         let new_key: [u8; 32] = request.new_feed_key.as_slice().try_into().map_err(|_| {
             invalid(format!(
                 "new_feed_key: {} bytes, expected a 32-byte Ed25519 key",

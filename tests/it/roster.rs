@@ -715,4 +715,24 @@ async fn a_cursor_ahead_in_a_replacement_feed_waits_and_is_no_mismatch() {
         Event::Mismatch(m) => assert_eq!(m.origin, "city-a"),
         other => panic!("expected a mismatch, got {other:?}"),
     }
+    // The roster origin, a member of its own roster, holds its key: it
+    // rotates it, and never ends its own feed with a replacement (whose
+    // roster entry would be the next entry of that very feed).
+    let out = consortium
+        .cli(&["roster", "add", "consortium", "--key", &k_key])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let own = consortium
+        .publisher()
+        .await
+        .replace_feed_key(pb::ReplaceFeedKeyRequest {
+            idempotency_key: crate::support::key(),
+            origin: "consortium".into(),
+            new_feed_key: new_key.to_bytes().to_vec(),
+            last_seq: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(own.code(), tonic::Code::InvalidArgument, "{own:?}");
+    assert!(own.message().contains("own origin"), "{}", own.message());
 }
