@@ -10,6 +10,7 @@
 //! - [`replicate`]: subscribing to peers, verifying and storing their feeds.
 //! - [`peers`]: peers added and removed at runtime, persisted and audited.
 //! - [`service`]: the gRPC layer; the only module that names tonic servers.
+//! - [`status`]: the operator's status answer, bounded to fit one message.
 //! - [`transport`]: every listener and client connection, plain or TLS.
 //! - [`tls`]: mutual TLS: certificates, verification, reload, revocation.
 //! - [`pki`]: identities, the federation CA, requests and revocation lists.
@@ -32,6 +33,7 @@ pub mod publish;
 pub mod query;
 pub mod replicate;
 pub mod service;
+pub mod status;
 pub mod store;
 pub mod tls;
 pub mod transport;

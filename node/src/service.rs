@@ -30,6 +30,7 @@ use crate::{
     publish::{self, PublishError, Publisher, Receipt},
     query::{self, ObservationFilter, OfferFilter, QueryError},
     replicate::{Replication, Roster},
+    status::{conflict_report, head_message, node_status, PeerView, StatusInput},
     store::{Head, SharedStore, Store, StoreError},
     tls::PeerInfo,
     writer::{DurableHeads, WriteError, Writer},
@@ -859,17 +860,6 @@ impl Publish for PublishService {
     }
 }
 
-fn head_message(origin: String, head: &Head) -> pb::Head {
-    pb::Head {
-        origin,
-        feed_id: head.tip.feed_id.to_vec(),
-        seq: head.tip.seq,
-        entry_hash: head.tip.hash.to_vec(),
-        time_unix_micros: head.tip.time_unix_micros,
-        received_unix_micros: head.received_unix_micros,
-    }
-}
-
 /// The Feed service: subscriptions and heads.
 pub struct FeedService {
     store: SharedStore,
@@ -1529,59 +1519,46 @@ impl StatusApi for StatusService {
         _request: Request<pb::NodeStatusRequest>,
     ) -> Result<Response<pb::NodeStatusResponse>, Status> {
         let heads = self.writer.heads();
-        let held: BTreeMap<&str, u64> =
-            heads.iter().map(|(o, h)| (o.as_str(), h.tip.seq)).collect();
-        let peers = self
-            .replication
-            .peers()
+        let replicated = self.replication.peers();
+        let peers = replicated
             .iter()
-            .map(|peer| {
-                let state = peer.state.lock().map(|s| s.clone()).unwrap_or_default();
-                pb::PeerStatus {
-                    name: peer.name.clone(),
-                    address: peer.address.clone(),
-                    connected: state.connected,
-                    last_error: state.last_error,
-                    refused: state.refused,
-                    origins: state
-                        .peer_heads
-                        .iter()
-                        .map(|(origin, seq)| pb::PeerOriginLag {
-                            origin: origin.clone(),
-                            held_seq: held.get(origin.as_str()).copied().unwrap_or(0),
-                            peer_seq: *seq,
-                        })
-                        .collect(),
-                }
+            .map(|peer| PeerView {
+                name: &peer.name,
+                address: &peer.address,
+                state: peer.state.lock().map(|s| s.clone()).unwrap_or_default(),
             })
             .collect();
-        Ok(Response::new(pb::NodeStatusResponse {
-            origin: self.publisher.origin().to_owned(),
-            heads: heads
-                .iter()
-                .map(|(origin, head)| head_message(origin.clone(), head))
-                .collect(),
+        let conflicts = self.store.conflicts().map_err(|e| e.to_status())?;
+        Ok(Response::new(node_status(StatusInput {
+            origin: self.publisher.origin(),
+            heads: &heads,
             peers,
             publish_ready: self.publisher.is_ready(),
             index_pieces_pending: self
                 .store
                 .index_pieces_pending()
                 .map_err(|e| e.to_status())?,
-            conflicts: self
-                .store
-                .conflicts()
-                .map_err(|e| e.to_status())?
-                .into_iter()
-                .map(|record| pb::ConflictReport {
-                    origin: record.conflict.held.body.origin.clone(),
-                    kind: record.conflict.kind.name().into(),
-                    seq: record.conflict.other.body.seq,
-                    peer: record.peer,
-                    detected_unix_micros: record.detected_unix_micros,
-                    held: Some(record.conflict.held.signed),
-                    other: Some(record.conflict.other.signed),
-                })
-                .collect(),
+            conflicts: &conflicts,
+        })))
+    }
+
+    async fn conflict_evidence(
+        &self,
+        request: Request<pb::ConflictEvidenceRequest>,
+    ) -> Result<Response<pb::ConflictEvidenceResponse>, Status> {
+        let origin = request.into_inner().origin;
+        check_origin_id(&origin).map_err(|m| invalid(format!("origin: {m}")))?;
+        let record = self
+            .store
+            .conflict(&origin)
+            .map_err(|e| e.to_status())?
+            .ok_or_else(|| {
+                Status::not_found(format!("origin: no conflict of {origin} is on record here"))
+            })?;
+        Ok(Response::new(pb::ConflictEvidenceResponse {
+            report: Some(conflict_report(&record)),
+            held: Some(record.conflict.held.signed),
+            other: Some(record.conflict.other.signed),
         }))
     }
 }

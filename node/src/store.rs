@@ -294,6 +294,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Box<dyn Iterator<Item = Result<ResponseRow, StoreError>> + 'a>;
     /// Conflict evidence held, one record per origin.
     fn conflicts(&self) -> Result<Vec<ConflictRecord>, StoreError>;
+    /// The conflict evidence held for `origin`, if any.
+    fn conflict(&self, origin: &str) -> Result<Option<ConflictRecord>, StoreError> {
+        Ok(self
+            .conflicts()?
+            .into_iter()
+            .find(|record| record.conflict.held.body.origin == origin))
+    }
     /// Key rotations of an origin's feed held: (seq, new key), in seq order.
     fn rotations(&self, origin: &str) -> Result<Vec<(u64, [u8; 32])>, StoreError>;
     /// The latest roster entry `publisher` made about each member.
@@ -1528,6 +1535,20 @@ impl Store for SledStore {
         }
         Ok(records)
     }
+
+    fn conflict(&self, origin: &str) -> Result<Option<ConflictRecord>, StoreError> {
+        let key = key_of(b'k', &[origin], None);
+        let Some(value) = self.db.get(key).map_err(sled_error(&self.path))? else {
+            return Ok(None);
+        };
+        let other_key = key_of(b'k', &[origin], Some(1));
+        let other = self.db.get(other_key).map_err(sled_error(&self.path))?;
+        decode_conflict(&value, other.as_deref())
+            .map(Some)
+            .ok_or_else(|| {
+                self.corrupt(format!("the conflict record of {origin:?} does not decode"))
+            })
+    }
 }
 
 /// Shared handle to a store.
@@ -1612,6 +1633,11 @@ pub(crate) mod tests {
         assert_eq!(read[0].conflict.held.hash, record.conflict.held.hash);
         assert_eq!(read[0].conflict.other.hash, record.conflict.other.hash);
         assert_eq!(read[0].peer, "peer city-b");
+        // One origin's record alone reads the same.
+        let one = store.conflict("city-a").unwrap().unwrap();
+        assert_eq!(one.conflict.held.signed, record.conflict.held.signed);
+        assert_eq!(one.conflict.other.signed, record.conflict.other.signed);
+        assert!(store.conflict("city-").unwrap().is_none());
         // A record written whole in one value (before the split) reads too.
         let (mut whole, _) = encode_conflict(&record);
         // Kind, time, peer length and peer; then both entries in one chunk.
@@ -1627,6 +1653,8 @@ pub(crate) mod tests {
             .unwrap();
         let read = store.conflicts().unwrap();
         assert_eq!(read[0].conflict.other.hash, record.conflict.other.hash);
+        let one = store.conflict("city-a").unwrap().unwrap();
+        assert_eq!(one.conflict.other.hash, record.conflict.other.hash);
     }
 
     #[test]

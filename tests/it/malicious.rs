@@ -347,8 +347,32 @@ async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
         .expect("no conflict on record for city-a");
     assert_eq!((conflict.kind.as_str(), conflict.seq), ("fork", 2));
     assert_eq!(conflict.peer, "city-m");
-    assert_eq!(conflict.other.as_ref(), Some(&fork.signed));
-    assert_eq!(conflict.held.as_ref(), Some(&a_good[1].signed));
+    // The status names the two entries; the evidence is served apart.
+    let size = |e: &Entry| (e.signed.body.len() + e.signed.signature.len()) as u32;
+    assert_eq!(conflict.held_seq, 2);
+    assert_eq!(conflict.held_hash, a_good[1].hash.to_vec());
+    assert_eq!(conflict.held_size, size(&a_good[1]));
+    assert_eq!(conflict.other_hash, fork.hash.to_vec());
+    assert_eq!(conflict.other_size, size(&fork));
+    assert_eq!(status.conflicts_not_shown, 0);
+    let mut status_client = pb::status_client::StatusClient::new(node.channel().await);
+    let evidence = status_client
+        .conflict_evidence(pb::ConflictEvidenceRequest {
+            origin: "city-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(evidence.report.as_ref(), Some(conflict));
+    assert_eq!(evidence.other.as_ref(), Some(&fork.signed));
+    assert_eq!(evidence.held.as_ref(), Some(&a_good[1].signed));
+    let none = status_client
+        .conflict_evidence(pb::ConflictEvidenceRequest {
+            origin: "city-b".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), tonic::Code::NotFound, "{none:?}");
     let peer = &status.peers[0];
     assert!(
         !peer.last_error.contains("claims"),
@@ -360,6 +384,54 @@ async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
         "only {} entries counted as refused",
         peer.refused
     );
+}
+
+/// A peer relaying many origins: the status lists 16 of them for it (those
+/// this node lags furthest behind first) and counts the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_of_many_origins_is_shown_with_a_bounded_list_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let origins: Vec<Forger> = (0..20u8)
+        .map(|i| Forger::new(10 + i, &format!("city-{i:02}")))
+        .collect();
+    // The peer holds nothing more of any of them: a marker each, and one
+    // for this node's own feed.
+    let drained = |origin: &str| pb::SubscribeResponse {
+        event: Some(Event::Drained(pb::BacklogDrained {
+            origin: origin.into(),
+            head_seq: 0,
+        })),
+    };
+    let step: Vec<pb::SubscribeResponse> = origins
+        .iter()
+        .map(|f| drained(&f.origin))
+        .chain([drained("city-n")])
+        .collect();
+    let (m_address, _) = serve_script(&dir.path().join("m"), vec![step]).await;
+    let mut spec = Spec::new("city-n")
+        .peer("city-m", &m_address)
+        .allow_without_peers();
+    for forger in &origins {
+        spec = spec.trust(&forger.origin, &public_key_hex(&forger.key.verifying_key()));
+    }
+    let node = TestNode::start(&dir.path().join("node"), spec).await;
+    eventually("the peer's 21 origins to be known", || async {
+        node.status()
+            .await
+            .peers
+            .first()
+            .is_some_and(|p| p.origins.len() as u64 + p.origins_not_shown == 21)
+    })
+    .await;
+    let status = node.status().await;
+    let peer = &status.peers[0];
+    assert_eq!((peer.origins.len(), peer.origins_not_shown), (16, 5));
+    assert_eq!((peer.origins_behind, peer.entries_behind), (0, 0));
+    // None lags: listed by origin.
+    let listed: Vec<&str> = peer.origins.iter().map(|o| o.origin.as_str()).collect();
+    let expected: Vec<String> = (0..16).map(|i| format!("city-{i:02}")).collect();
+    assert_eq!(listed, expected);
+    assert_eq!(status.peers_not_shown, 0);
 }
 
 /// A newer build's entries (fields this one does not know) are stored and
