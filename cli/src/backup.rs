@@ -127,7 +127,10 @@ pub(crate) async fn backup(node: &Node, format: Format, out: &Path) -> anyhow::R
         .await?
         .node_status(pb::NodeStatusRequest {})
         .await
-        .map_or(0, |status| status.into_inner().conflicts.len());
+        .map_or(0, |status| {
+            let status = status.into_inner();
+            status.conflicts.len() as u64 + status.conflicts_not_shown
+        });
     if conflicts > 0 {
         eprintln!(
             "civex: note: {conflicts} origins have fork evidence on record here (civex status); \

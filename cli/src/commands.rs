@@ -1534,6 +1534,25 @@ pub(crate) async fn audit(node: &Node, format: Format) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
+/// "(N more ... not shown)" for a list the node cut, or nothing.
+fn not_shown(count: u64, what: &str) -> Option<String> {
+    (count > 0).then(|| format!("({count} more {what} not shown)"))
+}
+
+/// The first 16 hex digits of a hash, for tables.
+fn short_hex(bytes: &[u8]) -> String {
+    hex(&bytes[..bytes.len().min(8)])
+}
+
+fn conflict_json(c: &pb::ConflictReport) -> serde_json::Value {
+    json!({
+        "origin": c.origin, "kind": c.kind, "seq": c.seq, "peer": c.peer,
+        "detected": format_micros(c.detected_unix_micros),
+        "held_seq": c.held_seq, "held_hash": hex(&c.held_hash), "held_size": c.held_size,
+        "other_hash": hex(&c.other_hash), "other_size": c.other_size,
+    })
+}
+
 pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCode> {
     let status = client::status(node)
         .await?
@@ -1551,6 +1570,7 @@ pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCo
                 "entry_hash": hex(&h.entry_hash), "time": format_micros(h.time_unix_micros),
                 "received": format_micros(h.received_unix_micros),
             })).collect::<Vec<_>>(),
+            "heads_not_shown": status.heads_not_shown,
             "peers": status.peers.iter().map(|p| json!({
                 "name": p.name, "address": p.address, "connected": p.connected,
                 "last_error": p.last_error, "refused": p.refused,
@@ -1558,11 +1578,13 @@ pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCo
                     "origin": o.origin, "held_seq": o.held_seq, "peer_seq": o.peer_seq,
                     "lag": o.peer_seq.saturating_sub(o.held_seq),
                 })).collect::<Vec<_>>(),
+                "origins_not_shown": p.origins_not_shown,
+                "origins_behind": p.origins_behind,
+                "entries_behind": p.entries_behind,
             })).collect::<Vec<_>>(),
-            "conflicts": status.conflicts.iter().map(|c| json!({
-                "origin": c.origin, "kind": c.kind, "seq": c.seq, "peer": c.peer,
-                "detected": format_micros(c.detected_unix_micros),
-            })).collect::<Vec<_>>(),
+            "peers_not_shown": status.peers_not_shown,
+            "conflicts": status.conflicts.iter().map(conflict_json).collect::<Vec<_>>(),
+            "conflicts_not_shown": status.conflicts_not_shown,
         })),
         Format::Table => {
             println!(
@@ -1590,21 +1612,34 @@ pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCo
                     })
                     .collect::<Vec<_>>(),
             );
+            if let Some(more) = not_shown(status.heads_not_shown, "origins") {
+                println!("{more}");
+            }
             if !status.peers.is_empty() {
                 println!();
                 let mut rows = Vec::new();
                 for peer in &status.peers {
-                    let lag = peer
+                    // The origins this node lags furthest behind first.
+                    let mut lag = peer
                         .origins
                         .iter()
                         .map(|o| format!("{}:{}", o.origin, o.peer_seq.saturating_sub(o.held_seq)))
-                        .collect::<Vec<_>>()
-                        .join(" ");
+                        .collect::<Vec<_>>();
+                    lag.extend(not_shown(peer.origins_not_shown, "origins"));
+                    let behind = match peer.origins_behind {
+                        0 => "-".to_owned(),
+                        n => format!(
+                            "{n} origin{}, {} entries",
+                            if n == 1 { "" } else { "s" },
+                            peer.entries_behind
+                        ),
+                    };
                     rows.push(vec![
                         peer.name.clone(),
                         peer.address.clone(),
                         if peer.connected { "yes" } else { "no" }.to_owned(),
-                        lag,
+                        behind,
+                        lag.join(" "),
                         peer.refused.to_string(),
                         peer.last_error.clone(),
                     ]);
@@ -1614,6 +1649,7 @@ pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCo
                         "peer",
                         "address",
                         "connected",
+                        "behind",
                         "lag",
                         "refused",
                         "last error",
@@ -1621,11 +1657,22 @@ pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCo
                     &rows,
                 );
             }
+            if let Some(more) = not_shown(status.peers_not_shown, "peers") {
+                println!("{more}");
+            }
             if !status.conflicts.is_empty() {
                 println!();
                 println!("conflicts on record (these origins are not replicated):");
                 output::table(
-                    &["origin", "kind", "seq", "from peer", "detected"],
+                    &[
+                        "origin",
+                        "kind",
+                        "seq",
+                        "held",
+                        "other",
+                        "from peer",
+                        "detected",
+                    ],
                     &status
                         .conflicts
                         .iter()
@@ -1634,13 +1681,107 @@ pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCo
                                 c.origin.clone(),
                                 c.kind.clone(),
                                 c.seq.to_string(),
+                                short_hex(&c.held_hash),
+                                short_hex(&c.other_hash),
                                 c.peer.clone(),
                                 format_micros(c.detected_unix_micros),
                             ]
                         })
                         .collect::<Vec<_>>(),
                 );
+                if let Some(more) = not_shown(status.conflicts_not_shown, "conflicts") {
+                    println!("{more}");
+                }
+                println!("the evidence, both entries as signed: civex conflict ORIGIN");
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One entry of conflict evidence, for JSON: what it is and its signed
+/// bytes, so anyone holding the origin's key can check it.
+fn evidence_json(signed: &pb::SignedEntry) -> serde_json::Value {
+    let mut value = match Entry::decode(signed.clone()) {
+        Ok(entry) => json!({
+            "seq": entry.body.seq, "feed_id": hex(&entry.body.feed_id),
+            "prev_hash": hex(&entry.body.prev_hash),
+            "time": format_micros(entry.body.time_unix_micros),
+            "hash": hex(&entry.hash), "what": describe_payload(&entry.body),
+        }),
+        Err(err) => json!({ "error": err.to_string() }),
+    };
+    value["size"] = json!(signed.body.len() + signed.signature.len());
+    value["body"] = json!(hex(&signed.body));
+    value["signature"] = json!(hex(&signed.signature));
+    value
+}
+
+/// `civex conflict ORIGIN`: the evidence of a conflict on record.
+pub(crate) async fn conflict(
+    node: &Node,
+    format: Format,
+    origin: &str,
+) -> anyhow::Result<ExitCode> {
+    let evidence = client::status(node)
+        .await?
+        .conflict_evidence(pb::ConflictEvidenceRequest {
+            origin: origin.to_owned(),
+        })
+        .await
+        .map_err(|s| anyhow!("no evidence: {}", describe(&s)))?
+        .into_inner();
+    let report = evidence.report.unwrap_or_default();
+    let (held, other) = (
+        evidence.held.unwrap_or_default(),
+        evidence.other.unwrap_or_default(),
+    );
+    match format {
+        Format::Json => {
+            let mut value = conflict_json(&report);
+            value["held"] = evidence_json(&held);
+            value["other"] = evidence_json(&other);
+            output::json(&value);
+        }
+        Format::Table => {
+            println!(
+                "{} of {} at seq {}, from peer {}, found {}; both entries are signed by its key",
+                report.kind,
+                report.origin,
+                report.seq,
+                report.peer,
+                format_micros(report.detected_unix_micros)
+            );
+            println!();
+            let row = |role: &str, signed: &pb::SignedEntry| {
+                let size = (signed.body.len() + signed.signature.len()).to_string();
+                match Entry::decode(signed.clone()) {
+                    Ok(entry) => vec![
+                        role.to_owned(),
+                        entry.body.seq.to_string(),
+                        hex(&entry.body.feed_id),
+                        format_micros(entry.body.time_unix_micros),
+                        hex(&entry.hash),
+                        size,
+                        describe_payload(&entry.body),
+                    ],
+                    Err(err) => vec![
+                        role.to_owned(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                        size,
+                        err.to_string(),
+                    ],
+                }
+            };
+            output::table(
+                &["entry", "seq", "feed id", "time", "hash", "bytes", "what"],
+                &[row("held", &held), row("other", &other)],
+            );
+            println!();
+            println!("--output json prints both entries' signed bytes (body and signature, hex)");
         }
     }
     Ok(ExitCode::SUCCESS)

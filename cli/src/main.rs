@@ -107,8 +107,16 @@ enum Command {
     /// Follow feeds.
     #[command(subcommand)]
     Feed(commands::FeedCommand),
-    /// Heads per origin, peers and their lag, conflicts on record.
+    /// Heads per origin, peers and their lag, conflicts on record (long
+    /// lists are cut, saying how much is not shown).
     Status,
+    /// The evidence of a conflict on record (a fork, or a feed started
+    /// over; civex status lists them): both entries as the node received
+    /// them, each signed by the origin's key, so anyone can check them.
+    Conflict {
+        /// The origin whose feed conflicts.
+        origin: String,
+    },
     /// Peers at runtime: add, remove, list (persisted and audited).
     #[command(subcommand)]
     Peer(commands::PeerCommand),
@@ -263,6 +271,7 @@ async fn talk_to(
         Command::Query(command) => commands::query(node, output, command).await,
         Command::Feed(command) => commands::feed(node, output, command).await,
         Command::Status => commands::status(node, output).await,
+        Command::Conflict { origin } => commands::conflict(node, output, &origin).await,
         Command::Backup { out } => backup::backup(node, output, &out).await,
         Command::Peer(command) => commands::peer(node, output, command).await,
         Command::Audit => commands::audit(node, output).await,

@@ -12,7 +12,10 @@ use std::{
 };
 
 use civex_node::{
-    core::feed::{Entry, ENTRY_SIGNATURE_CONTEXT, GENESIS_PREV_HASH},
+    core::{
+        feed::{Entry, ENTRY_SIGNATURE_CONTEXT, GENESIS_PREV_HASH},
+        ids::hex,
+    },
     keys::public_key_hex,
     pki::Identity,
     tls::{Tls, TlsFiles},
@@ -373,6 +376,47 @@ async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
         .await
         .unwrap_err();
     assert_eq!(none.code(), tonic::Code::NotFound, "{none:?}");
+    // The same from the CLI: listed by civex status, shown whole by civex
+    // conflict, its JSON the signed bytes.
+    let out = node.cli(&["status"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let short = |e: &Entry| hex(&e.hash[..8]);
+    assert!(
+        table.contains(&short(&a_good[1])) && table.contains(&short(&fork)),
+        "{table}"
+    );
+    assert!(table.contains("civex conflict ORIGIN"), "{table}");
+    let out = node.cli(&["--output", "json", "status"]).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["conflicts"][0]["other_hash"], hex(&fork.hash));
+    assert_eq!(json["conflicts"][0]["held_size"], size(&a_good[1]));
+    assert_eq!(json["conflicts_not_shown"], 0);
+    let out = node.cli(&["conflict", "city-a"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    assert!(
+        table.contains("fork of city-a at seq 2, from peer city-m")
+            && table.contains(&hex(&fork.hash))
+            && table.contains(&hex(&a_good[1].hash)),
+        "{table}"
+    );
+    let out = node.cli(&["--output", "json", "conflict", "city-a"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (side, entry) in [("held", &a_good[1]), ("other", &fork)] {
+        assert_eq!(json[side]["seq"], 2);
+        assert_eq!(json[side]["hash"], hex(&entry.hash));
+        assert_eq!(json[side]["body"], hex(&entry.signed.body));
+        assert_eq!(json[side]["signature"], hex(&entry.signed.signature));
+    }
+    let out = node.cli(&["conflict", "city-b"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no conflict of city-b is on record"),
+        "{}",
+        stderr(&out)
+    );
     let peer = &status.peers[0];
     assert!(
         !peer.last_error.contains("claims"),
@@ -387,7 +431,8 @@ async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
 }
 
 /// A peer relaying many origins: the status lists 16 of them for it (those
-/// this node lags furthest behind first) and counts the rest.
+/// this node lags furthest behind first) and counts the rest, through gRPC
+/// and in both forms of `civex status`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_of_many_origins_is_shown_with_a_bounded_list_and_counts() {
     let dir = tempfile::tempdir().unwrap();
@@ -432,6 +477,23 @@ async fn a_peer_of_many_origins_is_shown_with_a_bounded_list_and_counts() {
     let expected: Vec<String> = (0..16).map(|i| format!("city-{i:02}")).collect();
     assert_eq!(listed, expected);
     assert_eq!(status.peers_not_shown, 0);
+
+    let out = node.cli(&["status"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    assert!(
+        table.contains("city-15:0 (5 more origins not shown)") && !table.contains("city-16:"),
+        "{table}"
+    );
+    let out = node.cli(&["--output", "json", "status"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let peer = &json["peers"][0];
+    assert_eq!(peer["origins"].as_array().unwrap().len(), 16);
+    assert_eq!(peer["origins_not_shown"], 5);
+    assert_eq!(peer["origins_behind"], 0);
+    assert_eq!(json["heads_not_shown"], 0);
+    assert_eq!(json["peers_not_shown"], 0);
 }
 
 /// A newer build's entries (fields this one does not know) are stored and
