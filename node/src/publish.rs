@@ -1950,7 +1950,6 @@ mod tests {
             noise_key: None,
         };
         let keys = Arc::new(KeyResolver::new("roster", genesis, Default::default()));
-        let (_open, ready) = watch::channel(true);
         Publisher::new(
             "roster".into(),
             FeedKey {
@@ -1962,7 +1961,8 @@ mod tests {
             keys,
             store,
             writer,
-            ready,
+            // No peers: open.
+            crate::replicate::PublishGate::new(Vec::new(), false),
         )
     }
 

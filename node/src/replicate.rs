@@ -67,7 +67,7 @@ pub struct PeerState {
     pub claimed_heads: BTreeMap<String, u64>,
     /// The text each claim put in `last_error`, taken out of it once the
     /// claim is resolved (or a later marker names no more than is held).
-    claim_errors: BTreeMap<String, String>,
+    pub(crate) claim_errors: BTreeMap<String, String>,
 }
 
 /// A configured peer and its state.

@@ -229,7 +229,7 @@ mod tests {
             last_error: "é".repeat(10_000),
             refused: u64::MAX,
             peer_heads: (0..origins).map(|i| (long_origin(i), lag(i))).collect(),
-            claimed_heads: BTreeMap::new(),
+            ..Default::default()
         }
     }
 
