@@ -49,10 +49,12 @@ pub(crate) async fn backup(node: &Node, format: Format, out: &Path) -> anyhow::R
     let mut file = BackupWriter::create(out)?;
     let progress = Progress::new("backing up", total);
     let mut written = 0u64;
-    let mut draining = origins.len();
-    if draining > 0 {
-        let asked: Vec<String> = origins.keys().cloned().collect();
-        let mut stream = client::subscribe_from_start(node, &asked).await?;
+    // A subscription takes at most `MAX_CURSORS` origins: a hub holding
+    // more is read one group of origins after another.
+    let asked: Vec<String> = origins.keys().cloned().collect();
+    for group in asked.chunks(civex_node::service::MAX_CURSORS) {
+        let mut draining = group.len();
+        let mut stream = client::subscribe_from_start(node, group).await?;
         while draining > 0 {
             let message = stream
                 .message()

@@ -357,3 +357,61 @@ async fn backup_verify_and_restore_as_an_operator_runs_them() {
         stdout(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_holding_more_origins_than_one_subscription_takes_is_backed_up_whole() {
+    use civex_node::{
+        core::feed::{Entry, GENESIS_PREV_HASH},
+        store::{CommitBatch, Head, SledStore, Store},
+    };
+    use civex_proto::v1::{entry_body::Payload, EntryBody, OfferWithdrawal};
+    let dir = tempfile::tempdir().unwrap();
+    let hub_dir = dir.path().join("hub");
+    let mut hub = TestNode::start(&hub_dir, Spec::new("city-a").allow_without_peers()).await;
+    hub.stop().await;
+    // One more origin than a subscription takes, each with one entry, put
+    // in the stopped hub's store as replication would have.
+    let origins = civex_node::service::MAX_CURSORS + 1;
+    {
+        let signer = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let store = SledStore::open(&hub_dir.join("data"), 16 << 20).unwrap();
+        let mut commit = CommitBatch::default();
+        for i in 0..origins {
+            let body = EntryBody {
+                origin: format!("member-{i}"),
+                feed_id: vec![7; 16],
+                seq: 1,
+                prev_hash: GENESIS_PREV_HASH.to_vec(),
+                time_unix_micros: 1_000,
+                idempotency_key: vec![1; 16],
+                payload: Some(Payload::Withdrawal(OfferWithdrawal {
+                    offer_id: "o".into(),
+                    reason: String::new(),
+                })),
+            };
+            let entry = Entry::sign(&signer, body).unwrap();
+            let head = Head {
+                tip: entry.tip(),
+                received_unix_micros: 5,
+            };
+            commit.heads.push((entry.body.origin.clone(), head));
+            commit.runs.push(vec![entry]);
+        }
+        store.commit(&commit).unwrap();
+    }
+    hub = TestNode::start(&hub_dir, Spec::new("city-a").allow_without_peers()).await;
+    let file = dir.path().join("hub.backup");
+    let summary = backup(&hub, &file).await;
+    assert_eq!(summary["entries"], origins as u64, "{summary}");
+    let mut read: Vec<String> = BackupReader::open(&file)
+        .unwrap()
+        .map(|r| {
+            let body = <EntryBody as prost::Message>::decode(r.unwrap().1.body).unwrap();
+            body.origin
+        })
+        .collect();
+    read.sort();
+    read.dedup();
+    assert_eq!(read.len(), origins);
+    hub.stop().await;
+}
