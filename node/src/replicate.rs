@@ -247,6 +247,12 @@ enum Attempt {
     Failed,
     /// Neither: this node ended it (a roster change) before the marker.
     Interrupted,
+    /// The peer has delivered entries of this node's own feed (in this
+    /// attempt or an earlier one) but not yet its marker: it holds the
+    /// feed, perhaps further than this node, so it never counts as
+    /// unreachable (publishing now could fork the own feed); the gate
+    /// waits for its marker, or for `civex peer remove`.
+    Delivering,
 }
 
 /// Attempts in a row that failed (see [`UNREACHABLE_AFTER`]).
@@ -260,7 +266,7 @@ impl Attempts {
     /// counts as unreachable.
     fn ended(&mut self, attempt: Attempt) -> bool {
         match attempt {
-            Attempt::Served => self.failed = 0,
+            Attempt::Served | Attempt::Delivering => self.failed = 0,
             Attempt::Failed => self.failed += 1,
             Attempt::Interrupted => return false,
         }
@@ -304,9 +310,17 @@ impl Replicator {
                 s.connected = false;
                 s.claimed_heads.clear();
             });
+            let delivered_own = {
+                let state = peer.state.lock().unwrap_or_else(|e| e.into_inner());
+                state
+                    .peer_heads
+                    .get(&self.own_origin)
+                    .is_some_and(|seq| *seq > 0)
+            };
             let attempt = match (&result, served) {
                 (_, true) => Attempt::Served,
                 (Ok(Ended::RosterChanged), false) => Attempt::Interrupted,
+                _ if delivered_own => Attempt::Delivering,
                 _ => Attempt::Failed,
             };
             match result {
@@ -340,7 +354,9 @@ impl Replicator {
             // restore safety then rests on the other peers: the roster
             // removed this node, or the peer's read policy for it leaves
             // out its own origin. A peer that served the own feed once
-            // keeps counting as having served it.
+            // keeps counting as having served it; one that delivered
+            // entries of it (they verified and were stored) but no marker
+            // yet never counts as unreachable.
             let unreachable = attempts.ended(attempt);
             if let Some(index) = index.filter(|_| unreachable) {
                 self.gate.report(index, PeerSync::Unreachable);

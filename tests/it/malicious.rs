@@ -797,3 +797,88 @@ async fn peers_that_connect_but_never_serve_the_own_feed_count_as_unreachable() 
          marker)"
     );
 }
+
+/// A peer that holds this node's own feed further than this node (one
+/// restored from an old backup) and delivers part of it on each attempt,
+/// its stream failing every time before the own feed's marker (a flaky
+/// link, or an entry past the message limit), never counts as
+/// unreachable, even once it delivers nothing more: another peer that
+/// holds less of the own feed must not open publishing, or the next
+/// publish forks the own feed. Found by review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_delivered_the_own_feed_but_fails_keeps_publishing_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    civex_node::keys::write_secret_file(
+        &node_dir.join("feed.key"),
+        format!("{}\n", hex(&[40u8; 32])).as_bytes(),
+    )
+    .unwrap();
+    // The own feed as city-m holds it: six entries.
+    let own = Forger::new(40, "city-n");
+    let held = own.chain(6);
+    let upto = |from: usize, to: usize| {
+        batch(
+            "city-n",
+            held[from - 1..to]
+                .iter()
+                .map(|e| e.signed.clone())
+                .collect(),
+        )
+    };
+    // Each of three streams delivers one more entry of the own feed and
+    // fails; every later stream fails at once.
+    let m = Script {
+        steps: vec![vec![upto(1, 1)], vec![upto(2, 2)], vec![upto(3, 3)]],
+        then: Vec::new(),
+        end: Some(Status::unavailable("connection reset")),
+    };
+    let (m_address, m_calls) = serve_script_as(&dir.path().join("m"), "city-m", m).await;
+    // city-y holds none of it, and says so.
+    let y = Script {
+        then: vec![pb::SubscribeResponse {
+            event: Some(Event::Drained(pb::BacklogDrained {
+                origin: "city-n".into(),
+                head_seq: 0,
+            })),
+        }],
+        ..Script::default()
+    };
+    let (y_address, _) = serve_script_as(&dir.path().join("y"), "city-y", y).await;
+    let node = TestNode::start(
+        &node_dir,
+        Spec::new("city-n")
+            .peer("city-m", &m_address)
+            .peer("city-y", &y_address),
+    )
+    .await;
+    // Six attempts have ended (each reports to the gate before the next
+    // begins): three that delivered, three that delivered nothing.
+    eventually("city-m to be tried seven times", || async {
+        m_calls.load(Ordering::SeqCst) >= 7
+    })
+    .await;
+    let status = node.status().await;
+    let m = status.peers.iter().find(|p| p.name == "city-m").unwrap();
+    assert_eq!(m.refused, 0, "city-m's entries were refused: {m:?}");
+    assert_eq!(node.head("city-n").await.0, 3);
+    assert!(
+        !status.publish_ready,
+        "publishing opened while city-m, which delivered the own feed, holds more of it"
+    );
+    let refused = node
+        .publisher()
+        .await
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: crate::support::key(),
+            rows: vec![crate::support::row("k0", "city-n", "2025", 1.0, 10)],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        refused.message().contains("city-m") && refused.message().contains("civex peer remove"),
+        "{}",
+        refused.message()
+    );
+}
