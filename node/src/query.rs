@@ -236,7 +236,7 @@ fn observations_within(
     let mut read_whole: Option<ObservationKey> = None;
     let mut resolver = Resolver { store, last: None };
     let mut held_seq: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
-    let mut broken_groups: std::collections::HashMap<(String, u64), bool> =
+    let mut broken_groups: std::collections::HashMap<(String, u64), Vec<(u64, u64)>> =
         std::collections::HashMap::new();
     for origin in origins {
         let after_here = match (&after, origin) {
@@ -293,14 +293,16 @@ fn observations_within(
             let never = row.group_end == NEVER_QUERYABLE
                 || (row.group_end != 0 && {
                     let group = (row.key.origin.clone(), row.group_end);
-                    match broken_groups.get(&group) {
-                        Some(broken) => *broken,
+                    let parts = match broken_groups.get(&group) {
+                        Some(parts) => parts,
                         None => {
-                            let broken = store.group_broken(&group.0, group.1)?;
-                            broken_groups.insert(group, broken);
-                            broken
+                            let parts = store.broken_parts(&group.0, group.1)?;
+                            broken_groups.entry(group).or_insert(parts)
                         }
-                    }
+                    };
+                    parts
+                        .iter()
+                        .any(|(low, high)| (*low..=*high).contains(&row.seq))
                 });
             // A cell never answered still supersedes the key's earlier
             // values: answering one of them as current would be wrong.
@@ -651,6 +653,34 @@ mod tests {
         let store = SledStore::open(dir.path(), 1 << 22).unwrap();
         commit(&store, &[old, lone]);
         assert_eq!(answered(&store), ["a"]);
+    }
+
+    /// A broken group and a complete one after it may end at the same seq:
+    /// only the broken one's cells are left out (found by review).
+    #[test]
+    fn a_complete_group_ending_where_a_broken_one_would_is_answered() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let grouped = |prev: Option<&Entry>, indicator: &str, id: u8, part: u32, count: u32| {
+            let batch = IndicatorBatch {
+                observations: vec![observation(indicator, 1.0)],
+                group: Some(PublishGroup {
+                    id: vec![id; 16],
+                    part,
+                    count,
+                }),
+                ..Default::default()
+            };
+            signed(&key, "city-a", prev, Payload::Indicators(batch))
+        };
+        // Seq 1: part 0 of group A (3 parts, ending at 3), broken by seq 2.
+        // Seqs 2 and 3: group B, whole, ending at 3 too.
+        let a0 = grouped(None, "a", 1, 0, 3);
+        let b0 = grouped(Some(&a0), "b", 2, 0, 2);
+        let b1 = grouped(Some(&b0), "c", 2, 1, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
+        commit(&store, &[a0, b0, b1]);
+        assert_eq!(answered(&store), ["b", "c"]);
     }
 
     #[test]

@@ -45,8 +45,8 @@
 //!   one found (kind, time, peer, the entry held), and `k|origin|1` the
 //!   other entry, apart so that each value stays below 96 KiB; replication
 //!   of the origin stops while it is held
-//! - `g|origin|group_end` a publish group of the origin that can never
-//!   complete (value: the seq of the entry that showed it); its cells are
+//! - `g|origin|group_end|low` parts at seqs low..=high (value: high) of a
+//!   publish group of the origin that can never complete; their cells are
 //!   never answered
 
 use std::{
@@ -266,10 +266,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(u64, u64), StoreError>;
     /// Whether an entry of `origin` has been retracted.
     fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError>;
-    /// Whether the publish group of `origin` ending at `group_end` can never
-    /// complete: the feed goes on past a part with something other than the
-    /// group's next part.
-    fn group_broken(&self, origin: &str, group_end: u64) -> Result<bool, StoreError>;
+    /// The seq ranges (low, high) of `origin`'s entries whose cells claim
+    /// `group_end` and belong to a publish group that can never complete:
+    /// the feed goes on past a part with something other than the group's
+    /// next part.
+    fn broken_parts(&self, origin: &str, group_end: u64) -> Result<Vec<(u64, u64)>, StoreError>;
     /// Folds up to `limit` packed index pieces into the ordered observation
     /// index, each fold one atomic batch; returns how many were folded.
     /// Readers see the same rows before and after.
@@ -1068,11 +1069,10 @@ impl Store for SledStore {
             };
             for entry in run {
                 let (next, broken) = follow_group(open.as_ref(), entry);
-                for end in broken {
-                    batch.insert(
-                        key_of(b'g', &[origin], Some(end)),
-                        &entry.body.seq.to_be_bytes(),
-                    );
+                for parts in broken {
+                    let mut key = key_of(b'g', &[origin], Some(parts.end));
+                    key.extend_from_slice(&parts.low.to_be_bytes());
+                    batch.insert(key, &parts.high.to_be_bytes());
                 }
                 open = next;
             }
@@ -1423,10 +1423,19 @@ impl Store for SledStore {
             .map_err(sled_error(&self.path))
     }
 
-    fn group_broken(&self, origin: &str, group_end: u64) -> Result<bool, StoreError> {
+    fn broken_parts(&self, origin: &str, group_end: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+        let prefix = key_of(b'g', &[origin], Some(group_end));
+        let seq = |bytes: &[u8]| <[u8; 8]>::try_from(bytes).ok().map(u64::from_be_bytes);
         self.db
-            .contains_key(key_of(b'g', &[origin], Some(group_end)))
-            .map_err(sled_error(&self.path))
+            .scan_prefix(&prefix)
+            .map(|item| {
+                let (key, value) = item.map_err(sled_error(&self.path))?;
+                match (seq(&key[prefix.len()..]), seq(&value)) {
+                    (Some(low), Some(high)) => Ok((low, high)),
+                    _ => Err(self.corrupt("a broken publish group record does not decode".into())),
+                }
+            })
+            .collect()
     }
 
     fn offer_versions<'a>(

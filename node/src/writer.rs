@@ -771,8 +771,12 @@ mod tests {
         fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError> {
             self.inner.is_retracted(origin, seq)
         }
-        fn group_broken(&self, origin: &str, group_end: u64) -> Result<bool, StoreError> {
-            self.inner.group_broken(origin, group_end)
+        fn broken_parts(
+            &self,
+            origin: &str,
+            group_end: u64,
+        ) -> Result<Vec<(u64, u64)>, StoreError> {
+            self.inner.broken_parts(origin, group_end)
         }
         fn merge_index_pieces(&self, limit: usize) -> Result<usize, StoreError> {
             self.inner.merge_index_pieces(limit)

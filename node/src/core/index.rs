@@ -191,16 +191,33 @@ pub fn opened_by(entry: &Entry) -> Option<OpenGroup> {
     })
 }
 
+/// Parts of a publish group that can never complete: the entries at seqs
+/// `low..=high`, whose rows carry `group_end` `end`. Another group may end
+/// at the same seq (a complete one, after a broken one), so the seqs say
+/// which rows are meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokenParts {
+    /// The `group_end` the parts claim.
+    pub end: u64,
+    /// Seq of the first part held.
+    pub low: u64,
+    /// Seq of the last part held.
+    pub high: u64,
+}
+
 /// Follows an origin's feed through its next entry. `open` is the group
 /// the entry before it left open. Returns the group this entry leaves open,
-/// and the `group_end`s of groups that this entry shows can never complete:
-/// the open group, if the entry is not its next part, and the entry's own
-/// group, if it claims a later part of a group that was not open. Each
-/// part's end alone says nothing of this (part 0 of two, then any other
-/// entry, is held "up to its end"), and a publish group is answered only
-/// once complete (spec rule 8). Only a malformed feed has broken groups:
-/// the sequencer signs a group's parts back to back.
-pub fn follow_group(open: Option<&OpenGroup>, entry: &Entry) -> (Option<OpenGroup>, Vec<u64>) {
+/// and the parts that this entry shows can never complete: the open
+/// group's, if the entry is not its next part, and the entry itself, if it
+/// claims a later part of a group that was not open. Each part's end alone
+/// says nothing of this (part 0 of two, then any other entry, is held "up
+/// to its end"), and a publish group is answered only once complete (spec
+/// rule 8). Only a malformed feed has broken groups: the sequencer signs a
+/// group's parts back to back.
+pub fn follow_group(
+    open: Option<&OpenGroup>,
+    entry: &Entry,
+) -> (Option<OpenGroup>, Vec<BrokenParts>) {
     let seq = entry.body.seq;
     let claim = group_claim(entry);
     let expected = open.filter(|o| o.next_seq == seq);
@@ -212,12 +229,20 @@ pub fn follow_group(open: Option<&OpenGroup>, entry: &Entry) -> (Option<OpenGrou
     };
     let mut broken = Vec::new();
     if let Some(open) = expected.filter(|_| !continues) {
-        broken.push(open.end());
+        broken.push(BrokenParts {
+            end: open.end(),
+            low: open.next_seq - u64::from(open.part),
+            high: open.next_seq - 1,
+        });
     }
     if let Some(group) = claim {
         let end = group_end(seq, group);
         if group.part > 0 && !continues && end != NEVER_QUERYABLE {
-            broken.push(end);
+            broken.push(BrokenParts {
+                end,
+                low: seq,
+                high: seq,
+            });
             return (None, broken);
         }
     }
@@ -435,7 +460,7 @@ mod tests {
                 }));
                 let (next, broken) = follow_group(open.as_ref(), entry);
                 open = next;
-                out.push(broken);
+                out.push(broken.iter().map(|b| b.end).collect());
             }
             out
         };
@@ -475,6 +500,37 @@ mod tests {
         assert_eq!(
             follow(&[Some((1, 0, 3)), Some((1, 1, 2))]),
             [none.clone(), vec![3, 2]]
+        );
+        // The parts meant: those held of the open group, and the lone part.
+        let entries = chain(&key(1), "city-a", 4);
+        let with = |mut entry: Entry, part, count| {
+            entry.body.payload = Some(Payload::Indicators(IndicatorBatch {
+                group: Some(PublishGroup {
+                    id: vec![1; 16],
+                    part,
+                    count,
+                }),
+                ..Default::default()
+            }));
+            entry
+        };
+        let (open, _) = follow_group(None, &with(entries[1].clone(), 0, 4));
+        let (open, _) = follow_group(open.as_ref(), &with(entries[2].clone(), 1, 4));
+        let (_, broken) = follow_group(open.as_ref(), &with(entries[3].clone(), 3, 4));
+        assert_eq!(
+            broken,
+            [
+                BrokenParts {
+                    end: 5,
+                    low: 2,
+                    high: 3
+                },
+                BrokenParts {
+                    end: 4,
+                    low: 4,
+                    high: 4
+                }
+            ]
         );
         // A malformed part is never queryable anyway; it breaks the open
         // group and opens none.
