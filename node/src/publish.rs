@@ -1987,6 +1987,7 @@ mod tests {
             ..Default::default()
         };
         let end = FeedEnd {
+            abandoned: None,
             origin: "city-x".into(),
             feed_id: at.feed_id(),
             seq: at.body.seq,

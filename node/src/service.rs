@@ -793,11 +793,12 @@ impl Publish for PublishService {
         // The writer stores the roster entry only if the member's head is
         // still this entry (replicated entries of it may be stored until
         // then), and from then on refuses later entries of the feed it ends.
-        let feed_end = crate::writer::FeedEnd {
+        let mut feed_end = crate::writer::FeedEnd {
             origin: origin.clone(),
             feed_id: last.feed_id(),
             seq: last_seq,
             hash: last.hash,
+            abandoned: None,
             enforce: self.roster.replaces_keys_of(&origin),
         };
         let mut new_feed_id = [0u8; 16];
@@ -811,7 +812,10 @@ impl Publish for PublishService {
             .last()
             .is_some_and(|newest| newest.last_seq == last_seq)
         {
-            member.replacements.pop();
+            let amended = member.replacements.pop();
+            // Replication jobs made before the roster is read again may
+            // still carry it: the writer refuses its feed's entries.
+            feed_end.abandoned = amended.and_then(|r| r.new_feed_id.try_into().ok());
         }
         member.replacements.push(pb::FeedReplacement {
             old_feed_id: last.body.feed_id.clone(),

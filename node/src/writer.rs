@@ -113,6 +113,10 @@ pub struct FeedEnd {
     pub seq: u64,
     /// That entry's hash.
     pub hash: Hash,
+    /// The new feed of a replacement this one amends (it ended the feed at
+    /// the same entry, and nothing was signed under it yet): its entries
+    /// are refused too.
+    pub abandoned: Option<FeedId>,
     /// Whether the roster's replacements apply to the member on this node
     /// (it is not pinned in `trusted_origins`), so later entries of the
     /// ended feed are refused here.
@@ -427,10 +431,9 @@ impl WriterThread {
         for prepared in job.entries.into_iter().skip(duplicates) {
             check_link(&origin, &job.replacements, tip.as_ref(), &prepared.entry)?;
             let at = prepared.entry.tip();
-            if let Some(end) = ended
-                .iter()
-                .find(|end| at.feed_id == end.feed_id && at.seq > end.seq)
-            {
+            if let Some(end) = ended.iter().find(|end| {
+                (at.feed_id == end.feed_id && at.seq > end.seq) || end.abandoned == Some(at.feed_id)
+            }) {
                 return Err(WriteError::Chain(FeedError::Replaced {
                     origin: origin.clone(),
                     seq: at.seq,
@@ -853,6 +856,7 @@ mod tests {
     fn ending_job(x: &[Entry], at: usize) -> Job {
         let mut ending = job(&chain(&key(9), "roster", 1));
         ending.feed_end = Some(FeedEnd {
+            abandoned: None,
             origin: "city-x".into(),
             feed_id: x[at].feed_id(),
             seq: x[at].body.seq,
@@ -860,6 +864,50 @@ mod tests {
             enforce: true,
         });
         ending
+    }
+
+    /// ReplaceFeedKey amends a replacement whose new feed has no entry yet
+    /// (R1, then R2, both ending feed F0 at seq 3): an entry of R1's feed
+    /// in a replication job made before the roster was read again (it
+    /// carries R1) is refused once R2 is stored. Found by review.
+    #[test]
+    fn an_amended_replacement_refuses_the_feed_it_abandoned() {
+        let x = chain(&key(2), "city-x", 3);
+        let dir = tempfile::tempdir().unwrap();
+        let mut thread = thread_over(dir.path());
+        assert!(commit(&mut thread, vec![job(&x)])[0].is_ok());
+        // R1's roster entry (roster seq 1), then R2's (seq 2), amending it.
+        assert!(commit(&mut thread, vec![ending_job(&x, 2)])[0].is_ok());
+        let roster = chain(&key(9), "roster", 2);
+        let mut amend = job(&roster[1..]);
+        amend.feed_end = ending_job(&x, 2).feed_end.map(|end| FeedEnd {
+            abandoned: Some([8; 16]),
+            ..end
+        });
+        assert!(commit(&mut thread, vec![amend])[0].is_ok());
+        // The first entry of R1's feed F1, under R1's key.
+        let r1_key = key(3);
+        let mut body = chain(&key(2), "city-x", 4)[3].body.clone();
+        body.feed_id = vec![8; 16];
+        body.prev_hash = x[2].hash.to_vec();
+        let f1 = Entry::sign(&r1_key, body).unwrap();
+        let mut late = job(std::slice::from_ref(&f1));
+        late.replacements = vec![Replacement {
+            old_feed_id: x[2].feed_id(),
+            last_seq: 3,
+            last_hash: x[2].hash,
+            new_feed_id: [8; 16],
+            new_key: r1_key.verifying_key(),
+        }];
+        let outcome = commit(&mut thread, vec![late]);
+        assert!(
+            matches!(
+                outcome[0],
+                Err(WriteError::Chain(FeedError::Replaced { .. }))
+            ),
+            "an entry of the feed R2 abandoned was stored: {:?}",
+            outcome[0]
+        );
     }
 
     #[test]
