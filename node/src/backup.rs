@@ -547,7 +547,9 @@ fn place(staging: &Path, data_dir: &Path) -> Result<(), RestoreError> {
 fn check_target(data_dir: &Path) -> Result<(), RestoreError> {
     use std::os::unix::fs::MetadataExt;
     if let Ok(found) = std::fs::symlink_metadata(data_dir) {
-        let parent = data_dir.parent().map(std::fs::metadata);
+        // A relative path's parent may be "": judge it from the absolute one.
+        let absolute = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_owned());
+        let parent = absolute.parent().map(std::fs::metadata);
         let mount = matches!(parent, Some(Ok(parent)) if parent.dev() != found.dev());
         if found.file_type().is_symlink() || mount {
             return Err(RestoreError::Target(format!(

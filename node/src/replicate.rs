@@ -558,7 +558,9 @@ impl Replicator {
                                         None => None,
                                     };
                                     if let Some(conflict) = judged {
-                                        for answer in pending.drain(..) {
+                                        // One at a time: on an error the rest stay queued, and
+                                        // the session settles them before it ends.
+                                        while let Some(answer) = pending.pop_front() {
                                             self.settle(peer, index, Some(answer)).await?;
                                         }
                                         return Err(self.quarantine(peer, conflict).await);
@@ -648,7 +650,9 @@ impl Replicator {
                         let ours = self.held_entry(&mismatch.origin, theirs.body.seq)?;
                         if let Some(ours) = ours {
                             if let Some(conflict) = self.judge(&ours, &theirs)? {
-                                for answer in pending.drain(..) {
+                                // One at a time: on an error the rest stay queued, and
+                                // the session settles them before it ends.
+                                while let Some(answer) = pending.pop_front() {
                                     self.settle(peer, index, Some(answer)).await?;
                                 }
                                 return Err(self.quarantine(peer, conflict).await);
