@@ -855,6 +855,9 @@ secret = ["dominance.k", "p-percent.p", "threshold-protection.relative-percent",
 allow_without_peers = false
 
 [replication]
+# A failed peer is retried after backoff_initial_ms, then twice as long each
+# time up to backoff_max_ms; the wait starts over after a session with it
+# stored new entries or stayed up for backoff_max_ms.
 backoff_initial_ms = 200
 backoff_max_ms = 30000
 connect_timeout_ms = 5000

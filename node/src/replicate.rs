@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use civex_proto::v1::{
@@ -68,6 +68,8 @@ pub struct PeerState {
     /// The text each claim put in `last_error`, taken out of it once the
     /// claim is resolved (or a later marker names no more than is held).
     pub(crate) claim_errors: BTreeMap<String, String>,
+    /// Entries new to this node that it stored from this peer since start.
+    pub(crate) stored: u64,
 }
 
 /// A configured peer and its state.
@@ -95,6 +97,11 @@ impl Peer {
             relay: policy.relay,
             state: Arc::default(),
         }
+    }
+
+    /// Entries new to this node stored from this peer since start.
+    fn stored(&self) -> u64 {
+        self.state.lock().map_or(0, |s| s.stored)
     }
 
     fn update(&self, change: impl FnOnce(&mut PeerState)) {
@@ -167,6 +174,15 @@ impl PeerState {
             *seen = (*seen).min(after);
         }
     }
+}
+
+/// How far a session with a peer got, read when it ends.
+#[derive(Default)]
+struct Reached {
+    /// The peer delivered its backlog marker of this node's own feed.
+    served: bool,
+    /// When the subscription opened.
+    subscribed: Option<Instant>,
 }
 
 /// A commit queued to the writer with entries of one origin from a peer.
@@ -299,11 +315,25 @@ impl Replicator {
         let mut backoff = initial;
         let mut attempts = Attempts::default();
         loop {
-            let mut served = false;
+            let mut reached = Reached::default();
+            let stored_before = peer.stored();
             let result = tokio::select! {
-                result = self.session(&peer, index, &mut backoff, initial, &mut served) => result,
+                result = self.session(&peer, index, &mut reached) => result,
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
+            let served = reached.served;
+            // The backoff starts over only after a session that got
+            // somewhere: it stored entries new to this node, stayed
+            // subscribed for the longest backoff, or ended for a roster
+            // change. A peer that takes the subscription and then fails
+            // every time (a broken or hostile one) is retried less and
+            // less often, as one that cannot be dialled is.
+            let progressed = matches!(result, Ok(Ended::RosterChanged))
+                || peer.stored() > stored_before
+                || reached.subscribed.is_some_and(|at| at.elapsed() >= max);
+            if progressed {
+                backoff = initial;
+            }
             // A claim belongs to the stream that made it (its last error
             // stays on show).
             peer.update(|s| {
@@ -369,20 +399,15 @@ impl Replicator {
         }
     }
 
-    /// One session with `peer`; `served` is set once the peer delivers its
-    /// backlog marker of this node's own feed.
+    /// One session with `peer`; `reached` says how far it got.
     async fn session(
         &self,
         peer: &Peer,
         index: Option<usize>,
-        backoff: &mut Duration,
-        initial: Duration,
-        served: &mut bool,
+        reached: &mut Reached,
     ) -> Result<Ended, SessionError> {
         let mut pending = VecDeque::new();
-        let mut ended = self
-            .replicate(peer, index, backoff, initial, &mut pending, served)
-            .await;
+        let mut ended = self.replicate(peer, index, &mut pending, reached).await;
         // However the session ended, the commits it queued are answered
         // before it returns: a refused one takes its entries back from the
         // peer's heads, and a fork the writer found is judged.
@@ -404,10 +429,8 @@ impl Replicator {
         &self,
         peer: &Peer,
         index: Option<usize>,
-        backoff: &mut Duration,
-        initial: Duration,
         pending: &mut VecDeque<Commit>,
-        served: &mut bool,
+        reached: &mut Reached,
     ) -> Result<Ended, SessionError> {
         // Watched from before the cursors are made, so a roster change while
         // connecting still makes this session start over with new origins.
@@ -501,7 +524,7 @@ impl Replicator {
         // The last error stays on show after a reconnect: a peer that fails
         // the same way every time is connected only briefly.
         peer.update(|s| s.connected = true);
-        *backoff = initial;
+        reached.subscribed = Some(Instant::now());
         tracing::info!(peer = %peer.name, address = %peer.address, "replicating");
         let mut ended = Ended::ByPeer;
         loop {
@@ -636,7 +659,7 @@ impl Replicator {
                     if self.is_quarantined(&drained.origin) {
                         continue;
                     }
-                    *served |= drained.origin == self.own_origin;
+                    reached.served |= drained.origin == self.own_origin;
                     // Where entries it sent wait for a roster change, that
                     // message stays on show.
                     let show = !waiting.contains(&drained.origin);
@@ -832,7 +855,8 @@ impl Replicator {
             peer.update(|s| s.refused_after(&commit.origin, commit.after));
         }
         match answer {
-            Ok(_) => {
+            Ok(stored) => {
+                peer.update(|s| s.stored += stored.new as u64);
                 self.resolve_claim(peer, index, &commit.origin);
                 Ok(())
             }

@@ -882,3 +882,50 @@ async fn a_peer_that_delivered_the_own_feed_but_fails_keeps_publishing_closed() 
         refused.message()
     );
 }
+
+/// A peer that takes the subscription and then sends a forged entry every
+/// time is retried less and less often, up to the longest backoff, not
+/// every `backoff_initial_ms`: connecting is no progress (the test config
+/// backs off from 20 ms to at most 300 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_fails_after_connecting_is_retried_with_growing_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Forger::new(50, "city-a");
+    let forger = Forger::new(51, "city-a");
+    let forged = forger.chain(1).remove(0).signed;
+    let script = Script {
+        then: vec![batch("city-a", vec![forged])],
+        ..Script::default()
+    };
+    let (m_address, m_calls) = serve_script_as(&dir.path().join("m"), "city-m", script).await;
+    let node = TestNode::start(
+        &dir.path().join("node"),
+        Spec::new("city-n")
+            .peer("city-m", &m_address)
+            .trust("city-a", &public_key_hex(&a.key.verifying_key()))
+            .allow_without_peers(),
+    )
+    .await;
+    // When each subscription was first seen (polled every 10 ms).
+    let mut seen = Vec::new();
+    eventually("city-m to be subscribed to seven times", || {
+        let calls = m_calls.load(Ordering::SeqCst);
+        while seen.len() < calls {
+            seen.push(std::time::Instant::now());
+        }
+        std::future::ready(calls >= 7)
+    })
+    .await;
+    // Waits of 20, 40, 80, 160, 300 and 300 ms: the last gap is at least
+    // 300 ms less the polling's lateness. Without backoff it is about 20.
+    let last_gap = seen[6] - seen[5];
+    assert!(
+        last_gap >= Duration::from_millis(150),
+        "city-m was subscribed to again {last_gap:?} after a failed session"
+    );
+    let status = node.status().await;
+    let m = status.peers.iter().find(|p| p.name == "city-m").unwrap();
+    assert!(m.refused >= 6, "{m:?}");
+    assert!(m.last_error.contains("signature"), "{}", m.last_error);
+    assert_eq!(node.head("city-a").await.0, 0);
+}
