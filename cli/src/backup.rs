@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::{
     client::{self, describe, Node},
-    commands::{node_keys, print_report},
+    commands::{all_heads, node_keys, print_report},
     output::{self, Format, Progress},
 };
 
@@ -32,13 +32,7 @@ use crate::{
 /// has been sent (a durable head, so never inside a publish group of the
 /// node's own feed); entries that arrive later are left out.
 pub(crate) async fn backup(node: &Node, format: Format, out: &Path) -> anyhow::Result<ExitCode> {
-    let heads = client::feed(node)
-        .await?
-        .heads(pb::HeadsRequest {})
-        .await
-        .map_err(|s| anyhow!("heads refused: {}", describe(&s)))?
-        .into_inner()
-        .heads;
+    let heads = all_heads(node).await?;
     // Origin -> (last seq written, the head its backlog ended at).
     let mut origins: BTreeMap<String, (u64, Option<u64>)> = heads
         .iter()

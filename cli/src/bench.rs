@@ -1244,6 +1244,7 @@ impl pb::feed_server::Feed for SourceFeed {
     ) -> Result<Response<pb::HeadsResponse>, Status> {
         Ok(Response::new(pb::HeadsResponse {
             heads: vec![self.head.clone()],
+            next_page_token: String::new(),
         }))
     }
 }

@@ -916,6 +916,25 @@ pub(crate) async fn all_offers(
     }
 }
 
+/// Fetches every page of the node's heads.
+pub(crate) async fn all_heads(node: &Node) -> anyhow::Result<Vec<pb::Head>> {
+    let mut feed = client::feed(node).await?;
+    let mut request = pb::HeadsRequest::default();
+    let mut heads = Vec::new();
+    loop {
+        let page = feed
+            .heads(request.clone())
+            .await
+            .map_err(|s| anyhow!("heads refused: {}", describe(&s)))?
+            .into_inner();
+        heads.extend(page.heads);
+        if page.next_page_token.is_empty() {
+            return Ok(heads);
+        }
+        request.page_token = next_token(&request.page_token, page.next_page_token)?;
+    }
+}
+
 fn value_text(observation: &pb::Observation) -> String {
     observation
         .value

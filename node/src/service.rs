@@ -1388,15 +1388,46 @@ impl Feed for FeedService {
     ) -> Result<Response<pb::HeadsResponse>, Status> {
         // Heads name what this node holds: only for those who may read it.
         let readable = self.admission(&request).check()?;
+        let request = request.into_inner();
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(
+                token
+                    .strip_prefix("heads-after-")
+                    .filter(|origin| check_origin_id(origin).is_ok())
+                    .ok_or_else(|| {
+                        Status::invalid_argument("page_token: not a token this node issued")
+                    })?,
+            ),
+        };
+        let limit = match request.page_size {
+            0 => MAX_CURSORS,
+            n => (n as usize).min(MAX_CURSORS),
+        };
         // The durable heads, as Subscribe serves: sled shows a batch before
         // it is synced, and a head a crash may lose must not be named.
         let heads = self.writer.heads();
+        let mut origins: Vec<&String> = heads
+            .keys()
+            .filter(|origin| after.is_none_or(|after| origin.as_str() > after))
+            .filter(|origin| readable.as_ref().is_none_or(|p| p.may_read(origin)))
+            .collect();
+        if origins.len() > limit + 1 {
+            origins.select_nth_unstable(limit);
+            origins.truncate(limit + 1);
+        }
+        origins.sort_unstable();
+        let next_page_token = match origins.get(limit) {
+            Some(_) => format!("heads-after-{}", origins[limit - 1]),
+            None => String::new(),
+        };
+        origins.truncate(limit);
         Ok(Response::new(pb::HeadsResponse {
-            heads: heads
-                .iter()
-                .filter(|(origin, _)| readable.as_ref().is_none_or(|p| p.may_read(origin)))
-                .map(|(origin, head)| head_message(origin.clone(), head))
+            heads: origins
+                .into_iter()
+                .map(|origin| head_message(origin.clone(), &heads[origin]))
                 .collect(),
+            next_page_token,
         }))
     }
 }

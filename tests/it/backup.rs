@@ -413,5 +413,50 @@ async fn a_hub_holding_more_origins_than_one_subscription_takes_is_backed_up_who
     read.sort();
     read.dedup();
     assert_eq!(read.len(), origins);
+
+    // Heads through a real client: pages of at most 4,096 origins, in
+    // order of origin id, whole when read on.
+    let mut feed = hub.feed().await;
+    let mut request = civex_proto::v1::HeadsRequest::default();
+    let (mut listed, mut pages) = (Vec::new(), Vec::new());
+    loop {
+        let page = feed.heads(request.clone()).await.unwrap().into_inner();
+        pages.push(page.heads.len());
+        listed.extend(page.heads.into_iter().map(|h| h.origin));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        request = civex_proto::v1::HeadsRequest {
+            page_size: 1000,
+            page_token: page.next_page_token,
+        };
+    }
+    assert_eq!(pages, [civex_node::service::MAX_CURSORS, 1]);
+    let mut sorted = listed.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(listed, sorted, "heads not in order, or repeated");
+    assert_eq!(listed, read);
+    let small = civex_proto::v1::HeadsRequest {
+        page_size: 1000,
+        page_token: String::new(),
+    };
+    let small = feed.heads(small).await.unwrap().into_inner();
+    assert_eq!(small.heads.len(), 1000);
+    assert_eq!(
+        small.next_page_token,
+        format!("heads-after-{}", listed[999])
+    );
+    let forged = civex_proto::v1::HeadsRequest {
+        page_size: 0,
+        page_token: "member-1".into(),
+    };
+    let refused = feed.heads(forged).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("page_token"),
+        "{}",
+        refused.message()
+    );
     hub.stop().await;
 }

@@ -217,7 +217,7 @@ async fn a_peer_policy_limits_what_the_peer_may_read() {
     let heads_for_b = || async {
         let heads = as_b()
             .await
-            .heads(civex_proto::v1::HeadsRequest {})
+            .heads(civex_proto::v1::HeadsRequest::default())
             .await
             .unwrap()
             .into_inner()

@@ -494,7 +494,7 @@ async fn offers_can_be_withdrawn_for_good_and_expire() {
     let heads = node
         .feed()
         .await
-        .heads(pb::HeadsRequest {})
+        .heads(pb::HeadsRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -334,7 +334,7 @@ async fn roles_come_from_the_certificate() {
         denied.message()
     );
     // Nor learn what it holds.
-    let denied = feed_u.heads(pb::HeadsRequest {}).await.unwrap_err();
+    let denied = feed_u.heads(pb::HeadsRequest::default()).await.unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     let mut stream = crate::support::subscribe_all_over(channel).await;
     let mut seen = 0;
