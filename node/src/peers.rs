@@ -62,6 +62,13 @@ impl PeerPolicy {
     pub fn check(&self, insecure: bool) -> Result<(), String> {
         check_slug(&self.name).map_err(|m| format!("name: {} {m}", quote(&self.name)))?;
         crate::config::check_peer_link(&self.address, self.origin.as_deref(), insecure)?;
+        if self.may_read.len() > MAX_MAY_READ {
+            return Err(format!(
+                "may_read: {} origins, more than {MAX_MAY_READ}; leave it empty to let the \
+                 peer read every origin",
+                self.may_read.len()
+            ));
+        }
         for origin in &self.may_read {
             check_origin_id(origin).map_err(|m| format!("may_read: {m}"))?;
         }
@@ -122,6 +129,27 @@ pub struct PeersError {
     pub path: String,
     /// What went wrong.
     pub message: String,
+}
+
+/// Most origins a peer's read policy names (the origins one subscription
+/// takes).
+pub const MAX_MAY_READ: usize = crate::service::MAX_CURSORS;
+
+/// Most bytes the peers take as JSON, so `ListPeers` answers them in one
+/// message, far under the smallest message limit (2 MiB).
+pub const MAX_PEERS_BYTES: usize = 1 << 20;
+
+/// Why `peers` are refused if they take more than [`MAX_PEERS_BYTES`].
+fn oversize(peers: &[PeerPolicy]) -> Option<String> {
+    let bytes = serde_json::to_vec(peers).map_or(usize::MAX, |json| json.len());
+    (bytes > MAX_PEERS_BYTES).then(|| {
+        format!(
+            "the {} peers would take {bytes} bytes, more than {MAX_PEERS_BYTES} (ListPeers \
+             answers them in one message): remove peers (civex peer remove NAME) or shorten \
+             their read policies",
+            peers.len()
+        )
+    })
 }
 
 /// Why `peers` are refused if two of them have one origin.
@@ -199,8 +227,9 @@ impl PeerRegistry {
             version: tokio::sync::watch::channel(0).0,
         };
         // node.toml may since have gained a peer whose origin one added at
-        // runtime has.
-        if let Some(message) = repeated_origin(&registry.list()) {
+        // runtime has, or peers enough to outgrow `ListPeers`.
+        let peers = registry.list();
+        if let Some(message) = repeated_origin(&peers).or_else(|| oversize(&peers)) {
             return Err(registry.error(
                 &registry.path,
                 format!("with node.toml's [[peers]]: {message}"),
@@ -298,8 +327,10 @@ impl PeerRegistry {
         edit(&mut next);
         // One peer per origin: a second name would lift the first's read
         // policy (policies are found by origin). Checked under the lock, so
-        // two concurrent adds cannot both pass.
-        if let Some(message) = repeated_origin(&self.peers_with(&next)) {
+        // two concurrent adds cannot both pass. And they all fit one
+        // `ListPeers` answer.
+        let peers = self.peers_with(&next);
+        if let Some(message) = repeated_origin(&peers).or_else(|| oversize(&peers)) {
             return Err(self.error(&self.path, message));
         }
         // Audited before it takes effect: no change without its record.
@@ -486,5 +517,87 @@ mod tests {
             ]
         );
         assert!(log[1].detail.contains("city-b"));
+    }
+
+    /// Each peer is bounded (address, read policy), and so are all of them
+    /// together, so `ListPeers` fits one message; a refused add changes
+    /// nothing, on disk or in the audit log.
+    #[test]
+    fn peers_are_bounded_one_by_one_and_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = PeerRegistry::open(dir.path(), &[], false).unwrap();
+        let mut long = peer("city-long");
+        long.address = format!("{}.example:7400", "a".repeat(250));
+        let err = long.check(false).unwrap_err();
+        assert!(
+            err.starts_with("address: 263 bytes, longer than 260"),
+            "{err}"
+        );
+        long.address = "city b.example:7400".into();
+        let err = long.check(false).unwrap_err();
+        assert!(
+            err.starts_with("address: \"city b.example:7400\" holds ' '"),
+            "{err}"
+        );
+        long.address = format!("{}.example:7400", "a".repeat(245));
+        long.check(false).unwrap();
+
+        let wide = |name: &str, origins: usize| {
+            let mut p = peer(name);
+            // Origin ids of 64 bytes, the longest.
+            let pad = "x".repeat(64 - name.len() - 7);
+            p.may_read = (0..origins)
+                .map(|i| format!("{name}-{i:05}-{pad}"))
+                .collect();
+            p
+        };
+        let err = wide("city-w", MAX_MAY_READ + 1).check(false).unwrap_err();
+        assert!(
+            err.starts_with("may_read: 4097 origins, more than 4096"),
+            "{err}"
+        );
+        // Four peers of 4,096 origins each take more than 1 MiB together.
+        for name in ["city-w0", "city-w1", "city-w2"] {
+            registry
+                .add("operator ops", wide(name, MAX_MAY_READ), false)
+                .unwrap();
+        }
+        let before = std::fs::read(dir.path().join("peers.json")).unwrap();
+        let err = registry
+            .add("operator ops", wide("city-w3", MAX_MAY_READ), false)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("peers.json")
+                && err.contains("the 4 peers would take")
+                && err.contains("more than 1048576"),
+            "{err}"
+        );
+        assert_eq!(registry.list().len(), 3);
+        assert_eq!(
+            std::fs::read(dir.path().join("peers.json")).unwrap(),
+            before
+        );
+        assert_eq!(registry.audit_log().unwrap().len(), 3);
+        // Too many together in node.toml and peers.json: refused at start.
+        let config = vec![PeerConfig {
+            name: "city-c".into(),
+            address: "127.0.0.1:7402".into(),
+            origin: Some("city-c".into()),
+        }];
+        PeerRegistry::open(dir.path(), &config, false).unwrap();
+        let config: Vec<PeerConfig> = (0..2_000)
+            .map(|i| PeerConfig {
+                name: format!("city-{i}"),
+                address: format!("{}.example:7400", "a".repeat(240)),
+                origin: Some(format!("city-{i}")),
+            })
+            .collect();
+        let err = PeerRegistry::open(dir.path(), &config, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("peers would take"), "{err}");
     }
 }

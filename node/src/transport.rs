@@ -142,8 +142,24 @@ impl Drop for SourceSlot {
     }
 }
 
+/// Longest peer address: a host name of 253 bytes (DNS's most), or a
+/// bracketed IPv6 address with its zone, and a port.
+pub const MAX_ADDRESS_LEN: usize = 260;
+
 /// Checks a `host:port` peer address.
 pub fn check_address(address: &str) -> Result<(), String> {
+    if address.len() > MAX_ADDRESS_LEN {
+        return Err(format!(
+            "{} bytes, longer than {MAX_ADDRESS_LEN} (a host name has at most 253)",
+            address.len()
+        ));
+    }
+    if let Some(bad) = address
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("{address:?} holds {bad:?}, which no host:port has"));
+    }
     let (host, port) = address
         .rsplit_once(':')
         .ok_or_else(|| format!("{address:?} is not host:port"))?;

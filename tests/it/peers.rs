@@ -64,6 +64,27 @@ async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
         .await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("peer.address"), "{}", stderr(&out));
+    let long = format!("{}.example:7400", "h".repeat(300));
+    let out = b
+        .cli(&[
+            "peer",
+            "add",
+            "long",
+            "--address",
+            &long,
+            "--origin",
+            "city-l",
+        ])
+        .await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("peer.address: 313 bytes, longer than 260"),
+        "{}",
+        stderr(&out)
+    );
+    let out = b.cli(&["--output", "json", "peer", "list"]).await;
+    let peers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(peers.as_array().unwrap().len(), 1, "{peers}");
 
     // Persisted: after a restart B still replicates A.
     b.restart().await;
