@@ -12,7 +12,7 @@ use std::{
 };
 
 use civex_proto::v1::{
-    feed_client::FeedClient, subscribe_response::Event, Cursor, SubscribeRequest,
+    self as pb, feed_client::FeedClient, subscribe_response::Event, Cursor, SubscribeRequest,
 };
 use ed25519_dalek::VerifyingKey;
 use tokio::sync::{oneshot, watch};
@@ -70,6 +70,11 @@ pub struct PeerState {
     pub(crate) claim_errors: BTreeMap<String, String>,
     /// Entries new to this node that it stored from this peer since start.
     pub(crate) stored: u64,
+    /// The heads the peer's `Heads` answered when a session began, of the
+    /// origins this node asked it for (of the feed this node holds, where
+    /// it holds one): unverified, for showing how far behind this node is
+    /// (status), never for deciding anything.
+    pub reported_heads: BTreeMap<String, u64>,
 }
 
 /// A configured peer and its state.
@@ -174,6 +179,53 @@ impl PeerState {
             *seen = (*seen).min(after);
         }
     }
+}
+
+/// Most pages of a peer's `Heads` read when a session begins.
+const MAX_HEADS_PAGES: usize = 64;
+
+/// Reads the peer's `Heads` and keeps, as its reported heads, those of the
+/// origins in `tips` (where this node holds a feed, only of that feed id).
+/// Errors (an older peer, one that refuses, one that takes longer than
+/// `timeout` for a page) are logged and change nothing.
+async fn report_heads(
+    mut client: FeedClient<tonic::transport::Channel>,
+    peer: Peer,
+    tips: HashMap<String, Option<Tip>>,
+    timeout: Duration,
+) {
+    let mut request = pb::HeadsRequest::default();
+    let mut reported = BTreeMap::new();
+    for _ in 0..MAX_HEADS_PAGES {
+        let answer = tokio::time::timeout(timeout, client.heads(request.clone())).await;
+        let page = match answer {
+            Ok(Ok(page)) => page.into_inner(),
+            Ok(Err(status)) => {
+                tracing::debug!(peer = %peer.name, reason = %status.message(),
+                    "the peer did not tell its heads");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %peer.name, "the peer did not tell its heads in time");
+                return;
+            }
+        };
+        for head in page.heads {
+            let same_feed = match tips.get(&head.origin) {
+                Some(Some(tip)) => tip.feed_id[..] == head.feed_id[..],
+                Some(None) => true,
+                None => false,
+            };
+            if same_feed {
+                reported.insert(head.origin, head.seq);
+            }
+        }
+        if page.next_page_token.is_empty() || page.next_page_token == request.page_token {
+            break;
+        }
+        request.page_token = page.next_page_token;
+    }
+    peer.update(|s| s.reported_heads = reported);
 }
 
 /// How far a session with a peer got, read when it ends.
@@ -526,6 +578,15 @@ impl Replicator {
         peer.update(|s| s.connected = true);
         reached.subscribed = Some(Instant::now());
         tracing::info!(peer = %peer.name, address = %peer.address, "replicating");
+        // How far the peer says it is, beside the streams (a peer that
+        // never answers holds nothing up): a task of its own, each page
+        // within the connect timeout.
+        tokio::spawn(report_heads(
+            client.clone(),
+            peer.clone(),
+            tips.clone(),
+            timeout,
+        ));
         let mut ended = Ended::ByPeer;
         loop {
             let message = tokio::select! {

@@ -106,13 +106,19 @@ fn clip(text: &str, max: usize) -> String {
 /// One peer's status: its origins this node lags furthest behind first.
 fn peer_status(peer: PeerView<'_>, heads: &BTreeMap<String, Head>) -> pb::PeerStatus {
     let state = peer.state;
-    let mut origins: Vec<pb::PeerOriginLag> = state
-        .peer_heads
-        .iter()
-        .map(|(origin, seq)| pb::PeerOriginLag {
-            origin: origin.clone(),
-            held_seq: heads.get(origin).map_or(0, |h| h.tip.seq),
-            peer_seq: *seq,
+    // The peer's head: what it delivered, or what its Heads answered when
+    // the session began, whichever is further.
+    let mut peer_seqs = state.reported_heads.clone();
+    for (origin, seq) in &state.peer_heads {
+        let known = peer_seqs.entry(origin.clone()).or_default();
+        *known = (*known).max(*seq);
+    }
+    let mut origins: Vec<pb::PeerOriginLag> = peer_seqs
+        .into_iter()
+        .map(|(origin, peer_seq)| pb::PeerOriginLag {
+            held_seq: heads.get(&origin).map_or(0, |h| h.tip.seq),
+            origin,
+            peer_seq,
         })
         .collect();
     let lag = |o: &pb::PeerOriginLag| o.peer_seq.saturating_sub(o.held_seq);

@@ -117,6 +117,8 @@ struct Script {
     then: Vec<pb::SubscribeResponse>,
     /// each stream then failing with this, if set, or else ending.
     end: Option<Status>,
+    /// What `Heads` answers, if set (else UNIMPLEMENTED).
+    heads: Option<Vec<pb::Head>>,
 }
 
 /// Serves a [`Script`].
@@ -149,7 +151,12 @@ impl Feed for Malicious {
         &self,
         _request: Request<pb::HeadsRequest>,
     ) -> Result<Response<pb::HeadsResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        let heads = self.script.heads.clone();
+        let heads = heads.ok_or_else(|| Status::unimplemented("not in this test"))?;
+        Ok(Response::new(pb::HeadsResponse {
+            heads,
+            next_page_token: String::new(),
+        }))
     }
 }
 
@@ -833,6 +840,7 @@ async fn a_peer_that_delivered_the_own_feed_but_fails_keeps_publishing_closed() 
         steps: vec![vec![upto(1, 1)], vec![upto(2, 2)], vec![upto(3, 3)]],
         then: Vec::new(),
         end: Some(Status::unavailable("connection reset")),
+        heads: None,
     };
     let (m_address, m_calls) = serve_script_as(&dir.path().join("m"), "city-m", m).await;
     // city-y holds none of it, and says so.
@@ -928,4 +936,63 @@ async fn a_peer_that_fails_after_connecting_is_retried_with_growing_backoff() {
     assert!(m.refused >= 6, "{m:?}");
     assert!(m.last_error.contains("signature"), "{}", m.last_error);
     assert_eq!(node.head("city-a").await.0, 0);
+}
+
+/// `civex status` shows how far behind the peer this node is while it
+/// catches up: the peer's head is what its `Heads` answered (unverified,
+/// shown only), not only what it delivered. An origin this node did not
+/// ask for is not listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_lag_behind_the_head_a_peer_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Forger::new(60, "city-a");
+    let feed = a.chain(10);
+    let head = |origin: &str, seq: u64| pb::Head {
+        origin: origin.into(),
+        feed_id: a.feed_id.clone(),
+        seq,
+        entry_hash: vec![0; 32],
+        time_unix_micros: 1,
+        received_unix_micros: 1,
+    };
+    // The peer says it holds 25 of city-a, and delivers 10 of them.
+    let script = Script {
+        steps: vec![vec![batch(
+            "city-a",
+            feed.iter().map(|e| e.signed.clone()).collect(),
+        )]],
+        heads: Some(vec![head("city-a", 25), head("city-q", 7)]),
+        ..Script::default()
+    };
+    let (m_address, _) = serve_script_as(&dir.path().join("m"), "city-m", script).await;
+    let node = TestNode::start(
+        &dir.path().join("node"),
+        Spec::new("city-n")
+            .peer("city-m", &m_address)
+            .trust("city-a", &public_key_hex(&a.key.verifying_key()))
+            .allow_without_peers(),
+    )
+    .await;
+    eventually("city-m's reported head of city-a to show", || async {
+        let status = node.status().await;
+        node.head("city-a").await.0 == 10
+            && status.peers[0]
+                .origins
+                .iter()
+                .any(|o| o.origin == "city-a" && o.peer_seq == 25)
+    })
+    .await;
+    let status = node.status().await;
+    let peer = &status.peers[0];
+    let a_lag = peer.origins.iter().find(|o| o.origin == "city-a").unwrap();
+    assert_eq!((a_lag.held_seq, a_lag.peer_seq), (10, 25));
+    assert_eq!((peer.origins_behind, peer.entries_behind), (1, 15));
+    assert!(
+        peer.origins.iter().all(|o| o.origin != "city-q"),
+        "{peer:?}"
+    );
+    let out = node.cli(&["--output", "json", "status"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["peers"][0]["entries_behind"], 15, "{json}");
 }
