@@ -916,18 +916,41 @@ pub(crate) async fn all_offers(
     }
 }
 
+/// How far this node is behind a peer in one origin: by the further of
+/// what the peer delivered and what it reported (unverified).
+fn lag_of(o: &pb::PeerOriginLag) -> u64 {
+    o.peer_seq.max(o.reported_seq).saturating_sub(o.held_seq)
+}
+
 /// Fetches every page of the node's heads.
 pub(crate) async fn all_heads(node: &Node) -> anyhow::Result<Vec<pb::Head>> {
     let mut feed = client::feed(node).await?;
-    let mut request = pb::HeadsRequest::default();
-    let mut heads = Vec::new();
+    let mut request = pb::HeadsRequest {
+        page_size: civex_node::service::MAX_CURSORS as u32,
+        page_token: String::new(),
+    };
+    let mut heads: Vec<pb::Head> = Vec::new();
     loop {
         let page = feed
             .heads(request.clone())
             .await
-            .map_err(|s| anyhow!("heads refused: {}", describe(&s)))?
+            .map_err(|s| {
+                let token = &request.page_token;
+                anyhow!("heads refused (page token {token:?}): {}", describe(&s))
+            })?
             .into_inner();
-        heads.extend(page.heads);
+        // Origins only ever go up, so a node whose pages go round in a
+        // circle is stopped.
+        for head in page.heads {
+            if let Some(last) = heads.last().filter(|last| head.origin <= last.origin) {
+                bail!(
+                    "the node listed origin {:?} after {:?}: its heads are not in order",
+                    head.origin,
+                    last.origin
+                );
+            }
+            heads.push(head);
+        }
         if page.next_page_token.is_empty() {
             return Ok(heads);
         }
@@ -1595,7 +1618,7 @@ pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCo
                 "last_error": p.last_error, "refused": p.refused,
                 "origins": p.origins.iter().map(|o| json!({
                     "origin": o.origin, "held_seq": o.held_seq, "peer_seq": o.peer_seq,
-                    "lag": o.peer_seq.saturating_sub(o.held_seq),
+                    "reported_seq": o.reported_seq, "lag": lag_of(o),
                 })).collect::<Vec<_>>(),
                 "origins_not_shown": p.origins_not_shown,
                 "origins_behind": p.origins_behind,
@@ -1642,7 +1665,7 @@ pub(crate) async fn status(node: &Node, format: Format) -> anyhow::Result<ExitCo
                     let mut lag = peer
                         .origins
                         .iter()
-                        .map(|o| format!("{}:{}", o.origin, o.peer_seq.saturating_sub(o.held_seq)))
+                        .map(|o| format!("{}:{}", o.origin, lag_of(o)))
                         .collect::<Vec<_>>();
                     lag.extend(not_shown(peer.origins_not_shown, "origins"));
                     let behind = match peer.origins_behind {

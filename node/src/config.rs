@@ -856,8 +856,8 @@ allow_without_peers = false
 
 [replication]
 # A failed peer is retried after backoff_initial_ms, then twice as long each
-# time up to backoff_max_ms; the wait starts over after a session with it
-# stored new entries or stayed up for backoff_max_ms.
+# time up to backoff_max_ms; the wait starts over after a session that
+# stored new entries or stayed up at least as long as the wait before it.
 backoff_initial_ms = 200
 backoff_max_ms = 30000
 connect_timeout_ms = 5000

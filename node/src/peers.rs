@@ -64,8 +64,7 @@ impl PeerPolicy {
         crate::config::check_peer_link(&self.address, self.origin.as_deref(), insecure)?;
         if self.may_read.len() > MAX_MAY_READ {
             return Err(format!(
-                "may_read: {} origins, more than {MAX_MAY_READ}; leave it empty to let the \
-                 peer read every origin",
+                "may_read: {} origins, more than {MAX_MAY_READ}",
                 self.may_read.len()
             ));
         }
@@ -139,14 +138,14 @@ pub const MAX_MAY_READ: usize = crate::service::MAX_CURSORS;
 /// message, far under the smallest message limit (2 MiB).
 pub const MAX_PEERS_BYTES: usize = 1 << 20;
 
-/// Why `peers` are refused if they take more than [`MAX_PEERS_BYTES`].
-fn oversize(peers: &[PeerPolicy]) -> Option<String> {
+/// Why `peers` are refused if they take more than [`MAX_PEERS_BYTES`];
+/// `remedy` says how to remove some.
+fn oversize(peers: &[PeerPolicy], remedy: &str) -> Option<String> {
     let bytes = serde_json::to_vec(peers).map_or(usize::MAX, |json| json.len());
     (bytes > MAX_PEERS_BYTES).then(|| {
         format!(
             "the {} peers would take {bytes} bytes, more than {MAX_PEERS_BYTES} (ListPeers \
-             answers them in one message): remove peers (civex peer remove NAME) or shorten \
-             their read policies",
+             answers them in one message): {remedy}, or shorten their read policies",
             peers.len()
         )
     })
@@ -212,9 +211,14 @@ impl PeerRegistry {
         };
         for peer in &changes.added {
             peer.check(insecure).map_err(|m| {
+                // Plain gRPC refuses peers mutual TLS allows.
+                let mode = match peer.check(false) {
+                    Ok(()) => ", or set tls.mode back to \"mutual\"",
+                    Err(_) => "",
+                };
                 error(format!(
-                    "peer {:?} (added with civex peer add): {m}; remove it from this file \
-                     with the node stopped, or set tls.mode back to \"mutual\"",
+                    "peer {:?} (added with civex peer add): {m}; fix or remove it in this \
+                     file with the node stopped{mode}",
                     peer.name
                 ))
             })?;
@@ -229,7 +233,8 @@ impl PeerRegistry {
         // node.toml may since have gained a peer whose origin one added at
         // runtime has, or peers enough to outgrow `ListPeers`.
         let peers = registry.list();
-        if let Some(message) = repeated_origin(&peers).or_else(|| oversize(&peers)) {
+        let remedy = "remove peers (from this file or node.toml, with the node stopped)";
+        if let Some(message) = repeated_origin(&peers).or_else(|| oversize(&peers, remedy)) {
             return Err(registry.error(
                 &registry.path,
                 format!("with node.toml's [[peers]]: {message}"),
@@ -330,7 +335,8 @@ impl PeerRegistry {
         // two concurrent adds cannot both pass. And they all fit one
         // `ListPeers` answer.
         let peers = self.peers_with(&next);
-        if let Some(message) = repeated_origin(&peers).or_else(|| oversize(&peers)) {
+        let remedy = "remove peers (civex peer remove NAME)";
+        if let Some(message) = repeated_origin(&peers).or_else(|| oversize(&peers, remedy)) {
             return Err(self.error(&self.path, message));
         }
         // Audited before it takes effect: no change without its record.

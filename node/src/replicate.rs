@@ -23,7 +23,7 @@ use crate::{
     core::{
         feed::{
             check_link, judge_conflict, key_after, replacements_of, rotation_key, verify_chain,
-            verify_signature, Conflict, Entry, FeedError, Replacement, Tip,
+            verify_signature, Conflict, Entry, FeedError, FeedId, Replacement, Tip,
         },
         ids::hex,
     },
@@ -70,11 +70,20 @@ pub struct PeerState {
     pub(crate) claim_errors: BTreeMap<String, String>,
     /// Entries new to this node that it stored from this peer since start.
     pub(crate) stored: u64,
-    /// The heads the peer's `Heads` answered when a session began, of the
-    /// origins this node asked it for (of the feed this node holds, where
-    /// it holds one): unverified, for showing how far behind this node is
-    /// (status), never for deciding anything.
-    pub reported_heads: BTreeMap<String, u64>,
+    /// The heads the peer's `Heads` answered when the current session
+    /// began, of the origins this node asked it for (of the feed this node
+    /// held then, where it held one): unverified, for showing how far
+    /// behind this node may be (status), never for deciding anything.
+    pub reported_heads: BTreeMap<String, ReportedHead>,
+}
+
+/// A head a peer's `Heads` reported (unverified).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportedHead {
+    /// Its feed id.
+    pub feed_id: FeedId,
+    /// Its seq.
+    pub seq: u64,
 }
 
 /// A configured peer and its state.
@@ -184,48 +193,52 @@ impl PeerState {
 /// Most pages of a peer's `Heads` read when a session begins.
 const MAX_HEADS_PAGES: usize = 64;
 
-/// Reads the peer's `Heads` and keeps, as its reported heads, those of the
-/// origins in `tips` (where this node holds a feed, only of that feed id).
-/// Errors (an older peer, one that refuses, one that takes longer than
-/// `timeout` for a page) are logged and change nothing.
+/// Reads the peer's `Heads` (at most `MAX_HEADS_PAGES` pages, all within
+/// `timeout`) and keeps, as its reported heads, those of the origins in
+/// `tips` (where this node holds a feed, only of that feed id). Errors (an
+/// older peer, one that refuses or is too slow) are logged and change
+/// nothing.
 async fn report_heads(
     mut client: FeedClient<tonic::transport::Channel>,
-    peer: Peer,
+    peer: &Peer,
     tips: HashMap<String, Option<Tip>>,
     timeout: Duration,
 ) {
-    let mut request = pb::HeadsRequest::default();
-    let mut reported = BTreeMap::new();
-    for _ in 0..MAX_HEADS_PAGES {
-        let answer = tokio::time::timeout(timeout, client.heads(request.clone())).await;
-        let page = match answer {
-            Ok(Ok(page)) => page.into_inner(),
-            Ok(Err(status)) => {
-                tracing::debug!(peer = %peer.name, reason = %status.message(),
-                    "the peer did not tell its heads");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(peer = %peer.name, "the peer did not tell its heads in time");
-                return;
-            }
+    let read = async {
+        let mut request = pb::HeadsRequest {
+            page_size: MAX_CURSORS as u32,
+            page_token: String::new(),
         };
-        for head in page.heads {
-            let same_feed = match tips.get(&head.origin) {
-                Some(Some(tip)) => tip.feed_id[..] == head.feed_id[..],
-                Some(None) => true,
-                None => false,
-            };
-            if same_feed {
-                reported.insert(head.origin, head.seq);
+        let mut reported = BTreeMap::new();
+        for _ in 0..MAX_HEADS_PAGES {
+            let page = client.heads(request.clone()).await?.into_inner();
+            for head in page.heads {
+                let Ok(feed_id) = FeedId::try_from(&head.feed_id[..]) else {
+                    continue;
+                };
+                let same_feed = match tips.get(&head.origin) {
+                    Some(Some(tip)) => tip.feed_id == feed_id,
+                    Some(None) => true,
+                    None => false,
+                };
+                if same_feed {
+                    let seq = head.seq;
+                    reported.insert(head.origin, ReportedHead { feed_id, seq });
+                }
             }
+            if page.next_page_token.is_empty() || page.next_page_token == request.page_token {
+                break;
+            }
+            request.page_token = page.next_page_token;
         }
-        if page.next_page_token.is_empty() || page.next_page_token == request.page_token {
-            break;
-        }
-        request.page_token = page.next_page_token;
+        Ok::<_, tonic::Status>(reported)
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(reported)) => peer.update(|s| s.reported_heads = reported),
+        Ok(Err(status)) => tracing::debug!(peer = %peer.name, reason = %status.message(),
+            "the peer did not tell its heads"),
+        Err(_) => tracing::debug!(peer = %peer.name, "the peer did not tell its heads in time"),
     }
-    peer.update(|s| s.reported_heads = reported);
 }
 
 /// How far a session with a peer got, read when it ends.
@@ -365,6 +378,8 @@ impl Replicator {
         let initial = Duration::from_millis(self.timing.backoff_initial_ms);
         let max = Duration::from_millis(self.timing.backoff_max_ms);
         let mut backoff = initial;
+        // The wait before the session now beginning.
+        let mut waited = Duration::ZERO;
         let mut attempts = Attempts::default();
         loop {
             let mut reached = Reached::default();
@@ -376,13 +391,14 @@ impl Replicator {
             let served = reached.served;
             // The backoff starts over only after a session that got
             // somewhere: it stored entries new to this node, stayed
-            // subscribed for the longest backoff, or ended for a roster
-            // change. A peer that takes the subscription and then fails
-            // every time (a broken or hostile one) is retried less and
-            // less often, as one that cannot be dialled is.
+            // subscribed at least as long as the wait before it, or ended
+            // for a roster change. A peer that takes the subscription and
+            // then fails at once every time (a broken or hostile one) is
+            // retried less and less often, as one that cannot be dialled
+            // is; one whose sessions last is retried soon.
             let progressed = matches!(result, Ok(Ended::RosterChanged))
                 || peer.stored() > stored_before
-                || reached.subscribed.is_some_and(|at| at.elapsed() >= max);
+                || reached.subscribed.is_some_and(|at| at.elapsed() >= waited);
             if progressed {
                 backoff = initial;
             }
@@ -447,6 +463,7 @@ impl Replicator {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
+            waited = backoff;
             backoff = (backoff * 2).min(max);
         }
     }
@@ -575,22 +592,26 @@ impl Replicator {
         }
         // The last error stays on show after a reconnect: a peer that fails
         // the same way every time is connected only briefly.
-        peer.update(|s| s.connected = true);
+        peer.update(|s| {
+            s.connected = true;
+            s.reported_heads.clear();
+        });
         reached.subscribed = Some(Instant::now());
         tracing::info!(peer = %peer.name, address = %peer.address, "replicating");
-        // How far the peer says it is, beside the streams (a peer that
-        // never answers holds nothing up): a task of its own, each page
-        // within the connect timeout.
-        tokio::spawn(report_heads(
-            client.clone(),
-            peer.clone(),
-            tips.clone(),
-            timeout,
-        ));
+        // How far the peer says it is, read beside the streams within the
+        // connect timeout (a peer that never answers holds nothing up), and
+        // given up with the session.
+        let reported = report_heads(client.clone(), peer, tips.clone(), timeout);
+        tokio::pin!(reported);
+        let mut reporting = true;
         let mut ended = Ended::ByPeer;
         loop {
             let message = tokio::select! {
                 next = streams.next() => next.and_then(|(_, message)| message).transpose()?,
+                () = &mut reported, if reporting => {
+                    reporting = false;
+                    continue;
+                }
                 // New members: reconnect with their cursors.
                 _ = roster_changes.changed() => {
                     ended = Ended::RosterChanged;

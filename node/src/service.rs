@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    ops::Bound,
     pin::Pin,
     sync::Arc,
 };
@@ -1396,36 +1397,41 @@ impl Feed for FeedService {
                     .strip_prefix("heads-after-")
                     .filter(|origin| check_origin_id(origin).is_ok())
                     .ok_or_else(|| {
-                        Status::invalid_argument("page_token: not a token this node issued")
+                        Status::invalid_argument(format!(
+                            "page_token: {} is not a token this node issued",
+                            quote(&token.chars().take(100).collect::<String>())
+                        ))
                     })?,
             ),
-        };
-        let limit = match request.page_size {
-            0 => MAX_CURSORS,
-            n => (n as usize).min(MAX_CURSORS),
         };
         // The durable heads, as Subscribe serves: sled shows a batch before
         // it is synced, and a head a crash may lose must not be named.
         let heads = self.writer.heads();
-        let mut origins: Vec<&String> = heads
-            .keys()
-            .filter(|origin| after.is_none_or(|after| origin.as_str() > after))
-            .filter(|origin| readable.as_ref().is_none_or(|p| p.may_read(origin)))
+        let from = after.map_or(Bound::Unbounded, |after| Bound::Excluded(after.to_owned()));
+        let limit = (request.page_size as usize).clamp(1, MAX_CURSORS);
+        let mut page: Vec<(&String, &Head)> = heads
+            .range((from, Bound::Unbounded))
+            .filter(|(origin, _)| readable.as_ref().is_none_or(|p| p.may_read(origin)))
+            .take(limit + 1)
             .collect();
-        if origins.len() > limit + 1 {
-            origins.select_nth_unstable(limit);
-            origins.truncate(limit + 1);
-        }
-        origins.sort_unstable();
-        let next_page_token = match origins.get(limit) {
-            Some(_) => format!("heads-after-{}", origins[limit - 1]),
-            None => String::new(),
+        let next_page_token = match page.len() > limit {
+            true => format!("heads-after-{}", page[limit - 1].0),
+            false => String::new(),
         };
-        origins.truncate(limit);
+        // A caller that does not page (an older CLI) is refused rather than
+        // answered in part.
+        if request.page_size == 0 && !next_page_token.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "page_size: 0 asks for every head, and there are more than {MAX_CURSORS}: ask \
+                 page by page (page_size at most {MAX_CURSORS}, then page_token; this civex \
+                 client is older than paged heads if it sent this)"
+            )));
+        }
+        page.truncate(limit);
         Ok(Response::new(pb::HeadsResponse {
-            heads: origins
+            heads: page
                 .into_iter()
-                .map(|origin| head_message(origin.clone(), &heads[origin]))
+                .map(|(origin, head)| head_message(origin.clone(), head))
                 .collect(),
             next_page_token,
         }))

@@ -106,22 +106,34 @@ fn clip(text: &str, max: usize) -> String {
 /// One peer's status: its origins this node lags furthest behind first.
 fn peer_status(peer: PeerView<'_>, heads: &BTreeMap<String, Head>) -> pb::PeerStatus {
     let state = peer.state;
-    // The peer's head: what it delivered, or what its Heads answered when
-    // the session began, whichever is further.
-    let mut peer_seqs = state.reported_heads.clone();
+    // What the peer delivered, and what its Heads reported of the feed
+    // held here (unverified).
+    let mut rows: BTreeMap<&str, pb::PeerOriginLag> = BTreeMap::new();
+    let row = |origin: &str| pb::PeerOriginLag {
+        origin: origin.to_owned(),
+        held_seq: heads.get(origin).map_or(0, |h| h.tip.seq),
+        ..pb::PeerOriginLag::default()
+    };
     for (origin, seq) in &state.peer_heads {
-        let known = peer_seqs.entry(origin.clone()).or_default();
-        *known = (*known).max(*seq);
-    }
-    let mut origins: Vec<pb::PeerOriginLag> = peer_seqs
-        .into_iter()
-        .map(|(origin, peer_seq)| pb::PeerOriginLag {
-            held_seq: heads.get(&origin).map_or(0, |h| h.tip.seq),
+        rows.insert(
             origin,
-            peer_seq,
-        })
-        .collect();
-    let lag = |o: &pb::PeerOriginLag| o.peer_seq.saturating_sub(o.held_seq);
+            pb::PeerOriginLag {
+                peer_seq: *seq,
+                ..row(origin)
+            },
+        );
+    }
+    for (origin, reported) in &state.reported_heads {
+        let held_feed = heads.get(origin).map(|h| h.tip.feed_id);
+        if held_feed.is_some_and(|feed| feed != reported.feed_id) {
+            continue;
+        }
+        rows.entry(origin)
+            .or_insert_with(|| row(origin))
+            .reported_seq = reported.seq;
+    }
+    let mut origins: Vec<pb::PeerOriginLag> = rows.into_values().collect();
+    let lag = |o: &pb::PeerOriginLag| o.peer_seq.max(o.reported_seq).saturating_sub(o.held_seq);
     let origins_behind = origins.iter().filter(|o| lag(o) > 0).count() as u64;
     let entries_behind = origins.iter().map(lag).fold(0u64, u64::saturating_add);
     // Stable: origins of one lag stay in origin order.

@@ -417,7 +417,24 @@ async fn a_hub_holding_more_origins_than_one_subscription_takes_is_backed_up_who
     // Heads through a real client: pages of at most 4,096 origins, in
     // order of origin id, whole when read on.
     let mut feed = hub.feed().await;
-    let mut request = civex_proto::v1::HeadsRequest::default();
+    // A caller that does not page (an older CLI) is refused, not answered
+    // in part.
+    let whole = feed
+        .heads(civex_proto::v1::HeadsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(whole.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        whole
+            .message()
+            .starts_with("page_size: 0 asks for every head"),
+        "{}",
+        whole.message()
+    );
+    let mut request = civex_proto::v1::HeadsRequest {
+        page_size: civex_node::service::MAX_CURSORS as u32,
+        page_token: String::new(),
+    };
     let (mut listed, mut pages) = (Vec::new(), Vec::new());
     loop {
         let page = feed.heads(request.clone()).await.unwrap().into_inner();

@@ -119,6 +119,11 @@ struct Script {
     end: Option<Status>,
     /// What `Heads` answers, if set (else UNIMPLEMENTED).
     heads: Option<Vec<pb::Head>>,
+    /// Streams from the n-th subscription on (counted from 0) wait this
+    /// long after their step, before their end.
+    hold: Option<(usize, Duration)>,
+    /// When each subscription came, if set.
+    times: Option<Arc<std::sync::Mutex<Vec<std::time::Instant>>>>,
 }
 
 /// Serves a [`Script`].
@@ -137,14 +142,33 @@ impl Feed for Malicious {
         &self,
         _request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Messages>, Status> {
-        let call = self.calls.fetch_add(1, Ordering::SeqCst);
         let script = &self.script;
+        if let Some(times) = &script.times {
+            times.lock().unwrap().push(std::time::Instant::now());
+        }
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
         let step = script.steps.get(call).unwrap_or(&script.then).clone();
         // Send the step and end the stream: the node reconnects for the next.
         let end = script.end.clone().map(Err);
-        Ok(Response::new(Box::pin(tokio_stream::iter(
-            step.into_iter().map(Ok).chain(end),
-        ))))
+        let hold = match script.hold {
+            Some((from, hold)) if call >= from => hold,
+            _ => Duration::ZERO,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(step.len() + 1);
+        tokio::spawn(async move {
+            for message in step {
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(hold).await;
+            if let Some(end) = end {
+                let _ = tx.send(end).await;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn heads(
@@ -840,7 +864,7 @@ async fn a_peer_that_delivered_the_own_feed_but_fails_keeps_publishing_closed() 
         steps: vec![vec![upto(1, 1)], vec![upto(2, 2)], vec![upto(3, 3)]],
         then: Vec::new(),
         end: Some(Status::unavailable("connection reset")),
-        heads: None,
+        ..Script::default()
     };
     let (m_address, m_calls) = serve_script_as(&dir.path().join("m"), "city-m", m).await;
     // city-y holds none of it, and says so.
@@ -901,8 +925,10 @@ async fn a_peer_that_fails_after_connecting_is_retried_with_growing_backoff() {
     let a = Forger::new(50, "city-a");
     let forger = Forger::new(51, "city-a");
     let forged = forger.chain(1).remove(0).signed;
+    let times = Arc::default();
     let script = Script {
         then: vec![batch("city-a", vec![forged])],
+        times: Some(Arc::clone(&times)),
         ..Script::default()
     };
     let (m_address, m_calls) = serve_script_as(&dir.path().join("m"), "city-m", script).await;
@@ -914,21 +940,16 @@ async fn a_peer_that_fails_after_connecting_is_retried_with_growing_backoff() {
             .allow_without_peers(),
     )
     .await;
-    // When each subscription was first seen (polled every 10 ms).
-    let mut seen = Vec::new();
     eventually("city-m to be subscribed to seven times", || {
-        let calls = m_calls.load(Ordering::SeqCst);
-        while seen.len() < calls {
-            seen.push(std::time::Instant::now());
-        }
-        std::future::ready(calls >= 7)
+        std::future::ready(m_calls.load(Ordering::SeqCst) >= 7)
     })
     .await;
     // Waits of 20, 40, 80, 160, 300 and 300 ms: the last gap is at least
-    // 300 ms less the polling's lateness. Without backoff it is about 20.
+    // 300 ms. Without backoff it is about 20.
+    let seen = times.lock().unwrap().clone();
     let last_gap = seen[6] - seen[5];
     assert!(
-        last_gap >= Duration::from_millis(150),
+        last_gap >= Duration::from_millis(300),
         "city-m was subscribed to again {last_gap:?} after a failed session"
     );
     let status = node.status().await;
@@ -939,29 +960,37 @@ async fn a_peer_that_fails_after_connecting_is_retried_with_growing_backoff() {
 }
 
 /// `civex status` shows how far behind the peer this node is while it
-/// catches up: the peer's head is what its `Heads` answered (unverified,
-/// shown only), not only what it delivered. An origin this node did not
-/// ask for is not listed.
+/// catches up: beside what the peer delivered, what its `Heads` reported
+/// (unverified, shown only). A reported head of another feed than the one
+/// held, or of an origin this node did not ask for, is not shown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_the_lag_behind_the_head_a_peer_reports() {
     let dir = tempfile::tempdir().unwrap();
     let a = Forger::new(60, "city-a");
-    let feed = a.chain(10);
-    let head = |origin: &str, seq: u64| pb::Head {
+    let b = Forger::new(61, "city-b");
+    let head = |origin: &str, feed_id: &[u8], seq: u64| pb::Head {
         origin: origin.into(),
-        feed_id: a.feed_id.clone(),
+        feed_id: feed_id.to_vec(),
         seq,
         entry_hash: vec![0; 32],
         time_unix_micros: 1,
         received_unix_micros: 1,
     };
-    // The peer says it holds 25 of city-a, and delivers 10 of them.
+    let signed = |feed: Vec<Entry>| feed.into_iter().map(|e| e.signed).collect();
+    // The peer says it holds 25 of city-a and delivers 10 of them; of
+    // city-b it delivers 3 and reports 50 of another feed. Its stream then
+    // stays open.
     let script = Script {
-        steps: vec![vec![batch(
-            "city-a",
-            feed.iter().map(|e| e.signed.clone()).collect(),
-        )]],
-        heads: Some(vec![head("city-a", 25), head("city-q", 7)]),
+        steps: vec![vec![
+            batch("city-a", signed(a.chain(10))),
+            batch("city-b", signed(b.chain(3))),
+        ]],
+        heads: Some(vec![
+            head("city-a", &a.feed_id, 25),
+            head("city-b", &[99; 16], 50),
+            head("city-q", &a.feed_id, 7),
+        ]),
+        hold: Some((0, Duration::from_secs(600))),
         ..Script::default()
     };
     let (m_address, _) = serve_script_as(&dir.path().join("m"), "city-m", script).await;
@@ -970,29 +999,71 @@ async fn status_shows_the_lag_behind_the_head_a_peer_reports() {
         Spec::new("city-n")
             .peer("city-m", &m_address)
             .trust("city-a", &public_key_hex(&a.key.verifying_key()))
+            .trust("city-b", &public_key_hex(&b.key.verifying_key()))
             .allow_without_peers(),
     )
     .await;
+    let row = |status: &pb::NodeStatusResponse, origin: &str| {
+        let peer = &status.peers[0];
+        let row = peer.origins.iter().find(|o| o.origin == origin);
+        row.map(|o| (o.held_seq, o.peer_seq, o.reported_seq))
+    };
     eventually("city-m's reported head of city-a to show", || async {
         let status = node.status().await;
-        node.head("city-a").await.0 == 10
-            && status.peers[0]
-                .origins
-                .iter()
-                .any(|o| o.origin == "city-a" && o.peer_seq == 25)
+        row(&status, "city-a") == Some((10, 10, 25)) && row(&status, "city-b") == Some((3, 3, 0))
     })
     .await;
     let status = node.status().await;
     let peer = &status.peers[0];
-    let a_lag = peer.origins.iter().find(|o| o.origin == "city-a").unwrap();
-    assert_eq!((a_lag.held_seq, a_lag.peer_seq), (10, 25));
     assert_eq!((peer.origins_behind, peer.entries_behind), (1, 15));
-    assert!(
-        peer.origins.iter().all(|o| o.origin != "city-q"),
-        "{peer:?}"
-    );
+    assert_eq!(row(&status, "city-q"), None, "{peer:?}");
     let out = node.cli(&["--output", "json", "status"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json["peers"][0]["entries_behind"], 15, "{json}");
+    let json_peer = &json["peers"][0];
+    assert_eq!(json_peer["entries_behind"], 15, "{json}");
+    assert_eq!(json_peer["origins"][0]["origin"], "city-a", "{json}");
+    assert_eq!(json_peer["origins"][0]["reported_seq"], 25, "{json}");
+    assert_eq!(json_peer["origins"][0]["lag"], 15, "{json}");
+}
+
+/// A peer whose sessions last is retried soon after one is cut, even after
+/// an outage grew the backoff: a session that stayed up at least as long
+/// as the wait before it starts the backoff over (backoff 20 ms to 3 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_lasted_starts_the_backoff_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let times = Arc::default();
+    // Seven streams fail at once (waits of 20 ms to 1.28 s follow), the
+    // eighth stays up 1.5 s, then every stream fails.
+    let script = Script {
+        end: Some(Status::unavailable("restarting")),
+        hold: Some((7, Duration::from_millis(1500))),
+        times: Some(Arc::clone(&times)),
+        ..Script::default()
+    };
+    let (m_address, m_calls) = serve_script_as(&dir.path().join("m"), "city-m", script).await;
+    let _node = TestNode::start(
+        &dir.path().join("node"),
+        Spec::new("city-n")
+            .peer("city-m", &m_address)
+            .backoff_max_ms(3000)
+            .allow_without_peers(),
+    )
+    .await;
+    eventually("city-m to be subscribed to nine times", || {
+        std::future::ready(m_calls.load(Ordering::SeqCst) >= 9)
+    })
+    .await;
+    let seen = times.lock().unwrap().clone();
+    assert!(
+        seen[7] - seen[6] >= Duration::from_millis(1280),
+        "the outage did not grow the backoff"
+    );
+    // 1.5 s up, then the first wait again (20 ms); the grown one is 2.56 s.
+    let gap = seen[8] - seen[7];
+    assert!(
+        gap < Duration::from_millis(2500),
+        "city-m was subscribed to again {gap:?} after a session of 1.5 s"
+    );
 }

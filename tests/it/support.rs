@@ -140,6 +140,8 @@ pub struct Spec {
     pub publish_stream_bytes: u32,
     /// tls.handshake_timeout_ms.
     pub handshake_timeout_ms: u64,
+    /// replication.backoff_max_ms (the initial backoff is 20 ms).
+    pub backoff_max_ms: u64,
 }
 
 impl Spec {
@@ -156,7 +158,13 @@ impl Spec {
             shutdown_grace_ms: 500,
             publish_stream_bytes: 64 << 20,
             handshake_timeout_ms: 5000,
+            backoff_max_ms: 300,
         }
+    }
+
+    pub fn backoff_max_ms(mut self, ms: u64) -> Self {
+        self.backoff_max_ms = ms;
+        self
     }
 
     pub fn handshake_timeout_ms(mut self, ms: u64) -> Self {
@@ -225,7 +233,10 @@ pub fn write_node_dir(dir: &Path, spec: &Spec, listen: &str) -> (PathBuf, String
         .replace("# crl_file = \"tls/ca.crl\"", "crl_file = \"tls/ca.crl\"")
         .replace("reload_ms = 10000", "reload_ms = 50")
         .replace("backoff_initial_ms = 200", "backoff_initial_ms = 20")
-        .replace("backoff_max_ms = 30000", "backoff_max_ms = 300")
+        .replace(
+            "backoff_max_ms = 30000",
+            &format!("backoff_max_ms = {}", spec.backoff_max_ms),
+        )
         .replace("connect_timeout_ms = 5000", "connect_timeout_ms = 2000")
         .replace(
             "handshake_timeout_ms = 5000",
