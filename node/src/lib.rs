@@ -25,6 +25,7 @@ pub mod audit;
 pub mod backup;
 pub mod config;
 pub mod core;
+pub mod gate;
 pub mod keys;
 pub mod node;
 pub mod peers;

@@ -10,11 +10,12 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     config::{Config, TlsMode},
     core::feed::{key_after, replacements_of},
+    gate::PublishGate,
     keys::{genesis_key, load_key_file, noise_key, recover_rotation, KeyError, KeyResolver},
     peers::{PeerRegistry, PeersError},
     pki::Identity,
     publish::{FeedKey, IndicatorRules, Publisher},
-    replicate::{PublishGate, Replication, Replicator, Roster},
+    replicate::{Replication, Replicator, Roster},
     service::{router, Services},
     store::{SharedStore, SledStore, Store, StoreError},
     tls::{Tls, TlsError, TlsFiles},

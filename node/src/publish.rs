@@ -32,8 +32,8 @@ use crate::{
         policy::Policy,
         sdc::{rounding::rounding_interval, AggregationKind, NoiseSeed},
     },
+    gate::PublishGate,
     keys::KeyResolver,
-    replicate::PublishGate,
     store::{IdempotencyRecord, SharedStore, Store, StoreError},
     writer::{FeedEnd, Job, Prepared, WriteError, Writer},
 };
@@ -1657,7 +1657,7 @@ mod tests {
             store.clone(),
             writer,
             // No peers: open.
-            crate::replicate::PublishGate::new(Vec::new(), false),
+            crate::gate::PublishGate::new(Vec::new(), false),
         );
         let offer = |id: &str| {
             Request::Offer(ServiceOffer {
@@ -1962,7 +1962,7 @@ mod tests {
             store,
             writer,
             // No peers: open.
-            crate::replicate::PublishGate::new(Vec::new(), false),
+            crate::gate::PublishGate::new(Vec::new(), false),
         )
     }
 
