@@ -124,6 +124,27 @@ struct Script {
     hold: Option<(usize, Duration)>,
     /// When each subscription came, if set.
     times: Option<Arc<std::sync::Mutex<Vec<std::time::Instant>>>>,
+    /// If set, `Heads` never answers, counted here.
+    stall_heads: Option<Arc<Stalled>>,
+}
+
+/// `Heads` calls that never answer: how many began, how many are pending
+/// now (a call the client gives up is dropped), and the most pending when
+/// one began.
+#[derive(Default)]
+struct Stalled {
+    calls: AtomicUsize,
+    pending: AtomicUsize,
+    most: AtomicUsize,
+}
+
+/// Counts a stalled call pending until dropped.
+struct Pending(Arc<Stalled>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Serves a [`Script`].
@@ -175,6 +196,13 @@ impl Feed for Malicious {
         &self,
         _request: Request<pb::HeadsRequest>,
     ) -> Result<Response<pb::HeadsResponse>, Status> {
+        if let Some(stalled) = &self.script.stall_heads {
+            let before = stalled.pending.fetch_add(1, Ordering::SeqCst);
+            stalled.most.fetch_max(before, Ordering::SeqCst);
+            stalled.calls.fetch_add(1, Ordering::SeqCst);
+            let _pending = Pending(Arc::clone(stalled));
+            std::future::pending::<()>().await;
+        }
         let heads = self.script.heads.clone();
         let heads = heads.ok_or_else(|| Status::unimplemented("not in this test"))?;
         Ok(Response::new(pb::HeadsResponse {
@@ -1065,5 +1093,38 @@ async fn a_session_that_lasted_starts_the_backoff_over() {
     assert!(
         gap < Duration::from_millis(2500),
         "city-m was subscribed to again {gap:?} after a session of 1.5 s"
+    );
+}
+
+/// The reading of a peer's `Heads` ends with its session: a peer that never
+/// answers it holds no reading open past the session that asked (before,
+/// each session left one behind for the connect timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heads_reading_ends_with_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let stalled = Arc::new(Stalled::default());
+    // Every stream fails at once; Heads never answers.
+    let script = Script {
+        end: Some(Status::unavailable("restarting")),
+        stall_heads: Some(Arc::clone(&stalled)),
+        ..Script::default()
+    };
+    let (m_address, _) = serve_script_as(&dir.path().join("m"), "city-m", script).await;
+    let _node = TestNode::start(
+        &dir.path().join("node"),
+        Spec::new("city-n")
+            .peer("city-m", &m_address)
+            .allow_without_peers(),
+    )
+    .await;
+    eventually("city-m's Heads to be asked six times", || {
+        std::future::ready(stalled.calls.load(Ordering::SeqCst) >= 6)
+    })
+    .await;
+    // Sessions came at least 20 ms apart, within the 2 s connect timeout.
+    assert_eq!(
+        stalled.most.load(Ordering::SeqCst),
+        0,
+        "a Heads reading of an ended session was still pending when the next began"
     );
 }
