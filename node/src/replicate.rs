@@ -70,9 +70,9 @@ pub struct PeerState {
     /// Entries new to this node that it stored from this peer since start.
     pub(crate) stored: u64,
     /// The heads the peer's `Heads` answered when the current session
-    /// began, of the origins this node asked it for (of the feed this node
-    /// held then, where it held one): unverified, for showing how far
-    /// behind this node may be (status), never for deciding anything.
+    /// began, of the origins this node asked it for: unverified, for
+    /// showing how far behind this node may be (status, where only those
+    /// of the feed held count), never for deciding anything.
     pub reported_heads: BTreeMap<String, ReportedHead>,
 }
 
@@ -193,14 +193,13 @@ impl PeerState {
 const MAX_HEADS_PAGES: usize = 64;
 
 /// Reads the peer's `Heads` (at most `MAX_HEADS_PAGES` pages, all within
-/// `timeout`) and keeps, as its reported heads, those of the origins in
-/// `tips` (where this node holds a feed, only of that feed id). Errors (an
-/// older peer, one that refuses or is too slow) are logged and change
-/// nothing.
+/// `timeout`) and keeps, as its reported heads, those of the `asked`
+/// origins (status shows only those of the feed held). Errors (an older
+/// peer, one that refuses or is too slow) are logged and change nothing.
 async fn report_heads(
     mut client: FeedClient<tonic::transport::Channel>,
     peer: &Peer,
-    tips: HashMap<String, Option<Tip>>,
+    asked: HashSet<String>,
     timeout: Duration,
 ) {
     let read = async {
@@ -215,12 +214,7 @@ async fn report_heads(
                 let Ok(feed_id) = FeedId::try_from(&head.feed_id[..]) else {
                     continue;
                 };
-                let same_feed = match tips.get(&head.origin) {
-                    Some(Some(tip)) => tip.feed_id == feed_id,
-                    Some(None) => true,
-                    None => false,
-                };
-                if same_feed {
+                if asked.contains(&head.origin) {
                     let seq = head.seq;
                     reported.insert(head.origin, ReportedHead { feed_id, seq });
                 }
@@ -563,7 +557,8 @@ impl Replicator {
         // How far the peer says it is, read beside the streams within the
         // connect timeout (a peer that never answers holds nothing up), and
         // given up with the session.
-        let reported = report_heads(client.clone(), peer, tips.clone(), timeout);
+        let asked = tips.keys().cloned().collect();
+        let reported = report_heads(client.clone(), peer, asked, timeout);
         tokio::pin!(reported);
         let mut reporting = true;
         let mut ended = Ended::ByPeer;

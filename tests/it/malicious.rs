@@ -252,6 +252,19 @@ async fn serve_script_as(
     (address, calls)
 }
 
+/// Node city-n (under `dir`, publishing open without peers) with one peer,
+/// city-m, serving `script`; `spec` adds to its config. Returns the node
+/// and city-m's count of subscriptions.
+async fn node_with_scripted_peer(
+    dir: &std::path::Path,
+    script: Script,
+    spec: impl FnOnce(Spec) -> Spec,
+) -> (TestNode, Arc<AtomicUsize>) {
+    let (m_address, m_calls) = serve_script_as(&dir.join("m"), "city-m", script).await;
+    let spec = spec(Spec::new("city-n").peer("city-m", &m_address)).allow_without_peers();
+    (TestNode::start(&dir.join("node"), spec).await, m_calls)
+}
+
 /// Node city-n (under `dir`) replicating `feed`, city-a's entries signed
 /// as `a`'s key holder made them, from a scripted peer that serves them in
 /// one message and holds nothing of city-n's own feed; returned once it
@@ -959,15 +972,8 @@ async fn a_peer_that_fails_after_connecting_is_retried_with_growing_backoff() {
         times: Some(Arc::clone(&times)),
         ..Script::default()
     };
-    let (m_address, m_calls) = serve_script_as(&dir.path().join("m"), "city-m", script).await;
-    let node = TestNode::start(
-        &dir.path().join("node"),
-        Spec::new("city-n")
-            .peer("city-m", &m_address)
-            .trust("city-a", &public_key_hex(&a.key.verifying_key()))
-            .allow_without_peers(),
-    )
-    .await;
+    let trust = |spec: Spec| spec.trust("city-a", &public_key_hex(&a.key.verifying_key()));
+    let (node, m_calls) = node_with_scripted_peer(dir.path(), script, trust).await;
     eventually("city-m to be subscribed to seven times", || {
         std::future::ready(m_calls.load(Ordering::SeqCst) >= 7)
     })
@@ -1021,16 +1027,11 @@ async fn status_shows_the_lag_behind_the_head_a_peer_reports() {
         hold: Some((0, Duration::from_secs(600))),
         ..Script::default()
     };
-    let (m_address, _) = serve_script_as(&dir.path().join("m"), "city-m", script).await;
-    let node = TestNode::start(
-        &dir.path().join("node"),
-        Spec::new("city-n")
-            .peer("city-m", &m_address)
-            .trust("city-a", &public_key_hex(&a.key.verifying_key()))
+    let trust = |spec: Spec| {
+        spec.trust("city-a", &public_key_hex(&a.key.verifying_key()))
             .trust("city-b", &public_key_hex(&b.key.verifying_key()))
-            .allow_without_peers(),
-    )
-    .await;
+    };
+    let (node, _) = node_with_scripted_peer(dir.path(), script, trust).await;
     let row = |status: &pb::NodeStatusResponse, origin: &str| {
         let peer = &status.peers[0];
         let row = peer.origins.iter().find(|o| o.origin == origin);
@@ -1070,15 +1071,8 @@ async fn a_session_that_lasted_starts_the_backoff_over() {
         times: Some(Arc::clone(&times)),
         ..Script::default()
     };
-    let (m_address, m_calls) = serve_script_as(&dir.path().join("m"), "city-m", script).await;
-    let _node = TestNode::start(
-        &dir.path().join("node"),
-        Spec::new("city-n")
-            .peer("city-m", &m_address)
-            .backoff_max_ms(3000)
-            .allow_without_peers(),
-    )
-    .await;
+    let longer = |spec: Spec| spec.backoff_max_ms(3000);
+    let (_node, m_calls) = node_with_scripted_peer(dir.path(), script, longer).await;
     eventually("city-m to be subscribed to nine times", || {
         std::future::ready(m_calls.load(Ordering::SeqCst) >= 9)
     })
@@ -1109,14 +1103,7 @@ async fn a_heads_reading_ends_with_its_session() {
         stall_heads: Some(Arc::clone(&stalled)),
         ..Script::default()
     };
-    let (m_address, _) = serve_script_as(&dir.path().join("m"), "city-m", script).await;
-    let _node = TestNode::start(
-        &dir.path().join("node"),
-        Spec::new("city-n")
-            .peer("city-m", &m_address)
-            .allow_without_peers(),
-    )
-    .await;
+    let (_node, _) = node_with_scripted_peer(dir.path(), script, |spec| spec).await;
     eventually("city-m's Heads to be asked six times", || {
         std::future::ready(stalled.calls.load(Ordering::SeqCst) >= 6)
     })
