@@ -863,57 +863,73 @@ fn conf_status(value: i32) -> &'static str {
     }
 }
 
-/// The token for the next page; an error when the node sent back the one
-/// asked with, which would never end.
-fn next_token(asked: &str, next: String) -> anyhow::Result<String> {
-    if next == asked {
-        bail!(
-            "the node answered page token {asked:?} with the same token: its pages do not advance"
-        );
+/// Reads every page of a listing: `fetch` is asked for the page of each
+/// token (the empty token first) and answers its items and the next token,
+/// empty after the last page. A node that hands out a token already asked
+/// with is stopped, so pages that go round in a circle, however wide,
+/// cannot keep the reading going.
+async fn every_page<T>(
+    mut fetch: impl AsyncFnMut(String) -> anyhow::Result<(Vec<T>, String)>,
+) -> anyhow::Result<Vec<T>> {
+    let mut asked = std::collections::HashSet::new();
+    let mut token = String::new();
+    let mut items = Vec::new();
+    loop {
+        asked.insert(token.clone());
+        let (page, next) = fetch(token).await?;
+        items.extend(page);
+        if next.is_empty() {
+            return Ok(items);
+        }
+        if asked.contains(&next) {
+            bail!(
+                "the node handed out page token {next:?} a second time: its pages do not advance"
+            );
+        }
+        token = next;
     }
-    Ok(next)
 }
 
 /// Fetches every page of observations.
 pub(crate) async fn all_observations(
     node: &Node,
-    mut request: pb::ObservationsRequest,
+    request: pb::ObservationsRequest,
 ) -> anyhow::Result<Vec<pb::ObservationRecord>> {
     let mut query = client::query(node).await?;
-    let mut records = Vec::new();
-    loop {
+    every_page(async |page_token| {
+        let request = pb::ObservationsRequest {
+            page_token,
+            ..request.clone()
+        };
         let page = query
-            .observations(request.clone())
+            .observations(request)
             .await
             .map_err(|s| anyhow!("query refused: {}", describe(&s)))?
             .into_inner();
-        records.extend(page.observations);
-        if page.next_page_token.is_empty() {
-            return Ok(records);
-        }
-        request.page_token = next_token(&request.page_token, page.next_page_token)?;
-    }
+        Ok((page.observations, page.next_page_token))
+    })
+    .await
 }
 
 /// Fetches every page of offers.
 pub(crate) async fn all_offers(
     node: &Node,
-    mut request: pb::OffersRequest,
+    request: pb::OffersRequest,
 ) -> anyhow::Result<Vec<pb::OfferRecord>> {
     let mut query = client::query(node).await?;
-    let mut offers = Vec::new();
-    loop {
+    every_page(async |page_token| {
+        let request = pb::OffersRequest {
+            page_token,
+            ..request.clone()
+        };
         let page = query
-            .offers(request.clone())
+            .offers(request)
             .await
             .map_err(|s| anyhow!("query refused: {}", describe(&s)))?
             .into_inner();
-        offers.extend(page.offers);
-        if page.next_page_token.is_empty() {
-            return Ok(offers);
-        }
-        request.page_token = next_token(&request.page_token, page.next_page_token)?;
-    }
+        Ok((page.offers, page.next_page_token))
+    })
+    .await
 }
 
 /// How far this node is behind a peer in one origin: by the further of
@@ -922,40 +938,35 @@ fn lag_of(o: &pb::PeerOriginLag) -> u64 {
     o.peer_seq.max(o.reported_seq).saturating_sub(o.held_seq)
 }
 
-/// Fetches every page of the node's heads.
+/// Fetches every page of the node's heads, checking that their origins
+/// go up (as the node promises).
 pub(crate) async fn all_heads(node: &Node) -> anyhow::Result<Vec<pb::Head>> {
     let mut feed = client::feed(node).await?;
-    let mut request = pb::HeadsRequest {
-        page_size: civex_node::service::MAX_CURSORS as u32,
-        page_token: String::new(),
-    };
-    let mut heads: Vec<pb::Head> = Vec::new();
-    loop {
+    let mut last: Option<String> = None;
+    every_page(async |page_token| {
+        let request = pb::HeadsRequest {
+            page_size: civex_node::service::MAX_CURSORS as u32,
+            page_token,
+        };
+        let token = request.page_token.clone();
         let page = feed
-            .heads(request.clone())
+            .heads(request)
             .await
-            .map_err(|s| {
-                let token = &request.page_token;
-                anyhow!("heads refused (page token {token:?}): {}", describe(&s))
-            })?
+            .map_err(|s| anyhow!("heads refused (page token {token:?}): {}", describe(&s)))?
             .into_inner();
-        // Origins only ever go up, so a node whose pages go round in a
-        // circle is stopped.
-        for head in page.heads {
-            if let Some(last) = heads.last().filter(|last| head.origin <= last.origin) {
+        for head in &page.heads {
+            if let Some(last) = last.as_ref().filter(|last| head.origin <= **last) {
                 bail!(
                     "the node listed origin {:?} after {:?}: its heads are not in order",
                     head.origin,
-                    last.origin
+                    last
                 );
             }
-            heads.push(head);
+            last = Some(head.origin.clone());
         }
-        if page.next_page_token.is_empty() {
-            return Ok(heads);
-        }
-        request.page_token = next_token(&request.page_token, page.next_page_token)?;
-    }
+        Ok((page.heads, page.next_page_token))
+    })
+    .await
 }
 
 fn value_text(observation: &pb::Observation) -> String {
@@ -1536,20 +1547,18 @@ pub(crate) async fn peer(
 
 pub(crate) async fn audit(node: &Node, format: Format) -> anyhow::Result<ExitCode> {
     let mut admin = client::admin(node).await?;
-    let mut request = pb::AuditLogRequest::default();
-    let mut entries = Vec::new();
-    loop {
+    let entries = every_page(async |page_token| {
         let page = admin
-            .audit_log(request.clone())
+            .audit_log(pb::AuditLogRequest {
+                page_token,
+                ..Default::default()
+            })
             .await
             .map_err(|s| anyhow!("refused: {}", describe(&s)))?
             .into_inner();
-        entries.extend(page.entries);
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        request.page_token = next_token(&request.page_token, page.next_page_token)?;
-    }
+        Ok((page.entries, page.next_page_token))
+    })
+    .await?;
     match format {
         Format::Json => output::json(&json!(entries
             .iter()
@@ -1953,11 +1962,32 @@ mod tests {
         assert_eq!(format_micros(1_500_000), "1970-01-01T00:00:01Z");
     }
 
+    /// Pages served from `next`: token -> (items, next token).
+    fn pages(next: &[(&str, &str)]) -> anyhow::Result<Vec<String>> {
+        let next: std::collections::HashMap<_, _> = next.iter().copied().collect();
+        let mut fetched = 0;
+        let reading = every_page(async |token: String| {
+            fetched += 1;
+            assert!(fetched < 10, "the reading did not stop");
+            let to = next.get(token.as_str()).copied().unwrap_or("");
+            Ok((vec![format!("after {token:?}")], to.to_owned()))
+        });
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(reading)
+    }
+
     #[test]
-    fn a_page_token_that_does_not_advance_stops_the_reading() {
-        assert_eq!(next_token("", "a".into()).unwrap(), "a");
-        assert_eq!(next_token("a", "b".into()).unwrap(), "b");
-        let err = next_token("b", "b".into()).unwrap_err().to_string();
-        assert!(err.contains("do not advance"), "{err}");
+    fn a_page_token_handed_out_twice_stops_the_reading() {
+        let read = pages(&[("", "a"), ("a", "b")]).unwrap();
+        assert_eq!(read, ["after \"\"", "after \"a\"", "after \"b\""]);
+        for circle in [
+            &[("", "a"), ("a", "a")][..],
+            &[("", "a"), ("a", "b"), ("b", "a")],
+        ] {
+            let err = pages(circle).unwrap_err().to_string();
+            assert!(err.contains("\"a\" a second time"), "{err}");
+        }
     }
 }
