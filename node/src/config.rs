@@ -292,8 +292,9 @@ pub struct LimitsConfig {
     /// stopped reading never does) before connections are closed, in ms.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
-    /// Bytes of requests one `PublishIndicatorsStream` may hold unanswered
-    /// (a request larger than this waits until it is alone).
+    /// Bytes of requests all `PublishIndicatorsStream`s together may hold
+    /// before they are durable (a request larger than this waits until it
+    /// is alone in the node).
     #[serde(default = "default_publish_stream_bytes")]
     pub publish_stream_bytes: u32,
 }
@@ -907,7 +908,8 @@ cache_mb = 64
 max_message_bytes = 4194304
 max_streams_per_peer = 64
 shutdown_grace_ms = 5000
-# Bytes of requests one publish stream may hold unanswered.
+# Bytes of requests all publish streams together may hold before they are
+# durable (bounds the memory publishing scripts can take).
 publish_stream_bytes = 67108864
 
 [log]

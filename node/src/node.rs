@@ -297,7 +297,7 @@ pub async fn run_secured(
         security,
         std::time::Duration::from_millis(config.tls.handshake_timeout_ms),
     );
-    let server = tonic::transport::Server::builder()
+    let server = transport::server()
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, stop_on_signal);
     // A stream whose reader stopped never finishes: after the grace period

@@ -313,8 +313,11 @@ pub struct PublishService {
     roster_changes: Arc<tokio::sync::Mutex<()>>,
     /// Turns true at shutdown: publish streams stop reading.
     shutdown: watch::Receiver<bool>,
-    /// Bytes of requests one publish stream holds unanswered at most.
+    /// Bytes of requests all publish streams together hold unanswered at
+    /// most (`limits.publish_stream_bytes`).
     stream_bytes: u32,
+    /// Those bytes not held now.
+    stream_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl PublishService {
@@ -423,15 +426,17 @@ impl Publish for PublishService {
     ) -> Result<Response<Self::PublishIndicatorsStreamStream>, Status> {
         let mut requests = request.into_inner();
         let publisher = self.publisher.clone();
-        // Submitted publishes in request order: (index, key, submitted,
-        // the request's share of the byte budget).
+        // Submitted publishes in request order: (index, key, the task that
+        // awaits its receipt).
         let (submitted, mut answers) = mpsc::channel(STREAM_PUBLISHES_IN_FLIGHT);
         let (receipts, out) = mpsc::channel(STREAM_RECEIPTS_BUFFERED);
-        // Bytes of requests held at once (a request counts until it is
-        // answered), so a stream of large requests cannot make the node's
-        // memory grow by a thousand times the message limit.
+        // Bytes of requests held at once by all streams (a request counts
+        // until it is answered), so streams of large requests, however
+        // many, cannot make the node's memory grow by a thousand times the
+        // message limit each. The semaphore is fair: a large request waits
+        // its turn, and those after it wait behind it.
         let stream_bytes = self.stream_bytes;
-        let budget = Arc::new(tokio::sync::Semaphore::new(stream_bytes as usize));
+        let budget = self.stream_budget.clone();
         let mut shutdown = self.shutdown.clone();
         // One request at a time, read, checked and queued to the sequencer,
         // so they are signed in request order.
@@ -449,9 +454,9 @@ impl Publish for PublishService {
                     )),
                     next = requests.message() => next,
                 };
-                let (key, publish, bytes) = match next {
+                let (key, publish) = match next {
                     Ok(None) => break,
-                    Err(status) => (String::new(), Err(status), None),
+                    Err(status) => (String::new(), Err(status)),
                     Ok(Some(request)) => {
                         let size = request.encoded_len().clamp(1, stream_bytes as usize);
                         let Ok(bytes) = budget.clone().acquire_many_owned(size as u32).await else {
@@ -475,19 +480,25 @@ impl Publish for PublishService {
                                 .map_err(|err| err.to_status()),
                             Err(status) => Err(status),
                         };
-                        (key, publish, Some(bytes))
+                        // Its bytes are held until it is durable (or has
+                        // failed), not until its receipt is sent: a caller
+                        // that stops reading receipts holds no budget from
+                        // the other streams. The task runs on when the
+                        // answers are gone (a request before it failed, or
+                        // the caller left), so its key stays busy until it
+                        // is durable and a retry cannot sign it twice.
+                        let publish = publish.map(|queued| {
+                            tokio::spawn(async move {
+                                let receipt = queued.receipt().await;
+                                drop(bytes);
+                                receipt
+                            })
+                        });
+                        (key, publish)
                     }
                 };
                 let failed = publish.is_err();
-                match submitted.send((index, key, publish, bytes)).await {
-                    // The answers closed (a request before it failed, or
-                    // the caller left) while this publish was queued: its
-                    // key stays busy until it is durable, so a retry cannot
-                    // sign it twice.
-                    Err(mpsc::error::SendError((_, _, Ok(queued), _))) => {
-                        let _ = queued.receipt().await;
-                        break;
-                    }
+                match submitted.send((index, key, publish)).await {
                     Err(_) => break,
                     Ok(()) if failed => break,
                     Ok(()) => {}
@@ -500,12 +511,14 @@ impl Publish for PublishService {
         // until its entry is durable, so a retry cannot sign it twice.
         tokio::spawn(async move {
             let mut open = true;
-            while let Some((index, key, publish, bytes)) = answers.recv().await {
+            while let Some((index, key, publish)) = answers.recv().await {
                 let answer = match publish {
-                    Ok(publish) => publish.receipt().await.map_err(|err| err.to_status()),
+                    Ok(receipt) => match receipt.await {
+                        Ok(receipt) => receipt.map_err(|err| err.to_status()),
+                        Err(err) => Err(Status::internal(format!("publish task failed: {err}"))),
+                    },
                     Err(status) => Err(status),
                 };
-                drop(bytes);
                 if !open {
                     continue;
                 }
@@ -1773,7 +1786,8 @@ pub struct Services {
     pub max_message_bytes: usize,
     /// Open subscriptions per peer (identity, or address) at most.
     pub max_streams_per_peer: usize,
-    /// Bytes of requests one publish stream holds unanswered at most.
+    /// Bytes of requests all publish streams together hold unanswered at
+    /// most.
     pub publish_stream_bytes: u32,
 }
 
@@ -1821,6 +1835,9 @@ pub async fn router(
         roster_changes: Arc::default(),
         shutdown: services.shutdown.clone(),
         stream_bytes: services.publish_stream_bytes,
+        stream_budget: Arc::new(tokio::sync::Semaphore::new(
+            services.publish_stream_bytes as usize,
+        )),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

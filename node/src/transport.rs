@@ -181,6 +181,41 @@ pub fn local_address(listener: &TcpListener) -> std::io::Result<SocketAddr> {
     listener.local_addr()
 }
 
+/// Bytes a caller may send on one stream before the node has read them
+/// (the HTTP/2 stream window the node advertises).
+///
+/// h2 closes a whole connection (GOAWAY ENHANCE_YOUR_CALM,
+/// "too_many_data_frames") once small DATA frames waiting to be read
+/// cost more than half its connection window, each frame of `p` bytes
+/// under 256 costing `256 - p`. A publish stream of one-row requests
+/// (about 60 bytes each, a frame each when sent one at a time) that runs
+/// ahead of the node fills its window with them: flow control must stop
+/// the caller before that cost does. One full window of 60-byte frames
+/// costs about 3 times the window (of 25-byte frames, 9 times), so this
+/// window against [`CONNECTION_WINDOW`] leaves room for about 5 such
+/// streams per connection. hyper's default of 1 MiB for both windows left
+/// room for less than one.
+pub const STREAM_WINDOW: u32 = 128 << 10;
+/// Bytes a caller may send on all its streams of one connection before
+/// the node has read them (the HTTP/2 connection window): 4 MiB, which
+/// also bounds what one connection can make the node buffer.
+pub const CONNECTION_WINDOW: u32 = 4 << 20;
+/// Streams open at once on one connection, at most (HTTP/2's
+/// SETTINGS_MAX_CONCURRENT_STREAMS); a caller waits for one to end.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// The node's gRPC server: its HTTP/2 windows and stream limit (see
+/// [`STREAM_WINDOW`]) and keepalive pings, so a connection whose peer
+/// vanished (a cut without a FIN) is closed and releases its streams.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+}
+
 /// Turns a bound listener into the server's stream of connections, each
 /// authenticated (TLS) before it is yielded. A refused handshake is
 /// logged with the peer's address and the reason, and never reaches the

@@ -706,6 +706,71 @@ async fn a_publish_stream_holds_no_more_unanswered_bytes_than_its_budget() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_stream_budget_is_the_nodes_over_all_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    // A budget smaller than any request: each request waits until it is
+    // alone in the node, whatever stream it came on.
+    let node = TestNode::start(dir.path(), Spec::new("city-a").publish_stream_bytes(1)).await;
+    let requests: Vec<_> = (0..20)
+        .map(|i| pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows: vec![row("jobs", "city-a", "2025", f64::from(i), 100)],
+        })
+        .collect();
+    // The same requests on two streams at once: read while its twin from
+    // the other stream were in flight, a request would be refused as in
+    // progress; read after it is durable, it gets its twin's receipt.
+    let (one, two) = tokio::join!(
+        publish_stream(&node, requests.clone()),
+        publish_stream(&node, requests)
+    );
+    for (receipts, failure) in [&one, &two] {
+        assert!(failure.is_none(), "{failure:?}");
+        assert_eq!(receipts.len(), 20);
+    }
+    assert_eq!(one.0, two.0);
+    assert_eq!(node.head("city-a").await.0, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stream_of_small_requests_that_outruns_the_node_keeps_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    // One request at a time in the node, so the caller runs far ahead.
+    let node = TestNode::start(dir.path(), Spec::new("city-a").publish_stream_bytes(1)).await;
+    // Sent one at a time, each small request is a DATA frame of its own.
+    // Before the node set its HTTP/2 windows, some 2,700 of them waiting
+    // to be read made h2 close the connection (GOAWAY ENHANCE_YOUR_CALM,
+    // "too_many_data_frames"): flow control must hold the caller back
+    // first.
+    const REQUESTS: u32 = 4_000;
+    let (requests, stream) = tokio::sync::mpsc::channel(1);
+    let mut client = node.publisher().await;
+    let mut receipts = client
+        .publish_indicators_stream(tokio_stream::wrappers::ReceiverStream::new(stream))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::spawn(async move {
+        for i in 0..REQUESTS {
+            let request = pb::PublishIndicatorsRequest {
+                idempotency_key: key(),
+                rows: vec![row("jobs", "city-a", "2025", f64::from(i), 100)],
+            };
+            if requests.send(request).await.is_err() {
+                return;
+            }
+        }
+    });
+    for seq in 1..=u64::from(REQUESTS) {
+        match receipts.message().await {
+            Ok(Some(receipt)) => assert_eq!(receipt.seq, seq),
+            other => panic!("receipt {seq} of {REQUESTS}: {other:?}"),
+        }
+    }
+    assert_eq!(node.head("city-a").await.0, u64::from(REQUESTS));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_stream_ends_at_its_first_bad_request_and_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
