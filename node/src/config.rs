@@ -889,7 +889,8 @@ cert_file = "tls/cert.pem"
 key_file = "tls/key.pem"
 # The CA's revocation list, if the federation publishes one:
 # crl_file = "tls/ca.crl"
-# Files are re-read this often (ms); a revocation closes live connections.
+# Files are re-read this often (ms), and live connections whose certificate
+# is revoked or has expired are closed.
 reload_ms = 10000
 handshake_timeout_ms = 5000
 # Operators who may publish, query and administer this node: the names of

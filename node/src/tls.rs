@@ -216,6 +216,11 @@ impl Loaded {
             })?;
         let mut server = server;
         server.alpn_protocols = vec![b"h2".to_vec()];
+        // No resumption: a resumed session skips the certificate checks,
+        // so a certificate that expired since (or a CA replaced since)
+        // would go on being accepted through it.
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
         Ok(Self {
             stamp,
             own,
@@ -246,10 +251,15 @@ impl Loaded {
         Ok(config)
     }
 
-    fn revokes(&self, serial: &[u8]) -> bool {
-        self.crls
-            .iter()
-            .any(|crl| matches!(crl.find_serial(serial), Ok(Some(_))))
+    /// Why the certificate of a live connection is no longer accepted
+    /// (expired, revoked, or not of this CA any more); `None` while it is.
+    fn refuses(&self, conn: &Live) -> Option<rustls::Error> {
+        let usage = match conn.side {
+            Side::Accepted => webpki::KeyUsage::client_auth(),
+            Side::Dialled => webpki::KeyUsage::server_auth(),
+        };
+        let (leaf, intermediates) = conn.chain.split_first()?;
+        verify_chain(leaf, intermediates, &self.roots, &self.crls, usage).err()
     }
 }
 
@@ -374,10 +384,21 @@ impl ServerCertVerifier for PeerVerifier {
 struct Live {
     peer: SocketAddr,
     identity: Identity,
-    serial: Vec<u8>,
+    /// The certificates the other end presented, leaf first.
+    chain: Vec<CertificateDer<'static>>,
+    side: Side,
     /// A second handle on the socket: shutting it down ends the
     /// connection wherever its other handle is.
     socket: std::net::TcpStream,
+}
+
+/// Which end of a live connection this node is.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    /// It accepted the connection: the other end is a client.
+    Accepted,
+    /// It dialled: the other end is a node serving.
+    Dialled,
 }
 
 /// A TLS identity with its CA and revocation list, reloadable.
@@ -425,8 +446,9 @@ impl Tls {
     }
 
     /// Re-reads the files. When they changed, new handshakes use them and
-    /// live connections whose certificate is now revoked are closed.
-    /// Returns whether anything changed; on error the old files stay.
+    /// live connections whose certificate they no longer accept are
+    /// closed. Returns whether anything changed; on error the old files
+    /// stay.
     pub fn reload(&self) -> Result<bool, TlsError> {
         let fresh = Loaded::load(&self.files, self.expect_own.as_ref())?;
         if fresh.stamp == self.current().stamp {
@@ -436,24 +458,34 @@ impl Tls {
             tracing::error!(error = %problem, "this node's own certificate is no longer valid; \
                 peers will refuse it (the new files apply all the same)");
         }
-        let fresh = Arc::new(fresh);
         *self
             .loaded
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh.clone();
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(fresh);
+        self.close_refused();
+        Ok(true)
+    }
+
+    /// Closes the live connections whose certificate is no longer
+    /// accepted: revoked, expired (a connection outlives the certificate it
+    /// was opened with otherwise), or not of the CA now loaded.
+    pub fn close_refused(&self) {
+        let loaded = self.current();
         let live = self
             .live
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for conn in live.values().filter(|conn| fresh.revokes(&conn.serial)) {
-            tracing::warn!(peer = %conn.peer, identity = %conn.identity,
-                "closing a live connection: its certificate is now revoked");
-            let _ = conn.socket.shutdown(std::net::Shutdown::Both);
+        for conn in live.values() {
+            if let Some(reason) = loaded.refuses(conn) {
+                tracing::warn!(peer = %conn.peer, identity = %conn.identity, %reason,
+                    "closing a live connection: its certificate is no longer accepted");
+                let _ = conn.socket.shutdown(std::net::Shutdown::Both);
+            }
         }
-        Ok(true)
     }
 
-    /// Reloads every `period` until `stop` resolves, logging failures.
+    /// Reloads every `period` until `stop` resolves, logging failures, and
+    /// each time closes the live connections whose certificate has expired.
     pub async fn reload_every(
         self: Arc<Self>,
         period: std::time::Duration,
@@ -468,9 +500,12 @@ impl Tls {
                 () = &mut stop => return,
                 _ = ticker.tick() => match self.reload() {
                     Ok(true) => tracing::info!("TLS files reloaded"),
-                    Ok(false) => {}
-                    Err(err) => tracing::warn!(error = %err,
-                        "TLS files could not be reloaded; the previous ones stay in use"),
+                    Ok(false) => self.close_refused(),
+                    Err(err) => {
+                        tracing::warn!(error = %err,
+                            "TLS files could not be reloaded; the previous ones stay in use");
+                        self.close_refused();
+                    }
                 },
             }
         }
@@ -481,7 +516,7 @@ impl Tls {
         let (tcp, socket) = second_handle(tcp)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(self.current().server.clone());
         let stream = acceptor.accept(tcp).await?;
-        self.established(stream.into(), peer, socket)
+        self.established(stream.into(), peer, socket, Side::Accepted)
     }
 
     /// Runs the client side of a handshake, expecting `expected` (or any
@@ -498,7 +533,7 @@ impl Tls {
         // The name is not used: the verifier checks the identity instead.
         let name = ServerName::IpAddress(peer.ip().into());
         let stream = connector.connect(name, tcp).await?;
-        self.established(stream.into(), peer, socket)
+        self.established(stream.into(), peer, socket, Side::Dialled)
     }
 
     /// A connection whose handshake succeeded: the identity the other
@@ -508,15 +543,26 @@ impl Tls {
         stream: tokio_rustls::TlsStream<TcpStream>,
         peer: SocketAddr,
         socket: std::net::TcpStream,
+        side: Side,
     ) -> io::Result<Conn> {
-        let leaf = stream
+        let chain: Vec<CertificateDer<'static>> = stream
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|c| c.first())
+            .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let leaf = chain
+            .first()
             .ok_or_else(|| io::Error::other("the other end presented no certificate"))?;
-        let (identity, serial) = Identity::of_certificate(leaf).map_err(io::Error::other)?;
-        let registration = self.track(peer, &identity, serial, socket)?;
+        let (identity, _) = Identity::of_certificate(leaf).map_err(io::Error::other)?;
+        let conn = Live {
+            peer,
+            identity: identity.clone(),
+            chain,
+            side,
+            socket,
+        };
+        let registration = self.track(conn)?;
         Ok(Conn {
             io: ConnIo::Tls(Box::new(stream)),
             info: PeerInfo {
@@ -527,31 +573,19 @@ impl Tls {
         })
     }
 
-    fn track(
-        self: &Arc<Self>,
-        peer: SocketAddr,
-        identity: &Identity,
-        serial: Vec<u8>,
-        socket: std::net::TcpStream,
-    ) -> io::Result<Registration> {
+    fn track(self: &Arc<Self>, conn: Live) -> io::Result<Registration> {
         let mut live = self
             .live
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // A reload between the handshake and here must not be missed.
-        if self.current().revokes(&serial) {
-            return Err(io::Error::other("the certificate is revoked"));
+        if let Some(reason) = self.current().refuses(&conn) {
+            return Err(io::Error::other(format!(
+                "the certificate is no longer accepted: {reason}"
+            )));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        live.insert(
-            id,
-            Live {
-                peer,
-                identity: identity.clone(),
-                serial,
-                socket,
-            },
-        );
+        live.insert(id, conn);
         Ok(Registration {
             tls: self.clone(),
             id,

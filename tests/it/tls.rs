@@ -78,6 +78,13 @@ impl ServerCertVerifier for AnyServer {
 /// returns the local port used and whether the server went on to speak
 /// HTTP/2 (accepted) or ended the connection (refused).
 async fn present(address: &str, identity_dir: &Path) -> (u16, bool) {
+    let (port, accepted, _) = present_with(address, client_config(identity_dir)).await;
+    (port, accepted)
+}
+
+/// A client presenting the certificate in `identity_dir`, accepting any
+/// server, with rustls's default session cache.
+fn client_config(identity_dir: &Path) -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = CertificateDer::pem_file_iter(identity_dir.join("cert.pem"))
         .unwrap()
@@ -91,9 +98,19 @@ async fn present(address: &str, identity_dir: &Path) -> (u16, bool) {
         .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
         .with_client_auth_cert(chain, key)
         .unwrap();
+    Arc::new(config)
+}
+
+/// [`present`] with a client `config` (which may hold sessions from an
+/// earlier handshake); also returns the kind of handshake made.
+async fn present_with(
+    address: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> (u16, bool, Option<rustls::HandshakeKind>) {
     let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
     let port = tcp.local_addr().unwrap().port();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut kind = None;
     let accepted = match connector
         .connect(ServerName::try_from("node").unwrap(), tcp)
         .await
@@ -101,6 +118,7 @@ async fn present(address: &str, identity_dir: &Path) -> (u16, bool) {
         // In TLS 1.3 the server judges the client's certificate after the
         // client finished: a refusal shows on the first read.
         Ok(mut tls) => {
+            kind = tls.get_ref().1.handshake_kind();
             let mut byte = [0u8; 1];
             matches!(
                 tokio::time::timeout(Duration::from_secs(10), tls.read(&mut byte)).await,
@@ -109,7 +127,7 @@ async fn present(address: &str, identity_dir: &Path) -> (u16, bool) {
         }
         Err(_) => false,
     };
-    (port, accepted)
+    (port, accepted, kind)
 }
 
 /// Whether `node` has an open subscription to its peer named `peer`.
@@ -209,6 +227,53 @@ async fn refused_certificates_are_logged_with_the_peer_and_the_reason() {
         !log.contains('\u{1b}'),
         "colour codes in a log file: {log:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expires_loses_its_live_connection_and_no_session_outlives_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), Spec::new("city-a")).await;
+    let now = SystemTime::now();
+    let short = dir.path().join("short");
+    let operator = Identity::Operator("test".into());
+    identity_from(
+        &short,
+        ca(),
+        &operator,
+        now - Duration::from_secs(3600),
+        now + Duration::from_secs(3),
+    );
+
+    // The node keeps no sessions to resume (a resumed session skips the
+    // certificate checks): a client that keeps them gets a full handshake
+    // every time.
+    let config = client_config(&short);
+    for attempt in 0..2 {
+        let (_, accepted, kind) = present_with(&node.address, config.clone()).await;
+        assert!(accepted, "handshake {attempt} refused");
+        assert_eq!(
+            kind,
+            Some(rustls::HandshakeKind::Full),
+            "handshake {attempt}"
+        );
+    }
+
+    // A connection opened while the certificate is valid is closed once
+    // it has expired (the node checks within its reload period, 50 ms in
+    // tests), and no new one opens.
+    let live = crate::support::connect_as(&node.address, &short).await;
+    let status = || async {
+        pb::status_client::StatusClient::new(live.clone())
+            .node_status(pb::NodeStatusRequest {})
+            .await
+    };
+    status().await.expect("the certificate is still valid");
+    eventually("the expired certificate's connection to close", || async {
+        status().await.is_err()
+    })
+    .await;
+    assert!(SystemTime::now() >= now + Duration::from_secs(3));
+    assert!(!present(&node.address, &short).await.1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
