@@ -850,7 +850,9 @@ impl Replicator {
     }
 
     /// Judges a received entry against the one held, each with the key in
-    /// force for it (the pinned key for another feed id).
+    /// force for it (the pinned key for another feed id). Where the roster
+    /// replaced the origin's lost key, another feed's genesis is no
+    /// evidence: the only key that could sign it is the lost one.
     fn judge(&self, held: &Entry, other: &Entry) -> Result<Option<Conflict>, SessionError> {
         let origin = &held.body.origin;
         let Some(held_key) = self.key_after(origin, held.body.seq.saturating_sub(1))? else {
@@ -858,8 +860,10 @@ impl Replicator {
         };
         let other_key = if other.body.feed_id == held.body.feed_id {
             self.key_after(origin, other.body.seq.saturating_sub(1))?
-        } else {
+        } else if self.keys.replacements(origin).is_empty() {
             self.keys.key_for(origin, &[], 0)
+        } else {
+            None
         };
         Ok(other_key.and_then(|key| judge_conflict((&held_key, held), (&key, other))))
     }

@@ -11,7 +11,7 @@ use std::{
 
 use civex_proto::v1::{
     self as pb, feed_server::Feed, publish_server::Publish, query_server::Query,
-    status_server::Status as StatusApi, subscribe_response::Event,
+    status_server::Status as StatusApi, subscribe_response::Event, EntryBody, SignedEntry,
 };
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -1105,13 +1105,8 @@ fn check_claim(
         if head.tip.feed_id.as_slice() == claim.feed_id || later_feed {
             return Ok(ClaimCheck::Wait);
         }
-        // Another feed ahead of this node: evidence is the head held.
-        return Ok(ClaimCheck::Differs(
-            store
-                .entries(origin, head.tip.seq, 1, usize::MAX)?
-                .into_iter()
-                .next(),
-        ));
+        // Another feed ahead of this node.
+        return Ok(ClaimCheck::Differs(first_entry(store, origin)?));
     }
     // The entry held at the claimed seq decides (its hash covers its feed
     // id: after a lost key's replacement the head's feed id is a newer one).
@@ -1122,11 +1117,27 @@ fn check_claim(
     let matches = held
         .as_ref()
         .is_some_and(|e| entry_hash(&e.body, &e.signature).as_slice() == claim.hash);
-    Ok(if matches {
-        ClaimCheck::Matches
+    if matches {
+        return Ok(ClaimCheck::Matches);
+    }
+    let other_feed = held
+        .as_ref()
+        .and_then(|e| EntryBody::decode(e.body.as_ref()).ok())
+        .is_some_and(|body| body.feed_id != claim.feed_id);
+    Ok(ClaimCheck::Differs(if other_feed {
+        first_entry(store, origin)?
     } else {
-        ClaimCheck::Differs(held)
-    })
+        held
+    }))
+}
+
+/// The evidence for a subscriber that holds another feed of `origin`: the
+/// first entry held, the genesis of this node's feed, which the subscriber
+/// checks with the origin's first key (a later entry may be signed by a
+/// key it never learned), so a re-created feed is on record whatever the
+/// seqs each side holds.
+fn first_entry(store: &dyn Store, origin: &str) -> Result<Option<SignedEntry>, StoreError> {
+    Ok(store.entries(origin, 1, 1, usize::MAX)?.into_iter().next())
 }
 
 /// Sends one event unless the subscriber left or the node is stopping.

@@ -145,6 +145,37 @@ async fn a_cursor_naming_another_entry_gets_the_evidence_and_nothing_else() {
         }
         other => panic!("expected a mismatch, got {other:?}"),
     }
+    // A cursor of another feed (the origin started over, on one side or the
+    // other), behind or ahead of the head: the evidence is the genesis of
+    // the feed held, which the subscriber checks with the origin's first
+    // key (before, the entry at the cursor or the head, which is evidence
+    // only where that is seq 1).
+    assert_eq!(publish_row(&node, "d", 1.0).await.seq, 4);
+    let first = crate::support::whole_feed(&node.address, "city-a").await[0].clone();
+    for seq in [3, 9] {
+        let mut stream = node
+            .feed()
+            .await
+            .subscribe(pb::SubscribeRequest {
+                cursors: vec![pb::Cursor {
+                    origin: "city-a".into(),
+                    feed_id: vec![0x99; 16],
+                    seq,
+                    entry_hash: vec![0xee; 32],
+                }],
+                all_origins: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        match next_event(&mut stream).await {
+            Event::Mismatch(m) => {
+                assert_eq!(m.held.as_ref(), Some(&first), "cursor at seq {seq}");
+                assert_eq!(m.feed_id, receipts[0].feed_id);
+            }
+            other => panic!("expected a mismatch at seq {seq}, got {other:?}"),
+        }
+    }
     let bad = node
         .feed()
         .await

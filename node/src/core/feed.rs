@@ -110,6 +110,16 @@ pub enum FeedError {
         /// Its last accepted seq.
         last_seq: u64,
     },
+    /// A feed start the roster's history of the origin does not name.
+    #[error("origin {origin}: seq 1 starts feed {found}, but the roster's history of this origin starts with feed {first} (its key was lost and replaced); a feed it does not name is refused")]
+    NotRosterFeed {
+        /// Origin.
+        origin: String,
+        /// Feed id in the body, hex.
+        found: String,
+        /// The first feed the roster names, hex.
+        first: String,
+    },
 }
 
 /// A lost feed key replaced through the federation roster: the old feed
@@ -359,6 +369,18 @@ pub fn check_link(
             feed_id: crate::core::ids::hex(&ended.old_feed_id),
             last_seq: ended.last_seq,
         });
+    }
+    // Where the roster replaced a lost key, the history it names starts
+    // with the first ended feed: a genesis of any other feed would be one
+    // the lost key made up after the fact.
+    if let (None, Some(first)) = (tip, replacements.first()) {
+        if body.feed_id.as_ref() != first.old_feed_id {
+            return Err(FeedError::NotRosterFeed {
+                origin: origin.to_owned(),
+                found: crate::core::ids::hex(&body.feed_id),
+                first: crate::core::ids::hex(&first.old_feed_id),
+            });
+        }
     }
     if let Some(tip) = tip {
         let replaced = replacements.iter().any(|r| r.starts(tip, entry));
@@ -899,6 +921,18 @@ pub(crate) mod tests {
             &[old_feed[..2].to_vec(), early].concat()
         )
         .is_err());
+
+        // A node that holds nothing of the origin takes only the history
+        // the roster names: the lost key cannot make up a feed of its own.
+        let mut genesis = old_feed[0].body.clone();
+        genesis.feed_id = vec![5; 16];
+        let made_up = [Entry::sign(&lost, genesis).unwrap()];
+        assert!(matches!(
+            verify_chain("city-a", &lost.verifying_key(), &replaced, None, &made_up),
+            Err(FeedError::NotRosterFeed { .. })
+        ));
+        // Without a replacement, any feed may start.
+        assert!(check_link("city-a", &[], None, &made_up[0]).is_ok());
 
         // Rotations of the old feed do not carry over to the new one.
         let rotations = [
