@@ -29,6 +29,21 @@ pub(crate) struct Node {
 }
 
 impl Node {
+    /// Refuses to send `what` over mutual TLS to a node whose origin was not
+    /// named (`--expect-origin`): any member node answering at the address
+    /// would get it.
+    pub(crate) fn require_expected(&self, what: &str) -> anyhow::Result<()> {
+        if matches!(self.security, Security::Mutual(_)) && self.expected.is_none() {
+            bail!(
+                "{what}: name the node's origin with --expect-origin ID (or set \
+                 CIVEX_EXPECT_ORIGIN), so that they reach that node and no other member's node \
+                 at {}",
+                self.address
+            );
+        }
+        Ok(())
+    }
+
     /// From the global flags: `--identity DIR` (mutual TLS) or `--insecure`.
     pub(crate) fn from_flags(
         address: &str,

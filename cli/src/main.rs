@@ -44,8 +44,9 @@ struct Cli {
     /// Talk plain gRPC, to a node with tls.mode = "insecure" (loopback).
     #[arg(long, global = true, env = "CIVEX_INSECURE")]
     insecure: bool,
-    /// The origin the node's certificate must name (recommended: otherwise
-    /// any member node of the federation is accepted at --node).
+    /// The origin the node's certificate must name: needed to publish
+    /// indicators (their contributor counts go to that node and no other);
+    /// otherwise any member node of the federation is accepted at --node.
     #[arg(long, global = true, env = "CIVEX_EXPECT_ORIGIN")]
     expect_origin: Option<String>,
     /// Output: a table for people, or JSON for scripts.
@@ -265,7 +266,12 @@ async fn talk_to(
     command: Command,
 ) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Publish(command) => commands::publish(node, output, command).await,
+        Command::Publish(command) => {
+            node.require_expected(
+                "publishing indicators sends the file's contributor counts to the node",
+            )?;
+            commands::publish(node, output, command).await
+        }
         Command::Offer(command) => commands::offer(node, output, command).await,
         Command::Retract { seq, reason } => commands::retract(node, output, seq, reason).await,
         Command::Query(command) => commands::query(node, output, command).await,

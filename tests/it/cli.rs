@@ -114,6 +114,28 @@ async fn publish_indicators_from_csv_and_json_is_atomic() {
         "good.csv",
         &format!("{header}jobs,economy,city-a,2025,7.5,percent,100\nfirms,economy,city-a/north,2025-Q3,2,firms,2\n"),
     );
+    // Without the node's origin named, the file's contributor counts could
+    // go to whichever member node answers at --node: refused, and nothing
+    // is sent.
+    let identity = node.operator_dir();
+    let out = civex_async(&[
+        "--node",
+        &node.address,
+        "--identity",
+        identity.to_str().unwrap(),
+        "publish",
+        "indicators",
+        &good,
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("contributor counts")
+            && stderr(&out).contains("--expect-origin ID (or set CIVEX_EXPECT_ORIGIN)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(node.head("city-a").await.0, 0);
     let out = node
         .cli(&["--output", "json", "publish", "indicators", &good])
         .await;

@@ -436,6 +436,8 @@ async fn the_privacy_budget_holds_under_concurrent_publishes_and_a_crash() {
                 address,
                 "--identity".to_owned(),
                 operator.to_str().unwrap().to_owned(),
+                "--expect-origin".to_owned(),
+                "city-a".to_owned(),
                 "publish".to_owned(),
                 "indicators".to_owned(),
                 file.to_str().unwrap().to_owned(),

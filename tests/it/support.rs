@@ -537,6 +537,9 @@ impl TestNode {
             "--identity",
             identity.to_str().unwrap(),
         ];
+        if !args.contains(&"--expect-origin") {
+            full.extend(["--expect-origin", &self.spec.origin]);
+        }
         full.extend_from_slice(args);
         civex_async(&full).await
     }
