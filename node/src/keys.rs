@@ -105,8 +105,14 @@ pub fn read_secret_file(path: &Path) -> Result<String, KeyError> {
                 .map_err(|err| file_error(&partial, format!("cannot remove: {err}")))?;
         }
     }
-    let metadata =
-        std::fs::metadata(path).map_err(|err| file_error(path, format!("cannot read: {err}")))?;
+    // Opened once, and the mode checked on the file opened: the file read
+    // is the file checked, even if the path is swapped in between.
+    let cannot_read = |err: std::io::Error| file_error(path, format!("cannot read: {err}"));
+    let mut file = std::fs::File::open(path).map_err(cannot_read)?;
+    let metadata = file.metadata().map_err(cannot_read)?;
+    if !metadata.is_file() {
+        return Err(file_error(path, "is not a regular file"));
+    }
     let mode = metadata.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(file_error(
@@ -117,7 +123,9 @@ pub fn read_secret_file(path: &Path) -> Result<String, KeyError> {
             ),
         ));
     }
-    std::fs::read_to_string(path).map_err(|err| file_error(path, format!("cannot read: {err}")))
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(cannot_read)?;
+    Ok(text)
 }
 
 /// The key the noise of publishes is derived from: read from `path`, or
@@ -440,6 +448,17 @@ mod tests {
             !err.contains(&hex(&key.to_bytes())),
             "the secret leaked into an error"
         );
+        // Through a link (a mounted secret, say) the file read is the file
+        // checked: its mode counts, not the link's.
+        let link = dir.path().join("linked.key");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let err = load_key_file(&link).unwrap_err().to_string();
+        assert!(err.contains("(mode 640)"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(load_key_file(&link).unwrap().to_bytes(), key.to_bytes());
+        // Nor is anything but a regular file read (a FIFO would hang).
+        let err = read_secret_file(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is not a regular file"), "{err}");
     }
 
     #[test]
