@@ -369,13 +369,20 @@ pub fn parse_json(text: &str) -> Result<Vec<InputRow>, RowError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let value: serde_json::Value = serde_json::from_str(text).map_err(|err| {
         let line = err.line() as u64;
-        // serde_json's message ends with its position, the line named already.
+        // serde_json's message ends with its position: the line is named
+        // already, the column (in characters) is said here, so a file of
+        // one long line is no riddle.
         let message = err.to_string();
         let message = message
             .rsplit_once(" at line ")
             .map_or(message.as_str(), |(m, _)| m)
             .to_owned();
-        RowError::new(0, line, "json", message)
+        RowError::new(
+            0,
+            line,
+            "json",
+            format!("{message} (at character {})", err.column()),
+        )
     })?;
     let serde_json::Value::Array(items) = value else {
         return Err(RowError::new(
@@ -2208,5 +2215,6 @@ mod tests {
         let err = parse_json("[\n{\"indicator\": }]").unwrap_err();
         assert_eq!(err.line, 2);
         assert!(!err.to_string().contains("at line"), "{err}");
+        assert!(err.to_string().ends_with("(at character 15)"), "{err}");
     }
 }
