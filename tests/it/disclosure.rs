@@ -249,8 +249,13 @@ async fn the_dry_run_explains_each_suppression_and_publishes_nothing() {
         ])
         .await;
     assert_eq!(out.status.code(), Some(1));
+    // Placed at the table's first row, as the CLI maps it to the file.
     assert!(
-        stderr(&out).contains("must restate every cell"),
+        stderr(&out).contains(&format!(
+            "{}:2: rows: households (test) for 2025: the feed already holds this table, so a \
+             revision must restate every cell",
+            partial.display()
+        )),
         "{}",
         stderr(&out)
     );

@@ -237,11 +237,12 @@ async fn bad_requests_name_the_field_and_publish_nothing() {
         (vec![good(), good()], key(), "appears twice"),
         (
             vec![
-                row("households", "city-a", "2025", 10.0, 10),
                 row("households", "city-a/north", "2025", 3.0, 3),
+                row("households", "city-a", "2025", 10.0, 10),
             ],
             key(),
-            "households (test) for 2025: total cell Total is not the sum of the cells it covers",
+            // Placed at the total's row.
+            "row 2: rows: households (test) for 2025: total cell Total is not the sum of the cells it covers",
         ),
         (
             vec![row("nope", "city-a", "2025", 1.0, 9)],

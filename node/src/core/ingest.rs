@@ -20,8 +20,8 @@ use super::catalog::{check_token, Catalog, Indicator, Subjects};
 use super::period::Period;
 use super::policy::Policy;
 use super::sdc::{
-    self, noise::publish_cost, AggregationKind, AppliedParameters, CellInput, CellStatus, Coord,
-    LargestContributions, NoiseSeed, Table,
+    self, noise::publish_cost, table::label_of, AggregationKind, AppliedParameters, CellInput,
+    CellStatus, Coord, LargestContributions, NoiseSeed, Table,
 };
 
 /// Name of the rule set applied by this ingest.
@@ -739,6 +739,8 @@ fn parse_breakdown(text: &str) -> Result<Vec<(&str, &str)>, String> {
 /// A validated row and where it sits in its table.
 struct Cell<'r> {
     row: &'r InputRow,
+    /// 1-based position of the row in the input.
+    index: usize,
     area: FunctionalArea,
     unit: String,
     /// District (`None`: the city as a whole).
@@ -988,6 +990,7 @@ fn validate<'r>(
         }
         table.cells.push(Cell {
             row,
+            index: index + 1,
             area,
             unit,
             district,
@@ -1013,6 +1016,21 @@ fn validate<'r>(
 /// An engine error as the operator and the log see it: values of cells may
 /// be counts (for a count indicator the count is the value), so none is
 /// repeated.
+/// The label of the cell an engine error names, if it names one the input
+/// holds (a missing cell is in no row).
+fn cell_named(err: &sdc::SdcError) -> Option<&str> {
+    use sdc::SdcError as E;
+    match err {
+        E::TotalMismatch { total: cell, .. }
+        | E::ValueOutOfBounds { cell, .. }
+        | E::DuplicateCell(cell)
+        | E::DimensionMismatch { cell, .. }
+        | E::MissingLargestContributions { cell, .. }
+        | E::InvalidContributions { cell, .. } => Some(cell),
+        _ => None,
+    }
+}
+
 fn engine_error(err: sdc::SdcError) -> String {
     match err {
         sdc::SdcError::TotalMismatch { total, .. } => format!(
@@ -1159,8 +1177,22 @@ fn protect_table(
     let indicator = rows.indicator;
     let (code, edition, period) = (&indicator.code, &indicator.edition, &rows.period);
     let name = format!("{code} ({edition}) for {period}");
-    let table_error = |message: String| {
-        IngestError::Row(RowError::new(0, 0, "rows", format!("{name}: {message}")))
+    // A table's error is placed at the row of the cell it names, or else at
+    // the table's first row.
+    let first = &rows.cells[0];
+    let table_error_at = |cell: &Cell<'_>, message: String| {
+        IngestError::Row(RowError::new(
+            cell.index,
+            cell.row.line,
+            "rows",
+            format!("{name}: {message}"),
+        ))
+    };
+    let table_error = |message: String| table_error_at(first, message);
+    let engine_failure = |err: sdc::SdcError| {
+        let named = cell_named(&err)
+            .and_then(|label| rows.cells.iter().find(|c| label_of(&c.coords) == label));
+        table_error_at(named.unwrap_or(first), engine_error(err))
     };
     let resolved = context.policy.resolve(indicator);
     let mut settings = resolved.settings.clone();
@@ -1206,7 +1238,7 @@ fn protect_table(
         dimensions,
         cells,
     )
-    .map_err(|e| table_error(engine_error(e)))?;
+    .map_err(engine_failure)?;
     // Totals with their components are additive constraints of the table.
     if resolved.settings.threshold.is_some()
         && !resolved.settings.secondary
@@ -1225,7 +1257,7 @@ fn protect_table(
         }
         _ => sdc::protect(&table, &settings),
     }
-    .map_err(|e| table_error(engine_error(e)))?;
+    .map_err(engine_failure)?;
     let n = rows.cells.len();
     let mut statuses: Vec<CellStatus> = outcome.published.cells.iter().map(|c| c.status).collect();
     let mut values: Vec<Option<f64>> = outcome.published.cells.iter().map(|c| c.value).collect();
@@ -1281,7 +1313,7 @@ fn protect_table(
         .collect();
     if known.iter().any(Option::is_some) && !table.constraints().is_empty() {
         let report = sdc::engine::audit_knowing(&table, &resolved.settings, &statuses, &known)
-            .map_err(|e| table_error(engine_error(e)))?;
+            .map_err(engine_failure)?;
         if let Some(&cell) = report.failures.first() {
             out.refusal.get_or_insert_with(|| {
                 format!(
