@@ -52,6 +52,12 @@ pub(crate) enum CaCommand {
         /// Validity, in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// Issue although the identity holds a valid certificate already:
+        /// a new certificate for the same node or person (a renewal, a
+        /// new key). Without it that is refused, since one identity names
+        /// one holder on every node that lists it.
+        #[arg(long)]
+        renew: bool,
     },
     /// Revoke certificates: by serial, or every one issued to an identity.
     /// Writes a new ca.crl: copy it to the members' tls.crl_file.
@@ -143,6 +149,32 @@ fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot write", path.display()))
 }
 
+/// Refuses to issue for `identity` while it holds a certificate that is
+/// neither revoked nor expired: whoever holds one acts as it on every node
+/// that lists it, so a second person given the same name (two cities'
+/// operators called maria) would administer the first one's node.
+fn refuse_a_second_holder(dir: &Path, identity: &Identity) -> anyhow::Result<()> {
+    let uri = identity.uri();
+    let revoked = revoked(dir)?;
+    let today = civex_node::pki::today();
+    let held = issued(dir)?.into_iter().find(|r| {
+        r.identity == uri && !revoked.contains(&r.serial) && r.not_after.as_str() >= today.as_str()
+    });
+    if let Some(held) = held {
+        bail!(
+            "{uri} holds a valid certificate already (serial {}, valid until {}): whoever holds \
+             one acts as {uri} on every node that lists it. For another node or person, choose \
+             another name (an operator of one city, say: maria-sao-carlos); for the same one (a \
+             renewal, a new key), pass --renew, and revoke the old certificate once it is \
+             replaced (civex ca revoke --serial {})",
+            held.serial,
+            held.not_after,
+            held.serial
+        );
+    }
+    Ok(())
+}
+
 fn issued(dir: &Path) -> anyhow::Result<Vec<Record>> {
     let path = dir.join("issued.tsv");
     read_table(&path)?
@@ -221,9 +253,13 @@ pub(crate) fn run(command: CaCommand, format: Format) -> anyhow::Result<ExitCode
             csr,
             out,
             days,
+            renew,
         } => {
             let identity = identity(who.origin, who.operator)?;
             let authority = load(&ca.dir)?;
+            if !renew {
+                refuse_a_second_holder(&ca.dir, &identity)?;
+            }
             let request = match &csr {
                 Some(path) => Some(
                     std::fs::read_to_string(path)

@@ -120,6 +120,11 @@ fn validity(days: u32) -> Result<(SystemTime, SystemTime), PkiError> {
     ))
 }
 
+/// Today (UTC) as `YYYY-MM-DD`, the form of [`Issued::not_after`].
+pub fn today() -> String {
+    day(OffsetDateTime::now_utc())
+}
+
 fn day(at: OffsetDateTime) -> String {
     format!(
         "{:04}-{:02}-{:02}",

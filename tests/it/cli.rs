@@ -515,6 +515,27 @@ async fn a_city_joins_a_federation_with_the_cli() {
     ])
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
+    // The same name again would be a second holder of one identity (two
+    // cities' operators called ops): refused, writing nothing, unless it
+    // is a renewal for the same person.
+    async fn issue_ops(ca: &str, out: &str, renew: bool) -> std::process::Output {
+        let mut args = vec!["ca", "issue", "--ca", ca, "--operator", "ops", "--out", out];
+        if renew {
+            args.push("--renew");
+        }
+        civex_async(&args).await
+    }
+    let again = issue_ops(&ca, &path("ops-again"), false).await;
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("civex:operator:ops holds a valid certificate already (serial ")
+            && stderr(&again).contains("pass --renew"),
+        "{}",
+        stderr(&again)
+    );
+    assert!(!std::path::Path::new(&path("ops-again")).exists());
+    let renewed = issue_ops(&ca, &path("ops-renewed"), true).await;
+    assert!(renewed.status.success(), "{}", stderr(&renewed));
 
     // The node starts on those files and its operator administers it.
     let child = crate::support::ChildNode::start_async(dir.path().join("node").as_path()).await;
@@ -551,8 +572,12 @@ async fn a_city_joins_a_federation_with_the_cli() {
         [
             ("civex:origin:city-j".to_owned(), "valid".to_owned()),
             ("civex:operator:ops".to_owned(), "revoked".to_owned()),
+            ("civex:operator:ops".to_owned(), "revoked".to_owned()),
         ]
     );
+    // Once its certificates are revoked, the name may be given out again.
+    let out = issue_ops(&ca, &path("ops-new"), false).await;
+    assert!(out.status.success(), "{}", stderr(&out));
     let crl = std::fs::read_to_string(dir.path().join("ca/ca.crl")).unwrap();
     assert!(crl.contains("BEGIN X509 CRL"));
 }
