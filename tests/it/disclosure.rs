@@ -344,7 +344,8 @@ async fn catalog_commands_list_show_and_validate() {
     let out = civex_async(&["catalog", "validate", bad.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("bad.toml: indicator 1 (bus-km): kind: unknown kind \"total\""),
+        stderr(&out)
+            .contains("bad.toml: line 4: indicator 1 (bus-km): kind: unknown kind \"total\""),
         "{}",
         stderr(&out)
     );

@@ -192,7 +192,7 @@ struct FileRaw {
     edition: String,
     name: String,
     #[serde(default)]
-    indicator: Vec<IndicatorRaw>,
+    indicator: Vec<toml::Spanned<IndicatorRaw>>,
 }
 
 #[derive(Deserialize)]
@@ -246,7 +246,20 @@ impl Edition {
         check_token(&raw.edition, "edition").map_err(|m| error(String::new(), m))?;
         let mut indicators: Vec<Indicator> = Vec::with_capacity(raw.indicator.len());
         for (index, item) in raw.indicator.into_iter().enumerate() {
-            let at = |field: &str| format!("indicator {} ({}): {field}: ", index + 1, item.code);
+            // Errors name the line where the indicator's table starts.
+            let line = text.as_bytes()[..item.span().start.min(text.len())]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                + 1;
+            let item = item.into_inner();
+            let at = |field: &str| {
+                format!(
+                    "line {line}: indicator {} ({}): {field}: ",
+                    index + 1,
+                    item.code
+                )
+            };
             check_token(&item.code, "code").map_err(|m| error(at("code"), m))?;
             if indicators.iter().any(|i| i.code == item.code) {
                 return Err(error(at("code"), "appears twice".into()));
@@ -475,7 +488,7 @@ subjects = "persons"
         let cases = [
             (
                 CITY.replace("\"mean\"", "\"median\""),
-                "indicator 1 (water-outage-hours): kind: unknown kind \"median\"",
+                "line 5: indicator 1 (water-outage-hours): kind: unknown kind \"median\"",
             ),
             (
                 CITY.replace("\"annual\"", "\"weekly\""),
