@@ -113,6 +113,22 @@ async fn backlog_then_live_tail_then_exact_resume() {
     assert_eq!(node.head("city-a").await, (9, tip.unwrap().hash.to_vec()));
 }
 
+/// A subscription to one origin from `cursor`.
+async fn subscribe_from(
+    node: &TestNode,
+    cursor: pb::Cursor,
+) -> tonic::Streaming<pb::SubscribeResponse> {
+    node.feed()
+        .await
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![cursor],
+            all_origins: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cursor_naming_another_entry_gets_the_evidence_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
@@ -122,21 +138,13 @@ async fn a_cursor_naming_another_entry_gets_the_evidence_and_nothing_else() {
         publish_row(&node, "b", 1.0).await,
     ];
     publish_row(&node, "c", 1.0).await;
-    let mut stream = node
-        .feed()
-        .await
-        .subscribe(pb::SubscribeRequest {
-            cursors: vec![pb::Cursor {
-                origin: "city-a".into(),
-                feed_id: receipts[1].feed_id.clone(),
-                seq: 2,
-                entry_hash: vec![0xee; 32],
-            }],
-            all_origins: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let cursor = |feed_id: Vec<u8>, seq| pb::Cursor {
+        origin: "city-a".into(),
+        feed_id,
+        seq,
+        entry_hash: vec![0xee; 32],
+    };
+    let mut stream = subscribe_from(&node, cursor(receipts[1].feed_id.clone(), 2)).await;
     match next_event(&mut stream).await {
         Event::Mismatch(m) => {
             let held = Entry::decode(m.held.unwrap()).unwrap();
@@ -153,21 +161,7 @@ async fn a_cursor_naming_another_entry_gets_the_evidence_and_nothing_else() {
     assert_eq!(publish_row(&node, "d", 1.0).await.seq, 4);
     let first = crate::support::whole_feed(&node.address, "city-a").await[0].clone();
     for seq in [3, 9] {
-        let mut stream = node
-            .feed()
-            .await
-            .subscribe(pb::SubscribeRequest {
-                cursors: vec![pb::Cursor {
-                    origin: "city-a".into(),
-                    feed_id: vec![0x99; 16],
-                    seq,
-                    entry_hash: vec![0xee; 32],
-                }],
-                all_origins: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = subscribe_from(&node, cursor(vec![0x99; 16], seq)).await;
         match next_event(&mut stream).await {
             Event::Mismatch(m) => {
                 assert_eq!(m.held.as_ref(), Some(&first), "cursor at seq {seq}");

@@ -245,13 +245,16 @@ impl Edition {
             toml::from_str(text).map_err(|err| error(String::new(), err.to_string()))?;
         check_token(&raw.edition, "edition").map_err(|m| error(String::new(), m))?;
         let mut indicators: Vec<Indicator> = Vec::with_capacity(raw.indicator.len());
+        // Errors name the line where the indicator's table starts, counted
+        // on from the table before (tables come in file order).
+        let (mut counted_to, mut line) = (0, 1);
         for (index, item) in raw.indicator.into_iter().enumerate() {
-            // Errors name the line where the indicator's table starts.
-            let line = text.as_bytes()[..item.span().start.min(text.len())]
+            let start = item.span().start.clamp(counted_to, text.len());
+            line += text.as_bytes()[counted_to..start]
                 .iter()
                 .filter(|b| **b == b'\n')
-                .count()
-                + 1;
+                .count();
+            counted_to = start;
             let item = item.into_inner();
             let at = |field: &str| {
                 format!(
