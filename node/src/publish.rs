@@ -1284,7 +1284,10 @@ impl Sequencer {
             return;
         }
         let epoch = self.own.epoch;
-        let awaited = feed_end.is_some();
+        // A job that ends a feed, or rotates the key, is settled before
+        // its replies go out: a receipt for a rotation means the key file
+        // holds the new key.
+        let awaited = feed_end.is_some() || self.rotation_seq.is_some_and(|r| seqs.contains(&r));
         match self
             .writer
             .send(Job {
