@@ -459,9 +459,113 @@ impl From<IngestError> for PublishError {
     }
 }
 
-/// Fingerprint of an idempotency record rebuilt from the feed (the request
-/// itself is not in the feed): a repeat of its key gets the original receipt.
-pub const RECOVERED: [u8; 32] = [0; 32];
+/// What the feed shows of a publish: its kind and what it names (the
+/// cells of an indicator batch, an offer whole, the offer a withdrawal or
+/// response names, a retraction's reason). An idempotency record rebuilt
+/// from the feed has it as its fingerprint, since the request itself
+/// (contributor counts and all) is not in the feed: a retry of its key is
+/// matched against the outline of the retried request, so the same key
+/// with a request of another kind, or naming other cells or another
+/// offer, fails (spec rule 4). Values are not compared: noise and
+/// suppression change them on their way into the feed.
+#[derive(Debug, Default)]
+pub struct Outline {
+    /// One hash per thing named; a set, since the feed holds a batch's
+    /// cells in another order than the request, and a group's retraction
+    /// repeats its reason once per part.
+    parts: std::collections::BTreeSet<[u8; 32]>,
+}
+
+impl Outline {
+    /// The outline of `request`.
+    pub fn of_request(request: &Request) -> [u8; 32] {
+        let mut outline = Self::default();
+        match request {
+            Request::Indicators(rows) => {
+                for row in rows {
+                    outline.add(
+                        "cell",
+                        &[&row.indicator, &row.ref_area, &row.period, &row.breakdown],
+                    );
+                }
+            }
+            Request::Offer(offer) => outline.add_offer(offer),
+            Request::Withdraw { offer_id, reason } => outline.add("withdraw", &[offer_id, reason]),
+            Request::Respond {
+                offer_origin,
+                offer_id,
+                kind,
+                message,
+                ..
+            } => outline.add_response(offer_origin, offer_id, *kind as i32, message),
+            Request::Retract { reason, .. } => outline.add("retract", &[reason]),
+            Request::RotateKey => outline.add("rotate-key", &[]),
+            Request::Roster(_) => outline.add("roster", &[]),
+        }
+        outline.finish()
+    }
+
+    /// The outline of a roster entry (what the roster origin publishes for
+    /// a member, or a replaced key), whatever it holds.
+    pub fn of_roster() -> [u8; 32] {
+        let mut outline = Self::default();
+        outline.add("roster", &[]);
+        outline.finish()
+    }
+
+    /// Adds what one entry of the publish holds.
+    fn add_payload(&mut self, payload: Option<&Payload>) {
+        match payload {
+            Some(Payload::Indicators(batch)) => {
+                for o in &batch.observations {
+                    self.add(
+                        "cell",
+                        &[&o.indicator, &o.ref_area, &o.period, &o.breakdown],
+                    );
+                }
+            }
+            Some(Payload::Offer(offer)) => self.add_offer(offer),
+            Some(Payload::Withdrawal(w)) => self.add("withdraw", &[&w.offer_id, &w.reason]),
+            Some(Payload::Response(r)) => {
+                self.add_response(&r.offer_origin, &r.offer_id, r.kind, &r.message)
+            }
+            Some(Payload::Retraction(r)) => self.add("retract", &[&r.reason]),
+            Some(Payload::KeyRotation(_)) => self.add("rotate-key", &[]),
+            Some(Payload::Roster(_)) => self.add("roster", &[]),
+            // Nothing this node publishes: no request matches it.
+            _ => self.add("unknown", &[]),
+        }
+    }
+
+    fn add_offer(&mut self, offer: &ServiceOffer) {
+        self.add("offer", &[&hex(&offer.encode_to_vec())]);
+    }
+
+    fn add_response(&mut self, origin: &str, offer_id: &str, kind: i32, message: &str) {
+        self.add("respond", &[origin, offer_id, &kind.to_string(), message]);
+    }
+
+    fn add(&mut self, kind: &str, fields: &[&str]) {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(b"civex/v1/publish-outline\0");
+        for field in std::iter::once(&kind).chain(fields) {
+            hasher.update((field.len() as u64).to_be_bytes());
+            hasher.update(field.as_bytes());
+        }
+        self.parts.insert(hasher.finalize().into());
+    }
+
+    fn finish(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(b"civex/v1/publish-outline\0");
+        for part in &self.parts {
+            hasher.update(part);
+        }
+        hasher.finalize().into()
+    }
+}
 
 /// The idempotency records of own entries learned back (from a peer, or a
 /// backup), so a restored node answers retries of publishes it no longer
@@ -472,9 +576,21 @@ pub const RECOVERED: [u8; 32] = [0; 32];
 /// every part; a group's record is made at its last part.
 #[derive(Debug, Default)]
 pub struct Recovery {
-    /// The publish being read: its key, first seq, the seq its next entry
-    /// would have, and its cells so far (published, suppressed).
-    open: Option<([u8; 16], u64, u64, u32, u32)>,
+    /// The publish being read.
+    open: Option<OpenPublish>,
+}
+
+/// A publish [`Recovery`] is reading.
+#[derive(Debug)]
+struct OpenPublish {
+    key: [u8; 16],
+    first_seq: u64,
+    /// The seq its next entry would have.
+    next: u64,
+    /// Its cells so far with a value, and without.
+    published: u32,
+    suppressed: u32,
+    outline: Outline,
 }
 
 /// Entries of one publish read back at most (a publish is at most one
@@ -541,7 +657,7 @@ impl Recovery {
                 self.open = None;
                 continue;
             };
-            let (group, mut published, mut suppressed) = match &entry.body.payload {
+            let (group, published, suppressed) = match &entry.body.payload {
                 Some(Payload::Indicators(batch)) => {
                     let with_value = batch
                         .observations
@@ -555,31 +671,40 @@ impl Recovery {
             };
             let seq = entry.body.seq;
             let part = group.as_ref().map_or(0, |g| u64::from(g.part));
-            let mut first_seq = seq.saturating_sub(part).max(1);
-            match self.open {
+            let open = match self.open.take() {
                 // The same publish goes on.
-                Some((open_key, first, next, p, s)) if open_key == key && next == seq => {
-                    first_seq = first;
-                    published += p;
-                    suppressed += s;
-                }
-                _ => {}
-            }
-            self.open = Some((key, first_seq, seq + 1, published, suppressed));
-            if group.is_some_and(|g| g.part.saturating_add(1) < g.count) {
-                continue;
-            }
-            records.push((
-                key,
-                IdempotencyRecord {
-                    fingerprint: RECOVERED,
-                    first_seq,
-                    seq,
-                    hash: entry.hash,
-                    published,
-                    suppressed,
+                Some(open) if open.key == key && open.next == seq => open,
+                _ => OpenPublish {
+                    key,
+                    first_seq: seq.saturating_sub(part).max(1),
+                    next: seq,
+                    published: 0,
+                    suppressed: 0,
+                    outline: Outline::default(),
                 },
-            ));
+            };
+            let mut open = OpenPublish {
+                next: seq + 1,
+                published: open.published + published,
+                suppressed: open.suppressed + suppressed,
+                ..open
+            };
+            open.outline.add_payload(entry.body.payload.as_ref());
+            let complete = group.is_none_or(|g| g.part.saturating_add(1) >= g.count);
+            if complete {
+                records.push((
+                    key,
+                    IdempotencyRecord {
+                        fingerprint: open.outline.finish(),
+                        first_seq: open.first_seq,
+                        seq,
+                        hash: entry.hash,
+                        published: open.published,
+                        suppressed: open.suppressed,
+                    },
+                ));
+            }
+            self.open = Some(open);
         }
         records
     }
@@ -802,15 +927,18 @@ impl Publisher {
 
     /// The receipt of an earlier publish with this idempotency key and
     /// request, once durable; `None` if the key is new.
+    /// `outline` gives the request's [`Outline`], for a record rebuilt from
+    /// the feed.
     pub fn replay(
         &self,
         key: &[u8; 16],
         fingerprint: &[u8; 32],
+        outline: impl FnOnce() -> [u8; 32],
     ) -> Result<Option<Receipt>, PublishError> {
         let Some(record) = self.store.idempotency(key)? else {
             return Ok(None);
         };
-        if record.fingerprint != RECOVERED && &record.fingerprint != fingerprint {
+        if &record.fingerprint != fingerprint && record.fingerprint != outline() {
             return Err(PublishError::KeyReused(hex(key)));
         }
         // sled shows a batch before it is synced: answer only from durable state.
@@ -906,7 +1034,9 @@ impl Publisher {
                 key: idempotency_key,
             }
         };
-        if let Some(receipt) = self.replay(&idempotency_key, &fingerprint)? {
+        if let Some(receipt) = self.replay(&idempotency_key, &fingerprint, || {
+            Outline::of_request(&request)
+        })? {
             return Ok(Submitted {
                 answer: Answer::Replayed(receipt),
                 _in_flight: in_flight,
@@ -2129,6 +2259,98 @@ mod tests {
             &Entry::decode(signed).unwrap(),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_record_rebuilt_from_the_feed_knows_its_request_by_outline() {
+        let rebuilt = |entries: &[Entry]| {
+            let records = Recovery::default().records(entries);
+            records.last().map(|(_, r)| r.fingerprint).unwrap()
+        };
+        // A batch, published as a group whose parts hold its cells in
+        // another order, with other values (noise).
+        let rows = vec![
+            InputRow::new("x", "city-a", "2025", 1.0),
+            InputRow::new("y", "city-a", "2025", 2.0),
+            InputRow::new("y", "city-a/north", "2025", 3.0),
+        ];
+        let cell = |indicator: &str, ref_area: &str| Observation {
+            indicator: indicator.into(),
+            ref_area: ref_area.into(),
+            period: "2025".into(),
+            value: Some(9.0),
+            ..Default::default()
+        };
+        let group = |part| {
+            Some(PublishGroup {
+                id: vec![4; 16],
+                part,
+                count: 2,
+            })
+        };
+        let batch = |observations, part| {
+            Payload::Indicators(IndicatorBatch {
+                observations,
+                group: group(part),
+                ..Default::default()
+            })
+        };
+        let feed = [
+            own_entry(1, 4, batch(vec![cell("y", "city-a/north")], 0)),
+            own_entry(
+                2,
+                4,
+                batch(vec![cell("y", "city-a"), cell("x", "city-a")], 1),
+            ),
+        ];
+        let record = rebuilt(&feed);
+        assert_eq!(
+            record,
+            Outline::of_request(&Request::Indicators(rows.clone()))
+        );
+        // Another period, a cell left out: another request.
+        let mut other_period = rows.clone();
+        other_period[1].period = "2024".into();
+        let fewer = rows[..2].to_vec();
+        for other in [other_period, fewer] {
+            assert_ne!(record, Outline::of_request(&Request::Indicators(other)));
+        }
+
+        // An offer is known whole.
+        let offer = ServiceOffer {
+            offer_id: "snow".into(),
+            title: "Snow clearing".into(),
+            ..Default::default()
+        };
+        let record = rebuilt(&[own_entry(1, 5, Payload::Offer(offer.clone()))]);
+        assert_eq!(record, Outline::of_request(&Request::Offer(offer.clone())));
+        let retitled = ServiceOffer {
+            title: "Snow ploughing".into(),
+            ..offer
+        };
+        assert_ne!(record, Outline::of_request(&Request::Offer(retitled)));
+        let withdraw = Request::Withdraw {
+            offer_id: "snow".into(),
+            reason: String::new(),
+        };
+        assert_ne!(record, Outline::of_request(&withdraw), "another kind");
+
+        // A group's retraction: one reason, an entry per part.
+        let retraction = |seq| {
+            let retraction = Retraction {
+                seq,
+                reason: "wrong unit".into(),
+                ..Default::default()
+            };
+            own_entry(seq + 2, 6, Payload::Retraction(retraction))
+        };
+        let record = rebuilt(&[retraction(1), retraction(2)]);
+        let retract = |reason: &str| Request::Retract {
+            seq: 2,
+            reason: reason.into(),
+        };
+        assert_eq!(record, Outline::of_request(&retract("wrong unit")));
+        assert_ne!(record, Outline::of_request(&retract("wrong year")));
     }
 
     #[test]

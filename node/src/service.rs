@@ -707,7 +707,11 @@ impl Publish for PublishService {
         // A retry gets its receipt, whatever the roster holds by now.
         let repeat = self
             .publisher
-            .replay(&idempotency_key(&request.idempotency_key)?, &print)
+            .replay(
+                &idempotency_key(&request.idempotency_key)?,
+                &print,
+                publish::Outline::of_roster,
+            )
             .map_err(|e| e.to_status())?;
         if let Some(done) = repeat {
             return Ok(Response::new(receipt(done)));

@@ -98,9 +98,25 @@ async fn a_node_restored_from_an_older_backup_verifies_serves_and_does_not_fork(
         (3, third.entry_hash.clone()),
         "A did not learn its newer entry from B before publishing"
     );
-    // The backup's own publishes answer a retry with their receipts.
-    let retried = publish(a, second_request).await;
+    // The backup's own publishes answer a retry with their receipts; the
+    // same key with other rows is refused (spec rule 4), also when the
+    // request is known only from the feed.
+    let retried = publish(a, second_request.clone()).await;
     assert_eq!(retried, second);
+    let mut other = second_request;
+    other.rows[0].period = "2024".into();
+    let reused = a
+        .publisher()
+        .await
+        .publish_indicators(other)
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), tonic::Code::AlreadyExists, "{reused:?}");
+    assert_eq!(
+        a.head("city-a").await.0,
+        3,
+        "the refused request was published"
+    );
     let fourth = publish_row(a, "d", 4.0).await;
     assert_eq!(fourth.seq, 4, "the restored node forked its own feed");
     // The restored entries are queryable.
