@@ -646,6 +646,7 @@ impl Recovery {
             conflict: None,
             replacements,
             feed_end: None,
+            roster_ends: Vec::new(),
         }
     }
 
@@ -1426,6 +1427,7 @@ impl Sequencer {
                 conflict: None,
                 replacements,
                 feed_end,
+                roster_ends: Vec::new(),
             })
             .await
         {

@@ -35,7 +35,7 @@ use crate::{
     service::MAX_CURSORS,
     store::{ConflictRecord, SharedStore},
     transport::{self, Security},
-    writer::{Job, Stored, WriteError, Writer},
+    writer::{FeedEnd, Job, Stored, WriteError, Writer},
 };
 
 /// Commits awaited at most at once per peer stream.
@@ -665,7 +665,12 @@ impl Replicator {
                     keys.insert(origin.clone(), new_key);
                     tips.insert(origin.clone(), new_tip);
                     let after = tip.map_or(0, |t| t.seq);
-                    let job = recovery.job(origin == self.own_origin, entries, replacements);
+                    let roster_ends = match self.roster.origin.as_deref() == Some(origin.as_str()) {
+                        true => self.roster.ends_in(&entries),
+                        false => Vec::new(),
+                    };
+                    let mut job = recovery.job(origin == self.own_origin, entries, replacements);
+                    job.roster_ends = roster_ends;
                     pending.push_back(self.hand_over(peer, &origin, after, job).await?);
                     while pending.len() > IN_FLIGHT_COMMITS {
                         self.settle(peer, index, pending.pop_front()).await?;
@@ -943,6 +948,7 @@ impl Replicator {
             conflict: Some(record),
             replacements: Vec::new(),
             feed_end: None,
+            roster_ends: Vec::new(),
         };
         if let Err(err) = self.writer.write(job).await {
             return SessionError::Write(err);
@@ -1054,6 +1060,32 @@ impl Roster {
             self.version.send_modify(|v| *v += 1);
         }
         Ok(changed)
+    }
+
+    /// The feeds that the roster entries among `entries` (the roster
+    /// origin's) end, for members whose keys the roster replaces here: the
+    /// writer refuses later entries of them from the commit on, also in
+    /// jobs of other sessions made before [`Self::refresh`] ran.
+    pub fn ends_in(&self, entries: &[Entry]) -> Vec<FeedEnd> {
+        entries
+            .iter()
+            .filter_map(|entry| match &entry.body.payload {
+                Some(pb::entry_body::Payload::Roster(member)) => Some(member),
+                _ => None,
+            })
+            .filter(|member| !self.keys.is_pinned(&member.origin))
+            .flat_map(|member| {
+                let replacements = replacements_of(member).unwrap_or_default();
+                replacements.into_iter().map(|r| FeedEnd {
+                    origin: member.origin.clone(),
+                    feed_id: r.old_feed_id,
+                    seq: r.last_seq,
+                    hash: r.last_hash,
+                    abandoned: None,
+                    enforce: true,
+                })
+            })
+            .collect()
     }
 
     /// Notified whenever the members change.
@@ -1262,6 +1294,44 @@ mod tests {
             quarantined: Arc::default(),
             roster,
         }
+    }
+
+    #[test]
+    fn roster_entries_end_the_replaced_feeds_of_members_not_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(SledStore::open(dir.path(), 1 << 24).unwrap());
+        let pinned = BTreeMap::from([("city-p".to_owned(), key(1).verifying_key())]);
+        let keys = Arc::new(KeyResolver::new("city-n", key(9).verifying_key(), pinned));
+        let roster = Roster::new(Some("roster".into()), keys, store);
+        let replaced = |member: &str| pb::RosterEntry {
+            origin: member.into(),
+            replacements: vec![pb::FeedReplacement {
+                old_feed_id: vec![1; 16],
+                last_seq: 3,
+                last_hash: vec![2; 32],
+                new_feed_id: vec![3; 16],
+                new_feed_key: key(4).verifying_key().to_bytes().to_vec(),
+            }],
+            ..Default::default()
+        };
+        let mut entries = chain(&key(8), "roster", 3);
+        for (entry, member) in entries.iter_mut().zip(["city-x", "city-p"]) {
+            let mut body = entry.body.clone();
+            body.payload = Some(pb::entry_body::Payload::Roster(replaced(member)));
+            *entry = Entry::sign(&key(8), body).unwrap();
+        }
+        // The third entry is no roster entry; city-p is pinned here.
+        assert_eq!(
+            roster.ends_in(&entries),
+            [FeedEnd {
+                origin: "city-x".into(),
+                feed_id: [1; 16],
+                seq: 3,
+                hash: [2; 32],
+                abandoned: None,
+                enforce: true,
+            }]
+        );
     }
 
     fn names(names: &[&str]) -> Vec<String> {

@@ -79,6 +79,12 @@ pub struct Job {
     /// (a lost key's replacement): checked and applied atomically with the
     /// commit.
     pub feed_end: Option<FeedEnd>,
+    /// Feeds that the roster entries in this job end, as a replica learns
+    /// them from the roster origin (with [`FeedEnd::enforce`]): once the
+    /// job is committed, later entries of them are refused as after a
+    /// committed `feed_end`, also those of jobs made before the roster was
+    /// read again. No head is checked: a replica holds what it holds.
+    pub roster_ends: Vec<FeedEnd>,
 }
 
 impl Job {
@@ -90,6 +96,7 @@ impl Job {
             conflict: None,
             replacements: Vec::new(),
             feed_end: None,
+            roster_ends: Vec::new(),
         }
     }
 }
@@ -364,7 +371,11 @@ impl WriterThread {
                 self.heads.insert(origin, head);
             }
             for end in ends {
-                self.ended.entry(end.origin.clone()).or_default().push(end);
+                // Every peer brings the roster's entries again.
+                let ended = self.ended.entry(end.origin.clone()).or_default();
+                if !ended.contains(&end) {
+                    ended.push(end);
+                }
             }
             let durable = self.heads.iter().map(|(o, h)| (o.clone(), *h)).collect();
             self.notify.send_replace(Arc::new(durable));
@@ -401,7 +412,12 @@ impl WriterThread {
                 });
             }
         }
-        let feed_end = job.feed_end.filter(|end| end.enforce);
+        let feed_end: Vec<FeedEnd> = job
+            .feed_end
+            .filter(|end| end.enforce)
+            .into_iter()
+            .chain(job.roster_ends.into_iter().filter(|end| end.enforce))
+            .collect();
         let Some(first) = job.entries.first() else {
             ends.extend(feed_end);
             return Ok(Stored {
@@ -1002,6 +1018,71 @@ mod tests {
         ending.feed_end.as_mut().unwrap().enforce = false;
         assert!(commit(&mut pinned, vec![ending])[0].is_ok());
         assert!(commit(&mut pinned, vec![job(&x[3..])])[0].is_ok());
+    }
+
+    /// A replica learns a lost key's replacement from the roster origin's
+    /// feed: other sessions' jobs made before it read the roster again
+    /// carry no replacement, and are refused past the feed's end all the
+    /// same. Found by review.
+    #[test]
+    fn a_replicated_roster_entry_ends_the_feed_for_jobs_made_before_it() {
+        let x = chain(&key(2), "city-x", 5);
+        let dir = tempfile::tempdir().unwrap();
+        let mut thread = thread_over(dir.path());
+        assert!(commit(&mut thread, vec![job(&x[..2])])[0].is_ok());
+        // The roster ends city-x's feed at seq 3, which this replica does
+        // not hold yet: stored all the same.
+        let end = ending_job(&x, 2).feed_end.unwrap();
+        let mut roster = job(&chain(&key(9), "roster", 1));
+        roster.roster_ends = vec![end.clone()];
+        assert!(commit(&mut thread, vec![roster])[0].is_ok());
+        let replaced = |outcome: &Result<Stored, WriteError>| {
+            matches!(
+                outcome,
+                Err(WriteError::Chain(FeedError::Replaced {
+                    seq: 4,
+                    last_seq: 3,
+                    ..
+                }))
+            )
+        };
+        let outcome = commit(&mut thread, vec![job(&x[2..])]);
+        assert!(replaced(&outcome[0]), "{:?}", outcome[0]);
+        assert_eq!(thread.store.head("city-x").unwrap().unwrap().tip.seq, 2);
+        // The feed up to its end is stored; nothing after it.
+        assert_eq!(
+            commit(&mut thread, vec![job(&x[2..3])])[0]
+                .as_ref()
+                .unwrap()
+                .new,
+            1
+        );
+        let outcome = commit(&mut thread, vec![job(&x[3..])]);
+        assert!(replaced(&outcome[0]), "{:?}", outcome[0]);
+        // Every peer brings the roster entry again: the end is kept once.
+        let mut again = job(&chain(&key(9), "roster", 1));
+        again.roster_ends = vec![end.clone()];
+        assert_eq!(
+            commit(&mut thread, vec![again])[0]
+                .as_ref()
+                .unwrap()
+                .duplicates,
+            1
+        );
+        assert_eq!(thread.ended["city-x"], [end]);
+        // An end for a member pinned here ends nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let mut pinned = thread_over(dir.path());
+        let mut roster = job(&chain(&key(9), "roster", 1));
+        roster.roster_ends = vec![FeedEnd {
+            enforce: false,
+            ..ending_job(&x, 2).feed_end.unwrap()
+        }];
+        assert!(commit(&mut pinned, vec![roster])[0].is_ok());
+        assert_eq!(
+            commit(&mut pinned, vec![job(&x)])[0].as_ref().unwrap().new,
+            5
+        );
     }
 
     #[test]
