@@ -1334,6 +1334,42 @@ mod tests {
         );
     }
 
+    /// A validly signed genesis of another feed id is evidence that the
+    /// origin started over, unless the roster replaced the origin's lost
+    /// key: then only the lost key can have signed it.
+    #[test]
+    fn another_feeds_genesis_is_no_evidence_once_the_roster_replaced_the_key() {
+        use crate::core::feed::ConflictKind;
+        let dir = tempfile::tempdir().unwrap();
+        let replicator = replicator(dir.path(), &[]);
+        let held = chain(&key(2), "city-x", 1).remove(0);
+        let mut body = held.body.clone();
+        body.feed_id = vec![5; 16];
+        let other = Entry::sign(&key(2), body).unwrap();
+        let member = |replacements| {
+            let member = Member {
+                key: key(2).verifying_key(),
+                replacements,
+                removed: false,
+            };
+            replicator
+                .keys
+                .set_roster(BTreeMap::from([("city-x".to_owned(), member)]));
+        };
+        member(Vec::new());
+        let judged = replicator.judge(&held, &other).unwrap();
+        assert_eq!(judged.map(|c| c.kind), Some(ConflictKind::Recreated));
+        member(vec![Replacement {
+            old_feed_id: held.feed_id(),
+            last_seq: 1,
+            last_hash: held.hash,
+            new_feed_id: [3; 16],
+            new_key: key(4).verifying_key(),
+        }]);
+        let judged = replicator.judge(&held, &other).unwrap();
+        assert!(judged.is_none(), "{judged:?}");
+    }
+
     fn names(names: &[&str]) -> Vec<String> {
         names.iter().map(|&name| name.to_owned()).collect()
     }
