@@ -111,7 +111,47 @@ struct Loaded {
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
     crls: Arc<Vec<CertRevocationList<'static>>>,
+    /// Where each revocation list stands in its issuer's sequence.
+    crl_standings: Vec<CrlStanding>,
     server: Arc<ServerConfig>,
+}
+
+/// Where a revocation list stands among its issuer's: its CRL number
+/// (`civex ca revoke` counts them up), else the time it was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CrlStanding {
+    /// The issuer's name, DER.
+    issuer: Vec<u8>,
+    number: Option<x509_parser::num_bigint::BigUint>,
+    /// Its thisUpdate, seconds since the Unix epoch.
+    made: i64,
+}
+
+impl CrlStanding {
+    fn of(der: &[u8]) -> Result<Self, String> {
+        let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|err| err.to_string())?;
+        Ok(Self {
+            issuer: crl.issuer().as_raw().to_vec(),
+            number: crl.crl_number().cloned(),
+            made: crl.last_update().timestamp(),
+        })
+    }
+
+    /// Whether this list is older than `other` of the same issuer.
+    fn older_than(&self, other: &Self) -> bool {
+        self.issuer == other.issuer
+            && match (&self.number, &other.number) {
+                (Some(mine), Some(theirs)) => mine < theirs,
+                _ => self.made < other.made,
+            }
+    }
+
+    fn describe(&self) -> String {
+        match &self.number {
+            Some(number) => format!("number {number}"),
+            None => format!("made at {} (Unix time)", self.made),
+        }
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -168,7 +208,7 @@ impl Loaded {
         }
         let key = PrivateKeyDer::from_pem_slice(key_text.as_bytes())
             .map_err(|_| file_error(&files.key, "holds no PEM private key"))?;
-        let (crl_ders, crls) = match (&files.crl, crl_bytes) {
+        let (crl_ders, crls, crl_standings) = match (&files.crl, crl_bytes) {
             (Some(path), Some(bytes)) => {
                 let ders = CertificateRevocationListDer::pem_slice_iter(&bytes)
                     .collect::<Result<Vec<_>, _>>()
@@ -181,9 +221,16 @@ impl Loaded {
                             .map_err(|err| file_error(path, format!("does not parse: {err}")))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                (ders, parsed)
+                let standings = ders
+                    .iter()
+                    .map(|der| {
+                        CrlStanding::of(der)
+                            .map_err(|err| file_error(path, format!("does not parse: {err}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                (ders, parsed, standings)
             }
-            _ => (Vec::new(), Vec::new()),
+            _ => (Vec::new(), Vec::new(), Vec::new()),
         };
         let crls = Arc::new(crls);
         // The own certificate must chain to the CA and not be revoked: a
@@ -229,6 +276,7 @@ impl Loaded {
             key,
             roots,
             crls,
+            crl_standings,
             server: Arc::new(server),
         })
     }
@@ -451,8 +499,29 @@ impl Tls {
     /// stay.
     pub fn reload(&self) -> Result<bool, TlsError> {
         let fresh = Loaded::load(&self.files, self.expect_own.as_ref())?;
-        if fresh.stamp == self.current().stamp {
+        let current = self.current();
+        if fresh.stamp == current.stamp {
             return Ok(false);
+        }
+        // An older list would take back revocations made since (a file
+        // restored from a backup, a copy from the wrong folder).
+        for standing in &fresh.crl_standings {
+            if let Some(newer) = current
+                .crl_standings
+                .iter()
+                .find(|newer| standing.older_than(newer))
+            {
+                let path = self.files.crl.as_deref().unwrap_or(&self.files.ca);
+                return Err(file_error(
+                    path,
+                    format!(
+                        "holds revocation list {} of its CA, older than {} in use, which \
+                         stays in use; copy the CA's newest ca.crl here",
+                        standing.describe(),
+                        newer.describe()
+                    ),
+                ));
+            }
         }
         if let Some(problem) = &fresh.own_problem {
             tracing::error!(error = %problem, "this node's own certificate is no longer valid; \
@@ -495,15 +564,26 @@ impl Tls {
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
+        // A problem is logged when it appears, not at every tick.
+        let mut logged: Option<String> = None;
         loop {
             tokio::select! {
                 () = &mut stop => return,
                 _ = ticker.tick() => match self.reload() {
-                    Ok(true) => tracing::info!("TLS files reloaded"),
-                    Ok(false) => self.close_refused(),
+                    Ok(reloaded) => {
+                        logged = None;
+                        match reloaded {
+                            true => tracing::info!("TLS files reloaded"),
+                            false => self.close_refused(),
+                        }
+                    }
                     Err(err) => {
-                        tracing::warn!(error = %err,
-                            "TLS files could not be reloaded; the previous ones stay in use");
+                        let message = err.to_string();
+                        if logged.as_ref() != Some(&message) {
+                            tracing::warn!(error = %message,
+                                "TLS files could not be reloaded; the previous ones stay in use");
+                            logged = Some(message);
+                        }
                         self.close_refused();
                     }
                 },

@@ -203,6 +203,8 @@ async fn refused_certificates_are_logged_with_the_peer_and_the_reason() {
     // Revoked: the node re-reads its revocation list within 50 ms.
     let revoked = dir.path().join("revoked");
     identity_from(&revoked, ca(), &operator, now - day, now + day);
+    let crl = dir.path().join("tls/ca.crl");
+    let older = std::fs::read(&crl).unwrap();
     revoke(dir.path(), &[serial_of(&revoked)]);
     eventually(
         "the revoked certificate to be refused and logged",
@@ -220,6 +222,20 @@ async fn refused_certificates_are_logged_with_the_peer_and_the_reason() {
     assert!(
         present(&node.address, &good).await.1,
         "revocation hit another certificate"
+    );
+    // An older revocation list (a file restored from a backup, say) does
+    // not take the revocation back: it is refused, naming the file.
+    std::fs::write(crl.with_extension("tmp"), &older).unwrap();
+    std::fs::rename(crl.with_extension("tmp"), &crl).unwrap();
+    eventually("the node to refuse the older revocation list", || async {
+        node.log_text().lines().any(|l| {
+            l.contains("ca.crl: holds revocation list number") && l.contains("older than number")
+        })
+    })
+    .await;
+    assert!(
+        !present(&node.address, &revoked).await.1,
+        "the older revocation list took the revocation back"
     );
     // The log went to a file: plain lines, no terminal colour codes.
     let log = node.log_text();
