@@ -237,6 +237,15 @@ async fn refused_certificates_are_logged_with_the_peer_and_the_reason() {
         !present(&node.address, &revoked).await.1,
         "the older revocation list took the revocation back"
     );
+    // Logged when it appeared, not at every reload period since (a
+    // negative over six periods, not a wait for something to happen).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines = node
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("older than number"))
+        .count();
+    assert_eq!(lines, 1, "{}", node.log_text());
     // The log went to a file: plain lines, no terminal colour codes.
     let log = node.log_text();
     assert!(
