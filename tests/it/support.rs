@@ -98,23 +98,24 @@ pub fn operator() -> Security {
         .clone()
 }
 
+/// How long a test client's connect may take: far above a handshake on
+/// loopback (milliseconds), since a CI machine can be many times slower
+/// than usual for a while (seen: the whole suite at five times its time,
+/// and 5 s connects timing out). A deadline, not a wait.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A channel to the node at `address`, with the identity (certificate and
 /// key) in `identity_dir`.
 pub async fn connect_as(address: &str, identity_dir: &Path) -> Channel {
     let tls = Tls::load(TlsFiles::in_dir(identity_dir), None).unwrap();
-    civex_node::transport::connect(
-        address,
-        &Security::Mutual(tls),
-        None,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap()
+    civex_node::transport::connect(address, &Security::Mutual(tls), None, CONNECT_TIMEOUT)
+        .await
+        .unwrap()
 }
 
 /// A channel to the node at `address`, as the test operator.
 pub async fn connect(address: &str) -> Channel {
-    civex_node::transport::connect(address, &operator(), None, Duration::from_secs(5))
+    civex_node::transport::connect(address, &operator(), None, CONNECT_TIMEOUT)
         .await
         .unwrap()
 }
