@@ -5,7 +5,7 @@ use civex_proto::v1::{
     entry_body::Payload, DisclosureRules, EntryBody, FunctionalArea, IndicatorBatch, Observation,
 };
 use prost::Message;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::{
     core::{
@@ -13,7 +13,7 @@ use crate::{
         index::{ObservationKey, NEVER_QUERYABLE},
         period::Period,
     },
-    store::{ObservationRow, OfferRow, ResponseRow, Store, StoreError},
+    store::{Head, ObservationRow, OfferRow, ResponseRow, Store, StoreError},
 };
 
 /// Largest page.
@@ -33,6 +33,32 @@ pub const MAX_RESPONSES: usize = 1000;
 pub const PAGE_BYTES: usize = 1 << 20;
 /// Encoded bytes of responses listed with one offer at most.
 pub const RESPONSE_BYTES: usize = 512 << 10;
+
+/// What queries may answer: each origin's entries up to its durable head
+/// (the writer's, once synced). sled shows a batch before it is synced, and
+/// a commit whose sync failed stays visible until the node restarts: an
+/// answer from it could name a value that is then gone.
+#[derive(Debug, Clone, Copy)]
+pub struct Durable<'a>(pub &'a BTreeMap<String, Head>);
+
+impl Durable<'_> {
+    /// The durable head's seq of `origin` (0: nothing).
+    fn seq(&self, origin: &str) -> u64 {
+        self.0.get(origin).map_or(0, |head| head.tip.seq)
+    }
+
+    /// Whether `origin`'s entry `seq` is durable.
+    fn holds(&self, origin: &str, seq: u64) -> bool {
+        seq <= self.seq(origin)
+    }
+
+    /// Whether `origin`'s entry `seq` is retracted by a durable entry.
+    fn retracted(&self, store: &dyn Store, origin: &str, seq: u64) -> Result<bool, StoreError> {
+        Ok(store
+            .retracted_by(origin, seq)?
+            .is_some_and(|by| self.holds(origin, by)))
+    }
+}
 
 /// About what a record takes in an answer: its parts and some framing.
 fn record_bytes(parts: &[usize]) -> usize {
@@ -186,15 +212,17 @@ fn page_limit(page_size: usize) -> usize {
 /// none, and still have a next token.
 pub fn observations(
     store: &dyn Store,
+    durable: Durable<'_>,
     filter: &ObservationFilter,
     page_size: usize,
     page_token: Option<&str>,
 ) -> Result<ObservationPage, QueryError> {
-    observations_within(store, filter, page_size, page_token, SCAN_BUDGET)
+    observations_within(store, durable, filter, page_size, page_token, SCAN_BUDGET)
 }
 
 fn observations_within(
     store: &dyn Store,
+    durable: Durable<'_>,
     filter: &ObservationFilter,
     page_size: usize,
     page_token: Option<&str>,
@@ -235,7 +263,6 @@ fn observations_within(
     // The last key read whole, where a page cut short goes on from.
     let mut read_whole: Option<ObservationKey> = None;
     let mut resolver = Resolver { store, last: None };
-    let mut held_seq: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     let mut broken_groups: std::collections::HashMap<(String, u64), Vec<(u64, u64)>> =
         std::collections::HashMap::new();
     for origin in origins {
@@ -280,14 +307,10 @@ fn observations_within(
             }
             scanned += 1;
             // A cell of a publish group counts only once every part is held.
-            let held = match held_seq.get(&row.key.origin) {
-                Some(seq) => *seq,
-                None => {
-                    let seq = store.head(&row.key.origin)?.map_or(0, |h| h.tip.seq);
-                    held_seq.insert(row.key.origin.clone(), seq);
-                    seq
-                }
-            };
+            let held = durable.seq(&row.key.origin);
+            if row.seq > held {
+                continue;
+            }
             // A group the feed went on past without completing it is
             // never answered either.
             let never = row.group_end == NEVER_QUERYABLE
@@ -307,7 +330,7 @@ fn observations_within(
             // A cell never answered still supersedes the key's earlier
             // values: answering one of them as current would be wrong.
             let answerable = row.group_end <= held && !never;
-            if (answerable || never) && !store.is_retracted(&row.key.origin, row.seq)? {
+            if (answerable || never) && !durable.retracted(store, &row.key.origin, row.seq)? {
                 current = answerable.then_some(row);
             }
         }
@@ -385,16 +408,26 @@ fn decode_offer_token(token: &str) -> Result<(String, String), QueryError> {
 /// it may hold fewer offers than asked, even none, and still have a token.
 pub fn offers(
     store: &dyn Store,
+    durable: Durable<'_>,
     filter: &OfferFilter,
     now_unix: i64,
     page_size: usize,
     page_token: Option<&str>,
 ) -> Result<OfferPage, QueryError> {
-    offers_within(store, filter, now_unix, page_size, page_token, SCAN_BUDGET)
+    offers_within(
+        store,
+        durable,
+        filter,
+        now_unix,
+        page_size,
+        page_token,
+        SCAN_BUDGET,
+    )
 }
 
 fn offers_within(
     store: &dyn Store,
+    durable: Durable<'_>,
     filter: &OfferFilter,
     now_unix: i64,
     page_size: usize,
@@ -427,6 +460,13 @@ fn offers_within(
     let mut versions = store.offer_versions(after.as_ref().map(|(o, i)| (o.as_str(), i.as_str())));
     loop {
         let row = versions.next().transpose()?;
+        if row
+            .as_ref()
+            .is_some_and(|row| !durable.holds(&row.origin, row.seq))
+        {
+            scanned += 1;
+            continue;
+        }
         if let (Some(last), Some(row)) = (latest.as_mut(), row.as_ref()) {
             if last.origin == row.origin && last.offer.offer_id == row.offer.offer_id {
                 if row.seq > last.seq {
@@ -440,7 +480,8 @@ fn offers_within(
         if let Some(version) = latest.take() {
             page.next = Some(encode_offer_token(&version.origin, &version.offer.offer_id));
             if wanted(&version) {
-                if let Some(state) = offer_state(store, version, now_unix, filter, &mut scanned)? {
+                let state = offer_state(store, durable, version, now_unix, filter, &mut scanned)?;
+                if let Some(state) = state {
                     listed += state.responses.len();
                     bytes += state.bytes;
                     page.offers.push(state);
@@ -469,16 +510,17 @@ fn offers_within(
 /// use up the page's budget).
 fn offer_state(
     store: &dyn Store,
+    durable: Durable<'_>,
     version: OfferRow,
     now_unix: i64,
     filter: &OfferFilter,
     scanned: &mut usize,
 ) -> Result<Option<OfferState>, QueryError> {
     let offer = &version.offer;
-    let active = store
+    let active = !store
         .withdrawal(&version.origin, &offer.offer_id)?
-        .is_none()
-        && !store.is_retracted(&version.origin, version.seq)?
+        .is_some_and(|seq| durable.holds(&version.origin, seq))
+        && !durable.retracted(store, &version.origin, version.seq)?
         && (offer.valid_from_unix..offer.valid_until_unix).contains(&now_unix);
     if !active && !filter.include_inactive {
         return Ok(None);
@@ -498,7 +540,9 @@ fn offer_state(
             break;
         }
         *scanned += 1;
-        if store.is_retracted(&response.responder, response.seq)? {
+        if !durable.holds(&response.responder, response.seq)
+            || durable.retracted(store, &response.responder, response.seq)?
+        {
             continue;
         }
         let size = record_bytes(&[response.responder.len(), response.response.encoded_len()]);
@@ -575,6 +619,163 @@ mod tests {
     /// Commits consecutive entries of one origin, with their index records.
     fn commit(store: &SledStore, entries: &[Entry]) {
         store.commit(&commit_of(entries)).unwrap();
+    }
+
+    /// Every head the store holds, as durable.
+    fn all_durable(store: &dyn Store) -> BTreeMap<String, Head> {
+        store.heads().unwrap().into_iter().collect()
+    }
+
+    // The queries over everything the store holds (tests of what is
+    // durable pass the heads themselves).
+    fn observations(
+        store: &dyn Store,
+        filter: &ObservationFilter,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<ObservationPage, QueryError> {
+        observations_within(store, filter, page_size, page_token, SCAN_BUDGET)
+    }
+
+    fn observations_within(
+        store: &dyn Store,
+        filter: &ObservationFilter,
+        page_size: usize,
+        page_token: Option<&str>,
+        budget: usize,
+    ) -> Result<ObservationPage, QueryError> {
+        let durable = all_durable(store);
+        super::observations_within(
+            store,
+            Durable(&durable),
+            filter,
+            page_size,
+            page_token,
+            budget,
+        )
+    }
+
+    fn offers(
+        store: &dyn Store,
+        filter: &OfferFilter,
+        now_unix: i64,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<OfferPage, QueryError> {
+        offers_within(store, filter, now_unix, page_size, page_token, SCAN_BUDGET)
+    }
+
+    fn offers_within(
+        store: &dyn Store,
+        filter: &OfferFilter,
+        now_unix: i64,
+        page_size: usize,
+        page_token: Option<&str>,
+        budget: usize,
+    ) -> Result<OfferPage, QueryError> {
+        let durable = all_durable(store);
+        let durable = Durable(&durable);
+        super::offers_within(
+            store, durable, filter, now_unix, page_size, page_token, budget,
+        )
+    }
+
+    /// sled shows a commit before it is synced, and one whose sync failed
+    /// until the node restarts: answers hold only what is durable. Found
+    /// by review.
+    #[test]
+    fn answers_hold_only_durable_entries() {
+        use civex_proto::v1::{OfferWithdrawal, Retraction, ServiceOffer};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let cell = |indicator: &str, value: f64| {
+            Payload::Indicators(IndicatorBatch {
+                observations: vec![observation(indicator, value)],
+                ..Default::default()
+            })
+        };
+        let offer = Payload::Offer(ServiceOffer {
+            offer_id: "o1".into(),
+            title: "t".into(),
+            area: 2,
+            category: "c".into(),
+            valid_from_unix: 0,
+            valid_until_unix: i64::MAX,
+            contact_role: "r".into(),
+            ..Default::default()
+        });
+        // Durable: "a" = 1 and an offer (seqs 1-2). Not: "a" = 2, "b" = 3,
+        // the retraction of seq 1 and the offer's withdrawal (seqs 3-6).
+        let mut entries: Vec<Entry> = Vec::new();
+        for payload in [
+            cell("a", 1.0),
+            offer,
+            cell("a", 2.0),
+            cell("b", 3.0),
+            Payload::Retraction(Retraction {
+                feed_id: vec![1; 16],
+                seq: 1,
+                ..Default::default()
+            }),
+            Payload::Withdrawal(OfferWithdrawal {
+                offer_id: "o1".into(),
+                reason: String::new(),
+            }),
+        ] {
+            let entry = signed(&key, "city-a", entries.last(), payload);
+            entries.push(entry);
+        }
+        // The retraction names seq 1 by its hash.
+        let mut body = entries[4].body.clone();
+        body.payload = Some(Payload::Retraction(Retraction {
+            feed_id: vec![1; 16],
+            seq: 1,
+            entry_hash: entries[0].hash.to_vec(),
+            reason: String::new(),
+        }));
+        entries[4] = Entry::sign(&key, body).unwrap();
+        let mut body = entries[5].body.clone();
+        body.prev_hash = entries[4].hash.to_vec();
+        entries[5] = Entry::sign(&key, body).unwrap();
+        commit(&store, &entries);
+        let mut durable = all_durable(&store);
+        let mut at_two = durable["city-a"];
+        at_two.tip = entries[1].tip();
+        durable.insert("city-a".into(), at_two);
+        let durable = Durable(&durable);
+
+        let filter = ObservationFilter::default();
+        let page = super::observations(&store, durable, &filter, 0, None).unwrap();
+        let cells: Vec<(&str, Option<f64>)> = page
+            .rows
+            .iter()
+            .map(|r| (r.observation.indicator.as_str(), r.observation.value))
+            .collect();
+        assert_eq!(cells, [("a", Some(1.0))]);
+        let page = super::offers(&store, durable, &OfferFilter::default(), 100, 0, None).unwrap();
+        let states: Vec<(u64, bool)> = page
+            .offers
+            .iter()
+            .map(|o| (o.version.seq, o.active))
+            .collect();
+        assert_eq!(states, [(2, true)]);
+        // Once all of it is durable, all of it is answered ("a" = 2
+        // supersedes the retracted "a" = 1).
+        assert_eq!(answered(&store), ["a", "b"]);
+        let page = observations(&store, &filter, 0, None).unwrap();
+        assert_eq!(page.rows[0].observation.value, Some(2.0));
+        let withdrawn = OfferFilter {
+            include_inactive: true,
+            ..Default::default()
+        };
+        let page = offers(&store, &withdrawn, 100, 0, None).unwrap();
+        let states: Vec<(u64, bool)> = page
+            .offers
+            .iter()
+            .map(|o| (o.version.seq, o.active))
+            .collect();
+        assert_eq!(states, [(2, false)]);
     }
 
     #[test]

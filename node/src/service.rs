@@ -1469,6 +1469,8 @@ impl Feed for FeedService {
 /// The Query service.
 pub struct QueryService {
     store: SharedStore,
+    /// Whose durable heads bound every answer ([`query::Durable`]).
+    writer: Writer,
 }
 
 fn areas_of(values: &[i32]) -> Result<Vec<pb::FunctionalArea>, Status> {
@@ -1495,10 +1497,11 @@ impl Query for QueryService {
             period_from: Some(request.period_from),
             period_to: Some(request.period_to),
         };
-        let store = self.store.clone();
+        let (store, durable) = (self.store.clone(), self.writer.heads());
         let page = tokio::task::spawn_blocking(move || {
             query::observations(
                 store.as_ref(),
+                query::Durable(&durable),
                 &filter,
                 request.page_size as usize,
                 Some(&request.page_token),
@@ -1533,10 +1536,11 @@ impl Query for QueryService {
             origins: request.origins,
             include_inactive: request.include_inactive,
         };
-        let store = self.store.clone();
+        let (store, durable) = (self.store.clone(), self.writer.heads());
         let page = tokio::task::spawn_blocking(move || {
             query::offers(
                 store.as_ref(),
+                query::Durable(&durable),
                 &filter,
                 now_unix(),
                 request.page_size as usize,
@@ -1877,6 +1881,7 @@ pub async fn router(
     let feed = InterceptedService::new(feed, Access::Members.check(operators.clone()));
     let query = QueryServer::new(QueryService {
         store: services.store.clone(),
+        writer: services.writer.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

@@ -266,6 +266,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(u64, u64), StoreError>;
     /// Whether an entry of `origin` has been retracted.
     fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError>;
+    /// The seq of the entry that retracted `origin`'s entry `seq`, if any.
+    fn retracted_by(&self, origin: &str, seq: u64) -> Result<Option<u64>, StoreError>;
     /// The seq ranges (low, high) of `origin`'s entries whose cells claim
     /// `group_end` and belong to a publish group that can never complete:
     /// the feed goes on past a part with something other than the group's
@@ -1421,6 +1423,19 @@ impl Store for SledStore {
         self.db
             .contains_key(key_of(b'r', &[origin], Some(seq)))
             .map_err(sled_error(&self.path))
+    }
+
+    fn retracted_by(&self, origin: &str, seq: u64) -> Result<Option<u64>, StoreError> {
+        match self
+            .db
+            .get(key_of(b'r', &[origin], Some(seq)))
+            .map_err(sled_error(&self.path))?
+        {
+            None => Ok(None),
+            Some(value) => <[u8; 8]>::try_from(value.as_ref())
+                .map(|bytes| Some(u64::from_be_bytes(bytes)))
+                .map_err(|_| self.corrupt("a retraction record does not decode".into())),
+        }
     }
 
     fn broken_parts(&self, origin: &str, group_end: u64) -> Result<Vec<(u64, u64)>, StoreError> {

@@ -790,6 +790,9 @@ mod tests {
         fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError> {
             self.inner.is_retracted(origin, seq)
         }
+        fn retracted_by(&self, origin: &str, seq: u64) -> Result<Option<u64>, StoreError> {
+            self.inner.retracted_by(origin, seq)
+        }
         fn broken_parts(
             &self,
             origin: &str,
