@@ -401,6 +401,14 @@ impl SledStore {
         Self::open_as(dir, cache_bytes, None, false)
     }
 
+    /// Bytes of the entry log past the length the store recorded, left in
+    /// place by [`Self::open_existing`]: the end of a commit a crash cut
+    /// short (the node moves it aside at its next start), or commits
+    /// that sled lost (a damaged `db`).
+    pub fn unrecorded_log_bytes(&self) -> u64 {
+        self.log.unrecorded()
+    }
+
     /// Opens the store with a custom sync hook (tests), or the default.
     pub fn open_with_sync(
         dir: &Path,
@@ -438,7 +446,7 @@ impl SledStore {
                 .map_err(|_| corrupt(&path, "the entry log's length does not decode".into()))?,
         };
         let store = Self {
-            log: EntryLog::open(dir, log_end, || named_log_end(&db, dir))?,
+            log: EntryLog::open(dir, log_end, || named_log_end(&db, dir), writable)?,
             db,
             path,
             sync,
@@ -1796,7 +1804,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn log_bytes_past_the_recorded_length_are_cut_off_at_open() {
+    fn log_bytes_past_the_recorded_length_are_kept_apart_and_cut_off_at_open() {
         let count = bulk_count();
         let (dir, entries) = bulk_store(count);
         let recorded = log_len(dir.path());
@@ -1807,8 +1815,18 @@ pub(crate) mod tests {
             .unwrap();
         std::io::Write::write_all(&mut log, &[0xAB; 5000]).unwrap();
         drop(log);
+        // Opened to read (civex verify), the log is left as it is.
+        let read = SledStore::open_existing(dir.path(), 16 << 20).unwrap();
+        assert_eq!(read.unrecorded_log_bytes(), 5000);
+        drop(read);
+        assert_eq!(log_len(dir.path()), recorded + 5000);
+        // The node cuts them off, and keeps them in a file of their own.
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
         assert_eq!(log_len(dir.path()), recorded);
+        let kept = dir
+            .path()
+            .join(format!("{}.cut-{recorded}", entry_log::FILE_NAME));
+        assert_eq!(std::fs::read(kept).unwrap(), [0xAB; 5000]);
         // The next bulk commit appends right after the recorded bytes.
         let more = chain(&key(1), "city-a", 2 * count);
         assert_eq!(more[entries.len() - 1].hash, entries.last().unwrap().hash);

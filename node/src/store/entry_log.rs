@@ -7,8 +7,11 @@
 //! Order of a bulk commit: the chunks are appended and `fdatasync`ed first, then
 //! the sled batch naming them (with the new log length) is written and
 //! synced. A crash between the two leaves bytes past the length sled
-//! recorded; [`EntryLog::open`] cuts them off. A log shorter than recorded
-//! means bytes that were acknowledged are gone: the store refuses to open.
+//! recorded; [`EntryLog::open`] moves them to a file of their own
+//! (`entries.log.cut-<offset>`) and cuts them off, so that nothing is
+//! destroyed should they be more than that (a damaged `db` that sled
+//! rolled back to an earlier commit). A log shorter than recorded means
+//! bytes that were acknowledged are gone: the store refuses to open.
 
 use std::{
     fs::{File, OpenOptions},
@@ -53,6 +56,33 @@ impl Locator {
     }
 }
 
+/// Copies bytes `from..to` of the log at `path` to a new file beside it,
+/// `<log>.cut-<from>` (`.1`, `.2`, ... if taken), synced; returns its path.
+fn keep_apart(log: &File, path: &Path, from: u64, to: u64) -> std::io::Result<PathBuf> {
+    let mut bytes = vec![0; (to - from) as usize];
+    log.read_exact_at(&mut bytes, from)?;
+    let base = format!("{}.cut-{from}", path.display());
+    let mut attempt = 0;
+    loop {
+        let kept = match attempt {
+            0 => PathBuf::from(&base),
+            n => PathBuf::from(format!("{base}.{n}")),
+        };
+        match OpenOptions::new().write(true).create_new(true).open(&kept) {
+            Ok(mut file) => {
+                std::io::Write::write_all(&mut file, &bytes)?;
+                file.sync_all()?;
+                if let Some(dir) = path.parent() {
+                    File::open(dir)?.sync_all()?;
+                }
+                return Ok(kept);
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => attempt += 1,
+            Err(err) => return Err(err),
+        }
+    }
+}
+
 /// Makes appended bytes durable: `fdatasync` of the log; tests inject
 /// their own.
 pub(super) type LogSync = Box<dyn Fn(&File) -> std::io::Result<()> + Send + Sync>;
@@ -65,18 +95,24 @@ pub(super) struct EntryLog {
     /// commit, so appends and the sled batch recording them stay in order.
     end: Mutex<u64>,
     sync: LogSync,
+    /// Bytes past the recorded length, left in place when opened to read.
+    unrecorded: u64,
 }
 
 impl EntryLog {
     /// Opens (or creates) the log of the store in `dir`, whose sled batch
-    /// last recorded `recorded_end` bytes, and cuts off anything past it,
-    /// unless a chunk the store names (`named_end` gives where the last
-    /// one ends) lies past it: bytes of an acknowledged commit are never
-    /// cut off, even if the recorded length were lost.
+    /// last recorded `recorded_end` bytes, and (when `writable`) moves
+    /// anything past it aside and cuts it off, unless a chunk the store
+    /// names (`named_end` gives where the last one ends) lies past it:
+    /// bytes of an acknowledged commit are never cut off, even if the
+    /// recorded length were lost. Opened to read (`civex verify`), the log
+    /// is left as it is and the bytes past it are counted
+    /// ([`Self::unrecorded`]).
     pub(super) fn open(
         dir: &Path,
         recorded_end: u64,
         named_end: impl FnOnce() -> Result<u64, StoreError>,
+        writable: bool,
     ) -> Result<Self, StoreError> {
         let path = dir.join(FILE_NAME);
         let io = |what: &str, err: std::io::Error| StoreError::Io {
@@ -114,19 +150,42 @@ impl EntryLog {
                     ),
                 });
             }
-            // Appended by a commit that a crash cut short: never acknowledged.
+            if !writable {
+                return Ok(Self {
+                    file,
+                    path,
+                    end: Mutex::new(recorded_end),
+                    sync: Box::new(File::sync_data),
+                    unrecorded: len - recorded_end,
+                });
+            }
+            // Appended by a commit that a crash cut short, never
+            // acknowledged: kept apart all the same, in case sled lost
+            // commits it had synced (it takes a damaged record for the
+            // torn end of its log).
+            let kept = keep_apart(&file, &path, recorded_end, len)
+                .map_err(|e| io("cannot keep the unrecorded end of the entry log apart", e))?;
             file.set_len(recorded_end)
                 .and_then(|()| file.sync_all())
                 .map_err(|e| io("cannot cut off the unfinished end of the entry log", e))?;
-            tracing::warn!(log = %path.display(), bytes = len - recorded_end,
-                "removed the end of the entry log written by a commit a crash cut short");
+            tracing::warn!(log = %path.display(), bytes = len - recorded_end, kept = %kept.display(),
+                "moved the end of the entry log past what the store recorded to a file of its \
+                 own: the end of a commit a crash cut short, never acknowledged; if the node \
+                 did not crash, the store may have lost commits (sled's db damaged): the file \
+                 keeps their entries, and peers send back what they hold of them");
         }
         Ok(Self {
             file,
             path,
             end: Mutex::new(recorded_end),
             sync: Box::new(File::sync_data),
+            unrecorded: 0,
         })
+    }
+
+    /// Bytes past the length the store recorded, when opened to read.
+    pub(super) fn unrecorded(&self) -> u64 {
+        self.unrecorded
     }
 
     /// Replaces the sync step (tests).
