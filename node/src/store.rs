@@ -50,7 +50,7 @@
 //!   never answered
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     ops::Bound,
     path::{Path, PathBuf},
@@ -1124,6 +1124,9 @@ impl Store for SledStore {
         let bulk = observation_rows >= PIECE_MIN_ROWS;
         let mut pieces: Vec<Piece> = Vec::new();
         let mut debits: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
+        // Keys whose first value stays, written earlier in this batch
+        // (sled shows the batch only once applied).
+        let mut first_written: HashSet<Vec<u8>> = HashSet::new();
         for record in &commit.index {
             match record {
                 IndexRecord::Observation {
@@ -1182,7 +1185,10 @@ impl Store for SledStore {
                 } => {
                     let key = key_of(b'w', &[origin, offer_id], None);
                     // Withdrawal is final: the first one stays.
-                    if self.db.get(&key).map_err(sled_error(&self.path))?.is_none() {
+                    if !first_written.contains(&key)
+                        && self.db.get(&key).map_err(sled_error(&self.path))?.is_none()
+                    {
+                        first_written.insert(key.clone());
                         batch.insert(key, &seq.to_be_bytes());
                     }
                 }
@@ -1268,7 +1274,10 @@ impl Store for SledStore {
         for record in &commit.conflicts {
             let key = key_of(b'k', &[&record.conflict.held.body.origin], None);
             // The first evidence of an origin stays.
-            if self.db.get(&key).map_err(sled_error(&self.path))?.is_none() {
+            if !first_written.contains(&key)
+                && self.db.get(&key).map_err(sled_error(&self.path))?.is_none()
+            {
+                first_written.insert(key.clone());
                 let (first, other) = encode_conflict(record);
                 let origin = &record.conflict.held.body.origin;
                 batch.insert(key_of(b'k', &[origin], Some(1)), other);
@@ -1614,6 +1623,45 @@ pub(crate) mod tests {
             idempotency: Vec::new(),
             conflicts: Vec::new(),
         }
+    }
+
+    /// Within one batch too, the first withdrawal of an offer and the
+    /// first evidence of an origin stay. Found by review.
+    #[test]
+    fn the_first_withdrawal_and_evidence_stay_within_one_batch() {
+        use civex_proto::v1::{entry_body::Payload, OfferWithdrawal};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        // Three withdrawals of one offer, as a careless or hostile origin
+        // may sign them.
+        let mut entries = chain(&key(1), "city-a", 3);
+        for i in 0..entries.len() {
+            let mut body = entries[i].body.clone();
+            if i > 0 {
+                body.prev_hash = entries[i - 1].hash.to_vec();
+            }
+            body.payload = Some(Payload::Withdrawal(OfferWithdrawal {
+                offer_id: "o".into(),
+                reason: String::new(),
+            }));
+            entries[i] = Entry::sign(&key(1), body).unwrap();
+        }
+        let other = chain(&key(1), "city-a", 2);
+        let evidence = |other: &Entry| ConflictRecord {
+            conflict: Conflict {
+                kind: ConflictKind::Fork,
+                held: entries[0].clone(),
+                other: other.clone(),
+            },
+            peer: "peer city-b".into(),
+            detected_unix_micros: 9,
+        };
+        let mut batch = commit_of(&entries);
+        batch.conflicts = vec![evidence(&other[0]), evidence(&other[1])];
+        store.commit(&batch).unwrap();
+        assert_eq!(store.withdrawal("city-a", "o").unwrap(), Some(1));
+        let kept = store.conflict("city-a").unwrap().unwrap();
+        assert_eq!(kept.conflict.other.hash, other[0].hash);
     }
 
     #[test]
