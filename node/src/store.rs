@@ -2026,6 +2026,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_damaged_chunk_record_is_reported_before_anything_is_allocated() {
+        let (dir, _) = bulk_store(bulk_count());
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        // The record of the first chunk claims 4 GiB.
+        let key = key_of(b'e', &["city-a"], Some(1));
+        let mut value = vec![CHUNK_IN_LOG];
+        let locator = entry_log::Locator {
+            offset: 0,
+            len: u32::MAX,
+            crc: 0,
+        };
+        value.extend_from_slice(&locator.encode());
+        store.db.insert(key, value).unwrap();
+        let err = store.entries("city-a", 1, 10, usize::MAX).err().unwrap();
+        let message = err.to_string();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{message}");
+        assert!(message.contains("larger than any it writes"), "{message}");
+    }
+
+    #[test]
     fn stores_of_versions_1_and_2_open_and_become_the_current_version() {
         for old in [1u32, 2] {
             let dir = tempfile::tempdir().unwrap();

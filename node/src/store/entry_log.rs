@@ -34,6 +34,10 @@ pub(super) struct Locator {
     pub(super) crc: u32,
 }
 
+/// Largest chunk a read accepts: chunks are at most 64 KiB, or one entry
+/// (at most 64 KiB) with its framing; this leaves room to spare.
+pub(super) const MAX_CHUNK_BYTES: u32 = 1 << 20;
+
 /// Encoded size of a [`Locator`].
 pub(super) const LOCATOR_LEN: usize = 16;
 
@@ -224,6 +228,17 @@ impl EntryLog {
 
     /// Reads the chunk at `at`, checking its CRC.
     pub(super) fn read(&self, at: Locator) -> Result<Vec<u8>, StoreError> {
+        // A damaged locator must not make the node allocate gigabytes.
+        if at.len > MAX_CHUNK_BYTES {
+            return Err(StoreError::Corrupt {
+                path: self.path.display().to_string(),
+                message: format!(
+                    "the store names a chunk of {} bytes at offset {}, larger than any it \
+                     writes ({MAX_CHUNK_BYTES}): its record of the chunk is damaged",
+                    at.len, at.offset
+                ),
+            });
+        }
         let mut bytes = vec![0; at.len as usize];
         self.file
             .read_exact_at(&mut bytes, at.offset)
