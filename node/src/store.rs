@@ -1421,6 +1421,13 @@ impl Store for SledStore {
             merged += 1;
         }
         if merged > 0 {
+            // Not while a commit runs: sled files the fold's pages, blob
+            // files among them, when it writes; a commit's fdatasync could
+            // make them part of the durable log after its blobs were
+            // synced, and a power cut would leave a log naming a blob that
+            // is not on disk. Folded between commits, the next commit's
+            // flush writes them and its blob sync covers them.
+            let _between_commits = self.log.lock()?;
             self.db.apply_batch(batch).map_err(sled_error(&self.path))?;
         }
         Ok(merged)
