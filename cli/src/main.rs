@@ -192,6 +192,7 @@ enum KeyCommand {
 
 fn main() -> ExitCode {
     civex_node::allocator::tune();
+    quiet_on_a_closed_pipe();
     match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime.block_on(run()),
         Err(err) => {
@@ -199,6 +200,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `civex status | head -2`: once the reader has closed the pipe, printing
+/// fails (Rust ignores SIGPIPE) and `println!` panics. End quietly then,
+/// with the status a process killed by SIGPIPE has (128 + 13), as the
+/// shell's other tools do; any other panic keeps its message.
+fn quiet_on_a_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 async fn run() -> ExitCode {

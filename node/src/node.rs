@@ -27,19 +27,19 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     /// The feed key.
-    #[error("{0}")]
+    #[error(transparent)]
     Key(#[from] KeyError),
     /// The store.
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// The config.
     #[error("config: {0}")]
     Config(String),
-    /// The TLS files.
-    #[error("tls: {0}")]
+    /// The TLS files (the error names the file).
+    #[error(transparent)]
     Tls(#[from] TlsError),
-    /// The runtime peers file.
-    #[error("peers: {0}")]
+    /// The runtime peers file (the error names the file).
+    #[error(transparent)]
     Peers(#[from] PeersError),
     /// The server.
     #[error("gRPC server: {0}")]

@@ -164,7 +164,11 @@ impl Loaded {
         let cert_bytes = read(&files.cert)?;
         let key_text = read_secret_file(&files.key).map_err(|err| TlsError {
             path: files.key.display().to_string(),
-            message: err.to_string(),
+            // The key error names the file too: say it once.
+            message: match err {
+                crate::keys::KeyError::File { message, .. } => message,
+                other => other.to_string(),
+            },
         })?;
         let crl_bytes = match &files.crl {
             Some(path) => Some(read(path)?),

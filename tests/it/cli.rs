@@ -619,3 +619,51 @@ fn the_clis_own_environment_does_not_break_loading_node_toml() {
         stderr(&out)
     );
 }
+
+/// `civex feed tail | head -1`: once the reader is gone, the CLI ends
+/// quietly, as a process killed by SIGPIPE does (status 141), instead of
+/// panicking on its next line. Found by review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_closes_the_pipe_ends_the_cli_quietly() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestNode::start(&dir.path().join("a"), Spec::new("city-a")).await;
+    publish_row(&a, "jobs", 1.0).await;
+    let identity = a.operator_dir();
+    let config = a.dir.join("node.toml");
+    let mut child = std::process::Command::new(crate::support::bin("civex"))
+        .args([
+            "--node",
+            &a.address,
+            "--identity",
+            identity.to_str().unwrap(),
+        ])
+        .args(["--expect-origin", "city-a", "feed", "tail", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    assert!(first.contains("city-a"), "{first}");
+    // The reader has gone; the next entry is printed into a closed pipe.
+    publish_row(&a, "jobs", 2.0).await;
+    eventually("the CLI to end", || {
+        let ended = child.try_wait().unwrap().is_some();
+        async move { ended }
+    })
+    .await;
+    let status = child.wait().unwrap();
+    let mut errors = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut errors).unwrap();
+    assert_eq!(status.code(), Some(141), "{errors}");
+    assert!(!errors.contains("panicked"), "{errors}");
+}

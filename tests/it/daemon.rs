@@ -161,6 +161,7 @@ async fn a_key_file_others_can_read_is_refused_at_start() {
                 .arg(config)
                 .arg("--address-file")
                 .arg(address_file)
+                .env("RUST_BACKTRACE", "1")
                 .output()
                 .unwrap()
         }
@@ -168,6 +169,14 @@ async fn a_key_file_others_can_read_is_refused_at_start() {
     .await
     .unwrap();
     assert!(!out.status.success());
+    // One line, each cause once, no backtrace.
+    let text = stderr(&out);
+    assert_eq!(text.trim().lines().count(), 1, "{text}");
+    assert_eq!(
+        text.matches("readable by group or others").count(),
+        1,
+        "{text}"
+    );
     // Refused before it bound: it never announced an address.
     assert!(
         !address_file.exists(),

@@ -40,9 +40,20 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     civex_node::allocator::tune();
-    tokio::runtime::Runtime::new()?.block_on(run())
+    let ran = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run()));
+    match ran {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: what failed and why, each cause once; no backtrace
+            // (RUST_BACKTRACE is for panics, not for a refused config).
+            eprintln!("civex-node: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run() -> anyhow::Result<()> {
