@@ -1703,6 +1703,18 @@ impl Sequencer {
                     ));
                 }
                 check_text("message", &message, 2000, false, true)?;
+                if offer_origin == self.origin {
+                    return Err(PublishError::Invalid(format!(
+                        "offer_origin: {offer_origin} is this node's own origin; a city does not \
+                         answer its own offers"
+                    )));
+                }
+                if self.store.withdrawal(&offer_origin, &offer_id)?.is_some() {
+                    return Err(PublishError::Refused(format!(
+                        "offer: {offer_id:?} of {offer_origin:?} was withdrawn; withdrawal is \
+                         final, and a withdrawn offer takes no responses"
+                    )));
+                }
                 let version = match version {
                     Some(version) => version,
                     None => {

@@ -303,6 +303,28 @@ async fn offers_responses_status_and_feed_tail_through_the_cli() {
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
         serde_json::json!([])
     );
+    // A withdrawn offer takes no responses, and a city does not answer its
+    // own offers: both refused, nothing published. Found by review.
+    eventually("B to hold A's withdrawal", || async {
+        b.head("city-a").await.0 >= 2
+    })
+    .await;
+    let accept = [
+        "offer", "respond", "--origin", "city-a", "--offer", "waste", "--kind", "accept",
+    ];
+    let b_head = b.head("city-b").await;
+    let out = b.cli(&accept).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("was withdrawn"), "{}", stderr(&out));
+    assert_eq!(b.head("city-b").await, b_head);
+    let out = a.cli(&accept).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("offer_origin: city-a is this node's own origin"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(a.head("city-a").await.0, 2);
 
     let out = a.cli(&["retract", "1", "--reason", "wrong terms"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
