@@ -405,6 +405,7 @@ pub(crate) async fn publish(
                     locate(&file, &rows, status.message())
                 )
             }
+            Err(status) if is_too_large(&status) => bail!(too_large(&file, &request, &status)),
             Err(status) => bail!("dry run failed: {}", describe(&status)),
         };
     }
@@ -427,11 +428,39 @@ pub(crate) async fn publish(
         Err(status) if status.code() == tonic::Code::FailedPrecondition => {
             bail!("{}: {}", file.display(), status.message())
         }
+        Err(status) if is_too_large(&status) => bail!(too_large(&file, &request, &status)),
         Err(status) => bail!(
             "publish failed, nothing was published: {}",
             describe(&status)
         ),
     }
+}
+
+/// Whether a call failed because its message is above a size limit (the
+/// node's `limits.max_message_bytes`, or this CLI's).
+fn is_too_large(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+    ) && status.message().contains("message length too large")
+}
+
+/// What to tell the operator of a file too large for one message.
+fn too_large(
+    file: &Path,
+    request: &pb::PublishIndicatorsRequest,
+    status: &tonic::Status,
+) -> String {
+    format!(
+        "{}: {} rows make a request of {} bytes, more than one message may hold ({}); \
+         nothing was published: split the file, or raise limits.max_message_bytes in the \
+         node's config (this CLI sends at most {} bytes)",
+        file.display(),
+        request.rows.len(),
+        prost::Message::encoded_len(request),
+        status.message(),
+        client::MAX_MESSAGE
+    )
 }
 
 /// Prints what a publish would do; exit code 1 when it would be refused.

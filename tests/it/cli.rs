@@ -104,6 +104,17 @@ async fn publish_indicators_from_csv_and_json_is_atomic() {
         "{}",
         stderr(&out)
     );
+    // A file too large for one message names itself and the setting.
+    let rows = "jobs,economy,city-a,2025,7.5,percent,100\n".repeat(120_000);
+    let large = file("large.csv", &format!("{header}{rows}"));
+    let out = node.cli(&["publish", "indicators", &large]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("{large}: 120000 rows make a request of"))
+            && stderr(&out).contains("limits.max_message_bytes"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(
         node.head("city-a").await.0,
         0,
