@@ -44,6 +44,32 @@ impl Node {
         Ok(())
     }
 
+    /// In insecure mode there is no certificate to name the node: an
+    /// origin named with `--expect-origin` is checked against the one the
+    /// node's status reports before anything is sent.
+    pub(crate) async fn check_insecure_origin(&self) -> anyhow::Result<()> {
+        let (Security::Insecure, Some(Identity::Origin(expected))) =
+            (&self.security, &self.expected)
+        else {
+            return Ok(());
+        };
+        let status = status(self)
+            .await?
+            .node_status(civex_proto::v1::NodeStatusRequest {})
+            .await
+            .map_err(|s| anyhow!("--expect-origin: the node's status: {}", describe(&s)))?
+            .into_inner();
+        if &status.origin != expected {
+            bail!(
+                "--expect-origin {expected}: the node at {} is {} (without TLS, its status names \
+                 its origin); nothing was sent",
+                self.address,
+                status.origin
+            );
+        }
+        Ok(())
+    }
+
     /// From the global flags: `--identity DIR` (mutual TLS) or `--insecure`.
     pub(crate) fn from_flags(
         address: &str,
@@ -89,12 +115,37 @@ pub(crate) async fn connect(node: &Node) -> anyhow::Result<Channel> {
     )
     .await
     .map_err(|err| {
-        anyhow!(
-            "cannot reach the node at {} (is civex-node running? see --node): {}",
-            node.address,
-            error_chain(&err)
-        )
+        let chain = error_chain(&err);
+        match refusal_hint(&chain) {
+            Some(hint) => anyhow!(
+                "the node at {} refused the connection, or this CLI refused the node: {chain} \
+                 ({hint})",
+                node.address
+            ),
+            None => anyhow!(
+                "cannot reach the node at {} (is civex-node running? see --node): {chain}",
+                node.address
+            ),
+        }
     })
+}
+
+/// What to check when a connection failed in its TLS handshake, not for
+/// want of a node at the address; `None` when it looks like the latter.
+/// A retry cannot fix such a failure.
+pub(crate) fn refusal_hint(error: &str) -> Option<&'static str> {
+    if error.contains("InvalidContentType") || error.contains("corrupt message") {
+        Some(
+            "the node does not speak TLS: for a node with tls.mode = \"insecure\", pass --insecure",
+        )
+    } else if error.contains("certificate") || error.contains("Certificate") {
+        Some(
+            "check --identity (an identity issued by this federation's CA, not expired or \
+             revoked) and --expect-origin (the origin the node's certificate names)",
+        )
+    } else {
+        None
+    }
 }
 
 /// Publish client; connects on first call, so retries cover a node that
@@ -189,7 +240,9 @@ where
     loop {
         match call().await {
             Err(status)
-                if status.code() == Code::Unavailable && Instant::now() + pause < deadline =>
+                if status.code() == Code::Unavailable
+                    && refusal_hint(status.message()).is_none()
+                    && Instant::now() + pause < deadline =>
             {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
@@ -201,5 +254,25 @@ where
 
 /// Describes a failed call for a person: code and the node's message.
 pub(crate) fn describe(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+    // The connection broke under the call: among other causes, what a
+    // node using TLS does to plain HTTP/2 (--insecure), in one of these
+    // ways depending on timing.
+    let broken = matches!(
+        status.code(),
+        Code::Unknown | Code::Cancelled | Code::Internal
+    ) && [
+        "transport error",
+        "operation was canceled",
+        "h2 protocol error",
+    ]
+    .iter()
+    .any(|m| status.message().contains(m));
+    let hint = match broken {
+        true => {
+            " (the connection broke; if the node uses TLS, --insecure cannot talk to it: pass \
+             --identity DIR)"
+        }
+        false => "",
+    };
+    format!("{:?}: {}{hint}", status.code(), status.message())
 }

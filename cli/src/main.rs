@@ -286,6 +286,7 @@ async fn talk_to(
     output: Format,
     command: Command,
 ) -> anyhow::Result<ExitCode> {
+    node.check_insecure_origin().await?;
     match command {
         Command::Publish(command) => {
             node.require_expected(

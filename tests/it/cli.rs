@@ -700,3 +700,48 @@ async fn a_reader_that_closes_the_pipe_ends_the_cli_quietly() {
     assert_eq!(status.code(), Some(141), "{errors}");
     assert!(!errors.contains("panicked"), "{errors}");
 }
+
+/// A node that is up but refuses the connection (or that the CLI refuses)
+/// is told apart from one that is down, and what to check is named.
+/// Found by review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_told_apart_from_a_node_that_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestNode::start(&dir.path().join("a"), Spec::new("city-a")).await;
+    let out = a.cli(&["--expect-origin", "city-b", "status"]).await;
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(
+        text.contains("names origin city-a, expected origin city-b")
+            && text.contains("check --identity")
+            && !text.contains("is civex-node running"),
+        "{text}"
+    );
+    let rows = dir.path().join("rows.csv");
+    std::fs::write(
+        &rows,
+        "indicator,area,ref_area,period,value,unit,contributors\njobs,economy,city-a,2025,1,percent,10\n",
+    )
+    .unwrap();
+    let out = a
+        .cli(&[
+            "--expect-origin",
+            "city-b",
+            "publish",
+            "indicators",
+            rows.to_str().unwrap(),
+        ])
+        .await;
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(text.contains("expected origin city-b"), "{text}");
+    assert_eq!(a.head("city-a").await.0, 0);
+    // A TLS node asked in plain HTTP/2.
+    let out = civex_async(&["--node", &a.address, "--insecure", "status"]).await;
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(
+        text.contains("if the node uses TLS, --insecure cannot talk to it"),
+        "{text}"
+    );
+}

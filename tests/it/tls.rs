@@ -498,6 +498,31 @@ async fn insecure_mode_is_plain_grpc_on_loopback_and_tls_nodes_refuse_plain_clie
     let plain = ChildNode::start_async(&node_dir).await;
     let out = civex_async(&["--node", &plain.address, "--insecure", "status"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
+    // Without a certificate, --expect-origin is checked against the
+    // origin the node's status names. Found by review.
+    let expecting = |origin: &'static str| {
+        let address = plain.address.clone();
+        async move {
+            civex_async(&[
+                "--node",
+                &address,
+                "--insecure",
+                "--expect-origin",
+                origin,
+                "status",
+            ])
+            .await
+        }
+    };
+    let out = expecting("city-q").await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--expect-origin city-q: the node at")
+            && stderr(&out).contains("is city-p"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(expecting("city-p").await.status.success());
 
     let secure = TestNode::start(&dir.path().join("tls"), Spec::new("city-a")).await;
     let refused = transport::connect(
