@@ -870,6 +870,18 @@ mod tests {
         }
     }
 
+    /// Whether `outcome` refuses seq 4 of a feed that ended at seq 3.
+    fn replaced(outcome: &Result<Stored, WriteError>) -> bool {
+        matches!(
+            outcome,
+            Err(WriteError::Chain(FeedError::Replaced {
+                seq: 4,
+                last_seq: 3,
+                ..
+            }))
+        )
+    }
+
     /// The job of the roster origin's entry ending city-x's feed (of
     /// `x`) at its entry `at`, as `ReplaceFeedKey` makes it.
     fn ending_job(x: &[Entry], at: usize) -> Job {
@@ -969,16 +981,6 @@ mod tests {
     #[test]
     fn a_committed_feed_end_refuses_later_entries_of_the_ended_feed() {
         let x = chain(&key(2), "city-x", 5);
-        let replaced = |outcome: &Result<Stored, WriteError>| {
-            matches!(
-                outcome,
-                Err(WriteError::Chain(FeedError::Replaced {
-                    seq: 4,
-                    last_seq: 3,
-                    ..
-                }))
-            )
-        };
         // A replication job made before the roster was re-read carries no
         // replacement: refused after the roster entry, in a later group...
         let dir = tempfile::tempdir().unwrap();
@@ -1039,16 +1041,6 @@ mod tests {
         let mut roster = job(&chain(&key(9), "roster", 1));
         roster.roster_ends = vec![end.clone()];
         assert!(commit(&mut thread, vec![roster])[0].is_ok());
-        let replaced = |outcome: &Result<Stored, WriteError>| {
-            matches!(
-                outcome,
-                Err(WriteError::Chain(FeedError::Replaced {
-                    seq: 4,
-                    last_seq: 3,
-                    ..
-                }))
-            )
-        };
         let outcome = commit(&mut thread, vec![job(&x[2..])]);
         assert!(replaced(&outcome[0]), "{:?}", outcome[0]);
         assert_eq!(thread.store.head("city-x").unwrap().unwrap().tip.seq, 2);
