@@ -21,6 +21,7 @@ use civex_node::{
         write_secret_file, KeyResolver, Member,
     },
     pki::{request, Identity},
+    publish::LAST_RFC3339_SECOND,
 };
 use civex_proto::v1::{self as pb, entry_body::Payload, subscribe_response::Event};
 use clap::Subcommand;
@@ -551,24 +552,48 @@ fn print_preview(format: Format, preview: &pb::IndicatorPreview) -> ExitCode {
     }
 }
 
-/// Parses a UTC date (YYYY-MM-DD) or RFC 3339 time into Unix seconds.
+/// Parses a UTC date (YYYY-MM-DD) or RFC 3339 time (`Z` or an offset such
+/// as `-03:00`) into Unix seconds.
 pub(crate) fn parse_time(field: &str, text: &str) -> anyhow::Result<i64> {
+    let wrong = || anyhow!("{field}: {text:?} is not a date (YYYY-MM-DD) or RFC 3339 time");
     let full = if text.len() == 10 {
         format!("{text}T00:00:00Z")
     } else {
         text.to_owned()
     };
-    let time = humantime::parse_rfc3339_weak(full.trim_end_matches('Z'))
-        .map_err(|_| anyhow!("{field}: {text:?} is not a date (YYYY-MM-DD) or RFC 3339 time"))?;
+    // humantime reads UTC only: an offset is taken off by hand.
+    let (local, offset) = match full.len().checked_sub(6).map(|at| full.split_at(at)) {
+        Some((local, zone))
+            if zone.len() == 6 && matches!(&zone[..1], "+" | "-") && zone.as_bytes()[3] == b':' =>
+        {
+            let hours: i64 = zone[1..3].parse().map_err(|_| wrong())?;
+            let minutes: i64 = zone[4..].parse().map_err(|_| wrong())?;
+            if hours > 23 || minutes > 59 {
+                return Err(wrong());
+            }
+            let seconds = hours * 3600 + minutes * 60;
+            (
+                local,
+                if zone.starts_with('-') {
+                    -seconds
+                } else {
+                    seconds
+                },
+            )
+        }
+        _ => (full.trim_end_matches('Z'), 0),
+    };
+    let time = humantime::parse_rfc3339_weak(local).map_err(|_| wrong())?;
     let seconds = time
         .duration_since(std::time::UNIX_EPOCH)
         .map_err(|_| anyhow!("{field}: {text:?} is before 1970"))?
-        .as_secs();
-    Ok(seconds as i64)
+        .as_secs() as i64
+        - offset;
+    if seconds < 0 {
+        bail!("{field}: {text:?} is before 1970");
+    }
+    Ok(seconds)
 }
-
-/// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
-const LAST_RFC3339_SECOND: i64 = 253_402_300_799;
 
 /// A time in a signed entry, for people. Any i64 may arrive from a peer's
 /// feed: times past year 9999 are named so, never formatted (humantime
@@ -1990,6 +2015,23 @@ pub(crate) fn print_report(report: &civex_node::audit::Report, seconds: f64, for
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offer_times_take_dates_utc_and_offsets() {
+        let at = |text: &str| parse_time("--valid-from", text);
+        assert_eq!(at("2026-01-01").unwrap(), 1_767_225_600);
+        assert_eq!(at("2026-01-01T00:00:00Z").unwrap(), 1_767_225_600);
+        // Midnight in São Paulo is 03:00 UTC.
+        assert_eq!(
+            at("2026-01-01T00:00:00-03:00").unwrap(),
+            1_767_225_600 + 3 * 3600
+        );
+        assert_eq!(at("2026-01-01T05:30:00+05:30").unwrap(), 1_767_225_600);
+        for wrong in ["2026-01-01T00:00:00+25:00", "2026-13-01", "soon"] {
+            let err = at(wrong).unwrap_err().to_string();
+            assert!(err.starts_with("--valid-from: "), "{err}");
+        }
+    }
 
     #[test]
     fn any_time_a_peer_signs_can_be_shown() {

@@ -711,6 +711,9 @@ impl Recovery {
     }
 }
 
+/// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
+pub const LAST_RFC3339_SECOND: i64 = 253_402_300_799;
+
 /// Requests signed per batch at most.
 const MAX_SEQUENCED: usize = 512;
 /// Indicator rows signed per batch at most (bounds one commit's size).
@@ -855,9 +858,17 @@ pub fn check_offer(offer: &ServiceOffer) -> Result<(), PublishError> {
     check_text("region", &offer.region, 200, false, false)?;
     check_text("contact_role", &offer.contact_role, 200, true, false)?;
     if offer.valid_from_unix >= offer.valid_until_unix {
+        let time = |unix: i64| match u64::try_from(unix) {
+            Ok(seconds) if unix <= LAST_RFC3339_SECOND => humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds),
+            )
+            .to_string(),
+            _ => format!("{unix} (Unix time)"),
+        };
         return Err(PublishError::Invalid(format!(
             "valid_until: {} is not after valid_from {}",
-            offer.valid_until_unix, offer.valid_from_unix
+            time(offer.valid_until_unix),
+            time(offer.valid_from_unix)
         )));
     }
     Ok(())
@@ -2273,6 +2284,25 @@ mod tests {
             &Entry::decode(signed).unwrap(),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn offer_dates_the_wrong_way_round_are_named_as_dates() {
+        let offer = ServiceOffer {
+            offer_id: "snow".into(),
+            title: "Snow clearing".into(),
+            area: 2,
+            category: "roads".into(),
+            contact_role: "public works".into(),
+            valid_from_unix: 1_798_761_600,
+            valid_until_unix: 1_767_225_600,
+            ..Default::default()
+        };
+        let err = check_offer(&offer).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "valid_until: 2026-01-01T00:00:00Z is not after valid_from 2027-01-01T00:00:00Z"
+        );
     }
 
     #[test]
