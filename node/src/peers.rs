@@ -128,6 +128,9 @@ pub struct PeersError {
     pub path: String,
     /// What went wrong.
     pub message: String,
+    /// A change refused by a rule (two peers of one origin, too many
+    /// peers), not a file that failed: retrying will not help.
+    pub refused: bool,
 }
 
 /// Most origins a peer's read policy names (the origins one subscription
@@ -202,6 +205,7 @@ impl PeerRegistry {
         let error = |message: String| PeersError {
             path: path.display().to_string(),
             message,
+            refused: false,
         };
         let changes = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -247,6 +251,7 @@ impl PeerRegistry {
         PeersError {
             path: path.display().to_string(),
             message,
+            refused: false,
         }
     }
 
@@ -337,7 +342,10 @@ impl PeerRegistry {
         let peers = self.peers_with(&next);
         let remedy = "remove peers (civex peer remove NAME)";
         if let Some(message) = repeated_origin(&peers).or_else(|| oversize(&peers, remedy)) {
-            return Err(self.error(&self.path, message));
+            return Err(PeersError {
+                refused: true,
+                ..self.error(&self.path, message)
+            });
         }
         // Audited before it takes effect: no change without its record.
         self.audit(who, action, detail)?;

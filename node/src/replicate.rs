@@ -552,6 +552,21 @@ impl Replicator {
             s.connected = true;
             s.reported_heads.clear();
         });
+        // Its own feed cannot be verified here, so it is not taken: say so,
+        // or `civex peer add` looks like it worked and nothing arrives.
+        if let Some(origin) = peer
+            .origin
+            .as_deref()
+            .filter(|o| self.keys.key_for(o, &[], 0).is_none())
+        {
+            let message = format!(
+                "its own origin {origin} has no feed key here (not under [trusted_origins], not \
+                 in the federation roster): its entries are not taken; pin its key, or have the \
+                 roster add it"
+            );
+            tracing::warn!(peer = %peer.name, "{message}");
+            peer.update(|s| s.last_error = message);
+        }
         reached.subscribed = Some(Instant::now());
         tracing::info!(peer = %peer.name, address = %peer.address, "replicating");
         // How far the peer says it is, read beside the streams within the

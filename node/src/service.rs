@@ -1638,6 +1638,8 @@ impl StatusApi for StatusService {
 
 /// The Admin service: peers at runtime, the audit log.
 pub struct AdminService {
+    /// This node's origin.
+    origin: String,
     registry: Arc<PeerRegistry>,
     replication: Arc<Replication>,
     /// `tls.mode = "insecure"`: peers must be on loopback.
@@ -1688,11 +1690,20 @@ impl pb::admin_server::Admin for AdminService {
         policy
             .check(self.insecure)
             .map_err(|m| invalid(format!("peer.{m}")))?;
+        if policy.origin.as_deref() == Some(self.origin.as_str()) {
+            return Err(invalid(format!(
+                "peer.origin: {} is this node's own origin: a node does not replicate from itself",
+                self.origin
+            )));
+        }
         let (registry, insecure) = (self.registry.clone(), self.insecure);
         let stored = tokio::task::spawn_blocking(move || registry.add(&who, policy, insecure))
             .await
             .map_err(|err| Status::internal(err.to_string()))?
-            .map_err(|err| Status::unavailable(err.to_string()))?;
+            .map_err(|err| match err.refused {
+                true => Status::failed_precondition(err.message),
+                false => Status::unavailable(err.to_string()),
+            })?;
         self.replication.add(&stored);
         tracing::info!(peer = %stored.name, address = %stored.address, "peer added");
         Ok(Response::new(peer_record(stored)))
@@ -1889,6 +1900,7 @@ pub async fn router(
         query,
         Access::Operators("querying").check(operators.clone()),
     );
+    let own_origin = services.publisher.origin().to_owned();
     let status = StatusServer::new(StatusService {
         store: services.store,
         writer: services.writer,
@@ -1902,6 +1914,7 @@ pub async fn router(
         Access::Operators("node status").check(operators.clone()),
     );
     let admin = pb::admin_server::AdminServer::new(AdminService {
+        origin: own_origin,
         registry: services.registry,
         replication: services.replication,
         insecure: services.insecure,

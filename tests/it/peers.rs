@@ -49,6 +49,18 @@ async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
         b.head("city-a").await.0 == 1
     })
     .await;
+    // A pins no key of B's: it takes nothing of B's own feed, and says so
+    // rather than look connected and idle. Found by review.
+    eventually("A's status to say why it takes nothing from B", || async {
+        let status = a.status().await;
+        let peer = status.peers.iter().find(|p| p.name == "city-b");
+        peer.is_some_and(|p| {
+            p.connected
+                && p.last_error
+                    .contains("its own origin city-b has no feed key here")
+        })
+    })
+    .await;
 
     // Bad input changes nothing and says which field is wrong.
     let out = b
@@ -79,6 +91,41 @@ async fn peers_added_and_removed_at_runtime_persist_and_are_audited() {
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("peer.address: 313 bytes, longer than 260"),
+        "{}",
+        stderr(&out)
+    );
+    // A node is not its own peer, and an origin has one peer: both refused
+    // as what they are, not as a file or availability fault.
+    let own = [
+        "peer",
+        "add",
+        "me",
+        "--address",
+        &b.address,
+        "--origin",
+        "city-b",
+    ];
+    let out = b.cli(&own).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("peer.origin: city-b is this node's own origin"),
+        "{}",
+        stderr(&out)
+    );
+    let twice = [
+        "peer",
+        "add",
+        "again",
+        "--address",
+        &a.address,
+        "--origin",
+        "city-a",
+    ];
+    let out = b.cli(&twice).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("FailedPrecondition")
+            && stderr(&out).contains("is the origin of peers"),
         "{}",
         stderr(&out)
     );
