@@ -1562,6 +1562,24 @@ impl Sequencer {
             Ok(pending || self.store.is_retracted(&self.origin, seq)?)
         };
         let named = load(seq)?;
+        // A retraction withdraws what an entry says; these say something
+        // that cannot be taken back.
+        let lasting = match &named.body.payload {
+            Some(Payload::KeyRotation(_)) => {
+                Some("a key rotation: the feed's key changed for good")
+            }
+            Some(Payload::Withdrawal(_)) => Some("an offer's withdrawal, which is final"),
+            Some(Payload::Retraction(_)) => Some("a retraction, which is final"),
+            Some(Payload::Roster(_)) => {
+                Some("a roster entry: publish the member's entry again to change it")
+            }
+            _ => None,
+        };
+        if let Some(what) = lasting {
+            return Err(PublishError::Invalid(format!(
+                "seq: entry {seq} is {what}; it cannot be retracted"
+            )));
+        }
         if retracted(seq)? {
             return Err(PublishError::Invalid(format!(
                 "seq: entry {seq} is already retracted"

@@ -339,6 +339,14 @@ async fn offers_responses_status_and_feed_tail_through_the_cli() {
 
     let out = a.cli(&["retract", "1", "--reason", "wrong terms"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
+    // A withdrawal, or a retraction, is final: neither is retracted.
+    for (seq, what) in [("2", "an offer's withdrawal"), ("3", "a retraction")] {
+        let out = a.cli(&["retract", seq, "--reason", "undo"]).await;
+        assert!(!out.status.success());
+        let expected = format!("seq: entry {seq} is {what}");
+        assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
+    }
+    assert_eq!(a.head("city-a").await.0, 3);
 
     let config = a_dir.join("node.toml");
     let out = a

@@ -40,6 +40,12 @@ async fn a_rotated_key_is_followed_by_peers_and_an_old_key_file_refused() {
     let new_key = std::fs::read(a_dir.join("feed.key")).unwrap();
     assert_ne!(new_key, old_key, "the key file was not replaced");
     assert!(!a_dir.join("feed.key.next").exists());
+    let out = a.cli(&["retract", "4", "--reason", "undo"]).await;
+    assert!(
+        stderr(&out).contains("seq: entry 4 is a key rotation"),
+        "{}",
+        stderr(&out)
+    );
     for i in 0..3 {
         publish_row(&a, &format!("after-{i}"), 1.0).await;
     }
