@@ -890,11 +890,18 @@ pub(crate) async fn rotate_key(node: &Node, format: Format) -> anyhow::Result<Ex
     let request = pb::RotateKeyRequest {
         idempotency_key: client::idempotency_key()?,
     };
-    send_publish(node, format, |mut c| {
+    let code = send_publish(node, format, |mut c| {
         let request = request.clone();
         async move { c.rotate_key(request).await }
     })
-    .await
+    .await?;
+    if code == ExitCode::SUCCESS && format == Format::Table {
+        println!(
+            "the node now signs with a new key, in its key file (key_file in node.toml): back \
+             that file up now; a copy of the old one no longer starts the node"
+        );
+    }
+    Ok(code)
 }
 
 fn obs_status(value: i32) -> &'static str {

@@ -103,3 +103,16 @@ async fn a_rotated_key_is_followed_by_peers_and_an_old_key_file_refused() {
         .to_string();
     assert!(err.contains("not the key in force"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_tells_the_operator_to_back_up_the_new_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestNode::start(dir.path(), Spec::new("city-a")).await;
+    let out = a.cli(&["key", "rotate"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("back that file up now"),
+        "{}",
+        stdout(&out)
+    );
+}
