@@ -20,6 +20,14 @@ use crate::core::{
 /// 1 MiB of entries plus framing.
 pub const MIN_MESSAGE_BYTES: usize = 2 << 20;
 
+/// The `CIVEX_*` variables that set one field, and the field's name in
+/// validation messages.
+const ENV_FIELDS: [(&str, &str); 3] = [
+    ("CIVEX_ORIGIN", "origin"),
+    ("CIVEX_LISTEN", "listen"),
+    ("CIVEX_OPERATORS", "tls.operators"),
+];
+
 /// A config problem, naming the file and the field.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {message}")]
@@ -490,6 +498,7 @@ impl Config {
         let text =
             std::fs::read_to_string(path).map_err(|err| error(format!("cannot read: {err}")))?;
         let mut config = Self::parse(&text).map_err(error)?;
+        let mut overridden = Vec::new();
         for (name, value) in env {
             config
                 .apply_env(&name, &value)
@@ -497,6 +506,7 @@ impl Config {
                     path: format!("environment variable {name}"),
                     message,
                 })?;
+            overridden.push(name);
         }
         let base = path.parent().unwrap_or(Path::new("."));
         config.data_dir = base.join(&config.data_dir);
@@ -512,7 +522,21 @@ impl Config {
         if let Some(crl) = &mut tls.crl_file {
             *crl = base.join(&*crl);
         }
-        config.validate().map_err(error)?;
+        config.validate().map_err(|message| {
+            // A value an environment variable set is named as its.
+            let from_env = overridden.iter().find(|name| {
+                ENV_FIELDS
+                    .iter()
+                    .any(|(var, field)| var == name && message.starts_with(&format!("{field}:")))
+            });
+            match from_env {
+                Some(name) => ConfigError {
+                    path: format!("environment variable {name} (over {})", path.display()),
+                    message,
+                },
+                None => error(message),
+            }
+        })?;
         Ok(config)
     }
 
@@ -1015,6 +1039,13 @@ mod tests {
         let err = load(&text, &[("CIVEX_LISTN", "x")]).unwrap_err();
         assert!(
             err.contains("environment variable CIVEX_LISTN: unknown setting"),
+            "{err}"
+        );
+        // A value the environment set is named as the variable's.
+        let err = load(&text, &[("CIVEX_LISTEN", "garbage")]).unwrap_err();
+        assert!(
+            err.starts_with("environment variable CIVEX_LISTEN (over ")
+                && err.contains("node.toml): listen: \"garbage\" is not an IP address"),
             "{err}"
         );
     }
