@@ -221,9 +221,18 @@ pub(crate) fn init(options: &InitOptions<'_>, format: Format) -> anyhow::Result<
     }
     let parsed =
         Config::parse(&text).map_err(|m| anyhow!("internal: template does not parse: {m}"))?;
-    parsed
-        .validate()
-        .map_err(|m| anyhow!("--listen, --origin or --operator: {m}"))?;
+    parsed.validate().map_err(|m| {
+        // The field at fault names the flag that set it.
+        let flag = [
+            ("origin:", "--origin"),
+            ("listen:", "--listen"),
+            ("tls.operators:", "--operator"),
+        ]
+        .iter()
+        .find(|(field, _)| m.starts_with(field))
+        .map_or("--listen, --origin or --operator", |(_, flag)| flag);
+        anyhow!("{flag}: {m}")
+    })?;
     let ca = match join {
         Some(path) => {
             let ca = std::fs::read_to_string(path)

@@ -496,8 +496,16 @@ async fn a_city_joins_a_federation_with_the_cli() {
         stderr(&again)
     );
 
-    // The city prepares its node with the federation's CA certificate.
+    // The city prepares its node with the federation's CA certificate; a
+    // wrong flag is named, and nothing is written.
     let ca_pem = format!("{ca}/ca.pem");
+    let out = civex_async(&["init", &node, "--origin", "city-j", "--listen", "nothing"]).await;
+    assert!(
+        stderr(&out).contains("--listen: listen: \"nothing\" is not an IP address"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!std::path::Path::new(&node).join("node.toml").exists());
     let out = civex_async(&[
         "init",
         &node,
