@@ -275,6 +275,10 @@ async fn run() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("civex: {err:#}");
+            // A script reading stdout gets a document too.
+            if output == Format::Json {
+                output::json(&serde_json::json!({ "error": format!("{err:#}") }));
+            }
             ExitCode::FAILURE
         }
     }

@@ -391,6 +391,23 @@ async fn a_node_that_is_down_is_named() {
         "{}",
         stderr(&out)
     );
+    // With --output json, stdout holds the error as a document too.
+    let args = [
+        "--node",
+        crate::support::NOWHERE,
+        "--insecure",
+        "--output",
+        "json",
+    ];
+    let out = civex_async(&[&args[..], &["status"]].concat()).await;
+    assert!(!out.status.success());
+    let error: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot reach the node at 127.0.0.1:9")),
+        "{error}"
+    );
     // Without an identity (and not --insecure) the CLI says what to pass.
     let out = civex_async(&["--node", crate::support::NOWHERE, "status"]).await;
     assert!(!out.status.success());
