@@ -217,7 +217,7 @@ fn row_from_fields(
         count => Some(count.parse::<u64>().map_err(|_| {
             err(
                 "contributors",
-                "not a whole number of contributors".to_owned(),
+                format!("not a whole number of contributors from 0 to {}", u64::MAX),
             )
         })?),
     };
@@ -2195,6 +2195,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("x17"), "contributors echoed: {err}");
+        // A count too large says what is allowed, without echoing it.
+        let err = parse_csv(&format!(
+            "{header}x,1,city-a,2025,1,u,99999999999999999999\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.ends_with(
+                "contributors: not a whole number of contributors from 0 to 18446744073709551615"
+            ),
+            "{err}"
+        );
         let err =
             parse_csv("indicator,ref_area,period,value,largest_values\nx,city-a,2025,1,9;x17\n")
                 .unwrap_err()
