@@ -188,6 +188,9 @@ pub async fn run_secured(
             .await
             .map_err(|err| NodeError::Server(format!("store open task failed: {err}")))?
             .map(Arc::new)?;
+    if let Security::Mutual(tls) = &security {
+        tls.remember_revocations(&config.data_dir.join("revocations"))?;
+    }
     let (key, genesis) = own_key(&config, store.as_ref())?;
     let (writer, writer_thread) = Writer::start(store.clone())?;
 

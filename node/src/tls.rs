@@ -152,6 +152,62 @@ impl CrlStanding {
             None => format!("made at {} (Unix time)", self.made),
         }
     }
+
+    /// One line of the file [`Tls::remember_revocations`] keeps.
+    fn line(&self) -> String {
+        let number = self.number.as_ref().map_or("-".into(), ToString::to_string);
+        format!(
+            "{} {number} {}",
+            crate::core::ids::hex(&self.issuer),
+            self.made
+        )
+    }
+
+    fn parse_line(line: &str) -> Option<Self> {
+        let mut parts = line.split_whitespace();
+        let issuer = crate::core::ids::unhex(parts.next()?).ok()?;
+        let number = match parts.next()? {
+            "-" => None,
+            digits => Some(x509_parser::num_bigint::BigUint::parse_bytes(
+                digits.as_bytes(),
+                10,
+            )?),
+        };
+        let made = parts.next()?.parse().ok()?;
+        Some(Self {
+            issuer,
+            number,
+            made,
+        })
+    }
+}
+
+/// The revocation lists remembered in `path` (none if it is missing).
+fn remembered_in(path: &Path) -> Result<Vec<CrlStanding>, TlsError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.lines().filter_map(CrlStanding::parse_line).collect()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(err) => Err(file_error(path, format!("cannot read: {err}"))),
+    }
+}
+
+/// Writes `newest` to `path`, with the entries of `earlier` for issuers
+/// `newest` does not name (another CA's list, kept should it come back).
+fn write_standings(
+    path: &Path,
+    earlier: &[CrlStanding],
+    newest: &[CrlStanding],
+) -> Result<(), TlsError> {
+    let kept = earlier
+        .iter()
+        .filter(|old| newest.iter().all(|new| new.issuer != old.issuer));
+    let text: String = newest
+        .iter()
+        .chain(kept)
+        .map(|standing| standing.line() + "\n")
+        .collect();
+    crate::keys::replace_file(path, text.as_bytes())
+        .map_err(|err| file_error(path, format!("cannot write: {err}")))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -460,6 +516,9 @@ pub struct Tls {
     loaded: RwLock<Arc<Loaded>>,
     live: Mutex<HashMap<u64, Live>>,
     next_id: AtomicU64,
+    /// Where the newest revocation list of each issuer is remembered
+    /// across restarts ([`Tls::remember_revocations`]).
+    remembered: Mutex<Option<PathBuf>>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -482,7 +541,38 @@ impl Tls {
             loaded: RwLock::new(Arc::new(loaded)),
             live: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
+            remembered: Mutex::new(None),
         }))
+    }
+
+    /// Remembers in `path` the newest revocation list of each issuer this
+    /// node has used, from now on at every reload, and refuses the one
+    /// loaded if it is older than the one remembered: a file copied back
+    /// while the node was stopped would take revocations back.
+    pub fn remember_revocations(&self, path: &Path) -> Result<(), TlsError> {
+        let remembered = remembered_in(path)?;
+        let current = self.current();
+        for standing in &current.crl_standings {
+            if let Some(newer) = remembered.iter().find(|newer| standing.older_than(newer)) {
+                let crl = self.files.crl.as_deref().unwrap_or(&self.files.ca);
+                return Err(file_error(
+                    crl,
+                    format!(
+                        "holds revocation list {} of its CA, older than {} this node used \
+                         before (recorded in {}); copy the CA's newest ca.crl here",
+                        standing.describe(),
+                        newer.describe(),
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        write_standings(path, &remembered, &current.crl_standings)?;
+        *self
+            .remembered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(path.to_owned());
+        Ok(())
     }
 
     fn current(&self) -> Arc<Loaded> {
@@ -530,6 +620,18 @@ impl Tls {
         if let Some(problem) = &fresh.own_problem {
             tracing::error!(error = %problem, "this node's own certificate is no longer valid; \
                 peers will refuse it (the new files apply all the same)");
+        }
+        let remembered = self
+            .remembered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(path) = remembered {
+            let written = remembered_in(&path)
+                .and_then(|earlier| write_standings(&path, &earlier, &fresh.crl_standings));
+            if let Err(err) = written {
+                tracing::warn!(error = %err, "the revocation list in use could not be remembered");
+            }
         }
         *self
             .loaded

@@ -162,7 +162,7 @@ async fn refused_certificates_are_logged_with_the_peer_and_the_reason() {
         &Spec::new("city-a").allow_without_peers(),
         "127.0.0.1:0",
     );
-    let node = ChildNode::start_async(dir.path()).await;
+    let mut node = ChildNode::start_async(dir.path()).await;
     let now = SystemTime::now();
     let day = Duration::from_secs(86_400);
     let operator = Identity::Operator("ops".into());
@@ -251,6 +251,41 @@ async fn refused_certificates_are_logged_with_the_peer_and_the_reason() {
     assert!(
         !log.contains('\u{1b}'),
         "colour codes in a log file: {log:?}"
+    );
+    // Nor does a restart with the older list in place: the node remembers
+    // the newest one it used, and refuses to start.
+    let status = tokio::task::spawn_blocking(move || node.sigterm())
+        .await
+        .unwrap();
+    assert!(status.success(), "civex-node exited with {status}");
+    /// Kills the node should it start after all (the test then fails).
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut restarted = Killed(
+        std::process::Command::new(crate::support::bin("civex-node"))
+            .arg("--config")
+            .arg(dir.path().join("node.toml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("the node to refuse to start", || {
+        let ended = restarted.0.try_wait().unwrap().is_some();
+        async move { ended }
+    })
+    .await;
+    let mut errors = String::new();
+    std::io::Read::read_to_string(restarted.0.stderr.as_mut().unwrap(), &mut errors).unwrap();
+    assert!(
+        errors.contains("ca.crl: holds revocation list number")
+            && errors.contains("this node used before"),
+        "{errors}"
     );
 }
 
