@@ -213,9 +213,15 @@ fn load(dir: &Path) -> anyhow::Result<Authority> {
 /// Writes the revocation list for every serial in revoked.tsv.
 fn write_crl(dir: &Path, authority: &Authority) -> anyhow::Result<PathBuf> {
     let serials = revoked(dir)?;
-    // Revocations are only ever added, so their count numbers the lists.
-    let crl = authority.revocation_list(&serials, serials.len() as u64 + 1, 3650)?;
     let path = dir.join("ca.crl");
+    // Nodes refuse a list numbered below one they used: each list is
+    // numbered above the last, whatever was done to revoked.tsv.
+    let last = std::fs::read(&path)
+        .ok()
+        .and_then(|pem| civex_node::tls::highest_crl_number(&pem))
+        .unwrap_or(0);
+    let number = (serials.len() as u64 + 1).max(last + 1);
+    let crl = authority.revocation_list(&serials, number, 3650)?;
     replace_file(&path, crl.as_bytes())
         .with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(path)

@@ -182,6 +182,16 @@ impl CrlStanding {
     }
 }
 
+/// The highest CRL number among the revocation lists in `pem` (`civex ca
+/// revoke` numbers the next one above it); `None` if none has one.
+pub fn highest_crl_number(pem: &[u8]) -> Option<u64> {
+    CertificateRevocationListDer::pem_slice_iter(pem)
+        .filter_map(Result::ok)
+        .filter_map(|der| CrlStanding::of(&der).ok()?.number)
+        .filter_map(|number| u64::try_from(number).ok())
+        .max()
+}
+
 /// The revocation lists remembered in `path` (none if it is missing).
 fn remembered_in(path: &Path) -> Result<Vec<CrlStanding>, TlsError> {
     match std::fs::read_to_string(path) {

@@ -646,6 +646,17 @@ async fn a_city_joins_a_federation_with_the_cli() {
     assert!(out.status.success(), "{}", stderr(&out));
     let crl = std::fs::read_to_string(dir.path().join("ca/ca.crl")).unwrap();
     assert!(crl.contains("BEGIN X509 CRL"));
+    // Each list is numbered above the last (nodes refuse an older one),
+    // even after revoked.tsv was edited by hand.
+    let number = || {
+        let pem = std::fs::read(dir.path().join("ca/ca.crl")).unwrap();
+        civex_node::tls::highest_crl_number(&pem).unwrap()
+    };
+    let before = number();
+    std::fs::write(dir.path().join("ca/revoked.tsv"), "").unwrap();
+    let out = civex_async(&["ca", "revoke", "--ca", &ca, "--operator", "ops"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(number() > before, "{} after {before}", number());
 }
 
 /// The CLI's own variables (`CIVEX_NODE`, `CIVEX_IDENTITY`, ...), set in
