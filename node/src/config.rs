@@ -719,6 +719,15 @@ impl Config {
             }
             check_peer_link(&peer.address, peer.origin.as_deref(), insecure)
                 .map_err(|m| format!("peers.{}.{m}", peer.name))?;
+            // Its own feed "from a peer" would open publishing after a
+            // restore without any peer's copy (spec rule 10).
+            if peer.origin.as_deref() == Some(self.origin.as_str()) {
+                return Err(format!(
+                    "peers.{}.origin: {} is this node's own origin: a node does not replicate \
+                     from itself",
+                    peer.name, self.origin
+                ));
+            }
         }
         for (origin, key) in &self.trusted_origins {
             check_origin_id(origin).map_err(|m| format!("trusted_origins: {m}"))?;
@@ -1057,6 +1066,12 @@ mod tests {
             (
                 base.replace("origin = \"city-a\"", "origin = \"City A\""),
                 "origin: origin id",
+            ),
+            (
+                format!(
+                    "{base}\n[[peers]]\nname = \"me\"\naddress = \"127.0.0.1:7400\"\norigin = \"city-a\"\n"
+                ),
+                "peers.me.origin: city-a is this node's own origin",
             ),
             (
                 base.replace("127.0.0.1:7400", "0.0.0.0:7400")

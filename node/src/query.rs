@@ -680,6 +680,38 @@ mod tests {
         )
     }
 
+    /// A feed may retract one entry twice; the first retraction counts, so
+    /// a second one not yet durable does not bring the cell back. Found
+    /// by review.
+    #[test]
+    fn an_entrys_first_retraction_is_the_one_that_counts() {
+        use civex_proto::v1::Retraction;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 22).unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let cell = Payload::Indicators(IndicatorBatch {
+            observations: vec![observation("a", 1.0)],
+            ..Default::default()
+        });
+        let first = signed(&key, "city-a", None, cell);
+        let retraction = Payload::Retraction(Retraction {
+            feed_id: vec![1; 16],
+            seq: 1,
+            entry_hash: first.hash.to_vec(),
+            reason: String::new(),
+        });
+        let once = signed(&key, "city-a", Some(&first), retraction.clone());
+        let twice = signed(&key, "city-a", Some(&once), retraction);
+        commit(&store, &[first, once.clone(), twice]);
+        let mut durable = all_durable(&store);
+        let mut at_two = durable["city-a"];
+        at_two.tip = once.tip();
+        durable.insert("city-a".into(), at_two);
+        let filter = ObservationFilter::default();
+        let page = super::observations(&store, Durable(&durable), &filter, 0, None).unwrap();
+        assert!(page.rows.is_empty(), "{:?}", page.rows);
+    }
+
     /// sled shows a commit before it is synced, and one whose sync failed
     /// until the node restarts: answers hold only what is durable. Found
     /// by review.

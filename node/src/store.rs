@@ -1241,10 +1241,15 @@ impl Store for SledStore {
                     by_seq,
                     ..
                 } => {
-                    batch.insert(
-                        key_of(b'r', &[origin], Some(*retracted_seq)),
-                        &by_seq.to_be_bytes(),
-                    );
+                    // The first retraction stays: the entry is retracted
+                    // from it on (a feed may hold a second one).
+                    let key = key_of(b'r', &[origin], Some(*retracted_seq));
+                    if !first_written.contains(&key)
+                        && self.db.get(&key).map_err(sled_error(&self.path))?.is_none()
+                    {
+                        first_written.insert(key.clone());
+                        batch.insert(key, &by_seq.to_be_bytes());
+                    }
                 }
             }
         }
