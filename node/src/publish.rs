@@ -940,18 +940,27 @@ impl Publisher {
     /// The receipt of an earlier publish with this idempotency key and
     /// request, once durable; `None` if the key is new.
     /// `outline` gives the request's [`Outline`], for a record rebuilt from
-    /// the feed.
+    /// the feed; `retracts`, the seq a retraction request names, which such
+    /// a record must have retracted too (its outline holds only the reason).
     pub fn replay(
         &self,
         key: &[u8; 16],
         fingerprint: &[u8; 32],
         outline: impl FnOnce() -> [u8; 32],
+        retracts: Option<u64>,
     ) -> Result<Option<Receipt>, PublishError> {
         let Some(record) = self.store.idempotency(key)? else {
             return Ok(None);
         };
-        if &record.fingerprint != fingerprint && record.fingerprint != outline() {
-            return Err(PublishError::KeyReused(hex(key)));
+        if &record.fingerprint != fingerprint {
+            let rebuilt_matches = record.fingerprint == outline()
+                && match retracts {
+                    Some(seq) => self.retracted_in(&record, seq)?,
+                    None => true,
+                };
+            if !rebuilt_matches {
+                return Err(PublishError::KeyReused(hex(key)));
+            }
         }
         // sled shows a batch before it is synced: answer only from durable state.
         let heads = self.writer.heads();
@@ -974,6 +983,21 @@ impl Publisher {
                 .map_or(head.tip.feed_id, |entry| entry.feed_id()),
         };
         Ok(Some(receipt_of(&self.origin, feed_id, &record)))
+    }
+
+    /// Whether the entries of `record` retract the own entry `seq`.
+    fn retracted_in(&self, record: &IdempotencyRecord, seq: u64) -> Result<bool, PublishError> {
+        let count =
+            usize::try_from(record.seq.saturating_sub(record.first_seq) + 1).unwrap_or(usize::MAX);
+        let entries = self
+            .store
+            .entries(&self.origin, record.first_seq, count, usize::MAX)?;
+        Ok(entries.into_iter().any(|signed| {
+            matches!(
+                Entry::decode(signed).map(|e| e.body.payload),
+                Ok(Some(Payload::Retraction(r))) if r.seq == seq
+            )
+        }))
     }
 
     /// Publishes one request as one entry, durable when this returns.
@@ -1046,9 +1070,12 @@ impl Publisher {
                 key: idempotency_key,
             }
         };
-        if let Some(receipt) = self.replay(&idempotency_key, &fingerprint, || {
-            Outline::of_request(&request)
-        })? {
+        let retracts = match &request {
+            Request::Retract { seq, .. } => Some(*seq),
+            _ => None,
+        };
+        let outline = || Outline::of_request(&request);
+        if let Some(receipt) = self.replay(&idempotency_key, &fingerprint, outline, retracts)? {
             return Ok(Submitted {
                 answer: Answer::Replayed(receipt),
                 _in_flight: in_flight,
@@ -2171,6 +2198,55 @@ mod tests {
             enforce: true,
         };
         (Request::Roster(entry), Some(end))
+    }
+
+    /// A record rebuilt from the feed knows a retraction by its reason, and
+    /// the entries it retracted: a retry naming another seq is refused.
+    /// Found by review.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rebuilt_retraction_record_answers_only_a_retry_of_its_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore =
+            Arc::new(crate::store::SledStore::open(&dir.path().join("store"), 16 << 20).unwrap());
+        let (writer, _thread) = Writer::start(store.clone()).unwrap();
+        let publisher = publisher_over(dir.path(), store.clone(), writer.clone());
+        for (k, id) in [(1, "a"), (2, "b")] {
+            publisher
+                .publish([k; 16], [k; 32], offer(id))
+                .await
+                .unwrap();
+        }
+        let retract = |seq| Request::Retract {
+            seq,
+            reason: String::new(),
+        };
+        let receipt = publisher
+            .publish([3; 16], [3; 32], retract(1))
+            .await
+            .unwrap();
+        // As a restore leaves it: the record rebuilt from the entry.
+        let signed = store.entries("roster", 3, 1, usize::MAX).unwrap().remove(0);
+        let records = Recovery::default().records(&[Entry::decode(signed).unwrap()]);
+        store
+            .commit(&crate::store::CommitBatch {
+                idempotency: records,
+                ..Default::default()
+            })
+            .unwrap();
+        let replay = |seq| {
+            let request = retract(seq);
+            publisher.replay(
+                &[3; 16],
+                &[9; 32],
+                || Outline::of_request(&request),
+                Some(seq),
+            )
+        };
+        assert_eq!(replay(1).unwrap(), Some(receipt));
+        assert!(
+            matches!(replay(2), Err(PublishError::KeyReused(_))),
+            "a retry of another seq got the receipt"
+        );
     }
 
     // One thread: the three publishes below are queued before the

@@ -711,6 +711,7 @@ impl Publish for PublishService {
                 &idempotency_key(&request.idempotency_key)?,
                 &print,
                 publish::Outline::of_roster,
+                None,
             )
             .map_err(|e| e.to_status())?;
         if let Some(done) = repeat {
