@@ -53,12 +53,27 @@ impl Node {
         else {
             return Ok(());
         };
-        let status = status(self)
-            .await?
-            .node_status(civex_proto::v1::NodeStatusRequest {})
-            .await
-            .map_err(|s| anyhow!("--expect-origin: the node's status: {}", describe(&s)))?
-            .into_inner();
+        // Connected on first use and retried, as a publish is: the node
+        // may still be starting.
+        let channel = civex_node::transport::connect_lazy(
+            &self.address,
+            &self.security,
+            None,
+            Duration::from_secs(5),
+        )
+        .with_context(|| format!("--node {:?} is not a usable address", self.address))?;
+        let client = StatusClient::new(channel);
+        let status = with_retry(Duration::from_secs(10), || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .node_status(civex_proto::v1::NodeStatusRequest {})
+                    .await
+            }
+        })
+        .await
+        .map_err(|s| anyhow!("--expect-origin: the node's status: {}", describe(&s)))?
+        .into_inner();
         if &status.origin != expected {
             bail!(
                 "--expect-origin {expected}: the node at {} is {} (without TLS, its status names \
