@@ -553,19 +553,24 @@ impl Replicator {
             s.reported_heads.clear();
         });
         // Its own feed cannot be verified here, so it is not taken: say so,
-        // or `civex peer add` looks like it worked and nothing arrives.
-        if let Some(origin) = peer
-            .origin
-            .as_deref()
-            .filter(|o| self.keys.key_for(o, &[], 0).is_none())
-        {
-            let message = format!(
-                "its own origin {origin} has no feed key here (not under [trusted_origins], not \
-                 in the federation roster): its entries are not taken; pin its key, or have the \
-                 roster add it"
-            );
-            tracing::warn!(peer = %peer.name, "{message}");
-            peer.update(|s| s.last_error = message);
+        // or `civex peer add` looks like it worked and nothing arrives;
+        // once the key is known (the roster added it), stop saying so.
+        if let Some(origin) = peer.origin.as_deref() {
+            let unknown = format!("its own origin {origin} has no feed key here");
+            if self.keys.key_for(origin, &[], 0).is_none() {
+                let message = format!(
+                    "{unknown} (not under [trusted_origins], not in the federation roster): its \
+                     entries are not taken; pin its key, or have the roster add it"
+                );
+                tracing::warn!(peer = %peer.name, "{message}");
+                peer.update(|s| s.last_error = message);
+            } else {
+                peer.update(|s| {
+                    if s.last_error.starts_with(&unknown) {
+                        s.last_error.clear();
+                    }
+                });
+            }
         }
         reached.subscribed = Some(Instant::now());
         tracing::info!(peer = %peer.name, address = %peer.address, "replicating");

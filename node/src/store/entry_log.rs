@@ -63,8 +63,7 @@ impl Locator {
 /// Copies bytes `from..to` of the log at `path` to a new file beside it,
 /// `<log>.cut-<from>` (`.1`, `.2`, ... if taken), synced; returns its path.
 fn keep_apart(log: &File, path: &Path, from: u64, to: u64) -> std::io::Result<PathBuf> {
-    let mut bytes = vec![0; (to - from) as usize];
-    log.read_exact_at(&mut bytes, from)?;
+    use std::io::{Read, Seek};
     let base = format!("{}.cut-{from}", path.display());
     let mut attempt = 0;
     loop {
@@ -74,7 +73,16 @@ fn keep_apart(log: &File, path: &Path, from: u64, to: u64) -> std::io::Result<Pa
         };
         match OpenOptions::new().write(true).create_new(true).open(&kept) {
             Ok(mut file) => {
-                std::io::Write::write_all(&mut file, &bytes)?;
+                // Copied in pieces: the tail may be large if sled lost much.
+                let mut reader = log.try_clone()?;
+                reader.seek(std::io::SeekFrom::Start(from))?;
+                let copied = std::io::copy(&mut reader.take(to - from), &mut file)?;
+                if copied != to - from {
+                    return Err(std::io::Error::other(format!(
+                        "copied {copied} of {} bytes",
+                        to - from
+                    )));
+                }
                 file.sync_all()?;
                 if let Some(dir) = path.parent() {
                     File::open(dir)?.sync_all()?;
