@@ -21,7 +21,7 @@ use civex_node::{
         write_secret_file, KeyResolver, Member,
     },
     pki::{request, Identity},
-    publish::LAST_RFC3339_SECOND,
+    publish::rfc3339,
 };
 use civex_proto::v1::{self as pb, entry_body::Payload, subscribe_response::Event};
 use clap::Subcommand;
@@ -608,11 +608,7 @@ pub(crate) fn parse_time(field: &str, text: &str) -> anyhow::Result<i64> {
 /// feed: times past year 9999 are named so, never formatted (humantime
 /// cannot), and times before 1970 read as 1970.
 fn format_unix(seconds: i64) -> String {
-    if seconds > LAST_RFC3339_SECOND {
-        return "after 9999-12-31".into();
-    }
-    let time = std::time::UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64);
-    humantime::format_rfc3339_seconds(time).to_string()
+    rfc3339(seconds.max(0)).unwrap_or_else(|| "after 9999-12-31".into())
 }
 
 fn format_micros(micros: i64) -> String {
@@ -1913,7 +1909,9 @@ pub(crate) fn verify(config_path: &Path, format: Format) -> anyhow::Result<ExitC
     let keys = node_keys(&config, config_path)?;
     let opened =
         civex_node::store::SledStore::open_existing(&config.data_dir, config.store.cache_mb << 20)?;
-    let unrecorded = opened.unrecorded_log_bytes();
+    let unrecorded = opened
+        .unrecorded_log()
+        .map(|(log, bytes)| (log.to_owned(), bytes));
     let store: civex_node::store::SharedStore = std::sync::Arc::new(opened);
     // Members' keys from the roster origin's entries held, as the node
     // learns them (the roster origin's own feed is verified with its pinned
@@ -1932,14 +1930,14 @@ pub(crate) fn verify(config_path: &Path, format: Format) -> anyhow::Result<ExitC
         civex_node::audit::audit(store.as_ref(), &keys, threads, &|done| progress.set(done))?;
     progress.finish();
     print_report(&report, started.elapsed().as_secs_f64(), format);
-    if unrecorded > 0 {
+    if let Some((log, bytes)) = unrecorded {
         // On stderr, so that --output json stays one document.
         eprintln!(
-            "warning: {}: {unrecorded} bytes past the length the store recorded: the end of a \
+            "warning: {}: {bytes} bytes past the length the store recorded: the end of a \
              commit a crash cut short (the node moves it to a file of its own at its next \
              start), or, if the node did not crash, commits the store lost (sled's db damaged); \
              their entries are not verified here",
-            config.data_dir.join("entries.log").display()
+            log.display()
         );
     }
     Ok(if report.is_clean() {
@@ -2051,6 +2049,7 @@ mod tests {
 
     #[test]
     fn any_time_a_peer_signs_can_be_shown() {
+        use civex_node::publish::LAST_RFC3339_SECOND;
         assert_eq!(format_unix(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_unix(-5), "1970-01-01T00:00:00Z");
         assert_eq!(format_unix(LAST_RFC3339_SECOND), "9999-12-31T23:59:59Z");

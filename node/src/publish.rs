@@ -508,9 +508,7 @@ impl Outline {
     /// The outline of a roster entry (what the roster origin publishes for
     /// a member, or a replaced key), whatever it holds.
     pub fn of_roster() -> [u8; 32] {
-        let mut outline = Self::default();
-        outline.add("roster", &[]);
-        outline.finish()
+        Self::of_request(&Request::Roster(Default::default()))
     }
 
     /// Adds what one entry of the publish holds.
@@ -714,6 +712,16 @@ impl Recovery {
 /// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
 pub const LAST_RFC3339_SECOND: i64 = 253_402_300_799;
 
+/// `unix` (seconds) as an RFC 3339 time in UTC; `None` outside 1970 to
+/// [`LAST_RFC3339_SECOND`].
+pub fn rfc3339(unix: i64) -> Option<String> {
+    let seconds = u64::try_from(unix)
+        .ok()
+        .filter(|_| unix <= LAST_RFC3339_SECOND)?;
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+    Some(humantime::format_rfc3339_seconds(time).to_string())
+}
+
 /// Requests signed per batch at most.
 const MAX_SEQUENCED: usize = 512;
 /// Indicator rows signed per batch at most (bounds one commit's size).
@@ -858,13 +866,7 @@ pub fn check_offer(offer: &ServiceOffer) -> Result<(), PublishError> {
     check_text("region", &offer.region, 200, false, false)?;
     check_text("contact_role", &offer.contact_role, 200, true, false)?;
     if offer.valid_from_unix >= offer.valid_until_unix {
-        let time = |unix: i64| match u64::try_from(unix) {
-            Ok(seconds) if unix <= LAST_RFC3339_SECOND => humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds),
-            )
-            .to_string(),
-            _ => format!("{unix} (Unix time)"),
-        };
+        let time = |unix: i64| rfc3339(unix).unwrap_or_else(|| format!("{unix} (Unix time)"));
         return Err(PublishError::Invalid(format!(
             "valid_until: {} is not after valid_from {}",
             time(offer.valid_until_unix),

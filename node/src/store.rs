@@ -265,8 +265,11 @@ pub trait Store: Send + Sync + 'static {
         period: &str,
     ) -> Result<(u64, u64), StoreError>;
     /// Whether an entry of `origin` has been retracted.
-    fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError>;
-    /// The seq of the entry that retracted `origin`'s entry `seq`, if any.
+    fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError> {
+        Ok(self.retracted_by(origin, seq)?.is_some())
+    }
+    /// The seq of the entry that (first) retracted `origin`'s entry `seq`,
+    /// if any.
     fn retracted_by(&self, origin: &str, seq: u64) -> Result<Option<u64>, StoreError>;
     /// The seq ranges (low, high) of `origin`'s entries whose cells claim
     /// `group_end` and belong to a publish group that can never complete:
@@ -401,11 +404,11 @@ impl SledStore {
         Self::open_as(dir, cache_bytes, None, false)
     }
 
-    /// Bytes of the entry log past the length the store recorded, left in
-    /// place by [`Self::open_existing`]: the end of a commit a crash cut
+    /// The entry log and its bytes past the length the store recorded,
+    /// left in place by [`Self::open_existing`]: the end of a commit a crash cut
     /// short (the node moves it aside at its next start), or commits
     /// that sled lost (a damaged `db`).
-    pub fn unrecorded_log_bytes(&self) -> u64 {
+    pub fn unrecorded_log(&self) -> Option<(&Path, u64)> {
         self.log.unrecorded()
     }
 
@@ -561,6 +564,17 @@ impl SledStore {
             position: u32::from_be_bytes([value[1], value[2], value[3], value[4]]),
             group_end: u64::from_be_bytes(group_end),
         })
+    }
+
+    /// Whether a value written at `key` is its first one: none is stored,
+    /// and none was written earlier in this batch (`written`, which then
+    /// takes it; sled shows a batch only once applied).
+    fn is_first(&self, key: &[u8], written: &mut HashSet<Vec<u8>>) -> Result<bool, StoreError> {
+        if written.contains(key) || self.db.get(key).map_err(sled_error(&self.path))?.is_some() {
+            return Ok(false);
+        }
+        written.insert(key.to_vec());
+        Ok(true)
     }
 
     fn corrupt(&self, message: String) -> StoreError {
@@ -1124,8 +1138,7 @@ impl Store for SledStore {
         let bulk = observation_rows >= PIECE_MIN_ROWS;
         let mut pieces: Vec<Piece> = Vec::new();
         let mut debits: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
-        // Keys whose first value stays, written earlier in this batch
-        // (sled shows the batch only once applied).
+        // Keys whose first value stays, written in this batch.
         let mut first_written: HashSet<Vec<u8>> = HashSet::new();
         for record in &commit.index {
             match record {
@@ -1185,10 +1198,7 @@ impl Store for SledStore {
                 } => {
                     let key = key_of(b'w', &[origin, offer_id], None);
                     // Withdrawal is final: the first one stays.
-                    if !first_written.contains(&key)
-                        && self.db.get(&key).map_err(sled_error(&self.path))?.is_none()
-                    {
-                        first_written.insert(key.clone());
+                    if self.is_first(&key, &mut first_written)? {
                         batch.insert(key, &seq.to_be_bytes());
                     }
                 }
@@ -1244,10 +1254,7 @@ impl Store for SledStore {
                     // The first retraction stays: the entry is retracted
                     // from it on (a feed may hold a second one).
                     let key = key_of(b'r', &[origin], Some(*retracted_seq));
-                    if !first_written.contains(&key)
-                        && self.db.get(&key).map_err(sled_error(&self.path))?.is_none()
-                    {
-                        first_written.insert(key.clone());
+                    if self.is_first(&key, &mut first_written)? {
                         batch.insert(key, &by_seq.to_be_bytes());
                     }
                 }
@@ -1279,10 +1286,7 @@ impl Store for SledStore {
         for record in &commit.conflicts {
             let key = key_of(b'k', &[&record.conflict.held.body.origin], None);
             // The first evidence of an origin stays.
-            if !first_written.contains(&key)
-                && self.db.get(&key).map_err(sled_error(&self.path))?.is_none()
-            {
-                first_written.insert(key.clone());
+            if self.is_first(&key, &mut first_written)? {
                 let (first, other) = encode_conflict(record);
                 let origin = &record.conflict.held.body.origin;
                 batch.insert(key_of(b'k', &[origin], Some(1)), other);
@@ -1446,12 +1450,6 @@ impl Store for SledStore {
         period: &str,
     ) -> Result<(u64, u64), StoreError> {
         self.spent_at(&key_of(b'b', &[origin, indicator, edition, period], None))
-    }
-
-    fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError> {
-        self.db
-            .contains_key(key_of(b'r', &[origin], Some(seq)))
-            .map_err(sled_error(&self.path))
     }
 
     fn retracted_by(&self, origin: &str, seq: u64) -> Result<Option<u64>, StoreError> {
@@ -1877,7 +1875,7 @@ pub(crate) mod tests {
         drop(log);
         // Opened to read (civex verify), the log is left as it is.
         let read = SledStore::open_existing(dir.path(), 16 << 20).unwrap();
-        assert_eq!(read.unrecorded_log_bytes(), 5000);
+        assert_eq!(read.unrecorded_log().map(|(_, bytes)| bytes), Some(5000));
         drop(read);
         assert_eq!(log_len(dir.path()), recorded + 5000);
         // The node cuts them off, and keeps them in a file of their own.

@@ -528,7 +528,7 @@ pub struct Tls {
     next_id: AtomicU64,
     /// Where the newest revocation list of each issuer is remembered
     /// across restarts ([`Tls::remember_revocations`]).
-    remembered: Mutex<Option<PathBuf>>,
+    remembered: std::sync::OnceLock<PathBuf>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -551,7 +551,7 @@ impl Tls {
             loaded: RwLock::new(Arc::new(loaded)),
             live: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
-            remembered: Mutex::new(None),
+            remembered: std::sync::OnceLock::new(),
         }))
     }
 
@@ -562,26 +562,35 @@ impl Tls {
     pub fn remember_revocations(&self, path: &Path) -> Result<(), TlsError> {
         let remembered = remembered_in(path)?;
         let current = self.current();
-        for standing in &current.crl_standings {
-            if let Some(newer) = remembered.iter().find(|newer| standing.older_than(newer)) {
+        let since = format!("this node used before (recorded in {})", path.display());
+        self.refuse_older(&current.crl_standings, &remembered, &since)?;
+        write_standings(path, &remembered, &current.crl_standings)?;
+        let _ = self.remembered.set(path.to_owned());
+        Ok(())
+    }
+
+    /// Refuses revocation lists of `loaded` older than one of `newer` of
+    /// the same issuer; `since` says where that one is.
+    fn refuse_older(
+        &self,
+        loaded: &[CrlStanding],
+        newer: &[CrlStanding],
+        since: &str,
+    ) -> Result<(), TlsError> {
+        for standing in loaded {
+            if let Some(newer) = newer.iter().find(|newer| standing.older_than(newer)) {
                 let crl = self.files.crl.as_deref().unwrap_or(&self.files.ca);
                 return Err(file_error(
                     crl,
                     format!(
-                        "holds revocation list {} of its CA, older than {} this node used \
-                         before (recorded in {}); copy the CA's newest ca.crl here",
+                        "holds revocation list {} of its CA, older than {} {since}; copy the \
+                         CA's newest ca.crl here",
                         standing.describe(),
                         newer.describe(),
-                        path.display()
                     ),
                 ));
             }
         }
-        write_standings(path, &remembered, &current.crl_standings)?;
-        *self
-            .remembered
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(path.to_owned());
         Ok(())
     }
 
@@ -609,36 +618,18 @@ impl Tls {
         }
         // An older list would take back revocations made since (a file
         // restored from a backup, a copy from the wrong folder).
-        for standing in &fresh.crl_standings {
-            if let Some(newer) = current
-                .crl_standings
-                .iter()
-                .find(|newer| standing.older_than(newer))
-            {
-                let path = self.files.crl.as_deref().unwrap_or(&self.files.ca);
-                return Err(file_error(
-                    path,
-                    format!(
-                        "holds revocation list {} of its CA, older than {} in use, which \
-                         stays in use; copy the CA's newest ca.crl here",
-                        standing.describe(),
-                        newer.describe()
-                    ),
-                ));
-            }
-        }
+        self.refuse_older(
+            &fresh.crl_standings,
+            &current.crl_standings,
+            "in use, which stays in use",
+        )?;
         if let Some(problem) = &fresh.own_problem {
             tracing::error!(error = %problem, "this node's own certificate is no longer valid; \
                 peers will refuse it (the new files apply all the same)");
         }
-        let remembered = self
-            .remembered
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        if let Some(path) = remembered {
-            let written = remembered_in(&path)
-                .and_then(|earlier| write_standings(&path, &earlier, &fresh.crl_standings));
+        if let Some(path) = self.remembered.get() {
+            let written = remembered_in(path)
+                .and_then(|earlier| write_standings(path, &earlier, &fresh.crl_standings));
             if let Err(err) = written {
                 tracing::warn!(error = %err, "the revocation list in use could not be remembered");
             }

@@ -787,9 +787,6 @@ mod tests {
         ) -> Result<(u64, u64), StoreError> {
             self.inner.privacy_spent(origin, indicator, edition, period)
         }
-        fn is_retracted(&self, origin: &str, seq: u64) -> Result<bool, StoreError> {
-            self.inner.is_retracted(origin, seq)
-        }
         fn retracted_by(&self, origin: &str, seq: u64) -> Result<Option<u64>, StoreError> {
             self.inner.retracted_by(origin, seq)
         }

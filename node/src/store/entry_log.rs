@@ -163,13 +163,7 @@ impl EntryLog {
                 });
             }
             if !writable {
-                return Ok(Self {
-                    file,
-                    path,
-                    end: Mutex::new(recorded_end),
-                    sync: Box::new(File::sync_data),
-                    unrecorded: len - recorded_end,
-                });
+                return Ok(Self::at(file, path, recorded_end, len - recorded_end));
             }
             // Appended by a commit that a crash cut short, never
             // acknowledged: kept apart all the same, in case sled lost
@@ -186,18 +180,23 @@ impl EntryLog {
                  did not crash, the store may have lost commits (sled's db damaged): the file \
                  keeps their entries, and peers send back what they hold of them");
         }
-        Ok(Self {
-            file,
-            path,
-            end: Mutex::new(recorded_end),
-            sync: Box::new(File::sync_data),
-            unrecorded: 0,
-        })
+        Ok(Self::at(file, path, recorded_end, 0))
     }
 
-    /// Bytes past the length the store recorded, when opened to read.
-    pub(super) fn unrecorded(&self) -> u64 {
-        self.unrecorded
+    fn at(file: File, path: PathBuf, end: u64, unrecorded: u64) -> Self {
+        Self {
+            file,
+            path,
+            end: Mutex::new(end),
+            sync: Box::new(File::sync_data),
+            unrecorded,
+        }
+    }
+
+    /// The log and its bytes past the recorded length, when opened to read
+    /// and there are some.
+    pub(super) fn unrecorded(&self) -> Option<(&Path, u64)> {
+        (self.unrecorded > 0).then_some((self.path.as_path(), self.unrecorded))
     }
 
     /// Replaces the sync step (tests).
