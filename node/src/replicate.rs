@@ -311,6 +311,18 @@ enum Ended {
     RosterChanged,
 }
 
+/// What a received entry, differing from the one held at its seq, shows.
+#[derive(Debug)]
+enum Judged {
+    /// Evidence against the origin: its key signed both.
+    Conflict(Box<Conflict>),
+    /// No evidence: the roster kept the held one when it replaced the
+    /// origin's lost key (`Replicator::kept_by_roster`).
+    Refused(FeedError),
+    /// No evidence: the received one is not validly signed.
+    Forged,
+}
+
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error("cannot connect: {0}")]
@@ -637,15 +649,15 @@ impl Replicator {
                                     )?;
                                     let judged = match head {
                                         Some(held) => self.judge(&held, other)?,
-                                        None => None,
+                                        None => Judged::Forged,
                                     };
-                                    if let Some(conflict) = judged {
+                                    if let Judged::Conflict(conflict) = judged {
                                         // One at a time: on an error the rest stay queued, and
                                         // the session settles them before it ends.
                                         while let Some(answer) = pending.pop_front() {
                                             self.settle(peer, index, Some(answer)).await?;
                                         }
-                                        return Err(self.quarantine(peer, conflict).await);
+                                        return Err(self.quarantine(peer, *conflict).await);
                                     }
                                 }
                                 // A later entry of a new feed id, validly
@@ -733,25 +745,34 @@ impl Replicator {
                     // The peer's entry at our head's seq, if it is validly
                     // signed, is evidence of a fork or a re-created feed.
                     let theirs = mismatch.held.clone().and_then(|e| Entry::decode(e).ok());
-                    if let Some(theirs) = theirs.filter(|t| t.body.origin == mismatch.origin) {
-                        let ours = self.held_entry(&mismatch.origin, theirs.body.seq)?;
-                        if let Some(ours) = ours {
-                            if let Some(conflict) = self.judge(&ours, &theirs)? {
-                                // One at a time: on an error the rest stay queued, and
-                                // the session settles them before it ends.
-                                while let Some(answer) = pending.pop_front() {
-                                    self.settle(peer, index, Some(answer)).await?;
-                                }
-                                return Err(self.quarantine(peer, conflict).await);
-                            }
-                        }
-                    }
-                    let message = format!(
+                    let mut message = format!(
                         "origin {} diverges: the peer holds feed {} and a different entry at our head; \
                          replication of that origin from this peer stopped",
                         mismatch.origin,
                         hex(&mismatch.feed_id)
                     );
+                    if let Some(theirs) = theirs.filter(|t| t.body.origin == mismatch.origin) {
+                        let ours = self.held_entry(&mismatch.origin, theirs.body.seq)?;
+                        if let Some(ours) = ours {
+                            match self.judge(&ours, &theirs)? {
+                                Judged::Conflict(conflict) => {
+                                    // One at a time: on an error the rest stay queued, and
+                                    // the session settles them before it ends.
+                                    while let Some(answer) = pending.pop_front() {
+                                        self.settle(peer, index, Some(answer)).await?;
+                                    }
+                                    return Err(self.quarantine(peer, *conflict).await);
+                                }
+                                Judged::Refused(fault) => {
+                                    message = format!(
+                                        "the peer holds another entry at our head: {fault}; \
+                                         replication of that origin from this peer stopped"
+                                    );
+                                }
+                                Judged::Forged => {}
+                            }
+                        }
+                    }
                     tracing::error!(peer = %peer.name, address = %peer.address, "{message}");
                     peer.update(|s| s.last_error = message);
                 }
@@ -877,11 +898,16 @@ impl Replicator {
     /// Judges a received entry against the one held, each with the key in
     /// force for it (the pinned key for another feed id). Where the roster
     /// replaced the origin's lost key, another feed's genesis is no
-    /// evidence: the only key that could sign it is the lost one.
-    fn judge(&self, held: &Entry, other: &Entry) -> Result<Option<Conflict>, SessionError> {
+    /// evidence: the only key that could sign it is the lost one; nor is
+    /// another entry at a seq of the history the roster kept, once this
+    /// node holds that history's last entry.
+    fn judge(&self, held: &Entry, other: &Entry) -> Result<Judged, SessionError> {
         let origin = &held.body.origin;
+        if let Some(fault) = self.kept_by_roster(held, other)? {
+            return Ok(Judged::Refused(fault));
+        }
         let Some(held_key) = self.key_after(origin, held.body.seq.saturating_sub(1))? else {
-            return Ok(None);
+            return Ok(Judged::Forged);
         };
         let other_key = if other.body.feed_id == held.body.feed_id {
             self.key_after(origin, other.body.seq.saturating_sub(1))?
@@ -890,7 +916,41 @@ impl Replicator {
         } else {
             None
         };
-        Ok(other_key.and_then(|key| judge_conflict((&held_key, held), (&key, other))))
+        Ok(other_key
+            .and_then(|key| judge_conflict((&held_key, held), (&key, other)))
+            .map_or(Judged::Forged, |c| Judged::Conflict(Box::new(c))))
+    }
+
+    /// The refusal of `other`, an entry of `held`'s feed at `held`'s seq,
+    /// when the roster ended that feed at or after that seq and this node
+    /// holds the last entry it kept: the held entries up to it are then
+    /// the history the roster names (each links to the one before), and a
+    /// different one can only have been signed with the lost key.
+    fn kept_by_roster(
+        &self,
+        held: &Entry,
+        other: &Entry,
+    ) -> Result<Option<FeedError>, SessionError> {
+        let origin = &held.body.origin;
+        let (feed_id, seq) = (held.feed_id(), held.body.seq);
+        if other.body.feed_id != feed_id || other.body.seq != seq {
+            return Ok(None);
+        }
+        for ended in self.keys.replacements(origin) {
+            if ended.old_feed_id != feed_id || ended.last_seq < seq {
+                continue;
+            }
+            let last = self.held_entry(origin, ended.last_seq)?;
+            if last.is_some_and(|last| ended.starts_after(&last.tip())) {
+                return Ok(Some(FeedError::Replaced {
+                    origin: origin.clone(),
+                    seq,
+                    feed_id: hex(&feed_id),
+                    last_seq: ended.last_seq,
+                }));
+            }
+        }
+        Ok(None)
     }
 
     /// The entry held at (origin, seq), if any.
@@ -933,20 +993,18 @@ impl Replicator {
                 seq,
                 received,
             }) => {
-                let conflict = match self.held_entry(&origin, seq)? {
+                let judged = match self.held_entry(&origin, seq)? {
                     Some(held) => self.judge(&held, &received)?,
-                    None => None,
+                    None => Judged::Forged,
                 };
-                match conflict {
-                    Some(conflict) => Err(self.quarantine(peer, conflict).await),
-                    None => {
-                        peer.update(|s| s.refused += 1);
-                        Err(SessionError::Refused(FeedError::BadSignature {
-                            origin,
-                            seq,
-                        }))
-                    }
+                if let Judged::Conflict(conflict) = judged {
+                    return Err(self.quarantine(peer, *conflict).await);
                 }
+                peer.update(|s| s.refused += 1);
+                Err(SessionError::Refused(match judged {
+                    Judged::Refused(fault) => fault,
+                    _ => FeedError::BadSignature { origin, seq },
+                }))
             }
             Err(err) => Err(err.into()),
         }
@@ -1378,7 +1436,10 @@ mod tests {
         };
         member(Vec::new());
         let judged = replicator.judge(&held, &other).unwrap();
-        assert_eq!(judged.map(|c| c.kind), Some(ConflictKind::Recreated));
+        assert!(
+            matches!(&judged, Judged::Conflict(c) if c.kind == ConflictKind::Recreated),
+            "{judged:?}"
+        );
         member(vec![Replacement {
             old_feed_id: held.feed_id(),
             last_seq: 1,
@@ -1387,7 +1448,59 @@ mod tests {
             new_key: key(4).verifying_key(),
         }]);
         let judged = replicator.judge(&held, &other).unwrap();
-        assert!(judged.is_none(), "{judged:?}");
+        assert!(matches!(judged, Judged::Forged), "{judged:?}");
+    }
+
+    /// Once the roster ended a feed whose key was lost, and this node holds
+    /// the last entry it kept, an entry the lost key signs at one of the
+    /// seqs kept is refused, not evidence: a thief cannot stop the origin's
+    /// replication by signing a fork of its past. Before this node holds
+    /// that last entry, it cannot tell which one the roster kept.
+    #[tokio::test]
+    async fn a_fork_of_the_history_the_roster_kept_is_refused_not_evidence() {
+        use crate::core::feed::ConflictKind;
+        let dir = tempfile::tempdir().unwrap();
+        let replicator = replicator(dir.path(), &[]);
+        let feed = chain(&key(2), "city-x", 3);
+        let mut body = feed[1].body.clone();
+        body.time_unix_micros += 1;
+        let forged = Entry::sign(&key(2), body).unwrap();
+        let member = |last: &Entry| Member {
+            key: key(2).verifying_key(),
+            replacements: vec![Replacement {
+                old_feed_id: last.feed_id(),
+                last_seq: last.body.seq,
+                last_hash: last.hash,
+                new_feed_id: [3; 16],
+                new_key: key(4).verifying_key(),
+            }],
+            removed: false,
+        };
+        replicator
+            .keys
+            .set_roster(BTreeMap::from([("city-x".to_owned(), member(&feed[2]))]));
+        replicator.writer.write(job(&feed[..2])).await.unwrap();
+        let judged = replicator.judge(&feed[1], &forged).unwrap();
+        assert!(
+            matches!(&judged, Judged::Conflict(c) if c.kind == ConflictKind::Fork),
+            "{judged:?}"
+        );
+        replicator.writer.write(job(&feed[2..])).await.unwrap();
+        let judged = replicator.judge(&feed[1], &forged).unwrap();
+        let Judged::Refused(fault) = judged else {
+            panic!("a fork of the kept history was judged {judged:?}");
+        };
+        assert!(
+            matches!(
+                fault,
+                FeedError::Replaced {
+                    seq: 2,
+                    last_seq: 3,
+                    ..
+                }
+            ),
+            "{fault}"
+        );
     }
 
     fn names(names: &[&str]) -> Vec<String> {

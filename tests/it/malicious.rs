@@ -502,6 +502,97 @@ async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
     );
 }
 
+/// Where the roster replaced a city's lost key, whoever holds that key can
+/// still sign another entry at a seq of the history the roster kept. Once
+/// the node holds that history's last entry, such an entry is refused as
+/// the roster's word says, not kept as evidence of a fork: replication of
+/// the city is not stopped, and its new feed goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_signed_with_a_lost_key_in_the_kept_history_is_refused_not_evidence() {
+    let dir = tempfile::tempdir().unwrap();
+    let consortium = Forger::new(30, "consortium");
+    let a = Forger::new(31, "city-a");
+    let a_new = Forger::new(32, "city-a");
+    let a_feed = a.chain(3);
+    let member = |replacements| {
+        Payload::Roster(pb::RosterEntry {
+            origin: "city-a".into(),
+            name: "City A".into(),
+            feed_key: a.key.verifying_key().to_bytes().to_vec(),
+            tls_identity: "civex:origin:city-a".into(),
+            removed: false,
+            replacements,
+        })
+    };
+    let added = consortium.entry_with(1, &GENESIS_PREV_HASH, member(Vec::new()), &[]);
+    let replaced = pb::FeedReplacement {
+        old_feed_id: a.feed_id.clone(),
+        last_seq: 3,
+        last_hash: a_feed[2].hash.to_vec(),
+        new_feed_id: a_new.feed_id.clone(),
+        new_feed_key: a_new.key.verifying_key().to_bytes().to_vec(),
+    };
+    let replacement = consortium.entry_with(2, &added.hash, member(vec![replaced]), &[]);
+    // The lost key's other history, at seq 3, sent as a peer holding it
+    // answers a cursor at seq 3 (a mismatch), each time.
+    let forged = a.entry(3, &a_feed[1].hash, "the thief's");
+    let mismatch = pb::SubscribeResponse {
+        event: Some(Event::Mismatch(pb::CursorMismatch {
+            origin: "city-a".into(),
+            held: Some(forged.signed.clone()),
+            feed_id: a.feed_id.clone(),
+        })),
+    };
+    let a_next = a_new.entry(4, &a_feed[2].hash, "under the new key");
+    let own_drained = pb::SubscribeResponse {
+        event: Some(Event::Drained(pb::BacklogDrained {
+            origin: "city-n".into(),
+            head_seq: 0,
+        })),
+    };
+    let signed = |entries: &[&Entry]| entries.iter().map(|e| e.signed.clone()).collect();
+    let script = Script {
+        steps: vec![
+            vec![
+                batch("consortium", signed(&[&added, &replacement])),
+                own_drained.clone(),
+            ],
+            vec![
+                batch("city-a", signed(&a_feed.iter().collect::<Vec<_>>())),
+                own_drained.clone(),
+            ],
+            vec![mismatch.clone(), own_drained.clone()],
+        ],
+        then: vec![mismatch, batch("city-a", signed(&[&a_next])), own_drained],
+        ..Script::default()
+    };
+    let (node, calls) = node_with_scripted_peer(dir.path(), script, |spec| {
+        spec.trust(
+            "consortium",
+            &public_key_hex(&consortium.key.verifying_key()),
+        )
+        .roster("consortium")
+    })
+    .await;
+    eventually("city-a's entry under the new key", || async {
+        node.head("city-a").await == (4, a_next.hash.to_vec())
+    })
+    .await;
+    assert!(calls.load(Ordering::SeqCst) > 3);
+    let status = node.status().await;
+    assert!(
+        status.conflicts.is_empty(),
+        "a fork signed with the lost key was kept as evidence: {:?}",
+        status.conflicts
+    );
+    let peer = &status.peers[0];
+    assert!(
+        peer.last_error.contains("the roster ended at seq 3"),
+        "{}",
+        peer.last_error
+    );
+}
+
 /// A peer relaying many origins: the status lists 16 of them for it (those
 /// this node lags furthest behind first) and counts the rest, through gRPC
 /// and in both forms of `civex status`.
