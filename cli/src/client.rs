@@ -26,6 +26,8 @@ pub(crate) struct Node {
     pub(crate) security: Security,
     /// The origin the node's certificate must name; any member node if unset.
     pub(crate) expected: Option<Identity>,
+    /// The idempotency key given for a publish (`--idempotency-key`).
+    pub(crate) idempotency_key: Option<Vec<u8>>,
 }
 
 impl Node {
@@ -91,7 +93,22 @@ impl Node {
         identity: Option<&std::path::Path>,
         insecure: bool,
         expect_origin: Option<&str>,
+        idempotency_key: Option<&str>,
     ) -> anyhow::Result<Self> {
+        let idempotency_key = match idempotency_key {
+            Some(text) => Some(
+                civex_node::core::ids::unhex(text)
+                    .ok()
+                    .filter(|key| key.len() == 16)
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "--idempotency-key: {text:?} is not 32 hex digits (the key a \
+                             publish whose answer was lost printed)"
+                        )
+                    })?,
+            ),
+            None => None,
+        };
         let expected = match expect_origin {
             Some(origin) => Some(
                 Identity::parse_uri(&format!("civex:origin:{origin}"))
@@ -116,7 +133,17 @@ impl Node {
             address: address.to_owned(),
             security,
             expected,
+            idempotency_key,
         })
+    }
+
+    /// The idempotency key of this invocation's publish: the one given,
+    /// or a fresh one.
+    pub(crate) fn idempotency_key(&self) -> anyhow::Result<Vec<u8>> {
+        match &self.idempotency_key {
+            Some(key) => Ok(key.clone()),
+            None => idempotency_key(),
+        }
     }
 }
 
@@ -242,37 +269,58 @@ pub(crate) fn idempotency_key() -> anyhow::Result<Vec<u8>> {
     Ok(key)
 }
 
+/// A call that failed, retries included: the last answer, and whether the
+/// node may have done it all the same ([`may_be_done`] of some attempt).
+#[derive(Debug)]
+pub(crate) struct Failed {
+    pub(crate) status: tonic::Status,
+    pub(crate) maybe_done: bool,
+}
+
 /// Runs `call` until it succeeds, fails for a reason a retry cannot fix,
 /// or `wait` has passed. Unavailable nodes (down, or not ready to publish)
-/// are retried; the request, and so its idempotency key, stays the same.
-pub(crate) async fn with_retry<T, F, Fut>(wait: Duration, mut call: F) -> Result<T, tonic::Status>
+/// and connections that broke under a call are retried; the request, and
+/// so its idempotency key, stays the same.
+pub(crate) async fn with_retry<T, F, Fut>(wait: Duration, call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    retrying(wait, call).await.map_err(|failed| failed.status)
+}
+
+/// [`with_retry`], telling whether a failed call may have been done.
+pub(crate) async fn retrying<T, F, Fut>(wait: Duration, mut call: F) -> Result<T, Failed>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
     let deadline = Instant::now() + wait;
     let mut pause = Duration::from_millis(50);
+    let mut maybe_done = false;
     loop {
-        match call().await {
-            Err(status)
-                if status.code() == Code::Unavailable
-                    && refusal_hint(status.message()).is_none()
-                    && Instant::now() + pause < deadline =>
-            {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
-            other => return other,
+        let status = match call().await {
+            Ok(answer) => return Ok(answer),
+            Err(status) => status,
+        };
+        maybe_done |= may_be_done(&status);
+        let retry = (status.code() == Code::Unavailable
+            && refusal_hint(status.message()).is_none())
+            || broke(&status);
+        if !retry || Instant::now() + pause >= deadline {
+            return Err(Failed { status, maybe_done });
         }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 
-/// Describes a failed call for a person: code and the node's message.
-pub(crate) fn describe(status: &tonic::Status) -> String {
-    // The connection broke under the call: among other causes, what a
-    // node using TLS does to plain HTTP/2 (--insecure), in one of these
-    // ways depending on timing.
-    let broken = matches!(
+/// Whether the connection broke under the call: the node went away (its
+/// answer, if it made one, is lost), or, among other causes, a node using
+/// TLS was spoken to in plain HTTP/2 (--insecure), in one of these ways
+/// depending on timing.
+fn broke(status: &tonic::Status) -> bool {
+    matches!(
         status.code(),
         Code::Unknown | Code::Cancelled | Code::Internal
     ) && [
@@ -281,8 +329,51 @@ pub(crate) fn describe(status: &tonic::Status) -> String {
         "h2 protocol error",
     ]
     .iter()
-    .any(|m| status.message().contains(m));
-    let hint = match broken {
+    .any(|m| status.message().contains(m))
+}
+
+/// Whether a call that failed so may have been done all the same: its
+/// answer was lost (the connection broke, or it ran out of time), the
+/// node found it in progress (an earlier attempt), or the node's store
+/// failed while making it durable. Any other answer is a refusal, or
+/// comes from a node never reached.
+fn may_be_done(status: &tonic::Status) -> bool {
+    let message = status.message();
+    match status.code() {
+        Code::Unavailable => {
+            message.contains("is in progress") || message.starts_with("storage failure")
+        }
+        Code::Unknown
+        | Code::Cancelled
+        | Code::Internal
+        | Code::DeadlineExceeded
+        | Code::DataLoss => true,
+        _ => false,
+    }
+}
+
+/// What to say of a publish that failed (`key` its idempotency key):
+/// nothing was published, or, when its answer was lost, that it may
+/// have been and how to find out without publishing twice.
+pub(crate) fn publish_failed(failed: &Failed, key: &[u8]) -> String {
+    match failed.maybe_done {
+        false => format!(
+            "refused, nothing was published: {}",
+            describe(&failed.status)
+        ),
+        true => format!(
+            "the node's answer was lost, so this may have been published ({}); run the same \
+             command again with --idempotency-key {}: if it was published, that shows its \
+             receipt and publishes nothing more",
+            describe(&failed.status),
+            civex_node::core::ids::hex(key)
+        ),
+    }
+}
+
+/// Describes a failed call for a person: code and the node's message.
+pub(crate) fn describe(status: &tonic::Status) -> String {
+    let hint = match broke(status) {
         true => {
             " (the connection broke; if the node uses TLS, --insecure cannot talk to it: pass \
              --identity DIR)"

@@ -397,7 +397,7 @@ pub(crate) async fn publish(
     } = command;
     let rows = read_rows(&file)?;
     let request = pb::PublishIndicatorsRequest {
-        idempotency_key: client::idempotency_key()?,
+        idempotency_key: node.idempotency_key()?,
         rows: rows.iter().map(row_message).collect(),
     };
     let publisher = client::publish(node)?;
@@ -419,29 +419,35 @@ pub(crate) async fn publish(
             Err(status) => bail!("dry run failed: {}", describe(&status)),
         };
     }
-    let result = with_retry(Duration::from_secs(wait_secs), || {
+    let result = client::retrying(Duration::from_secs(wait_secs), || {
         let (mut publisher, request) = (publisher.clone(), request.clone());
         async move { publisher.publish_indicators(request).await }
     })
     .await;
-    match result {
+    let failed = match result {
         Ok(receipt) => {
             print_receipt(format, receipt.get_ref());
-            Ok(ExitCode::SUCCESS)
+            return Ok(ExitCode::SUCCESS);
         }
-        Err(status) if status.code() == tonic::Code::InvalidArgument => {
-            bail!(
-                "{} (nothing was published)",
-                locate(&file, &rows, status.message())
-            )
-        }
-        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-            bail!("{}: {}", file.display(), status.message())
-        }
-        Err(status) if is_too_large(&status) => bail!(too_large(&file, &request, &status)),
-        Err(status) => bail!(
-            "publish failed, nothing was published: {}",
-            describe(&status)
+        Err(failed) => failed,
+    };
+    let status = &failed.status;
+    match status.code() {
+        _ if failed.maybe_done => bail!(
+            "{}: {}",
+            file.display(),
+            client::publish_failed(&failed, &request.idempotency_key)
+        ),
+        tonic::Code::InvalidArgument => bail!(
+            "{} (nothing was published)",
+            locate(&file, &rows, status.message())
+        ),
+        tonic::Code::FailedPrecondition => bail!("{}: {}", file.display(), status.message()),
+        _ if is_too_large(status) => bail!(too_large(&file, &request, status)),
+        _ => bail!(
+            "{}: {}",
+            file.display(),
+            client::publish_failed(&failed, &request.idempotency_key)
         ),
     }
 }
@@ -624,18 +630,25 @@ fn area_arg(text: &str) -> anyhow::Result<i32> {
         .map_err(|m| anyhow!("--area: {m}"))
 }
 
-async fn send_publish<F, Fut>(node: &Node, format: Format, call: F) -> anyhow::Result<ExitCode>
+/// Sends a publish (`key` its idempotency key), retrying while the node
+/// is unavailable, and prints its receipt.
+async fn send_publish<F, Fut>(
+    node: &Node,
+    format: Format,
+    key: &[u8],
+    call: F,
+) -> anyhow::Result<ExitCode>
 where
     F: Fn(civex_proto::v1::publish_client::PublishClient<tonic::transport::Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<pb::Receipt>, tonic::Status>>,
 {
     let publisher = client::publish(node)?;
-    match with_retry(Duration::from_secs(10), || call(publisher.clone())).await {
+    match client::retrying(Duration::from_secs(10), || call(publisher.clone())).await {
         Ok(receipt) => {
             print_receipt(format, receipt.get_ref());
             Ok(ExitCode::SUCCESS)
         }
-        Err(status) => bail!("refused, nothing was published: {}", describe(&status)),
+        Err(failed) => bail!(client::publish_failed(&failed, key)),
     }
 }
 
@@ -644,7 +657,7 @@ pub(crate) async fn offer(
     format: Format,
     command: OfferCommand,
 ) -> anyhow::Result<ExitCode> {
-    let idempotency_key = client::idempotency_key()?;
+    let idempotency_key = node.idempotency_key()?;
     match command {
         OfferCommand::Publish(args) => {
             let request = pb::PublishOfferRequest {
@@ -663,7 +676,7 @@ pub(crate) async fn offer(
                     contact_role: args.contact,
                 }),
             };
-            send_publish(node, format, |mut c| {
+            send_publish(node, format, &request.idempotency_key, |mut c| {
                 let request = request.clone();
                 async move { c.publish_offer(request).await }
             })
@@ -675,7 +688,7 @@ pub(crate) async fn offer(
                 offer_id: id,
                 reason,
             };
-            send_publish(node, format, |mut c| {
+            send_publish(node, format, &request.idempotency_key, |mut c| {
                 let request = request.clone();
                 async move { c.withdraw_offer(request).await }
             })
@@ -706,7 +719,7 @@ pub(crate) async fn offer(
                 kind: kind as i32,
                 message,
             };
-            send_publish(node, format, |mut c| {
+            send_publish(node, format, &request.idempotency_key, |mut c| {
                 let request = request.clone();
                 async move { c.respond_offer(request).await }
             })
@@ -722,11 +735,11 @@ pub(crate) async fn retract(
     reason: String,
 ) -> anyhow::Result<ExitCode> {
     let request = pb::RetractRequest {
-        idempotency_key: client::idempotency_key()?,
+        idempotency_key: node.idempotency_key()?,
         seq,
         reason,
     };
-    send_publish(node, format, |mut c| {
+    send_publish(node, format, &request.idempotency_key, |mut c| {
         let request = request.clone();
         async move { c.retract(request).await }
     })
@@ -798,7 +811,7 @@ pub(crate) async fn roster(
             last_seq,
         } => {
             let request = pb::ReplaceFeedKeyRequest {
-                idempotency_key: client::idempotency_key()?,
+                idempotency_key: node.idempotency_key()?,
                 origin,
                 new_feed_key: parse_public_key(&key)
                     .map_err(|m| anyhow!("--key: {m}"))?
@@ -809,7 +822,7 @@ pub(crate) async fn roster(
             if request.last_seq == 0 && last_seq.is_some() {
                 bail!("--last-seq: entries start at seq 1");
             }
-            return send_publish(node, format, |mut c| {
+            return send_publish(node, format, &request.idempotency_key, |mut c| {
                 let request = request.clone();
                 async move { c.replace_feed_key(request).await }
             })
@@ -817,10 +830,10 @@ pub(crate) async fn roster(
         }
     };
     let request = pb::PublishRosterRequest {
-        idempotency_key: client::idempotency_key()?,
+        idempotency_key: node.idempotency_key()?,
         entry: Some(entry),
     };
-    send_publish(node, format, |mut c| {
+    send_publish(node, format, &request.idempotency_key, |mut c| {
         let request = request.clone();
         async move { c.publish_roster(request).await }
     })
@@ -893,9 +906,9 @@ pub(crate) fn replace_lost_key(
 /// it with an entry signed by the current key.
 pub(crate) async fn rotate_key(node: &Node, format: Format) -> anyhow::Result<ExitCode> {
     let request = pb::RotateKeyRequest {
-        idempotency_key: client::idempotency_key()?,
+        idempotency_key: node.idempotency_key()?,
     };
-    let code = send_publish(node, format, |mut c| {
+    let code = send_publish(node, format, &request.idempotency_key, |mut c| {
         let request = request.clone();
         async move { c.rotate_key(request).await }
     })

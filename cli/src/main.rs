@@ -49,6 +49,12 @@ struct Cli {
     /// otherwise any member node of the federation is accepted at --node.
     #[arg(long, global = true, env = "CIVEX_EXPECT_ORIGIN")]
     expect_origin: Option<String>,
+    /// For a command that publishes: its idempotency key (32 hex digits),
+    /// as a publish whose answer was lost printed it. The node then shows
+    /// that publish's receipt if it was made, and makes it if not; a
+    /// different request with it is refused. Without it, a fresh key.
+    #[arg(long, global = true, value_name = "HEX")]
+    idempotency_key: Option<String>,
     /// Output: a table for people, or JSON for scripts.
     #[arg(long, global = true, value_enum, default_value = "table")]
     output: Format,
@@ -228,6 +234,7 @@ async fn run() -> ExitCode {
         identity,
         insecure,
         expect_origin,
+        idempotency_key,
         output,
         command,
     } = Cli::parse();
@@ -266,6 +273,7 @@ async fn run() -> ExitCode {
             identity.as_deref(),
             insecure,
             expect_origin.as_deref(),
+            idempotency_key.as_deref(),
         ) {
             Ok(node) => talk_to(&node, output, talk).await,
             Err(err) => Err(err),
@@ -291,6 +299,19 @@ async fn talk_to(
     command: Command,
 ) -> anyhow::Result<ExitCode> {
     node.check_insecure_origin().await?;
+    let publishes = matches!(
+        command,
+        Command::Publish(_)
+            | Command::Offer(_)
+            | Command::Retract { .. }
+            | Command::Key(KeyCommand::Rotate)
+            | Command::Roster(_)
+    );
+    if node.idempotency_key.is_some() && !publishes {
+        anyhow::bail!(
+            "--idempotency-key: only for a command that publishes (this one publishes nothing)"
+        );
+    }
     match command {
         Command::Publish(command) => {
             node.require_expected(

@@ -81,6 +81,7 @@ impl Federation {
             address: address.to_owned(),
             security: self.operator.clone(),
             expected: None,
+            idempotency_key: None,
         }
     }
 }

@@ -1,8 +1,10 @@
 //! Every `civex` subcommand, run as the built binary against real nodes.
 
-use std::os::unix::fs::PermissionsExt;
+use std::{os::unix::fs::PermissionsExt, time::Duration};
 
-use crate::support::{civex_async, eventually, publish_row, stderr, stdout, Pair, Spec, TestNode};
+use crate::support::{
+    civex_async, eventually, publish_row, stderr, stdout, Faults, Pair, Proxy, Spec, TestNode,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_makes_a_private_key_and_a_valid_config_and_never_overwrites() {
@@ -788,4 +790,126 @@ async fn a_refused_connection_is_told_apart_from_a_node_that_is_down() {
         text.contains("if the node uses TLS, --insecure cannot talk to it"),
         "{text}"
     );
+}
+
+/// A publish whose answer is lost (its connection cut once the node has
+/// made it, the node then out of reach) says it may have been published
+/// and names its idempotency key; run again with that key, it shows the
+/// original receipt and publishes nothing more. The key given with another
+/// request, or to a command that publishes nothing, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_whose_answer_was_lost_is_learned_again_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(&dir.path().join("node"), Spec::new("city-a")).await;
+    node.wait_ready().await;
+    let proxy = Proxy::start(&node.address).await;
+    // Replies crawl, so the cut falls between the node's commit and its
+    // answer reaching the CLI.
+    proxy.set_faults(Faults {
+        reply_delay: Duration::from_secs(2),
+        ..Faults::default()
+    });
+    let file = |name: &str, value: f64| {
+        let path = dir.path().join(name);
+        let rows =
+            format!("indicator,ref_area,period,value,contributors\njobs,city-a,2025,{value},100\n");
+        std::fs::write(&path, rows).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (rows, other_rows) = (file("rows.csv", 7.5), file("other.csv", 8.5));
+    let identity = node.operator_dir().to_str().unwrap().to_owned();
+    let through_proxy = {
+        let (address, identity, rows) = (proxy.address.clone(), identity.clone(), rows.clone());
+        tokio::spawn(async move {
+            civex_async(&[
+                "--node",
+                &address,
+                "--identity",
+                &identity,
+                "--expect-origin",
+                "city-a",
+                "publish",
+                "indicators",
+                &rows,
+                "--wait-secs",
+                "2",
+            ])
+            .await
+        })
+    };
+    eventually("the node to make the publish", || async {
+        node.head("city-a").await.0 == 1
+    })
+    .await;
+    // Out of reach from now on: connections through the proxy are closed
+    // as soon as they open.
+    let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    proxy.set_target(&closing.local_addr().unwrap().to_string());
+    tokio::spawn(async move {
+        while let Ok((connection, _)) = closing.accept().await {
+            drop(connection);
+        }
+    });
+    proxy.cut();
+    let out = through_proxy.await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let message = stderr(&out);
+    assert!(message.contains("may have been published"), "{message}");
+    let key = message
+        .split("--idempotency-key ")
+        .nth(1)
+        .and_then(|rest| rest.get(..32))
+        .unwrap_or_else(|| panic!("no key named: {message}"))
+        .to_owned();
+    assert!(key.bytes().all(|b| b.is_ascii_hexdigit()), "{message}");
+
+    let head = node.head("city-a").await;
+    let out = node
+        .cli(&[
+            "--output",
+            "json",
+            "--idempotency-key",
+            &key,
+            "publish",
+            "indicators",
+            &rows,
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let receipt: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(receipt["seq"], 1);
+    assert_eq!(receipt["entry_hash"], civex_node::core::ids::hex(&head.1));
+    assert_eq!(node.head("city-a").await, head, "published twice");
+
+    let out = node
+        .cli(&[
+            "--idempotency-key",
+            &key,
+            "publish",
+            "indicators",
+            &other_rows,
+        ])
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("already used for a different request"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(node.head("city-a").await, head);
+    for (args, expected) in [
+        (
+            vec!["--idempotency-key", "abc", "publish", "indicators", &rows],
+            "--idempotency-key: \"abc\" is not 32 hex digits",
+        ),
+        (
+            vec!["--idempotency-key", &key, "status"],
+            "--idempotency-key: only for a command that publishes",
+        ),
+    ] {
+        let out = node.cli(&args).await;
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr(&out).contains(expected), "{}", stderr(&out));
+    }
+    assert_eq!(node.head("city-a").await, head);
 }

@@ -60,15 +60,15 @@ async fn delays_stalls_and_cuts_lose_and_duplicate_nothing() {
     // Delayed: every chunk both ways waits 5 ms.
     proxy_a.set_faults(Faults {
         delay: Duration::from_millis(5),
-        stalled: false,
+        ..Faults::default()
     });
     publish_many(&a, "delayed-", 20).await;
     eventually("B to follow A through a slow link", || caught_up(20)).await;
 
     // Stalled: nothing moves while A publishes; then it flows again.
     proxy_a.set_faults(Faults {
-        delay: Duration::ZERO,
         stalled: true,
+        ..Faults::default()
     });
     publish_many(&a, "stalled-", 20).await;
     proxy_a.set_faults(Faults::default());

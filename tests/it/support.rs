@@ -702,13 +702,17 @@ pub struct Faults {
     pub delay: Duration,
     /// Nothing is forwarded while set; connections stay open.
     pub stalled: bool,
+    /// Added before each chunk from the target to the dialler, after
+    /// `delay`.
+    pub reply_delay: Duration,
 }
 
-/// Copies one direction, obeying the faults.
+/// Copies one direction (`reply`: from the target), obeying the faults.
 async fn carry(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut faults: tokio::sync::watch::Receiver<Faults>,
+    reply: bool,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buffer = vec![0u8; 64 * 1024];
@@ -720,7 +724,12 @@ async fn carry(
         if faults.wait_for(|f| !f.stalled).await.is_err() {
             break;
         }
-        let delay = faults.borrow().delay;
+        let delay = match *faults.borrow() {
+            Faults {
+                delay, reply_delay, ..
+            } if reply => delay + reply_delay,
+            Faults { delay, .. } => delay,
+        };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -749,8 +758,8 @@ impl Proxy {
                         let (in_read, in_write) = inbound.into_split();
                         let (out_read, out_write) = outbound.into_split();
                         tokio::join!(
-                            carry(in_read, out_write, watching.clone()),
-                            carry(out_read, in_write, watching),
+                            carry(in_read, out_write, watching.clone(), false),
+                            carry(out_read, in_write, watching, true),
                         );
                     }
                 });
