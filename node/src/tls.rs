@@ -255,6 +255,15 @@ impl Loaded {
         if cas.is_empty() {
             return Err(file_error(&files.ca, "holds no certificate"));
         }
+        // The subjects of the CAs, as their lists name them as issuer.
+        let ca_names = cas
+            .iter()
+            .map(|ca| {
+                x509_parser::parse_x509_certificate(ca)
+                    .map(|(_, ca)| ca.subject().as_raw().to_vec())
+                    .map_err(|err| file_error(&files.ca, format!("does not parse: {err}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         for ca in cas {
             roots
                 .add(ca)
@@ -283,6 +292,14 @@ impl Loaded {
                 let ders = CertificateRevocationListDer::pem_slice_iter(&bytes)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|err| file_error(path, format!("not a PEM revocation list: {err}")))?;
+                // An empty or cut copy would take every revocation back.
+                if ders.is_empty() {
+                    return Err(file_error(
+                        path,
+                        "holds no revocation list (no PEM \"X509 CRL\" block); copy the CA's \
+                         newest ca.crl here",
+                    ));
+                }
                 let parsed = ders
                     .iter()
                     .map(|der| {
@@ -298,6 +315,18 @@ impl Loaded {
                             .map_err(|err| file_error(path, format!("does not parse: {err}")))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                // Another CA's list in its place (a copy from the wrong
+                // folder) would take every revocation back too.
+                if !standings.iter().any(|s: &CrlStanding| ca_names.contains(&s.issuer)) {
+                    return Err(file_error(
+                        path,
+                        format!(
+                            "holds no revocation list of the CA in {}; copy that CA's newest \
+                             ca.crl here",
+                            files.ca.display()
+                        ),
+                    ));
+                }
                 (ders, parsed, standings)
             }
             _ => (Vec::new(), Vec::new(), Vec::new()),
@@ -577,9 +606,9 @@ impl Tls {
         newer: &[CrlStanding],
         since: &str,
     ) -> Result<(), TlsError> {
+        let crl = self.files.crl.as_deref().unwrap_or(&self.files.ca);
         for standing in loaded {
             if let Some(newer) = newer.iter().find(|newer| standing.older_than(newer)) {
-                let crl = self.files.crl.as_deref().unwrap_or(&self.files.ca);
                 return Err(file_error(
                     crl,
                     format!(

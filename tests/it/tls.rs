@@ -246,6 +246,27 @@ async fn refused_certificates_are_logged_with_the_peer_and_the_reason() {
         .filter(|l| l.contains("older than number"))
         .count();
     assert_eq!(lines, 1, "{}", node.log_text());
+    // Nor does an empty file (a cut copy, a full disk) or another CA's
+    // list in its place: either would take every revocation back.
+    let (other_ca, _) = civex_node::pki::Authority::create("Other federation", 1).unwrap();
+    let other_crl = other_ca.revocation_list(&[], 1, 1).unwrap();
+    for (contents, says) in [
+        (Vec::new(), "ca.crl: holds no revocation list (no PEM"),
+        (other_crl.into_bytes(), "ca.crl: holds no revocation list of the CA in"),
+    ] {
+        std::fs::write(crl.with_extension("tmp"), contents).unwrap();
+        std::fs::rename(crl.with_extension("tmp"), &crl).unwrap();
+        eventually(&format!("the node to refuse: {says}"), || async {
+            node.log_text().lines().any(|l| l.contains(says))
+        })
+        .await;
+        assert!(
+            !present(&node.address, &revoked).await.1,
+            "{says}: the revocation was taken back"
+        );
+    }
+    std::fs::write(crl.with_extension("tmp"), &older).unwrap();
+    std::fs::rename(crl.with_extension("tmp"), &crl).unwrap();
     // The log went to a file: plain lines, no terminal colour codes.
     let log = node.log_text();
     assert!(
