@@ -488,6 +488,14 @@ impl Replicator {
         // (yet): skipped until the session reconnects, which a roster
         // change makes it do, while the other origins go on.
         let mut waiting: HashSet<String> = HashSet::new();
+        // Origins whose entries were refused in this session: skipped from
+        // then on, while the others go on (a peer serves origins in its own
+        // order, so ending the session at once would starve those after
+        // the bad one for good); once every origin's backlog has been
+        // drained, the session ends with the first refusal and is retried
+        // with backoff.
+        let mut set_aside: HashSet<String> = HashSet::new();
+        let mut first_refusal: Option<SessionError> = None;
         // Idempotency records of the own feed's entries learned back, whose
         // publishes may come in several messages, or began in an earlier
         // session (read back from the store).
@@ -537,7 +545,11 @@ impl Replicator {
                 .map(<[Cursor]>::to_vec)
                 .collect()
         };
+        // Origins whose backlog marker has not come yet (see `set_aside`).
+        let mut undrained: HashSet<String> = HashSet::new();
         for (i, cursors) in chunks.into_iter().enumerate() {
+            let origins = cursors.iter().map(|c| c.origin.clone());
+            let origins: Vec<String> = origins.collect();
             let subscribed = client
                 .subscribe(SubscribeRequest {
                     cursors,
@@ -555,6 +567,7 @@ impl Replicator {
                 }
                 Err(status) => return Err(status.into()),
             };
+            undrained.extend(origins);
             // Each ends with `None`, so the end of any one ends the session.
             streams.insert(i, stream.map(Some).chain(tokio_stream::once(None)));
         }
@@ -595,6 +608,9 @@ impl Replicator {
         let mut reporting = true;
         let mut ended = Ended::ByPeer;
         loop {
+            if first_refusal.is_some() && undrained.is_empty() {
+                break;
+            }
             let message = tokio::select! {
                 next = streams.next() => next.and_then(|(_, message)| message).transpose()?,
                 () = &mut reported, if reporting => {
@@ -611,7 +627,10 @@ impl Replicator {
             match message.event {
                 Some(Event::Entries(batch)) => {
                     let origin = batch.origin;
-                    if self.is_quarantined(&origin) || waiting.contains(&origin) {
+                    if self.is_quarantined(&origin)
+                        || waiting.contains(&origin)
+                        || set_aside.contains(&origin)
+                    {
                         continue;
                     }
                     let key = *keys.get(&origin).ok_or_else(|| {
@@ -716,11 +735,17 @@ impl Replicator {
                             .map_err(|e| SessionError::Write(e.into()))?;
                     }
                     if let Some(err) = refused {
-                        // Keep what verified before the bad entry, then drop the stream.
+                        // Keep what verified before the bad entry; the rest
+                        // of this origin waits for the next session.
                         while let Some(answer) = pending.pop_front() {
                             self.settle(peer, index, Some(answer)).await?;
                         }
-                        return Err(err.into());
+                        let err = SessionError::from(err);
+                        tracing::warn!(peer = %peer.name, address = %peer.address, error = %err,
+                            "entries refused; the origin is set aside until the session is retried");
+                        peer.update(|s| s.last_error = err.to_string());
+                        set_aside.insert(origin);
+                        first_refusal.get_or_insert(err);
                     }
                 }
                 Some(Event::Drained(drained)) => {
@@ -730,9 +755,12 @@ impl Replicator {
                     while let Some(answer) = pending.pop_front() {
                         self.settle(peer, index, Some(answer)).await?;
                     }
+                    undrained.remove(&drained.origin);
                     // The entries of a quarantined origin were skipped, not
                     // refused: the marker says nothing of this peer then.
-                    if self.is_quarantined(&drained.origin) {
+                    // Nor does it for an origin set aside: its backlog was
+                    // not taken.
+                    if self.is_quarantined(&drained.origin) || set_aside.contains(&drained.origin) {
                         continue;
                     }
                     reached.served |= drained.origin == self.own_origin;
@@ -742,6 +770,8 @@ impl Replicator {
                     self.marker(peer, index, &drained.origin, drained.head_seq, show);
                 }
                 Some(Event::Mismatch(mismatch)) => {
+                    // The peer stops serving that origin: no marker follows.
+                    undrained.remove(&mismatch.origin);
                     // The peer's entry at our head's seq, if it is validly
                     // signed, is evidence of a fork or a re-created feed.
                     let theirs = mismatch.held.clone().and_then(|e| Entry::decode(e).ok());
@@ -777,6 +807,7 @@ impl Replicator {
                     peer.update(|s| s.last_error = message);
                 }
                 Some(Event::NotServed(not_served)) => {
+                    undrained.remove(&not_served.origin);
                     // The peer's read policy leaves the origin out (never
                     // this node's own): the others go on.
                     tracing::debug!(peer = %peer.name, origin = %not_served.origin,
@@ -788,7 +819,10 @@ impl Replicator {
         while let Some(commit) = pending.pop_front() {
             self.settle(peer, index, Some(commit)).await?;
         }
-        Ok(ended)
+        match first_refusal {
+            Some(err) => Err(err),
+            None => Ok(ended),
+        }
     }
 
     /// Takes the peer's backlog marker of `origin`, naming its head

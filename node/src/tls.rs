@@ -317,7 +317,10 @@ impl Loaded {
                     .collect::<Result<Vec<_>, _>>()?;
                 // Another CA's list in its place (a copy from the wrong
                 // folder) would take every revocation back too.
-                if !standings.iter().any(|s: &CrlStanding| ca_names.contains(&s.issuer)) {
+                if !standings
+                    .iter()
+                    .any(|s: &CrlStanding| ca_names.contains(&s.issuer))
+                {
                     return Err(file_error(
                         path,
                         format!(

@@ -593,6 +593,80 @@ async fn a_fork_signed_with_a_lost_key_in_the_kept_history_is_refused_not_eviden
     );
 }
 
+/// A city's key holder can make a range that only its last entry's
+/// signature covers; a hub that took it whole serves it on in pieces, and
+/// a node refuses the first piece. That city waits, but the origins the
+/// hub serves after it still arrive: a refusal sets its origin aside for
+/// the session instead of ending it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_refused_from_a_relay_stop_their_origin_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Forger::new(1, "city-a");
+    let wrong = Forger {
+        key: SigningKey::from_bytes(&[9; 32]),
+        ..Forger::new(1, "city-a")
+    };
+    // More entries than a hub serves in one message (1,024).
+    let total = 1_100;
+    let mut feed: Vec<Entry> = Vec::new();
+    for seq in 1..=total {
+        let prev = feed
+            .last()
+            .map_or(GENESIS_PREV_HASH.to_vec(), |e| e.hash.to_vec());
+        let by = if seq == total { &a } else { &wrong };
+        feed.push(by.entry(seq, &prev, "covered"));
+    }
+    let hub_drained = pb::SubscribeResponse {
+        event: Some(Event::Drained(pb::BacklogDrained {
+            origin: "city-h".into(),
+            head_seq: 0,
+        })),
+    };
+    let signed = feed.iter().map(|e| e.signed.clone()).collect();
+    let (m_address, _) = serve_script(
+        &dir.path().join("m"),
+        vec![vec![batch("city-a", signed), hub_drained]],
+    )
+    .await;
+    let n_key = crate::support::make_key(&dir.path().join("n"));
+    let a_key = public_key_hex(&a.key.verifying_key());
+    let hub = TestNode::start(
+        &dir.path().join("h"),
+        Spec::new("city-h")
+            .peer("city-m", &m_address)
+            .trust("city-a", &a_key)
+            .trust("city-n", &n_key)
+            .allow_without_peers(),
+    )
+    .await;
+    eventually("the hub to hold city-a's range", || async {
+        hub.head("city-a").await.0 == total
+    })
+    .await;
+    hub.wait_ready().await;
+    crate::support::publish_row(&hub, "k0", 1.0).await;
+    let n = TestNode::start(
+        &dir.path().join("n"),
+        Spec::new("city-n")
+            .peer("city-h", &hub.address)
+            .trust("city-a", &a_key)
+            .trust("city-h", &hub.public_key),
+    )
+    .await;
+    eventually(
+        "city-n to take the hub's own entry and open publishing",
+        || async { n.head("city-h").await.0 == 1 && n.status().await.publish_ready },
+    )
+    .await;
+    assert_eq!(n.head("city-a").await.0, 0, "a refused entry was stored");
+    let status = n.status().await;
+    let peer = status.peers.iter().find(|p| p.name == "city-h").unwrap();
+    assert!(
+        peer.last_error.contains("city-a") && peer.refused > 0,
+        "{peer:?}"
+    );
+}
+
 /// A peer relaying many origins: the status lists 16 of them for it (those
 /// this node lags furthest behind first) and counts the rest, through gRPC
 /// and in both forms of `civex status`.

@@ -252,7 +252,10 @@ async fn refused_certificates_are_logged_with_the_peer_and_the_reason() {
     let other_crl = other_ca.revocation_list(&[], 1, 1).unwrap();
     for (contents, says) in [
         (Vec::new(), "ca.crl: holds no revocation list (no PEM"),
-        (other_crl.into_bytes(), "ca.crl: holds no revocation list of the CA in"),
+        (
+            other_crl.into_bytes(),
+            "ca.crl: holds no revocation list of the CA in",
+        ),
     ] {
         std::fs::write(crl.with_extension("tmp"), contents).unwrap();
         std::fs::rename(crl.with_extension("tmp"), &crl).unwrap();
