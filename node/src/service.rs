@@ -1335,21 +1335,6 @@ impl Feed for FeedService {
             tracing::warn!(%peer, address = ?address, reason = %refused.message(), "subscription refused");
         })?;
         let request = request.into_inner();
-        // Origins the policy leaves out are answered `OriginNotServed` and
-        // the others served; only a subscription to nothing it may read is
-        // refused (a node always names its own origin and those it pins).
-        if let Some(policy) = &readable {
-            let unreadable = |c: &pb::Cursor| !policy.may_read(&c.origin);
-            if !request.all_origins && request.cursors.iter().all(unreadable) {
-                if let Some(cursor) = request.cursors.first() {
-                    return Err(Status::permission_denied(format!(
-                        "{peer} may not read origin {} from this node ({})",
-                        quote(&cursor.origin),
-                        policy.read_policy()
-                    )));
-                }
-            }
-        }
         if request.cursors.len() > MAX_CURSORS {
             return Err(invalid(format!(
                 "cursors: {} cursors, at most {MAX_CURSORS} per subscription",
@@ -1369,6 +1354,21 @@ impl Feed for FeedService {
                 return Err(invalid(format!(
                     "cursors[{i}]: a cursor past seq 0 needs a 16-byte feed_id and a 32-byte entry_hash"
                 )));
+            }
+        }
+        // Origins the policy leaves out are answered `OriginNotServed` and
+        // the others served; only a subscription to nothing it may read is
+        // refused (a node always names its own origin and those it pins).
+        if let Some(policy) = &readable {
+            let unreadable = |c: &pb::Cursor| !policy.may_read(&c.origin);
+            if !request.all_origins && request.cursors.iter().all(unreadable) {
+                if let Some(cursor) = request.cursors.first() {
+                    return Err(Status::permission_denied(format!(
+                        "{peer} may not read origin {} from this node ({})",
+                        quote(&cursor.origin),
+                        policy.read_policy()
+                    )));
+                }
             }
         }
         if request.cursors.is_empty() && !request.all_origins {
@@ -1437,7 +1437,10 @@ impl Feed for FeedService {
         // it is synced, and a head a crash may lose must not be named.
         let heads = self.writer.heads();
         let from = after.map_or(Bound::Unbounded, |after| Bound::Excluded(after.to_owned()));
-        let limit = (request.page_size as usize).clamp(1, MAX_CURSORS);
+        let limit = match request.page_size {
+            0 => MAX_CURSORS,
+            size => (size as usize).min(MAX_CURSORS),
+        };
         let mut page: Vec<(&String, &Head)> = heads
             .range((from, Bound::Unbounded))
             .filter(|(origin, _)| readable.as_ref().is_none_or(|p| p.may_read(origin)))

@@ -7,7 +7,7 @@ use civex_node::{
 use civex_proto::v1::{self as pb, subscribe_response::Event};
 use tonic::Streaming;
 
-use crate::support::{make_key, publish_row, Spec, TestNode};
+use crate::support::{eventually, make_key, publish_row, Pair, Spec, TestNode};
 
 /// Reads the next event, failing after the deadline.
 async fn next_event(stream: &mut Streaming<pb::SubscribeResponse>) -> Event {
@@ -241,4 +241,31 @@ async fn subscribe_to_all_picks_up_origins_that_appear_later() {
             break;
         }
     }
+}
+
+/// `Heads` with page_size 0 answers every head at once while they fit one
+/// page (the refusal is for more than 4,096, tested with the backups).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_with_page_size_zero_answers_every_head_that_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::start(dir.path()).await;
+    pair.a.wait_ready().await;
+    pair.b.wait_ready().await;
+    publish_row(&pair.a, "x", 1.0).await;
+    publish_row(&pair.b, "x", 2.0).await;
+    eventually("A to hold city-b's entry", || async {
+        pair.a.head("city-b").await.0 == 1
+    })
+    .await;
+    let page = pair
+        .a
+        .feed()
+        .await
+        .heads(pb::HeadsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let origins: Vec<_> = page.heads.iter().map(|h| h.origin.as_str()).collect();
+    assert_eq!(origins, ["city-a", "city-b"]);
+    assert!(page.next_page_token.is_empty());
 }

@@ -281,6 +281,22 @@ async fn a_peer_policy_limits_what_the_peer_may_read() {
         "{}",
         refused.message()
     );
+    // A malformed cursor is named as such, even from a peer that may read
+    // none of what it names.
+    let malformed = as_b()
+        .await
+        .subscribe(pb::SubscribeRequest {
+            cursors: vec![cursor("Not An Origin!")],
+            all_origins: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(malformed.code(), tonic::Code::InvalidArgument);
+    assert!(
+        malformed.message().starts_with("cursors[0].origin:"),
+        "{}",
+        malformed.message()
+    );
     // Nor does A's Heads tell B what A holds of city-a.
     let heads_for_b = || async {
         let heads = as_b()
