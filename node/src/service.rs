@@ -318,6 +318,8 @@ pub struct PublishService {
     stream_bytes: u32,
     /// Those bytes not held now.
     stream_budget: Arc<tokio::sync::Semaphore>,
+    /// Message size limit (`limits.max_message_bytes`).
+    max_message_bytes: usize,
 }
 
 impl PublishService {
@@ -558,7 +560,20 @@ impl Publish for PublishService {
             .await
             .map_err(|err| Status::internal(format!("preview task failed: {err}")))?
             .map_err(|err| err.to_status())?;
-        Ok(Response::new(preview(prepared)))
+        // A preview cell is larger than its row: a file near the message
+        // limit may publish (as a group) but not preview in one answer.
+        let answer = preview(prepared);
+        let size = prost::Message::encoded_len(&answer);
+        if size > self.max_message_bytes {
+            return Err(Status::out_of_range(format!(
+                "rows: the preview of these {} cells takes {size} bytes, above \
+                 limits.max_message_bytes ({}): preview the file in parts (publishing it whole \
+                 is not limited so)",
+                answer.cells.len(),
+                self.max_message_bytes
+            )));
+        }
+        Ok(Response::new(answer))
     }
 
     async fn publish_offer(
@@ -1872,6 +1887,7 @@ pub async fn router(
         stream_budget: Arc::new(tokio::sync::Semaphore::new(
             services.publish_stream_bytes as usize,
         )),
+        max_message_bytes: max,
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

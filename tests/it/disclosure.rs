@@ -505,3 +505,35 @@ async fn the_privacy_budget_holds_under_concurrent_publishes_and_a_crash() {
         .await
         .unwrap();
 }
+
+/// A file near the message limit may be published (as a group), but its
+/// preview, larger than the file, does not fit one answer: the dry run
+/// says so, naming the setting, instead of failing to encode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_too_large_for_one_answer_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(&dir.path().join("node"), Spec::new("city-a")).await;
+    node.wait_ready().await;
+    let rows = (0..80_000)
+        .map(|i| pb::IndicatorRow {
+            breakdown: format!("item=i{i}"),
+            ..row("jobs", "city-a", "2025", 1.0, 1)
+        })
+        .collect();
+    let refused = node
+        .publisher()
+        .await
+        .preview_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert!(
+        refused.message().starts_with("rows: the preview of these")
+            && refused.message().contains("limits.max_message_bytes"),
+        "{}",
+        refused.message()
+    );
+}
