@@ -1291,8 +1291,12 @@ fn protect_table(
         }
     }
     // Cells published earlier are known to an attacker: where one is
-    // suppressed now but its earlier value still holds, audit the table
-    // with that knowledge.
+    // suppressed now but its earlier value still holds, or published now
+    // less precisely (rounded, noised) than then, audit the table with
+    // that knowledge, whatever its shape (without totals too: an earlier
+    // value alone can reveal a cell suppressed now).
+    let published_loosely =
+        resolved.settings.rounding.is_some() || resolved.settings.noise.is_some();
     let known: Vec<Option<(f64, f64)>> = rows
         .cells
         .iter()
@@ -1301,7 +1305,7 @@ fn protect_table(
             let value = cell.row.value;
             // Every earlier interval that still holds the value narrows it.
             earlier_of(cell)
-                .filter(|_| status.is_suppressed())
+                .filter(|_| status.is_suppressed() || published_loosely)
                 .and_then(|e| {
                     e.known
                         .iter()
@@ -1311,7 +1315,7 @@ fn protect_table(
                 })
         })
         .collect();
-    if known.iter().any(Option::is_some) && !table.constraints().is_empty() {
+    if known.iter().any(Option::is_some) {
         let report = sdc::engine::audit_knowing(&table, &resolved.settings, &statuses, &known)
             .map_err(engine_failure)?;
         if let Some(&cell) = report.failures.first() {
@@ -2260,5 +2264,105 @@ mod tests {
         assert_eq!(err.line, 2);
         assert!(!err.to_string().contains("at line"), "{err}");
         assert!(err.to_string().ends_with("(at character 15)"), "{err}");
+    }
+
+    /// The feed an attacker holds after `prepared` was published: each
+    /// cell's published interval (exact, or rounded to `base`).
+    fn feed_after(prepared: &PreparedBatch, base: Option<f64>) -> Feed {
+        let earlier = prepared
+            .batch
+            .observations
+            .iter()
+            .map(|o| EarlierCell {
+                ref_area: o.ref_area.clone(),
+                breakdown: o.breakdown.clone(),
+                suppressed: o.value.is_none(),
+                known: o
+                    .value
+                    .map(|v| match base {
+                        Some(b) => crate::core::sdc::rounding::rounding_interval(v, b, true),
+                        None => (v, v),
+                    })
+                    .into_iter()
+                    .collect(),
+            })
+            .collect();
+        Feed { earlier, spent: 0 }
+    }
+
+    /// Values published exactly once, and rounded in a revision, are still
+    /// known exactly: the audit of the revision uses them, so a corrected
+    /// cell is not narrowed within its protection. (Found by review.)
+    #[test]
+    fn an_earlier_exact_value_of_a_cell_published_rounded_now_counts() {
+        let mut setup = Setup::new();
+        let v1 = setup
+            .prepare(&[
+                row("jobs", "city-a", "2025", 30.0, 30),
+                row("jobs", "city-a/north", "2025", 10.0, 10),
+                row("jobs", "city-a/south", "2025", 10.0, 10),
+                row("jobs", "city-a/east", "2025", 10.0, 10),
+            ])
+            .unwrap();
+        assert!(v1.refusal.is_none());
+        let mut feed = feed_after(&v1, None);
+        setup.policy.overrides.push(Override {
+            code: "jobs".into(),
+            rounding_base: Some(10.0),
+            ..Override::default()
+        });
+        setup.policy.check(&setup.catalog).unwrap();
+        let v2 = setup
+            .prepare_in(
+                &[
+                    row("jobs", "city-a", "2025", 22.0, 22),
+                    row("jobs", "city-a/north", "2025", 10.0, 10),
+                    row("jobs", "city-a/south", "2025", 10.0, 10),
+                    row("jobs", "city-a/east", "2025", 2.0, 2),
+                ],
+                &mut feed,
+            )
+            .unwrap();
+        if v2.refusal.is_some() {
+            return;
+        }
+        // Else the city's rounded value, less north and south as
+        // published before, must leave east its protection [0, 5].
+        let city = v2.batch.observations[0].value.expect("city published");
+        let (lo, hi) = crate::core::sdc::rounding::rounding_interval(city, 10.0, true);
+        let (east_lo, east_hi) = ((lo - 20.0).max(0.0), hi - 20.0);
+        assert!(
+            east_lo <= 0.0 && east_hi >= 5.0,
+            "east narrowed to [{east_lo}, {east_hi}] and the revision was published"
+        );
+    }
+
+    /// A table without totals is checked against earlier values too: a
+    /// cell suppressed now whose value an earlier version published is
+    /// refused, not signed as confidential. (Found by review.)
+    #[test]
+    fn an_earlier_value_revealing_a_cell_of_a_table_without_totals_refuses() {
+        let setup = Setup::new();
+        let v1 = setup
+            .prepare(&[
+                row("jobs", "city-a/north", "2025", 9.0, 9),
+                row("jobs", "city-a/south", "2025", 30.0, 30),
+            ])
+            .unwrap();
+        let mut feed = feed_after(&v1, None);
+        let v2 = setup
+            .prepare_in(
+                &[
+                    row("jobs", "city-a/north", "2025", 9.0, 2),
+                    row("jobs", "city-a/south", "2025", 30.0, 30),
+                ],
+                &mut feed,
+            )
+            .unwrap();
+        assert_eq!(v2.batch.observations[0].value, None);
+        let refusal = v2
+            .refusal
+            .expect("north's value 9 is in the feed, and it was not refused");
+        assert!(refusal.contains("earlier version"), "{refusal}");
     }
 }

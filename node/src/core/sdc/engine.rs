@@ -162,9 +162,11 @@ pub fn audit(
     audit_knowing(table, settings, statuses, &[])
 }
 
-/// [`audit`] for an attacker who also knows, for some suppressed cells, an
-/// interval holding the true value (`known[i]`, from an earlier version of
-/// the table); `known` may be shorter than the table.
+/// [`audit`] for an attacker who also knows, for some cells, an interval
+/// holding the true value (`known[i]`, from an earlier version of the
+/// table): a suppressed cell's, or one narrowing a published cell's
+/// interval (an exact value then, rounded now); `known` may be shorter
+/// than the table.
 pub fn audit_knowing(
     table: &Table,
     settings: &Settings,
@@ -185,6 +187,9 @@ pub fn audit_knowing(
         .zip(&intervals)
         .enumerate()
         .map(|(i, (s, &(a, b)))| match known.get(i).copied().flatten() {
+            Some((lo, hi)) if !s.is_suppressed() && a.max(lo) <= b.min(hi) => {
+                Knowledge::Interval(a.max(lo), b.min(hi))
+            }
             _ if !s.is_suppressed() => Knowledge::Interval(a, b),
             Some((lo, hi)) => Knowledge::Interval(lo, hi),
             None => Knowledge::Suppressed,
