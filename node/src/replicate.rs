@@ -1177,7 +1177,9 @@ impl Roster {
     /// The feeds that the roster entries among `entries` (the roster
     /// origin's) end, for members whose keys the roster replaces here: the
     /// writer refuses later entries of them from the commit on, also in
-    /// jobs of other sessions made before [`Self::refresh`] ran.
+    /// jobs of other sessions made before [`Self::refresh`] ran. A
+    /// replacement amended (the same end, another new feed: its key was
+    /// lost before its first use) also ends the new feed it named before.
     pub fn ends_in(&self, entries: &[Entry]) -> Vec<FeedEnd> {
         entries
             .iter()
@@ -1187,13 +1189,21 @@ impl Roster {
             })
             .filter(|member| !self.keys.is_pinned(&member.origin))
             .flat_map(|member| {
+                let known = self.keys.replacements(&member.origin);
                 let replacements = replacements_of(member).unwrap_or_default();
-                replacements.into_iter().map(|r| FeedEnd {
+                replacements.into_iter().map(move |r| FeedEnd {
                     origin: member.origin.clone(),
                     feed_id: r.old_feed_id,
                     seq: r.last_seq,
                     hash: r.last_hash,
-                    abandoned: None,
+                    abandoned: known
+                        .iter()
+                        .find(|k| {
+                            k.old_feed_id == r.old_feed_id
+                                && k.last_seq == r.last_seq
+                                && k.new_feed_id != r.new_feed_id
+                        })
+                        .map(|k| k.new_feed_id),
                     enforce: true,
                 })
             })
@@ -1534,6 +1544,74 @@ mod tests {
                 }
             ),
             "{fault}"
+        );
+    }
+
+    /// A replacement amended (the new feed's key was lost before its first
+    /// use) ends the feed it named before on a replica too: a job made
+    /// before the roster was read again, still carrying the first
+    /// replacement, is refused. (Found by review.)
+    #[tokio::test]
+    async fn an_amended_replacement_ends_the_feed_it_named_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let replicator = replicator(dir.path(), &[]);
+        let x = chain(&key(2), "city-x", 3);
+        replicator.writer.write(job(&x)).await.unwrap();
+        let replacement = |feed: u8, new_key: u8| Replacement {
+            old_feed_id: x[0].feed_id(),
+            last_seq: 3,
+            last_hash: x[2].hash,
+            new_feed_id: [feed; 16],
+            new_key: key(new_key).verifying_key(),
+        };
+        // The roster named feed [1; 16] first, then amended it to [2; 16].
+        let member = Member {
+            key: key(2).verifying_key(),
+            replacements: vec![replacement(1, 4)],
+            removed: false,
+        };
+        replicator
+            .keys
+            .set_roster(BTreeMap::from([("city-x".to_owned(), member)]));
+        let amended = replacement(2, 5);
+        let mut roster_entry = chain(&key(8), "roster", 1).remove(0);
+        let mut body = roster_entry.body.clone();
+        body.payload = Some(pb::entry_body::Payload::Roster(pb::RosterEntry {
+            origin: "city-x".into(),
+            feed_key: key(2).verifying_key().to_bytes().to_vec(),
+            replacements: vec![pb::FeedReplacement {
+                old_feed_id: amended.old_feed_id.to_vec(),
+                last_seq: amended.last_seq,
+                last_hash: amended.last_hash.to_vec(),
+                new_feed_id: amended.new_feed_id.to_vec(),
+                new_feed_key: amended.new_key.to_bytes().to_vec(),
+            }],
+            ..Default::default()
+        }));
+        roster_entry = Entry::sign(&key(8), body).unwrap();
+        let ends = replicator
+            .roster
+            .ends_in(std::slice::from_ref(&roster_entry));
+        assert_eq!(ends.len(), 1, "{ends:?}");
+        assert_eq!(ends[0].abandoned, Some([1; 16]));
+        let mut roster_job = job(&[roster_entry]);
+        roster_job.roster_ends = ends;
+        replicator.writer.write(roster_job).await.unwrap();
+        // Feed [1; 16]'s first entry, signed with its lost key, in a job
+        // made before the amendment was read.
+        let mut body = x[2].body.clone();
+        body.seq = 4;
+        body.feed_id = vec![1; 16];
+        body.prev_hash = x[2].hash.to_vec();
+        let mut stale = job(&[Entry::sign(&key(4), body).unwrap()]);
+        stale.replacements = vec![replacement(1, 4)];
+        let stored = replicator.writer.write(stale).await;
+        assert!(
+            matches!(
+                stored,
+                Err(WriteError::Chain(FeedError::Replaced { seq: 4, .. }))
+            ),
+            "the abandoned feed's entry: {stored:?}"
         );
     }
 
