@@ -279,8 +279,8 @@ pub(crate) struct Failed {
 
 /// Runs `call` until it succeeds, fails for a reason a retry cannot fix,
 /// or `wait` has passed. Unavailable nodes (down, or not ready to publish)
-/// and connections that broke under a call are retried; the request, and
-/// so its idempotency key, stays the same.
+/// and a connection that broke under a call (not twice in a row) are
+/// retried; the request, and so its idempotency key, stays the same.
 pub(crate) async fn with_retry<T, F, Fut>(wait: Duration, call: F) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
@@ -297,16 +297,20 @@ where
 {
     let deadline = Instant::now() + wait;
     let mut pause = Duration::from_millis(50);
-    let mut maybe_done = false;
+    let (mut maybe_done, mut broke_before) = (false, false);
     loop {
         let status = match call().await {
             Ok(answer) => return Ok(answer),
             Err(status) => status,
         };
         maybe_done |= may_be_done(&status);
+        // A connection that breaks twice in a row is no node going away:
+        // most likely a node using TLS spoken to in plain HTTP/2.
+        let broken = broke(&status);
         let retry = (status.code() == Code::Unavailable
             && refusal_hint(status.message()).is_none())
-            || broke(&status);
+            || (broken && !broke_before);
+        broke_before = broken;
         if !retry || Instant::now() + pause >= deadline {
             return Err(Failed { status, maybe_done });
         }
