@@ -781,7 +781,34 @@ impl Replicator {
                         mismatch.origin,
                         hex(&mismatch.feed_id)
                     );
-                    if let Some(theirs) = theirs.filter(|t| t.body.origin == mismatch.origin) {
+                    // This node holds entries past where the roster ended
+                    // the origin's feed (taken before the roster's word):
+                    // every peer that follows the new feed answers so, and
+                    // no entry of it links to the head here.
+                    let head = self
+                        .store
+                        .head(&mismatch.origin)
+                        .map_err(|e| SessionError::Write(e.into()))?
+                        .map(|h| h.tip);
+                    let ended = head.and_then(|tip| {
+                        let replacements = self.keys.replacements(&mismatch.origin);
+                        let ended = replacements.into_iter().find(|r| r.refuses(&tip));
+                        ended.map(|r| (r, tip))
+                    });
+                    if let Some((ended, tip)) = ended {
+                        message = format!(
+                            "this node holds origin {}'s feed {} up to seq {}, past seq {} where \
+                             the federation roster ended it (its key was lost): those entries \
+                             are refused everywhere and this node cannot follow the new feed; \
+                             restore this node's store from a backup of a peer that follows \
+                             the new feed",
+                            mismatch.origin,
+                            hex(&ended.old_feed_id),
+                            tip.seq,
+                            ended.last_seq
+                        );
+                    } else if let Some(theirs) = theirs.filter(|t| t.body.origin == mismatch.origin)
+                    {
                         let ours = self.held_entry(&mismatch.origin, theirs.body.seq)?;
                         if let Some(ours) = ours {
                             match self.judge(&ours, &theirs)? {

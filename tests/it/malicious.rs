@@ -593,6 +593,90 @@ async fn a_fork_signed_with_a_lost_key_in_the_kept_history_is_refused_not_eviden
     );
 }
 
+/// A replica that took a city's entries past the seq where the roster
+/// later ends the city's feed cannot follow the new feed: its peers answer
+/// its cursor with a mismatch. Status says so and names the way out,
+/// instead of a bare "diverges".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_holding_entries_past_a_replacement_is_told_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let consortium = Forger::new(40, "consortium");
+    let a = Forger::new(41, "city-a");
+    let a_new = Forger::new(42, "city-a");
+    let a_feed = a.chain(5);
+    let member = |replacements| {
+        Payload::Roster(pb::RosterEntry {
+            origin: "city-a".into(),
+            name: "City A".into(),
+            feed_key: a.key.verifying_key().to_bytes().to_vec(),
+            tls_identity: "civex:origin:city-a".into(),
+            removed: false,
+            replacements,
+        })
+    };
+    let added = consortium.entry_with(1, &GENESIS_PREV_HASH, member(Vec::new()), &[]);
+    let replaced = pb::FeedReplacement {
+        old_feed_id: a.feed_id.clone(),
+        last_seq: 3,
+        last_hash: a_feed[2].hash.to_vec(),
+        new_feed_id: a_new.feed_id.clone(),
+        new_feed_key: a_new.key.verifying_key().to_bytes().to_vec(),
+    };
+    let replacement = consortium.entry_with(2, &added.hash, member(vec![replaced]), &[]);
+    let own_drained = pb::SubscribeResponse {
+        event: Some(Event::Drained(pb::BacklogDrained {
+            origin: "city-n".into(),
+            head_seq: 0,
+        })),
+    };
+    // A peer that follows the new feed answers the cursor at seq 5 of the
+    // ended feed with its genesis.
+    let mismatch = pb::SubscribeResponse {
+        event: Some(Event::Mismatch(pb::CursorMismatch {
+            origin: "city-a".into(),
+            held: Some(a_feed[0].signed.clone()),
+            feed_id: a.feed_id.clone(),
+        })),
+    };
+    let signed = |entries: &[Entry]| entries.iter().map(|e| e.signed.clone()).collect();
+    let script = Script {
+        steps: vec![
+            vec![batch("consortium", signed(&[added])), own_drained.clone()],
+            vec![batch("city-a", signed(&a_feed)), own_drained.clone()],
+            vec![
+                batch("consortium", signed(&[replacement])),
+                own_drained.clone(),
+            ],
+        ],
+        then: vec![mismatch, own_drained],
+        ..Script::default()
+    };
+    let (node, _) = node_with_scripted_peer(dir.path(), script, |spec| {
+        spec.trust(
+            "consortium",
+            &public_key_hex(&consortium.key.verifying_key()),
+        )
+        .roster("consortium")
+    })
+    .await;
+    eventually("the way out on show", || async {
+        node.status().await.peers[0]
+            .last_error
+            .contains("up to seq 5, past seq 3 where the federation roster ended it")
+    })
+    .await;
+    let status = node.status().await;
+    assert!(
+        status.peers[0]
+            .last_error
+            .contains("restore this node's store"),
+        "{}",
+        status.peers[0].last_error
+    );
+    assert!(status.conflicts.is_empty());
+    assert_eq!(node.head("city-a").await.0, 5);
+}
+
 /// A city's key holder can make a range that only its last entry's
 /// signature covers; a hub that took it whole serves it on in pieces, and
 /// a node refuses the first piece. That city waits, but the origins the
