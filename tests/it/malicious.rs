@@ -502,18 +502,10 @@ async fn a_malicious_peer_is_refused_and_its_fork_kept_as_evidence() {
     );
 }
 
-/// Where the roster replaced a city's lost key, whoever holds that key can
-/// still sign another entry at a seq of the history the roster kept. Once
-/// the node holds that history's last entry, such an entry is refused as
-/// the roster's word says, not kept as evidence of a fork: replication of
-/// the city is not stopped, and its new feed goes on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fork_signed_with_a_lost_key_in_the_kept_history_is_refused_not_evidence() {
-    let dir = tempfile::tempdir().unwrap();
-    let consortium = Forger::new(30, "consortium");
-    let a = Forger::new(31, "city-a");
-    let a_new = Forger::new(32, "city-a");
-    let a_feed = a.chain(3);
+/// The roster origin `consortium`'s first two entries: one adding city-a
+/// (`a`'s key), one ending its feed at `last` and naming `new`'s feed and
+/// key.
+fn roster_replacing(consortium: &Forger, a: &Forger, new: &Forger, last: &Entry) -> (Entry, Entry) {
     let member = |replacements| {
         Payload::Roster(pb::RosterEntry {
             origin: "city-a".into(),
@@ -527,12 +519,28 @@ async fn a_fork_signed_with_a_lost_key_in_the_kept_history_is_refused_not_eviden
     let added = consortium.entry_with(1, &GENESIS_PREV_HASH, member(Vec::new()), &[]);
     let replaced = pb::FeedReplacement {
         old_feed_id: a.feed_id.clone(),
-        last_seq: 3,
-        last_hash: a_feed[2].hash.to_vec(),
-        new_feed_id: a_new.feed_id.clone(),
-        new_feed_key: a_new.key.verifying_key().to_bytes().to_vec(),
+        last_seq: last.body.seq,
+        last_hash: last.hash.to_vec(),
+        new_feed_id: new.feed_id.clone(),
+        new_feed_key: new.key.verifying_key().to_bytes().to_vec(),
     };
     let replacement = consortium.entry_with(2, &added.hash, member(vec![replaced]), &[]);
+    (added, replacement)
+}
+
+/// Where the roster replaced a city's lost key, whoever holds that key can
+/// still sign another entry at a seq of the history the roster kept. Once
+/// the node holds that history's last entry, such an entry is refused as
+/// the roster's word says, not kept as evidence of a fork: replication of
+/// the city is not stopped, and its new feed goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_signed_with_a_lost_key_in_the_kept_history_is_refused_not_evidence() {
+    let dir = tempfile::tempdir().unwrap();
+    let consortium = Forger::new(30, "consortium");
+    let a = Forger::new(31, "city-a");
+    let a_new = Forger::new(32, "city-a");
+    let a_feed = a.chain(3);
+    let (added, replacement) = roster_replacing(&consortium, &a, &a_new, &a_feed[2]);
     // The lost key's other history, at seq 3, sent as a peer holding it
     // answers a cursor at seq 3 (a mismatch), each time.
     let forged = a.entry(3, &a_feed[1].hash, "the thief's");
@@ -604,25 +612,7 @@ async fn a_replica_holding_entries_past_a_replacement_is_told_the_way_out() {
     let a = Forger::new(41, "city-a");
     let a_new = Forger::new(42, "city-a");
     let a_feed = a.chain(5);
-    let member = |replacements| {
-        Payload::Roster(pb::RosterEntry {
-            origin: "city-a".into(),
-            name: "City A".into(),
-            feed_key: a.key.verifying_key().to_bytes().to_vec(),
-            tls_identity: "civex:origin:city-a".into(),
-            removed: false,
-            replacements,
-        })
-    };
-    let added = consortium.entry_with(1, &GENESIS_PREV_HASH, member(Vec::new()), &[]);
-    let replaced = pb::FeedReplacement {
-        old_feed_id: a.feed_id.clone(),
-        last_seq: 3,
-        last_hash: a_feed[2].hash.to_vec(),
-        new_feed_id: a_new.feed_id.clone(),
-        new_feed_key: a_new.key.verifying_key().to_bytes().to_vec(),
-    };
-    let replacement = consortium.entry_with(2, &added.hash, member(vec![replaced]), &[]);
+    let (added, replacement) = roster_replacing(&consortium, &a, &a_new, &a_feed[2]);
     let own_drained = pb::SubscribeResponse {
         event: Some(Event::Drained(pb::BacklogDrained {
             origin: "city-n".into(),
