@@ -431,25 +431,25 @@ pub(crate) async fn publish(
         }
         Err(failed) => failed,
     };
+    // A refusal the node explained is named as such; an answer that may
+    // have been lost says how to learn it.
     let status = &failed.status;
-    match status.code() {
-        _ if failed.maybe_done => bail!(
-            "{}: {}",
-            file.display(),
-            client::publish_failed(&failed, &request.idempotency_key)
-        ),
-        tonic::Code::InvalidArgument => bail!(
-            "{} (nothing was published)",
-            locate(&file, &rows, status.message())
-        ),
-        tonic::Code::FailedPrecondition => bail!("{}: {}", file.display(), status.message()),
-        _ if is_too_large(status) => bail!(too_large(&file, &request, status)),
-        _ => bail!(
-            "{}: {}",
-            file.display(),
-            client::publish_failed(&failed, &request.idempotency_key)
-        ),
+    if !failed.maybe_done {
+        match status.code() {
+            tonic::Code::InvalidArgument => bail!(
+                "{} (nothing was published)",
+                locate(&file, &rows, status.message())
+            ),
+            tonic::Code::FailedPrecondition => bail!("{}: {}", file.display(), status.message()),
+            _ if is_too_large(status) => bail!(too_large(&file, &request, status)),
+            _ => {}
+        }
     }
+    bail!(
+        "{}: {}",
+        file.display(),
+        client::publish_failed(&failed, &request.idempotency_key)
+    )
 }
 
 /// Whether a call failed because its message is above a size limit (the
