@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context};
 use civex_node::{
     config::{template_with_operators, Config},
     core::{
-        feed::{replacements_of, verify_chain, Entry, Replacement, Tip},
+        feed::{authenticate, replacements_of, Entry, Replacement, Tip},
         ids::{check_origin_id, hex, unhex},
         ingest::{area_slug, parse_area, parse_csv, parse_json, InputRow},
         sdc::LargestContributions,
@@ -1284,26 +1284,41 @@ fn resolver_for(
 
 /// Decodes and verifies consecutive entries of `origin` after `tip` with
 /// `key`, moving both past them (a rotation or a lost key's replacement
-/// changes the key).
+/// changes the key). Entries a later signature may still cover wait in
+/// `uncovered`, and are verified again with the next entries.
 fn verified(
     node: &Node,
     origin: &str,
     key: &mut ed25519_dalek::VerifyingKey,
     replacements: &[Replacement],
     tip: &mut Option<Tip>,
+    uncovered: &mut Vec<Entry>,
     entries: Vec<pb::SignedEntry>,
 ) -> anyhow::Result<Vec<Entry>> {
     let refused = |e: civex_node::core::feed::FeedError| {
         anyhow!("refused entry of {origin} from {}: {e}", node.address)
     };
-    let entries = entries
-        .into_iter()
-        .map(Entry::decode)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(refused)?;
-    (*tip, *key) =
-        verify_chain(origin, key, replacements, tip.as_ref(), &entries).map_err(refused)?;
-    Ok(entries)
+    let mut given = std::mem::take(uncovered);
+    for signed in entries {
+        given.push(Entry::decode(signed).map_err(refused)?);
+    }
+    let out = authenticate(origin, key, replacements, *tip, given);
+    if let Some((fault, _)) = out.refused {
+        return Err(refused(fault));
+    }
+    (*tip, *key, *uncovered) = (out.tip, out.key, out.uncovered);
+    Ok(out.accepted)
+}
+
+/// The refusal of `first`, an entry whose signature fails, when the node's
+/// backlog ended before a later signature covered it.
+fn uncovered_error(node: &Node, first: &Entry) -> anyhow::Error {
+    anyhow!(
+        "refused entry of {} from {}: seq {} has an invalid signature, and no later signature covers it",
+        first.body.origin,
+        node.address,
+        first.body.seq
+    )
 }
 
 /// The members (feed key of seq 1 and lost keys' replacements) in the
@@ -1315,7 +1330,7 @@ async fn roster_members(
     key: ed25519_dalek::VerifyingKey,
 ) -> anyhow::Result<(BTreeMap<String, Member>, u64)> {
     let mut stream = client::subscribe_from_start(node, &[roster_origin.to_owned()]).await?;
-    let (mut key, mut tip) = (key, None);
+    let (mut key, mut tip, mut uncovered) = (key, None, Vec::new());
     let mut members = BTreeMap::new();
     while let Some(message) = stream
         .message()
@@ -1327,7 +1342,17 @@ async fn roster_members(
             Some(Event::Drained(_)) => break,
             _ => continue,
         };
-        for entry in verified(node, &batch.origin, &mut key, &[], &mut tip, batch.entries)? {
+        let entries = batch.entries;
+        let origin = &batch.origin;
+        for entry in verified(
+            node,
+            origin,
+            &mut key,
+            &[],
+            &mut tip,
+            &mut uncovered,
+            entries,
+        )? {
             if let Some((origin, member)) = roster_member(&entry)? {
                 match member {
                     Some(member) => members.insert(origin, member),
@@ -1335,6 +1360,9 @@ async fn roster_members(
                 };
             }
         }
+    }
+    if let Some(first) = uncovered.first() {
+        return Err(uncovered_error(node, first));
     }
     Ok((members, tip.map_or(0, |t| t.seq)))
 }
@@ -1428,6 +1456,7 @@ pub(crate) async fn feed(
         .map(|o| (o.clone(), None))
         .collect();
     let mut stream = client::subscribe_at(node, &tips).await?;
+    let mut uncovered: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
     let mut seen = 0u64;
     if count == Some(0) {
         return Ok(ExitCode::SUCCESS);
@@ -1439,6 +1468,13 @@ pub(crate) async fn feed(
     {
         let batch = match message.event {
             Some(Event::Entries(batch)) => batch,
+            // The node's backlog ended: nothing more covers what waits.
+            Some(Event::Drained(drained)) => {
+                if let Some(first) = uncovered.get(&drained.origin).and_then(|u| u.first()) {
+                    return Err(uncovered_error(node, first));
+                }
+                continue;
+            }
             Some(Event::NotServed(not_served)) => bail!(
                 "the node does not serve origin {} to this identity ({})",
                 not_served.origin,
@@ -1456,7 +1492,16 @@ pub(crate) async fn feed(
         let replaced = replacements
             .get(&batch.origin)
             .map_or(&[][..], Vec::as_slice);
-        let entries = verified(node, &batch.origin, key, replaced, tip, batch.entries)?;
+        let uncovered = uncovered.entry(batch.origin.clone()).or_default();
+        let entries = verified(
+            node,
+            &batch.origin,
+            key,
+            replaced,
+            tip,
+            uncovered,
+            batch.entries,
+        )?;
         let mut joined = false;
         for entry in &entries {
             let new_in_roster = follow_roster.as_deref() == Some(entry.body.origin.as_str())

@@ -3,15 +3,15 @@
 //! last entry held. The reading thread decodes and checks links while
 //! worker threads check signatures of the chunks already read.
 //!
-//! Replication accepts a range by its links and the signature of its last
-//! entry, so a replica may hold an entry whose own signature is bad: the
-//! origin's key holder signed a later entry over it. Such an entry is
-//! authentic all the same, and the audit agrees with replication: it is
-//! *covered* when the next entry whose own signature replication always
-//! checks (a rotation or roster entry, the last entry before a
-//! replacement's feed, the head) verifies, with every link between. It is
-//! reported, but is no fault of the store. Any other bad signature is.
-
+//! Replication takes an entry whose own signature fails when the
+//! origin's key holder signed a later entry over it (`feed::authenticate`),
+//! so a replica may hold one. Such an entry is authentic all the same, and
+//! the audit agrees with replication, no more: it is *covered* when a
+//! later entry within `feed::COVER_BYTES` of it verifies its own
+//! signature, every entry between being linked and none of them one whose
+//! own signature must verify (a rotation or roster entry, the last entry
+//! before a replacement's feed). It is reported, but is no fault of the
+//! store. Any other bad signature is.
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{
@@ -24,7 +24,7 @@ use civex_proto::v1::entry_body::Payload;
 use ed25519_dalek::VerifyingKey;
 
 use crate::{
-    core::feed::{check_link, rotation_key, verify_signature, Entry, FeedError, Tip},
+    core::feed::{check_link, rotation_key, verify_signature, Entry, FeedError, Tip, COVER_BYTES},
     keys::KeyResolver,
     store::{Store, StoreError},
 };
@@ -78,23 +78,27 @@ impl Report {
 /// First fault per origin: (seq, message); the lowest seq wins.
 type Faults = Arc<Mutex<BTreeMap<String, (u64, String)>>>;
 
-/// Bad signatures found in one chunk of entries. A chunk never holds an
-/// entry whose own signature replication always checks, but as its last.
+/// One entry's signature check, as the cover rule needs it: kept for each
+/// bad signature, each good one right after a bad one, and each chunk's
+/// first entry (a bad run may go on from the chunk before). Bounded by the
+/// bad signatures and the chunk count, not entries.
 #[derive(Debug, Clone, Copy)]
-struct BadChunk {
-    /// Seq of the chunk's last entry.
-    last: u64,
-    /// Seq of its first entry with a bad signature.
-    first_bad: u64,
-    /// How many of its entries have one.
-    bad: u64,
-    /// Whether its last entry is one of them.
-    last_bad: bool,
+struct Mark {
+    /// Body and signature bytes.
+    bytes: usize,
+    /// Whether its own signature verifies.
+    good: bool,
 }
 
-/// The chunks with bad signatures, per origin: covered or a fault, decided
-/// once every chunk is checked. Bounded by the chunk count, not entries.
-type BadChunks = Mutex<BTreeMap<String, Vec<BadChunk>>>;
+/// The marks, per origin and seq.
+type Marks = Mutex<BTreeMap<String, BTreeMap<u64, Mark>>>;
+
+/// Entries with a bad signature that a later one covers: a run of them.
+#[derive(Debug, Clone, Copy)]
+struct Covered {
+    first: u64,
+    last: u64,
+}
 
 fn record_fault(faults: &Faults, origin: &str, seq: u64, message: String) {
     if let Ok(mut faults) = faults.lock() {
@@ -117,7 +121,7 @@ pub fn audit(
 ) -> Result<Report, StoreError> {
     let checked = AtomicU64::new(0);
     let faults: Faults = Arc::default();
-    let bad_chunks = BadChunks::default();
+    let marks = Marks::default();
     // Per origin, the seqs whose own signature replication always checks,
     // as far as the entries were read and linked.
     let mut strict: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
@@ -127,30 +131,23 @@ pub fn audit(
     let mut ends: BTreeMap<String, Option<Tip>> = BTreeMap::new();
     std::thread::scope(|scope| -> Result<(), StoreError> {
         for _ in 0..threads.max(1) {
-            let (queue, bad_chunks, checked) = (&queue, &bad_chunks, &checked);
+            let (queue, marks, checked) = (&queue, &marks, &checked);
             scope.spawn(move || loop {
                 let item = queue.lock().ok().and_then(|q| q.recv().ok());
                 let Some((key, entries)) = item else { return };
-                let bad: Vec<u64> = entries
-                    .iter()
-                    .filter(|entry| verify_signature(&key, entry).is_err())
-                    .map(|entry| entry.body.seq)
-                    .collect();
-                if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
-                    if !bad.is_empty() {
-                        let chunk = BadChunk {
-                            last: last.body.seq,
-                            first_bad: bad[0],
-                            bad: bad.len() as u64,
-                            last_bad: bad.last() == Some(&last.body.seq),
-                        };
-                        if let Ok(mut chunks) = bad_chunks.lock() {
-                            chunks
-                                .entry(first.body.origin.clone())
-                                .or_default()
-                                .push(chunk);
-                        }
+                let mut kept = Vec::new();
+                let mut after_bad = false;
+                for (i, entry) in entries.iter().enumerate() {
+                    let good = verify_signature(&key, entry).is_ok();
+                    if i == 0 || !good || after_bad {
+                        let bytes = entry.signed.body.len() + entry.signed.signature.len();
+                        kept.push((entry.body.seq, Mark { bytes, good }));
                     }
+                    after_bad = !good;
+                }
+                if let (Some(first), Ok(mut marks)) = (entries.first(), marks.lock()) {
+                    let origin = marks.entry(first.body.origin.clone()).or_default();
+                    origin.extend(kept);
                 }
                 let done = checked.fetch_add(entries.len() as u64, Ordering::Relaxed)
                     + entries.len() as u64;
@@ -263,31 +260,43 @@ pub fn audit(
     })?;
     progress(checked.load(Ordering::Relaxed));
 
-    // Chunks whose bad signatures are covered, per origin.
-    let mut covered: BTreeMap<String, Vec<BadChunk>> = BTreeMap::new();
-    let bad_chunks = bad_chunks.into_inner().unwrap_or_default();
-    for (origin, chunks) in bad_chunks {
+    // Runs of bad signatures that are covered, per origin.
+    let mut covered: BTreeMap<String, Vec<Covered>> = BTreeMap::new();
+    for (origin, marks) in marks.into_inner().unwrap_or_default() {
         let strict = strict.remove(&origin).unwrap_or_default();
-        let bad_ends: BTreeSet<u64> = chunks
-            .iter()
-            .filter(|c| c.last_bad)
-            .map(|c| c.last)
-            .collect();
-        for chunk in chunks {
-            // The next strict entry, read and linked from the chunk's first
-            // bad signature on: at the chunk's end or after it.
-            let cover = strict
-                .range(chunk.first_bad..)
-                .next()
-                .filter(|end| !bad_ends.contains(end));
-            match cover {
-                Some(_) => covered.entry(origin.clone()).or_default().push(chunk),
-                None => {
+        let mut marks = marks.into_iter().peekable();
+        while let Some((first, mark)) = marks.next() {
+            if mark.good {
+                continue;
+            }
+            // The run of bad signatures from `first`, and the entry after it.
+            let (mut last, mut bytes, mut trusted) = (first, mark.bytes, strict.contains(&first));
+            let mut next = None;
+            while let Some(&(seq, mark)) = marks.peek() {
+                if seq != last + 1 {
+                    break;
+                }
+                marks.next();
+                if mark.good {
+                    next = Some(mark);
+                    break;
+                }
+                (last, bytes) = (seq, bytes + mark.bytes);
+                trusted |= strict.contains(&seq);
+            }
+            match next {
+                Some(cover) if !trusted && bytes + cover.bytes <= COVER_BYTES => {
+                    covered
+                        .entry(origin.clone())
+                        .or_default()
+                        .push(Covered { first, last });
+                }
+                _ => {
                     let problem = FeedError::BadSignature {
                         origin: origin.clone(),
-                        seq: chunk.first_bad,
+                        seq: first,
                     };
-                    record_fault(&faults, &origin, chunk.first_bad, problem.to_string());
+                    record_fault(&faults, &origin, first, problem.to_string());
                 }
             }
         }
@@ -320,7 +329,7 @@ pub fn audit(
             };
             // Only what lies before the first fault is covered: after it,
             // nothing is authenticated.
-            let covered: Vec<BadChunk> = covered
+            let covered: Vec<Covered> = covered
                 .remove(origin)
                 .unwrap_or_default()
                 .into_iter()
@@ -331,8 +340,8 @@ pub fn audit(
                 verified,
                 head_seq: head.tip.seq,
                 problem,
-                covered: covered.iter().map(|c| c.bad).sum(),
-                first_covered: covered.iter().map(|c| c.first_bad).min(),
+                covered: covered.iter().map(|c| c.last - c.first + 1).sum(),
+                first_covered: covered.first().map(|c| c.first),
             }
         })
         .collect();
@@ -435,6 +444,29 @@ mod tests {
     }
 
     #[test]
+    fn a_signature_covers_no_more_than_replication_takes() {
+        // 80 entries of about 60 KiB with bad signatures (4.8 MB), then
+        // good ones: more than COVER_BYTES, so replication would refuse
+        // the first, and so does the audit.
+        let payloads: Vec<Payload> = (0..90)
+            .map(|i| {
+                Payload::Withdrawal(OfferWithdrawal {
+                    offer_id: format!("offer-{i}"),
+                    reason: "x".repeat(60_000),
+                })
+            })
+            .collect();
+        let bad: Vec<u64> = (3..=82).collect();
+        let (verified, problem, covered) = audited(&feed(payloads.clone(), &bad));
+        assert_eq!(verified, 2);
+        assert!(problem.unwrap().contains("seq 3"));
+        assert_eq!(covered, (0, None));
+        // The last 60 of them are within reach of the good entry after.
+        let (verified, problem, covered) = audited(&feed(payloads, &[3, 4, 5]));
+        assert_eq!((verified, problem, covered), (90, None, (3, Some(3))));
+    }
+
+    #[test]
     fn a_head_whose_hash_is_not_the_entry_held_is_named_so() {
         let entries = feed(withdrawals(3), &[]);
         let dir = tempfile::tempdir().unwrap();
@@ -459,10 +491,16 @@ mod tests {
         assert_eq!(verified, 4);
         assert!(problem.unwrap().contains("seq 5"));
         assert_eq!(covered, (0, None));
-        // Before a head that is itself badly signed: the first is the fault.
-        let (verified, problem, _) = audited(&feed(withdrawals(5), &[2, 5]));
-        assert_eq!(verified, 1);
-        assert!(problem.unwrap().contains("seq 2"));
+        // Before a head that is itself badly signed: seq 2 is covered by
+        // seq 3, the head is the fault.
+        let (verified, problem, covered) = audited(&feed(withdrawals(5), &[2, 5]));
+        assert_eq!(verified, 4);
+        assert!(problem.unwrap().contains("seq 5"));
+        assert_eq!(covered, (1, Some(2)));
+        // Two in a row before it: the first is the fault.
+        let (verified, problem, _) = audited(&feed(withdrawals(5), &[3, 4, 5]));
+        assert_eq!(verified, 2);
+        assert!(problem.unwrap().contains("seq 3"));
     }
 
     #[test]

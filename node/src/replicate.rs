@@ -22,8 +22,8 @@ use crate::{
     config::ReplicationConfig,
     core::{
         feed::{
-            check_link, judge_conflict, key_after, replacements_of, rotation_key, verify_chain,
-            verify_signature, Conflict, Entry, FeedError, FeedId, Replacement, Tip,
+            authenticate, judge_conflict, key_after, replacements_of, Authenticated, Conflict,
+            Entry, FeedError, FeedId, Replacement, Tip, COVER_BYTES,
         },
         ids::hex,
     },
@@ -496,6 +496,11 @@ impl Replicator {
         // with backoff.
         let mut set_aside: HashSet<String> = HashSet::new();
         let mut first_refusal: Option<SessionError> = None;
+        // Per origin, entries linked after its tip that a signature in a
+        // later message may cover (`feed::authenticate`), at most
+        // `COVER_BYTES` for the session; dropped with it.
+        let mut uncovered: HashMap<String, Vec<Entry>> = HashMap::new();
+        let mut uncovered_bytes = 0;
         // Idempotency records of the own feed's entries learned back, whose
         // publishes may come in several messages, or began in an earlier
         // session (read back from the store).
@@ -612,7 +617,13 @@ impl Replicator {
                 break;
             }
             let message = tokio::select! {
-                next = streams.next() => next.and_then(|(_, message)| message).transpose()?,
+                next = streams.next() => match next.and_then(|(_, message)| message).transpose() {
+                    Ok(message) => message,
+                    Err(status) => {
+                        refuse_uncovered(peer, uncovered);
+                        return Err(status.into());
+                    }
+                },
                 () = &mut reported, if reporting => {
                     reporting = false;
                     continue;
@@ -650,69 +661,94 @@ impl Replicator {
                         .map(Entry::decode)
                         .collect::<Result<Vec<_>, _>>()
                         .inspect_err(|_| peer.update(|s| s.refused += received))?;
-                    let (entries, new_tip, new_key, refused) =
-                        match verify_chain(&origin, key, &replacements, tip.as_ref(), &entries) {
-                            Ok((new_tip, new_key)) => (entries, new_tip, new_key, None),
-                            Err(err) => {
-                                let received = entries.len();
-                                let (good, good_tip, good_key, first_fault) =
-                                    valid_prefix(&origin, key, &replacements, tip, entries);
-                                let bad = (received - good.len()) as u64;
-                                peer.update(|s| s.refused += bad);
-                                // A validly signed entry of another feed id:
-                                // the origin started over; keep the evidence.
-                                if let Some((FeedError::WrongFeedId { .. }, other)) = &first_fault {
-                                    let head = good.last().cloned().map_or_else(
-                                        || self.held_entry(&origin, tip.map_or(0, |t| t.seq)),
-                                        |e| Ok(Some(e)),
-                                    )?;
-                                    let judged = match head {
-                                        Some(held) => self.judge(&held, other)?,
-                                        None => Judged::Forged,
-                                    };
-                                    if let Judged::Conflict(conflict) = judged {
-                                        // One at a time: on an error the rest stay queued, and
-                                        // the session settles them before it ends.
-                                        while let Some(answer) = pending.pop_front() {
-                                            self.settle(peer, index, Some(answer)).await?;
-                                        }
-                                        return Err(self.quarantine(peer, *conflict).await);
-                                    }
-                                }
-                                // A later entry of a new feed id, validly
-                                // linked: the replacement of a lost key that
-                                // the roster names in entries not read yet
-                                // (another origin's, maybe later in this
-                                // stream), or a peer's forgery. Either way
-                                // it is refused, and the origin waits. So
-                                // does an entry of a feed the roster ended,
-                                // from a node that held it before the
-                                // roster's word.
-                                let waits = match &first_fault {
-                                    Some((fault @ FeedError::WrongFeedId { .. }, other))
-                                        if other.body.seq > 1 =>
-                                    {
-                                        Some(fault)
-                                    }
-                                    Some((fault @ FeedError::Replaced { .. }, _)) => Some(fault),
-                                    _ => None,
+                    // Entries held back by the last message, waiting for
+                    // a signature to cover them, come first.
+                    let mut given = uncovered.remove(&origin).unwrap_or_default();
+                    uncovered_bytes -= entries_bytes(&given);
+                    given.extend(entries);
+                    let received = given.len();
+                    let Authenticated {
+                        accepted: entries,
+                        tip: new_tip,
+                        key: new_key,
+                        uncovered: held_back,
+                        refused,
+                    } = authenticate(&origin, key, &replacements, tip, given);
+                    let bytes = entries_bytes(&held_back);
+                    // Bounded for the session as for one origin: what
+                    // does not fit is refused (and comes again later).
+                    let refused = match held_back.first() {
+                        Some(first) if uncovered_bytes + bytes > COVER_BYTES => {
+                            let fault = FeedError::BadSignature {
+                                origin: origin.clone(),
+                                seq: first.body.seq,
+                            };
+                            Some((fault, first.clone()))
+                        }
+                        Some(_) => {
+                            uncovered_bytes += bytes;
+                            uncovered.insert(origin.clone(), held_back);
+                            refused
+                        }
+                        None => refused,
+                    };
+                    let refused = match refused {
+                        None => None,
+                        Some(first_fault) => {
+                            peer.update(|s| s.refused += (received - entries.len()) as u64);
+                            // A validly signed entry of another feed id:
+                            // the origin started over; keep the evidence.
+                            if let (FeedError::WrongFeedId { .. }, other) = &first_fault {
+                                let head = entries.last().cloned().map_or_else(
+                                    || self.held_entry(&origin, tip.map_or(0, |t| t.seq)),
+                                    |e| Ok(Some(e)),
+                                )?;
+                                let judged = match head {
+                                    Some(held) => self.judge(&held, other)?,
+                                    None => Judged::Forged,
                                 };
-                                if let (Some(fault), Some(_)) = (waits, &self.roster.origin) {
-                                    let message = format!(
-                                        "{fault}; refused, and replication of origin {origin} \
-                                         from this peer waits for a roster change"
-                                    );
-                                    tracing::warn!(peer = %peer.name, "{message}");
-                                    peer.update(|s| s.last_error = message);
-                                    waiting.insert(origin.clone());
+                                if let Judged::Conflict(conflict) = judged {
+                                    // One at a time: on an error the rest stay queued, and
+                                    // the session settles them before it ends.
+                                    while let Some(answer) = pending.pop_front() {
+                                        self.settle(peer, index, Some(answer)).await?;
+                                    }
+                                    return Err(self.quarantine(peer, *conflict).await);
                                 }
-                                let refused = match waiting.contains(&origin) {
-                                    true => None,
-                                    false => Some(first_fault.map_or(err, |(e, _)| e)),
-                                };
-                                (good, good_tip, good_key, refused)
                             }
-                        };
+                            // A later entry of a new feed id, validly
+                            // linked: the replacement of a lost key that
+                            // the roster names in entries not read yet
+                            // (another origin's, maybe later in this
+                            // stream), or a peer's forgery. Either way
+                            // it is refused, and the origin waits. So
+                            // does an entry of a feed the roster ended,
+                            // from a node that held it before the
+                            // roster's word.
+                            let waits = match &first_fault {
+                                (fault @ FeedError::WrongFeedId { .. }, other)
+                                    if other.body.seq > 1 =>
+                                {
+                                    Some(fault)
+                                }
+                                (fault @ FeedError::Replaced { .. }, _) => Some(fault),
+                                _ => None,
+                            };
+                            if let (Some(fault), Some(_)) = (waits, &self.roster.origin) {
+                                let message = format!(
+                                    "{fault}; refused, and replication of origin {origin} \
+                                     from this peer waits for a roster change"
+                                );
+                                tracing::warn!(peer = %peer.name, "{message}");
+                                peer.update(|s| s.last_error = message);
+                                waiting.insert(origin.clone());
+                            }
+                            match waiting.contains(&origin) {
+                                true => None,
+                                false => Some(first_fault.0),
+                            }
+                        }
+                    };
                     keys.insert(origin.clone(), new_key);
                     tips.insert(origin.clone(), new_tip);
                     let after = tip.map_or(0, |t| t.seq);
@@ -740,12 +776,13 @@ impl Replicator {
                         while let Some(answer) = pending.pop_front() {
                             self.settle(peer, index, Some(answer)).await?;
                         }
-                        let err = SessionError::from(err);
-                        tracing::warn!(peer = %peer.name, address = %peer.address, error = %err,
-                            "entries refused; the origin is set aside until the session is retried");
-                        peer.update(|s| s.last_error = err.to_string());
-                        set_aside.insert(origin);
-                        first_refusal.get_or_insert(err);
+                        set_aside_for_session(
+                            peer,
+                            origin,
+                            err.into(),
+                            &mut set_aside,
+                            &mut first_refusal,
+                        );
                     }
                 }
                 Some(Event::Drained(drained)) => {
@@ -756,6 +793,24 @@ impl Replicator {
                         self.settle(peer, index, Some(answer)).await?;
                     }
                     undrained.remove(&drained.origin);
+                    // The peer's backlog ended, and no signature covered
+                    // the entries held back.
+                    if let Some(held_back) = uncovered.remove(&drained.origin) {
+                        uncovered_bytes -= entries_bytes(&held_back);
+                        peer.update(|s| s.refused += held_back.len() as u64);
+                        let fault = FeedError::BadSignature {
+                            origin: drained.origin.clone(),
+                            seq: held_back[0].body.seq,
+                        };
+                        let origin = drained.origin.clone();
+                        set_aside_for_session(
+                            peer,
+                            origin,
+                            fault.into(),
+                            &mut set_aside,
+                            &mut first_refusal,
+                        );
+                    }
                     // The entries of a quarantined origin were skipped, not
                     // refused: the marker says nothing of this peer then.
                     // Nor does it for an origin set aside: its backlog was
@@ -845,6 +900,10 @@ impl Replicator {
         }
         while let Some(commit) = pending.pop_front() {
             self.settle(peer, index, Some(commit)).await?;
+        }
+        // Unless this node ended the session (they come again).
+        if ended == Ended::ByPeer {
+            first_refusal = first_refusal.or(refuse_uncovered(peer, uncovered));
         }
         match first_refusal {
             Some(err) => Err(err),
@@ -1369,38 +1428,48 @@ impl Replication {
 /// strict signature), used once a range has failed as a whole, with the
 /// fault of the first entry refused.
 #[allow(clippy::type_complexity)]
-fn valid_prefix(
-    origin: &str,
-    key: &VerifyingKey,
-    replacements: &[Replacement],
-    tip: Option<Tip>,
-    entries: Vec<Entry>,
-) -> (
-    Vec<Entry>,
-    Option<Tip>,
-    VerifyingKey,
-    Option<(FeedError, Entry)>,
-) {
-    let mut current = tip;
-    let mut key = *key;
-    let mut good = Vec::new();
-    for entry in entries {
-        if let Some(new_feed) =
-            current.and_then(|tip| replacements.iter().find(|r| r.starts(&tip, &entry)))
-        {
-            key = new_feed.new_key;
-        }
-        let checked = check_link(origin, replacements, current.as_ref(), &entry)
-            .and_then(|()| verify_signature(&key, &entry))
-            .and_then(|()| rotation_key(&entry));
-        match checked {
-            Err(fault) => return (good, current, key, Some((fault, entry))),
-            Ok(next) => key = next.unwrap_or(key),
-        }
-        current = Some(entry.tip());
-        good.push(entry);
+/// The entries' size as `feed::COVER_BYTES` counts it.
+fn entries_bytes(entries: &[Entry]) -> usize {
+    entries
+        .iter()
+        .map(|e| e.signed.body.len() + e.signed.signature.len())
+        .sum()
+}
+
+/// Refuses the entries still held back when the session ends: no
+/// signature covered them before the peer's stream did. Returns the
+/// refusal of the first, if any.
+fn refuse_uncovered(peer: &Peer, uncovered: HashMap<String, Vec<Entry>>) -> Option<SessionError> {
+    let mut first = None;
+    for (origin, held_back) in uncovered {
+        peer.update(|s| s.refused += held_back.len() as u64);
+        let err = SessionError::from(FeedError::BadSignature {
+            origin,
+            seq: held_back[0].body.seq,
+        });
+        tracing::warn!(peer = %peer.name, address = %peer.address, error = %err,
+            "entries refused: the peer's stream ended before a signature covered them");
+        peer.update(|s| s.last_error = err.to_string());
+        first.get_or_insert(err);
     }
-    (good, current, key, None)
+    first
+}
+
+/// Sets `origin` aside for the rest of the session after `err` refused
+/// its entries: the other origins go on, and the session ends with the
+/// first refusal once every backlog has come.
+fn set_aside_for_session(
+    peer: &Peer,
+    origin: String,
+    err: SessionError,
+    set_aside: &mut HashSet<String>,
+    first_refusal: &mut Option<SessionError>,
+) {
+    tracing::warn!(peer = %peer.name, address = %peer.address, error = %err,
+        "entries refused; the origin is set aside until the session is retried");
+    peer.update(|s| s.last_error = err.to_string());
+    set_aside.insert(origin);
+    first_refusal.get_or_insert(err);
 }
 
 #[cfg(test)]

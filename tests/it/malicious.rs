@@ -668,12 +668,12 @@ async fn a_replica_holding_entries_past_a_replacement_is_told_the_way_out() {
 }
 
 /// A city's key holder can make a range that only its last entry's
-/// signature covers; a hub that took it whole serves it on in pieces, and
-/// a node refuses the first piece. That city waits, but the origins the
-/// hub serves after it still arrive: a refusal sets its origin aside for
-/// the session instead of ending it at once.
+/// signature covers; a hub that took it whole serves it on in pieces (of
+/// 1,024 entries), and a node takes it from the hub all the same: the
+/// pieces a later signature covers wait for it, and nothing is stored
+/// before it verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn entries_refused_from_a_relay_stop_their_origin_only() {
+async fn a_covered_range_a_hub_took_is_taken_from_it_in_pieces() {
     let dir = tempfile::tempdir().unwrap();
     let a = Forger::new(1, "city-a");
     let wrong = Forger {
@@ -728,17 +728,69 @@ async fn entries_refused_from_a_relay_stop_their_origin_only() {
     )
     .await;
     eventually(
-        "city-n to take the hub's own entry and open publishing",
-        || async { n.head("city-h").await.0 == 1 && n.status().await.publish_ready },
+        "city-n to take city-a's range and the hub's own entry",
+        || async { n.head("city-a").await.0 == total && n.head("city-h").await.0 == 1 },
     )
     .await;
-    assert_eq!(n.head("city-a").await.0, 0, "a refused entry was stored");
+    assert_eq!(n.head("city-a").await.1, feed.last().unwrap().hash.to_vec());
     let status = n.status().await;
     let peer = status.peers.iter().find(|p| p.name == "city-h").unwrap();
-    assert!(
-        peer.last_error.contains("city-a") && peer.refused > 0,
-        "{peer:?}"
-    );
+    assert_eq!(peer.refused, 0, "{peer:?}");
+    assert!(status.publish_ready);
+}
+
+/// Entries no signature covers are refused at the peer's backlog marker
+/// of their origin, counted and named, and that origin is set aside for
+/// the session: the origins the peer serves after it still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_refused_from_a_peer_stop_their_origin_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Forger::new(1, "city-a");
+    let b = Forger::new(2, "city-b");
+    let wrong = Forger {
+        key: SigningKey::from_bytes(&[9; 32]),
+        ..Forger::new(1, "city-a")
+    };
+    let signed = |entries: &[Entry]| entries.iter().map(|e| e.signed.clone()).collect::<Vec<_>>();
+    let drained = |origin: &str, head_seq: u64| pb::SubscribeResponse {
+        event: Some(Event::Drained(pb::BacklogDrained {
+            origin: origin.into(),
+            head_seq,
+        })),
+    };
+    // city-a: three linked entries, none validly signed, over two messages.
+    let forged = wrong.chain(3);
+    let b_good = b.chain(2);
+    let step = vec![
+        batch("city-a", signed(&forged[..2])),
+        batch("city-a", signed(&forged[2..])),
+        drained("city-a", 3),
+        batch("city-b", signed(&b_good)),
+        drained("city-b", 2),
+        drained("city-n", 0),
+    ];
+    let script = Script {
+        steps: vec![step],
+        ..Script::default()
+    };
+    let (node, _) = node_with_scripted_peer(dir.path(), script, |spec| {
+        spec.trust("city-a", &public_key_hex(&a.key.verifying_key()))
+            .trust("city-b", &public_key_hex(&b.key.verifying_key()))
+    })
+    .await;
+    eventually("city-b's entries after city-a's refusal", || async {
+        node.head("city-b").await.0 == 2
+    })
+    .await;
+    eventually("the refusal of city-a on show", || async {
+        let status = node.status().await;
+        status.peers[0]
+            .last_error
+            .contains("city-a: seq 1 has an invalid signature")
+    })
+    .await;
+    assert_eq!(node.head("city-a").await.0, 0, "a refused entry was stored");
+    assert!(node.status().await.peers[0].refused >= 3);
 }
 
 /// A peer relaying many origins: the status lists 16 of them for it (those

@@ -520,6 +520,178 @@ pub fn verify_chain(
 }
 
 /// How an origin's validly signed entries disagree with the feed held.
+/// Most bytes of entries, counted from the first whose own signature does
+/// not verify, that a later entry's signature may cover: one message's
+/// worth at the default `limits.max_message_bytes`. A range a node takes
+/// can so always be taken again by the node it serves it to, however it
+/// is cut into messages there.
+pub const COVER_BYTES: usize = 4 * 1024 * 1024;
+
+/// What [`authenticate`] made of entries received after a tip.
+#[derive(Debug)]
+pub struct Authenticated {
+    /// The entries authenticated, in order: each by its own signature, or
+    /// covered by the signature of a later one within [`COVER_BYTES`]
+    /// with every link between.
+    pub accepted: Vec<Entry>,
+    /// The tip after them.
+    pub tip: Option<Tip>,
+    /// The key in force after them.
+    pub key: VerifyingKey,
+    /// Entries linked after `accepted`, from one whose signature does not
+    /// verify, that a later entry may still cover: given again, first,
+    /// with the entries that follow them. Never trusted as they are.
+    pub uncovered: Vec<Entry>,
+    /// The first entry refused, and why; the entries after it were not
+    /// looked at.
+    pub refused: Option<(FeedError, Entry)>,
+}
+
+/// Authenticates entries received after `tip`, in order, as far as they
+/// go: as one range when [`verify_chain`] takes them (one signature
+/// check); otherwise entry by entry, an entry whose own signature fails
+/// being taken only when a later entry within [`COVER_BYTES`] verifies its
+/// own and every link between holds. An entry that carries trust (a
+/// rotation, a roster entry) must verify its own signature, and no
+/// signature covers entries of an earlier feed (a replacement's).
+pub fn authenticate(
+    origin: &str,
+    key: &VerifyingKey,
+    replacements: &[Replacement],
+    tip: Option<Tip>,
+    entries: Vec<Entry>,
+) -> Authenticated {
+    let mut out = Authenticated {
+        accepted: Vec::new(),
+        tip,
+        key: *key,
+        uncovered: Vec::new(),
+        refused: None,
+    };
+    // The common case, one message of validly signed entries: one check.
+    if entries.iter().map(entry_bytes).sum::<usize>() <= COVER_BYTES {
+        if let Ok((tip, key)) = verify_chain(origin, key, replacements, tip.as_ref(), &entries) {
+            (out.accepted, out.tip, out.key) = (entries, tip, key);
+            return out;
+        }
+    }
+    let mut rest: std::collections::VecDeque<Entry> = entries.into();
+    while !rest.is_empty() {
+        // At most COVER_BYTES as one range: a signature covers no more.
+        let mut bytes = 0;
+        let window = rest
+            .iter()
+            .take_while(|e| {
+                bytes += entry_bytes(e);
+                bytes <= COVER_BYTES
+            })
+            .count()
+            .max(1);
+        let range = &rest.make_contiguous()[..window];
+        if let Ok((tip, key)) =
+            verify_chain(origin, &out.key, replacements, out.tip.as_ref(), range)
+        {
+            out.accepted.extend(rest.drain(..window));
+            (out.tip, out.key) = (tip, key);
+            continue;
+        }
+        // Entry by entry up to the first whose own signature fails.
+        let mut key = out.key;
+        while let Some(entry) = rest.pop_front() {
+            let new_feed = out
+                .tip
+                .and_then(|tip| replacements.iter().find(|r| r.starts(&tip, &entry)));
+            key = new_feed.map_or(out.key, |r| r.new_key);
+            let linked = check_link(origin, replacements, out.tip.as_ref(), &entry)
+                .and_then(|()| rotation_key(&entry));
+            let checked = linked.and_then(|next| verify_signature(&key, &entry).map(|()| next));
+            match checked {
+                Ok(next) => {
+                    out.key = next.unwrap_or(key);
+                    out.tip = Some(entry.tip());
+                    out.accepted.push(entry);
+                }
+                Err(FeedError::BadSignature { .. }) if !carries_trust(&entry) => {
+                    rest.push_front(entry);
+                    break;
+                }
+                Err(fault) => {
+                    out.refused = Some((fault, entry));
+                    return out;
+                }
+            }
+        }
+        let Some(first_seq) = rest.front().map(|e| e.body.seq) else {
+            break;
+        };
+        // A later signature within reach, every link holding, covers it.
+        let mut bytes = 0;
+        let mut before: Option<Tip> = None;
+        let mut cover = None;
+        let mut reached_end = true;
+        for (i, entry) in rest.iter().enumerate() {
+            bytes += entry_bytes(entry);
+            if bytes > COVER_BYTES {
+                reached_end = false;
+                break;
+            }
+            if let Some(before) = before {
+                let new_feed = replacements.iter().any(|r| r.starts(&before, entry));
+                let linked = check_link(origin, replacements, Some(&before), entry);
+                if new_feed || linked.is_err() || rotation_key(entry).is_err() {
+                    reached_end = false;
+                    break;
+                }
+                if verify_signature(&key, entry).is_ok() {
+                    cover = Some(i);
+                    break;
+                }
+                if carries_trust(entry) {
+                    reached_end = false;
+                    break;
+                }
+            }
+            before = Some(entry.tip());
+        }
+        match cover {
+            Some(last) => {
+                let covered: Vec<Entry> = rest.drain(..=last).collect();
+                let last = &covered[covered.len() - 1];
+                // Checked above: a rotation names a valid key.
+                out.key = rotation_key(last).ok().flatten().unwrap_or(key);
+                out.tip = Some(last.tip());
+                out.accepted.extend(covered);
+            }
+            None if reached_end => {
+                out.uncovered = rest.into();
+                return out;
+            }
+            None => {
+                let fault = FeedError::BadSignature {
+                    origin: origin.to_owned(),
+                    seq: first_seq,
+                };
+                out.refused = rest.pop_front().map(|entry| (fault, entry));
+                return out;
+            }
+        }
+    }
+    out
+}
+
+fn entry_bytes(entry: &Entry) -> usize {
+    entry.signed.body.len() + entry.signed.signature.len()
+}
+
+/// Whether an entry's own signature must verify: it hands over a key or
+/// names a member.
+fn carries_trust(entry: &Entry) -> bool {
+    matches!(
+        entry.body.payload,
+        Some(Payload::KeyRotation(_) | Payload::Roster(_))
+    )
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConflictKind {
     /// Two different entries at one seq of one feed: the key holder signed
@@ -842,6 +1014,145 @@ pub(crate) mod tests {
             entries.push(Entry::sign(key, body).unwrap());
         }
         entries
+    }
+
+    /// `count` entries of city-a, each signed by `signer(seq)`, with
+    /// `padding` bytes of text each.
+    fn chain_by<'k>(
+        signer: impl Fn(u64) -> &'k SigningKey,
+        count: u64,
+        padding: usize,
+    ) -> Vec<Entry> {
+        let mut entries: Vec<Entry> = Vec::new();
+        for seq in 1..=count {
+            let prev = entries.last().map_or(GENESIS_PREV_HASH, |e| e.hash);
+            let body = EntryBody {
+                origin: "city-a".into(),
+                feed_id: vec![7; 16],
+                seq,
+                prev_hash: prev.to_vec(),
+                time_unix_micros: 1_000 + seq as i64,
+                idempotency_key: vec![seq as u8; 16],
+                payload: Some(Payload::Withdrawal(OfferWithdrawal {
+                    offer_id: format!("offer-{seq}"),
+                    reason: "x".repeat(padding),
+                })),
+            };
+            entries.push(Entry::sign(signer(seq), body).unwrap());
+        }
+        entries
+    }
+
+    fn seqs(entries: &[Entry]) -> Vec<u64> {
+        entries.iter().map(|e| e.body.seq).collect()
+    }
+
+    #[test]
+    fn entries_a_later_signature_covers_are_taken_across_messages() {
+        let (good, wrong) = (key(1), key(9));
+        let entries = chain_by(
+            |seq| {
+                if (2..=4).contains(&seq) {
+                    &wrong
+                } else {
+                    &good
+                }
+            },
+            6,
+            0,
+        );
+        let pk = good.verifying_key();
+        // In one message: all of it.
+        let whole = authenticate("city-a", &pk, &[], None, entries.clone());
+        assert_eq!(seqs(&whole.accepted), [1, 2, 3, 4, 5, 6]);
+        assert!(whole.refused.is_none() && whole.uncovered.is_empty());
+        assert_eq!(whole.tip, Some(entries[5].tip()));
+        // Cut after seq 3: seq 1 is taken, 2 and 3 wait for the next
+        // message, which covers them.
+        let first = authenticate("city-a", &pk, &[], None, entries[..3].to_vec());
+        assert_eq!(seqs(&first.accepted), [1]);
+        assert_eq!(seqs(&first.uncovered), [2, 3]);
+        assert!(first.refused.is_none());
+        assert_eq!(first.tip, Some(entries[0].tip()));
+        let mut next = first.uncovered;
+        next.extend_from_slice(&entries[3..]);
+        let second = authenticate("city-a", &pk, &[], first.tip, next);
+        assert_eq!(seqs(&second.accepted), [2, 3, 4, 5, 6]);
+        assert!(second.refused.is_none() && second.uncovered.is_empty());
+    }
+
+    #[test]
+    fn a_bad_signature_nothing_within_reach_covers_is_refused() {
+        let (good, wrong) = (key(1), key(9));
+        let pk = good.verifying_key();
+        // A broken link before any good signature: seq 2 is refused.
+        let mut entries = chain_by(|seq| if seq == 2 { &wrong } else { &good }, 4, 0);
+        let mut body = entries[2].body.clone();
+        body.prev_hash = vec![0; 32];
+        entries[2] = Entry::sign(&good, body).unwrap();
+        let out = authenticate("city-a", &pk, &[], None, entries);
+        assert_eq!(seqs(&out.accepted), [1]);
+        assert!(matches!(
+            out.refused,
+            Some((FeedError::BadSignature { seq: 2, .. }, _))
+        ));
+        assert!(out.uncovered.is_empty());
+        // More than COVER_BYTES of bad signatures before the good one.
+        let padding = 60 * 1024;
+        let count = (COVER_BYTES / padding) as u64 + 3;
+        let entries = chain_by(
+            |seq| if seq == count { &good } else { &wrong },
+            count,
+            padding,
+        );
+        let out = authenticate("city-a", &pk, &[], None, entries.clone());
+        assert!(out.accepted.is_empty() && out.uncovered.is_empty());
+        assert!(matches!(
+            out.refused,
+            Some((FeedError::BadSignature { seq: 1, .. }, _))
+        ));
+        // Within reach it waits: the covering entry may come next.
+        let out = authenticate("city-a", &pk, &[], None, entries[..10].to_vec());
+        assert_eq!((out.accepted.len(), out.uncovered.len()), (0, 10));
+        assert!(out.refused.is_none());
+    }
+
+    #[test]
+    fn a_rotation_must_verify_its_own_signature() {
+        let (good, wrong, next) = (key(1), key(9), key(3));
+        let pk = good.verifying_key();
+        let first = chain(&good, "city-a", 1);
+        // A rotation signed with the wrong key, then an entry the key it
+        // names signs: the rotation is refused, not covered.
+        let bad_rotation = rotation(&wrong, &first[0], None, &next);
+        let after = extend(&next, &bad_rotation, 7, 3);
+        let entries: Vec<Entry> = first
+            .iter()
+            .chain([&bad_rotation])
+            .chain(&after)
+            .cloned()
+            .collect();
+        let out = authenticate("city-a", &pk, &[], None, entries);
+        assert_eq!(seqs(&out.accepted), [1]);
+        assert!(matches!(
+            out.refused,
+            Some((FeedError::BadSignature { seq: 2, .. }, _))
+        ));
+        // A bad entry before a good rotation is covered by it, and the key
+        // it names holds after it.
+        let bad = chain_by(|seq| if seq == 2 { &wrong } else { &good }, 2, 0);
+        let good_rotation = rotation(&good, &bad[1], None, &next);
+        let after = extend(&next, &good_rotation, 7, 5);
+        let entries: Vec<Entry> = bad
+            .iter()
+            .chain([&good_rotation])
+            .chain(&after)
+            .cloned()
+            .collect();
+        let out = authenticate("city-a", &pk, &[], None, entries);
+        assert_eq!(seqs(&out.accepted), [1, 2, 3, 4, 5]);
+        assert_eq!(out.key, next.verifying_key());
+        assert!(out.refused.is_none());
     }
 
     #[test]
