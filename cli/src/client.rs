@@ -308,7 +308,8 @@ where
         // most likely a node using TLS spoken to in plain HTTP/2.
         let broken = broke(&status);
         let retry = (status.code() == Code::Unavailable
-            && refusal_hint(status.message()).is_none())
+            && refusal_hint(status.message()).is_none()
+            && !writes_stopped(&status))
             || (broken && !broke_before);
         broke_before = broken;
         if !retry || Instant::now() + pause >= deadline {
@@ -317,6 +318,12 @@ where
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
     }
+}
+
+/// Whether the node stopped writing after a storage failure: it stays so
+/// until an operator fixes the disk and restarts it, so a retry is no use.
+fn writes_stopped(status: &tonic::Status) -> bool {
+    status.message().starts_with("writes are stopped")
 }
 
 /// Whether the connection broke under the call: the node went away (its
@@ -385,4 +392,36 @@ pub(crate) fn describe(status: &tonic::Status) -> String {
         false => "",
     };
     format!("{:?}: {}{hint}", status.code(), status.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Calls `retrying` with a call that fails with `status` every time;
+    /// returns how many times it was made.
+    async fn attempts(status: tonic::Status) -> usize {
+        let calls = AtomicUsize::new(0);
+        let failed = retrying(Duration::from_millis(300), || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let status = status.clone();
+            async move { Err::<(), _>(status) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(failed.status.message(), status.message());
+        calls.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn a_node_whose_writes_stopped_is_not_retried() {
+        let stopped = tonic::Status::unavailable(
+            "writes are stopped after a storage failure; reads still work; fix the disk and restart the node",
+        );
+        assert_eq!(attempts(stopped).await, 1);
+        // A node not ready yet is retried until the wait is over.
+        let not_ready = tonic::Status::unavailable("publishing is closed until a peer served");
+        assert!(attempts(not_ready).await > 1);
+    }
 }
