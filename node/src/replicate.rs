@@ -1029,10 +1029,12 @@ impl Replicator {
         let Some(held_key) = self.key_after(origin, held.body.seq.saturating_sub(1))? else {
             return Ok(Judged::Forged);
         };
+        // Another feed is the origin's word only with the key in force
+        // now: a key rotated away may have been retired for being exposed.
         let other_key = if other.body.feed_id == held.body.feed_id {
             self.key_after(origin, other.body.seq.saturating_sub(1))?
         } else if self.keys.replacements(origin).is_empty() {
-            self.keys.key_for(origin, &[], 0)
+            self.key_after(origin, self.held_seq(origin))?
         } else {
             None
         };
@@ -1596,6 +1598,39 @@ mod tests {
     /// seqs kept is refused, not evidence: a thief cannot stop the origin's
     /// replication by signing a fork of its past. Before this node holds
     /// that last entry, it cannot tell which one the roster kept.
+    #[tokio::test]
+    async fn another_feeds_genesis_is_judged_with_the_key_in_force_not_one_rotated_away() {
+        use crate::core::feed::ConflictKind;
+        use civex_proto::v1::{entry_body::Payload, KeyRotation};
+        let dir = tempfile::tempdir().unwrap();
+        let replicator = replicator(dir.path(), &[]);
+        // city-a (first key 1) rotates to key 3 at seq 2.
+        let first = chain(&key(1), "city-a", 1).remove(0);
+        let mut body = first.body.clone();
+        (body.seq, body.prev_hash) = (2, first.hash.to_vec());
+        body.payload = Some(Payload::KeyRotation(KeyRotation {
+            new_key: key(3).verifying_key().to_bytes().to_vec(),
+        }));
+        let rotation = Entry::sign(&key(1), body).unwrap();
+        replicator
+            .writer
+            .write(job(&[first.clone(), rotation]))
+            .await
+            .unwrap();
+        let genesis_by = |signer: u8| {
+            let mut body = first.body.clone();
+            body.feed_id = vec![5; 16];
+            Entry::sign(&key(signer), body).unwrap()
+        };
+        let judged = replicator.judge(&first, &genesis_by(1)).unwrap();
+        assert!(matches!(judged, Judged::Forged), "{judged:?}");
+        let judged = replicator.judge(&first, &genesis_by(3)).unwrap();
+        assert!(
+            matches!(&judged, Judged::Conflict(c) if c.kind == ConflictKind::Recreated),
+            "{judged:?}"
+        );
+    }
+
     #[tokio::test]
     async fn a_fork_of_the_history_the_roster_kept_is_refused_not_evidence() {
         use crate::core::feed::ConflictKind;
