@@ -26,8 +26,8 @@ use crate::{
         ids::{check_origin_id, check_slug, hex, quote},
         index::ObservationKey,
         ingest::{
-            prepare_batch, split_batch, EarlierCell, FeedView, IngestContext, IngestError,
-            InputRow, Noise, PreparedBatch, RowError,
+            prepare_batch, split_batch, EarlierVersion, FeedView, IngestContext, IngestError,
+            InputRow, Noise, PreparedBatch, RowError, VersionCell,
         },
         policy::Policy,
         sdc::{rounding::rounding_interval, AggregationKind, NoiseSeed},
@@ -101,18 +101,33 @@ impl IndicatorRules {
     }
 }
 
-/// The table cells the own feed holds, from the store: the latest version
-/// of each cell (suppressions stay across revisions, so a cell suppressed
-/// once is suppressed in its latest version). `secret_base` is the
-/// rounding base of versions that withhold it (see [`earlier_cell`]).
-fn stored_cells(
+/// The versions of one table the own feed holds, oldest first, and the
+/// publish group of the latest (a group's later parts, signed but not yet
+/// durable, belong to that version too).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct TableVersions {
+    versions: Vec<EarlierVersion>,
+    latest_group: Option<Vec<u8>>,
+}
+
+/// Which version an entry's cells belong to: one publish is one entry, or
+/// the parts of one publish group.
+fn version_id(seq: u64, batch: &IndicatorBatch) -> Result<u64, Vec<u8>> {
+    batch.group.as_ref().map_or(Ok(seq), |g| Err(g.id.clone()))
+}
+
+/// The versions of a table the own feed holds, from the store: each
+/// publish of it, superseded and retracted ones too (spec rule 2), oldest
+/// first. `secret_base` is the rounding base of versions that withhold it
+/// (see [`version_cell`]).
+fn stored_versions(
     store: &SharedStore,
     origin: &str,
     indicator: &str,
     edition: &str,
     period: &str,
     secret_base: Option<f64>,
-) -> Result<Vec<EarlierCell>, String> {
+) -> Result<TableVersions, String> {
     let start = ObservationKey {
         origin: origin.to_owned(),
         indicator: indicator.to_owned(),
@@ -121,9 +136,7 @@ fn stored_cells(
         period: String::new(),
         breakdown: String::new(),
     };
-    // Every version of each cell, oldest first: superseded and retracted
-    // ones are known to an attacker too (spec rule 2).
-    let mut versions: Vec<(ObservationKey, u64, u32)> = Vec::new();
+    let mut cells: Vec<(ObservationKey, u64, u32)> = Vec::new();
     for row in store.observation_rows(Some(origin), Some(&start)) {
         let row = row.map_err(|e| e.to_string())?;
         if row.key.indicator != indicator || row.key.catalog_edition != edition {
@@ -132,13 +145,15 @@ fn stored_cells(
         if row.key.period != period {
             continue;
         }
-        versions.push((row.key, row.seq, row.position));
+        cells.push((row.key, row.seq, row.position));
     }
+    // Entries in feed order, so versions come oldest first.
+    cells.sort_by_key(|&(_, seq, position)| (seq, position));
     // Each entry decoded once, however many of its cells it holds.
     let mut batches: HashMap<u64, IndicatorBatch> = HashMap::new();
-    let mut cells: Vec<EarlierCell> = Vec::new();
-    let mut last_key: Option<ObservationKey> = None;
-    for (key, seq, position) in versions {
+    let mut table = TableVersions::default();
+    let mut latest: Option<Result<u64, Vec<u8>>> = None;
+    for (key, seq, position) in cells {
         let batch = match batches.entry(seq) {
             std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => {
@@ -163,15 +178,17 @@ fn stored_cells(
             .get(position as usize)
             .ok_or_else(|| format!("entry {seq} of the own feed has no cell {position}"))?;
         debug_assert_eq!(observation.ref_area, key.ref_area);
-        let version = earlier_cell(observation, batch, secret_base)
+        let cell = version_cell(observation, batch, secret_base)
             .map_err(|m| format!("entry {seq} of the own feed: {m}"))?;
-        match cells.last_mut() {
-            Some(cell) if last_key.as_ref() == Some(&key) => cell.supersede(version),
-            _ => cells.push(version),
+        let id = version_id(seq, batch);
+        match table.versions.last_mut() {
+            Some(version) if latest.as_ref() == Some(&id) => version.cells.push(cell),
+            _ => table.versions.push(EarlierVersion { cells: vec![cell] }),
         }
-        last_key = Some(key);
+        table.latest_group = id.clone().err();
+        latest = Some(id);
     }
-    Ok(cells)
+    Ok(table)
 }
 
 /// What a published cell tells an attacker. A rounding base withheld from
@@ -181,11 +198,11 @@ fn stored_cells(
 /// configured, what the version tells cannot be modelled, and reading the
 /// table fails (the publish is refused) rather than take it as telling
 /// nothing.
-fn earlier_cell(
+fn version_cell(
     observation: &Observation,
     batch: &IndicatorBatch,
     secret_base: Option<f64>,
-) -> Result<EarlierCell, String> {
+) -> Result<VersionCell, String> {
     let rules = batch.rules.get(observation.rules as usize);
     let noised = rules.is_some_and(|r| {
         r.parameters.iter().any(|p| p.rule == "noise")
@@ -213,53 +230,47 @@ fn earlier_cell(
     // a whole base its interval is the exact integer range.
     let integer = rules.is_some_and(|r| r.aggregation == AggregationKind::Count.name())
         && base.fract() == 0.0;
-    Ok(EarlierCell {
+    Ok(VersionCell {
         ref_area: observation.ref_area.clone(),
         breakdown: observation.breakdown.clone(),
         suppressed: observation.value.is_none(),
-        known: observation
-            .value
-            .filter(|_| !noised)
-            .map(|v| {
-                if base > 0.0 {
-                    rounding_interval(v, base, integer)
-                } else {
-                    (v, v)
-                }
-            })
-            .into_iter()
-            .collect(),
+        known: observation.value.filter(|_| !noised).map(|v| {
+            if base > 0.0 {
+                rounding_interval(v, base, integer)
+            } else {
+                (v, v)
+            }
+        }),
     })
 }
 
-/// Replaces the cells of `cells` (one table) that `batch` publishes anew.
-fn note_cells(
-    cells: &mut Vec<EarlierCell>,
+/// Adds what `batch` publishes of one table to its versions: a version of
+/// its own, or the next part of the latest one's publish group.
+fn note_version(
+    table: &mut TableVersions,
     batch: &IndicatorBatch,
     indicator: &str,
     edition: &str,
     period: &str,
     secret_base: Option<f64>,
 ) -> Result<(), String> {
-    let mut at: HashMap<(String, String), usize> = cells
-        .iter()
-        .enumerate()
-        .map(|(i, c)| ((c.ref_area.clone(), c.breakdown.clone()), i))
-        .collect();
-    for o in batch
+    let cells: Vec<VersionCell> = batch
         .observations
         .iter()
         .filter(|o| o.indicator == indicator && o.catalog_edition == edition && o.period == period)
-    {
-        let cell = earlier_cell(o, batch, secret_base)?;
-        match at.get(&(cell.ref_area.clone(), cell.breakdown.clone())) {
-            Some(&i) => cells[i].supersede(cell),
-            None => {
-                at.insert((cell.ref_area.clone(), cell.breakdown.clone()), cells.len());
-                cells.push(cell);
-            }
-        }
+        .map(|o| version_cell(o, batch, secret_base))
+        .collect::<Result<_, _>>()?;
+    if cells.is_empty() {
+        return Ok(());
     }
+    let group = batch.group.as_ref().map(|g| g.id.clone());
+    match table.versions.last_mut() {
+        Some(latest) if group.is_some() && group == table.latest_group => {
+            latest.cells.extend(cells);
+        }
+        _ => table.versions.push(EarlierVersion { cells }),
+    }
+    table.latest_group = group;
     Ok(())
 }
 
@@ -278,23 +289,23 @@ struct OwnView<'a> {
     rules: &'a IndicatorRules,
     /// Payloads signed but perhaps not durable yet, by seq.
     pending: &'a [(u64, Payload)],
-    /// Cells per table, kept by the sequencer between publishes.
-    cache: Option<&'a RefCell<HashMap<TableKey, Vec<EarlierCell>>>>,
+    /// Versions per table, kept by the sequencer between publishes.
+    cache: Option<&'a RefCell<HashMap<TableKey, TableVersions>>>,
 }
 
 impl FeedView for OwnView<'_> {
-    fn earlier_cells(
+    fn earlier_versions(
         &mut self,
         indicator: &str,
         edition: &str,
         period: &str,
-    ) -> Result<Vec<EarlierCell>, String> {
+    ) -> Result<Vec<EarlierVersion>, String> {
         let key = (indicator.to_owned(), edition.to_owned(), period.to_owned());
-        if let Some(cells) = self.cache.and_then(|c| c.borrow().get(&key).cloned()) {
-            return Ok(cells);
+        if let Some(table) = self.cache.and_then(|c| c.borrow().get(&key).cloned()) {
+            return Ok(table.versions);
         }
         let secret_base = self.rules.rounding_base(indicator, edition);
-        let mut cells = stored_cells(
+        let mut table = stored_versions(
             self.store,
             self.origin,
             indicator,
@@ -304,18 +315,19 @@ impl FeedView for OwnView<'_> {
         )?;
         for (_, payload) in self.pending {
             if let Payload::Indicators(batch) = payload {
-                note_cells(&mut cells, batch, indicator, edition, period, secret_base)?;
+                note_version(&mut table, batch, indicator, edition, period, secret_base)?;
             }
         }
+        let versions = table.versions.clone();
         if let Some(cache) = self.cache {
             let mut cache = cache.borrow_mut();
             // Bounded: reloading a table from the store is only slower.
             if cache.len() >= MAX_CACHED_TABLES {
                 cache.clear();
             }
-            cache.insert(key, cells.clone());
+            cache.insert(key, table);
         }
-        Ok(cells)
+        Ok(versions)
     }
 
     fn spent_nanos(&mut self, indicator: &str, edition: &str, period: &str) -> Result<u64, String> {
@@ -788,8 +800,8 @@ struct Sequencer {
     rules: Arc<IndicatorRules>,
     /// Where the roster replaced this feed's lost keys.
     keys: Arc<KeyResolver>,
-    /// Cells of the tables published lately (see [`OwnView`]).
-    tables: RefCell<HashMap<TableKey, Vec<EarlierCell>>>,
+    /// Versions of the tables published lately (see [`OwnView`]).
+    tables: RefCell<HashMap<TableKey, TableVersions>>,
     store: SharedStore,
     writer: Writer,
     own: OwnFeed,
@@ -1264,10 +1276,10 @@ impl Sequencer {
             .collect();
         for key in touched {
             let secret_base = self.rules.rounding_base(&key.0, &key.1);
-            if let Some(cells) = tables.get_mut(&key) {
+            if let Some(table) = tables.get_mut(&key) {
                 // A table that cannot be noted leaves the cache: the next
                 // publish reads it again, and is refused there.
-                if note_cells(cells, batch, &key.0, &key.1, &key.2, secret_base).is_err() {
+                if note_version(table, batch, &key.0, &key.1, &key.2, secret_base).is_err() {
                     tables.remove(&key);
                 }
             }
@@ -1833,6 +1845,7 @@ mod tests {
 
     use super::*;
     use crate::core::feed::tests::key;
+    use crate::core::ingest::merge_versions;
 
     /// The offer id whose publish panics while it is signed.
     pub(super) const PANICS: &str = "panics-for-test";
@@ -2028,7 +2041,9 @@ mod tests {
         store
             .commit(&crate::store::tests::commit_of(&entries))
             .unwrap();
-        let cells = stored_cells(&store, "city-a", "jobs", "test", "2025", None).unwrap();
+        let table = stored_versions(&store, "city-a", "jobs", "test", "2025", None).unwrap();
+        assert_eq!(table.versions.len(), 3, "one version per publish");
+        let cells = merge_versions(&table.versions);
         assert_eq!(cells.len(), 1);
         assert!(
             cells[0].suppressed,
@@ -2036,13 +2051,15 @@ mod tests {
         );
         assert_eq!(cells[0].known, [(30.0, 30.0), (37.0, 37.0)]);
         // A version signed but not yet durable adds to what is known too.
-        let mut cached = cells.clone();
+        let mut cached = table.clone();
         let Payload::Indicators(batch) = cell(Some(41.0)) else {
             unreachable!()
         };
-        note_cells(&mut cached, &batch, "jobs", "test", "2025", None).unwrap();
-        assert!(!cached[0].suppressed);
-        assert_eq!(cached[0].known, [(30.0, 30.0), (37.0, 37.0), (41.0, 41.0)]);
+        note_version(&mut cached, &batch, "jobs", "test", "2025", None).unwrap();
+        assert_eq!(cached.versions.len(), 4);
+        let cells = merge_versions(&cached.versions);
+        assert!(!cells[0].suppressed);
+        assert_eq!(cells[0].known, [(30.0, 30.0), (37.0, 37.0), (41.0, 41.0)]);
     }
 
     /// One cell of `indicator` published as `value`, with the rule set of
@@ -2075,9 +2092,9 @@ mod tests {
         // Rounded to 5 (halves away from zero), a published 10 means 8 to 12
         // for a whole number; for a sum, any real from 7.5 to 12.5.
         let known = |batch: IndicatorBatch| {
-            let mut cells = Vec::new();
-            note_cells(&mut cells, &batch, "jobs", "local", "2025", None).unwrap();
-            cells[0].known.clone()
+            let mut table = TableVersions::default();
+            note_version(&mut table, &batch, "jobs", "local", "2025", None).unwrap();
+            merge_versions(&table.versions)[0].known.clone()
         };
         assert_eq!(known(rounded("jobs", "count", "5", 10.0)), [(8.0, 12.0)]);
         assert_eq!(known(rounded("jobs", "count", "5", 0.0)), [(-2.0, 2.0)]);
@@ -2129,8 +2146,8 @@ mod tests {
                 pending: &[],
                 cache: None,
             };
-            view.earlier_cells("jobs", "local", "2025")
-                .map(|cells| cells[0].known.clone())
+            view.earlier_versions("jobs", "local", "2025")
+                .map(|versions| merge_versions(&versions)[0].known.clone())
         };
         assert_eq!(known(&rules), Ok(vec![(8.0, 12.0)]));
         // With no base configured any more, the revision is refused, not

@@ -607,16 +607,63 @@ impl EarlierCell {
     }
 }
 
+/// One cell of one earlier version of a table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionCell {
+    /// Reference area.
+    pub ref_area: String,
+    /// Breakdown.
+    pub breakdown: String,
+    /// Whether that version suppressed it.
+    pub suppressed: bool,
+    /// The interval that version told an attacker (exact value, rounding
+    /// interval); `None` when suppressed or noised.
+    pub known: Option<(f64, f64)>,
+}
+
+/// One publish of a table already in the own feed (current, superseded or
+/// retracted): a revision restates every cell, so a version is the whole
+/// table of its time, possibly with fewer cells than now.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EarlierVersion {
+    /// Its cells, in any order.
+    pub cells: Vec<VersionCell>,
+}
+
+/// The cells of a table's `versions` (oldest first), each with what all
+/// its versions told and the status of its latest.
+pub fn merge_versions(versions: &[EarlierVersion]) -> Vec<EarlierCell> {
+    let mut cells: Vec<EarlierCell> = Vec::new();
+    let mut at: HashMap<(&str, &str), usize> = HashMap::new();
+    for cell in versions.iter().flat_map(|v| &v.cells) {
+        let version = EarlierCell {
+            ref_area: cell.ref_area.clone(),
+            breakdown: cell.breakdown.clone(),
+            suppressed: cell.suppressed,
+            known: cell.known.into_iter().collect(),
+        };
+        match at.get(&(cell.ref_area.as_str(), cell.breakdown.as_str())) {
+            Some(&i) => cells[i].supersede(version),
+            None => {
+                at.insert((&cell.ref_area, &cell.breakdown), cells.len());
+                cells.push(version);
+            }
+        }
+    }
+    cells
+}
+
 /// What the own feed already holds, as the sequencer sees it (durable
 /// entries and entries signed but not yet durable).
 pub trait FeedView {
-    /// Every cell of (indicator, edition, period) published so far.
-    fn earlier_cells(
+    /// Every version of (indicator, edition, period) published so far,
+    /// oldest first.
+    fn earlier_versions(
         &mut self,
         indicator: &str,
         edition: &str,
         period: &str,
-    ) -> Result<Vec<EarlierCell>, String>;
+    ) -> Result<Vec<EarlierVersion>, String>;
     /// Privacy budget spent on (indicator, edition, period), in 1e-9 rho.
     fn spent_nanos(&mut self, indicator: &str, edition: &str, period: &str) -> Result<u64, String>;
 }
@@ -1200,9 +1247,10 @@ fn protect_table(
     if matches!(noise, Noise::Preview) {
         settings.noise = None;
     }
-    let earlier = feed
-        .earlier_cells(code, edition, period)
+    let versions = feed
+        .earlier_versions(code, edition, period)
         .map_err(IngestError::Feed)?;
+    let earlier = merge_versions(&versions);
     let key_of = |c: &Cell<'_>| (c.row.ref_area.clone(), c.row.breakdown.clone());
     let keys: HashSet<(String, String)> = rows.cells.iter().map(key_of).collect();
     if let Some(missing) = earlier
@@ -1315,16 +1363,58 @@ fn protect_table(
                 })
         })
         .collect();
-    if known.iter().any(Option::is_some) {
-        let report = sdc::engine::audit_knowing(&table, &resolved.settings, &statuses, &known)
-            .map_err(engine_failure)?;
-        if let Some(&cell) = report.failures.first() {
-            out.refusal.get_or_insert_with(|| {
-                format!(
-                    "{name}: with the values an earlier version of this table published, {} could be narrowed to within its protection interval; nothing was published",
-                    table.label(cell)
-                )
-            });
+    // The totals of earlier versions tell equations between their cells,
+    // which an attacker combines with this version's by taking cells that
+    // did not visibly change as unchanged (`sdc::revision`).
+    let equations = indicator.kind.is_additive()
+        && !versions.is_empty()
+        && statuses.iter().any(|s| s.is_suppressed());
+    if equations || known.iter().any(Option::is_some) {
+        let index_of: HashMap<(&str, &str), usize> = rows
+            .cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ((c.row.ref_area.as_str(), c.row.breakdown.as_str()), i))
+            .collect();
+        // Every earlier cell is restated (checked above).
+        let versions: Vec<sdc::revision::Version> = versions
+            .iter()
+            .map(|v| sdc::revision::Version {
+                cells: v
+                    .cells
+                    .iter()
+                    .filter_map(|c| {
+                        let i = index_of.get(&(c.ref_area.as_str(), c.breakdown.as_str()))?;
+                        Some(sdc::revision::VersionCell {
+                            coords: rows.cells[*i].coords.clone(),
+                            told: c.known,
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        match sdc::revision::audit_revision(
+            &table,
+            &resolved.settings,
+            &statuses,
+            &known,
+            &versions,
+        ) {
+            Ok(unmet) => {
+                if let Some(&cell) = unmet.first() {
+                    out.refusal.get_or_insert_with(|| {
+                        format!(
+                            "{name}: with the values an earlier version of this table published, {} could be narrowed to within its protection interval; nothing was published",
+                            table.label(cell)
+                        )
+                    });
+                }
+            }
+            Err(sdc::SdcError::RevisionUnaudited(why)) => {
+                out.refusal
+                    .get_or_insert_with(|| format!("{name}: {why}; nothing was published"));
+            }
+            Err(err) => return Err(engine_failure(err)),
         }
     }
     // The rule set, shared by tables with the same settings (a preview
@@ -1477,13 +1567,18 @@ mod tests {
     /// An own feed held in memory.
     #[derive(Default)]
     struct Feed {
-        earlier: Vec<EarlierCell>,
+        versions: Vec<EarlierVersion>,
         spent: u64,
     }
 
     impl FeedView for Feed {
-        fn earlier_cells(&mut self, _: &str, _: &str, _: &str) -> Result<Vec<EarlierCell>, String> {
-            Ok(self.earlier.clone())
+        fn earlier_versions(
+            &mut self,
+            _: &str,
+            _: &str,
+            _: &str,
+        ) -> Result<Vec<EarlierVersion>, String> {
+            Ok(self.versions.clone())
         }
         fn spent_nanos(&mut self, _: &str, _: &str, _: &str) -> Result<u64, String> {
             Ok(self.spent)
@@ -1973,20 +2068,12 @@ mod tests {
             row("rate", "city-a/south", "2025", 5.0, 300),
         ];
         let mut feed = Feed {
-            earlier: vec![
-                EarlierCell {
-                    ref_area: "city-a/north".into(),
-                    breakdown: String::new(),
-                    suppressed: true,
-                    known: Vec::new(),
-                },
-                EarlierCell {
-                    ref_area: "city-a/east".into(),
-                    breakdown: String::new(),
-                    suppressed: false,
-                    known: vec![(5.5, 5.5)],
-                },
-            ],
+            versions: vec![EarlierVersion {
+                cells: vec![
+                    version_cell("city-a/north", None),
+                    version_cell("city-a/east", Some((5.5, 5.5))),
+                ],
+            }],
             spent: 0,
         };
         let err = setup.prepare_in(&rows, &mut feed).unwrap_err().to_string();
@@ -1994,7 +2081,7 @@ mod tests {
             err.contains("must restate every cell") && err.contains("city-a/east is missing"),
             "{err}"
         );
-        feed.earlier.pop();
+        feed.versions[0].cells.pop();
         let prepared = setup.prepare_in(&rows, &mut feed).unwrap();
         assert_eq!(
             prepared.batch.observations[0].value, None,
@@ -2019,33 +2106,27 @@ mod tests {
                 row("jobs", "city-a/south", "2025", south, south as u64),
                 row("jobs", "city-a/east", "2025", east, east as u64),
             ];
-            let first = setup.prepare(&rows).unwrap();
-            let mut feed = Feed::default();
-            for (o, r) in first.batch.observations.iter().zip(&rows) {
-                let suppressed = o.value.is_none();
-                feed.earlier.push(EarlierCell {
-                    ref_area: r.ref_area.clone(),
-                    breakdown: String::new(),
-                    suppressed,
-                    known: o.value.map(|v| (v, v)).into_iter().collect(),
-                });
-            }
-            // Pretend every district was free earlier (north had more
-            // contributors).
-            for cell in &mut feed.earlier {
-                cell.suppressed = false;
-            }
+            // Every district was free earlier (north had more
+            // contributors), and the city was not published.
             // North was 5 then: its new value 2 is found only through south.
             // South was first published rounded (within 50), then exactly;
             // its latest version said otherwise (a correction since
             // retracted, say). The exact one still tells its value.
-            feed.earlier[1].known = vec![(5.0, 5.0)];
-            feed.earlier[2].known = vec![
-                (south - 50.0, south + 50.0),
-                (south, south),
-                (south + 7.0, south + 7.0),
-            ];
-            feed.earlier[3].known = vec![(east, east)];
+            let version = |north: f64, south: (f64, f64)| EarlierVersion {
+                cells: vec![
+                    version_cell("city-a/north", Some((north, north))),
+                    version_cell("city-a/south", Some(south)),
+                    version_cell("city-a/east", Some((east, east))),
+                ],
+            };
+            let mut feed = Feed {
+                versions: vec![
+                    version(5.0, (south - 50.0, south + 50.0)),
+                    version(5.0, (south, south)),
+                    version(5.0, (south + 7.0, south + 7.0)),
+                ],
+                spent: 0,
+            };
             let prepared = setup.prepare_in(&rows, &mut feed).unwrap();
             let refusal = prepared
                 .refusal
@@ -2128,7 +2209,7 @@ mod tests {
                         row("jobs", "city-a/east", "2025", 30.0, 30),
                     ]);
                 }
-                feed.earlier.clear();
+                feed.versions.clear();
                 let prepared = setup.prepare_in(&rows, &mut feed).unwrap();
                 let needed: u64 = prepared.batch.privacy.iter().map(|d| d.rho_nanos).sum();
                 proptest::prop_assert!(needed > 0);
@@ -2266,28 +2347,42 @@ mod tests {
         assert!(err.to_string().ends_with("(at character 15)"), "{err}");
     }
 
-    /// The feed an attacker holds after `prepared` was published: each
+    /// A cell of an earlier version: suppressed when it told nothing.
+    fn version_cell(ref_area: &str, known: Option<(f64, f64)>) -> VersionCell {
+        VersionCell {
+            ref_area: ref_area.into(),
+            breakdown: String::new(),
+            suppressed: known.is_none(),
+            known,
+        }
+    }
+
+    /// The version an attacker holds after `prepared` was published: each
     /// cell's published interval (exact, or rounded to `base`).
-    fn feed_after(prepared: &PreparedBatch, base: Option<f64>) -> Feed {
-        let earlier = prepared
+    fn version_after(prepared: &PreparedBatch, base: Option<f64>) -> EarlierVersion {
+        let cells = prepared
             .batch
             .observations
             .iter()
-            .map(|o| EarlierCell {
+            .map(|o| VersionCell {
                 ref_area: o.ref_area.clone(),
                 breakdown: o.breakdown.clone(),
                 suppressed: o.value.is_none(),
-                known: o
-                    .value
-                    .map(|v| match base {
-                        Some(b) => crate::core::sdc::rounding::rounding_interval(v, b, true),
-                        None => (v, v),
-                    })
-                    .into_iter()
-                    .collect(),
+                known: o.value.map(|v| match base {
+                    Some(b) => crate::core::sdc::rounding::rounding_interval(v, b, true),
+                    None => (v, v),
+                }),
             })
             .collect();
-        Feed { earlier, spent: 0 }
+        EarlierVersion { cells }
+    }
+
+    /// The feed an attacker holds after `prepared` was published.
+    fn feed_after(prepared: &PreparedBatch, base: Option<f64>) -> Feed {
+        Feed {
+            versions: vec![version_after(prepared, base)],
+            spent: 0,
+        }
     }
 
     /// Values published exactly once, and rounded in a revision, are still
@@ -2364,5 +2459,170 @@ mod tests {
             .refusal
             .expect("north's value 9 is in the feed, and it was not refused");
         assert!(refusal.contains("earlier version"), "{refusal}");
+    }
+
+    /// The rows of a count table `jobs` for 2025: the city, then each
+    /// district with its value (as many contributors as its count).
+    fn jobs_table(city: f64, districts: &[(&str, f64)]) -> Vec<InputRow> {
+        let mut rows = vec![row("jobs", "city-a", "2025", city, city as u64)];
+        for &(district, value) in districts {
+            let area = format!("city-a/{district}");
+            rows.push(row("jobs", &area, "2025", value, value as u64));
+        }
+        rows
+    }
+
+    /// The version of the review's example: city 91, the sum of north 1,
+    /// south 30, east 30 and west 30, published as city 91, east 30 and
+    /// west 30 (north primary, south its complement).
+    fn version_one() -> EarlierVersion {
+        EarlierVersion {
+            cells: vec![
+                version_cell("city-a", Some((91.0, 91.0))),
+                version_cell("city-a/north", None),
+                version_cell("city-a/south", None),
+                version_cell("city-a/east", Some((30.0, 30.0))),
+                version_cell("city-a/west", Some((30.0, 30.0))),
+            ],
+        }
+    }
+
+    fn with_west() -> Setup {
+        let mut setup = Setup::new();
+        setup.districts.push("west".into());
+        setup
+    }
+
+    /// A revision is audited with the equations of the earlier version:
+    /// taking the cells that did not visibly change as unchanged, north +
+    /// south = 91 - 30 - 30 = 31 from version 1, and the corrected west =
+    /// 63 - 31 - 30 = 2 exactly, whatever version 2 suppresses. (Found by
+    /// review.)
+    #[test]
+    fn a_revision_is_refused_when_an_earlier_versions_totals_reveal_a_cell() {
+        let setup = with_west();
+        let mut feed = Feed {
+            versions: vec![version_one()],
+            spent: 0,
+        };
+        let v2 = setup
+            .prepare_in(
+                &jobs_table(
+                    63.0,
+                    &[
+                        ("north", 1.0),
+                        ("south", 30.0),
+                        ("east", 30.0),
+                        ("west", 2.0),
+                    ],
+                ),
+                &mut feed,
+            )
+            .unwrap();
+        assert_eq!(
+            v2.batch.observations[0].value,
+            Some(63.0),
+            "the city is published"
+        );
+        let refusal = v2
+            .refusal
+            .expect("west = 2 is derivable, and v2 was not refused");
+        assert!(
+            refusal.starts_with("jobs (local) for 2025: with the values an earlier version")
+                && refusal.contains(" west could be narrowed")
+                && refusal.ends_with("nothing was published"),
+            "{refusal}"
+        );
+    }
+
+    /// A district added in a revision leaks the same way: version 1 tells
+    /// north + south = 61 - 30 = 31, so the new west = 63 - 31 - 30.
+    #[test]
+    fn a_district_added_in_a_revision_is_audited_with_the_earlier_totals() {
+        let setup = with_west();
+        let mut feed = Feed {
+            versions: vec![EarlierVersion {
+                cells: vec![
+                    version_cell("city-a", Some((61.0, 61.0))),
+                    version_cell("city-a/north", None),
+                    version_cell("city-a/south", None),
+                    version_cell("city-a/east", Some((30.0, 30.0))),
+                ],
+            }],
+            spent: 0,
+        };
+        let v2 = setup
+            .prepare_in(
+                &jobs_table(
+                    63.0,
+                    &[
+                        ("north", 1.0),
+                        ("south", 30.0),
+                        ("east", 30.0),
+                        ("west", 2.0),
+                    ],
+                ),
+                &mut feed,
+            )
+            .unwrap();
+        let refusal = v2
+            .refusal
+            .expect("the added west is derivable, and it was not refused");
+        assert!(refusal.contains(" west could be narrowed"), "{refusal}");
+    }
+
+    /// A correction of a suppressed cell makes the earlier version's
+    /// equation false with every cell taken as unchanged (91 is not
+    /// 1 + 40 + 30 + 30): the attacker learns only that north or
+    /// south changed, the audit drops the tie of south, and the revision,
+    /// which narrows nothing within its protection, is published.
+    #[test]
+    fn a_correction_of_a_suppressed_cell_that_reveals_nothing_is_published() {
+        let setup = with_west();
+        let mut feed = Feed {
+            versions: vec![version_one()],
+            spent: 0,
+        };
+        let v2 = setup
+            .prepare_in(
+                &jobs_table(
+                    101.0,
+                    &[
+                        ("north", 1.0),
+                        ("south", 40.0),
+                        ("east", 30.0),
+                        ("west", 30.0),
+                    ],
+                ),
+                &mut feed,
+            )
+            .unwrap();
+        assert_eq!(v2.refusal, None);
+        assert_eq!(
+            v2.batch.observations[1].value, None,
+            "north stays suppressed"
+        );
+        assert_eq!(
+            v2.batch.observations[2].value, None,
+            "south stays suppressed"
+        );
+        // Two revisions, the second restating the first: both versions'
+        // equations count, and still nothing is narrowed.
+        feed.versions.push(version_after(&v2, None));
+        let v3 = setup
+            .prepare_in(
+                &jobs_table(
+                    101.0,
+                    &[
+                        ("north", 1.0),
+                        ("south", 40.0),
+                        ("east", 30.0),
+                        ("west", 30.0),
+                    ],
+                ),
+                &mut feed,
+            )
+            .unwrap();
+        assert_eq!(v3.refusal, None);
     }
 }

@@ -376,3 +376,89 @@ pub fn full_audit(
         .collect();
     Ok(AuditReport { ranges, failures })
 }
+
+/// The requirements (their cells) an attacker's model does not meet: one
+/// whose cell the attacker knows to an interval fails, as in
+/// [`full_audit`]; the others are checked with [`AuditModel::check`],
+/// which stops each solve once the protection is shown (no exact ranges).
+pub fn unmet_requirements(
+    constraints: &[Constraint],
+    knowledge: &[Knowledge],
+    lower: Option<f64>,
+    upper: Option<f64>,
+    requirements: &[Requirement],
+) -> Result<Vec<usize>, SdcError> {
+    let mut model = AuditModel::new(constraints, knowledge, lower, upper)?;
+    let mut unmet = Vec::new();
+    for req in requirements {
+        let met = match knowledge.get(req.cell) {
+            Some(Knowledge::Suppressed) => model.check(req)?.ok(),
+            _ => false,
+        };
+        if !met {
+            unmet.push(req.cell);
+        }
+    }
+    Ok(unmet)
+}
+
+/// Whether some values satisfy every constraint with each cell in what is
+/// known of it (its interval, or the value bounds when suppressed), up to
+/// the slack a table's totals are allowed ([`super::table::ADDITIVITY_TOLERANCE`]
+/// per term, relative to the largest value known). One phase 1 of the
+/// simplex, whatever the size.
+pub fn feasible(
+    constraints: &[Constraint],
+    knowledge: &[Knowledge],
+    lower: Option<f64>,
+    upper: Option<f64>,
+) -> Result<bool, SdcError> {
+    let lower = lower.unwrap_or(f64::NEG_INFINITY);
+    let upper = upper.unwrap_or(f64::INFINITY);
+    let mut scale: f64 = 1.0;
+    for k in knowledge {
+        if let Knowledge::Interval(a, b) = k {
+            scale = scale.max(a.abs()).max(b.abs());
+        }
+    }
+    let mut lp = LinearProgram::new();
+    let mut var_of: Vec<Option<usize>> = Vec::with_capacity(knowledge.len());
+    for k in knowledge {
+        let (lo, hi) = match *k {
+            Knowledge::Suppressed => (lower, upper),
+            Knowledge::Interval(a, b) => (a.max(lower), b.min(upper)),
+        };
+        if lo > hi {
+            return Ok(false);
+        }
+        var_of.push(if hi > lo {
+            Some(lp.add_var(lo / scale, hi / scale))
+        } else {
+            None
+        });
+    }
+    for c in constraints {
+        let mut terms = Vec::with_capacity(c.parts.len() + 1);
+        let mut constant = 0.0;
+        for (i, a) in std::iter::once((c.total, -1.0)).chain(c.parts.iter().map(|&p| (p, 1.0))) {
+            match (var_of[i], knowledge[i]) {
+                (Some(v), _) => terms.push((v, a)),
+                (None, Knowledge::Interval(x, _)) => constant += a * x / scale,
+                (None, Knowledge::Suppressed) => {}
+            }
+        }
+        let slack = super::table::ADDITIVITY_TOLERANCE * (c.parts.len() + 1) as f64;
+        if terms.is_empty() {
+            if constant.abs() > slack {
+                return Ok(false);
+            }
+            continue;
+        }
+        lp.add_row(&terms, -constant - slack, -constant + slack);
+    }
+    match Simplex::new(&lp) {
+        Ok(_) => Ok(true),
+        Err(LpError::Infeasible) => Ok(false),
+        Err(e) => Err(lp_err(e)),
+    }
+}

@@ -134,7 +134,7 @@ pub fn margin_dimensions(table: &Table) -> usize {
         .count()
 }
 
-fn requirements(table: &Table, findings: &[Option<PrimaryFinding>]) -> Vec<Requirement> {
+pub(super) fn requirements(table: &Table, findings: &[Option<PrimaryFinding>]) -> Vec<Requirement> {
     findings
         .iter()
         .enumerate()
@@ -181,8 +181,26 @@ pub fn audit_knowing(
         )));
     }
     let findings = primary::evaluate(table, settings)?;
+    let knowledge = knowledge_of(table, settings, statuses, known);
+    audit::full_audit(
+        table.constraints(),
+        &knowledge,
+        settings.lower_bound,
+        settings.upper_bound,
+        &requirements(table, &findings),
+    )
+}
+
+/// What an attacker knows of each cell of `table` published with
+/// `statuses`, knowing `known` besides (see [`audit_knowing`]).
+pub(super) fn knowledge_of(
+    table: &Table,
+    settings: &Settings,
+    statuses: &[CellStatus],
+    known: &[Option<(f64, f64)>],
+) -> Vec<Knowledge> {
     let intervals = published_intervals(table, settings);
-    let knowledge: Vec<Knowledge> = statuses
+    statuses
         .iter()
         .zip(&intervals)
         .enumerate()
@@ -194,14 +212,7 @@ pub fn audit_knowing(
             Some((lo, hi)) => Knowledge::Interval(lo, hi),
             None => Knowledge::Suppressed,
         })
-        .collect();
-    audit::full_audit(
-        table.constraints(),
-        &knowledge,
-        settings.lower_bound,
-        settings.upper_bound,
-        &requirements(table, &findings),
-    )
+        .collect()
 }
 
 fn run(table: &Table, settings: &Settings, seed: Option<&NoiseSeed>) -> Result<Outcome, SdcError> {

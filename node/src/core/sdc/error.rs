@@ -65,6 +65,11 @@ pub enum SdcError {
     /// Secondary suppression could not reach a table that passes the audit.
     #[error("secondary suppression did not converge: {0}")]
     SecondaryFailed(String),
+    /// A revision cannot be audited against the earlier versions of its
+    /// table (too much work, or a version that does not add up); it must
+    /// not be published unaudited.
+    #[error("{0}")]
+    RevisionUnaudited(String),
     /// Noise parameters are invalid.
     #[error("invalid noise parameters: {0}")]
     InvalidNoise(String),

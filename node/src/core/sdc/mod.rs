@@ -6,8 +6,10 @@
 //! dominance, p%), secondary suppression for tables with margins ([`secondary`]:
 //! hypercubes verified by the exact LP interval [`audit`]), optional
 //! differential-privacy noise ([`noise`]; the budget is kept by the store) and
-//! rounding ([`rounding`]). Published data ([`engine::PublishedTable`]) and local
-//! explanations ([`engine::LocalReport`]) are kept in separate types.
+//! rounding ([`rounding`]); a revision of a published table is audited with
+//! the equations of its earlier versions ([`revision`]). Published data
+//! ([`engine::PublishedTable`]) and local explanations
+//! ([`engine::LocalReport`]) are kept in separate types.
 //!
 //! Pure library: no IO, no global state, no printing.
 
@@ -18,6 +20,7 @@ pub mod lp;
 pub mod noise;
 pub mod params;
 pub mod primary;
+pub mod revision;
 pub mod rounding;
 pub mod secondary;
 pub mod settings;

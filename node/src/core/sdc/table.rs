@@ -353,6 +353,52 @@ impl Table {
     }
 }
 
+/// The additive constraints of an additive table whose cells sit at
+/// `coords` (indices into `coords`), without its values: what
+/// [`Table::constraints`] derived when such a table was published, for a
+/// table known only by its published cells (an earlier version of a
+/// table). The codes of each dimension are those among `coords`; a total
+/// whose line lacks a part yields no constraint (a published table with
+/// margins is a complete grid, so none lacks one).
+pub fn grid_constraints(coords: &[Vec<Coord>]) -> Vec<Constraint> {
+    let nd = coords.first().map_or(0, Vec::len);
+    let mut codes: Vec<Vec<&String>> = vec![Vec::new(); nd];
+    for cell in coords {
+        for (d, co) in cell.iter().enumerate().take(nd) {
+            if let Coord::Code(code) = co {
+                if !codes[d].contains(&code) {
+                    codes[d].push(code);
+                }
+            }
+        }
+    }
+    let index: HashMap<&[Coord], usize> = coords
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_slice(), i))
+        .collect();
+    let mut constraints = Vec::new();
+    for (total, cell) in coords.iter().enumerate() {
+        for d in 0..cell.len().min(nd) {
+            if !cell[d].is_total() || codes[d].is_empty() {
+                continue;
+            }
+            let mut key = cell.clone();
+            let parts: Option<Vec<usize>> = codes[d]
+                .iter()
+                .map(|code| {
+                    key[d] = Coord::Code((*code).clone());
+                    index.get(key.as_slice()).copied()
+                })
+                .collect();
+            if let Some(parts) = parts {
+                constraints.push(Constraint { total, parts });
+            }
+        }
+    }
+    constraints
+}
+
 /// Label of a coordinate vector, e.g. `district-07/retail` or `Total/retail`.
 pub fn label_of(coords: &[Coord]) -> String {
     let parts: Vec<String> = coords.iter().map(|c| c.to_string()).collect();

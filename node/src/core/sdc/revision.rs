@@ -1,0 +1,237 @@
+//! Audit of a revision of a table with the equations of its earlier
+//! versions.
+//!
+//! Each earlier publish of a table (a version: the whole table of its
+//! time, possibly with fewer cells than now) told an attacker its
+//! published values and, through its totals, linear equations between its
+//! cells. An attacker who assumes that a cell kept its value across
+//! versions combines those equations with the revision's. So the revision
+//! is audited as one linear program over every version: the current
+//! cells, plus for each earlier version a variable for each of its cells
+//! that is not *tied* to the current cell at the same coordinates, each
+//! version's constraints over its own variables, and the protection
+//! intervals of the current primary cells as requirements.
+//!
+//! An earlier cell is tied (the same variable as the current cell) when
+//! the attacker would take it as unchanged: its published interval holds
+//! the current true value (a change, if any, cannot be seen), or it was
+//! suppressed or noised then (its change cannot be seen at all). Ties of
+//! the second kind are only a hypothesis: when the current true values
+//! with every tie make a version's system infeasible, some cell did
+//! change, and an attacker can tell as much. Ties are then chosen
+//! greedily, in table order: the published ones first, then the
+//! suppressed ones, each kept while the version's system stays feasible
+//! with the true values (a published one is dropped only when every
+//! published tie together is infeasible). The work is bounded by
+//! [`MAX_TIE_SOLVES`] feasibility solves per audit; past it, or when a
+//! version does not add up even with no tie (its published values are
+//! not what this model says they told), the revision is refused rather
+//! than published unaudited.
+
+use super::audit::{self, Knowledge};
+use super::engine::{knowledge_of, requirements};
+use super::error::SdcError;
+use super::primary::{self, CellStatus};
+use super::settings::Settings;
+use super::table::{grid_constraints, Constraint, Coord, Table};
+
+/// Feasibility solves one revision audit may spend choosing ties.
+pub const MAX_TIE_SOLVES: usize = 512;
+
+/// One cell of an earlier version of a table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionCell {
+    /// Coordinates, as in the current table.
+    pub coords: Vec<Coord>,
+    /// The interval that version published for the cell's true value
+    /// (exact, or its rounding interval); `None` when it was suppressed
+    /// or noised.
+    pub told: Option<(f64, f64)>,
+}
+
+/// One earlier version of a table: every cell one publish of it stated.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Version {
+    /// Its cells, in any order.
+    pub cells: Vec<VersionCell>,
+}
+
+/// How an earlier cell relates to the current one at its coordinates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tie {
+    /// Its published interval holds the current true value.
+    Published,
+    /// Suppressed or noised then: unchanged as far as anyone can see.
+    Hidden,
+    /// Published with a value the current one is not: a cell of its own.
+    Changed,
+}
+
+/// The current primary cells (indices into `table`) an attacker who knows
+/// `known` per cell (see [`super::engine::audit_knowing`]) and every
+/// earlier version in `versions` could narrow within their protection
+/// interval. An earlier cell at coordinates the table lacks is an error.
+pub fn audit_revision(
+    table: &Table,
+    settings: &Settings,
+    statuses: &[CellStatus],
+    known: &[Option<(f64, f64)>],
+    versions: &[Version],
+) -> Result<Vec<usize>, SdcError> {
+    if statuses.len() != table.cells().len() {
+        return Err(SdcError::InvalidSettings(format!(
+            "audit needs one status per cell ({} given, {} cells)",
+            statuses.len(),
+            table.cells().len()
+        )));
+    }
+    let findings = primary::evaluate(table, settings)?;
+    let mut knowledge = knowledge_of(table, settings, statuses, known);
+    let mut constraints: Vec<Constraint> = table.constraints().to_vec();
+    let (lower, upper) = (settings.lower_bound, settings.upper_bound);
+    let mut solves = 0;
+    for version in versions {
+        let at: Vec<usize> = version
+            .cells
+            .iter()
+            .map(|c| {
+                table
+                    .find(&c.coords)
+                    .ok_or_else(|| SdcError::MissingCell(super::table::label_of(&c.coords)))
+            })
+            .collect::<Result<_, _>>()?;
+        let coords: Vec<Vec<Coord>> = version.cells.iter().map(|c| c.coords.clone()).collect();
+        let structure = if table.kind().is_additive() {
+            grid_constraints(&coords)
+        } else {
+            Vec::new()
+        };
+        if structure.is_empty() {
+            // Without equations a version tells only each cell's own
+            // interval, which `known` holds.
+            continue;
+        }
+        let truth: Vec<f64> = at.iter().map(|&i| table.cells()[i].value).collect();
+        let ties: Vec<Tie> = version
+            .cells
+            .iter()
+            .zip(&truth)
+            .map(|(c, &value)| match c.told {
+                Some((lo, hi)) if lo <= value && value <= hi => Tie::Published,
+                Some(_) => Tie::Changed,
+                None => Tie::Hidden,
+            })
+            .collect();
+        let tied = choose_ties(
+            &structure,
+            version,
+            &truth,
+            &ties,
+            &at,
+            settings,
+            &mut solves,
+        )?;
+        let var: Vec<usize> = version
+            .cells
+            .iter()
+            .enumerate()
+            .map(|(j, c)| {
+                if tied[j] {
+                    at[j]
+                } else {
+                    knowledge.push(
+                        c.told
+                            .map_or(Knowledge::Suppressed, |(a, b)| Knowledge::Interval(a, b)),
+                    );
+                    knowledge.len() - 1
+                }
+            })
+            .collect();
+        constraints.extend(structure.iter().map(|c| Constraint {
+            total: var[c.total],
+            parts: c.parts.iter().map(|&p| var[p]).collect(),
+        }));
+    }
+    audit::unmet_requirements(
+        &constraints,
+        &knowledge,
+        lower,
+        upper,
+        &requirements(table, &findings),
+    )
+}
+
+/// The ties of one version (indexed like its cells) that the current true
+/// values `truth` leave its system feasible with, chosen as the module
+/// documentation says.
+fn choose_ties(
+    structure: &[Constraint],
+    version: &Version,
+    truth: &[f64],
+    ties: &[Tie],
+    at: &[usize],
+    settings: &Settings,
+    solves: &mut usize,
+) -> Result<Vec<bool>, SdcError> {
+    let mut feasible_with = |tied: &[bool]| -> Result<bool, SdcError> {
+        *solves += 1;
+        if *solves > MAX_TIE_SOLVES {
+            return Err(SdcError::RevisionUnaudited(format!(
+                "the earlier versions of this table leave more ways its suppressed cells could have changed than the audit checks ({MAX_TIE_SOLVES} solves); publish the revision as a new period or indicator edition, or restate the changed cells in fewer revisions"
+            )));
+        }
+        let knowledge: Vec<Knowledge> = version
+            .cells
+            .iter()
+            .enumerate()
+            .map(|(j, c)| match (tied[j], c.told) {
+                (true, _) => Knowledge::Interval(truth[j], truth[j]),
+                (false, Some((a, b))) => Knowledge::Interval(a, b),
+                (false, None) => Knowledge::Suppressed,
+            })
+            .collect();
+        audit::feasible(
+            structure,
+            &knowledge,
+            settings.lower_bound,
+            settings.upper_bound,
+        )
+    };
+    let every: Vec<bool> = ties.iter().map(|&t| t != Tie::Changed).collect();
+    if feasible_with(&every)? {
+        return Ok(every);
+    }
+    // Candidates in table order.
+    let mut order: Vec<usize> = (0..ties.len()).collect();
+    order.sort_by_key(|&j| at[j]);
+    let published: Vec<bool> = ties.iter().map(|&t| t == Tie::Published).collect();
+    let mut tied = if feasible_with(&published)? {
+        published
+    } else {
+        let none = vec![false; ties.len()];
+        if !feasible_with(&none)? {
+            return Err(SdcError::RevisionUnaudited(
+                "an earlier version of this table does not add up with the values it published (was it rounded to another base than the one configured now?), so the revision cannot be audited against it".into(),
+            ));
+        }
+        let mut tied = none;
+        for &j in &order {
+            if ties[j] == Tie::Published {
+                tied[j] = true;
+                if !feasible_with(&tied)? {
+                    tied[j] = false;
+                }
+            }
+        }
+        tied
+    };
+    for &j in &order {
+        if ties[j] == Tie::Hidden {
+            tied[j] = true;
+            if !feasible_with(&tied)? {
+                tied[j] = false;
+            }
+        }
+    }
+    Ok(tied)
+}
