@@ -537,3 +537,62 @@ async fn a_preview_too_large_for_one_answer_says_so() {
         refused.message()
     );
 }
+
+/// A revision is audited with the equations an earlier version's totals
+/// told: version 1 publishes the city (91), east (30) and west (31), so
+/// north + south = 30; the correction of west to 2 publishes the city
+/// (62), and taking north, south and east as unchanged gives west = 62 -
+/// 30 - 30 = 2. The node refuses it and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_revealing_a_cell_through_an_earlier_versions_totals_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Spec::new("city-a").districts(&["north", "south", "east", "west"]);
+    let node = TestNode::start(dir.path(), spec).await;
+    let rows = |city: f64, west: f64| {
+        let mut rows = vec![row("households", "city-a", "2025", city, city as u64)];
+        for (district, value) in [
+            ("north", 1.0),
+            ("south", 29.0),
+            ("east", 30.0),
+            ("west", west),
+        ] {
+            let area = format!("city-a/{district}");
+            rows.push(row("households", &area, "2025", value, value as u64));
+        }
+        rows
+    };
+    let mut publisher = node.publisher().await;
+    publisher
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows: rows(91.0, 31.0),
+        })
+        .await
+        .unwrap();
+    let before = whole_feed(&node.address, "city-a").await;
+    assert_eq!(before.len(), 1);
+    let values: Vec<Option<f64>> = observations(&before[0]).iter().map(|o| o.value).collect();
+    assert_eq!(
+        values,
+        [Some(91.0), None, None, Some(30.0), Some(31.0)],
+        "version 1 is not the pattern this test is about"
+    );
+    let status = publisher
+        .publish_indicators(pb::PublishIndicatorsRequest {
+            idempotency_key: key(),
+            rows: rows(62.0, 2.0),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("an earlier version of this table")
+            && status.message().contains("west could be narrowed")
+            && status.message().contains("nothing was published"),
+        "{status:?}"
+    );
+    let after = whole_feed(&node.address, "city-a").await;
+    assert_eq!(after, before, "the refused revision changed the feed");
+}
