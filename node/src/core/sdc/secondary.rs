@@ -19,21 +19,35 @@
 //!    suppress all cells of the constraints through it; after that, the whole table.
 //!    Suppressing more cells only enlarges the attacker's feasible set, so cells that
 //!    passed stay protected and the loop terminates.
-//! 3. Singleton heuristic: a constraint whose only suppressed cells are a primary cell
-//!    and a cell with a single contributor gets one more suppression, because that
-//!    contributor knows its own value and could otherwise compute the other cell.
+//! 3. Single contributors: the one contributor of a cell knows its value exactly.
+//!    First a heuristic: a constraint whose only suppressed cells are a primary cell
+//!    and a cell with a single contributor gets one more suppression. Then, once the
+//!    pattern passes the audit, the audit is run again for each suppressed cell of a
+//!    magnitude table with one contributor, with that cell's value known exactly
+//!    ([`single_contributor_failures`]); a primary cell other than it that is
+//!    narrowed within its protection gets the next cheapest hypercube (one not
+//!    through that cell), and the rounds go on. At most [`MAX_SINGLETON_AUDITS`]
+//!    such audits per table; past them the table is refused, never published. (In
+//!    a count table a unit alone in its cell knows it is counted there, not that no
+//!    one else is: its cell is not known to it exactly.)
 
 #![allow(clippy::needless_range_loop)] // index loops mirror the textbook algorithms
 
 use std::collections::HashMap;
 
-use super::audit::{AuditModel, Knowledge, Requirement};
+use super::audit::{AuditModel, Check, Knowledge, Requirement};
 use super::error::SdcError;
 use super::primary::PrimaryFinding;
 use super::table::{Coord, Table};
 
 /// Hypercubes tried per primary cell before falling back to wider suppression.
 pub const MAX_HYPERCUBES: usize = 8;
+
+/// Audits with a single contributor's value known, per table.
+pub const MAX_SINGLETON_AUDITS: usize = 4096;
+
+/// Primary cells an audit found narrowed, with their findings and checks.
+type Failing<'f> = Vec<(usize, &'f PrimaryFinding, Check)>;
 
 /// Why a cell was secondarily suppressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +179,7 @@ impl Ctx<'_> {
         up: f64,
         down: f64,
         used: &[Vec<usize>],
+        fixed: Option<usize>,
     ) -> Option<(Vec<usize>, Vec<usize>)> {
         let g = &self.grid;
         let nd = g.sizes.len();
@@ -216,7 +231,8 @@ impl Ctx<'_> {
                 let cell = g.flat[flat];
                 cost += self.cost(cell);
                 new_cell |= !self.suppressed[cell];
-                if (up > 0.0 && !self.can_move(cell, sign * up))
+                if fixed == Some(cell)
+                    || (up > 0.0 && !self.can_move(cell, sign * up))
                     || (down > 0.0 && !self.can_move(cell, -sign * down))
                 {
                     admissible = false;
@@ -266,6 +282,88 @@ impl Ctx<'_> {
                 }
             })
             .collect()
+    }
+
+    /// The first suppressed cell of a magnitude table with one contributor
+    /// whose value, known exactly (its contributor knows it), lets the audit
+    /// narrow another primary cell within its protection, with those cells'
+    /// checks; `None` when there is none. A cell that passed is marked in
+    /// `passed` and not audited again (suppressing more only widens what
+    /// its contributor can infer). Counts the audits in `audits` and
+    /// refuses past [`MAX_SINGLETON_AUDITS`].
+    fn single_contributor_failures<'f>(
+        &self,
+        primaries: &[(usize, &'f PrimaryFinding)],
+        passed: &mut [bool],
+        audits: &mut usize,
+    ) -> Result<Option<(usize, Failing<'f>)>, SdcError> {
+        let table = self.input.table;
+        if !table.kind().is_magnitude() {
+            return Ok(None);
+        }
+        let base = self.knowledge();
+        for single in 0..table.cells().len() {
+            if passed[single] || !self.suppressed[single] || table.cells()[single].contributors != 1
+            {
+                continue;
+            }
+            *audits += 1;
+            if *audits > MAX_SINGLETON_AUDITS {
+                return Err(SdcError::SecondaryFailed(format!(
+                    "the cells with a single contributor need more than {MAX_SINGLETON_AUDITS} audits to protect the others from them; the table is too large for this check: publish it in smaller tables"
+                )));
+            }
+            let value = self.value(single);
+            let mut knowledge = base.clone();
+            knowledge[single] = Knowledge::Interval(value, value);
+            let mut model = AuditModel::new(
+                table.constraints(),
+                &knowledge,
+                self.input.lower,
+                self.input.upper,
+            )?;
+            let mut narrowed = Vec::new();
+            for &(p, f) in primaries.iter().filter(|&&(p, _)| p != single) {
+                // A cell within the single contributor's, or a total of it
+                // with no other contributor, holds only its own data.
+                if self.covers(single, p)
+                    || (self.covers(p, single) && table.cells()[p].contributors <= 1)
+                {
+                    continue;
+                }
+                let x = self.value(p);
+                // A cell that covers the single contributor's (a total of
+                // it) is at least its value to that contributor before
+                // anything is published, when values are never negative:
+                // knowing as much tells nothing of the others in it.
+                let known_floor = self
+                    .input
+                    .lower
+                    .filter(|&l| l >= 0.0 && self.covers(p, single))
+                    .map_or(f64::NEG_INFINITY, |_| value);
+                let check = model.check(&Requirement {
+                    cell: p,
+                    at_most_lower: (x - f.lower).max(known_floor),
+                    at_least_upper: x + f.upper,
+                })?;
+                if !check.ok() {
+                    narrowed.push((p, f, check));
+                }
+            }
+            if !narrowed.is_empty() {
+                return Ok(Some((single, narrowed)));
+            }
+            passed[single] = true;
+        }
+        Ok(None)
+    }
+
+    /// Whether cell `outer` covers cell `inner`: along every dimension, the
+    /// same coordinate or the total.
+    fn covers(&self, outer: usize, inner: usize) -> bool {
+        let g = &self.grid;
+        (0..g.sizes.len())
+            .all(|d| g.coords[outer][d] == g.coords[inner][d] || g.is_total(d, g.coords[outer][d]))
     }
 
     fn singleton_step(&mut self) -> bool {
@@ -347,10 +445,12 @@ pub fn suppress(input: SecondaryInput<'_>) -> Result<Vec<Option<SecondaryChoice>
         .collect();
     let mut used: HashMap<usize, Vec<Vec<usize>>> = HashMap::new();
     let mut attempts: HashMap<usize, usize> = HashMap::new();
+    let mut singleton_audits = 0;
+    let mut singles_passed = vec![false; n];
 
     // Initial pass: one hypercube per primary cell.
     for &(p, f) in &primaries {
-        if let Some((alt, cells)) = ctx.best_hypercube(p, f.upper, f.lower, &[]) {
+        if let Some((alt, cells)) = ctx.best_hypercube(p, f.upper, f.lower, &[], None) {
             for c in cells {
                 ctx.suppress(c, p, false);
             }
@@ -379,11 +479,23 @@ pub fn suppress(input: SecondaryInput<'_>) -> Result<Vec<Option<SecondaryChoice>
                 failing.push((p, f, check));
             }
         }
-        if failing.is_empty() {
-            if input.singletons && ctx.singleton_step() {
+        // The single contributor whose knowledge the failures are with.
+        let mut fixed = None;
+        if failing.is_empty() && input.singletons {
+            if ctx.singleton_step() {
                 pending = primaries.clone();
                 continue;
             }
+            if let Some((single, narrowed)) = ctx.single_contributor_failures(
+                &primaries,
+                &mut singles_passed,
+                &mut singleton_audits,
+            )? {
+                fixed = Some(single);
+                failing = narrowed;
+            }
+        }
+        if failing.is_empty() {
             none = ctx.choice;
             return Ok(none);
         }
@@ -394,7 +506,7 @@ pub fn suppress(input: SecondaryInput<'_>) -> Result<Vec<Option<SecondaryChoice>
             let up = if check.upper_ok { 0.0 } else { f.upper };
             let down = if check.lower_ok { 0.0 } else { f.lower };
             let cube = if attempt <= MAX_HYPERCUBES {
-                ctx.best_hypercube(p, up, down, used.get(&p).map_or(&[][..], |v| &v[..]))
+                ctx.best_hypercube(p, up, down, used.get(&p).map_or(&[][..], |v| &v[..]), fixed)
             } else {
                 None
             };

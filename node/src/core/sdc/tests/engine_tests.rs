@@ -1,6 +1,8 @@
 //! Unit tests of the engine's contract: errors, statuses, parameters, noise.
 
-use super::super::engine::{audit, protect, protect_with_fresh_seed, protect_with_seed};
+use super::super::engine::{
+    audit, audit_knowing, protect, protect_with_fresh_seed, protect_with_seed,
+};
 use super::super::error::SdcError;
 use super::super::noise::{NoiseMechanism, NoiseSeed, NoiseSettings, Rational};
 use super::super::primary::CellStatus;
@@ -280,5 +282,62 @@ fn singleton_heuristic_adds_a_third_suppression() {
                 "singleton next to a primary cell alone in a constraint: {sup:?}"
             );
         }
+    }
+}
+
+/// The review's counter-example to the singleton heuristic: a 2x4 sum
+/// table with all margins, rows d0c00: 59, 38 (one contributor), 77, 85
+/// and d0c01: 100, 41 (two), 75, 1 (two). Whatever else is suppressed,
+/// the contributor of 38 knows its value exactly; with it, no other
+/// primary cell may be narrowed within its protection interval.
+#[test]
+fn a_single_contributor_knowing_its_value_cannot_narrow_another_cell() {
+    let cell = |v: &[f64]| Interior {
+        value: v.iter().sum(),
+        contributors: v.len() as u64,
+        largest: v.to_vec(),
+    };
+    let t = grid_table(
+        AggregationKind::Sum,
+        &[2, 4],
+        &[true, true],
+        &[
+            cell(&[15.0, 15.0, 15.0, 14.0]),
+            cell(&[38.0]),
+            cell(&[20.0, 20.0, 20.0, 17.0]),
+            cell(&[22.0, 21.0, 21.0, 21.0]),
+            cell(&[25.0, 25.0, 25.0, 25.0]),
+            cell(&[21.0, 20.0]),
+            cell(&[19.0, 19.0, 19.0, 18.0]),
+            cell(&[0.5, 0.5]),
+        ],
+    );
+    let settings = Settings::default();
+    let out = protect(&t, &settings).unwrap();
+    let statuses: Vec<CellStatus> = out.published.cells.iter().map(|c| c.status).collect();
+    let singletons: Vec<usize> = (0..t.cells().len())
+        .filter(|&i| t.cells()[i].contributors == 1)
+        .collect();
+    assert_eq!(singletons.len(), 1);
+    for s in singletons {
+        assert!(
+            statuses[s].is_suppressed(),
+            "one contributor is a primary cell"
+        );
+        let mut known = vec![None; t.cells().len()];
+        let value = t.cells()[s].value;
+        known[s] = Some((value, value));
+        let report = audit_knowing(&t, &settings, &statuses, &known).unwrap();
+        let narrowed: Vec<String> = report
+            .failures
+            .iter()
+            .filter(|&&i| i != s)
+            .map(|&i| format!("{} in {:?}", t.label(i), report.ranges[i]))
+            .collect();
+        assert!(
+            narrowed.is_empty(),
+            "the contributor of {} narrows {narrowed:?} (statuses {statuses:?})",
+            t.label(s)
+        );
     }
 }

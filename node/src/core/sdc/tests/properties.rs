@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 
 use super::super::audit::{feasible_ranges, Knowledge};
-use super::super::engine::{audit, protect};
+use super::super::engine::{audit, audit_knowing, protect};
 use super::super::primary::evaluate;
 use super::super::settings::{RoundingRule, Settings};
 use super::super::table::AggregationKind;
@@ -80,6 +80,34 @@ fn check_protected(table: &super::super::table::Table, settings: &Settings) {
             assert!(
                 *lo <= v + tol && v - tol <= *hi,
                 "true value outside the range of cell {i}"
+            );
+        }
+    }
+    // In a magnitude table the one contributor of a suppressed cell knows
+    // its value: with it, no primary cell that neither holds that cell nor
+    // lies within it is narrowed either.
+    if table.kind().is_magnitude() {
+        let within = |outer: usize, inner: usize| {
+            let (o, i) = (&table.cells()[outer].coords, &table.cells()[inner].coords);
+            o.iter().zip(i).all(|(a, b)| a == b || a.is_total())
+        };
+        for s in (0..statuses.len())
+            .filter(|&s| statuses[s].is_suppressed() && table.cells()[s].contributors == 1)
+        {
+            let mut known = vec![None; statuses.len()];
+            let v = table.cells()[s].value;
+            known[s] = Some((v, v));
+            let report = audit_knowing(table, settings, &statuses, &known).expect("audit");
+            let narrowed: Vec<String> = report
+                .failures
+                .iter()
+                .filter(|&&p| !within(p, s) && !within(s, p))
+                .map(|&p| table.label(p))
+                .collect();
+            assert!(
+                narrowed.is_empty(),
+                "the contributor of {} narrows {narrowed:?}",
+                table.label(s)
             );
         }
     }
