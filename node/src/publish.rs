@@ -2062,6 +2062,67 @@ mod tests {
         assert_eq!(cells[0].known, [(30.0, 30.0), (37.0, 37.0), (41.0, 41.0)]);
     }
 
+    #[test]
+    fn the_parts_of_a_publish_group_are_one_version_of_a_table() {
+        // A plain publish, a group of two parts, and the first part of a
+        // group whose second part is signed but not durable yet.
+        let batch = |areas: &[&str], group: Option<(u8, u32, u32)>| IndicatorBatch {
+            observations: areas
+                .iter()
+                .map(|area| Observation {
+                    indicator: "jobs".into(),
+                    catalog_edition: "test".into(),
+                    ref_area: (*area).into(),
+                    period: "2025".into(),
+                    value: Some(10.0),
+                    ..Default::default()
+                })
+                .collect(),
+            group: group.map(|(k, part, count)| PublishGroup {
+                id: vec![k; 16],
+                part,
+                count,
+            }),
+            ..Default::default()
+        };
+        let payloads = [
+            batch(&["city-a/north", "city-a/south"], None),
+            batch(&["city-a", "city-a/north"], Some((2, 0, 2))),
+            batch(&["city-a/south"], Some((2, 1, 2))),
+            batch(&["city-a", "city-a/north"], Some((3, 0, 2))),
+        ];
+        let mut entries: Vec<Entry> = Vec::new();
+        for (seq, payload) in (1..).zip(payloads) {
+            let mut entry = own_entry(seq, seq as u8, Payload::Indicators(payload));
+            entry.body.prev_hash = entries
+                .last()
+                .map_or(crate::core::feed::GENESIS_PREV_HASH, |e| e.hash)
+                .to_vec();
+            entries.push(Entry::sign(&key(1), entry.body).unwrap());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore =
+            Arc::new(crate::store::SledStore::open(dir.path(), 16 << 20).unwrap());
+        store
+            .commit(&crate::store::tests::commit_of(&entries))
+            .unwrap();
+        let mut table = stored_versions(&store, "city-a", "jobs", "test", "2025", None).unwrap();
+        let sizes =
+            |t: &TableVersions| t.versions.iter().map(|v| v.cells.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(&table), [2, 3, 2]);
+        assert_eq!(table.latest_group, Some(vec![3; 16]));
+        let rest = batch(&["city-a/south"], Some((3, 1, 2)));
+        note_version(&mut table, &rest, "jobs", "test", "2025", None).unwrap();
+        assert_eq!(
+            sizes(&table),
+            [2, 3, 3],
+            "the group's last part is its version's"
+        );
+        let next = batch(&["city-a", "city-a/north", "city-a/south"], None);
+        note_version(&mut table, &next, "jobs", "test", "2025", None).unwrap();
+        assert_eq!(sizes(&table), [2, 3, 3, 3]);
+    }
+
     /// One cell of `indicator` published as `value`, with the rule set of
     /// an `aggregation` rounded to a base: `base` among its parameters.
     fn rounded(indicator: &str, aggregation: &str, base: &str, value: f64) -> IndicatorBatch {

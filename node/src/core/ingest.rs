@@ -2625,4 +2625,38 @@ mod tests {
             .unwrap();
         assert_eq!(v3.refusal, None);
     }
+
+    /// A version that does not add up with what it published cannot be
+    /// audited against: the revision is refused, not signed unaudited.
+    #[test]
+    fn a_revision_that_cannot_be_audited_is_refused() {
+        let setup = with_west();
+        let mut odd = version_one();
+        odd.cells[0].known = Some((50.0, 50.0));
+        let mut feed = Feed {
+            versions: vec![odd],
+            spent: 0,
+        };
+        let v2 = setup
+            .prepare_in(
+                &jobs_table(
+                    101.0,
+                    &[
+                        ("north", 1.0),
+                        ("south", 40.0),
+                        ("east", 30.0),
+                        ("west", 30.0),
+                    ],
+                ),
+                &mut feed,
+            )
+            .unwrap();
+        let refusal = v2.refusal.expect("published unaudited");
+        assert!(
+            refusal.starts_with(
+                "jobs (local) for 2025: an earlier version of this table does not add up"
+            ) && refusal.ends_with("; nothing was published"),
+            "{refusal}"
+        );
+    }
 }

@@ -235,3 +235,110 @@ fn choose_ties(
     }
     Ok(tied)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::sdc::table::{AggregationKind, CellInput};
+
+    /// The city (total) and its districts north, south, east, west.
+    fn table(values: [f64; 5]) -> Table {
+        let coords = [
+            Coord::Total,
+            Coord::code("north"),
+            Coord::code("south"),
+            Coord::code("east"),
+            Coord::code("west"),
+        ];
+        let cells = coords
+            .into_iter()
+            .zip(values)
+            .map(|(c, v)| CellInput::new(vec![c], v, v as u64))
+            .collect();
+        Table::new(
+            "jobs",
+            "2025",
+            AggregationKind::Count,
+            vec!["ref_area".into()],
+            cells,
+        )
+        .unwrap()
+    }
+
+    /// A version publishing `told` per cell, in the order of [`table`].
+    fn version(told: [Option<f64>; 5]) -> Version {
+        let t = table([0.0; 5]);
+        Version {
+            cells: t
+                .cells()
+                .iter()
+                .zip(told)
+                .map(|(c, v)| VersionCell {
+                    coords: c.coords.clone(),
+                    told: v.map(|v| (v, v)),
+                })
+                .collect(),
+        }
+    }
+
+    /// City 91 = 1 + 30 + 30 + 30 published without north and south.
+    fn first() -> Version {
+        version([Some(91.0), None, None, Some(30.0), Some(30.0)])
+    }
+
+    fn audit(values: [f64; 5], versions: &[Version]) -> Result<Vec<usize>, SdcError> {
+        let t = table(values);
+        let statuses = [
+            CellStatus::Free,
+            CellStatus::SmallCounts,
+            CellStatus::Secondary,
+            CellStatus::Free,
+            CellStatus::Free,
+        ];
+        audit_revision(&t, &Settings::default(), &statuses, &[], versions)
+    }
+
+    #[test]
+    fn a_changed_suppressed_cell_drops_its_tie_and_the_rest_still_count() {
+        // South corrected to 40: with every tie version 1 says 91 = 101.
+        // The tie of south goes; north's stays (north + south then = 31,
+        // north within [0, 31]: protected).
+        assert_eq!(
+            audit([101.0, 1.0, 40.0, 30.0, 30.0], &[first()]),
+            Ok(vec![])
+        );
+        // Unchanged, north + south = 31 in both: still protected.
+        assert_eq!(audit([91.0, 1.0, 30.0, 30.0, 30.0], &[first()]), Ok(vec![]));
+    }
+
+    #[test]
+    fn too_many_ways_to_have_changed_refuse_rather_than_go_unaudited() {
+        // Each version costs four feasibility solves (every tie, the
+        // published ties, one per suppressed cell).
+        let versions = vec![first(); MAX_TIE_SOLVES / 4 + 1];
+        let err = audit([101.0, 1.0, 40.0, 30.0, 30.0], &versions).unwrap_err();
+        assert!(
+            matches!(&err, SdcError::RevisionUnaudited(m) if m.contains("solves")),
+            "{err:?}"
+        );
+        assert_eq!(
+            audit(
+                [101.0, 1.0, 40.0, 30.0, 30.0],
+                &versions[..MAX_TIE_SOLVES / 4]
+            ),
+            Ok(vec![])
+        );
+    }
+
+    #[test]
+    fn a_version_that_does_not_add_up_refuses() {
+        // 50 cannot be 30 + 30 plus two counts: what this version told is
+        // not what the model says (another rounding base, say).
+        let odd = version([Some(50.0), None, None, Some(30.0), Some(30.0)]);
+        let err = audit([101.0, 1.0, 40.0, 30.0, 30.0], &[odd]).unwrap_err();
+        assert!(
+            matches!(&err, SdcError::RevisionUnaudited(m) if m.contains("does not add up")),
+            "{err:?}"
+        );
+    }
+}
