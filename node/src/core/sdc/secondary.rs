@@ -24,7 +24,7 @@
 //!    and a cell with a single contributor gets one more suppression. Then, once the
 //!    pattern passes the audit, the audit is run again for each suppressed cell of a
 //!    magnitude table with one contributor, with that cell's value known exactly
-//!    ([`single_contributor_failures`]); a primary cell other than it that is
+//!    (`Ctx::single_contributor_failures`); a primary cell other than it that is
 //!    narrowed within its protection gets the next cheapest hypercube (one not
 //!    through that cell), and the rounds go on. At most [`MAX_SINGLETON_AUDITS`]
 //!    such audits per table; past them the table is refused, never published. (In
