@@ -1298,11 +1298,13 @@ fn verified(
     let refused = |e: civex_node::core::feed::FeedError| {
         anyhow!("refused entry of {origin} from {}: {e}", node.address)
     };
-    let mut given = std::mem::take(uncovered);
-    for signed in entries {
-        given.push(Entry::decode(signed).map_err(refused)?);
-    }
-    let out = authenticate(origin, key, replacements, *tip, given);
+    let entries = entries
+        .into_iter()
+        .map(Entry::decode)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(refused)?;
+    let held = std::mem::take(uncovered);
+    let out = authenticate(origin, key, replacements, *tip, held, entries);
     if let Some((fault, _)) = out.refused {
         return Err(refused(fault));
     }
@@ -1552,8 +1554,10 @@ pub(crate) async fn feed(
             }
         }
         if joined {
-            // A new member: subscribe again, every origin from where it is.
+            // A new member: subscribe again, every origin from where it is
+            // (entries held back come again).
             stream = client::subscribe_at(node, &tips).await?;
+            uncovered.clear();
         }
     }
     Ok(ExitCode::SUCCESS)

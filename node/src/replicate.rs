@@ -22,8 +22,8 @@ use crate::{
     config::ReplicationConfig,
     core::{
         feed::{
-            authenticate, judge_conflict, key_after, replacements_of, Authenticated, Conflict,
-            Entry, FeedError, FeedId, Replacement, Tip, COVER_BYTES,
+            authenticate, entry_bytes, judge_conflict, key_after, replacements_of, Authenticated,
+            Conflict, Entry, FeedError, FeedId, Replacement, Tip, COVER_BYTES,
         },
         ids::hex,
     },
@@ -337,6 +337,8 @@ enum SessionError {
     UnknownOrigin(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    HeldBack(String),
 }
 
 impl Replicator {
@@ -496,11 +498,7 @@ impl Replicator {
         // with backoff.
         let mut set_aside: HashSet<String> = HashSet::new();
         let mut first_refusal: Option<SessionError> = None;
-        // Per origin, entries linked after its tip that a signature in a
-        // later message may cover (`feed::authenticate`), at most
-        // `COVER_BYTES` for the session; dropped with it.
-        let mut uncovered: HashMap<String, Vec<Entry>> = HashMap::new();
-        let mut uncovered_bytes = 0;
+        let mut held = HeldBack::default();
         // Idempotency records of the own feed's entries learned back, whose
         // publishes may come in several messages, or began in an earlier
         // session (read back from the store).
@@ -616,14 +614,18 @@ impl Replicator {
             if first_refusal.is_some() && undrained.is_empty() {
                 break;
             }
+            let deadline = held.oldest().map(|since| since + timeout);
             let message = tokio::select! {
-                next = streams.next() => match next.and_then(|(_, message)| message).transpose() {
-                    Ok(message) => message,
-                    Err(status) => {
-                        refuse_uncovered(peer, uncovered);
-                        return Err(status.into());
+                next = streams.next() => next.and_then(|(_, message)| message).transpose()?,
+                // Held back too long: no cover is coming.
+                () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()),
+                    if deadline.is_some() =>
+                {
+                    for (origin, entries) in held.take_waiting(timeout) {
+                        refuse_held(peer, origin, &entries, &mut set_aside, &mut first_refusal);
                     }
-                },
+                    continue;
+                }
                 () = &mut reported, if reporting => {
                     reporting = false;
                     continue;
@@ -634,7 +636,13 @@ impl Replicator {
                     break;
                 }
             };
-            let Some(message) = message else { break };
+            let Some(message) = message else {
+                // The peer's stream ended before a cover came.
+                for (origin, entries) in held.take_waiting(Duration::ZERO) {
+                    refuse_held(peer, origin, &entries, &mut set_aside, &mut first_refusal);
+                }
+                break;
+            };
             match message.event {
                 Some(Event::Entries(batch)) => {
                     let origin = batch.origin;
@@ -663,35 +671,34 @@ impl Replicator {
                         .inspect_err(|_| peer.update(|s| s.refused += received))?;
                     // Entries held back by the last message, waiting for
                     // a signature to cover them, come first.
-                    let mut given = uncovered.remove(&origin).unwrap_or_default();
-                    uncovered_bytes -= entries_bytes(&given);
-                    given.extend(entries);
-                    let received = given.len();
+                    let (before, since) = held.take(&origin);
+                    let received = before.len() + entries.len();
                     let Authenticated {
                         accepted: entries,
                         tip: new_tip,
                         key: new_key,
                         uncovered: held_back,
                         refused,
-                    } = authenticate(&origin, key, &replacements, tip, given);
-                    let bytes = entries_bytes(&held_back);
-                    // Bounded for the session as for one origin: what
-                    // does not fit is refused (and comes again later).
-                    let refused = match held_back.first() {
-                        Some(first) if uncovered_bytes + bytes > COVER_BYTES => {
-                            let fault = FeedError::BadSignature {
-                                origin: origin.clone(),
-                                seq: first.body.seq,
-                            };
-                            Some((fault, first.clone()))
-                        }
-                        Some(_) => {
-                            uncovered_bytes += bytes;
-                            uncovered.insert(origin.clone(), held_back);
-                            refused
-                        }
-                        None => refused,
-                    };
+                    } = authenticate(&origin, key, &replacements, tip, before, entries);
+                    // Still waiting from the same entry: since then.
+                    let since = since
+                        .filter(|_| entries.is_empty())
+                        .unwrap_or_else(Instant::now);
+                    if !held.hold(&origin, held_back, since) {
+                        let err = SessionError::HeldBack(format!(
+                            "origin {origin}: more than {} MiB of entries wait in this session \
+                             for a later signature to cover them; the origin is taken again \
+                             in the next session",
+                            HELD_BACK_BYTES >> 20
+                        ));
+                        set_aside_for_session(
+                            peer,
+                            origin.clone(),
+                            err,
+                            &mut set_aside,
+                            &mut first_refusal,
+                        );
+                    }
                     let refused = match refused {
                         None => None,
                         Some(first_fault) => {
@@ -795,21 +802,10 @@ impl Replicator {
                     undrained.remove(&drained.origin);
                     // The peer's backlog ended, and no signature covered
                     // the entries held back.
-                    if let Some(held_back) = uncovered.remove(&drained.origin) {
-                        uncovered_bytes -= entries_bytes(&held_back);
-                        peer.update(|s| s.refused += held_back.len() as u64);
-                        let fault = FeedError::BadSignature {
-                            origin: drained.origin.clone(),
-                            seq: held_back[0].body.seq,
-                        };
+                    let (entries, _) = held.take(&drained.origin);
+                    if !entries.is_empty() {
                         let origin = drained.origin.clone();
-                        set_aside_for_session(
-                            peer,
-                            origin,
-                            fault.into(),
-                            &mut set_aside,
-                            &mut first_refusal,
-                        );
+                        refuse_held(peer, origin, &entries, &mut set_aside, &mut first_refusal);
                     }
                     // The entries of a quarantined origin were skipped, not
                     // refused: the marker says nothing of this peer then.
@@ -900,10 +896,6 @@ impl Replicator {
         }
         while let Some(commit) = pending.pop_front() {
             self.settle(peer, index, Some(commit)).await?;
-        }
-        // Unless this node ended the session (they come again).
-        if ended == Ended::ByPeer {
-            first_refusal = first_refusal.or(refuse_uncovered(peer, uncovered));
         }
         match first_refusal {
             Some(err) => Err(err),
@@ -1426,35 +1418,93 @@ impl Replication {
     }
 }
 
-/// The longest prefix of `entries` that verifies entry by entry (link and
-/// strict signature), used once a range has failed as a whole, with the
-/// fault of the first entry refused.
-#[allow(clippy::type_complexity)]
 /// The entries' size as `feed::COVER_BYTES` counts it.
 fn entries_bytes(entries: &[Entry]) -> usize {
-    entries
-        .iter()
-        .map(|e| e.signed.body.len() + e.signed.signature.len())
-        .sum()
+    entries.iter().map(entry_bytes).sum()
 }
 
-/// Refuses the entries still held back when the session ends: no
-/// signature covered them before the peer's stream did. Returns the
-/// refusal of the first, if any.
-fn refuse_uncovered(peer: &Peer, uncovered: HashMap<String, Vec<Entry>>) -> Option<SessionError> {
-    let mut first = None;
-    for (origin, held_back) in uncovered {
-        peer.update(|s| s.refused += held_back.len() as u64);
-        let err = SessionError::from(FeedError::BadSignature {
-            origin,
-            seq: held_back[0].body.seq,
-        });
-        tracing::warn!(peer = %peer.name, address = %peer.address, error = %err,
-            "entries refused: the peer's stream ended before a signature covered them");
-        peer.update(|s| s.last_error = err.to_string());
-        first.get_or_insert(err);
+/// Most bytes of entries a session holds back for all origins together,
+/// waiting for later signatures to cover them (each origin's at most
+/// `COVER_BYTES`).
+const HELD_BACK_BYTES: usize = 4 * COVER_BYTES;
+
+/// Entries a session holds back, per origin: linked after its tip, each
+/// with a signature that does not verify, waiting for a later one to cover
+/// them (`feed::authenticate`), with the time they began waiting. Bounded
+/// by [`HELD_BACK_BYTES`]; never stored, and dropped with the session.
+#[derive(Default)]
+struct HeldBack {
+    origins: HashMap<String, (Vec<Entry>, Instant)>,
+    bytes: usize,
+}
+
+impl HeldBack {
+    /// Takes `origin`'s entries (none if it has none), with their time.
+    fn take(&mut self, origin: &str) -> (Vec<Entry>, Option<Instant>) {
+        match self.origins.remove(origin) {
+            Some((entries, since)) => {
+                self.bytes -= entries_bytes(&entries);
+                (entries, Some(since))
+            }
+            None => (Vec::new(), None),
+        }
     }
-    first
+
+    /// Holds `entries` of `origin` (if any); `false`, holding none, if
+    /// they do not fit.
+    fn hold(&mut self, origin: &str, entries: Vec<Entry>, since: Instant) -> bool {
+        if entries.is_empty() {
+            return true;
+        }
+        let bytes = entries_bytes(&entries);
+        if self.bytes + bytes > HELD_BACK_BYTES {
+            return false;
+        }
+        self.bytes += bytes;
+        self.origins.insert(origin.to_owned(), (entries, since));
+        true
+    }
+
+    /// When the entries waiting longest began to.
+    fn oldest(&self) -> Option<Instant> {
+        self.origins.values().map(|(_, since)| *since).min()
+    }
+
+    /// Takes the entries of every origin that has waited `wait` or longer.
+    fn take_waiting(&mut self, wait: Duration) -> Vec<(String, Vec<Entry>)> {
+        let now = Instant::now();
+        let waited: Vec<String> = self
+            .origins
+            .iter()
+            .filter(|(_, (_, since))| now.saturating_duration_since(*since) >= wait)
+            .map(|(origin, _)| origin.clone())
+            .collect();
+        waited
+            .into_iter()
+            .map(|origin| {
+                let (entries, _) = self.take(&origin);
+                (origin, entries)
+            })
+            .collect()
+    }
+}
+
+/// Refuses `entries` of `origin`, held back until no signature could
+/// cover them any more (the peer's backlog marker of the origin, the end
+/// of its stream, or the wait), and sets the origin aside.
+fn refuse_held(
+    peer: &Peer,
+    origin: String,
+    entries: &[Entry],
+    set_aside: &mut HashSet<String>,
+    first_refusal: &mut Option<SessionError>,
+) {
+    peer.update(|s| s.refused += entries.len() as u64);
+    let fault = FeedError::BadSignature {
+        origin: origin.clone(),
+        seq: entries[0].body.seq,
+    };
+    set_aside_for_session(peer, origin, fault.into(), set_aside, first_refusal);
 }
 
 /// Sets `origin` aside for the rest of the session after `err` refused

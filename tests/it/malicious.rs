@@ -793,6 +793,51 @@ async fn entries_refused_from_a_peer_stop_their_origin_only() {
     assert!(node.status().await.peers[0].refused >= 3);
 }
 
+/// Entries a peer leaves waiting for a cover in its live tail, its stream
+/// left open, are refused once the connect timeout has passed, counted and
+/// named: a peer cannot hold them back for the rest of the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_left_waiting_for_a_cover_are_refused_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Forger::new(1, "city-a");
+    let wrong = Forger {
+        key: SigningKey::from_bytes(&[9; 32]),
+        ..Forger::new(1, "city-a")
+    };
+    let drained = |origin: &str| pb::SubscribeResponse {
+        event: Some(Event::Drained(pb::BacklogDrained {
+            origin: origin.into(),
+            head_seq: 0,
+        })),
+    };
+    let forged = wrong.chain(3);
+    let signed = forged.iter().map(|e| e.signed.clone()).collect();
+    // Both backlogs drained, then the live tail sends them and stays open.
+    let step = vec![
+        drained("city-n"),
+        drained("city-a"),
+        batch("city-a", signed),
+    ];
+    let script = Script {
+        steps: vec![step],
+        hold: Some((0, Duration::from_secs(60))),
+        ..Script::default()
+    };
+    let (node, _) = node_with_scripted_peer(dir.path(), script, |spec| {
+        spec.trust("city-a", &public_key_hex(&a.key.verifying_key()))
+    })
+    .await;
+    eventually("the held-back entries refused", || async {
+        let peer = &node.status().await.peers[0];
+        peer.refused == 3
+            && peer
+                .last_error
+                .contains("city-a: seq 1 has an invalid signature")
+    })
+    .await;
+    assert_eq!(node.head("city-a").await.0, 0, "a refused entry was stored");
+}
+
 /// A peer relaying many origins: the status lists 16 of them for it (those
 /// this node lags furthest behind first) and counts the rest, through gRPC
 /// and in both forms of `civex status`.

@@ -519,13 +519,17 @@ pub fn verify_chain(
     Ok((tip, key))
 }
 
-/// How an origin's validly signed entries disagree with the feed held.
 /// Most bytes of entries, counted from the first whose own signature does
 /// not verify, that a later entry's signature may cover: one message's
 /// worth at the default `limits.max_message_bytes`. A range a node takes
 /// can so always be taken again by the node it serves it to, however it
 /// is cut into messages there.
 pub const COVER_BYTES: usize = 4 * 1024 * 1024;
+
+/// An entry's size as [`COVER_BYTES`] counts it: body and signature.
+pub fn entry_bytes(entry: &Entry) -> usize {
+    entry.signed.body.len() + entry.signed.signature.len()
+}
 
 /// What [`authenticate`] made of entries received after a tip.
 #[derive(Debug)]
@@ -538,48 +542,136 @@ pub struct Authenticated {
     pub tip: Option<Tip>,
     /// The key in force after them.
     pub key: VerifyingKey,
-    /// Entries linked after `accepted`, from one whose signature does not
-    /// verify, that a later entry may still cover: given again, first,
-    /// with the entries that follow them. Never trusted as they are.
+    /// Entries linked after `accepted`, each with a signature that does
+    /// not verify, that a later entry may still cover: given back as
+    /// `held`, with the entries that follow them. Never trusted as they
+    /// are.
     pub uncovered: Vec<Entry>,
     /// The first entry refused, and why; the entries after it were not
     /// looked at.
     pub refused: Option<(FeedError, Entry)>,
 }
 
-/// Authenticates entries received after `tip`, in order, as far as they
-/// go: as one range when [`verify_chain`] takes them (one signature
-/// check); otherwise entry by entry, an entry whose own signature fails
-/// being taken only when a later entry within [`COVER_BYTES`] verifies its
-/// own and every link between holds. An entry that carries trust (a
-/// rotation, a roster entry) must verify its own signature, and no
-/// signature covers entries of an earlier feed (a replacement's).
+/// Authenticates `entries` received after `tip` (and after `held`, what
+/// an earlier call left uncovered from that tip), in order, as far as they
+/// go. Ranges of at most [`COVER_BYTES`] are taken by [`verify_chain`]
+/// (one signature check each); once one fails, entry by entry, an entry
+/// whose own signature fails being taken only when a later entry within
+/// [`COVER_BYTES`] of it verifies its own and every link between holds.
+/// An entry that carries trust (a rotation, a roster entry) must verify
+/// its own signature, and no signature covers entries of an earlier feed
+/// (a replacement's). Each signature is checked at most once, the held
+/// ones not again: the work is linear in the entries.
 pub fn authenticate(
     origin: &str,
     key: &VerifyingKey,
     replacements: &[Replacement],
     tip: Option<Tip>,
+    held: Vec<Entry>,
     entries: Vec<Entry>,
 ) -> Authenticated {
+    let checked = held.len();
+    let mut all = held;
+    all.extend(entries);
+    let (mut tip, mut key) = (tip, *key);
+    // `all[..accepted]` is authenticated; `all[accepted..i]`, each with a
+    // bad signature, waits for a cover (the run).
+    let mut accepted = 0;
+    if checked == 0 {
+        accepted = ranges(origin, &mut key, replacements, &mut tip, &all, 0);
+    }
+    let start_key = |tip: Option<Tip>, entry: &Entry, key: VerifyingKey| {
+        tip.and_then(|t| replacements.iter().find(|r| r.starts(&t, entry)))
+            .map_or(key, |r| r.new_key)
+    };
+    let mut run_key = all.first().map_or(key, |first| start_key(tip, first, key));
+    let mut run_bytes: usize = all[..checked].iter().map(entry_bytes).sum();
+    let mut last = all[..checked].last().map(Entry::tip).or(tip);
+    let mut ranges_again = true;
+    let mut i = accepted.max(checked);
+    let mut fault = None;
+    while i < all.len() {
+        let entry = &all[i];
+        let run = accepted < i;
+        let new_feed = last.is_some_and(|t| replacements.iter().any(|r| r.starts(&t, entry)));
+        let entry_key = match run {
+            true => run_key,
+            false => start_key(last, entry, key),
+        };
+        let bytes = entry_bytes(entry);
+        let linked = check_link(origin, replacements, last.as_ref(), entry)
+            .and_then(|()| rotation_key(entry));
+        let rotation = match linked {
+            Ok(_) if run && (new_feed || run_bytes + bytes > COVER_BYTES) => {
+                fault = Some(None);
+                break;
+            }
+            Ok(rotation) => rotation,
+            Err(err) => {
+                fault = Some(Some(err));
+                break;
+            }
+        };
+        if verify_signature(&entry_key, entry).is_ok() {
+            // It, and the run before it, are authenticated.
+            (tip, key) = (Some(entry.tip()), rotation.unwrap_or(entry_key));
+            accepted = i + 1;
+            if std::mem::take(&mut ranges_again) {
+                accepted = ranges(origin, &mut key, replacements, &mut tip, &all, accepted);
+            }
+            (i, run_bytes, last) = (accepted, 0, tip);
+            continue;
+        }
+        if carries_trust(entry) {
+            fault = Some(None);
+            break;
+        }
+        if !run {
+            run_key = entry_key;
+        }
+        (run_bytes, last, i) = (run_bytes + bytes, Some(entry.tip()), i + 1);
+    }
+    let mut rest = all.split_off(accepted);
     let mut out = Authenticated {
-        accepted: Vec::new(),
+        accepted: all,
         tip,
-        key: *key,
+        key,
         uncovered: Vec::new(),
         refused: None,
     };
-    // The common case, one message of validly signed entries: one check.
-    if entries.iter().map(entry_bytes).sum::<usize>() <= COVER_BYTES {
-        if let Ok((tip, key)) = verify_chain(origin, key, replacements, tip.as_ref(), &entries) {
-            (out.accepted, out.tip, out.key) = (entries, tip, key);
-            return out;
+    match fault {
+        None => out.uncovered = rest,
+        // The first entry not taken is refused: a bad signature nothing
+        // covered, or this entry's own fault.
+        Some(own) => {
+            let first = rest.swap_remove(0);
+            let fault = match (own, accepted < i) {
+                (Some(err), false) => err,
+                _ => FeedError::BadSignature {
+                    origin: origin.to_owned(),
+                    seq: first.body.seq,
+                },
+            };
+            out.refused = Some((fault, first));
         }
     }
-    let mut rest: std::collections::VecDeque<Entry> = entries.into();
-    while !rest.is_empty() {
-        // At most COVER_BYTES as one range: a signature covers no more.
+    out
+}
+
+/// Takes ranges of `entries` from `from` by [`verify_chain`], each of at
+/// most [`COVER_BYTES`], while they verify, moving `key` and `tip` past
+/// them; returns where the first that does not verify starts.
+fn ranges(
+    origin: &str,
+    key: &mut VerifyingKey,
+    replacements: &[Replacement],
+    tip: &mut Option<Tip>,
+    entries: &[Entry],
+    mut from: usize,
+) -> usize {
+    while from < entries.len() {
         let mut bytes = 0;
-        let window = rest
+        let size = entries[from..]
             .iter()
             .take_while(|e| {
                 bytes += entry_bytes(e);
@@ -587,100 +679,13 @@ pub fn authenticate(
             })
             .count()
             .max(1);
-        let range = &rest.make_contiguous()[..window];
-        if let Ok((tip, key)) =
-            verify_chain(origin, &out.key, replacements, out.tip.as_ref(), range)
-        {
-            out.accepted.extend(rest.drain(..window));
-            (out.tip, out.key) = (tip, key);
-            continue;
-        }
-        // Entry by entry up to the first whose own signature fails.
-        let mut key = out.key;
-        while let Some(entry) = rest.pop_front() {
-            let new_feed = out
-                .tip
-                .and_then(|tip| replacements.iter().find(|r| r.starts(&tip, &entry)));
-            key = new_feed.map_or(out.key, |r| r.new_key);
-            let linked = check_link(origin, replacements, out.tip.as_ref(), &entry)
-                .and_then(|()| rotation_key(&entry));
-            let checked = linked.and_then(|next| verify_signature(&key, &entry).map(|()| next));
-            match checked {
-                Ok(next) => {
-                    out.key = next.unwrap_or(key);
-                    out.tip = Some(entry.tip());
-                    out.accepted.push(entry);
-                }
-                Err(FeedError::BadSignature { .. }) if !carries_trust(&entry) => {
-                    rest.push_front(entry);
-                    break;
-                }
-                Err(fault) => {
-                    out.refused = Some((fault, entry));
-                    return out;
-                }
-            }
-        }
-        let Some(first_seq) = rest.front().map(|e| e.body.seq) else {
-            break;
-        };
-        // A later signature within reach, every link holding, covers it.
-        let mut bytes = 0;
-        let mut before: Option<Tip> = None;
-        let mut cover = None;
-        let mut reached_end = true;
-        for (i, entry) in rest.iter().enumerate() {
-            bytes += entry_bytes(entry);
-            if bytes > COVER_BYTES {
-                reached_end = false;
-                break;
-            }
-            if let Some(before) = before {
-                let new_feed = replacements.iter().any(|r| r.starts(&before, entry));
-                let linked = check_link(origin, replacements, Some(&before), entry);
-                if new_feed || linked.is_err() || rotation_key(entry).is_err() {
-                    reached_end = false;
-                    break;
-                }
-                if verify_signature(&key, entry).is_ok() {
-                    cover = Some(i);
-                    break;
-                }
-                if carries_trust(entry) {
-                    reached_end = false;
-                    break;
-                }
-            }
-            before = Some(entry.tip());
-        }
-        match cover {
-            Some(last) => {
-                let covered: Vec<Entry> = rest.drain(..=last).collect();
-                let last = &covered[covered.len() - 1];
-                // Checked above: a rotation names a valid key.
-                out.key = rotation_key(last).ok().flatten().unwrap_or(key);
-                out.tip = Some(last.tip());
-                out.accepted.extend(covered);
-            }
-            None if reached_end => {
-                out.uncovered = rest.into();
-                return out;
-            }
-            None => {
-                let fault = FeedError::BadSignature {
-                    origin: origin.to_owned(),
-                    seq: first_seq,
-                };
-                out.refused = rest.pop_front().map(|entry| (fault, entry));
-                return out;
-            }
+        let range = &entries[from..from + size];
+        match verify_chain(origin, key, replacements, tip.as_ref(), range) {
+            Ok((t, k)) => (*tip, *key, from) = (t, k, from + size),
+            Err(_) => break,
         }
     }
-    out
-}
-
-fn entry_bytes(entry: &Entry) -> usize {
-    entry.signed.body.len() + entry.signed.signature.len()
+    from
 }
 
 /// Whether an entry's own signature must verify: it hands over a key or
@@ -692,6 +697,7 @@ fn carries_trust(entry: &Entry) -> bool {
     )
 }
 
+/// How an origin's validly signed entries disagree with the feed held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConflictKind {
     /// Two different entries at one seq of one feed: the key holder signed
@@ -1063,20 +1069,19 @@ pub(crate) mod tests {
         );
         let pk = good.verifying_key();
         // In one message: all of it.
-        let whole = authenticate("city-a", &pk, &[], None, entries.clone());
+        let whole = authenticate("city-a", &pk, &[], None, Vec::new(), entries.clone());
         assert_eq!(seqs(&whole.accepted), [1, 2, 3, 4, 5, 6]);
         assert!(whole.refused.is_none() && whole.uncovered.is_empty());
         assert_eq!(whole.tip, Some(entries[5].tip()));
         // Cut after seq 3: seq 1 is taken, 2 and 3 wait for the next
         // message, which covers them.
-        let first = authenticate("city-a", &pk, &[], None, entries[..3].to_vec());
+        let first = authenticate("city-a", &pk, &[], None, Vec::new(), entries[..3].to_vec());
         assert_eq!(seqs(&first.accepted), [1]);
         assert_eq!(seqs(&first.uncovered), [2, 3]);
         assert!(first.refused.is_none());
         assert_eq!(first.tip, Some(entries[0].tip()));
-        let mut next = first.uncovered;
-        next.extend_from_slice(&entries[3..]);
-        let second = authenticate("city-a", &pk, &[], first.tip, next);
+        let rest = entries[3..].to_vec();
+        let second = authenticate("city-a", &pk, &[], first.tip, first.uncovered, rest);
         assert_eq!(seqs(&second.accepted), [2, 3, 4, 5, 6]);
         assert!(second.refused.is_none() && second.uncovered.is_empty());
     }
@@ -1090,7 +1095,7 @@ pub(crate) mod tests {
         let mut body = entries[2].body.clone();
         body.prev_hash = vec![0; 32];
         entries[2] = Entry::sign(&good, body).unwrap();
-        let out = authenticate("city-a", &pk, &[], None, entries);
+        let out = authenticate("city-a", &pk, &[], None, Vec::new(), entries);
         assert_eq!(seqs(&out.accepted), [1]);
         assert!(matches!(
             out.refused,
@@ -1105,16 +1110,54 @@ pub(crate) mod tests {
             count,
             padding,
         );
-        let out = authenticate("city-a", &pk, &[], None, entries.clone());
+        let out = authenticate("city-a", &pk, &[], None, Vec::new(), entries.clone());
         assert!(out.accepted.is_empty() && out.uncovered.is_empty());
         assert!(matches!(
             out.refused,
             Some((FeedError::BadSignature { seq: 1, .. }, _))
         ));
         // Within reach it waits: the covering entry may come next.
-        let out = authenticate("city-a", &pk, &[], None, entries[..10].to_vec());
+        let out = authenticate("city-a", &pk, &[], None, Vec::new(), entries[..10].to_vec());
         assert_eq!((out.accepted.len(), out.uncovered.len()), (0, 10));
         assert!(out.refused.is_none());
+    }
+
+    #[test]
+    fn bad_and_good_signatures_in_turn_are_taken_up_to_the_last_good_one() {
+        let (good, wrong) = (key(1), key(9));
+        let pk = good.verifying_key();
+        let entries = chain_by(|seq| if seq % 2 == 1 { &wrong } else { &good }, 201, 0);
+        let out = authenticate("city-a", &pk, &[], None, Vec::new(), entries.clone());
+        assert_eq!(out.accepted.len(), 200);
+        assert_eq!(seqs(&out.uncovered), [201]);
+        assert_eq!(out.tip, Some(entries[199].tip()));
+        // Held back one message at a time, they wait while within reach,
+        // and are refused, from the first, once past it.
+        let padding = 60 * 1024;
+        let count = (COVER_BYTES / padding) as u64 + 3;
+        let entries = chain_by(
+            |seq| if seq == count { &good } else { &wrong },
+            count,
+            padding,
+        );
+        let mut held = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let out = authenticate("city-a", &pk, &[], None, held, vec![entry.clone()]);
+            assert!(out.accepted.is_empty());
+            if out.refused.is_some() {
+                assert!(matches!(
+                    out.refused,
+                    Some((FeedError::BadSignature { seq: 1, .. }, _))
+                ));
+                assert!(
+                    i as u64 > COVER_BYTES as u64 / padding as u64 - 2,
+                    "refused at {i}"
+                );
+                return;
+            }
+            held = out.uncovered;
+        }
+        panic!("entries past COVER_BYTES were held back");
     }
 
     #[test]
@@ -1132,7 +1175,7 @@ pub(crate) mod tests {
             .chain(&after)
             .cloned()
             .collect();
-        let out = authenticate("city-a", &pk, &[], None, entries);
+        let out = authenticate("city-a", &pk, &[], None, Vec::new(), entries);
         assert_eq!(seqs(&out.accepted), [1]);
         assert!(matches!(
             out.refused,
@@ -1149,7 +1192,7 @@ pub(crate) mod tests {
             .chain(&after)
             .cloned()
             .collect();
-        let out = authenticate("city-a", &pk, &[], None, entries);
+        let out = authenticate("city-a", &pk, &[], None, Vec::new(), entries);
         assert_eq!(seqs(&out.accepted), [1, 2, 3, 4, 5]);
         assert_eq!(out.key, next.verifying_key());
         assert!(out.refused.is_none());
