@@ -1494,16 +1494,8 @@ pub(crate) async fn feed(
         let replaced = replacements
             .get(&batch.origin)
             .map_or(&[][..], Vec::as_slice);
-        let uncovered = uncovered.entry(batch.origin.clone()).or_default();
-        let entries = verified(
-            node,
-            &batch.origin,
-            key,
-            replaced,
-            tip,
-            uncovered,
-            batch.entries,
-        )?;
+        let held = uncovered.entry(batch.origin.clone()).or_default();
+        let entries = verified(node, &batch.origin, key, replaced, tip, held, batch.entries)?;
         let mut joined = false;
         for entry in &entries {
             let new_in_roster = follow_roster.as_deref() == Some(entry.body.origin.as_str())

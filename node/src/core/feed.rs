@@ -560,8 +560,10 @@ pub struct Authenticated {
 /// [`COVER_BYTES`] of it verifies its own and every link between holds.
 /// An entry that carries trust (a rotation, a roster entry) must verify
 /// its own signature, and no signature covers entries of an earlier feed
-/// (a replacement's). Each signature is checked at most once, the held
-/// ones not again: the work is linear in the entries.
+/// (a replacement's). The held ones are not checked again, and no
+/// signature is checked more than three times (a failed range, entry by
+/// entry, the ranges once more after the first cover): the signature
+/// work is linear in the entries.
 pub fn authenticate(
     origin: &str,
     key: &VerifyingKey,
