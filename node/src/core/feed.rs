@@ -582,11 +582,11 @@ pub fn authenticate(
     if checked == 0 {
         accepted = ranges(origin, &mut key, replacements, &mut tip, &all, 0);
     }
-    let start_key = |tip: Option<Tip>, entry: &Entry, key: VerifyingKey| {
-        tip.and_then(|t| replacements.iter().find(|r| r.starts(&t, entry)))
-            .map_or(key, |r| r.new_key)
-    };
-    let mut run_key = all.first().map_or(key, |first| start_key(tip, first, key));
+    // The key of the held run: its first entry may start a new feed.
+    let mut run_key = tip
+        .zip(all[..checked].first())
+        .and_then(|(t, first)| replacements.iter().find(|r| r.starts(&t, first)))
+        .map_or(key, |r| r.new_key);
     let mut run_bytes: usize = all[..checked].iter().map(entry_bytes).sum();
     let mut last = all[..checked].last().map(Entry::tip).or(tip);
     let mut ranges_again = true;
@@ -595,16 +595,16 @@ pub fn authenticate(
     while i < all.len() {
         let entry = &all[i];
         let run = accepted < i;
-        let new_feed = last.is_some_and(|t| replacements.iter().any(|r| r.starts(&t, entry)));
-        let entry_key = match run {
-            true => run_key,
-            false => start_key(last, entry, key),
+        let new_feed = last.and_then(|t| replacements.iter().find(|r| r.starts(&t, entry)));
+        let entry_key = match (run, new_feed) {
+            (true, _) => run_key,
+            (false, new_feed) => new_feed.map_or(key, |r| r.new_key),
         };
         let bytes = entry_bytes(entry);
         let linked = check_link(origin, replacements, last.as_ref(), entry)
             .and_then(|()| rotation_key(entry));
         let rotation = match linked {
-            Ok(_) if run && (new_feed || run_bytes + bytes > COVER_BYTES) => {
+            Ok(_) if run && (new_feed.is_some() || run_bytes + bytes > COVER_BYTES) => {
                 fault = Some(None);
                 break;
             }
@@ -646,7 +646,7 @@ pub fn authenticate(
         // The first entry not taken is refused: a bad signature nothing
         // covered, or this entry's own fault.
         Some(own) => {
-            let first = rest.swap_remove(0);
+            let first = rest.remove(0);
             let fault = match (own, accepted < i) {
                 (Some(err), false) => err,
                 _ => FeedError::BadSignature {

@@ -173,15 +173,8 @@ pub fn audit_knowing(
     statuses: &[CellStatus],
     known: &[Option<(f64, f64)>],
 ) -> Result<AuditReport, SdcError> {
-    if statuses.len() != table.cells().len() {
-        return Err(SdcError::InvalidSettings(format!(
-            "audit needs one status per cell ({} given, {} cells)",
-            statuses.len(),
-            table.cells().len()
-        )));
-    }
+    let knowledge = knowledge_of(table, settings, statuses, known)?;
     let findings = primary::evaluate(table, settings)?;
-    let knowledge = knowledge_of(table, settings, statuses, known);
     audit::full_audit(
         table.constraints(),
         &knowledge,
@@ -192,15 +185,23 @@ pub fn audit_knowing(
 }
 
 /// What an attacker knows of each cell of `table` published with
-/// `statuses`, knowing `known` besides (see [`audit_knowing`]).
+/// `statuses` (one per cell, else an error), knowing `known` besides (see
+/// [`audit_knowing`]).
 pub(super) fn knowledge_of(
     table: &Table,
     settings: &Settings,
     statuses: &[CellStatus],
     known: &[Option<(f64, f64)>],
-) -> Vec<Knowledge> {
+) -> Result<Vec<Knowledge>, SdcError> {
+    if statuses.len() != table.cells().len() {
+        return Err(SdcError::InvalidSettings(format!(
+            "audit needs one status per cell ({} given, {} cells)",
+            statuses.len(),
+            table.cells().len()
+        )));
+    }
     let intervals = published_intervals(table, settings);
-    statuses
+    Ok(statuses
         .iter()
         .zip(&intervals)
         .enumerate()
@@ -212,7 +213,7 @@ pub(super) fn knowledge_of(
             Some((lo, hi)) => Knowledge::Interval(lo, hi),
             None => Knowledge::Suppressed,
         })
-        .collect()
+        .collect())
 }
 
 fn run(table: &Table, settings: &Settings, seed: Option<&NoiseSeed>) -> Result<Outcome, SdcError> {

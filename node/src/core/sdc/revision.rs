@@ -80,15 +80,8 @@ pub fn audit_revision(
     known: &[Option<(f64, f64)>],
     versions: &[Version],
 ) -> Result<Vec<usize>, SdcError> {
-    if statuses.len() != table.cells().len() {
-        return Err(SdcError::InvalidSettings(format!(
-            "audit needs one status per cell ({} given, {} cells)",
-            statuses.len(),
-            table.cells().len()
-        )));
-    }
+    let mut knowledge = knowledge_of(table, settings, statuses, known)?;
     let findings = primary::evaluate(table, settings)?;
-    let mut knowledge = knowledge_of(table, settings, statuses, known);
     let mut constraints: Vec<Constraint> = table.constraints().to_vec();
     let (lower, upper) = (settings.lower_bound, settings.upper_bound);
     let mut solves = 0;
