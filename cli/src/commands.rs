@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context};
 use civex_node::{
     config::{template_with_operators, Config},
     core::{
-        feed::{authenticate, replacements_of, Entry, Replacement, Tip},
+        feed::{authenticate, replacements_of, Entry, Replacement, Tip, Uncovered},
         ids::{check_origin_id, hex, unhex},
         ingest::{area_slug, parse_area, parse_csv, parse_json, InputRow},
         sdc::LargestContributions,
@@ -1292,7 +1292,7 @@ fn verified(
     key: &mut ed25519_dalek::VerifyingKey,
     replacements: &[Replacement],
     tip: &mut Option<Tip>,
-    uncovered: &mut Vec<Entry>,
+    uncovered: &mut Uncovered,
     entries: Vec<pb::SignedEntry>,
 ) -> anyhow::Result<Vec<Entry>> {
     let refused = |e: civex_node::core::feed::FeedError| {
@@ -1332,7 +1332,7 @@ async fn roster_members(
     key: ed25519_dalek::VerifyingKey,
 ) -> anyhow::Result<(BTreeMap<String, Member>, u64)> {
     let mut stream = client::subscribe_from_start(node, &[roster_origin.to_owned()]).await?;
-    let (mut key, mut tip, mut uncovered) = (key, None, Vec::new());
+    let (mut key, mut tip, mut uncovered) = (key, None, Uncovered::default());
     let mut members = BTreeMap::new();
     while let Some(message) = stream
         .message()
@@ -1363,7 +1363,7 @@ async fn roster_members(
             }
         }
     }
-    if let Some(first) = uncovered.first() {
+    if let Some(first) = uncovered.entries().first() {
         return Err(uncovered_error(node, first));
     }
     Ok((members, tip.map_or(0, |t| t.seq)))
@@ -1458,7 +1458,7 @@ pub(crate) async fn feed(
         .map(|o| (o.clone(), None))
         .collect();
     let mut stream = client::subscribe_at(node, &tips).await?;
-    let mut uncovered: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+    let mut uncovered: BTreeMap<String, Uncovered> = BTreeMap::new();
     let mut seen = 0u64;
     if count == Some(0) {
         return Ok(ExitCode::SUCCESS);
@@ -1472,7 +1472,10 @@ pub(crate) async fn feed(
             Some(Event::Entries(batch)) => batch,
             // The node's backlog ended: nothing more covers what waits.
             Some(Event::Drained(drained)) => {
-                if let Some(first) = uncovered.get(&drained.origin).and_then(|u| u.first()) {
+                if let Some(first) = uncovered
+                    .get(&drained.origin)
+                    .and_then(|u| u.entries().first())
+                {
                     return Err(uncovered_error(node, first));
                 }
                 continue;

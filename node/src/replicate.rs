@@ -22,8 +22,8 @@ use crate::{
     config::ReplicationConfig,
     core::{
         feed::{
-            authenticate, entry_bytes, judge_conflict, key_after, replacements_of, Authenticated,
-            Conflict, Entry, FeedError, FeedId, Replacement, Tip, COVER_BYTES,
+            authenticate, judge_conflict, key_after, replacements_of, Authenticated, Conflict,
+            Entry, FeedError, FeedId, Replacement, Tip, Uncovered, COVER_BYTES,
         },
         ids::hex,
     },
@@ -614,32 +614,42 @@ impl Replicator {
             if first_refusal.is_some() && undrained.is_empty() {
                 break;
             }
+            // However busy a peer keeps the session, nothing waits for a
+            // cover longer than twice the timeout.
+            for (origin, waited) in held.take_waiting(2 * timeout) {
+                refuse_held(peer, origin, &waited, &mut set_aside, &mut first_refusal);
+            }
             let deadline = held.oldest().map(|since| since + timeout);
             let message = tokio::select! {
-                next = streams.next() => next.and_then(|(_, message)| message).transpose()?,
-                // Held back too long: no cover is coming.
-                () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()),
-                    if deadline.is_some() =>
-                {
-                    for (origin, entries) in held.take_waiting(timeout) {
-                        refuse_held(peer, origin, &entries, &mut set_aside, &mut first_refusal);
-                    }
-                    continue;
-                }
-                () = &mut reported, if reporting => {
-                    reporting = false;
-                    continue;
-                }
+                // In this order: a message already come is read before the
+                // wait is judged (the cover may be in it, however long the
+                // session spent storing what came before).
+                biased;
                 // New members: reconnect with their cursors.
                 _ = roster_changes.changed() => {
                     ended = Ended::RosterChanged;
                     break;
                 }
+                () = &mut reported, if reporting => {
+                    reporting = false;
+                    continue;
+                }
+                next = streams.next() => next.and_then(|(_, message)| message).transpose()?,
+                // Held back too long, with nothing more come: no cover is
+                // coming.
+                () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()),
+                    if deadline.is_some() =>
+                {
+                    for (origin, waited) in held.take_waiting(timeout) {
+                        refuse_held(peer, origin, &waited, &mut set_aside, &mut first_refusal);
+                    }
+                    continue;
+                }
             };
             let Some(message) = message else {
                 // The peer's stream ended before a cover came.
-                for (origin, entries) in held.take_waiting(Duration::ZERO) {
-                    refuse_held(peer, origin, &entries, &mut set_aside, &mut first_refusal);
+                for (origin, waited) in held.take_waiting(Duration::ZERO) {
+                    refuse_held(peer, origin, &waited, &mut set_aside, &mut first_refusal);
                 }
                 break;
             };
@@ -672,7 +682,7 @@ impl Replicator {
                     // Entries held back by the last message, waiting for
                     // a signature to cover them, come first.
                     let (before, since) = held.take(&origin);
-                    let received = before.len() + entries.len();
+                    let received = before.entries().len() + entries.len();
                     let Authenticated {
                         accepted: entries,
                         tip: new_tip,
@@ -684,11 +694,15 @@ impl Replicator {
                     let since = since
                         .filter(|_| entries.is_empty())
                         .unwrap_or_else(Instant::now);
+                    let waiting_here = (held_back.entries().len(), held_back.bytes());
                     if !held.hold(&origin, held_back, since) {
                         let err = SessionError::HeldBack(format!(
-                            "origin {origin}: more than {} MiB of entries wait in this session \
-                             for a later signature to cover them; the origin is taken again \
-                             in the next session",
+                            "origin {origin}: {} entries ({} KiB) wait for a later signature \
+                             to cover them, and with the entries of other origins waiting this \
+                             session would hold back more than {} MiB; the origin is taken \
+                             again in the next session",
+                            waiting_here.0,
+                            waiting_here.1.div_ceil(1024),
                             HELD_BACK_BYTES >> 20
                         ));
                         set_aside_for_session(
@@ -802,10 +816,10 @@ impl Replicator {
                     undrained.remove(&drained.origin);
                     // The peer's backlog ended, and no signature covered
                     // the entries held back.
-                    let (entries, _) = held.take(&drained.origin);
-                    if !entries.is_empty() {
+                    let (waited, _) = held.take(&drained.origin);
+                    if !waited.is_empty() {
                         let origin = drained.origin.clone();
-                        refuse_held(peer, origin, &entries, &mut set_aside, &mut first_refusal);
+                        refuse_held(peer, origin, &waited, &mut set_aside, &mut first_refusal);
                     }
                     // The entries of a quarantined origin were skipped, not
                     // refused: the marker says nothing of this peer then.
@@ -1418,11 +1432,6 @@ impl Replication {
     }
 }
 
-/// The entries' size as `feed::COVER_BYTES` counts it.
-fn entries_bytes(entries: &[Entry]) -> usize {
-    entries.iter().map(entry_bytes).sum()
-}
-
 /// Most bytes of entries a session holds back for all origins together,
 /// waiting for later signatures to cover them (each origin's at most
 /// `COVER_BYTES`).
@@ -1434,34 +1443,33 @@ const HELD_BACK_BYTES: usize = 4 * COVER_BYTES;
 /// by [`HELD_BACK_BYTES`]; never stored, and dropped with the session.
 #[derive(Default)]
 struct HeldBack {
-    origins: HashMap<String, (Vec<Entry>, Instant)>,
+    origins: HashMap<String, (Uncovered, Instant)>,
     bytes: usize,
 }
 
 impl HeldBack {
     /// Takes `origin`'s entries (none if it has none), with their time.
-    fn take(&mut self, origin: &str) -> (Vec<Entry>, Option<Instant>) {
+    fn take(&mut self, origin: &str) -> (Uncovered, Option<Instant>) {
         match self.origins.remove(origin) {
-            Some((entries, since)) => {
-                self.bytes -= entries_bytes(&entries);
-                (entries, Some(since))
+            Some((held, since)) => {
+                self.bytes -= held.bytes();
+                (held, Some(since))
             }
-            None => (Vec::new(), None),
+            None => (Uncovered::default(), None),
         }
     }
 
     /// Holds `entries` of `origin` (if any); `false`, holding none, if
     /// they do not fit.
-    fn hold(&mut self, origin: &str, entries: Vec<Entry>, since: Instant) -> bool {
-        if entries.is_empty() {
+    fn hold(&mut self, origin: &str, held: Uncovered, since: Instant) -> bool {
+        if held.is_empty() {
             return true;
         }
-        let bytes = entries_bytes(&entries);
-        if self.bytes + bytes > HELD_BACK_BYTES {
+        if self.bytes + held.bytes() > HELD_BACK_BYTES {
             return false;
         }
-        self.bytes += bytes;
-        self.origins.insert(origin.to_owned(), (entries, since));
+        self.bytes += held.bytes();
+        self.origins.insert(origin.to_owned(), (held, since));
         true
     }
 
@@ -1471,7 +1479,7 @@ impl HeldBack {
     }
 
     /// Takes the entries of every origin that has waited `wait` or longer.
-    fn take_waiting(&mut self, wait: Duration) -> Vec<(String, Vec<Entry>)> {
+    fn take_waiting(&mut self, wait: Duration) -> Vec<(String, Uncovered)> {
         let now = Instant::now();
         let waited: Vec<String> = self
             .origins
@@ -1482,23 +1490,24 @@ impl HeldBack {
         waited
             .into_iter()
             .map(|origin| {
-                let (entries, _) = self.take(&origin);
-                (origin, entries)
+                let (held, _) = self.take(&origin);
+                (origin, held)
             })
             .collect()
     }
 }
 
-/// Refuses `entries` of `origin`, held back until no signature could
+/// Refuses the entries of `origin` held back until no signature could
 /// cover them any more (the peer's backlog marker of the origin, the end
 /// of its stream, or the wait), and sets the origin aside.
 fn refuse_held(
     peer: &Peer,
     origin: String,
-    entries: &[Entry],
+    held: &Uncovered,
     set_aside: &mut HashSet<String>,
     first_refusal: &mut Option<SessionError>,
 ) {
+    let entries = held.entries();
     peer.update(|s| s.refused += entries.len() as u64);
     let fault = FeedError::BadSignature {
         origin: origin.clone(),
@@ -1528,7 +1537,7 @@ fn set_aside_for_session(
 mod tests {
     use super::*;
     use crate::{
-        core::feed::tests::{chain, key},
+        core::feed::tests::{chain, chain_by, key},
         store::SledStore,
         writer::Prepared,
     };
@@ -1541,6 +1550,40 @@ mod tests {
             relay: true,
             state: Arc::default(),
         }
+    }
+
+    #[test]
+    fn entries_held_back_are_bounded_for_the_whole_session() {
+        // 3.6 MiB of entries no signature covers, as `authenticate` holds
+        // them back.
+        let wrong = key(9);
+        let forged = chain_by(|_| &wrong, 60, 60 * 1024);
+        let pk = key(1).verifying_key();
+        let run = authenticate("city-a", &pk, &[], None, Uncovered::default(), forged).uncovered;
+        assert_eq!(run.entries().len(), 60);
+        let now = Instant::now();
+        let mut held = HeldBack::default();
+        // Four origins' worth fit in 16 MiB; a fifth does not, and is not
+        // held at all.
+        for origin in ["a", "b", "c", "d"] {
+            assert!(held.hold(origin, run.clone(), now));
+        }
+        assert!(!held.hold("e", run.clone(), now));
+        assert_eq!(held.bytes, 4 * run.bytes());
+        // Taking one back makes room.
+        let (back, since) = held.take("a");
+        assert_eq!((back.bytes(), since), (run.bytes(), Some(now)));
+        assert!(held.hold("e", run.clone(), now));
+        // Those that have waited long enough are taken; the others stay.
+        let (b, _) = held.take("b");
+        let earlier = now.checked_sub(Duration::from_secs(120)).unwrap();
+        assert!(held.hold("b", b, earlier));
+        assert_eq!(held.oldest(), Some(earlier));
+        let waited = held.take_waiting(Duration::from_secs(60));
+        let origins: Vec<&str> = waited.iter().map(|(o, _)| o.as_str()).collect();
+        assert_eq!(origins, ["b"]);
+        assert_eq!((held.oldest(), held.bytes), (Some(now), 3 * run.bytes()));
+        assert!(held.take("b").0.is_empty());
     }
 
     /// A replicator of node city-n (feed key `key(9)`) over a fresh store

@@ -410,6 +410,8 @@ pub fn check_link(
 
 /// Strict Ed25519 check of one entry's signature over its received bytes.
 pub fn verify_signature(key: &VerifyingKey, entry: &Entry) -> Result<(), FeedError> {
+    #[cfg(test)]
+    SIGNATURE_CHECKS.with(|checks| checks.set(checks.get() + 1));
     let bad = || FeedError::BadSignature {
         origin: entry.body.origin.clone(),
         seq: entry.body.seq,
@@ -419,6 +421,18 @@ pub fn verify_signature(key: &VerifyingKey, entry: &Entry) -> Result<(), FeedErr
     message.extend_from_slice(ENTRY_SIGNATURE_CONTEXT);
     message.extend_from_slice(&entry.signed.body);
     key.verify_strict(&message, &signature).map_err(|_| bad())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Signatures this thread checked, for tests of the work done.
+    static SIGNATURE_CHECKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Signatures this thread has checked.
+#[cfg(test)]
+fn signature_checks() -> u64 {
+    SIGNATURE_CHECKS.with(std::cell::Cell::get)
 }
 
 /// Authenticates a contiguous range of `origin`'s feed that must follow `tip`:
@@ -546,10 +560,36 @@ pub struct Authenticated {
     /// not verify, that a later entry may still cover: given back as
     /// `held`, with the entries that follow them. Never trusted as they
     /// are.
-    pub uncovered: Vec<Entry>,
+    pub uncovered: Uncovered,
     /// The first entry refused, and why; the entries after it were not
     /// looked at.
     pub refused: Option<(FeedError, Entry)>,
+}
+
+/// Entries [`authenticate`] left waiting for a later signature to cover
+/// them, in order, with their size as [`COVER_BYTES`] counts it (carried,
+/// so a run fed one entry at a time costs no more than one fed whole).
+#[derive(Debug, Default, Clone)]
+pub struct Uncovered {
+    entries: Vec<Entry>,
+    bytes: usize,
+}
+
+impl Uncovered {
+    /// The entries, in order.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Their size, body and signature: at most [`COVER_BYTES`].
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether none wait.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 /// Authenticates `entries` received after `tip` (and after `held`, what
@@ -569,25 +609,40 @@ pub fn authenticate(
     key: &VerifyingKey,
     replacements: &[Replacement],
     tip: Option<Tip>,
-    held: Vec<Entry>,
+    held: Uncovered,
     entries: Vec<Entry>,
 ) -> Authenticated {
-    let checked = held.len();
-    let mut all = held;
+    authenticate_within(COVER_BYTES, origin, key, replacements, tip, held, entries)
+}
+
+/// [`authenticate`], with `cover` bytes in place of [`COVER_BYTES`].
+fn authenticate_within(
+    cover: usize,
+    origin: &str,
+    key: &VerifyingKey,
+    replacements: &[Replacement],
+    tip: Option<Tip>,
+    held: Uncovered,
+    entries: Vec<Entry>,
+) -> Authenticated {
+    let Uncovered {
+        entries: mut all,
+        bytes: mut run_bytes,
+    } = held;
+    let checked = all.len();
     all.extend(entries);
     let (mut tip, mut key) = (tip, *key);
     // `all[..accepted]` is authenticated; `all[accepted..i]`, each with a
-    // bad signature, waits for a cover (the run).
+    // bad signature, waits for a cover (the run), `run_bytes` in all.
     let mut accepted = 0;
     if checked == 0 {
-        accepted = ranges(origin, &mut key, replacements, &mut tip, &all, 0);
+        accepted = ranges(cover, origin, &mut key, replacements, &mut tip, &all, 0);
     }
     // The key of the held run: its first entry may start a new feed.
     let mut run_key = tip
         .zip(all[..checked].first())
         .and_then(|(t, first)| replacements.iter().find(|r| r.starts(&t, first)))
         .map_or(key, |r| r.new_key);
-    let mut run_bytes: usize = all[..checked].iter().map(entry_bytes).sum();
     let mut last = all[..checked].last().map(Entry::tip).or(tip);
     let mut ranges_again = true;
     let mut i = accepted.max(checked);
@@ -604,7 +659,7 @@ pub fn authenticate(
         let linked = check_link(origin, replacements, last.as_ref(), entry)
             .and_then(|()| rotation_key(entry));
         let rotation = match linked {
-            Ok(_) if run && (new_feed.is_some() || run_bytes + bytes > COVER_BYTES) => {
+            Ok(_) if run && (new_feed.is_some() || run_bytes + bytes > cover) => {
                 fault = Some(None);
                 break;
             }
@@ -619,7 +674,15 @@ pub fn authenticate(
             (tip, key) = (Some(entry.tip()), rotation.unwrap_or(entry_key));
             accepted = i + 1;
             if std::mem::take(&mut ranges_again) {
-                accepted = ranges(origin, &mut key, replacements, &mut tip, &all, accepted);
+                accepted = ranges(
+                    cover,
+                    origin,
+                    &mut key,
+                    replacements,
+                    &mut tip,
+                    &all,
+                    accepted,
+                );
             }
             (i, run_bytes, last) = (accepted, 0, tip);
             continue;
@@ -638,11 +701,17 @@ pub fn authenticate(
         accepted: all,
         tip,
         key,
-        uncovered: Vec::new(),
+        uncovered: Uncovered::default(),
         refused: None,
     };
     match fault {
-        None => out.uncovered = rest,
+        None => {
+            debug_assert_eq!(run_bytes, rest.iter().map(entry_bytes).sum::<usize>());
+            out.uncovered = Uncovered {
+                entries: rest,
+                bytes: run_bytes,
+            };
+        }
         // The first entry not taken is refused: a bad signature nothing
         // covered, or this entry's own fault.
         Some(own) => {
@@ -661,9 +730,10 @@ pub fn authenticate(
 }
 
 /// Takes ranges of `entries` from `from` by [`verify_chain`], each of at
-/// most [`COVER_BYTES`], while they verify, moving `key` and `tip` past
+/// most `cover` bytes, while they verify, moving `key` and `tip` past
 /// them; returns where the first that does not verify starts.
 fn ranges(
+    cover: usize,
     origin: &str,
     key: &mut VerifyingKey,
     replacements: &[Replacement],
@@ -677,7 +747,7 @@ fn ranges(
             .iter()
             .take_while(|e| {
                 bytes += entry_bytes(e);
-                bytes <= COVER_BYTES
+                bytes <= cover
             })
             .count()
             .max(1);
@@ -768,6 +838,9 @@ pub fn judge_conflict(
         other: other.clone(),
     })
 }
+
+#[cfg(test)]
+mod cover_rule;
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -1026,7 +1099,7 @@ pub(crate) mod tests {
 
     /// `count` entries of city-a, each signed by `signer(seq)`, with
     /// `padding` bytes of text each.
-    fn chain_by<'k>(
+    pub(crate) fn chain_by<'k>(
         signer: impl Fn(u64) -> &'k SigningKey,
         count: u64,
         padding: usize,
@@ -1071,15 +1144,29 @@ pub(crate) mod tests {
         );
         let pk = good.verifying_key();
         // In one message: all of it.
-        let whole = authenticate("city-a", &pk, &[], None, Vec::new(), entries.clone());
+        let whole = authenticate(
+            "city-a",
+            &pk,
+            &[],
+            None,
+            Uncovered::default(),
+            entries.clone(),
+        );
         assert_eq!(seqs(&whole.accepted), [1, 2, 3, 4, 5, 6]);
         assert!(whole.refused.is_none() && whole.uncovered.is_empty());
         assert_eq!(whole.tip, Some(entries[5].tip()));
         // Cut after seq 3: seq 1 is taken, 2 and 3 wait for the next
         // message, which covers them.
-        let first = authenticate("city-a", &pk, &[], None, Vec::new(), entries[..3].to_vec());
+        let first = authenticate(
+            "city-a",
+            &pk,
+            &[],
+            None,
+            Uncovered::default(),
+            entries[..3].to_vec(),
+        );
         assert_eq!(seqs(&first.accepted), [1]);
-        assert_eq!(seqs(&first.uncovered), [2, 3]);
+        assert_eq!(seqs(first.uncovered.entries()), [2, 3]);
         assert!(first.refused.is_none());
         assert_eq!(first.tip, Some(entries[0].tip()));
         let rest = entries[3..].to_vec();
@@ -1097,7 +1184,7 @@ pub(crate) mod tests {
         let mut body = entries[2].body.clone();
         body.prev_hash = vec![0; 32];
         entries[2] = Entry::sign(&good, body).unwrap();
-        let out = authenticate("city-a", &pk, &[], None, Vec::new(), entries);
+        let out = authenticate("city-a", &pk, &[], None, Uncovered::default(), entries);
         assert_eq!(seqs(&out.accepted), [1]);
         assert!(matches!(
             out.refused,
@@ -1112,15 +1199,29 @@ pub(crate) mod tests {
             count,
             padding,
         );
-        let out = authenticate("city-a", &pk, &[], None, Vec::new(), entries.clone());
+        let out = authenticate(
+            "city-a",
+            &pk,
+            &[],
+            None,
+            Uncovered::default(),
+            entries.clone(),
+        );
         assert!(out.accepted.is_empty() && out.uncovered.is_empty());
         assert!(matches!(
             out.refused,
             Some((FeedError::BadSignature { seq: 1, .. }, _))
         ));
         // Within reach it waits: the covering entry may come next.
-        let out = authenticate("city-a", &pk, &[], None, Vec::new(), entries[..10].to_vec());
-        assert_eq!((out.accepted.len(), out.uncovered.len()), (0, 10));
+        let out = authenticate(
+            "city-a",
+            &pk,
+            &[],
+            None,
+            Uncovered::default(),
+            entries[..10].to_vec(),
+        );
+        assert_eq!((out.accepted.len(), out.uncovered.entries().len()), (0, 10));
         assert!(out.refused.is_none());
     }
 
@@ -1129,9 +1230,16 @@ pub(crate) mod tests {
         let (good, wrong) = (key(1), key(9));
         let pk = good.verifying_key();
         let entries = chain_by(|seq| if seq % 2 == 1 { &wrong } else { &good }, 201, 0);
-        let out = authenticate("city-a", &pk, &[], None, Vec::new(), entries.clone());
+        let out = authenticate(
+            "city-a",
+            &pk,
+            &[],
+            None,
+            Uncovered::default(),
+            entries.clone(),
+        );
         assert_eq!(out.accepted.len(), 200);
-        assert_eq!(seqs(&out.uncovered), [201]);
+        assert_eq!(seqs(out.uncovered.entries()), [201]);
         assert_eq!(out.tip, Some(entries[199].tip()));
         // Held back one message at a time, they wait while within reach,
         // and are refused, from the first, once past it.
@@ -1142,7 +1250,7 @@ pub(crate) mod tests {
             count,
             padding,
         );
-        let mut held = Vec::new();
+        let mut held = Uncovered::default();
         for (i, entry) in entries.iter().enumerate() {
             let out = authenticate("city-a", &pk, &[], None, held, vec![entry.clone()]);
             assert!(out.accepted.is_empty());
@@ -1177,7 +1285,7 @@ pub(crate) mod tests {
             .chain(&after)
             .cloned()
             .collect();
-        let out = authenticate("city-a", &pk, &[], None, Vec::new(), entries);
+        let out = authenticate("city-a", &pk, &[], None, Uncovered::default(), entries);
         assert_eq!(seqs(&out.accepted), [1]);
         assert!(matches!(
             out.refused,
@@ -1194,7 +1302,7 @@ pub(crate) mod tests {
             .chain(&after)
             .cloned()
             .collect();
-        let out = authenticate("city-a", &pk, &[], None, Vec::new(), entries);
+        let out = authenticate("city-a", &pk, &[], None, Uncovered::default(), entries);
         assert_eq!(seqs(&out.accepted), [1, 2, 3, 4, 5]);
         assert_eq!(out.key, next.verifying_key());
         assert!(out.refused.is_none());
