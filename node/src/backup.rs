@@ -480,10 +480,7 @@ pub async fn restore(
             })
         };
         // The audit keeps every core busy for a while.
-        let audited = match tokio::runtime::Handle::current().runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(check),
-            _ => check(),
-        }?;
+        let audited = crate::cpu_bound(true, check)?;
         Ok::<_, RestoreError>(audited)
     }
     .await;

@@ -39,3 +39,40 @@ pub mod store;
 pub mod tls;
 pub mod transport;
 pub mod writer;
+
+/// Runs `work` on this task's thread; when it is `heavy` (keeps a core
+/// busy for a while) and the runtime has several threads, the runtime first
+/// moves its other tasks off this one, so sessions and subscribers go on.
+pub(crate) fn cpu_bound<T>(heavy: bool, work: impl FnOnce() -> T) -> T {
+    let threaded = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    match heavy && threaded {
+        true => tokio::task::block_in_place(work),
+        false => work(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::mpsc, time::Duration};
+
+    #[test]
+    fn heavy_work_leaves_the_runtime_free_for_other_tasks() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let waited = runtime.block_on(async {
+            tokio::spawn(async {
+                // On the only worker thread: the task it starts can run
+                // only if the runtime moves it elsewhere.
+                let (tx, rx) = mpsc::channel();
+                tokio::spawn(async move { tx.send(()) });
+                super::cpu_bound(true, || rx.recv_timeout(Duration::from_secs(10)))
+            })
+            .await
+            .unwrap()
+        });
+        assert!(waited.is_ok(), "the other task did not run");
+    }
+}

@@ -1409,9 +1409,7 @@ impl Sequencer {
             }
             // Disclosure control of a large table takes a while: let the
             // runtime move other tasks off this thread meanwhile.
-            let heavy = matches!(&queued.request, Request::Indicators(rows) if rows.len() > 100)
-                && tokio::runtime::Handle::current().runtime_flavor()
-                    == tokio::runtime::RuntimeFlavor::MultiThread;
+            let heavy = matches!(&queued.request, Request::Indicators(rows) if rows.len() > 100);
             let (key, fingerprint, request) = (queued.key, queued.fingerprint, queued.request);
             // A bug that panics on some request must not stop every later
             // publish: that request is refused, nothing of it was sent to
@@ -1430,11 +1428,7 @@ impl Sequencer {
                     ))
                 })
             };
-            let signed = if heavy {
-                tokio::task::block_in_place(guarded)
-            } else {
-                guarded()
-            };
+            let signed = crate::cpu_bound(heavy, guarded);
             match signed {
                 Ok((signed, record)) => {
                     if let Some(next) = self.next_key.take() {

@@ -683,13 +683,18 @@ impl Replicator {
                     // a signature to cover them, come first.
                     let (before, since) = held.take(&origin);
                     let received = before.entries().len() + entries.len();
+                    // A peer can make each entry need its own signature
+                    // check (and some, three): a long message takes a while.
+                    let heavy = entries.len() > CHECKED_INLINE;
                     let Authenticated {
                         accepted: entries,
                         tip: new_tip,
                         key: new_key,
                         uncovered: held_back,
                         refused,
-                    } = authenticate(&origin, key, &replacements, tip, before, entries);
+                    } = crate::cpu_bound(heavy, || {
+                        authenticate(&origin, key, &replacements, tip, before, entries)
+                    });
                     // Still waiting from the same entry: since then.
                     let since = since
                         .filter(|_| entries.is_empty())
@@ -1431,6 +1436,10 @@ impl Replication {
         }
     }
 }
+
+/// Most entries of a message authenticated without telling the runtime
+/// (at most some 200 signature checks, a few milliseconds).
+const CHECKED_INLINE: usize = 64;
 
 /// Most bytes of entries a session holds back for all origins together,
 /// waiting for later signatures to cover them (each origin's at most
