@@ -27,7 +27,7 @@ use crate::{
         index::ObservationKey,
         ingest::{
             prepare_batch, split_batch, EarlierVersion, FeedView, IngestContext, IngestError,
-            InputRow, Noise, PreparedBatch, RowError, VersionCell,
+            InputRow, Noise, PreparedBatch, RowError, TableHistory, VersionCell,
         },
         policy::Policy,
         sdc::{rounding::rounding_interval, AggregationKind, NoiseSeed},
@@ -106,7 +106,8 @@ impl IndicatorRules {
 /// durable, belong to that version too).
 #[derive(Debug, Clone, Default, PartialEq)]
 struct TableVersions {
-    versions: Vec<EarlierVersion>,
+    /// Shared with the ingest reading it: a publish copies none of it.
+    history: Arc<TableHistory>,
     latest_group: Option<Vec<u8>>,
 }
 
@@ -151,8 +152,9 @@ fn stored_versions(
     cells.sort_by_key(|&(_, seq, position)| (seq, position));
     // Each entry decoded once, however many of its cells it holds.
     let mut batches: HashMap<u64, IndicatorBatch> = HashMap::new();
-    let mut table = TableVersions::default();
+    let mut history = TableHistory::default();
     let mut latest: Option<Result<u64, Vec<u8>>> = None;
+    let mut latest_group = None;
     for (key, seq, position) in cells {
         let batch = match batches.entry(seq) {
             std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
@@ -181,14 +183,17 @@ fn stored_versions(
         let cell = version_cell(observation, batch, secret_base)
             .map_err(|m| format!("entry {seq} of the own feed: {m}"))?;
         let id = version_id(seq, batch);
-        match table.versions.last_mut() {
-            Some(version) if latest.as_ref() == Some(&id) => version.cells.push(cell),
-            _ => table.versions.push(EarlierVersion { cells: vec![cell] }),
+        match latest.as_ref() == Some(&id) {
+            true => history.extend_latest(vec![cell]),
+            false => history.push(EarlierVersion { cells: vec![cell] }),
         }
-        table.latest_group = id.clone().err();
+        latest_group = id.clone().err();
         latest = Some(id);
     }
-    Ok(table)
+    Ok(TableVersions {
+        history: Arc::new(history),
+        latest_group,
+    })
 }
 
 /// What a published cell tells an attacker. A rounding base withheld from
@@ -264,11 +269,11 @@ fn note_version(
         return Ok(());
     }
     let group = batch.group.as_ref().map(|g| g.id.clone());
-    match table.versions.last_mut() {
-        Some(latest) if group.is_some() && group == table.latest_group => {
-            latest.cells.extend(cells);
-        }
-        _ => table.versions.push(EarlierVersion { cells }),
+    // Not shared once the ingest that read it is done: nothing is copied.
+    let history = Arc::make_mut(&mut table.history);
+    match group.is_some() && group == table.latest_group {
+        true => history.extend_latest(cells),
+        false => history.push(EarlierVersion { cells }),
     }
     table.latest_group = group;
     Ok(())
@@ -299,10 +304,10 @@ impl FeedView for OwnView<'_> {
         indicator: &str,
         edition: &str,
         period: &str,
-    ) -> Result<Vec<EarlierVersion>, String> {
+    ) -> Result<Arc<TableHistory>, String> {
         let key = (indicator.to_owned(), edition.to_owned(), period.to_owned());
         if let Some(table) = self.cache.and_then(|c| c.borrow().get(&key).cloned()) {
-            return Ok(table.versions);
+            return Ok(table.history);
         }
         let secret_base = self.rules.rounding_base(indicator, edition);
         let mut table = stored_versions(
@@ -318,7 +323,7 @@ impl FeedView for OwnView<'_> {
                 note_version(&mut table, batch, indicator, edition, period, secret_base)?;
             }
         }
-        let versions = table.versions.clone();
+        let history = table.history.clone();
         if let Some(cache) = self.cache {
             let mut cache = cache.borrow_mut();
             // Bounded: reloading a table from the store is only slower.
@@ -327,7 +332,7 @@ impl FeedView for OwnView<'_> {
             }
             cache.insert(key, table);
         }
-        Ok(versions)
+        Ok(history)
     }
 
     fn spent_nanos(&mut self, indicator: &str, edition: &str, period: &str) -> Result<u64, String> {
@@ -1839,7 +1844,6 @@ mod tests {
 
     use super::*;
     use crate::core::feed::tests::key;
-    use crate::core::ingest::merge_versions;
 
     /// The offer id whose publish panics while it is signed.
     pub(super) const PANICS: &str = "panics-for-test";
@@ -2036,8 +2040,8 @@ mod tests {
             .commit(&crate::store::tests::commit_of(&entries))
             .unwrap();
         let table = stored_versions(&store, "city-a", "jobs", "test", "2025", None).unwrap();
-        assert_eq!(table.versions.len(), 3, "one version per publish");
-        let cells = merge_versions(&table.versions);
+        assert_eq!(table.history.versions().len(), 3, "one version per publish");
+        let cells = table.history.cells();
         assert_eq!(cells.len(), 1);
         assert!(
             cells[0].suppressed,
@@ -2050,10 +2054,45 @@ mod tests {
             unreachable!()
         };
         note_version(&mut cached, &batch, "jobs", "test", "2025", None).unwrap();
-        assert_eq!(cached.versions.len(), 4);
-        let cells = merge_versions(&cached.versions);
+        assert_eq!(cached.history.versions().len(), 4);
+        let cells = cached.history.cells();
         assert!(!cells[0].suppressed);
         assert_eq!(cells[0].known, [(30.0, 30.0), (37.0, 37.0), (41.0, 41.0)]);
+        let rebuilt = TableHistory::of(cached.history.versions().to_vec());
+        assert_eq!(rebuilt.cells(), cells, "kept up to date as read again");
+        // The sequencer's cache hands the ingest its history, not a copy,
+        // and the next version is added to it in place: a publish costs
+        // the same however often the table was revised.
+        let key: TableKey = ("jobs".into(), "test".into(), "2025".into());
+        let cache = RefCell::new(HashMap::from([(key.clone(), cached)]));
+        let rules = IndicatorRules {
+            districts: Vec::new(),
+            catalog: Catalog::with_city_file(crate::core::catalog::tests::TEST_CATALOG, "t.toml")
+                .unwrap(),
+            policy: Policy::default(),
+            noise_key: None,
+        };
+        let mut view = OwnView {
+            origin: "city-a",
+            store: &store,
+            rules: &rules,
+            pending: &[],
+            cache: Some(&cache),
+        };
+        let read = view.earlier_versions("jobs", "test", "2025").unwrap();
+        let held = cache.borrow()[&key].history.clone();
+        assert!(Arc::ptr_eq(&read, &held));
+        drop((read, held));
+        let before = Arc::as_ptr(&cache.borrow()[&key].history);
+        let mut cache = cache.into_inner();
+        let table = cache.get_mut(&key).unwrap();
+        note_version(table, &batch, "jobs", "test", "2025", None).unwrap();
+        assert_eq!(table.history.versions().len(), 5);
+        assert_eq!(
+            Arc::as_ptr(&table.history),
+            before,
+            "the history was copied"
+        );
     }
 
     #[test]
@@ -2101,8 +2140,13 @@ mod tests {
             .commit(&crate::store::tests::commit_of(&entries))
             .unwrap();
         let mut table = stored_versions(&store, "city-a", "jobs", "test", "2025", None).unwrap();
-        let sizes =
-            |t: &TableVersions| t.versions.iter().map(|v| v.cells.len()).collect::<Vec<_>>();
+        let sizes = |t: &TableVersions| {
+            t.history
+                .versions()
+                .iter()
+                .map(|v| v.cells.len())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(sizes(&table), [2, 3, 2]);
         assert_eq!(table.latest_group, Some(vec![3; 16]));
         let rest = batch(&["city-a/south"], Some((3, 1, 2)));
@@ -2149,7 +2193,7 @@ mod tests {
         let known = |batch: IndicatorBatch| {
             let mut table = TableVersions::default();
             note_version(&mut table, &batch, "jobs", "local", "2025", None).unwrap();
-            merge_versions(&table.versions)[0].known.clone()
+            table.history.cells()[0].known.clone()
         };
         assert_eq!(known(rounded("jobs", "count", "5", 10.0)), [(8.0, 12.0)]);
         assert_eq!(known(rounded("jobs", "count", "5", 0.0)), [(-2.0, 2.0)]);
@@ -2202,7 +2246,7 @@ mod tests {
                 cache: None,
             };
             view.earlier_versions("jobs", "local", "2025")
-                .map(|versions| merge_versions(&versions)[0].known.clone())
+                .map(|history| history.cells()[0].known.clone())
         };
         assert_eq!(known(&rules), Ok(vec![(8.0, 12.0)]));
         // With no base configured any more, the revision is refused, not

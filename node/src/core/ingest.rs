@@ -8,7 +8,10 @@
 //! decide suppression and are dropped before anything is signed. No error
 //! message repeats them.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use civex_proto::v1::{
     ConfidentialityStatus, DisclosureRules, FunctionalArea, IndicatorBatch, Observation,
@@ -630,27 +633,72 @@ pub struct EarlierVersion {
     pub cells: Vec<VersionCell>,
 }
 
-/// The cells of a table's `versions` (oldest first), each with what all
-/// its versions told and the status of its latest.
-pub fn merge_versions(versions: &[EarlierVersion]) -> Vec<EarlierCell> {
-    let mut cells: Vec<EarlierCell> = Vec::new();
-    let mut at: HashMap<(&str, &str), usize> = HashMap::new();
-    for cell in versions.iter().flat_map(|v| &v.cells) {
-        let version = EarlierCell {
-            ref_area: cell.ref_area.clone(),
-            breakdown: cell.breakdown.clone(),
-            suppressed: cell.suppressed,
-            known: cell.known.into_iter().collect(),
-        };
-        match at.get(&(cell.ref_area.as_str(), cell.breakdown.as_str())) {
-            Some(&i) => cells[i].supersede(version),
-            None => {
-                at.insert((&cell.ref_area, &cell.breakdown), cells.len());
-                cells.push(version);
+/// A table's versions in the own feed, oldest first, and its cells, each
+/// with what all its versions told and the status of its latest: kept up
+/// to date as versions come, so a publish costs the same however often
+/// the table was revised before.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TableHistory {
+    versions: Vec<EarlierVersion>,
+    cells: Vec<EarlierCell>,
+    /// Where each cell (reference area, breakdown) is in `cells`.
+    at: HashMap<(String, String), usize>,
+}
+
+impl TableHistory {
+    /// The history of `versions`, oldest first.
+    pub fn of(versions: Vec<EarlierVersion>) -> Self {
+        let mut history = Self::default();
+        for version in versions {
+            history.push(version);
+        }
+        history
+    }
+
+    /// The versions, oldest first.
+    pub fn versions(&self) -> &[EarlierVersion] {
+        &self.versions
+    }
+
+    /// The cells of all versions, in the order they first came.
+    pub fn cells(&self) -> &[EarlierCell] {
+        &self.cells
+    }
+
+    /// Adds a later version.
+    pub fn push(&mut self, version: EarlierVersion) {
+        self.merge(&version.cells);
+        self.versions.push(version);
+    }
+
+    /// Adds `cells` to the latest version (the next part of its publish
+    /// group), or as a version of its own if there is none.
+    pub fn extend_latest(&mut self, cells: Vec<VersionCell>) {
+        self.merge(&cells);
+        match self.versions.last_mut() {
+            Some(latest) => latest.cells.extend(cells),
+            None => self.versions.push(EarlierVersion { cells }),
+        }
+    }
+
+    fn merge(&mut self, cells: &[VersionCell]) {
+        for cell in cells {
+            let version = EarlierCell {
+                ref_area: cell.ref_area.clone(),
+                breakdown: cell.breakdown.clone(),
+                suppressed: cell.suppressed,
+                known: cell.known.into_iter().collect(),
+            };
+            let key = (cell.ref_area.clone(), cell.breakdown.clone());
+            match self.at.get(&key) {
+                Some(&i) => self.cells[i].supersede(version),
+                None => {
+                    self.at.insert(key, self.cells.len());
+                    self.cells.push(version);
+                }
             }
         }
     }
-    cells
 }
 
 /// What the own feed already holds, as the sequencer sees it (durable
@@ -663,7 +711,7 @@ pub trait FeedView {
         indicator: &str,
         edition: &str,
         period: &str,
-    ) -> Result<Vec<EarlierVersion>, String>;
+    ) -> Result<Arc<TableHistory>, String>;
     /// Privacy budget spent on (indicator, edition, period), in 1e-9 rho.
     fn spent_nanos(&mut self, indicator: &str, edition: &str, period: &str) -> Result<u64, String>;
 }
@@ -1250,7 +1298,7 @@ fn protect_table(
     let versions = feed
         .earlier_versions(code, edition, period)
         .map_err(IngestError::Feed)?;
-    let earlier = merge_versions(&versions);
+    let earlier = versions.cells();
     let key_of = |c: &Cell<'_>| (c.row.ref_area.clone(), c.row.breakdown.clone());
     let keys: HashSet<(String, String)> = rows.cells.iter().map(key_of).collect();
     if let Some(missing) = earlier
@@ -1367,7 +1415,7 @@ fn protect_table(
     // which an attacker combines with this version's by taking cells that
     // did not visibly change as unchanged (`sdc::revision`).
     let equations = indicator.kind.is_additive()
-        && !versions.is_empty()
+        && !versions.versions().is_empty()
         && statuses.iter().any(|s| s.is_suppressed());
     if equations || known.iter().any(Option::is_some) {
         let index_of: HashMap<(&str, &str), usize> = rows
@@ -1378,6 +1426,7 @@ fn protect_table(
             .collect();
         // Every earlier cell is restated (checked above).
         let versions: Vec<sdc::revision::Version> = versions
+            .versions()
             .iter()
             .map(|v| sdc::revision::Version {
                 cells: v
@@ -1577,8 +1626,8 @@ mod tests {
             _: &str,
             _: &str,
             _: &str,
-        ) -> Result<Vec<EarlierVersion>, String> {
-            Ok(self.versions.clone())
+        ) -> Result<Arc<TableHistory>, String> {
+            Ok(Arc::new(TableHistory::of(self.versions.clone())))
         }
         fn spent_nanos(&mut self, _: &str, _: &str, _: &str) -> Result<u64, String> {
             Ok(self.spent)
