@@ -1124,6 +1124,11 @@ pub(crate) mod tests {
         entries
     }
 
+    /// [`authenticate`] of city-a's `entries` from genesis, nothing held.
+    fn from_genesis(key: &VerifyingKey, entries: Vec<Entry>) -> Authenticated {
+        authenticate("city-a", key, &[], None, Uncovered::default(), entries)
+    }
+
     fn seqs(entries: &[Entry]) -> Vec<u64> {
         entries.iter().map(|e| e.body.seq).collect()
     }
@@ -1144,27 +1149,13 @@ pub(crate) mod tests {
         );
         let pk = good.verifying_key();
         // In one message: all of it.
-        let whole = authenticate(
-            "city-a",
-            &pk,
-            &[],
-            None,
-            Uncovered::default(),
-            entries.clone(),
-        );
+        let whole = from_genesis(&pk, entries.clone());
         assert_eq!(seqs(&whole.accepted), [1, 2, 3, 4, 5, 6]);
         assert!(whole.refused.is_none() && whole.uncovered.is_empty());
         assert_eq!(whole.tip, Some(entries[5].tip()));
         // Cut after seq 3: seq 1 is taken, 2 and 3 wait for the next
         // message, which covers them.
-        let first = authenticate(
-            "city-a",
-            &pk,
-            &[],
-            None,
-            Uncovered::default(),
-            entries[..3].to_vec(),
-        );
+        let first = from_genesis(&pk, entries[..3].to_vec());
         assert_eq!(seqs(&first.accepted), [1]);
         assert_eq!(seqs(first.uncovered.entries()), [2, 3]);
         assert!(first.refused.is_none());
@@ -1184,7 +1175,7 @@ pub(crate) mod tests {
         let mut body = entries[2].body.clone();
         body.prev_hash = vec![0; 32];
         entries[2] = Entry::sign(&good, body).unwrap();
-        let out = authenticate("city-a", &pk, &[], None, Uncovered::default(), entries);
+        let out = from_genesis(&pk, entries);
         assert_eq!(seqs(&out.accepted), [1]);
         assert!(matches!(
             out.refused,
@@ -1199,28 +1190,14 @@ pub(crate) mod tests {
             count,
             padding,
         );
-        let out = authenticate(
-            "city-a",
-            &pk,
-            &[],
-            None,
-            Uncovered::default(),
-            entries.clone(),
-        );
+        let out = from_genesis(&pk, entries.clone());
         assert!(out.accepted.is_empty() && out.uncovered.is_empty());
         assert!(matches!(
             out.refused,
             Some((FeedError::BadSignature { seq: 1, .. }, _))
         ));
         // Within reach it waits: the covering entry may come next.
-        let out = authenticate(
-            "city-a",
-            &pk,
-            &[],
-            None,
-            Uncovered::default(),
-            entries[..10].to_vec(),
-        );
+        let out = from_genesis(&pk, entries[..10].to_vec());
         assert_eq!((out.accepted.len(), out.uncovered.entries().len()), (0, 10));
         assert!(out.refused.is_none());
     }
@@ -1230,14 +1207,7 @@ pub(crate) mod tests {
         let (good, wrong) = (key(1), key(9));
         let pk = good.verifying_key();
         let entries = chain_by(|seq| if seq % 2 == 1 { &wrong } else { &good }, 201, 0);
-        let out = authenticate(
-            "city-a",
-            &pk,
-            &[],
-            None,
-            Uncovered::default(),
-            entries.clone(),
-        );
+        let out = from_genesis(&pk, entries.clone());
         assert_eq!(out.accepted.len(), 200);
         assert_eq!(seqs(out.uncovered.entries()), [201]);
         assert_eq!(out.tip, Some(entries[199].tip()));
@@ -1285,7 +1255,7 @@ pub(crate) mod tests {
             .chain(&after)
             .cloned()
             .collect();
-        let out = authenticate("city-a", &pk, &[], None, Uncovered::default(), entries);
+        let out = from_genesis(&pk, entries);
         assert_eq!(seqs(&out.accepted), [1]);
         assert!(matches!(
             out.refused,
@@ -1302,7 +1272,7 @@ pub(crate) mod tests {
             .chain(&after)
             .cloned()
             .collect();
-        let out = authenticate("city-a", &pk, &[], None, Uncovered::default(), entries);
+        let out = from_genesis(&pk, entries);
         assert_eq!(seqs(&out.accepted), [1, 2, 3, 4, 5]);
         assert_eq!(out.key, next.verifying_key());
         assert!(out.refused.is_none());
