@@ -489,7 +489,8 @@ async fn bench_runs_every_measurement() {
         "live replication (a) through the publish API: 2000 entries",
         "over one publish stream with 16 publishes unanswered",
         "live replication (b)",
-        "disclosure control, 20 x 20 counts with margins (441 cells)",
+        "disclosure control, 20 x 20 counts with margins (441 cells, ",
+        "disclosure control, 20 x 20 sums with margins (441 cells, ",
     ] {
         assert!(text.contains(expected), "{expected:?} missing:\n{text}");
     }
