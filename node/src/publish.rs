@@ -2156,9 +2156,16 @@ mod tests {
             [2, 3, 3],
             "the group's last part is its version's"
         );
+        // Its cells are merged as if the history were read again whole.
+        let merged_again = |t: &TableVersions| {
+            let again = TableHistory::of(t.history.versions().to_vec());
+            assert_eq!(t.history.cells(), again.cells());
+        };
+        merged_again(&table);
         let next = batch(&["city-a", "city-a/north", "city-a/south"], None);
         note_version(&mut table, &next, "jobs", "test", "2025", None).unwrap();
         assert_eq!(sizes(&table), [2, 3, 3, 3]);
+        merged_again(&table);
     }
 
     /// One cell of `indicator` published as `value`, with the rule set of

@@ -614,11 +614,6 @@ impl Replicator {
             if first_refusal.is_some() && undrained.is_empty() {
                 break;
             }
-            // However busy a peer keeps the session, nothing waits for a
-            // cover longer than twice the timeout.
-            for (origin, waited) in held.take_waiting(2 * timeout) {
-                refuse_held(peer, origin, &waited, &mut set_aside, &mut first_refusal);
-            }
             let deadline = held.oldest().map(|since| since + timeout);
             let message = tokio::select! {
                 // In this order: a message already come is read before the
@@ -640,7 +635,7 @@ impl Replicator {
                 () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()),
                     if deadline.is_some() =>
                 {
-                    for (origin, waited) in held.take_waiting(timeout) {
+                    for (origin, waited) in held.take_waiting(timeout, None) {
                         refuse_held(peer, origin, &waited, &mut set_aside, &mut first_refusal);
                     }
                     continue;
@@ -648,11 +643,22 @@ impl Replicator {
             };
             let Some(message) = message else {
                 // The peer's stream ended before a cover came.
-                for (origin, waited) in held.take_waiting(Duration::ZERO) {
+                for (origin, waited) in held.take_waiting(Duration::ZERO, None) {
                     refuse_held(peer, origin, &waited, &mut set_aside, &mut first_refusal);
                 }
                 break;
             };
+            // However busy a peer keeps the session with other origins'
+            // messages, nothing waits for a cover longer than twice the
+            // timeout.
+            let about = match &message.event {
+                Some(Event::Entries(batch)) => Some(batch.origin.clone()),
+                Some(Event::Drained(drained)) => Some(drained.origin.clone()),
+                _ => None,
+            };
+            for (origin, waited) in held.take_waiting(2 * timeout, about.as_deref()) {
+                refuse_held(peer, origin, &waited, &mut set_aside, &mut first_refusal);
+            }
             match message.event {
                 Some(Event::Entries(batch)) => {
                     let origin = batch.origin;
@@ -1487,12 +1493,14 @@ impl HeldBack {
         self.origins.values().map(|(_, since)| *since).min()
     }
 
-    /// Takes the entries of every origin that has waited `wait` or longer.
-    fn take_waiting(&mut self, wait: Duration) -> Vec<(String, Uncovered)> {
+    /// Takes the entries of every origin but `except` that has waited
+    /// `wait` or longer.
+    fn take_waiting(&mut self, wait: Duration, except: Option<&str>) -> Vec<(String, Uncovered)> {
         let now = Instant::now();
         let waited: Vec<String> = self
             .origins
             .iter()
+            .filter(|(origin, _)| except != Some(origin.as_str()))
             .filter(|(_, (_, since))| now.saturating_duration_since(*since) >= wait)
             .map(|(origin, _)| origin.clone())
             .collect();
@@ -1588,7 +1596,10 @@ mod tests {
         let earlier = now.checked_sub(Duration::from_secs(120)).unwrap();
         assert!(held.hold("b", b, earlier));
         assert_eq!(held.oldest(), Some(earlier));
-        let waited = held.take_waiting(Duration::from_secs(60));
+        assert!(held
+            .take_waiting(Duration::from_secs(60), Some("b"))
+            .is_empty());
+        let waited = held.take_waiting(Duration::from_secs(60), None);
         let origins: Vec<&str> = waited.iter().map(|(o, _)| o.as_str()).collect();
         assert_eq!(origins, ["b"]);
         assert_eq!((held.oldest(), held.bytes), (Some(now), 3 * run.bytes()));

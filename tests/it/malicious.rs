@@ -126,6 +126,9 @@ struct Script {
     times: Option<Arc<std::sync::Mutex<Vec<std::time::Instant>>>>,
     /// If set, `Heads` never answers, counted here.
     stall_heads: Option<Arc<Stalled>>,
+    /// If set, sent again and again, as fast as the node reads, after the
+    /// step for as long as the hold lasts.
+    flood: Option<pb::SubscribeResponse>,
 }
 
 /// `Heads` calls that never answer: how many began, how many are pending
@@ -175,6 +178,7 @@ impl Feed for Malicious {
             Some((from, hold)) if call >= from => hold,
             _ => Duration::ZERO,
         };
+        let flood = script.flood.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(step.len() + 1);
         tokio::spawn(async move {
             for message in step {
@@ -182,7 +186,16 @@ impl Feed for Malicious {
                     return;
                 }
             }
-            tokio::time::sleep(hold).await;
+            let until = tokio::time::Instant::now() + hold;
+            while let Some(message) = flood
+                .clone()
+                .filter(|_| tokio::time::Instant::now() < until)
+            {
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep_until(until).await;
             if let Some(end) = end {
                 let _ = tx.send(end).await;
             }
@@ -821,6 +834,49 @@ async fn entries_left_waiting_for_a_cover_are_refused_after_the_timeout() {
     let script = Script {
         steps: vec![step],
         hold: Some((0, Duration::from_secs(60))),
+        ..Script::default()
+    };
+    let (node, _) = node_with_scripted_peer(dir.path(), script, |spec| {
+        spec.trust("city-a", &public_key_hex(&a.key.verifying_key()))
+    })
+    .await;
+    eventually("the held-back entries refused", || async {
+        let peer = &node.status().await.peers[0];
+        peer.refused == 3
+            && peer
+                .last_error
+                .contains("city-a: seq 1 has an invalid signature")
+    })
+    .await;
+    assert_eq!(node.head("city-a").await.0, 0, "a refused entry was stored");
+}
+
+/// The same while the peer sends other messages without a pause: the
+/// entries still wait no longer than twice the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_left_waiting_for_a_cover_are_refused_while_a_peer_floods_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Forger::new(1, "city-a");
+    let wrong = Forger {
+        key: SigningKey::from_bytes(&[9; 32]),
+        ..Forger::new(1, "city-a")
+    };
+    let drained = |origin: &str| pb::SubscribeResponse {
+        event: Some(Event::Drained(pb::BacklogDrained {
+            origin: origin.into(),
+            head_seq: 0,
+        })),
+    };
+    let signed = wrong.chain(3).iter().map(|e| e.signed.clone()).collect();
+    let script = Script {
+        steps: vec![vec![
+            drained("city-n"),
+            drained("city-a"),
+            batch("city-a", signed),
+        ]],
+        hold: Some((0, Duration::from_secs(60))),
+        // A marker of an origin this node does not know, read and skipped.
+        flood: Some(drained("city-z")),
         ..Script::default()
     };
     let (node, _) = node_with_scripted_peer(dir.path(), script, |spec| {
