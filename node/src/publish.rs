@@ -154,7 +154,6 @@ fn stored_versions(
     let mut batches: HashMap<u64, IndicatorBatch> = HashMap::new();
     let mut history = TableHistory::default();
     let mut latest: Option<Result<u64, Vec<u8>>> = None;
-    let mut latest_group = None;
     for (key, seq, position) in cells {
         let batch = match batches.entry(seq) {
             std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
@@ -187,12 +186,11 @@ fn stored_versions(
             true => history.extend_latest(vec![cell]),
             false => history.push(EarlierVersion { cells: vec![cell] }),
         }
-        latest_group = id.clone().err();
         latest = Some(id);
     }
     Ok(TableVersions {
         history: Arc::new(history),
-        latest_group,
+        latest_group: latest.and_then(Result::err),
     })
 }
 

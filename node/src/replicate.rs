@@ -652,11 +652,11 @@ impl Replicator {
             // messages, nothing waits for a cover longer than twice the
             // timeout.
             let about = match &message.event {
-                Some(Event::Entries(batch)) => Some(batch.origin.clone()),
-                Some(Event::Drained(drained)) => Some(drained.origin.clone()),
+                Some(Event::Entries(batch)) => Some(batch.origin.as_str()),
+                Some(Event::Drained(drained)) => Some(drained.origin.as_str()),
                 _ => None,
             };
-            for (origin, waited) in held.take_waiting(2 * timeout, about.as_deref()) {
+            for (origin, waited) in held.take_waiting(2 * timeout, about) {
                 refuse_held(peer, origin, &waited, &mut set_aside, &mut first_refusal);
             }
             match message.event {
